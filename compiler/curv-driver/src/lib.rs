@@ -1,0 +1,187 @@
+//! `curv-driver` owns the compiler pipeline as a library: reading a source file, probing the data
+//! files it names, running the stages (tokens, AST, IR), rendering diagnostics with ariadne, and the
+//! `curv check` summary. The command-line tool and the tests call it; it never exits the process.
+
+mod probe;
+mod render;
+mod summary;
+
+use curv_grammar::Parsed;
+use curv_sema::{Analysis, Diagnostic};
+use std::path::{Path, PathBuf};
+
+pub use render::render_diagnostics;
+pub use summary::check_summary;
+
+/// A `.curv` file and its text.
+#[derive(Debug, Clone)]
+pub struct SourceFile {
+    pub path: PathBuf,
+    /// The path as shown in diagnostics (as the user wrote it).
+    pub display_name: String,
+    pub text: String,
+}
+
+impl SourceFile {
+    /// Reads a source file. The error is a one-line message naming the path.
+    pub fn read(path: &Path) -> Result<SourceFile, String> {
+        let bytes = std::fs::read(path).map_err(|error| {
+            format!(
+                "cannot read {}: {}",
+                path.display(),
+                describe_io_error(&error)
+            )
+        })?;
+        let text = String::from_utf8(bytes).map_err(|error| {
+            format!(
+                "{} is not UTF-8 text (invalid byte at offset {})",
+                path.display(),
+                error.utf8_error().valid_up_to()
+            )
+        })?;
+        Ok(SourceFile {
+            path: path.to_path_buf(),
+            display_name: path.display().to_string(),
+            text,
+        })
+    }
+
+    /// A source that exists only in memory; data paths resolve against `directory`.
+    pub fn in_memory(display_name: &str, text: &str, directory: &Path) -> SourceFile {
+        SourceFile {
+            path: directory.join(display_name),
+            display_name: display_name.to_string(),
+            text: text.to_string(),
+        }
+    }
+
+    /// The directory relative data paths resolve against.
+    pub fn directory(&self) -> PathBuf {
+        self.path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."))
+    }
+}
+
+fn describe_io_error(error: &std::io::Error) -> String {
+    match error.kind() {
+        std::io::ErrorKind::NotFound => "no such file".to_string(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
+        _ => error.to_string(),
+    }
+}
+
+/// The front end's result for one file.
+pub struct Compilation {
+    pub source: SourceFile,
+    pub parsed: Parsed,
+    /// `None` when the file has syntax errors (semantic checks need a well-formed tree).
+    pub analysis: Option<Analysis>,
+}
+
+impl Compilation {
+    /// Every diagnostic, syntax errors first.
+    pub fn diagnostics(&self) -> Vec<Diagnostic> {
+        let mut diagnostics: Vec<Diagnostic> = self
+            .parsed
+            .errors
+            .iter()
+            .cloned()
+            .map(Diagnostic::from)
+            .collect();
+        if let Some(analysis) = &self.analysis {
+            diagnostics.extend(analysis.diagnostics.iter().cloned());
+        }
+        diagnostics
+    }
+
+    pub fn has_errors(&self) -> bool {
+        self.diagnostics().iter().any(Diagnostic::is_error)
+    }
+}
+
+/// Parses and checks a source file, probing its data files on disk.
+pub fn compile(source: SourceFile) -> Compilation {
+    let mut probe = probe::FileProbe {
+        directory: source.directory(),
+    };
+    compile_with_probe(source, &mut probe)
+}
+
+/// Parses and checks with a caller-supplied data probe (tests and the fuzzer use an in-memory one).
+pub fn compile_with_probe(source: SourceFile, probe: &mut dyn curv_sema::DataProbe) -> Compilation {
+    let parsed = curv_grammar::parse(&source.text);
+    let analysis = if parsed.errors.is_empty() {
+        Some(curv_sema::analyze(&parsed.file, probe))
+    } else {
+        None
+    };
+    Compilation {
+        source,
+        parsed,
+        analysis,
+    }
+}
+
+/// A stage `curv emit` can print.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Tokens,
+    Ast,
+    Ir,
+}
+
+impl Stage {
+    pub fn from_name(name: &str) -> Option<Stage> {
+        match name {
+            "tokens" => Some(Stage::Tokens),
+            "ast" => Some(Stage::Ast),
+            "ir" => Some(Stage::Ir),
+            _ => None,
+        }
+    }
+}
+
+/// The text of a stage, or `None` when errors prevent it (the caller prints the diagnostics).
+/// Tokens and the AST are printed even for files with errors: they show what the parser saw.
+pub fn emit(compilation: &Compilation, stage: Stage) -> Option<String> {
+    match stage {
+        Stage::Tokens => Some(curv_grammar::print::print_tokens(
+            &compilation.parsed.tokens,
+        )),
+        Stage::Ast => Some(curv_grammar::print::print_file(&compilation.parsed.file)),
+        Stage::Ir => {
+            if compilation.has_errors() {
+                return None;
+            }
+            let analysis = compilation.analysis.as_ref()?;
+            let text = &compilation.source.text;
+            let locate = |module: Option<&str>, span: curv_grammar::Span| match module
+                .and_then(curv_sema::std_lib::find)
+            {
+                Some(index) => line_column(curv_sema::std_lib::MODULES[index].1, span.start),
+                None => line_column(text, span.start),
+            };
+            Some(curv_ir::print_program(&analysis.program, &locate))
+        }
+    }
+}
+
+/// `line:column` (both from 1, column in characters) of a byte offset.
+pub fn line_column(text: &str, offset: usize) -> String {
+    let offset = offset.min(text.len());
+    let before = &text[..text.floor_char_boundary(offset)];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rsplit('\n')
+        .next()
+        .map_or(0, |tail| tail.chars().count())
+        + 1;
+    format!("{line}:{column}")
+}
+
+/// The stable list of diagnostic codes.
+pub fn diagnostic_codes() -> &'static [(&'static str, &'static str)] {
+    curv_sema::CODES
+}

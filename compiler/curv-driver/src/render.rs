@@ -1,0 +1,115 @@
+//! Rendering diagnostics with ariadne (byte indices; colour only for terminals).
+
+use crate::Compilation;
+use ariadne::{Config, IndexType, Label, Report, ReportKind};
+use curv_sema::{Severity, SourceId};
+
+fn source_name(compilation: &Compilation, source: SourceId) -> String {
+    match source {
+        SourceId::User => compilation.source.display_name.clone(),
+        SourceId::Std(index) => curv_sema::std_lib::display_name(index),
+    }
+}
+
+fn source_text(compilation: &Compilation, source: SourceId) -> String {
+    match source {
+        SourceId::User => compilation.source.text.clone(),
+        SourceId::Std(index) => curv_sema::std_lib::MODULES[index].1.to_string(),
+    }
+}
+
+/// Renders every diagnostic of a compilation, followed by a one-line count.
+pub fn render_diagnostics(compilation: &Compilation, color: bool) -> String {
+    let diagnostics = compilation.diagnostics();
+    let mut out = Vec::new();
+    let mut sources_used: Vec<SourceId> = vec![SourceId::User];
+    for diagnostic in &diagnostics {
+        for label in &diagnostic.labels {
+            if !sources_used.contains(&label.source) {
+                sources_used.push(label.source);
+            }
+        }
+    }
+    let mut cache = ariadne::sources(sources_used.iter().map(|source| {
+        (
+            source_name(compilation, *source),
+            source_text(compilation, *source),
+        )
+    }));
+    for diagnostic in &diagnostics {
+        let kind = match diagnostic.severity {
+            Severity::Error => ReportKind::Error,
+            Severity::Warning => ReportKind::Warning,
+        };
+        let primary = diagnostic.labels.first();
+        let primary_source = primary.map_or(SourceId::User, |label| label.source);
+        let primary_span = primary.map_or(0..0, |label| {
+            clamp(compilation, label.source, label.span.start..label.span.end)
+        });
+        let mut report = Report::build(
+            kind,
+            (source_name(compilation, primary_source), primary_span),
+        )
+        .with_config(
+            Config::default()
+                .with_index_type(IndexType::Byte)
+                .with_color(color),
+        )
+        .with_code(diagnostic.code)
+        .with_message(&diagnostic.message);
+        for (index, label) in diagnostic.labels.iter().enumerate() {
+            let range = clamp(compilation, label.source, label.span.start..label.span.end);
+            let mut ariadne_label = Label::new((source_name(compilation, label.source), range))
+                .with_message(&label.message)
+                .with_order(index as i32);
+            if index == 0 && color {
+                ariadne_label = ariadne_label.with_color(ariadne::Color::Red);
+            }
+            report = report.with_label(ariadne_label);
+        }
+        for note in &diagnostic.notes {
+            report = report.with_note(note);
+        }
+        if let Some(help) = &diagnostic.help {
+            report = report.with_help(help);
+        }
+        let _ = report.finish().write(&mut cache, &mut out);
+    }
+    let errors = diagnostics
+        .iter()
+        .filter(|diagnostic| diagnostic.is_error())
+        .count();
+    let warnings = diagnostics.len() - errors;
+    let mut text = String::from_utf8_lossy(&out).into_owned();
+    if !diagnostics.is_empty() {
+        text.push_str(&format!(
+            "{}: {} error{}, {} warning{}\n",
+            compilation.source.display_name,
+            errors,
+            plural(errors),
+            warnings,
+            plural(warnings)
+        ));
+    }
+    text
+}
+
+fn plural(count: usize) -> &'static str {
+    if count == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+/// Keeps a span inside its source (a label at the very end of the file stays renderable).
+fn clamp(
+    compilation: &Compilation,
+    source: SourceId,
+    range: std::ops::Range<usize>,
+) -> std::ops::Range<usize> {
+    let length = source_text(compilation, source).len();
+    let start = range.start.min(length);
+    let end = range.end.min(length).max(start);
+    start..end
+}

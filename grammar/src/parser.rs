@@ -1,0 +1,97 @@
+//! The parser entry point: `parse` never fails, it returns the tree and every syntax error.
+
+use crate::ast::File;
+use crate::span::Span;
+use crate::syntax_error::SyntaxError;
+use crate::token::{lex, SpannedToken, Token};
+use lalrpop_util::{ErrorRecovery, ParseError};
+
+/// The lexer hands the parser only valid tokens, so this error is never produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LexError;
+
+/// The result of parsing one file: the tree (with `Error` nodes where recovery happened) and
+/// all syntax errors, sorted by position.
+#[derive(Debug, Clone)]
+pub struct Parsed {
+    pub file: File,
+    pub tokens: Vec<SpannedToken>,
+    pub errors: Vec<SyntaxError>,
+}
+
+/// Parses a whole `.curv` file.
+pub fn parse(source: &str) -> Parsed {
+    let (tokens, mut errors) = lex(source);
+    let mut recovered: Vec<ErrorRecovery<usize, Token, LexError>> = Vec::new();
+    let mut number_errors = Vec::new();
+    let stream = tokens.iter().map(|spanned| {
+        Ok::<_, LexError>((spanned.span.start, spanned.token.clone(), spanned.span.end))
+    });
+    let result = crate::curv::FileParser::new().parse(&mut recovered, &mut number_errors, stream);
+    let file = match result {
+        Ok(file) => file,
+        Err(error) => {
+            errors.push(convert_error(error, source.len()));
+            File::default()
+        }
+    };
+    errors.extend(
+        recovered
+            .into_iter()
+            .map(|recovery| convert_error(recovery.error, source.len())),
+    );
+    errors.extend(number_errors);
+    errors.sort_by_key(|error| (error.span.start, error.span.end));
+    errors.dedup_by(|a, b| a.span == b.span && a.code == b.code);
+    Parsed {
+        file,
+        tokens,
+        errors,
+    }
+}
+
+/// Parses one expression (used by tests and by the standard library loader).
+pub fn parse_expression(source: &str) -> Result<crate::ast::Expr, Vec<SyntaxError>> {
+    let (tokens, mut errors) = lex(source);
+    let mut recovered = Vec::new();
+    let mut number_errors = Vec::new();
+    let stream = tokens.iter().map(|spanned| {
+        Ok::<_, LexError>((spanned.span.start, spanned.token.clone(), spanned.span.end))
+    });
+    let result = crate::curv::ExprParser::new().parse(&mut recovered, &mut number_errors, stream);
+    errors.extend(number_errors);
+    match result {
+        Ok(expr) if errors.is_empty() => Ok(expr),
+        Ok(_) => Err(errors),
+        Err(error) => {
+            errors.push(convert_error(error, source.len()));
+            Err(errors)
+        }
+    }
+}
+
+fn convert_error(error: ParseError<usize, Token, LexError>, source_len: usize) -> SyntaxError {
+    match error {
+        ParseError::InvalidToken { location } => SyntaxError::unexpected_token(
+            Span::new(location, location + 1),
+            "character".to_string(),
+            &[],
+        ),
+        ParseError::UnrecognizedEof { location, expected } => {
+            let start = location.min(source_len);
+            SyntaxError::unexpected_end(Span::new(start, start), &expected)
+        }
+        ParseError::UnrecognizedToken {
+            token: (start, token, end),
+            expected,
+        } => SyntaxError::unexpected_token(Span::new(start, end), token.describe(), &expected),
+        ParseError::ExtraToken {
+            token: (start, token, end),
+        } => SyntaxError::unexpected_token(Span::new(start, end), token.describe(), &[]),
+        ParseError::User { error: LexError } => SyntaxError::unexpected_token(
+            Span::new(source_len, source_len),
+            "input".to_string(),
+            &[],
+        ),
+    }
+}

@@ -1,0 +1,596 @@
+//! Reading comma-separated tables with a header line: a numeric feature matrix plus an optional
+//! integer class-label column.
+//!
+//! The dialect is deliberately simple: cells are separated by commas, surrounding whitespace is ignored,
+//! and there is no quoting inside data rows (header names may be wrapped in double quotes). Both
+//! probing and loading run the same validating pass over every row, so a file that probes cleanly is
+//! guaranteed to load.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+
+use crate::error::{count_to_i64, open_regular_file, DataError};
+use crate::{DataSchema, ElementType, FieldSchema};
+
+/// How many column names a "label column not found" message lists before eliding the rest.
+const COLUMN_NAMES_SHOWN_IN_MESSAGES: usize = 5;
+
+/// How many characters of an offending cell an error message quotes before truncating it.
+const CELL_CHARACTERS_SHOWN_IN_MESSAGES: usize = 32;
+
+/// The shape of a validated CSV table, as discovered by a full pass over its rows.
+struct CsvTableSummary {
+    /// The number of data rows, excluding the header and ignored trailing blank lines.
+    row_count: usize,
+    /// The number of feature columns: every column except the label column.
+    feature_count: usize,
+}
+
+/// The header's column names and the position of the label column among them.
+struct CsvHeader {
+    column_names: Vec<String>,
+    label_column_index: Option<usize>,
+}
+
+impl CsvHeader {
+    /// Describes a column for error messages, by name when it has one and by 1-based position otherwise.
+    fn describe_column(&self, column_index: usize) -> String {
+        match self.column_names.get(column_index) {
+            Some(name) if !name.is_empty() => format!("column '{name}'"),
+            _ => format!("column {}", column_index + 1),
+        }
+    }
+}
+
+/// Reads the CSV header and every data row, validating all of them, and hands each row's features and
+/// label to `visit_row`; the returned summary describes the whole table.
+fn read_csv_table(
+    path: &Path,
+    label_column_name: Option<&str>,
+    mut visit_row: impl FnMut(&[f32], Option<i32>),
+) -> Result<CsvTableSummary, DataError> {
+    let (file, _file_length) = open_regular_file(path)?;
+    let mut reader = BufReader::new(file);
+    let mut line_bytes = Vec::new();
+    let mut line_number = 0usize;
+    let mut header: Option<CsvHeader> = None;
+    let mut first_blank_line_number: Option<usize> = None;
+    let mut row_features = Vec::new();
+    let mut row_count = 0usize;
+
+    loop {
+        line_bytes.clear();
+        let bytes_read = reader
+            .read_until(b'\n', &mut line_bytes)
+            .map_err(|error| DataError::from_io(path, &error))?;
+        if bytes_read == 0 {
+            break;
+        }
+        line_number += 1;
+        let line = decode_line(path, &line_bytes, line_number)?;
+
+        if line.trim().is_empty() {
+            first_blank_line_number.get_or_insert(line_number);
+            continue;
+        }
+        if let Some(blank_line_number) = first_blank_line_number {
+            return Err(DataError::corrupt(
+                path,
+                format!(
+                    "line {blank_line_number} is blank, but more lines follow it; only trailing blank lines are allowed"
+                ),
+            ));
+        }
+
+        let Some(header) = header.as_ref() else {
+            header = Some(parse_header(path, line, label_column_name)?);
+            continue;
+        };
+
+        row_features.clear();
+        let label = parse_data_row(path, header, line, line_number, &mut row_features)?;
+        visit_row(&row_features, label);
+        row_count += 1;
+    }
+
+    let Some(header) = header else {
+        let message = if line_number == 0 {
+            "no data rows: the file is empty"
+        } else {
+            "no data rows: the file contains only blank lines"
+        };
+        return Err(DataError::corrupt(path, message));
+    };
+    if row_count == 0 {
+        return Err(DataError::corrupt(
+            path,
+            "no data rows: the file has a header line but nothing after it",
+        ));
+    }
+    let feature_count =
+        header.column_names.len() - usize::from(header.label_column_index.is_some());
+    Ok(CsvTableSummary {
+        row_count,
+        feature_count,
+    })
+}
+
+/// Turns one raw line into text: strips the line terminator (`\n` or `\r\n`) and, on the first line, a
+/// UTF-8 byte-order mark; invalid UTF-8 is reported with its line number.
+fn decode_line<'bytes>(
+    path: &Path,
+    line_bytes: &'bytes [u8],
+    line_number: usize,
+) -> Result<&'bytes str, DataError> {
+    let mut content = line_bytes;
+    if let Some(stripped) = content.strip_suffix(b"\n") {
+        content = stripped;
+    }
+    if let Some(stripped) = content.strip_suffix(b"\r") {
+        content = stripped;
+    }
+    if line_number == 1 {
+        if let Some(stripped) = content.strip_prefix(b"\xef\xbb\xbf") {
+            content = stripped;
+        }
+    }
+    std::str::from_utf8(content).map_err(|_| {
+        DataError::corrupt(path, format!("line {line_number} is not valid UTF-8 text"))
+    })
+}
+
+/// Splits the header line into column names and locates the requested label column.
+fn parse_header(
+    path: &Path,
+    line: &str,
+    label_column_name: Option<&str>,
+) -> Result<CsvHeader, DataError> {
+    let column_names: Vec<String> = line
+        .split(',')
+        .map(|cell| unquote_header_name(cell.trim()).to_string())
+        .collect();
+
+    let label_column_index = match label_column_name {
+        None => None,
+        Some(wanted_name) => Some(find_label_column(path, &column_names, wanted_name)?),
+    };
+
+    if label_column_index.is_some() && column_names.len() == 1 {
+        return Err(DataError::bad_option(
+            path,
+            "the label column is the only column, so no feature columns remain",
+        ));
+    }
+    Ok(CsvHeader {
+        column_names,
+        label_column_index,
+    })
+}
+
+/// Removes one pair of surrounding double quotes from a header name, if present.
+fn unquote_header_name(name: &str) -> &str {
+    name.strip_prefix('"')
+        .and_then(|inner| inner.strip_suffix('"'))
+        .unwrap_or(name)
+}
+
+/// Finds the unique column called `wanted_name`, explaining what the header offers when it is missing.
+fn find_label_column(
+    path: &Path,
+    column_names: &[String],
+    wanted_name: &str,
+) -> Result<usize, DataError> {
+    let matching_indices: Vec<usize> = column_names
+        .iter()
+        .enumerate()
+        .filter(|(_, name)| name.as_str() == wanted_name)
+        .map(|(index, _)| index)
+        .collect();
+    match matching_indices.as_slice() {
+        [index] => Ok(*index),
+        [] => {
+            let mut message = format!(
+                "label column '{wanted_name}' not found; the header has {} column{}: {}",
+                column_names.len(),
+                if column_names.len() == 1 { "" } else { "s" },
+                summarize_column_names(column_names)
+            );
+            if let Some(near_miss) = column_names
+                .iter()
+                .find(|name| name.eq_ignore_ascii_case(wanted_name))
+            {
+                message.push_str(&format!(" (did you mean '{near_miss}'?)"));
+            }
+            Err(DataError::bad_option(path, message))
+        }
+        several => Err(DataError::bad_option(
+            path,
+            format!(
+                "label column '{wanted_name}' appears {} times in the header, so it is ambiguous",
+                several.len()
+            ),
+        )),
+    }
+}
+
+/// Lists the first few column names, followed by "..." when there are more.
+fn summarize_column_names(column_names: &[String]) -> String {
+    let mut summary = column_names
+        .iter()
+        .take(COLUMN_NAMES_SHOWN_IN_MESSAGES)
+        .map(|name| {
+            if name.is_empty() {
+                "(unnamed)"
+            } else {
+                name.as_str()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    if column_names.len() > COLUMN_NAMES_SHOWN_IN_MESSAGES {
+        summary.push_str(", ...");
+    }
+    summary
+}
+
+/// Validates one data row, appends its features to `row_features` and returns its label, if the table
+/// has a label column.
+fn parse_data_row(
+    path: &Path,
+    header: &CsvHeader,
+    line: &str,
+    line_number: usize,
+    row_features: &mut Vec<f32>,
+) -> Result<Option<i32>, DataError> {
+    let field_count = line.split(',').count();
+    if field_count != header.column_names.len() {
+        return Err(DataError::corrupt(
+            path,
+            format!(
+                "line {line_number} has {field_count} field{}, but the header (line 1) has {} column{}",
+                if field_count == 1 { "" } else { "s" },
+                header.column_names.len(),
+                if header.column_names.len() == 1 { "" } else { "s" },
+            ),
+        ));
+    }
+
+    let mut label = None;
+    for (column_index, cell) in line.split(',').enumerate() {
+        let cell = cell.trim();
+        if Some(column_index) == header.label_column_index {
+            let parsed_label = parse_label_cell(cell).map_err(|problem| {
+                DataError::corrupt(
+                    path,
+                    format!(
+                        "line {line_number}, {}: {problem}",
+                        header.describe_column(column_index)
+                    ),
+                )
+            })?;
+            label = Some(parsed_label);
+        } else {
+            let feature = parse_feature_cell(cell).map_err(|problem| {
+                DataError::corrupt(
+                    path,
+                    format!(
+                        "line {line_number}, {}: {problem}",
+                        header.describe_column(column_index)
+                    ),
+                )
+            })?;
+            row_features.push(feature);
+        }
+    }
+    Ok(label)
+}
+
+/// Parses a feature cell as a finite number that fits in a 32-bit float, or explains why it is not one.
+fn parse_feature_cell(cell: &str) -> Result<f32, String> {
+    if cell.is_empty() {
+        return Err("empty cell; expected a number".to_string());
+    }
+    let value: f64 = cell
+        .parse()
+        .map_err(|_| format!("{} is not a number", quote_cell(cell)))?;
+    if !value.is_finite() {
+        return Err(format!("{} is not a finite number", quote_cell(cell)));
+    }
+    let narrowed = value as f32;
+    if !narrowed.is_finite() {
+        return Err(format!(
+            "{} is too large for a 32-bit float",
+            quote_cell(cell)
+        ));
+    }
+    Ok(narrowed)
+}
+
+/// Parses a label cell as a non-negative integer class index that fits in 32 bits, or explains why it is
+/// not one. Integral decimals such as "3.0" are accepted because many tools write labels that way.
+fn parse_label_cell(cell: &str) -> Result<i32, String> {
+    if cell.is_empty() {
+        return Err("empty cell; expected an integer class label".to_string());
+    }
+    let value: f64 = match cell.parse::<i64>() {
+        Ok(integer) => integer as f64,
+        Err(_) => match cell.parse::<f64>() {
+            Ok(decimal) if decimal.is_finite() && decimal.fract() == 0.0 => decimal,
+            _ => {
+                return Err(format!(
+                    "{} is not an integer class label",
+                    quote_cell(cell)
+                ))
+            }
+        },
+    };
+    if value < 0.0 {
+        return Err(format!(
+            "class label {} is negative; labels must be integers >= 0",
+            quote_cell(cell)
+        ));
+    }
+    if value > f64::from(i32::MAX) {
+        return Err(format!(
+            "class label {} is too large for a 32-bit integer",
+            quote_cell(cell)
+        ));
+    }
+    Ok(value as i32)
+}
+
+/// Quotes a cell for an error message, shortening very long cells.
+fn quote_cell(cell: &str) -> String {
+    if cell.chars().count() > CELL_CHARACTERS_SHOWN_IN_MESSAGES {
+        let prefix: String = cell
+            .chars()
+            .take(CELL_CHARACTERS_SHOWN_IN_MESSAGES)
+            .collect();
+        format!("'{prefix}...'")
+    } else {
+        format!("'{cell}'")
+    }
+}
+
+/// Reads the schema of a CSV file with a header line.
+///
+/// `label` names the label column, if there is one; every other column is a feature. The schema has a
+/// field "x" of type F32 and shape `[rows, features]`, plus a field "y" of type I32 and shape `[rows]`
+/// when a label column is given. Every row is validated, so this reads the whole file, but it keeps
+/// only counts in memory.
+pub fn probe_csv(path: &Path, label: Option<&str>) -> Result<DataSchema, DataError> {
+    let summary = read_csv_table(path, label, |_, _| {})?;
+    let rows = count_to_i64(path, summary.row_count as u64, "row count")?;
+    let features = count_to_i64(path, summary.feature_count as u64, "feature count")?;
+    let mut fields = vec![FieldSchema {
+        name: "x".to_string(),
+        element_type: ElementType::F32,
+        shape: vec![rows, features],
+    }];
+    if label.is_some() {
+        fields.push(FieldSchema {
+            name: "y".to_string(),
+            element_type: ElementType::I32,
+            shape: vec![rows],
+        });
+    }
+    Ok(DataSchema {
+        fields,
+        examples: rows,
+    })
+}
+
+/// Loads a whole CSV file with the same validation as [`probe_csv`].
+///
+/// Returns the features as a row-major `f32` matrix of shape `[rows, features]`, the number of feature
+/// columns (so `rows` is the matrix length divided by it; it is never zero), and the labels when a label
+/// column is given.
+// The tuple return type is the documented public signature, so clippy's preference for a named type is declined.
+#[allow(clippy::type_complexity)]
+pub fn load_csv(
+    path: &Path,
+    label: Option<&str>,
+) -> Result<(Vec<f32>, usize, Option<Vec<i32>>), DataError> {
+    let mut features = Vec::new();
+    let mut labels = Vec::new();
+    let summary = read_csv_table(path, label, |row_features, row_label| {
+        features.extend_from_slice(row_features);
+        if let Some(row_label) = row_label {
+            labels.push(row_label);
+        }
+    })?;
+    Ok((features, summary.feature_count, label.map(|_| labels)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::{scratch_directory, write_file};
+    use crate::DataErrorKind;
+
+    /// Probes a CSV written from `contents` and returns the error, failing the test if probing succeeds.
+    fn probe_error(test_name: &str, contents: &str, label: Option<&str>) -> DataError {
+        let directory = scratch_directory(test_name);
+        let path = write_file(&directory, "table.csv", contents.as_bytes());
+        probe_csv(&path, label).expect_err("probing should fail")
+    }
+
+    #[test]
+    fn good_csv_with_label_probes_and_loads() {
+        let directory = scratch_directory("csv_good_with_label");
+        let path = write_file(
+            &directory,
+            "table.csv",
+            b"a, b ,label,c\n1,2.5,0,-3\n4,5e1,2,6\n\n\n",
+        );
+        let schema = probe_csv(&path, Some("label")).expect("the CSV is valid");
+        assert_eq!(schema.examples, 2);
+        assert_eq!(
+            schema.fields,
+            vec![
+                FieldSchema {
+                    name: "x".to_string(),
+                    element_type: ElementType::F32,
+                    shape: vec![2, 3]
+                },
+                FieldSchema {
+                    name: "y".to_string(),
+                    element_type: ElementType::I32,
+                    shape: vec![2]
+                },
+            ]
+        );
+        let (features, feature_count, labels) =
+            load_csv(&path, Some("label")).expect("the CSV is valid");
+        assert_eq!(features, vec![1.0, 2.5, -3.0, 4.0, 50.0, 6.0]);
+        assert_eq!(feature_count, 3);
+        assert_eq!(labels, Some(vec![0, 2]));
+    }
+
+    #[test]
+    fn good_csv_without_label_has_only_features() {
+        let directory = scratch_directory("csv_good_without_label");
+        let path = write_file(
+            &directory,
+            "table.csv",
+            b"\xef\xbb\xbfa,b\r\n1,2\r\n3,4\r\n",
+        );
+        let schema = probe_csv(&path, None).expect("the CSV is valid");
+        assert_eq!(schema.examples, 2);
+        assert_eq!(
+            schema.fields,
+            vec![FieldSchema {
+                name: "x".to_string(),
+                element_type: ElementType::F32,
+                shape: vec![2, 2]
+            }]
+        );
+        let (features, feature_count, labels) = load_csv(&path, None).expect("the CSV is valid");
+        assert_eq!(
+            (features, feature_count, labels),
+            (vec![1.0, 2.0, 3.0, 4.0], 2, None)
+        );
+    }
+
+    #[test]
+    fn missing_label_column_lists_available_columns() {
+        let error = probe_error(
+            "csv_missing_label",
+            "p0,p1,p2,p3,p4,p5,p6\n1,2,3,4,5,6,7\n",
+            Some("target"),
+        );
+        assert_eq!(error.kind, DataErrorKind::BadOption);
+        assert!(error.message.contains("'target'"), "{error}");
+        assert!(error.message.contains("p0, p1, p2, p3, p4, ..."), "{error}");
+        assert!(!error.message.contains("p5"), "{error}");
+    }
+
+    #[test]
+    fn label_column_with_different_case_is_suggested() {
+        let error = probe_error("csv_label_case", "x,Label\n1,2\n", Some("label"));
+        assert_eq!(error.kind, DataErrorKind::BadOption);
+        assert!(error.message.contains("did you mean 'Label'"), "{error}");
+    }
+
+    #[test]
+    fn ragged_row_reports_its_line_number() {
+        let error = probe_error(
+            "csv_ragged",
+            "a,b,label\n1,2,0\n3,4,1\n5,6\n",
+            Some("label"),
+        );
+        assert_eq!(error.kind, DataErrorKind::Corrupt);
+        assert!(error.message.contains("line 4"), "{error}");
+        assert!(error.message.contains("2 fields"), "{error}");
+    }
+
+    #[test]
+    fn non_numeric_cell_reports_line_and_column() {
+        let error = probe_error(
+            "csv_non_numeric",
+            "a,b,label\n1,2,0\n3,abc,1\n",
+            Some("label"),
+        );
+        assert_eq!(error.kind, DataErrorKind::Corrupt);
+        assert!(error.message.contains("line 3"), "{error}");
+        assert!(error.message.contains("column 'b'"), "{error}");
+        assert!(error.message.contains("'abc'"), "{error}");
+    }
+
+    #[test]
+    fn non_finite_and_empty_cells_are_rejected() {
+        for (index, bad_cell) in ["nan", "inf", "-infinity", "1e39", ""].iter().enumerate() {
+            let contents = format!("a,b\n1,2\n3,{bad_cell}\n");
+            let error = probe_error(&format!("csv_non_finite_{index}"), &contents, None);
+            assert_eq!(error.kind, DataErrorKind::Corrupt, "{bad_cell}: {error}");
+            assert!(error.message.contains("line 3, column 'b'"), "{error}");
+        }
+    }
+
+    #[test]
+    fn labels_must_be_non_negative_integers() {
+        for (index, bad_label) in ["-1", "1.5", "cat", "3000000000"].iter().enumerate() {
+            let contents = format!("a,label\n1,0\n2,{bad_label}\n");
+            let error = probe_error(&format!("csv_bad_label_{index}"), &contents, Some("label"));
+            assert_eq!(error.kind, DataErrorKind::Corrupt, "{bad_label}: {error}");
+            assert!(error.message.contains("line 3, column 'label'"), "{error}");
+        }
+        let directory = scratch_directory("csv_integral_decimal_label");
+        let path = write_file(&directory, "table.csv", b"a,label\n1,3.0\n");
+        let (_, _, labels) = load_csv(&path, Some("label")).expect("integral decimals are labels");
+        assert_eq!(labels, Some(vec![3]));
+    }
+
+    #[test]
+    fn missing_file_is_not_found() {
+        let directory = scratch_directory("csv_missing_file");
+        let path = directory.join("does_not_exist.csv");
+        let error = probe_csv(&path, None).expect_err("the file does not exist");
+        assert_eq!(error.kind, DataErrorKind::NotFound);
+        assert_eq!(error.path, path);
+        assert!(
+            error
+                .to_string()
+                .starts_with(&format!("{}: ", path.display())),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn directory_is_unreadable() {
+        let directory = scratch_directory("csv_directory");
+        let error = probe_csv(&directory, None).expect_err("a directory is not a CSV file");
+        assert_eq!(error.kind, DataErrorKind::Unreadable);
+    }
+
+    #[test]
+    fn empty_file_and_header_only_have_no_data_rows() {
+        for (index, contents) in ["", "a,b\n", "a,b\n\n\n", "\n\n"].iter().enumerate() {
+            let error = probe_error(&format!("csv_no_rows_{index}"), contents, None);
+            assert_eq!(error.kind, DataErrorKind::Corrupt, "{contents:?}: {error}");
+            assert!(error.message.contains("no data rows"), "{error}");
+        }
+    }
+
+    #[test]
+    fn blank_line_between_rows_is_rejected() {
+        let error = probe_error("csv_blank_middle", "a,b\n1,2\n\n3,4\n", None);
+        assert_eq!(error.kind, DataErrorKind::Corrupt);
+        assert!(error.message.contains("line 3 is blank"), "{error}");
+    }
+
+    #[test]
+    fn label_as_only_column_leaves_no_features() {
+        let error = probe_error("csv_only_label", "label\n1\n", Some("label"));
+        assert_eq!(error.kind, DataErrorKind::BadOption);
+    }
+
+    #[test]
+    fn invalid_utf8_is_corrupt() {
+        let directory = scratch_directory("csv_invalid_utf8");
+        let path = write_file(&directory, "table.csv", b"a,b\n1,\xff\n");
+        let error = probe_csv(&path, None).expect_err("the file is not UTF-8");
+        assert_eq!(error.kind, DataErrorKind::Corrupt);
+        assert!(error.message.contains("line 2"), "{error}");
+    }
+}
