@@ -8,10 +8,7 @@ use std::path::{Path, PathBuf};
 
 /// The repository root (the parent of this crate).
 pub fn repository_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the tests crate lives in the repository")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the tests crate lives in the repository").to_path_buf()
 }
 
 /// Compiles a file and renders its diagnostics without colour, naming the file by `display`.
@@ -25,11 +22,7 @@ pub fn render_file(path: &Path, display: &str) -> (curv_driver::Compilation, Str
 
 /// A Gleam-style snapshot: the source, then what curv printed.
 pub fn pair(source: &str, output: &str) -> String {
-    format!(
-        "----- SOURCE\n{}\n----- OUTPUT\n{}",
-        source.trim_end(),
-        output.trim_end()
-    )
+    format!("----- SOURCE\n{}\n----- OUTPUT\n{}", source.trim_end(), output.trim_end())
 }
 
 /// Every `.curv` file under `directory`, sorted.
@@ -39,10 +32,7 @@ pub fn curv_files(directory: &Path) -> Vec<PathBuf> {
             entries
                 .filter_map(Result::ok)
                 .map(|entry| entry.path())
-                .filter(|path| {
-                    path.extension()
-                        .is_some_and(|extension| extension == "curv")
-                })
+                .filter(|path| path.extension().is_some_and(|extension| extension == "curv"))
                 .collect()
         })
         .unwrap_or_default();

@@ -14,11 +14,7 @@ fn examples() -> Vec<std::path::PathBuf> {
 
 fn snapshot_name(path: &std::path::Path, stage: &str) -> String {
     let root = repository_root().join("examples");
-    let relative = path
-        .strip_prefix(&root)
-        .unwrap()
-        .to_string_lossy()
-        .replace(['/', '.'], "_");
+    let relative = path.strip_prefix(&root).unwrap().to_string_lossy().replace(['/', '.'], "_");
     format!("{stage}__{relative}")
 }
 
@@ -26,19 +22,9 @@ fn snapshot_name(path: &std::path::Path, stage: &str) -> String {
 fn every_example_checks_without_diagnostics() {
     for path in examples() {
         let (compilation, rendered) = render_file(&path, &path.display().to_string());
+        assert!(compilation.diagnostics().is_empty(), "{}:\n{rendered}", path.display());
         assert!(
-            compilation.diagnostics().is_empty(),
-            "{}:\n{rendered}",
-            path.display()
-        );
-        assert!(
-            !compilation
-                .analysis
-                .as_ref()
-                .unwrap()
-                .program
-                .trains
-                .is_empty(),
+            !compilation.analysis.as_ref().unwrap().program.trains.is_empty(),
             "{} has no train block",
             path.display()
         );
@@ -67,19 +53,13 @@ fn ir_of_every_example() {
 fn tokens_of_the_digits_example() {
     let path = repository_root().join("examples/digits_mlp.curv");
     let (compilation, _) = render_file(&path, "example.curv");
-    insta::assert_snapshot!(
-        "tokens__digits_mlp",
-        curv_driver::emit(&compilation, Stage::Tokens).unwrap()
-    );
+    insta::assert_snapshot!("tokens__digits_mlp", curv_driver::emit(&compilation, Stage::Tokens).unwrap());
 }
 
 #[test]
 fn check_summary_of_every_example() {
     for path in examples() {
         let (compilation, _) = render_file(&path, "example.curv");
-        insta::assert_snapshot!(
-            snapshot_name(&path, "check"),
-            curv_driver::check_summary(&compilation)
-        );
+        insta::assert_snapshot!(snapshot_name(&path, "check"), curv_driver::check_summary(&compilation));
     }
 }

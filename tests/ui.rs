@@ -8,10 +8,7 @@ fn invalid_programs_render_their_diagnostics() {
     insta::glob!("ui/*.curv", |path| {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         let (compilation, rendered) = render_file(path, &name);
-        assert!(
-            compilation.has_errors(),
-            "{name} is in tests/ui but has no errors:\n{rendered}"
-        );
+        assert!(compilation.has_errors(), "{name} is in tests/ui but has no errors:\n{rendered}");
         let source = std::fs::read_to_string(path).unwrap();
         insta::assert_snapshot!(pair(&source, &rendered));
     });
@@ -22,10 +19,7 @@ fn warnings_render_without_errors() {
     insta::glob!("ui/warnings/*.curv", |path| {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         let (compilation, rendered) = render_file(path, &name);
-        assert!(
-            !compilation.has_errors(),
-            "{name} should only warn:\n{rendered}"
-        );
+        assert!(!compilation.has_errors(), "{name} should only warn:\n{rendered}");
         assert!(!compilation.diagnostics().is_empty(), "{name} should warn");
         let source = std::fs::read_to_string(path).unwrap();
         insta::assert_snapshot!(pair(&source, &rendered));

@@ -24,9 +24,8 @@ pub fn parse(source: &str) -> Parsed {
     let (tokens, mut errors) = lex(source);
     let mut recovered: Vec<ErrorRecovery<usize, Token, LexError>> = Vec::new();
     let mut number_errors = Vec::new();
-    let stream = tokens.iter().map(|spanned| {
-        Ok::<_, LexError>((spanned.span.start, spanned.token.clone(), spanned.span.end))
-    });
+    let stream =
+        tokens.iter().map(|spanned| Ok::<_, LexError>((spanned.span.start, spanned.token.clone(), spanned.span.end)));
     let result = crate::curv::FileParser::new().parse(&mut recovered, &mut number_errors, stream);
     let file = match result {
         Ok(file) => file,
@@ -35,19 +34,11 @@ pub fn parse(source: &str) -> Parsed {
             File::default()
         }
     };
-    errors.extend(
-        recovered
-            .into_iter()
-            .map(|recovery| convert_error(recovery.error, source.len())),
-    );
+    errors.extend(recovered.into_iter().map(|recovery| convert_error(recovery.error, source.len())));
     errors.extend(number_errors);
     errors.sort_by_key(|error| (error.span.start, error.span.end));
     errors.dedup_by(|a, b| a.span == b.span && a.code == b.code);
-    Parsed {
-        file,
-        tokens,
-        errors,
-    }
+    Parsed { file, tokens, errors }
 }
 
 /// Parses one expression (used by tests and by the standard library loader).
@@ -55,9 +46,8 @@ pub fn parse_expression(source: &str) -> Result<crate::ast::Expr, Vec<SyntaxErro
     let (tokens, mut errors) = lex(source);
     let mut recovered = Vec::new();
     let mut number_errors = Vec::new();
-    let stream = tokens.iter().map(|spanned| {
-        Ok::<_, LexError>((spanned.span.start, spanned.token.clone(), spanned.span.end))
-    });
+    let stream =
+        tokens.iter().map(|spanned| Ok::<_, LexError>((spanned.span.start, spanned.token.clone(), spanned.span.end)));
     let result = crate::curv::ExprParser::new().parse(&mut recovered, &mut number_errors, stream);
     errors.extend(number_errors);
     match result {
@@ -72,26 +62,21 @@ pub fn parse_expression(source: &str) -> Result<crate::ast::Expr, Vec<SyntaxErro
 
 fn convert_error(error: ParseError<usize, Token, LexError>, source_len: usize) -> SyntaxError {
     match error {
-        ParseError::InvalidToken { location } => SyntaxError::unexpected_token(
-            Span::new(location, location + 1),
-            "character".to_string(),
-            &[],
-        ),
+        ParseError::InvalidToken { location } => {
+            SyntaxError::unexpected_token(Span::new(location, location + 1), "character".to_string(), &[])
+        }
         ParseError::UnrecognizedEof { location, expected } => {
             let start = location.min(source_len);
             SyntaxError::unexpected_end(Span::new(start, start), &expected)
         }
-        ParseError::UnrecognizedToken {
-            token: (start, token, end),
-            expected,
-        } => SyntaxError::unexpected_token(Span::new(start, end), token.describe(), &expected),
-        ParseError::ExtraToken {
-            token: (start, token, end),
-        } => SyntaxError::unexpected_token(Span::new(start, end), token.describe(), &[]),
-        ParseError::User { error: LexError } => SyntaxError::unexpected_token(
-            Span::new(source_len, source_len),
-            "input".to_string(),
-            &[],
-        ),
+        ParseError::UnrecognizedToken { token: (start, token, end), expected } => {
+            SyntaxError::unexpected_token(Span::new(start, end), token.describe(), &expected)
+        }
+        ParseError::ExtraToken { token: (start, token, end) } => {
+            SyntaxError::unexpected_token(Span::new(start, end), token.describe(), &[])
+        }
+        ParseError::User { error: LexError } => {
+            SyntaxError::unexpected_token(Span::new(source_len, source_len), "input".to_string(), &[])
+        }
     }
 }

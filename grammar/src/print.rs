@@ -10,9 +10,9 @@ pub fn print_tokens(tokens: &[SpannedToken]) -> String {
     let mut out = String::new();
     for spanned in tokens {
         let text = match &spanned.token {
-            crate::token::Token::Ident(text)
-            | crate::token::Token::Int(text)
-            | crate::token::Token::Float(text) => text.clone(),
+            crate::token::Token::Ident(text) | crate::token::Token::Int(text) | crate::token::Token::Float(text) => {
+                text.clone()
+            }
             crate::token::Token::Str(text) => format!("{text:?}"),
             other => other.text().to_string(),
         };
@@ -39,20 +39,10 @@ fn print_item(out: &mut String, item: &Item) {
             let _ = writeln!(out, "  (use {}) @{span}", path.join("."));
         }
         Item::Data(decl) => {
-            let _ = writeln!(
-                out,
-                "  (data {} {}) @{span}",
-                decl.name.name,
-                expr(&decl.source)
-            );
+            let _ = writeln!(out, "  (data {} {}) @{span}", decl.name.name, expr(&decl.source));
         }
         Item::Dim(decl) => {
-            let _ = writeln!(
-                out,
-                "  (dim {} {}) @{span}",
-                decl.name.name,
-                expr(&decl.value)
-            );
+            let _ = writeln!(out, "  (dim {} {}) @{span}", decl.name.name, expr(&decl.value));
         }
         Item::Model(decl) => {
             let _ = writeln!(
@@ -87,9 +77,7 @@ fn print_item(out: &mut String, item: &Item) {
                         let modifiers: Vec<String> = line
                             .modifiers
                             .iter()
-                            .map(|modifier| {
-                                format!(" ({} {})", modifier.name.name, args(&modifier.args))
-                            })
+                            .map(|modifier| format!(" ({} {})", modifier.name.name, args(&modifier.args)))
                             .collect();
                         let _ = writeln!(
                             out,
@@ -108,11 +96,7 @@ fn print_item(out: &mut String, item: &Item) {
             out.push_str("  )\n");
         }
         Item::Rule(decl) => {
-            let tensors: Vec<&str> = decl
-                .tensors
-                .iter()
-                .map(|ident| ident.name.as_str())
-                .collect();
+            let tensors: Vec<&str> = decl.tensors.iter().map(|ident| ident.name.as_str()).collect();
             let hyper: Vec<String> = decl
                 .hyperparameters
                 .iter()
@@ -121,13 +105,7 @@ fn print_item(out: &mut String, item: &Item) {
                     None => hyper.name.name.clone(),
                 })
                 .collect();
-            let _ = writeln!(
-                out,
-                "  (rule {} ({}) ({}) @{span}",
-                decl.name.name,
-                tensors.join(" "),
-                hyper.join(" ")
-            );
+            let _ = writeln!(out, "  (rule {} ({}) ({}) @{span}", decl.name.name, tensors.join(" "), hyper.join(" "));
             print_rule_body(out, &decl.body, "    ");
             out.push_str("  )\n");
         }
@@ -161,36 +139,14 @@ fn print_body(out: &mut String, body: &[BodyStmt]) {
     for statement in body {
         match statement {
             BodyStmt::Param(decl) => {
-                let init = decl
-                    .init
-                    .as_ref()
-                    .map(|init| format!(" {}", expr(init)))
-                    .unwrap_or_default();
-                let _ = writeln!(
-                    out,
-                    "    (param {} {}{init}) @{}",
-                    decl.name.name,
-                    type_expr(&decl.ty),
-                    decl.span
-                );
+                let init = decl.init.as_ref().map(|init| format!(" {}", expr(init))).unwrap_or_default();
+                let _ = writeln!(out, "    (param {} {}{init}) @{}", decl.name.name, type_expr(&decl.ty), decl.span);
             }
             BodyStmt::Let(decl) => {
-                let _ = writeln!(
-                    out,
-                    "    (let {} {}) @{}",
-                    decl.name.name,
-                    expr(&decl.value),
-                    decl.span
-                );
+                let _ = writeln!(out, "    (let {} {}) @{}", decl.name.name, expr(&decl.value), decl.span);
             }
             BodyStmt::Dim(decl) => {
-                let _ = writeln!(
-                    out,
-                    "    (dim {} {}) @{}",
-                    decl.name.name,
-                    expr(&decl.value),
-                    decl.span
-                );
+                let _ = writeln!(out, "    (dim {} {}) @{}", decl.name.name, expr(&decl.value), decl.span);
             }
             BodyStmt::Return(value, span) => {
                 let _ = writeln!(out, "    (return {}) @{span}", expr(value));
@@ -206,43 +162,17 @@ fn print_rule_body(out: &mut String, body: &[RuleStmt], indent: &str) {
     for statement in body {
         match statement {
             RuleStmt::State(decl) => {
-                let _ = writeln!(
-                    out,
-                    "{indent}(state {} {}) @{}",
-                    decl.name.name,
-                    expr(&decl.value),
-                    decl.span
-                );
+                let _ = writeln!(out, "{indent}(state {} {}) @{}", decl.name.name, expr(&decl.value), decl.span);
             }
             RuleStmt::Let(decl) => {
-                let _ = writeln!(
-                    out,
-                    "{indent}(let {} {}) @{}",
-                    decl.name.name,
-                    expr(&decl.value),
-                    decl.span
-                );
+                let _ = writeln!(out, "{indent}(let {} {}) @{}", decl.name.name, expr(&decl.value), decl.span);
             }
             RuleStmt::Assign(decl) => {
-                let _ = writeln!(
-                    out,
-                    "{indent}(set {} {}) @{}",
-                    decl.name.name,
-                    expr(&decl.value),
-                    decl.span
-                );
+                let _ = writeln!(out, "{indent}(set {} {}) @{}", decl.name.name, expr(&decl.value), decl.span);
             }
             RuleStmt::Every(block) => {
-                let period = block
-                    .period
-                    .as_ref()
-                    .map(|period| format!("{} ", expr(period)))
-                    .unwrap_or_default();
-                let _ = writeln!(
-                    out,
-                    "{indent}(every {period}{} @{}",
-                    block.unit.name, block.span
-                );
+                let period = block.period.as_ref().map(|period| format!("{} ", expr(period))).unwrap_or_default();
+                let _ = writeln!(out, "{indent}(every {period}{} @{}", block.unit.name, block.span);
                 print_rule_body(out, &block.body, &format!("{indent}  "));
                 let _ = writeln!(out, "{indent})");
             }
@@ -255,32 +185,17 @@ fn print_rule_body(out: &mut String, body: &[RuleStmt], indent: &str) {
 
 fn print_setting(setting: &Setting) -> String {
     let values: Vec<String> = setting.values.iter().map(expr).collect();
-    let every = setting
-        .every
-        .as_ref()
-        .map(|every| format!(" (every {})", expr(every)))
-        .unwrap_or_default();
-    let values = if values.is_empty() {
-        String::new()
-    } else {
-        format!(" {}", values.join(" "))
-    };
+    let every = setting.every.as_ref().map(|every| format!(" (every {})", expr(every))).unwrap_or_default();
+    let values = if values.is_empty() { String::new() } else { format!(" {}", values.join(" ")) };
     format!("({}{values}{every})", setting.key.name)
 }
 
 fn typed_names(names: &[TypedName]) -> String {
-    names
-        .iter()
-        .map(|name| format!("({} {})", name.name.name, type_expr(&name.ty)))
-        .collect::<Vec<_>>()
-        .join(" ")
+    names.iter().map(|name| format!("({} {})", name.name.name, type_expr(&name.ty))).collect::<Vec<_>>().join(" ")
 }
 
 fn output(output: &Option<TypeExpr>) -> String {
-    output
-        .as_ref()
-        .map(|ty| format!(" -> {}", type_expr(ty)))
-        .unwrap_or_default()
+    output.as_ref().map(|ty| format!(" -> {}", type_expr(ty))).unwrap_or_default()
 }
 
 fn type_expr(ty: &TypeExpr) -> String {
@@ -305,11 +220,7 @@ fn call(call: &Call) -> String {
         format!(
             "(call {}{})",
             call.name.name,
-            if call.args.is_empty() {
-                String::new()
-            } else {
-                format!(" {}", args(&call.args))
-            }
+            if call.args.is_empty() { String::new() } else { format!(" {}", args(&call.args)) }
         )
     } else {
         call.name.name.clone()
@@ -342,29 +253,16 @@ pub fn expr(expr: &Expr) -> String {
                     Index::At(value) => self::expr(value),
                     Index::Slice(start, end, _) => format!(
                         "(: {} {})",
-                        start
-                            .as_ref()
-                            .map(self::expr)
-                            .unwrap_or_else(|| "_".to_string()),
-                        end.as_ref()
-                            .map(self::expr)
-                            .unwrap_or_else(|| "_".to_string())
+                        start.as_ref().map(self::expr).unwrap_or_else(|| "_".to_string()),
+                        end.as_ref().map(self::expr).unwrap_or_else(|| "_".to_string())
                     ),
                 })
                 .collect();
             format!("(index {} {})", self::expr(base), indices.join(" "))
         }
         Expr::Neg(inner, _) => format!("(neg {})", self::expr(inner)),
-        Expr::Binary(op, left, right, _) => format!(
-            "({} {} {})",
-            op.symbol(),
-            self::expr(left),
-            self::expr(right)
-        ),
-        Expr::List(items, _) => format!(
-            "[{}]",
-            items.iter().map(self::expr).collect::<Vec<_>>().join(" ")
-        ),
+        Expr::Binary(op, left, right, _) => format!("({} {} {})", op.symbol(), self::expr(left), self::expr(right)),
+        Expr::List(items, _) => format!("[{}]", items.iter().map(self::expr).collect::<Vec<_>>().join(" ")),
         Expr::Error(_) => "<error>".to_string(),
     }
 }

@@ -79,9 +79,7 @@ fn expected_label(expected: &[String]) -> String {
     let mut punctuation: Vec<String> = names
         .iter()
         .filter(|name| {
-            !(takes_expression && expression_starts.contains(name))
-                && **name != "ident"
-                && **name != "newline"
+            !(takes_expression && expression_starts.contains(name)) && **name != "ident" && **name != "newline"
         })
         .map(|name| readable_terminal(name))
         .collect();

@@ -143,11 +143,7 @@ impl Token {
             Token::At => "@",
             Token::Caret => "^",
             Token::Question => "?",
-            Token::Ident(_)
-            | Token::Int(_)
-            | Token::Float(_)
-            | Token::Str(_)
-            | Token::UnterminatedStr => "",
+            Token::Ident(_) | Token::Int(_) | Token::Float(_) | Token::Str(_) | Token::UnterminatedStr => "",
         }
     }
 
@@ -231,10 +227,7 @@ pub fn lex(source: &str) -> (Vec<SpannedToken>, Vec<SyntaxError>) {
                 errors.push(SyntaxError::unterminated_string(span));
                 // Keep a string token so that the parser does not report a second error.
                 let text = source[range.start + 1..range.end].to_string();
-                tokens.push(SpannedToken {
-                    token: Token::Str(text),
-                    span,
-                });
+                tokens.push(SpannedToken { token: Token::Str(text), span });
                 continue;
             }
             Token::LParen | Token::LBracket => bracket_depth += 1,
@@ -243,8 +236,7 @@ pub fn lex(source: &str) -> (Vec<SpannedToken>, Vec<SyntaxError>) {
             // `)` from swallowing the newlines of the rest of the file.
             Token::LBrace | Token::RBrace => bracket_depth = 0,
             Token::Newline => {
-                let previous_continues =
-                    tokens.last().is_none_or(|last| last.token.continues_line());
+                let previous_continues = tokens.last().is_none_or(|last| last.token.continues_line());
                 if bracket_depth > 0 || previous_continues {
                     continue;
                 }

@@ -60,20 +60,14 @@ fn run() -> ExitCode {
         Err(error) => {
             let _ = error.print();
             return match error.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
-                    ExitCode::SUCCESS
-                }
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => ExitCode::SUCCESS,
                 _ => ExitCode::from(1),
             };
         }
     };
     match cli.command {
         Command::Check { file } => check(&file),
-        Command::Emit {
-            file,
-            stage,
-            output,
-        } => emit(&file, &stage, output.as_deref()),
+        Command::Emit { file, stage, output } => emit(&file, &stage, output.as_deref()),
         Command::Version => version(),
     }
 }
@@ -138,14 +132,9 @@ fn emit(file: &Path, stage_name: &str, output: Option<&Path>) -> ExitCode {
 /// Writes through a temporary file in the same directory and renames it into place, so a reader
 /// never sees half a file.
 fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
-    let directory = path
-        .parent()
-        .filter(|parent| !parent.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let file_name = path
-        .file_name()
-        .map(|name| name.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "output".to_string());
+    let directory = path.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let file_name =
+        path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_else(|| "output".to_string());
     let temporary = directory.join(format!(".{file_name}.{}.tmp", std::process::id()));
     std::fs::write(&temporary, text)?;
     std::fs::rename(&temporary, path).inspect_err(|_| {
@@ -157,7 +146,9 @@ fn version() -> ExitCode {
     println!("curv {}", env!("CARGO_PKG_VERSION"));
     match curv_mlir::toolchain_self_check() {
         Ok(_) => {
-            println!("MLIR toolchain: ok (LLVM/MLIR 22 through melior 0.27; a linalg kernel lowered to the LLVM dialect)");
+            println!(
+                "MLIR toolchain: ok (LLVM/MLIR 22 through melior 0.27; a linalg kernel lowered to the LLVM dialect)"
+            );
             ExitCode::SUCCESS
         }
         Err(error) => {

@@ -25,13 +25,8 @@ pub struct SourceFile {
 impl SourceFile {
     /// Reads a source file. The error is a one-line message naming the path.
     pub fn read(path: &Path) -> Result<SourceFile, String> {
-        let bytes = std::fs::read(path).map_err(|error| {
-            format!(
-                "cannot read {}: {}",
-                path.display(),
-                describe_io_error(&error)
-            )
-        })?;
+        let bytes = std::fs::read(path)
+            .map_err(|error| format!("cannot read {}: {}", path.display(), describe_io_error(&error)))?;
         let text = String::from_utf8(bytes).map_err(|error| {
             format!(
                 "{} is not UTF-8 text (invalid byte at offset {})",
@@ -39,11 +34,7 @@ impl SourceFile {
                 error.utf8_error().valid_up_to()
             )
         })?;
-        Ok(SourceFile {
-            path: path.to_path_buf(),
-            display_name: path.display().to_string(),
-            text,
-        })
+        Ok(SourceFile { path: path.to_path_buf(), display_name: path.display().to_string(), text })
     }
 
     /// A source that exists only in memory; data paths resolve against `directory`.
@@ -57,10 +48,7 @@ impl SourceFile {
 
     /// The directory relative data paths resolve against.
     pub fn directory(&self) -> PathBuf {
-        self.path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."))
+        self.path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
     }
 }
 
@@ -83,13 +71,7 @@ pub struct Compilation {
 impl Compilation {
     /// Every diagnostic, syntax errors first.
     pub fn diagnostics(&self) -> Vec<Diagnostic> {
-        let mut diagnostics: Vec<Diagnostic> = self
-            .parsed
-            .errors
-            .iter()
-            .cloned()
-            .map(Diagnostic::from)
-            .collect();
+        let mut diagnostics: Vec<Diagnostic> = self.parsed.errors.iter().cloned().map(Diagnostic::from).collect();
         if let Some(analysis) = &self.analysis {
             diagnostics.extend(analysis.diagnostics.iter().cloned());
         }
@@ -103,25 +85,15 @@ impl Compilation {
 
 /// Parses and checks a source file, probing its data files on disk.
 pub fn compile(source: SourceFile) -> Compilation {
-    let mut probe = probe::FileProbe {
-        directory: source.directory(),
-    };
+    let mut probe = probe::FileProbe { directory: source.directory() };
     compile_with_probe(source, &mut probe)
 }
 
 /// Parses and checks with a caller-supplied data probe (tests and the fuzzer use an in-memory one).
 pub fn compile_with_probe(source: SourceFile, probe: &mut dyn curv_sema::DataProbe) -> Compilation {
     let parsed = curv_grammar::parse(&source.text);
-    let analysis = if parsed.errors.is_empty() {
-        Some(curv_sema::analyze(&parsed.file, probe))
-    } else {
-        None
-    };
-    Compilation {
-        source,
-        parsed,
-        analysis,
-    }
+    let analysis = if parsed.errors.is_empty() { Some(curv_sema::analyze(&parsed.file, probe)) } else { None };
+    Compilation { source, parsed, analysis }
 }
 
 /// A stage `curv emit` can print.
@@ -147,9 +119,7 @@ impl Stage {
 /// Tokens and the AST are printed even for files with errors: they show what the parser saw.
 pub fn emit(compilation: &Compilation, stage: Stage) -> Option<String> {
     match stage {
-        Stage::Tokens => Some(curv_grammar::print::print_tokens(
-            &compilation.parsed.tokens,
-        )),
+        Stage::Tokens => Some(curv_grammar::print::print_tokens(&compilation.parsed.tokens)),
         Stage::Ast => Some(curv_grammar::print::print_file(&compilation.parsed.file)),
         Stage::Ir => {
             if compilation.has_errors() {
@@ -157,12 +127,11 @@ pub fn emit(compilation: &Compilation, stage: Stage) -> Option<String> {
             }
             let analysis = compilation.analysis.as_ref()?;
             let text = &compilation.source.text;
-            let locate = |module: Option<&str>, span: curv_grammar::Span| match module
-                .and_then(curv_sema::std_lib::find)
-            {
-                Some(index) => line_column(curv_sema::std_lib::MODULES[index].1, span.start),
-                None => line_column(text, span.start),
-            };
+            let locate =
+                |module: Option<&str>, span: curv_grammar::Span| match module.and_then(curv_sema::std_lib::find) {
+                    Some(index) => line_column(curv_sema::std_lib::MODULES[index].1, span.start),
+                    None => line_column(text, span.start),
+                };
             Some(curv_ir::print_program(&analysis.program, &locate))
         }
     }
@@ -173,11 +142,7 @@ pub fn line_column(text: &str, offset: usize) -> String {
     let offset = offset.min(text.len());
     let before = &text[..text.floor_char_boundary(offset)];
     let line = before.matches('\n').count() + 1;
-    let column = before
-        .rsplit('\n')
-        .next()
-        .map_or(0, |tail| tail.chars().count())
-        + 1;
+    let column = before.rsplit('\n').next().map_or(0, |tail| tail.chars().count()) + 1;
     format!("{line}:{column}")
 }
 

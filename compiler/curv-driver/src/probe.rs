@@ -20,17 +20,9 @@ fn dtype(element_type: ElementType) -> DType {
 impl DataProbe for FileProbe {
     fn probe(&mut self, request: &DataRequest) -> Result<ProbedData, DataProbeError> {
         let path_of = |key: &str| -> Option<PathBuf> {
-            request
-                .paths
-                .iter()
-                .find(|(name, _)| name == key)
-                .map(|(_, path)| self.directory.join(path))
+            request.paths.iter().find(|(name, _)| name == key).map(|(_, path)| self.directory.join(path))
         };
-        let first_key = request
-            .paths
-            .first()
-            .map(|(key, _)| key.clone())
-            .unwrap_or_default();
+        let first_key = request.paths.first().map(|(key, _)| key.clone()).unwrap_or_default();
         let convert = |key: &str, error: curv_data::DataError| DataProbeError {
             path_key: key.to_string(),
             not_found: error.kind == DataErrorKind::NotFound,
@@ -39,8 +31,7 @@ impl DataProbe for FileProbe {
         let schema = match request.source.as_str() {
             "csv" => {
                 let path = path_of("path").unwrap_or_default();
-                curv_data::probe_csv(&path, request.label.as_deref())
-                    .map_err(|error| convert("path", error))?
+                curv_data::probe_csv(&path, request.label.as_deref()).map_err(|error| convert("path", error))?
             }
             "image" => {
                 let path = path_of("path").unwrap_or_default();
@@ -50,11 +41,7 @@ impl DataProbe for FileProbe {
                 let images = path_of("images").unwrap_or_default();
                 let labels = path_of("labels").unwrap_or_default();
                 curv_data::probe_idx(&images, &labels).map_err(|error| {
-                    let key = if error.path == labels {
-                        "labels"
-                    } else {
-                        "images"
-                    };
+                    let key = if error.path == labels { "labels" } else { "images" };
                     convert(key, error)
                 })?
             }
@@ -63,8 +50,7 @@ impl DataProbe for FileProbe {
                 let mut examples = None;
                 for (key, field) in [("x", "x"), ("y", "y")] {
                     let Some(path) = path_of(key) else { continue };
-                    let (element_type, shape) =
-                        curv_data::probe_npy(&path).map_err(|error| convert(key, error))?;
+                    let (element_type, shape) = curv_data::probe_npy(&path).map_err(|error| convert(key, error))?;
                     let Some(&count) = shape.first() else {
                         return Err(DataProbeError {
                             path_key: key.to_string(),
@@ -77,25 +63,15 @@ impl DataProbe for FileProbe {
                             return Err(DataProbeError {
                                 path_key: key.to_string(),
                                 not_found: false,
-                                message: format!(
-                                    "{}: {count} examples, but `x` has {previous}",
-                                    path.display()
-                                ),
+                                message: format!("{}: {count} examples, but `x` has {previous}", path.display()),
                             });
                         }
                     }
                     examples = Some(count);
-                    let dtype = if key == "x" {
-                        DType::F32
-                    } else {
-                        dtype(element_type)
-                    };
+                    let dtype = if key == "x" { DType::F32 } else { dtype(element_type) };
                     fields.push((field.to_string(), dtype, shape));
                 }
-                return Ok(ProbedData {
-                    fields,
-                    examples: examples.unwrap_or(0),
-                });
+                return Ok(ProbedData { fields, examples: examples.unwrap_or(0) });
             }
             other => {
                 return Err(DataProbeError {

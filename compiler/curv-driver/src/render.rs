@@ -30,12 +30,9 @@ pub fn render_diagnostics(compilation: &Compilation, color: bool) -> String {
             }
         }
     }
-    let mut cache = ariadne::sources(sources_used.iter().map(|source| {
-        (
-            source_name(compilation, *source),
-            source_text(compilation, *source),
-        )
-    }));
+    let mut cache = ariadne::sources(
+        sources_used.iter().map(|source| (source_name(compilation, *source), source_text(compilation, *source))),
+    );
     for diagnostic in &diagnostics {
         let kind = match diagnostic.severity {
             Severity::Error => ReportKind::Error,
@@ -43,20 +40,12 @@ pub fn render_diagnostics(compilation: &Compilation, color: bool) -> String {
         };
         let primary = diagnostic.labels.first();
         let primary_source = primary.map_or(SourceId::User, |label| label.source);
-        let primary_span = primary.map_or(0..0, |label| {
-            clamp(compilation, label.source, label.span.start..label.span.end)
-        });
-        let mut report = Report::build(
-            kind,
-            (source_name(compilation, primary_source), primary_span),
-        )
-        .with_config(
-            Config::default()
-                .with_index_type(IndexType::Byte)
-                .with_color(color),
-        )
-        .with_code(diagnostic.code)
-        .with_message(&diagnostic.message);
+        let primary_span =
+            primary.map_or(0..0, |label| clamp(compilation, label.source, label.span.start..label.span.end));
+        let mut report = Report::build(kind, (source_name(compilation, primary_source), primary_span))
+            .with_config(Config::default().with_index_type(IndexType::Byte).with_color(color))
+            .with_code(diagnostic.code)
+            .with_message(&diagnostic.message);
         for (index, label) in diagnostic.labels.iter().enumerate() {
             let range = clamp(compilation, label.source, label.span.start..label.span.end);
             let mut ariadne_label = Label::new((source_name(compilation, label.source), range))
@@ -75,10 +64,7 @@ pub fn render_diagnostics(compilation: &Compilation, color: bool) -> String {
         }
         let _ = report.finish().write(&mut cache, &mut out);
     }
-    let errors = diagnostics
-        .iter()
-        .filter(|diagnostic| diagnostic.is_error())
-        .count();
+    let errors = diagnostics.iter().filter(|diagnostic| diagnostic.is_error()).count();
     let warnings = diagnostics.len() - errors;
     let mut text = String::from_utf8_lossy(&out).into_owned();
     if !diagnostics.is_empty() {
@@ -103,11 +89,7 @@ fn plural(count: usize) -> &'static str {
 }
 
 /// Keeps a span inside its source (a label at the very end of the file stays renderable).
-fn clamp(
-    compilation: &Compilation,
-    source: SourceId,
-    range: std::ops::Range<usize>,
-) -> std::ops::Range<usize> {
+fn clamp(compilation: &Compilation, source: SourceId, range: std::ops::Range<usize>) -> std::ops::Range<usize> {
     let length = source_text(compilation, source).len();
     let start = range.start.min(length);
     let end = range.end.min(length).max(start);

@@ -25,13 +25,7 @@ pub fn check_summary(compilation: &Compilation) -> String {
     );
     for train in &program.trains {
         out.push('\n');
-        train_summary(
-            &mut out,
-            train,
-            &CostModel {
-                rules: &program.rules,
-            },
-        );
+        train_summary(&mut out, train, &CostModel { rules: &program.rules });
     }
     out
 }
@@ -89,14 +83,8 @@ fn train_summary(out: &mut String, train: &TrainProgram, cost_model: &CostModel)
         String::new(),
         bytes(cost.total_state_bytes()),
     ]);
-    let widths: Vec<usize> = (0..6)
-        .map(|column| {
-            rows.iter()
-                .map(|row| row[column].chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
+    let widths: Vec<usize> =
+        (0..6).map(|column| rows.iter().map(|row| row[column].chars().count()).max().unwrap_or(0)).collect();
     let right_aligned = [false, false, true, false, false, true];
     for (index, row) in rows.iter().enumerate() {
         let mut line = String::from("  ");

@@ -35,11 +35,7 @@ impl StepCost {
     }
 
     pub fn statistics_flops(&self) -> f64 {
-        self.params
-            .iter()
-            .map(|cost| cost.statistics_flops)
-            .sum::<f64>()
-            + self.extra_pass_flops
+        self.params.iter().map(|cost| cost.statistics_flops).sum::<f64>() + self.extra_pass_flops
     }
 
     pub fn inverse_flops(&self) -> f64 {
@@ -51,11 +47,7 @@ impl StepCost {
     }
 
     pub fn total_flops(&self) -> f64 {
-        self.forward_flops
-            + self.backward_flops
-            + self.statistics_flops()
-            + self.inverse_flops()
-            + self.update_flops()
+        self.forward_flops + self.backward_flops + self.statistics_flops() + self.inverse_flops() + self.update_flops()
     }
 }
 
@@ -76,40 +68,22 @@ impl CostModel<'_> {
             extra_pass_flops = extra_pass_flops.max(extra);
             params.push(cost);
         }
-        StepCost {
-            forward_flops,
-            backward_flops,
-            extra_pass_flops,
-            params,
-        }
+        StepCost { forward_flops, backward_flops, extra_pass_flops, params }
     }
 
     /// Returns the parameter's cost and the extra model passes its statistics need (shared by all
     /// parameters: one HVP serves every parameter, so the caller takes the maximum).
-    fn param_cost(
-        &self,
-        plan: &ParamPlan,
-        param: &ParamInfo,
-        forward: f64,
-        batch: i64,
-    ) -> (ParamCost, f64) {
+    fn param_cost(&self, plan: &ParamPlan, param: &ParamInfo, forward: f64, batch: i64) -> (ParamCost, f64) {
         let shape = param.ty.known_shape().unwrap_or_default();
         let numel = shape.iter().product::<i64>() as f64;
         let state_bytes = plan
             .state
             .iter()
-            .map(|state| {
-                state.ty.element_count().unwrap_or(0) as u64 * state.ty.dtype.size_in_bytes()
-            })
+            .map(|state| state.ty.element_count().unwrap_or(0) as u64 * state.ty.dtype.size_in_bytes())
             .sum();
-        let every = option_number(&plan.options, "every")
-            .unwrap_or(1.0)
-            .max(1.0);
+        let every = option_number(&plan.options, "every").unwrap_or(1.0).max(1.0);
         let stats = option_name(&plan.options, "stats").unwrap_or("");
-        let mut cost = ParamCost {
-            state_bytes,
-            ..ParamCost::default()
-        };
+        let mut cost = ParamCost { state_bytes, ..ParamCost::default() };
         let mut extra = extra_pass_for_statistic(stats, forward) / every;
         let (rows, cols) = matrix_view(&shape);
         match plan.structure {
@@ -125,8 +99,7 @@ impl CostModel<'_> {
                 };
                 cost.statistics_flops = stats_flops;
                 cost.inverse_flops = 12.0 * (rows.powi(3) + cols.powi(3)) / every;
-                cost.update_flops =
-                    2.0 * rows * rows * cols + 2.0 * rows * cols * cols + 6.0 * numel;
+                cost.update_flops = 2.0 * rows * rows * cols + 2.0 * rows * cols * cols + 6.0 * numel;
             }
             StructureKind::LowRank => {
                 let rank = option_number(&plan.options, "rank")
@@ -140,8 +113,7 @@ impl CostModel<'_> {
                 let small = rows.min(cols);
                 let large = rows.max(cols);
                 let iterations = option_number(&plan.options, "steps").unwrap_or(5.0);
-                cost.update_flops =
-                    iterations * (4.0 * small * small * large + 2.0 * small.powi(3)) + 6.0 * numel;
+                cost.update_flops = iterations * (4.0 * small * small * large + 2.0 * small.powi(3)) + 6.0 * numel;
             }
             StructureKind::Dense => {
                 cost.statistics_flops = 2.0 * numel * numel;
@@ -177,10 +149,7 @@ fn matrix_view(shape: &[i64]) -> (f64, f64) {
     match shape {
         [] => (1.0, 1.0),
         [n] => (1.0, *n as f64),
-        [.., last] => (
-            shape[..shape.len() - 1].iter().product::<i64>() as f64,
-            *last as f64,
-        ),
+        [.., last] => (shape[..shape.len() - 1].iter().product::<i64>() as f64, *last as f64),
     }
 }
 
@@ -205,10 +174,7 @@ pub fn function_flops(function: &Function) -> f64 {
             Op::Select => elements,
             Op::MatMul => {
                 let left = function.ty(inst.args[0]);
-                let inner = left
-                    .known_shape()
-                    .and_then(|shape| shape.last().copied())
-                    .unwrap_or(0) as f64;
+                let inner = left.known_shape().and_then(|shape| shape.last().copied()).unwrap_or(0) as f64;
                 2.0 * elements * inner
             }
             Op::Reduce { .. } => function.ty(inst.args[0]).element_count().unwrap_or(0) as f64,

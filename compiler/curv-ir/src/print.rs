@@ -25,20 +25,10 @@ pub fn print_program(program: &Program, locate: &dyn Fn(Option<&str>, Span) -> S
 fn print_rule(out: &mut String, rule: &RuleProgram, locate: &dyn Fn(Option<&str>, Span) -> String) {
     let module = rule.module.as_deref();
     let locate = |span: Span| locate(module, span);
-    let hyper: Vec<String> = rule
-        .hyperparameters
-        .iter()
-        .map(|(name, value)| format!("{name} = {}", format_number(*value)))
-        .collect();
-    let origin = module
-        .map(|module| format!("  // from {module}"))
-        .unwrap_or_default();
-    let _ = writeln!(
-        out,
-        "rule {}(p: f32[P], g: f32[P]; {}){origin}",
-        rule.name,
-        hyper.join(", ")
-    );
+    let hyper: Vec<String> =
+        rule.hyperparameters.iter().map(|(name, value)| format!("{name} = {}", format_number(*value))).collect();
+    let origin = module.map(|module| format!("  // from {module}")).unwrap_or_default();
+    let _ = writeln!(out, "rule {}(p: f32[P], g: f32[P]; {}){origin}", rule.name, hyper.join(", "));
     if !rule.state.is_empty() {
         let _ = writeln!(out, "  state {}", rule.state.join(", "));
     }
@@ -47,11 +37,7 @@ fn print_rule(out: &mut String, rule: &RuleProgram, locate: &dyn Fn(Option<&str>
     }
     print_function(out, "  ", "init", &rule.init, &locate);
     for (period, update) in &rule.updates {
-        let label = if *period == 1 {
-            "every step".to_string()
-        } else {
-            format!("every {period} steps")
-        };
+        let label = if *period == 1 { "every step".to_string() } else { format!("every {period} steps") };
         print_function(out, "  ", &label, update, &locate);
     }
 }
@@ -71,47 +57,20 @@ fn print_train(out: &mut String, train: &TrainProgram, locate: &dyn Fn(Span) -> 
     for (field, ty) in &data.fields {
         let _ = writeln!(out, "    {field}: {ty}");
     }
-    let _ = writeln!(
-        out,
-        "  batch {}, steps {}, seed {}",
-        train.batch, train.steps, train.seed
-    );
+    let _ = writeln!(out, "  batch {}, steps {}, seed {}", train.batch, train.steps, train.seed);
     for param in &train.params {
-        let _ = writeln!(
-            out,
-            "  param {}: {} = {}  // {}",
-            param.name,
-            param.ty,
-            param.init,
-            locate(param.span)
-        );
+        let _ = writeln!(out, "  param {}: {} = {}  // {}", param.name, param.ty, param.init, locate(param.span));
     }
     let loss_kind = match train.loss_kind {
         LossKind::CrossEntropy => "cross_entropy",
         LossKind::MeanSquaredError => "mse",
         LossKind::Custom => "custom",
     };
-    print_function(
-        out,
-        "  ",
-        &format!("fn {} [{loss_kind}]", train.loss.name),
-        &train.loss,
-        locate,
-    );
+    print_function(out, "  ", &format!("fn {} [{loss_kind}]", train.loss.name), &train.loss, locate);
     let optimizer = &train.optimizer;
-    let _ = write!(
-        out,
-        "  optimizer {} lr {}",
-        optimizer.name,
-        format_number(optimizer.lr)
-    );
+    let _ = write!(out, "  optimizer {} lr {}", optimizer.name, format_number(optimizer.lr));
     if let Some(schedule) = &optimizer.schedule {
-        let _ = write!(
-            out,
-            " schedule {}({})",
-            schedule.kind,
-            print_options(&schedule.options)
-        );
+        let _ = write!(out, " schedule {}({})", schedule.kind, print_options(&schedule.options));
     }
     if !optimizer.settings.is_empty() {
         let _ = write!(out, " {}", print_options(&optimizer.settings));
@@ -119,22 +78,13 @@ fn print_train(out: &mut String, train: &TrainProgram, locate: &dyn Fn(Span) -> 
     out.push('\n');
     for plan in &optimizer.plans {
         let param = &train.params[plan.param];
-        let _ = write!(
-            out,
-            "    {} <- {:?}: {}",
-            param.name, plan.pattern, plan.rule_name
-        );
+        let _ = write!(out, "    {} <- {:?}: {}", param.name, plan.pattern, plan.rule_name);
         if plan.structure == StructureKind::Rule && plan.rule_name != StructureKind::Rule.name() {
             let _ = write!(out, " [rule]");
         }
         let _ = write!(out, "({})", print_options(&plan.options));
         for modifier in &plan.modifiers {
-            let _ = write!(
-                out,
-                " {}({})",
-                modifier.name,
-                print_options(&modifier.options)
-            );
+            let _ = write!(out, " {}({})", modifier.name, print_options(&modifier.options));
         }
         out.push('\n');
         for state in &plan.state {
@@ -145,12 +95,7 @@ fn print_train(out: &mut String, train: &TrainProgram, locate: &dyn Fn(Span) -> 
         let _ = writeln!(out, "  log {} every {}", log.metrics.join(", "), log.every);
     }
     if let Some(eval) = &train.eval {
-        let _ = writeln!(
-            out,
-            "  eval {} every {}",
-            eval.metrics.join(", "),
-            eval.every
-        );
+        let _ = writeln!(out, "  eval {} every {}", eval.metrics.join(", "), eval.every);
     }
     if let Some(every) = train.checkpoint_every {
         let _ = writeln!(out, "  checkpoint every {every}");
@@ -158,11 +103,7 @@ fn print_train(out: &mut String, train: &TrainProgram, locate: &dyn Fn(Span) -> 
 }
 
 pub fn print_options(options: &Options) -> String {
-    options
-        .iter()
-        .map(|(name, value)| format!("{name} = {value}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    options.iter().map(|(name, value)| format!("{name} = {value}")).collect::<Vec<_>>().join(", ")
 }
 
 /// Prints one function as an indented block.
@@ -186,11 +127,7 @@ pub fn print_function(
         }
         let _ = writeln!(out, " : {}  // {}", inst.ty, locate(inst.span));
     }
-    let outputs: Vec<String> = function
-        .outputs
-        .iter()
-        .map(|(name, value)| format!("{name} = {value}"))
-        .collect();
+    let outputs: Vec<String> = function.outputs.iter().map(|(name, value)| format!("{name} = {value}")).collect();
     let _ = writeln!(out, "{indent}  yield {}", outputs.join(", "));
     let _ = writeln!(out, "{indent}}}");
 }

@@ -64,17 +64,11 @@ pub struct TensorType {
 
 impl TensorType {
     pub fn scalar(dtype: DType) -> TensorType {
-        TensorType {
-            dtype,
-            shape: Vec::new(),
-        }
+        TensorType { dtype, shape: Vec::new() }
     }
 
     pub fn known(dtype: DType, shape: &[i64]) -> TensorType {
-        TensorType {
-            dtype,
-            shape: shape.iter().map(|&size| Dim::Known(size)).collect(),
-        }
+        TensorType { dtype, shape: shape.iter().map(|&size| Dim::Known(size)).collect() }
     }
 
     pub fn rank(&self) -> usize {
@@ -302,12 +296,8 @@ impl Op {
             Op::Transpose { .. } => "transpose".to_string(),
             Op::Reshape => "reshape".to_string(),
             Op::Broadcast { .. } => "broadcast".to_string(),
-            Op::Reduce {
-                op: ReduceOp::Sum, ..
-            } => "reduce_sum".to_string(),
-            Op::Reduce {
-                op: ReduceOp::Max, ..
-            } => "reduce_max".to_string(),
+            Op::Reduce { op: ReduceOp::Sum, .. } => "reduce_sum".to_string(),
+            Op::Reduce { op: ReduceOp::Max, .. } => "reduce_max".to_string(),
             Op::ArgMax { .. } => "argmax".to_string(),
             Op::OneHot { .. } => "one_hot".to_string(),
             Op::Gather => "gather".to_string(),
@@ -341,11 +331,7 @@ pub struct Function {
 
 impl Function {
     pub fn new(name: impl Into<String>) -> Function {
-        Function {
-            name: name.into(),
-            insts: Vec::new(),
-            outputs: Vec::new(),
-        }
+        Function { name: name.into(), insts: Vec::new(), outputs: Vec::new() }
     }
 
     pub fn push(&mut self, op: Op, args: Vec<ValueId>, ty: TensorType, span: Span) -> ValueId {
@@ -363,10 +349,7 @@ impl Function {
     }
 
     pub fn output(&self, name: &str) -> Option<ValueId> {
-        self.outputs
-            .iter()
-            .find(|(output_name, _)| output_name == name)
-            .map(|(_, value)| *value)
+        self.outputs.iter().find(|(output_name, _)| output_name == name).map(|(_, value)| *value)
     }
 }
 
@@ -401,28 +384,18 @@ impl std::fmt::Display for Init {
             Init::Zeros => formatter.write_str("zeros"),
             Init::Ones => formatter.write_str("ones"),
             Init::Constant(value) => write!(formatter, "constant({})", format_number(*value)),
-            Init::Uniform { low, high } => write!(
-                formatter,
-                "uniform({}, {})",
-                format_number(*low),
-                format_number(*high)
-            ),
-            Init::Normal { mean, std } => write!(
-                formatter,
-                "normal({}, {})",
-                format_number(*mean),
-                format_number(*std)
-            ),
+            Init::Uniform { low, high } => {
+                write!(formatter, "uniform({}, {})", format_number(*low), format_number(*high))
+            }
+            Init::Normal { mean, std } => {
+                write!(formatter, "normal({}, {})", format_number(*mean), format_number(*std))
+            }
             Init::GlorotUniform => formatter.write_str("glorot_uniform"),
             Init::GlorotNormal => formatter.write_str("glorot_normal"),
             Init::HeNormal => formatter.write_str("he_normal"),
             Init::HeUniform => formatter.write_str("he_uniform"),
             Init::SirenUniform { omega, first } => {
-                write!(
-                    formatter,
-                    "siren_uniform(omega = {}, first = {first})",
-                    format_number(*omega)
-                )
+                write!(formatter, "siren_uniform(omega = {}, first = {first})", format_number(*omega))
             }
         }
     }
@@ -482,23 +455,17 @@ impl std::fmt::Display for OptionValue {
 pub type Options = Vec<(String, OptionValue)>;
 
 pub fn option_number(options: &Options, key: &str) -> Option<f64> {
-    options
-        .iter()
-        .find(|(name, _)| name == key)
-        .and_then(|(_, value)| match value {
-            OptionValue::Number(number) => Some(*number),
-            _ => None,
-        })
+    options.iter().find(|(name, _)| name == key).and_then(|(_, value)| match value {
+        OptionValue::Number(number) => Some(*number),
+        _ => None,
+    })
 }
 
 pub fn option_name<'a>(options: &'a Options, key: &str) -> Option<&'a str> {
-    options
-        .iter()
-        .find(|(name, _)| name == key)
-        .and_then(|(_, value)| match value {
-            OptionValue::Name(name) | OptionValue::Text(name) => Some(name.as_str()),
-            _ => None,
-        })
+    options.iter().find(|(name, _)| name == key).and_then(|(_, value)| match value {
+        OptionValue::Name(name) | OptionValue::Text(name) => Some(name.as_str()),
+        _ => None,
+    })
 }
 
 /// The curvature structure of a rule.

@@ -9,10 +9,7 @@ use melior::{
     dialect::DialectRegistry,
     ir::{operation::OperationLike, Module},
     pass::PassManager,
-    utility::{
-        parse_pass_pipeline, register_all_dialects, register_all_llvm_translations,
-        register_all_passes,
-    },
+    utility::{parse_pass_pipeline, register_all_dialects, register_all_llvm_translations, register_all_passes},
     Context,
 };
 
@@ -46,27 +43,17 @@ pub fn new_context() -> Context {
 /// result. Used by the toolchain self-check (`curv version --mlir`) and by tests.
 pub fn run_pipeline_on_text(source: &str, pipeline: &str) -> Result<String, MlirError> {
     let context = new_context();
-    let mut module = Module::parse(&context, source).ok_or_else(|| MlirError {
-        message: "MLIR could not parse the module".to_string(),
-    })?;
+    let mut module = Module::parse(&context, source)
+        .ok_or_else(|| MlirError { message: "MLIR could not parse the module".to_string() })?;
     if !module.as_operation().verify() {
-        return Err(MlirError {
-            message: "the parsed module does not verify".to_string(),
-        });
+        return Err(MlirError { message: "the parsed module does not verify".to_string() });
     }
     let pass_manager = PassManager::new(&context);
-    parse_pass_pipeline(pass_manager.as_operation_pass_manager(), pipeline).map_err(|error| {
-        MlirError {
-            message: format!("bad pass pipeline: {error}"),
-        }
-    })?;
-    pass_manager.run(&mut module).map_err(|error| MlirError {
-        message: format!("pass pipeline failed: {error}"),
-    })?;
+    parse_pass_pipeline(pass_manager.as_operation_pass_manager(), pipeline)
+        .map_err(|error| MlirError { message: format!("bad pass pipeline: {error}") })?;
+    pass_manager.run(&mut module).map_err(|error| MlirError { message: format!("pass pipeline failed: {error}") })?;
     if !module.as_operation().verify() {
-        return Err(MlirError {
-            message: "the lowered module does not verify".to_string(),
-        });
+        return Err(MlirError { message: "the lowered module does not verify".to_string() });
     }
     Ok(module.as_operation().to_string())
 }

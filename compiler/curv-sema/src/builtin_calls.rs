@@ -19,8 +19,8 @@ pub fn lower_builtin(
     let span = call.span;
     // Arguments that are not tensors (axes, shapes, options) are evaluated by each case.
     let tensor_count = match name {
-        "sum" | "mean" | "amax" | "argmax" | "softmax" | "log_softmax" | "layer_norm"
-        | "reshape" | "transpose" | "one_hot" => 1,
+        "sum" | "mean" | "amax" | "argmax" | "softmax" | "log_softmax" | "layer_norm" | "reshape" | "transpose"
+        | "one_hot" => 1,
         "conv2d" => 2,
         _ => positional.len(),
     };
@@ -42,12 +42,7 @@ pub fn lower_builtin(
             .map(|(_, expr)| *expr)
             .or_else(|| positional.get(index).copied())
     };
-    let arg_span = |index: usize| {
-        positional
-            .get(index)
-            .map(|expr| expr.span())
-            .unwrap_or(span)
-    };
+    let arg_span = |index: usize| positional.get(index).map(|expr| expr.span()).unwrap_or(span);
     match name {
         "sin" => checker.unary(function, UnaryOp::Sin, args[0], span),
         "cos" => checker.unary(function, UnaryOp::Cos, args[0], span),
@@ -82,36 +77,20 @@ pub fn lower_builtin(
             let ty = function.ty(value).clone();
             let axes: Vec<usize> = match option("axis", 1) {
                 Some(expr) => vec![axis(checker, scope, function, expr, ty.rank())?],
-                None if name == "argmax" => vec![ty
-                    .rank()
-                    .checked_sub(1)
-                    .or_else(|| rank_error(checker, arg_span(0), name, &ty))?],
+                None if name == "argmax" => {
+                    vec![ty.rank().checked_sub(1).or_else(|| rank_error(checker, arg_span(0), name, &ty))?]
+                }
                 None => (0..ty.rank()).collect(),
             };
             match name {
-                "sum" => Some(Val::Value(reduce(
-                    function,
-                    value,
-                    ReduceOp::Sum,
-                    &axes,
-                    span,
-                ))),
-                "amax" => Some(Val::Value(reduce(
-                    function,
-                    value,
-                    ReduceOp::Max,
-                    &axes,
-                    span,
-                ))),
+                "sum" => Some(Val::Value(reduce(function, value, ReduceOp::Sum, &axes, span))),
+                "amax" => Some(Val::Value(reduce(function, value, ReduceOp::Max, &axes, span))),
                 "argmax" => {
                     let shape = removed(&ty.shape, &axes);
                     Some(Val::Value(function.push(
                         Op::ArgMax { axis: axes[0] },
                         vec![value],
-                        TensorType {
-                            dtype: DType::I32,
-                            shape,
-                        },
+                        TensorType { dtype: DType::I32, shape },
                         span,
                     )))
                 }
@@ -130,13 +109,7 @@ pub fn lower_builtin(
                             return None;
                         }
                     };
-                    checker.elementwise(
-                        function,
-                        BinaryOp::Div,
-                        Val::Value(summed),
-                        Val::Literal(count as f64),
-                        span,
-                    )
+                    checker.elementwise(function, BinaryOp::Div, Val::Value(summed), Val::Literal(count as f64), span)
                 }
             }
         }
@@ -145,17 +118,11 @@ pub fn lower_builtin(
             let rank = function.ty(value).rank();
             let axis = match option("axis", 1) {
                 Some(expr) => axis(checker, scope, function, expr, rank)?,
-                None => rank.checked_sub(1).or_else(|| {
-                    rank_error(checker, arg_span(0), name, &function.ty(value).clone())
-                })?,
+                None => rank
+                    .checked_sub(1)
+                    .or_else(|| rank_error(checker, arg_span(0), name, &function.ty(value).clone()))?,
             };
-            Some(Val::Value(softmax(
-                function,
-                value,
-                axis,
-                name == "log_softmax",
-                span,
-            )))
+            Some(Val::Value(softmax(function, value, axis, name == "log_softmax", span)))
         }
         "layer_norm" => {
             let value = float_tensor(checker, function, args[0], arg_span(0), name)?;
@@ -183,27 +150,11 @@ pub fn lower_builtin(
             let squared = binary(function, BinaryOp::Mul, centred, centred, span);
             let variance = reduce(function, squared, ReduceOp::Sum, &[last], span);
             let variance = scale(function, variance, 1.0 / width as f64, span);
-            let eps_value = function.push(
-                Op::Constant { value: eps },
-                vec![],
-                function.ty(variance).clone(),
-                span,
-            );
+            let eps_value = function.push(Op::Constant { value: eps }, vec![], function.ty(variance).clone(), span);
             let shifted = binary(function, BinaryOp::Add, variance, eps_value, span);
-            let deviation = function.push(
-                Op::Unary(UnaryOp::Sqrt),
-                vec![shifted],
-                function.ty(shifted).clone(),
-                span,
-            );
+            let deviation = function.push(Op::Unary(UnaryOp::Sqrt), vec![shifted], function.ty(shifted).clone(), span);
             let deviation = broadcast_along(function, deviation, &ty.shape, last, span);
-            Some(Val::Value(binary(
-                function,
-                BinaryOp::Div,
-                centred,
-                deviation,
-                span,
-            )))
+            Some(Val::Value(binary(function, BinaryOp::Div, centred, deviation, span)))
         }
         "reshape" => {
             let value = tensor(checker, function, args[0], arg_span(0), name)?;
@@ -230,15 +181,7 @@ pub fn lower_builtin(
                 ));
                 return None;
             }
-            Some(Val::Value(function.push(
-                Op::Reshape,
-                vec![value],
-                TensorType {
-                    dtype: ty.dtype,
-                    shape,
-                },
-                span,
-            )))
+            Some(Val::Value(function.push(Op::Reshape, vec![value], TensorType { dtype: ty.dtype, shape }, span)))
         }
         "transpose" => {
             let value = tensor(checker, function, args[0], arg_span(0), name)?;
@@ -280,17 +223,11 @@ pub fn lower_builtin(
                     permutation
                 }
             };
-            let shape = permutation
-                .iter()
-                .map(|&axis| ty.shape[axis].clone())
-                .collect();
+            let shape = permutation.iter().map(|&axis| ty.shape[axis].clone()).collect();
             Some(Val::Value(function.push(
                 Op::Transpose { permutation },
                 vec![value],
-                TensorType {
-                    dtype: ty.dtype,
-                    shape,
-                },
+                TensorType { dtype: ty.dtype, shape },
                 span,
             )))
         }
@@ -322,10 +259,7 @@ pub fn lower_builtin(
             Some(Val::Value(function.push(
                 Op::Gather,
                 vec![table, ids],
-                TensorType {
-                    dtype: table_ty.dtype,
-                    shape,
-                },
+                TensorType { dtype: table_ty.dtype, shape },
                 span,
             )))
         }
@@ -340,17 +274,7 @@ pub fn lower_builtin(
                 Some(expr) => checker.constant_int(scope, expr, function)?,
                 None => 0,
             };
-            conv2d(
-                checker,
-                function,
-                input,
-                kernel,
-                stride,
-                padding,
-                arg_span(0),
-                arg_span(1),
-                span,
-            )
+            conv2d(checker, function, input, kernel, stride, padding, arg_span(0), arg_span(1), span)
         }
         "causal_mask" => {
             let value = tensor(checker, function, args[0], arg_span(0), name)?;
@@ -378,38 +302,17 @@ pub fn lower_builtin(
                 ));
                 return None;
             }
-            Some(Val::Value(one_hot(
-                checker,
-                function,
-                labels,
-                classes,
-                arg_span(0),
-                span,
-            )?))
+            Some(Val::Value(one_hot(checker, function, labels, classes, arg_span(0), span)?))
         }
         "cross_entropy" => {
             let logits = float_tensor(checker, function, args[0], arg_span(0), name)?;
             let labels = tensor(checker, function, args[1], arg_span(1), name)?;
-            cross_entropy(
-                checker,
-                function,
-                logits,
-                labels,
-                arg_span(0),
-                arg_span(1),
-                span,
-            )
+            cross_entropy(checker, function, logits, labels, arg_span(0), arg_span(1), span)
         }
         "mse" => {
-            let difference =
-                checker.elementwise(function, BinaryOp::Sub, args[0], args[1], span)?;
+            let difference = checker.elementwise(function, BinaryOp::Sub, args[0], args[1], span)?;
             let Val::Value(difference) = difference else {
-                checker.emit(Diagnostic::error(
-                    "E0204",
-                    span,
-                    "`mse` of two numbers",
-                    "expected tensors",
-                ));
+                checker.emit(Diagnostic::error("E0204", span, "`mse` of two numbers", "expected tensors"));
                 return None;
             };
             let squared = binary(function, BinaryOp::Mul, difference, difference, span);
@@ -431,21 +334,12 @@ pub fn lower_builtin(
             let value = tensor(checker, function, args[0], arg_span(0), name)?;
             let ty = function.ty(value).clone();
             let fill = if name == "zeros_like" { 0.0 } else { 1.0 };
-            Some(Val::Value(function.push(
-                Op::Constant { value: fill },
-                vec![],
-                ty,
-                span,
-            )))
+            Some(Val::Value(function.push(Op::Constant { value: fill }, vec![], ty, span)))
         }
         "hutchinson" | "sampled_grad" => {
             let value = float_tensor(checker, function, args[0], arg_span(0), name)?;
             let probe = match option("probe", 1) {
-                Some(Expr::Name(ident))
-                    if ident.name == "rademacher" || ident.name == "gaussian" =>
-                {
-                    ident.name.clone()
-                }
+                Some(Expr::Name(ident)) if ident.name == "rademacher" || ident.name == "gaussian" => ident.name.clone(),
                 Some(other) => {
                     checker.emit(Diagnostic::error(
                         "E0112",
@@ -457,18 +351,9 @@ pub fn lower_builtin(
                 }
                 None => "rademacher".to_string(),
             };
-            let kind = if name == "hutchinson" {
-                format!("hutchinson({probe})")
-            } else {
-                name.to_string()
-            };
+            let kind = if name == "hutchinson" { format!("hutchinson({probe})") } else { name.to_string() };
             let ty = function.ty(value).clone();
-            Some(Val::Value(function.push(
-                Op::Statistic { kind },
-                vec![value],
-                ty,
-                span,
-            )))
+            Some(Val::Value(function.push(Op::Statistic { kind }, vec![value], ty, span)))
         }
         _ => {
             checker.emit(Diagnostic::error(
@@ -492,13 +377,7 @@ fn rank_error<T>(checker: &mut Checker, span: Span, name: &str, ty: &TensorType)
     None
 }
 
-fn tensor(
-    checker: &mut Checker,
-    function: &mut Function,
-    value: Val,
-    span: Span,
-    name: &str,
-) -> Option<ValueId> {
+fn tensor(checker: &mut Checker, function: &mut Function, value: Val, span: Span, name: &str) -> Option<ValueId> {
     match value {
         Val::Value(id) => Some(id),
         Val::Literal(_) => {
@@ -514,13 +393,7 @@ fn tensor(
     }
 }
 
-fn float_tensor(
-    checker: &mut Checker,
-    function: &mut Function,
-    value: Val,
-    span: Span,
-    name: &str,
-) -> Option<ValueId> {
+fn float_tensor(checker: &mut Checker, function: &mut Function, value: Val, span: Span, name: &str) -> Option<ValueId> {
     let id = tensor(checker, function, value, span, name)?;
     let ty = function.ty(id);
     if !ty.dtype.is_float() {
@@ -534,21 +407,11 @@ fn float_tensor(
     Some(id)
 }
 
-fn constant(
-    checker: &mut Checker,
-    scope: &mut dyn Scope,
-    function: &mut Function,
-    expr: &Expr,
-) -> Option<f64> {
+fn constant(checker: &mut Checker, scope: &mut dyn Scope, function: &mut Function, expr: &Expr) -> Option<f64> {
     match checker.lower_expr(scope, expr, function)? {
         Val::Literal(value) => Some(value),
         Val::Value(_) => {
-            checker.emit(Diagnostic::error(
-                "E0112",
-                expr.span(),
-                "expected a number",
-                "not a constant",
-            ));
+            checker.emit(Diagnostic::error("E0112", expr.span(), "expected a number", "not a constant"));
             None
         }
     }
@@ -562,11 +425,7 @@ fn axis(
     rank: usize,
 ) -> Option<usize> {
     let value = checker.constant_int(scope, expr, function)?;
-    let resolved = if value < 0 {
-        value + rank as i64
-    } else {
-        value
-    };
+    let resolved = if value < 0 { value + rank as i64 } else { value };
     if resolved < 0 || resolved >= rank as i64 {
         checker.emit(Diagnostic::error(
             "E0206",
@@ -579,12 +438,7 @@ fn axis(
     Some(resolved as usize)
 }
 
-fn dimension(
-    checker: &mut Checker,
-    scope: &mut dyn Scope,
-    function: &mut Function,
-    expr: &Expr,
-) -> Option<Dim> {
+fn dimension(checker: &mut Checker, scope: &mut dyn Scope, function: &mut Function, expr: &Expr) -> Option<Dim> {
     if let Expr::Name(ident) = expr {
         if let Some(dim) = checker.symbol_dim(&ident.name) {
             return Some(dim);
@@ -592,12 +446,7 @@ fn dimension(
     }
     let value = checker.constant_int(scope, expr, function)?;
     if value <= 0 {
-        checker.emit(Diagnostic::error(
-            "E0304",
-            expr.span(),
-            "dimensions must be positive",
-            "not positive",
-        ));
+        checker.emit(Diagnostic::error("E0304", expr.span(), "dimensions must be positive", "not positive"));
         return None;
     }
     Some(Dim::Known(value))
@@ -620,12 +469,7 @@ fn same_element_count(left: &[Dim], right: &[Dim]) -> bool {
 }
 
 fn removed(shape: &[Dim], axes: &[usize]) -> Vec<Dim> {
-    shape
-        .iter()
-        .enumerate()
-        .filter(|(axis, _)| !axes.contains(axis))
-        .map(|(_, dim)| dim.clone())
-        .collect()
+    shape.iter().enumerate().filter(|(axis, _)| !axes.contains(axis)).map(|(_, dim)| dim.clone()).collect()
 }
 
 fn element_count_of_axes(shape: &[Dim], axes: &[usize]) -> Option<i64> {
@@ -637,36 +481,13 @@ fn element_count_of_axes(shape: &[Dim], axes: &[usize]) -> Option<i64> {
         .product()
 }
 
-pub fn reduce(
-    function: &mut Function,
-    value: ValueId,
-    op: ReduceOp,
-    axes: &[usize],
-    span: Span,
-) -> ValueId {
+pub fn reduce(function: &mut Function, value: ValueId, op: ReduceOp, axes: &[usize], span: Span) -> ValueId {
     let ty = function.ty(value).clone();
     let shape = removed(&ty.shape, axes);
-    function.push(
-        Op::Reduce {
-            op,
-            axes: axes.to_vec(),
-        },
-        vec![value],
-        TensorType {
-            dtype: ty.dtype,
-            shape,
-        },
-        span,
-    )
+    function.push(Op::Reduce { op, axes: axes.to_vec() }, vec![value], TensorType { dtype: ty.dtype, shape }, span)
 }
 
-fn binary(
-    function: &mut Function,
-    op: BinaryOp,
-    left: ValueId,
-    right: ValueId,
-    span: Span,
-) -> ValueId {
+fn binary(function: &mut Function, op: BinaryOp, left: ValueId, right: ValueId, span: Span) -> ValueId {
     let ty = function.ty(left).clone();
     function.push(Op::Binary(op), vec![left, right], ty, span)
 }
@@ -678,26 +499,10 @@ fn scale(function: &mut Function, value: ValueId, factor: f64, span: Span) -> Va
 }
 
 /// Broadcasts a value that lost axis `axis` back to `shape`.
-fn broadcast_along(
-    function: &mut Function,
-    value: ValueId,
-    shape: &[Dim],
-    axis: usize,
-    span: Span,
-) -> ValueId {
+fn broadcast_along(function: &mut Function, value: ValueId, shape: &[Dim], axis: usize, span: Span) -> ValueId {
     let dtype = function.ty(value).dtype;
-    let dims = (0..shape.len())
-        .filter(|&result_axis| result_axis != axis)
-        .collect();
-    function.push(
-        Op::Broadcast { dims },
-        vec![value],
-        TensorType {
-            dtype,
-            shape: shape.to_vec(),
-        },
-        span,
-    )
+    let dims = (0..shape.len()).filter(|&result_axis| result_axis != axis).collect();
+    function.push(Op::Broadcast { dims }, vec![value], TensorType { dtype, shape: shape.to_vec() }, span)
 }
 
 /// Numerically stable softmax or log-softmax along `axis`.
@@ -709,12 +514,7 @@ fn softmax(function: &mut Function, value: ValueId, axis: usize, log: bool, span
     let exponentials = function.push(Op::Unary(UnaryOp::Exp), vec![shifted], ty.clone(), span);
     let total = reduce(function, exponentials, ReduceOp::Sum, &[axis], span);
     if log {
-        let log_total = function.push(
-            Op::Unary(UnaryOp::Log),
-            vec![total],
-            function.ty(total).clone(),
-            span,
-        );
+        let log_total = function.push(Op::Unary(UnaryOp::Log), vec![total], function.ty(total).clone(), span);
         let log_total = broadcast_along(function, log_total, &ty.shape, axis, span);
         binary(function, BinaryOp::Sub, shifted, log_total, span)
     } else {
@@ -726,16 +526,10 @@ fn softmax(function: &mut Function, value: ValueId, axis: usize, log: bool, span
 /// GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))).
 fn gelu(checker: &mut Checker, function: &mut Function, value: Val, span: Span) -> Option<Val> {
     let cube = checker.elementwise(function, BinaryOp::Pow, value, Val::Literal(3.0), span)?;
-    let scaled_cube =
-        checker.elementwise(function, BinaryOp::Mul, cube, Val::Literal(0.044715), span)?;
+    let scaled_cube = checker.elementwise(function, BinaryOp::Mul, cube, Val::Literal(0.044715), span)?;
     let inner = checker.elementwise(function, BinaryOp::Add, value, scaled_cube, span)?;
-    let inner = checker.elementwise(
-        function,
-        BinaryOp::Mul,
-        inner,
-        Val::Literal((2.0 / std::f64::consts::PI).sqrt()),
-        span,
-    )?;
+    let inner =
+        checker.elementwise(function, BinaryOp::Mul, inner, Val::Literal((2.0 / std::f64::consts::PI).sqrt()), span)?;
     let tanh = checker.unary(function, UnaryOp::Tanh, inner, span)?;
     let one_plus = checker.elementwise(function, BinaryOp::Add, tanh, Val::Literal(1.0), span)?;
     let half = checker.elementwise(function, BinaryOp::Mul, value, Val::Literal(0.5), span)?;
@@ -762,15 +556,7 @@ fn one_hot(
     }
     let mut shape = ty.shape.clone();
     shape.push(Dim::Known(classes));
-    Some(function.push(
-        Op::OneHot { classes },
-        vec![labels],
-        TensorType {
-            dtype: DType::F32,
-            shape,
-        },
-        span,
-    ))
+    Some(function.push(Op::OneHot { classes }, vec![labels], TensorType { dtype: DType::F32, shape }, span))
 }
 
 /// Mean cross-entropy of `logits [..., K]` against integer `labels [...]`.
@@ -825,24 +611,13 @@ fn cross_entropy(
     let log_probabilities = softmax(function, logits, class_axis, true, span);
     let mut one_hot_labels = one_hot(checker, function, labels, classes, labels_span, span)?;
     if logits_ty.dtype != DType::F32 {
-        let ty = TensorType {
-            dtype: logits_ty.dtype,
-            shape: logits_ty.shape.clone(),
-        };
+        let ty = TensorType { dtype: logits_ty.dtype, shape: logits_ty.shape.clone() };
         one_hot_labels = function.push(Op::Cast, vec![one_hot_labels], ty, span);
     }
-    let picked = binary(
-        function,
-        BinaryOp::Mul,
-        log_probabilities,
-        one_hot_labels,
-        span,
-    );
+    let picked = binary(function, BinaryOp::Mul, log_probabilities, one_hot_labels, span);
     let axes: Vec<usize> = (0..logits_ty.rank()).collect();
     let total = reduce(function, picked, ReduceOp::Sum, &axes, span);
-    let Some(examples) =
-        element_count_of_axes(&logits_ty.shape, &(0..class_axis).collect::<Vec<_>>())
-    else {
+    let Some(examples) = element_count_of_axes(&logits_ty.shape, &(0..class_axis).collect::<Vec<_>>()) else {
         checker.emit(Diagnostic::error(
             "E0206",
             span,
@@ -851,12 +626,7 @@ fn cross_entropy(
         ));
         return None;
     };
-    Some(Val::Value(scale(
-        function,
-        total,
-        -1.0 / examples as f64,
-        span,
-    )))
+    Some(Val::Value(scale(function, total, -1.0 / examples as f64, span)))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -875,9 +645,14 @@ fn conv2d(
     let kernel_ty = function.ty(kernel).clone();
     if input_ty.rank() != 4 || kernel_ty.rank() != 4 {
         checker.emit(
-            Diagnostic::error("E0204", span, format!("`conv2d` takes an NCHW input and an OIHW kernel, found {input_ty} and {kernel_ty}"), "both must have rank 4")
-                .with_label(input_span, format!("this is {input_ty}"))
-                .with_label(kernel_span, format!("this is {kernel_ty}")),
+            Diagnostic::error(
+                "E0204",
+                span,
+                format!("`conv2d` takes an NCHW input and an OIHW kernel, found {input_ty} and {kernel_ty}"),
+                "both must have rank 4",
+            )
+            .with_label(input_span, format!("this is {input_ty}"))
+            .with_label(kernel_span, format!("this is {kernel_ty}")),
         );
         return None;
     }
@@ -911,10 +686,9 @@ fn conv2d(
             _ => None,
         }
     };
-    let (Some(height), Some(width)) = (
-        output_size(&input_ty.shape[2], &kernel_ty.shape[2]),
-        output_size(&input_ty.shape[3], &kernel_ty.shape[3]),
-    ) else {
+    let (Some(height), Some(width)) =
+        (output_size(&input_ty.shape[2], &kernel_ty.shape[2]), output_size(&input_ty.shape[3], &kernel_ty.shape[3]))
+    else {
         checker.emit(Diagnostic::error(
             "E0206",
             span,
@@ -923,19 +697,11 @@ fn conv2d(
         ));
         return None;
     };
-    let shape = vec![
-        input_ty.shape[0].clone(),
-        kernel_ty.shape[0].clone(),
-        height,
-        width,
-    ];
+    let shape = vec![input_ty.shape[0].clone(), kernel_ty.shape[0].clone(), height, width];
     Some(Val::Value(function.push(
         Op::Conv2d { stride, padding },
         vec![input, kernel],
-        TensorType {
-            dtype: input_ty.dtype,
-            shape,
-        },
+        TensorType { dtype: input_ty.dtype, shape },
         span,
     )))
 }

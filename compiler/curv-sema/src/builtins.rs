@@ -37,23 +37,14 @@ pub struct OptionSpec<'a> {
     pub default: OptionDefault,
 }
 
-const fn option(
-    name: &'static str,
-    kind: OptionKind,
-    default: OptionDefault,
-) -> OptionSpec<'static> {
-    OptionSpec {
-        name,
-        kind,
-        default,
-    }
+const fn option(name: &'static str, kind: OptionKind, default: OptionDefault) -> OptionSpec<'static> {
+    OptionSpec { name, kind, default }
 }
 
 use OptionDefault as D;
 use OptionKind as K;
 
-pub const STATISTICS_DIAGONAL: &[&str] =
-    &["gradient_square", "hutchinson", "gnb", "sampled_fisher"];
+pub const STATISTICS_DIAGONAL: &[&str] = &["gradient_square", "hutchinson", "gnb", "sampled_fisher"];
 pub const STATISTICS_KRONECKER: &[&str] = &["gradient_outer", "kfac"];
 pub const STATISTICS_LOWRANK: &[&str] = &["gradient_window", "fisher", "psgd"];
 
@@ -70,21 +61,13 @@ pub const STRUCTURES: &[StructureSpec] = &[
         name: "diagonal",
         needs_matrix: false,
         options: &[
-            option(
-                "stats",
-                K::Choice(STATISTICS_DIAGONAL),
-                D::Name("gradient_square"),
-            ),
+            option("stats", K::Choice(STATISTICS_DIAGONAL), D::Name("gradient_square")),
             option("b1", K::Fraction, D::Number(0.9)),
             option("ema", K::UnitInterval, D::Number(0.999)),
             option("eps", K::Positive, D::Number(1e-8)),
             option("every", K::PositiveInt, D::Number(1.0)),
             option("power", K::UnitInterval, D::Number(1.0)),
-            option(
-                "probe",
-                K::Choice(&["rademacher", "gaussian"]),
-                D::Name("rademacher"),
-            ),
+            option("probe", K::Choice(&["rademacher", "gaussian"]), D::Name("rademacher")),
             option("spatial", K::Bool, D::Bool(false)),
             option("bias_correction", K::Bool, D::Bool(true)),
         ],
@@ -93,16 +76,8 @@ pub const STRUCTURES: &[StructureSpec] = &[
         name: "kronecker",
         needs_matrix: true,
         options: &[
-            option(
-                "stats",
-                K::Choice(STATISTICS_KRONECKER),
-                D::Name("gradient_outer"),
-            ),
-            option(
-                "fisher",
-                K::Choice(&["empirical", "sampled", "exact"]),
-                D::Name("empirical"),
-            ),
+            option("stats", K::Choice(STATISTICS_KRONECKER), D::Name("gradient_outer")),
+            option("fisher", K::Choice(&["empirical", "sampled", "exact"]), D::Name("empirical")),
             option(
                 "function",
                 K::Choice(&["inverse_root", "damped_inverse", "eigenbasis", "newton"]),
@@ -122,11 +97,7 @@ pub const STRUCTURES: &[StructureSpec] = &[
         name: "lowrank",
         needs_matrix: false,
         options: &[
-            option(
-                "stats",
-                K::Choice(STATISTICS_LOWRANK),
-                D::Name("gradient_window"),
-            ),
+            option("stats", K::Choice(STATISTICS_LOWRANK), D::Name("gradient_window")),
             option("rank", K::PositiveInt, D::Absent),
             option("window", K::PositiveInt, D::Absent),
             option("damping", K::Positive, D::Number(1e-5)),
@@ -149,11 +120,7 @@ pub const STRUCTURES: &[StructureSpec] = &[
         name: "dense",
         needs_matrix: false,
         options: &[
-            option(
-                "stats",
-                K::Choice(&["gradient_outer", "hessian", "ggn"]),
-                D::Name("gradient_outer"),
-            ),
+            option("stats", K::Choice(&["gradient_outer", "hessian", "ggn"]), D::Name("gradient_outer")),
             option("ema", K::UnitInterval, D::Number(0.95)),
             option("damping", K::Positive, D::Number(1e-3)),
             option("every", K::PositiveInt, D::Number(1.0)),
@@ -178,11 +145,7 @@ pub const MODIFIERS: &[ModifierSpec] = &[
         name: "graft",
         positional: "kind",
         options: &[
-            option(
-                "kind",
-                K::Choice(&["adam", "sgd", "adagrad", "rmsprop"]),
-                D::Name("adam"),
-            ),
+            option("kind", K::Choice(&["adam", "sgd", "adagrad", "rmsprop"]), D::Name("adam")),
             option("b2", K::Fraction, D::Number(0.999)),
             option("eps", K::Positive, D::Number(1e-8)),
         ],
@@ -190,10 +153,7 @@ pub const MODIFIERS: &[ModifierSpec] = &[
     ModifierSpec {
         name: "momentum",
         positional: "beta",
-        options: &[
-            option("beta", K::Fraction, D::Number(0.9)),
-            option("nesterov", K::Bool, D::Bool(false)),
-        ],
+        options: &[option("beta", K::Fraction, D::Number(0.9)), option("nesterov", K::Bool, D::Bool(false))],
     },
     ModifierSpec {
         name: "weight_decay",
@@ -203,21 +163,10 @@ pub const MODIFIERS: &[ModifierSpec] = &[
     ModifierSpec {
         name: "clip",
         positional: "rho",
-        options: &[
-            option("rho", K::Positive, D::Number(0.04)),
-            option("max", K::Positive, D::Number(1.0)),
-        ],
+        options: &[option("rho", K::Positive, D::Number(0.04)), option("max", K::Positive, D::Number(1.0))],
     },
-    ModifierSpec {
-        name: "kl_clip",
-        positional: "kappa",
-        options: &[option("kappa", K::Positive, D::Number(1e-3))],
-    },
-    ModifierSpec {
-        name: "rms_clip",
-        positional: "max",
-        options: &[option("max", K::Positive, D::Number(1.0))],
-    },
+    ModifierSpec { name: "kl_clip", positional: "kappa", options: &[option("kappa", K::Positive, D::Number(1e-3))] },
+    ModifierSpec { name: "rms_clip", positional: "max", options: &[option("max", K::Positive, D::Number(1.0))] },
 ];
 
 pub fn modifier(name: &str) -> Option<&'static ModifierSpec> {
@@ -229,27 +178,9 @@ pub const OPTIMIZER_SETTINGS: &[&str] = &["lr", "schedule", "grad_clip"];
 
 pub const SCHEDULES: &[(&str, &[OptionSpec<'static>])] = &[
     ("constant", &[]),
-    (
-        "cosine",
-        &[
-            option("warmup", K::NonNegative, D::Number(0.0)),
-            option("min", K::NonNegative, D::Number(0.0)),
-        ],
-    ),
-    (
-        "linear",
-        &[
-            option("warmup", K::NonNegative, D::Number(0.0)),
-            option("min", K::NonNegative, D::Number(0.0)),
-        ],
-    ),
-    (
-        "step",
-        &[
-            option("every", K::PositiveInt, D::Number(1000.0)),
-            option("gamma", K::Positive, D::Number(0.1)),
-        ],
-    ),
+    ("cosine", &[option("warmup", K::NonNegative, D::Number(0.0)), option("min", K::NonNegative, D::Number(0.0))]),
+    ("linear", &[option("warmup", K::NonNegative, D::Number(0.0)), option("min", K::NonNegative, D::Number(0.0))]),
+    ("step", &[option("every", K::PositiveInt, D::Number(1000.0)), option("gamma", K::Positive, D::Number(0.1))]),
 ];
 
 /// Train-block settings besides `loss` and `optimizer`.
@@ -265,31 +196,13 @@ pub const INITIALISERS: &[(&str, &[OptionSpec<'static>])] = &[
     ("zeros", &[]),
     ("ones", &[]),
     ("constant", &[option("value", K::Number, D::Number(0.0))]),
-    (
-        "uniform",
-        &[
-            option("low", K::Number, D::Number(-1.0)),
-            option("high", K::Number, D::Number(1.0)),
-        ],
-    ),
-    (
-        "normal",
-        &[
-            option("mean", K::Number, D::Number(0.0)),
-            option("std", K::Positive, D::Number(1.0)),
-        ],
-    ),
+    ("uniform", &[option("low", K::Number, D::Number(-1.0)), option("high", K::Number, D::Number(1.0))]),
+    ("normal", &[option("mean", K::Number, D::Number(0.0)), option("std", K::Positive, D::Number(1.0))]),
     ("glorot_uniform", &[]),
     ("glorot_normal", &[]),
     ("he_normal", &[]),
     ("he_uniform", &[]),
-    (
-        "siren_uniform",
-        &[
-            option("omega", K::Positive, D::Number(30.0)),
-            option("first", K::Bool, D::Bool(false)),
-        ],
-    ),
+    ("siren_uniform", &[option("omega", K::Positive, D::Number(30.0)), option("first", K::Bool, D::Bool(false))]),
 ];
 
 /// Data sources: name, path options (keys whose values are file paths), other options.
@@ -310,11 +223,7 @@ pub const DATA_SOURCES: &[DataSourceSpec] = &[
             option("seed", K::NonNegative, D::Number(0.0)),
         ],
     },
-    DataSourceSpec {
-        name: "image",
-        paths: &["path"],
-        options: &[],
-    },
+    DataSourceSpec { name: "image", paths: &["path"], options: &[] },
     DataSourceSpec {
         name: "npy",
         paths: &["x", "y"],
@@ -378,10 +287,7 @@ pub const FUNCTIONS: &[(&str, usize, usize)] = &[
 ];
 
 pub fn function_arity(name: &str) -> Option<(usize, usize)> {
-    FUNCTIONS
-        .iter()
-        .find(|(function, _, _)| *function == name)
-        .map(|(_, low, high)| (*low, *high))
+    FUNCTIONS.iter().find(|(function, _, _)| *function == name).map(|(_, low, high)| (*low, *high))
 }
 
 /// Named arguments each function accepts.

@@ -9,8 +9,7 @@ use crate::suggest::closest;
 use curv_grammar::ast::{self, Expr, Item};
 use curv_grammar::Span;
 use curv_ir::{
-    DType, DataInfo, Dim, Function, Init, LossKind, Op, ParamInfo, Program, TensorType,
-    TrainProgram, ValueId,
+    DType, DataInfo, Dim, Function, Init, LossKind, Op, ParamInfo, Program, TensorType, TrainProgram, ValueId,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -105,11 +104,7 @@ pub fn analyze(file: &ast::File, probe: &mut dyn DataProbe) -> Analysis {
     let mut use_diagnostics = Vec::new();
     for item in &file.items {
         if let Item::Use(use_decl) = item {
-            let path: Vec<&str> = use_decl
-                .path
-                .iter()
-                .map(|ident| ident.name.as_str())
-                .collect();
+            let path: Vec<&str> = use_decl.path.iter().map(|ident| ident.name.as_str()).collect();
             let path = path.join(".");
             match std_lib::find(&path) {
                 Some(index) if modules.iter().any(|(existing, _)| *existing == index) => {}
@@ -118,27 +113,17 @@ pub fn analyze(file: &ast::File, probe: &mut dyn DataProbe) -> Analysis {
                     // A syntax error in the standard library is a bug in curv, but it is still
                     // reported like any other rather than silently dropping the module's items.
                     use_diagnostics.extend(
-                        parsed
-                            .errors
-                            .into_iter()
-                            .map(|error| Diagnostic::from(error).in_source(SourceId::Std(index))),
+                        parsed.errors.into_iter().map(|error| Diagnostic::from(error).in_source(SourceId::Std(index))),
                     );
                     modules.push((index, parsed.file));
                 }
                 None => {
                     let names: Vec<&str> = std_lib::MODULES.iter().map(|(name, _)| *name).collect();
-                    let mut diagnostic = Diagnostic::error(
-                        "E0109",
-                        use_decl.span,
-                        format!("unknown module `{path}`"),
-                        "no such module",
-                    );
+                    let mut diagnostic =
+                        Diagnostic::error("E0109", use_decl.span, format!("unknown module `{path}`"), "no such module");
                     diagnostic = match closest(&path, names.iter().copied()) {
-                        Some(suggestion) => {
-                            diagnostic.with_help(format!("did you mean `{suggestion}`?"))
-                        }
-                        None => diagnostic
-                            .with_note(format!("the standard library has: {}", names.join(", "))),
+                        Some(suggestion) => diagnostic.with_help(format!("did you mean `{suggestion}`?")),
+                        None => diagnostic.with_note(format!("the standard library has: {}", names.join(", "))),
                     };
                     use_diagnostics.push(diagnostic);
                 }
@@ -185,51 +170,28 @@ pub fn analyze(file: &ast::File, probe: &mut dyn DataProbe) -> Analysis {
     }
     let mut rule_names: Vec<&String> = checker.rule_programs.keys().collect();
     rule_names.sort();
-    program.rules = rule_names
-        .into_iter()
-        .map(|name| checker.rule_programs[name].clone())
-        .collect();
+    program.rules = rule_names.into_iter().map(|name| checker.rule_programs[name].clone()).collect();
     let mut diagnostics = checker.diagnostics;
     diagnostics.sort_by_key(|diagnostic| {
         let label = diagnostic.labels.first();
-        (
-            label.map(|label| label.source),
-            label.map(|label| label.span.start),
-            diagnostic.severity,
-        )
+        (label.map(|label| label.source), label.map(|label| label.span.start), diagnostic.severity)
     });
     diagnostics.dedup();
-    Analysis {
-        program,
-        diagnostics,
-    }
+    Analysis { program, diagnostics }
 }
 
 impl<'a> Checker<'a> {
     pub fn emit(&mut self, diagnostic: Diagnostic) {
-        let diagnostic = if self.source == SourceId::User {
-            diagnostic
-        } else {
-            diagnostic.in_source(self.source)
-        };
+        let diagnostic = if self.source == SourceId::User { diagnostic } else { diagnostic.in_source(self.source) };
         self.diagnostics.push(diagnostic);
     }
 
     /// The dimension a name denotes in the current body: a bound symbol or a `dim` constant.
     pub fn symbol_dim(&self, name: &str) -> Option<Dim> {
-        self.symbols
-            .get(name)
-            .cloned()
-            .or_else(|| self.dims.get(name).map(|&size| Dim::Known(size)))
+        self.symbols.get(name).cloned().or_else(|| self.dims.get(name).map(|&size| Dim::Known(size)))
     }
 
-    fn duplicate(
-        &mut self,
-        kind: &str,
-        name: &ast::Ident,
-        first: Option<(SourceId, Span)>,
-        source: SourceId,
-    ) {
+    fn duplicate(&mut self, kind: &str, name: &ast::Ident, first: Option<(SourceId, Span)>, source: SourceId) {
         let mut diagnostic = Diagnostic::error(
             "E0101",
             name.span,
@@ -297,29 +259,21 @@ impl<'a> Checker<'a> {
                 Item::Data(decl) => {
                     self.data.insert(
                         decl.name.name.clone(),
-                        DataEntry {
-                            decl,
-                            request: None,
-                            schema: None,
-                            test_fraction: 0.0,
-                        },
+                        DataEntry { decl, request: None, schema: None, test_fraction: 0.0 },
                     );
                 }
                 Item::Model(decl) => {
-                    self.models
-                        .insert(decl.name.name.clone(), Sourced { item: decl, source });
+                    self.models.insert(decl.name.name.clone(), Sourced { item: decl, source });
                 }
                 Item::Loss(decl) => {
-                    self.losses
-                        .insert(decl.name.name.clone(), Sourced { item: decl, source });
+                    self.losses.insert(decl.name.name.clone(), Sourced { item: decl, source });
                 }
                 Item::Optimizer(decl) => {
                     if let Some(first) = self.optimizers.get(&decl.name.name) {
                         let first = Some((first.source, first.item.name.span));
                         self.duplicate("optimizer", &decl.name, first, source);
                     } else {
-                        self.optimizers
-                            .insert(decl.name.name.clone(), Sourced { item: decl, source });
+                        self.optimizers.insert(decl.name.name.clone(), Sourced { item: decl, source });
                     }
                 }
                 Item::Rule(decl) => {
@@ -327,8 +281,7 @@ impl<'a> Checker<'a> {
                         let first = Some((first.source, first.item.name.span));
                         self.duplicate("rule", &decl.name, first, source);
                     } else {
-                        self.rules
-                            .insert(decl.name.name.clone(), Sourced { item: decl, source });
+                        self.rules.insert(decl.name.name.clone(), Sourced { item: decl, source });
                     }
                 }
                 _ => {}
@@ -413,10 +366,7 @@ impl<'a> Checker<'a> {
                     entry.request = Some(request);
                 }
                 Err(error) => {
-                    let span = path_spans
-                        .get(&error.path_key)
-                        .copied()
-                        .unwrap_or(decl.source.span());
+                    let span = path_spans.get(&error.path_key).copied().unwrap_or(decl.source.span());
                     let diagnostic = if error.not_found {
                         Diagnostic::error(
                             "E0400",
@@ -424,9 +374,7 @@ impl<'a> Checker<'a> {
                             format!("data file not found: {}", error.message),
                             "this path does not exist",
                         )
-                        .with_help(
-                            "relative paths are resolved against the directory of the .curv file",
-                        )
+                        .with_help("relative paths are resolved against the directory of the .curv file")
                     } else {
                         Diagnostic::error(
                             "E0401",
@@ -443,10 +391,7 @@ impl<'a> Checker<'a> {
     }
 
     /// Validates a data declaration's source call and turns it into a probe request.
-    fn data_request(
-        &mut self,
-        decl: &ast::DataDecl,
-    ) -> Option<(DataRequest, f64, HashMap<String, Span>)> {
+    fn data_request(&mut self, decl: &ast::DataDecl) -> Option<(DataRequest, f64, HashMap<String, Span>)> {
         let Expr::Call(call) = &decl.source else {
             self.emit(
                 Diagnostic::error(
@@ -460,10 +405,7 @@ impl<'a> Checker<'a> {
             return None;
         };
         let Some(spec) = builtins::data_source(&call.name.name) else {
-            let names: Vec<&str> = builtins::DATA_SOURCES
-                .iter()
-                .map(|spec| spec.name)
-                .collect();
+            let names: Vec<&str> = builtins::DATA_SOURCES.iter().map(|spec| spec.name).collect();
             let mut diagnostic = Diagnostic::error(
                 "E0106",
                 call.name.span,
@@ -489,11 +431,7 @@ impl<'a> Checker<'a> {
                         self.emit(Diagnostic::error(
                             "E0104",
                             value.span(),
-                            format!(
-                                "`{}` takes {} positional path argument(s)",
-                                spec.name,
-                                spec.paths.len()
-                            ),
+                            format!("`{}` takes {} positional path argument(s)", spec.name, spec.paths.len()),
                             "unexpected argument",
                         ));
                         return None;
@@ -522,12 +460,8 @@ impl<'a> Checker<'a> {
                 continue;
             }
             let Some(option) = spec.options.iter().find(|option| option.name == key) else {
-                let known: Vec<&str> = spec
-                    .paths
-                    .iter()
-                    .copied()
-                    .chain(spec.options.iter().map(|option| option.name))
-                    .collect();
+                let known: Vec<&str> =
+                    spec.paths.iter().copied().chain(spec.options.iter().map(|option| option.name)).collect();
                 let span = match arg {
                     ast::Arg::Named(ident, _) => ident.span,
                     ast::Arg::Positional(expr) => expr.span(),
@@ -539,11 +473,7 @@ impl<'a> Checker<'a> {
                         format!("`{}` has no option `{key}`", spec.name),
                         "unknown option",
                     )
-                    .with_help(format!(
-                        "the options of `{}` are: {}",
-                        spec.name,
-                        known.join(", ")
-                    )),
+                    .with_help(format!("the options of `{}` are: {}", spec.name, known.join(", "))),
                 );
                 return None;
             };
@@ -565,22 +495,12 @@ impl<'a> Checker<'a> {
         }
         if spec.name == "csv" && label.is_none() {
             self.emit(
-                Diagnostic::error(
-                    "E0306",
-                    call.span,
-                    "`csv` needs the name of its label column",
-                    "`label` is missing",
-                )
-                .with_help("add `label = \"name\"` with the column that holds the class or target"),
+                Diagnostic::error("E0306", call.span, "`csv` needs the name of its label column", "`label` is missing")
+                    .with_help("add `label = \"name\"` with the column that holds the class or target"),
             );
             return None;
         }
-        let request = DataRequest {
-            name: decl.name.name.clone(),
-            source: spec.name.to_string(),
-            paths,
-            label,
-        };
+        let request = DataRequest { name: decl.name.name.clone(), source: spec.name.to_string(), paths, label };
         Some((request, test_fraction, path_spans))
     }
 
@@ -593,11 +513,7 @@ impl<'a> Checker<'a> {
         Some(DataInfo {
             name: name.to_string(),
             kind: request.source.clone(),
-            path: request
-                .paths
-                .first()
-                .map(|(_, path)| path.clone())
-                .unwrap_or_default(),
+            path: request.paths.first().map(|(_, path)| path.clone()).unwrap_or_default(),
             fields: schema
                 .fields
                 .iter()
@@ -634,13 +550,7 @@ impl<'a> Checker<'a> {
             let errors_before = self.error_count();
             let mut scratch = Function::new(name.clone());
             let mut params = Vec::new();
-            let _ = self.lower_body(
-                &Body::Loss(loss.item),
-                None,
-                &mut scratch,
-                &mut params,
-                true,
-            );
+            let _ = self.lower_body(&Body::Loss(loss.item), None, &mut scratch, &mut params, true);
             let ok = self.error_count() == errors_before;
             self.model_ok.insert(name.clone(), ok);
             self.source = SourceId::User;
@@ -648,19 +558,12 @@ impl<'a> Checker<'a> {
     }
 
     pub(crate) fn error_count(&self) -> usize {
-        self.diagnostics
-            .iter()
-            .filter(|diagnostic| diagnostic.is_error())
-            .count()
+        self.diagnostics.iter().filter(|diagnostic| diagnostic.is_error()).count()
     }
 
     /// Converts a written type to a tensor type under the current symbols. In a signature
     /// (`introduce = true`) unknown names become symbols; elsewhere they must be bound.
-    pub(crate) fn resolve_type(
-        &mut self,
-        ty: &ast::TypeExpr,
-        introduce: bool,
-    ) -> Option<TensorType> {
+    pub(crate) fn resolve_type(&mut self, ty: &ast::TypeExpr, introduce: bool) -> Option<TensorType> {
         let Some(dtype) = DType::from_name(&ty.dtype.name) else {
             let mut diagnostic = Diagnostic::error(
                 "E0207",
@@ -712,10 +615,7 @@ impl<'a> Checker<'a> {
                         format!("the dimension `{}` is not bound", ident.name),
                         "unbound dimension",
                     )
-                    .with_help(format!(
-                        "declare it with `dim {} = ...` or use it in an input's type",
-                        ident.name
-                    )),
+                    .with_help(format!("declare it with `dim {} = ...` or use it in an input's type", ident.name)),
                 );
                 None
             }
@@ -775,10 +675,7 @@ impl<'a> Checker<'a> {
         let mut input_values = Vec::new();
         for (index, input) in body.inputs().iter().enumerate() {
             let ty = self.resolve_type(&input.ty, generic);
-            if let Some(duplicate) = body.inputs()[..index]
-                .iter()
-                .find(|other| other.name.name == input.name.name)
-            {
+            if let Some(duplicate) = body.inputs()[..index].iter().find(|other| other.name.name == input.name.name) {
                 self.emit(
                     Diagnostic::error(
                         "E0101",
@@ -791,15 +688,9 @@ impl<'a> Checker<'a> {
             }
             let value = match (&inputs, ty) {
                 (Some(values), _) => Some(values[index]),
-                (None, Some(ty)) => Some(function.push(
-                    Op::Input {
-                        index,
-                        name: input.name.name.clone(),
-                    },
-                    vec![],
-                    ty,
-                    input.span,
-                )),
+                (None, Some(ty)) => {
+                    Some(function.push(Op::Input { index, name: input.name.name.clone() }, vec![], ty, input.span))
+                }
                 (None, None) => None,
             };
             input_values.push((input.name.name.clone(), value));
@@ -811,8 +702,7 @@ impl<'a> Checker<'a> {
             match statement {
                 ast::BodyStmt::Dim(decl) => {
                     if let Some(size) = self.dim_value(&decl.value) {
-                        self.symbols
-                            .insert(decl.name.name.clone(), Dim::Known(size));
+                        self.symbols.insert(decl.name.name.clone(), Dim::Known(size));
                     }
                 }
                 ast::BodyStmt::Param(decl) => {
@@ -915,13 +805,8 @@ impl<'a> Checker<'a> {
             [single] => *single,
             [first, second, ..] => {
                 self.emit(
-                    Diagnostic::error(
-                        "E0111",
-                        second.1,
-                        "a body has exactly one `return`",
-                        "second `return`",
-                    )
-                    .with_label(first.1, "first `return` here"),
+                    Diagnostic::error("E0111", second.1, "a body has exactly one `return`", "second `return`")
+                        .with_label(first.1, "first `return` here"),
                 );
                 return None;
             }
@@ -938,10 +823,7 @@ impl<'a> Checker<'a> {
             .collect();
         for name in &let_names {
             if !scope.let_values.contains_key(name) && !scope.in_progress.contains(name) {
-                let ident = ast::Ident {
-                    name: name.clone(),
-                    span: Span::default(),
-                };
+                let ident = ast::Ident { name: name.clone(), span: Span::default() };
                 let _ = scope.resolve_let(self, &ident, function);
             }
         }
@@ -983,10 +865,7 @@ impl<'a> Checker<'a> {
                         Diagnostic::error(
                             "E0202",
                             return_expr.span(),
-                            format!(
-                                "`{}` returns {actual}, but its signature says {expected}",
-                                body.name().name
-                            ),
+                            format!("`{}` returns {actual}, but its signature says {expected}", body.name().name),
                             format!("this is {actual}"),
                         )
                         .with_label(output.span, format!("declared as {expected}")),
@@ -1000,11 +879,7 @@ impl<'a> Checker<'a> {
 
     fn resolve_init(&mut self, decl: &ast::ParamDecl, ty: &TensorType) -> Option<Init> {
         let Some(init) = &decl.init else {
-            return Some(if ty.rank() >= 2 {
-                Init::GlorotUniform
-            } else {
-                Init::Zeros
-            });
+            return Some(if ty.rank() >= 2 { Init::GlorotUniform } else { Init::Zeros });
         };
         let (name, args, span) = match init {
             Expr::Name(ident) => (ident, Vec::new(), ident.span),
@@ -1021,14 +896,8 @@ impl<'a> Checker<'a> {
                 return None;
             }
         };
-        let Some((_, specs)) = builtins::INITIALISERS
-            .iter()
-            .find(|(init_name, _)| *init_name == name.name)
-        else {
-            let names: Vec<&str> = builtins::INITIALISERS
-                .iter()
-                .map(|(name, _)| *name)
-                .collect();
+        let Some((_, specs)) = builtins::INITIALISERS.iter().find(|(init_name, _)| *init_name == name.name) else {
+            let names: Vec<&str> = builtins::INITIALISERS.iter().map(|(name, _)| *name).collect();
             let mut diagnostic = Diagnostic::error(
                 "E0107",
                 name.span,
@@ -1048,23 +917,15 @@ impl<'a> Checker<'a> {
             "zeros" => Init::Zeros,
             "ones" => Init::Ones,
             "constant" => Init::Constant(number("value")),
-            "uniform" => Init::Uniform {
-                low: number("low"),
-                high: number("high"),
-            },
-            "normal" => Init::Normal {
-                mean: number("mean"),
-                std: number("std"),
-            },
+            "uniform" => Init::Uniform { low: number("low"), high: number("high") },
+            "normal" => Init::Normal { mean: number("mean"), std: number("std") },
             "glorot_uniform" => Init::GlorotUniform,
             "glorot_normal" => Init::GlorotNormal,
             "he_normal" => Init::HeNormal,
             "he_uniform" => Init::HeUniform,
             _ => Init::SirenUniform {
                 omega: number("omega"),
-                first: options.iter().any(|(key, value)| {
-                    key == "first" && *value == curv_ir::OptionValue::Bool(true)
-                }),
+                first: options.iter().any(|(key, value)| key == "first" && *value == curv_ir::OptionValue::Bool(true)),
             },
         };
         if let Init::Uniform { low, high } = init {
@@ -1080,21 +941,14 @@ impl<'a> Checker<'a> {
         }
         if matches!(
             init,
-            Init::GlorotUniform
-                | Init::GlorotNormal
-                | Init::HeNormal
-                | Init::HeUniform
-                | Init::SirenUniform { .. }
+            Init::GlorotUniform | Init::GlorotNormal | Init::HeNormal | Init::HeUniform | Init::SirenUniform { .. }
         ) && ty.rank() < 2
         {
             self.emit(
                 Diagnostic::error(
                     "E0204",
                     span,
-                    format!(
-                        "`{}` needs a parameter of rank 2 or more, found {ty}",
-                        name.name
-                    ),
+                    format!("`{}` needs a parameter of rank 2 or more, found {ty}", name.name),
                     "fan-in is undefined for this shape",
                 )
                 .with_help("use `zeros`, `uniform(a, b)` or `normal(mean, std)` for vectors"),
@@ -1166,12 +1020,7 @@ impl<'a> BodyScope<'a> {
     }
 
     /// Lowers a let on first use; a let that (indirectly) uses itself is a cycle.
-    fn resolve_let(
-        &mut self,
-        checker: &mut Checker,
-        ident: &ast::Ident,
-        function: &mut Function,
-    ) -> Option<Lookup> {
+    fn resolve_let(&mut self, checker: &mut Checker, ident: &ast::Ident, function: &mut Function) -> Option<Lookup> {
         let decl = *self.lets.get(&ident.name)?;
         if let Some(value) = self.let_values.get(&ident.name) {
             return Some(value.map_or(Lookup::Failed, Lookup::Found));
@@ -1200,12 +1049,7 @@ impl<'a> BodyScope<'a> {
 }
 
 impl Scope for BodyScope<'_> {
-    fn name(
-        &mut self,
-        checker: &mut Checker,
-        ident: &ast::Ident,
-        function: &mut Function,
-    ) -> Option<Lookup> {
+    fn name(&mut self, checker: &mut Checker, ident: &ast::Ident, function: &mut Function) -> Option<Lookup> {
         if let Some((_, value)) = self.inputs.iter().find(|(name, _)| *name == ident.name) {
             self.used.insert(ident.name.clone());
             return Some(value.map_or(Lookup::Failed, |id| Lookup::Found(Val::Value(id))));
@@ -1213,9 +1057,7 @@ impl Scope for BodyScope<'_> {
         if self.params.contains_key(&ident.name) {
             self.used.insert(ident.name.clone());
             return Some(
-                self.param_values
-                    .get(&ident.name)
-                    .map_or(Lookup::Failed, |id| Lookup::Found(Val::Value(*id))),
+                self.param_values.get(&ident.name).map_or(Lookup::Failed, |id| Lookup::Found(Val::Value(*id))),
             );
         }
         if self.lets.contains_key(&ident.name) {
@@ -1250,15 +1092,8 @@ impl Scope for BodyScope<'_> {
         None
     }
 
-    fn call(
-        &mut self,
-        checker: &mut Checker,
-        call: &ast::Call,
-        _function: &mut Function,
-    ) -> Option<Lookup> {
-        if checker.models.contains_key(&call.name.name)
-            || checker.losses.contains_key(&call.name.name)
-        {
+    fn call(&mut self, checker: &mut Checker, call: &ast::Call, _function: &mut Function) -> Option<Lookup> {
+        if checker.models.contains_key(&call.name.name) || checker.losses.contains_key(&call.name.name) {
             checker.emit(
                 Diagnostic::error(
                     "E0111",
@@ -1283,11 +1118,7 @@ impl Scope for BodyScope<'_> {
 }
 
 pub(crate) fn label_in(source: SourceId, span: Span, message: &str) -> Label {
-    Label {
-        source,
-        span,
-        message: message.to_string(),
-    }
+    Label { source, span, message: message.to_string() }
 }
 
 /// The kind of a train's loss expression.

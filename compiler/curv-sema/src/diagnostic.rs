@@ -34,36 +34,19 @@ pub struct Diagnostic {
 }
 
 impl Diagnostic {
-    pub fn error(
-        code: &'static str,
-        span: Span,
-        message: impl Into<String>,
-        label: impl Into<String>,
-    ) -> Diagnostic {
+    pub fn error(code: &'static str, span: Span, message: impl Into<String>, label: impl Into<String>) -> Diagnostic {
         Diagnostic {
             code,
             severity: Severity::Error,
             message: message.into(),
-            labels: vec![Label {
-                source: SourceId::User,
-                span,
-                message: label.into(),
-            }],
+            labels: vec![Label { source: SourceId::User, span, message: label.into() }],
             notes: Vec::new(),
             help: None,
         }
     }
 
-    pub fn warning(
-        code: &'static str,
-        span: Span,
-        message: impl Into<String>,
-        label: impl Into<String>,
-    ) -> Diagnostic {
-        Diagnostic {
-            severity: Severity::Warning,
-            ..Diagnostic::error(code, span, message, label)
-        }
+    pub fn warning(code: &'static str, span: Span, message: impl Into<String>, label: impl Into<String>) -> Diagnostic {
+        Diagnostic { severity: Severity::Warning, ..Diagnostic::error(code, span, message, label) }
     }
 
     pub fn with_help(mut self, help: impl Into<String>) -> Diagnostic {
@@ -77,11 +60,7 @@ impl Diagnostic {
     }
 
     pub fn with_label(mut self, span: Span, message: impl Into<String>) -> Diagnostic {
-        self.labels.push(Label {
-            source: SourceId::User,
-            span,
-            message: message.into(),
-        });
+        self.labels.push(Label { source: SourceId::User, span, message: message.into() });
         self
     }
 
@@ -94,10 +73,7 @@ impl Diagnostic {
     }
 
     pub fn primary_span(&self) -> Span {
-        self.labels
-            .first()
-            .map(|label| label.span)
-            .unwrap_or_default()
+        self.labels.first().map(|label| label.span).unwrap_or_default()
     }
 
     pub fn is_error(&self) -> bool {

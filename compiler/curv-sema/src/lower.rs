@@ -20,12 +20,7 @@ pub enum Val {
 /// Where names, fields and non-builtin calls are looked up.
 pub trait Scope {
     /// Resolves a bare name. `None` means "not found here" (the engine reports it).
-    fn name(
-        &mut self,
-        checker: &mut Checker,
-        ident: &ast::Ident,
-        function: &mut Function,
-    ) -> Option<Lookup>;
+    fn name(&mut self, checker: &mut Checker, ident: &ast::Ident, function: &mut Function) -> Option<Lookup>;
     /// Resolves `base.field` where `base` is a bare name. `None` means not handled.
     fn field(
         &mut self,
@@ -35,12 +30,7 @@ pub trait Scope {
         function: &mut Function,
     ) -> Option<Lookup>;
     /// Lowers a call to something that is not a builtin (a model or a loss). `None` = not handled.
-    fn call(
-        &mut self,
-        checker: &mut Checker,
-        call: &ast::Call,
-        function: &mut Function,
-    ) -> Option<Lookup>;
+    fn call(&mut self, checker: &mut Checker, call: &ast::Call, function: &mut Function) -> Option<Lookup>;
     /// Names visible here, for suggestions.
     fn visible_names(&self) -> Vec<String>;
     /// Whether statistic functions (`hutchinson`, `sampled_grad`) are allowed.
@@ -62,12 +52,7 @@ pub fn shape_text(shape: &[Dim]) -> String {
 }
 
 impl Checker<'_> {
-    pub fn lower_expr(
-        &mut self,
-        scope: &mut dyn Scope,
-        expr: &Expr,
-        function: &mut Function,
-    ) -> Option<Val> {
+    pub fn lower_expr(&mut self, scope: &mut dyn Scope, expr: &Expr, function: &mut Function) -> Option<Val> {
         let result = self.lower_expr_inner(scope, expr, function);
         if let Some(Val::Value(id)) = result {
             self.expression_values.insert(expr.span(), id);
@@ -75,12 +60,7 @@ impl Checker<'_> {
         result
     }
 
-    fn lower_expr_inner(
-        &mut self,
-        scope: &mut dyn Scope,
-        expr: &Expr,
-        function: &mut Function,
-    ) -> Option<Val> {
+    fn lower_expr_inner(&mut self, scope: &mut dyn Scope, expr: &Expr, function: &mut Function) -> Option<Val> {
         match expr {
             Expr::Int(value, _) => Some(Val::Literal(*value as f64)),
             Expr::Float(value, _) => Some(Val::Literal(*value)),
@@ -113,12 +93,7 @@ impl Checker<'_> {
             },
             Expr::Field(base, field, span) => {
                 let Expr::Name(base_ident) = base.as_ref() else {
-                    self.emit(Diagnostic::error(
-                        "E0105",
-                        *span,
-                        "fields exist only on data sets",
-                        "not a data set",
-                    ));
+                    self.emit(Diagnostic::error("E0105", *span, "fields exist only on data sets", "not a data set"));
                     return None;
                 };
                 match scope.field(self, base_ident, field, function) {
@@ -140,12 +115,7 @@ impl Checker<'_> {
                 Val::Value(id) => {
                     let ty = function.ty(id).clone();
                     self.require_float(function, id, *span, "negation")?;
-                    Some(Val::Value(function.push(
-                        Op::Unary(UnaryOp::Neg),
-                        vec![id],
-                        ty,
-                        *span,
-                    )))
+                    Some(Val::Value(function.push(Op::Unary(UnaryOp::Neg), vec![id], ty, *span)))
                 }
             },
             Expr::Binary(op, left, right, span) => {
@@ -153,29 +123,14 @@ impl Checker<'_> {
                 let right_value = self.lower_expr(scope, right, function);
                 let (left_value, right_value) = (left_value?, right_value?);
                 match op {
-                    ast::BinaryOp::MatMul => self.matmul(
-                        function,
-                        left_value,
-                        right_value,
-                        left.span(),
-                        right.span(),
-                        *span,
-                    ),
-                    ast::BinaryOp::Add => {
-                        self.elementwise(function, BinaryOp::Add, left_value, right_value, *span)
+                    ast::BinaryOp::MatMul => {
+                        self.matmul(function, left_value, right_value, left.span(), right.span(), *span)
                     }
-                    ast::BinaryOp::Sub => {
-                        self.elementwise(function, BinaryOp::Sub, left_value, right_value, *span)
-                    }
-                    ast::BinaryOp::Mul => {
-                        self.elementwise(function, BinaryOp::Mul, left_value, right_value, *span)
-                    }
-                    ast::BinaryOp::Div => {
-                        self.elementwise(function, BinaryOp::Div, left_value, right_value, *span)
-                    }
-                    ast::BinaryOp::Pow => {
-                        self.elementwise(function, BinaryOp::Pow, left_value, right_value, *span)
-                    }
+                    ast::BinaryOp::Add => self.elementwise(function, BinaryOp::Add, left_value, right_value, *span),
+                    ast::BinaryOp::Sub => self.elementwise(function, BinaryOp::Sub, left_value, right_value, *span),
+                    ast::BinaryOp::Mul => self.elementwise(function, BinaryOp::Mul, left_value, right_value, *span),
+                    ast::BinaryOp::Div => self.elementwise(function, BinaryOp::Div, left_value, right_value, *span),
+                    ast::BinaryOp::Pow => self.elementwise(function, BinaryOp::Pow, left_value, right_value, *span),
                 }
             }
             Expr::Index(base, indices, span) => {
@@ -194,20 +149,12 @@ impl Checker<'_> {
             "not defined",
         );
         if let Some(suggestion) = closest(&ident.name, visible.iter().map(String::as_str)) {
-            diagnostic = diagnostic.with_help(format!(
-                "a name with a similar spelling exists: `{suggestion}`"
-            ));
+            diagnostic = diagnostic.with_help(format!("a name with a similar spelling exists: `{suggestion}`"));
         }
         self.emit(diagnostic);
     }
 
-    fn require_float(
-        &mut self,
-        function: &Function,
-        value: ValueId,
-        span: Span,
-        what: &str,
-    ) -> Option<()> {
+    fn require_float(&mut self, function: &Function, value: ValueId, span: Span, what: &str) -> Option<()> {
         let ty = function.ty(value);
         if ty.dtype.is_float() {
             Some(())
@@ -223,13 +170,7 @@ impl Checker<'_> {
     }
 
     /// Materialises a literal as a constant of `ty`.
-    pub fn constant(
-        &mut self,
-        function: &mut Function,
-        value: f64,
-        ty: TensorType,
-        span: Span,
-    ) -> ValueId {
+    pub fn constant(&mut self, function: &mut Function, value: f64, ty: TensorType, span: Span) -> ValueId {
         function.push(Op::Constant { value }, Vec::new(), ty, span)
     }
 
@@ -237,35 +178,19 @@ impl Checker<'_> {
     pub fn materialize(&mut self, function: &mut Function, value: Val, span: Span) -> ValueId {
         match value {
             Val::Value(id) => id,
-            Val::Literal(literal) => {
-                self.constant(function, literal, TensorType::scalar(DType::F32), span)
-            }
+            Val::Literal(literal) => self.constant(function, literal, TensorType::scalar(DType::F32), span),
         }
     }
 
     /// Broadcasts `value` to `shape` (no-op when it already has it).
-    pub fn broadcast_to(
-        &mut self,
-        function: &mut Function,
-        value: ValueId,
-        shape: &[Dim],
-        span: Span,
-    ) -> ValueId {
+    pub fn broadcast_to(&mut self, function: &mut Function, value: ValueId, shape: &[Dim], span: Span) -> ValueId {
         let ty = function.ty(value).clone();
         if ty.shape == shape {
             return value;
         }
         let offset = shape.len() - ty.shape.len();
         let dims = (0..ty.shape.len()).map(|axis| axis + offset).collect();
-        function.push(
-            Op::Broadcast { dims },
-            vec![value],
-            TensorType {
-                dtype: ty.dtype,
-                shape: shape.to_vec(),
-            },
-            span,
-        )
+        function.push(Op::Broadcast { dims }, vec![value], TensorType { dtype: ty.dtype, shape: shape.to_vec() }, span)
     }
 
     /// Elementwise binary op with numpy broadcasting and literal folding.
@@ -315,7 +240,11 @@ impl Checker<'_> {
                     Diagnostic::error(
                         "E0201",
                         span,
-                        format!("shapes {} and {} do not broadcast", shape_text(&left_ty.shape), shape_text(&right_ty.shape)),
+                        format!(
+                            "shapes {} and {} do not broadcast",
+                            shape_text(&left_ty.shape),
+                            shape_text(&right_ty.shape)
+                        ),
                         format!("left is {left_ty}, right is {right_ty}"),
                     )
                     .with_note("dimensions are compared from the right; each pair must be equal or one of them 1"),
@@ -326,21 +255,10 @@ impl Checker<'_> {
         let left_id = self.broadcast_to(function, left_id, &shape, span);
         let right_id = self.broadcast_to(function, right_id, &shape, span);
         let dtype = left_ty.dtype;
-        Some(Val::Value(function.push(
-            Op::Binary(op),
-            vec![left_id, right_id],
-            TensorType { dtype, shape },
-            span,
-        )))
+        Some(Val::Value(function.push(Op::Binary(op), vec![left_id, right_id], TensorType { dtype, shape }, span)))
     }
 
-    pub fn unary(
-        &mut self,
-        function: &mut Function,
-        op: UnaryOp,
-        value: Val,
-        span: Span,
-    ) -> Option<Val> {
+    pub fn unary(&mut self, function: &mut Function, op: UnaryOp, value: Val, span: Span) -> Option<Val> {
         match value {
             Val::Literal(literal) => Some(Val::Literal(fold_unary(op, literal))),
             Val::Value(id) => {
@@ -362,13 +280,8 @@ impl Checker<'_> {
     ) -> Option<Val> {
         let (Val::Value(left_id), Val::Value(right_id)) = (left, right) else {
             self.emit(
-                Diagnostic::error(
-                    "E0204",
-                    span,
-                    "`@` needs two tensors of rank 2 or more",
-                    "a number is not a matrix",
-                )
-                .with_help("use `*` to scale by a number"),
+                Diagnostic::error("E0204", span, "`@` needs two tensors of rank 2 or more", "a number is not a matrix")
+                    .with_help("use `*` to scale by a number"),
             );
             return None;
         };
@@ -432,10 +345,7 @@ impl Checker<'_> {
         Some(Val::Value(function.push(
             Op::MatMul,
             vec![left_id, right_id],
-            TensorType {
-                dtype: left_ty.dtype,
-                shape,
-            },
+            TensorType { dtype: left_ty.dtype, shape },
             span,
         )))
     }
@@ -449,12 +359,7 @@ impl Checker<'_> {
         span: Span,
     ) -> Option<Val> {
         let Val::Value(id) = value else {
-            self.emit(Diagnostic::error(
-                "E0206",
-                span,
-                "a number cannot be indexed",
-                "not a tensor",
-            ));
+            self.emit(Diagnostic::error("E0206", span, "a number cannot be indexed", "not a tensor"));
             return None;
         };
         let ty = function.ty(id).clone();
@@ -462,11 +367,7 @@ impl Checker<'_> {
             self.emit(Diagnostic::error(
                 "E0206",
                 span,
-                format!(
-                    "{} indices into a tensor of rank {}",
-                    indices.len(),
-                    ty.rank()
-                ),
+                format!("{} indices into a tensor of rank {}", indices.len(), ty.rank()),
                 format!("this is {ty}"),
             ));
             return None;
@@ -527,10 +428,7 @@ impl Checker<'_> {
         let sliced = function.push(
             Op::Slice { starts },
             vec![id],
-            TensorType {
-                dtype: ty.dtype,
-                shape: sliced_shape.clone(),
-            },
+            TensorType { dtype: ty.dtype, shape: sliced_shape.clone() },
             span,
         );
         if kept_shape == sliced_shape {
@@ -539,26 +437,16 @@ impl Checker<'_> {
             Some(Val::Value(function.push(
                 Op::Reshape,
                 vec![sliced],
-                TensorType {
-                    dtype: ty.dtype,
-                    shape: kept_shape,
-                },
+                TensorType { dtype: ty.dtype, shape: kept_shape },
                 span,
             )))
         }
     }
 
     /// Evaluates an expression that must be an integer constant (indices, axes).
-    pub fn constant_int(
-        &mut self,
-        scope: &mut dyn Scope,
-        expr: &Expr,
-        function: &mut Function,
-    ) -> Option<i64> {
+    pub fn constant_int(&mut self, scope: &mut dyn Scope, expr: &Expr, function: &mut Function) -> Option<i64> {
         match self.lower_expr(scope, expr, function)? {
-            Val::Literal(value) if value.fract() == 0.0 && value.abs() < 9.0e15 => {
-                Some(value as i64)
-            }
+            Val::Literal(value) if value.fract() == 0.0 && value.abs() < 9.0e15 => Some(value as i64),
             _ => {
                 self.emit(Diagnostic::error(
                     "E0112",
@@ -572,22 +460,15 @@ impl Checker<'_> {
     }
 
     /// Lowers a call: builtins first, then whatever the scope knows (models, losses).
-    fn lower_call(
-        &mut self,
-        scope: &mut dyn Scope,
-        call: &ast::Call,
-        function: &mut Function,
-    ) -> Option<Val> {
+    fn lower_call(&mut self, scope: &mut dyn Scope, call: &ast::Call, function: &mut Function) -> Option<Val> {
         let name = call.name.name.as_str();
         let Some((min_args, max_args)) = builtins::function_arity(name) else {
             return match scope.call(self, call, function) {
                 Some(Lookup::Found(value)) => Some(value),
                 Some(Lookup::Failed) => None,
                 None => {
-                    let mut candidates: Vec<String> = builtins::FUNCTIONS
-                        .iter()
-                        .map(|(name, _, _)| name.to_string())
-                        .collect();
+                    let mut candidates: Vec<String> =
+                        builtins::FUNCTIONS.iter().map(|(name, _, _)| name.to_string()).collect();
                     candidates.extend(scope.visible_names());
                     let mut diagnostic = Diagnostic::error(
                         "E0102",
@@ -629,10 +510,7 @@ impl Checker<'_> {
                         diagnostic = if named_allowed.is_empty() {
                             diagnostic.with_help(format!("`{name}` takes no named options"))
                         } else {
-                            diagnostic.with_help(format!(
-                                "the options of `{name}` are: {}",
-                                named_allowed.join(", ")
-                            ))
+                            diagnostic.with_help(format!("the options of `{name}` are: {}", named_allowed.join(", ")))
                         };
                         self.emit(diagnostic);
                         return None;
@@ -644,11 +522,8 @@ impl Checker<'_> {
         // A named `axis`/`eps`/... may also be given positionally as the last argument.
         let total = positional.len() + named.len();
         if total < min_args || total > max_args || positional.len() < min_args {
-            let expected = if min_args == max_args {
-                format!("{min_args}")
-            } else {
-                format!("{min_args} to {max_args}")
-            };
+            let expected =
+                if min_args == max_args { format!("{min_args}") } else { format!("{min_args} to {max_args}") };
             self.emit(Diagnostic::error(
                 "E0104",
                 call.span,
@@ -669,16 +544,8 @@ pub fn broadcast_shapes(left: &[Dim], right: &[Dim]) -> Result<Vec<Dim>, ()> {
     let rank = left.len().max(right.len());
     let mut shape = Vec::with_capacity(rank);
     for axis in 0..rank {
-        let left_dim = if axis + left.len() >= rank {
-            Some(&left[axis + left.len() - rank])
-        } else {
-            None
-        };
-        let right_dim = if axis + right.len() >= rank {
-            Some(&right[axis + right.len() - rank])
-        } else {
-            None
-        };
+        let left_dim = if axis + left.len() >= rank { Some(&left[axis + left.len() - rank]) } else { None };
+        let right_dim = if axis + right.len() >= rank { Some(&right[axis + right.len() - rank]) } else { None };
         let dim = match (left_dim, right_dim) {
             (Some(a), None) => a.clone(),
             (None, Some(b)) => b.clone(),

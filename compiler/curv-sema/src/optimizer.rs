@@ -8,8 +8,8 @@ use crate::suggest::closest;
 use curv_grammar::ast::{self, Arg, Expr};
 use curv_grammar::Span;
 use curv_ir::{
-    option_name, option_number, ModifierPlan, OptimizerPlan, OptionValue, Options, ParamInfo,
-    ParamPlan, Schedule, StateInfo, StructureKind, TensorType,
+    option_name, option_number, ModifierPlan, OptimizerPlan, OptionValue, Options, ParamInfo, ParamPlan, Schedule,
+    StateInfo, StructureKind, TensorType,
 };
 use std::collections::HashMap;
 
@@ -47,11 +47,7 @@ fn constant_number(expr: &Expr) -> Option<f64> {
 }
 
 /// Validates a numeric option value against its kind.
-pub(crate) fn option_number_value(
-    checker: &mut Checker,
-    spec: &OptionSpec,
-    expr: &Expr,
-) -> Option<f64> {
+pub(crate) fn option_number_value(checker: &mut Checker, spec: &OptionSpec, expr: &Expr) -> Option<f64> {
     let Some(value) = constant_number(expr) else {
         if !matches!(expr, Expr::Error(_)) {
             checker.emit(Diagnostic::error(
@@ -65,27 +61,17 @@ pub(crate) fn option_number_value(
     };
     let problem = match spec.kind {
         OptionKind::Positive if value <= 0.0 => Some(("E0304", "must be positive")),
-        OptionKind::PositiveInt if value < 1.0 || value.fract() != 0.0 => {
-            Some(("E0304", "must be a positive integer"))
-        }
+        OptionKind::PositiveInt if value < 1.0 || value.fract() != 0.0 => Some(("E0304", "must be a positive integer")),
         OptionKind::NonNegative if value < 0.0 => Some(("E0304", "must not be negative")),
-        OptionKind::Fraction if !(0.0..1.0).contains(&value) => {
-            Some(("E0305", "must be in [0, 1)"))
-        }
-        OptionKind::UnitInterval if !(0.0..=1.0).contains(&value) => {
-            Some(("E0305", "must be in [0, 1]"))
-        }
+        OptionKind::Fraction if !(0.0..1.0).contains(&value) => Some(("E0305", "must be in [0, 1)")),
+        OptionKind::UnitInterval if !(0.0..=1.0).contains(&value) => Some(("E0305", "must be in [0, 1]")),
         _ => None,
     };
     if let Some((code, message)) = problem {
         checker.emit(Diagnostic::error(
             code,
             expr.span(),
-            format!(
-                "`{}` {message}, found {}",
-                spec.name,
-                curv_ir::format_number(value)
-            ),
+            format!("`{}` {message}, found {}", spec.name, curv_ir::format_number(value)),
             message.to_string(),
         ));
         return None;
@@ -98,13 +84,8 @@ fn option_value(checker: &mut Checker, spec: &OptionSpec, expr: &Expr) -> Option
         OptionKind::Choice(choices) => {
             let Expr::Name(ident) = expr else {
                 checker.emit(
-                    Diagnostic::error(
-                        "E0112",
-                        expr.span(),
-                        format!("`{}` takes a name", spec.name),
-                        "expected a name",
-                    )
-                    .with_help(format!("the choices are: {}", choices.join(", "))),
+                    Diagnostic::error("E0112", expr.span(), format!("`{}` takes a name", spec.name), "expected a name")
+                        .with_help(format!("the choices are: {}", choices.join(", "))),
                 );
                 return None;
             };
@@ -116,12 +97,8 @@ fn option_value(checker: &mut Checker, spec: &OptionSpec, expr: &Expr) -> Option
                     "unknown choice",
                 );
                 diagnostic = match closest(&ident.name, choices.iter().copied()) {
-                    Some(suggestion) => {
-                        diagnostic.with_help(format!("did you mean `{suggestion}`?"))
-                    }
-                    None => {
-                        diagnostic.with_help(format!("the choices are: {}", choices.join(", ")))
-                    }
+                    Some(suggestion) => diagnostic.with_help(format!("did you mean `{suggestion}`?")),
+                    None => diagnostic.with_help(format!("the choices are: {}", choices.join(", "))),
                 };
                 checker.emit(diagnostic);
                 return None;
@@ -132,9 +109,7 @@ fn option_value(checker: &mut Checker, spec: &OptionSpec, expr: &Expr) -> Option
             Expr::Name(ident) if ident.name == "true" || ident.name == "false" => {
                 Some(OptionValue::Bool(ident.name == "true"))
             }
-            Expr::Int(value, _) if *value == 0 || *value == 1 => {
-                Some(OptionValue::Bool(*value == 1))
-            }
+            Expr::Int(value, _) if *value == 0 || *value == 1 => Some(OptionValue::Bool(*value == 1)),
             _ => {
                 checker.emit(Diagnostic::error(
                     "E0112",
@@ -168,10 +143,7 @@ pub(crate) fn resolve_options_with_spans(
                     checker.emit(Diagnostic::error(
                         "E0104",
                         value.span(),
-                        format!(
-                            "`{owner}` takes at most {} positional argument(s)",
-                            specs.len()
-                        ),
+                        format!("`{owner}` takes at most {} positional argument(s)", specs.len()),
                         "unexpected argument",
                     ));
                     ok = false;
@@ -189,16 +161,9 @@ pub(crate) fn resolve_options_with_spans(
                         "unknown option",
                     );
                     diagnostic = match closest(&key.name, names.iter().copied()) {
-                        Some(suggestion) => {
-                            diagnostic.with_help(format!("did you mean `{suggestion}`?"))
-                        }
-                        None if names.is_empty() => {
-                            diagnostic.with_help(format!("`{owner}` takes no options"))
-                        }
-                        None => diagnostic.with_help(format!(
-                            "the options of `{owner}` are: {}",
-                            names.join(", ")
-                        )),
+                        Some(suggestion) => diagnostic.with_help(format!("did you mean `{suggestion}`?")),
+                        None if names.is_empty() => diagnostic.with_help(format!("`{owner}` takes no options")),
+                        None => diagnostic.with_help(format!("the options of `{owner}` are: {}", names.join(", "))),
                     };
                     checker.emit(diagnostic);
                     ok = false;
@@ -209,13 +174,8 @@ pub(crate) fn resolve_options_with_spans(
         if let Some((first_span, _)) = given.get(spec.name) {
             let first_span = *first_span;
             checker.emit(
-                Diagnostic::error(
-                    "E0101",
-                    key_span,
-                    format!("`{}` is given twice", spec.name),
-                    "given again",
-                )
-                .with_label(first_span, "first given here"),
+                Diagnostic::error("E0101", key_span, format!("`{}` is given twice", spec.name), "given again")
+                    .with_label(first_span, "first given here"),
             );
             ok = false;
             continue;
@@ -239,15 +199,9 @@ pub(crate) fn resolve_options_with_spans(
             continue;
         }
         match spec.default {
-            OptionDefault::Number(value) => {
-                options.push((spec.name.to_string(), OptionValue::Number(value)))
-            }
-            OptionDefault::Name(name) => {
-                options.push((spec.name.to_string(), OptionValue::Name(name.to_string())))
-            }
-            OptionDefault::Bool(value) => {
-                options.push((spec.name.to_string(), OptionValue::Bool(value)))
-            }
+            OptionDefault::Number(value) => options.push((spec.name.to_string(), OptionValue::Number(value))),
+            OptionDefault::Name(name) => options.push((spec.name.to_string(), OptionValue::Name(name.to_string()))),
+            OptionDefault::Bool(value) => options.push((spec.name.to_string(), OptionValue::Bool(value))),
             OptionDefault::Absent => {}
         }
     }
@@ -281,10 +235,7 @@ pub fn pattern_matches(pattern: &str, name: &str) -> bool {
 }
 
 impl<'a> Checker<'a> {
-    fn resolve_settings(
-        &mut self,
-        optimizer: &ast::OptimizerDecl,
-    ) -> Option<(f64, Option<Schedule>, Options)> {
+    fn resolve_settings(&mut self, optimizer: &ast::OptimizerDecl) -> Option<(f64, Option<Schedule>, Options)> {
         let mut lr = None;
         let mut schedule = None;
         let mut settings: Options = Vec::new();
@@ -297,13 +248,8 @@ impl<'a> Checker<'a> {
             let key = setting.key.name.as_str();
             if let Some(first) = seen.insert(key.to_string(), setting.key.span) {
                 self.emit(
-                    Diagnostic::error(
-                        "E0101",
-                        setting.key.span,
-                        format!("`{key}` is set twice"),
-                        "set again",
-                    )
-                    .with_label(first, "first set here"),
+                    Diagnostic::error("E0101", setting.key.span, format!("`{key}` is set twice"), "set again")
+                        .with_label(first, "first set here"),
                 );
                 ok = false;
                 continue;
@@ -345,9 +291,7 @@ impl<'a> Checker<'a> {
                     };
                     match option_number_value(self, &spec, value) {
                         Some(number) if key == "lr" => lr = Some(number),
-                        Some(number) => {
-                            settings.push((key.to_string(), OptionValue::Number(number)))
-                        }
+                        Some(number) => settings.push((key.to_string(), OptionValue::Number(number))),
                         None => ok = false,
                     }
                 }
@@ -366,12 +310,10 @@ impl<'a> Checker<'a> {
                             continue;
                         }
                     };
-                    let Some((_, specs)) = builtins::SCHEDULES
-                        .iter()
-                        .find(|(schedule_name, _)| *schedule_name == name.name)
+                    let Some((_, specs)) =
+                        builtins::SCHEDULES.iter().find(|(schedule_name, _)| *schedule_name == name.name)
                     else {
-                        let names: Vec<&str> =
-                            builtins::SCHEDULES.iter().map(|(name, _)| *name).collect();
+                        let names: Vec<&str> = builtins::SCHEDULES.iter().map(|(name, _)| *name).collect();
                         self.emit(
                             Diagnostic::error(
                                 "E0108",
@@ -385,12 +327,7 @@ impl<'a> Checker<'a> {
                         continue;
                     };
                     match resolve_options(self, &name.name, specs, &args, span) {
-                        Some(options) => {
-                            schedule = Some(Schedule {
-                                kind: name.name.clone(),
-                                options,
-                            })
-                        }
+                        Some(options) => schedule = Some(Schedule { kind: name.name.clone(), options }),
                         None => ok = false,
                     }
                 }
@@ -438,20 +375,21 @@ impl<'a> Checker<'a> {
                 let has_window = spans.contains_key("window");
                 if has_rank == has_window {
                     self.emit(
-                        Diagnostic::error("E0306", line.structure.span, "`lowrank` needs exactly one of `rank` and `window`", "give `rank = r` or `window = m`")
-                            .with_note("`rank` keeps low-rank factors of a matrix; `window` keeps the last m gradients (M-FAC)"),
+                        Diagnostic::error(
+                            "E0306",
+                            line.structure.span,
+                            "`lowrank` needs exactly one of `rank` and `window`",
+                            "give `rank = r` or `window = m`",
+                        )
+                        .with_note(
+                            "`rank` keeps low-rank factors of a matrix; `window` keeps the last m gradients (M-FAC)",
+                        ),
                     );
                     return None;
                 }
                 needs_matrix = has_rank;
             }
-            (
-                kind,
-                needs_matrix,
-                options,
-                spans,
-                structure_name.to_string(),
-            )
+            (kind, needs_matrix, options, spans, structure_name.to_string())
         } else if let Some(rule) = self.rules.get(structure_name).copied() {
             let Some(program) = self.rule_programs.get(structure_name).cloned() else {
                 // The rule itself has errors, reported where it is defined.
@@ -466,13 +404,8 @@ impl<'a> Checker<'a> {
                     default: OptionDefault::Absent,
                 })
                 .collect();
-            let (mut options, spans) = resolve_options_with_spans(
-                self,
-                structure_name,
-                &specs,
-                &line.structure.args,
-                line.structure.span,
-            )?;
+            let (mut options, spans) =
+                resolve_options_with_spans(self, structure_name, &specs, &line.structure.args, line.structure.span)?;
             // Defaults come from the rule's declaration (NaN marks a hyperparameter without one).
             let mut complete = Vec::new();
             for (name, default) in &program.hyperparameters {
@@ -494,18 +427,9 @@ impl<'a> Checker<'a> {
                     complete.push((name.clone(), OptionValue::Number(*default)));
                 }
             }
-            (
-                StructureKind::Rule,
-                false,
-                complete,
-                spans,
-                structure_name.to_string(),
-            )
+            (StructureKind::Rule, false, complete, spans, structure_name.to_string())
         } else {
-            let mut candidates: Vec<String> = builtins::STRUCTURES
-                .iter()
-                .map(|spec| spec.name.to_string())
-                .collect();
+            let mut candidates: Vec<String> = builtins::STRUCTURES.iter().map(|spec| spec.name.to_string()).collect();
             candidates.extend(self.rules.keys().cloned());
             let mut diagnostic = Diagnostic::error(
                 "E0108",
@@ -531,29 +455,19 @@ impl<'a> Checker<'a> {
                     "not a modifier",
                 );
                 diagnostic = match closest(&modifier.name.name, names.iter().copied()) {
-                    Some(suggestion) => {
-                        diagnostic.with_help(format!("did you mean `{suggestion}`?"))
-                    }
-                    None => {
-                        diagnostic.with_help(format!("the modifiers are: {}", names.join(", ")))
-                    }
+                    Some(suggestion) => diagnostic.with_help(format!("did you mean `{suggestion}`?")),
+                    None => diagnostic.with_help(format!("the modifiers are: {}", names.join(", "))),
                 };
                 self.emit(diagnostic);
                 return None;
             };
             let mut specs: Vec<OptionSpec> = spec.options.to_vec();
             // The bare value (`momentum 0.9`) sets the modifier's main option, listed first.
-            if let Some(position) = specs
-                .iter()
-                .position(|option| option.name == spec.positional)
-            {
+            if let Some(position) = specs.iter().position(|option| option.name == spec.positional) {
                 let main = specs.remove(position);
                 specs.insert(0, main);
             }
-            if modifiers
-                .iter()
-                .any(|existing: &ModifierPlan| existing.name == spec.name)
-            {
+            if modifiers.iter().any(|existing: &ModifierPlan| existing.name == spec.name) {
                 self.emit(Diagnostic::error(
                     "E0101",
                     modifier.span,
@@ -563,20 +477,9 @@ impl<'a> Checker<'a> {
                 return None;
             }
             let options = resolve_options(self, spec.name, &specs, &modifier.args, modifier.span)?;
-            modifiers.push(ModifierPlan {
-                name: spec.name.to_string(),
-                options,
-            });
+            modifiers.push(ModifierPlan { name: spec.name.to_string(), options });
         }
-        Some(ResolvedLine {
-            line,
-            structure,
-            rule_name,
-            needs_matrix,
-            options,
-            option_spans,
-            modifiers,
-        })
+        Some(ResolvedLine { line, structure, rule_name, needs_matrix, options, option_spans, modifiers })
     }
 
     /// Checks an optimizer that no train block uses (settings and rule lines only).
@@ -634,10 +537,7 @@ impl<'a> Checker<'a> {
             let by_name: Vec<usize> = (0..lines.len())
                 .filter(|&index| pattern_matches(&lines[index].line.pattern.text, &param.name))
                 .collect();
-            let chosen = by_name
-                .iter()
-                .copied()
-                .find(|&index| !lines[index].needs_matrix || rank >= 2);
+            let chosen = by_name.iter().copied().find(|&index| !lines[index].needs_matrix || rank >= 2);
             match chosen {
                 Some(index) => {
                     used[index] = true;
@@ -693,15 +593,11 @@ impl<'a> Checker<'a> {
                         format!("the rule `{}` matches no parameter", line.line.pattern.text),
                         "no parameter is governed by this rule",
                     );
-                    let shadowed = params
-                        .iter()
-                        .any(|param| pattern_matches(&line.line.pattern.text, &param.name));
+                    let shadowed = params.iter().any(|param| pattern_matches(&line.line.pattern.text, &param.name));
                     diagnostic = if shadowed {
-                        diagnostic
-                            .with_note("every parameter it matches is taken by an earlier rule")
+                        diagnostic.with_note("every parameter it matches is taken by an earlier rule")
                     } else {
-                        let names: Vec<&str> =
-                            params.iter().map(|param| param.name.as_str()).collect();
+                        let names: Vec<&str> = params.iter().map(|param| param.name.as_str()).collect();
                         diagnostic.with_note(format!("the parameters are: {}", names.join(", ")))
                     };
                     let previous = self.source;
@@ -712,13 +608,7 @@ impl<'a> Checker<'a> {
                 }
             }
         }
-        ok.then(|| OptimizerPlan {
-            name: optimizer.item.name.name.clone(),
-            lr,
-            schedule,
-            settings,
-            plans,
-        })
+        ok.then(|| OptimizerPlan { name: optimizer.item.name.name.clone(), lr, schedule, settings, plans })
     }
 
     fn param_plan(
@@ -745,16 +635,11 @@ impl<'a> Checker<'a> {
             StructureKind::Kronecker => {
                 let block = option_number(&line.options, "block").unwrap_or(1024.0) as i64;
                 let blocks = |size: i64| -> Vec<i64> {
-                    (0..size)
-                        .step_by(block as usize)
-                        .map(|start| (size - start).min(block))
-                        .collect()
+                    (0..size).step_by(block as usize).map(|start| (size - start).min(block)).collect()
                 };
                 let (row_blocks, col_blocks) = (blocks(rows), blocks(cols));
-                let left: i64 = row_blocks.iter().map(|size| size * size).sum::<i64>()
-                    * col_blocks.len() as i64;
-                let right: i64 = col_blocks.iter().map(|size| size * size).sum::<i64>()
-                    * row_blocks.len() as i64;
+                let left: i64 = row_blocks.iter().map(|size| size * size).sum::<i64>() * col_blocks.len() as i64;
+                let right: i64 = col_blocks.iter().map(|size| size * size).sum::<i64>() * row_blocks.len() as i64;
                 let function = option_name(&line.options, "function").unwrap_or("inverse_root");
                 state.push(state_of("left_factor", &[left]));
                 state.push(state_of("right_factor", &[right]));
@@ -775,11 +660,7 @@ impl<'a> Checker<'a> {
                     let rank = rank as i64;
                     let smallest = rows.min(cols);
                     if rank > smallest {
-                        let span = line
-                            .option_spans
-                            .get("rank")
-                            .copied()
-                            .unwrap_or(line.line.structure.span);
+                        let span = line.option_spans.get("rank").copied().unwrap_or(line.line.structure.span);
                         let mut diagnostic = Diagnostic::error(
                             "E0303",
                             param.span,
@@ -790,9 +671,7 @@ impl<'a> Checker<'a> {
                             format!("the smallest dimension is {smallest}"),
                         )
                         .with_help(format!("use a rank of at most {smallest}"));
-                        diagnostic
-                            .labels
-                            .push(label_in(source, span, "rank set here"));
+                        diagnostic.labels.push(label_in(source, span, "rank set here"));
                         self.emit(diagnostic);
                         return None;
                     }
@@ -819,10 +698,7 @@ impl<'a> Checker<'a> {
             }
         }
         for modifier in &line.modifiers {
-            match (
-                modifier.name.as_str(),
-                option_name(&modifier.options, "kind"),
-            ) {
+            match (modifier.name.as_str(), option_name(&modifier.options, "kind")) {
                 ("graft", Some("adam")) => {
                     state.push(state_of("graft_m", &shape));
                     state.push(state_of("graft_v", &shape));

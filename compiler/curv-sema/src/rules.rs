@@ -17,20 +17,13 @@ struct RuleScope {
 }
 
 impl Scope for RuleScope {
-    fn name(
-        &mut self,
-        checker: &mut Checker,
-        ident: &ast::Ident,
-        function: &mut Function,
-    ) -> Option<Lookup> {
+    fn name(&mut self, checker: &mut Checker, ident: &ast::Ident, function: &mut Function) -> Option<Lookup> {
         if let Some(value) = self.values.get(&ident.name) {
             return Some(Lookup::Found(Val::Value(*value)));
         }
         if ident.name == "lr" || self.hyperparameters.contains(&ident.name) {
             let value = function.push(
-                Op::Hyper {
-                    name: ident.name.clone(),
-                },
+                Op::Hyper { name: ident.name.clone() },
                 vec![],
                 TensorType::scalar(DType::F32),
                 ident.span,
@@ -57,12 +50,7 @@ impl Scope for RuleScope {
         None
     }
 
-    fn call(
-        &mut self,
-        _checker: &mut Checker,
-        _call: &ast::Call,
-        _function: &mut Function,
-    ) -> Option<Lookup> {
+    fn call(&mut self, _checker: &mut Checker, _call: &ast::Call, _function: &mut Function) -> Option<Lookup> {
         None
     }
 
@@ -81,10 +69,7 @@ impl Scope for RuleScope {
 }
 
 fn parameter_type() -> TensorType {
-    TensorType {
-        dtype: DType::F32,
-        shape: vec![Dim::Symbol("P".to_string())],
-    }
+    TensorType { dtype: DType::F32, shape: vec![Dim::Symbol("P".to_string())] }
 }
 
 impl<'a> Checker<'a> {
@@ -108,16 +93,10 @@ impl<'a> Checker<'a> {
                 Diagnostic::error(
                     "E0104",
                     rule.name.span,
-                    format!(
-                        "rule `{}` must name the parameter and its gradient",
-                        rule.name.name
-                    ),
+                    format!("rule `{}` must name the parameter and its gradient", rule.name.name),
                     "expected `(p, g; ...)`",
                 )
-                .with_help(format!(
-                    "write `rule {}(p, g; hyperparameters...)`",
-                    rule.name.name
-                )),
+                .with_help(format!("write `rule {}(p, g; hyperparameters...)`", rule.name.name)),
             );
             return None;
         }
@@ -140,46 +119,24 @@ impl<'a> Checker<'a> {
                 },
                 None => f64::NAN,
             };
-            if ["lr", "step", parameter.as_str(), gradient.as_str()]
-                .contains(&hyperparameter.name.name.as_str())
-            {
+            if ["lr", "step", parameter.as_str(), gradient.as_str()].contains(&hyperparameter.name.name.as_str()) {
                 self.emit(Diagnostic::error(
                     "E0101",
                     hyperparameter.name.span,
-                    format!(
-                        "`{}` is built in or already named in this rule",
-                        hyperparameter.name.name
-                    ),
+                    format!("`{}` is built in or already named in this rule", hyperparameter.name.name),
                     "reserved name",
                 ));
                 return None;
             }
             hyperparameters.push((hyperparameter.name.name.clone(), default));
         }
-        let hyperparameter_names: Vec<String> = hyperparameters
-            .iter()
-            .map(|(name, _)| name.clone())
-            .collect();
+        let hyperparameter_names: Vec<String> = hyperparameters.iter().map(|(name, _)| name.clone()).collect();
         // State declarations (top level) form the init function.
         let mut init = Function::new("init");
-        let p_init = init.push(
-            Op::Input {
-                index: 0,
-                name: parameter.clone(),
-            },
-            vec![],
-            parameter_type(),
-            rule.tensors[0].span,
-        );
-        let g_init = init.push(
-            Op::Input {
-                index: 1,
-                name: gradient.clone(),
-            },
-            vec![],
-            parameter_type(),
-            rule.tensors[1].span,
-        );
+        let p_init =
+            init.push(Op::Input { index: 0, name: parameter.clone() }, vec![], parameter_type(), rule.tensors[0].span);
+        let g_init =
+            init.push(Op::Input { index: 1, name: gradient.clone() }, vec![], parameter_type(), rule.tensors[1].span);
         let mut scope = RuleScope {
             values: HashMap::from([(parameter.clone(), p_init), (gradient.clone(), g_init)]),
             hyperparameters: hyperparameter_names.clone(),
@@ -273,10 +230,7 @@ impl<'a> Checker<'a> {
                     self.emit(Diagnostic::error(
                         "E0112",
                         block.unit.span,
-                        format!(
-                            "expected `every step` or `every N steps`, found `{}`",
-                            block.unit.name
-                        ),
+                        format!("expected `every step` or `every N steps`, found `{}`", block.unit.name),
                         "unknown cadence",
                     ));
                     None
@@ -297,10 +251,7 @@ impl<'a> Checker<'a> {
             values.insert(
                 parameter.clone(),
                 update.push(
-                    Op::Input {
-                        index: 0,
-                        name: parameter.clone(),
-                    },
+                    Op::Input { index: 0, name: parameter.clone() },
                     vec![],
                     parameter_type(),
                     rule.tensors[0].span,
@@ -309,10 +260,7 @@ impl<'a> Checker<'a> {
             values.insert(
                 gradient.clone(),
                 update.push(
-                    Op::Input {
-                        index: 1,
-                        name: gradient.clone(),
-                    },
+                    Op::Input { index: 1, name: gradient.clone() },
                     vec![],
                     parameter_type(),
                     rule.tensors[1].span,
@@ -322,21 +270,15 @@ impl<'a> Checker<'a> {
                 values.insert(
                     name.clone(),
                     update.push(
-                        Op::Input {
-                            index: index + 2,
-                            name: name.clone(),
-                        },
+                        Op::Input { index: index + 2, name: name.clone() },
                         vec![],
                         parameter_type(),
                         block.span,
                     ),
                 );
             }
-            let mut block_scope = RuleScope {
-                values,
-                hyperparameters: hyperparameter_names.clone(),
-                statistics: BTreeSet::new(),
-            };
+            let mut block_scope =
+                RuleScope { values, hyperparameters: hyperparameter_names.clone(), statistics: BTreeSet::new() };
             let mut assigned: Vec<String> = Vec::new();
             self.lower_rule_statements(
                 &block.body,
@@ -349,9 +291,7 @@ impl<'a> Checker<'a> {
             );
             for name in std::iter::once(&parameter).chain(state_names.iter()) {
                 if assigned.contains(name) {
-                    update
-                        .outputs
-                        .push((name.clone(), block_scope.values[name]));
+                    update.outputs.push((name.clone(), block_scope.values[name]));
                 }
             }
             for inst in &update.insts {
@@ -373,9 +313,7 @@ impl<'a> Checker<'a> {
                 .with_help("add `every step { p = p - lr * g }` or similar"),
             );
         }
-        if !updates
-            .iter()
-            .any(|(_, update)| update.output(&parameter).is_some())
+        if !updates.iter().any(|(_, update)| update.output(&parameter).is_some())
             && !updates.is_empty()
             && self.error_count() == errors_before
         {
@@ -392,9 +330,7 @@ impl<'a> Checker<'a> {
         updates.sort_by_key(|(period, _)| *period);
         let module = match self.source {
             crate::diagnostic::SourceId::User => None,
-            crate::diagnostic::SourceId::Std(index) => {
-                Some(crate::std_lib::MODULES[index].0.to_string())
-            }
+            crate::diagnostic::SourceId::Std(index) => Some(crate::std_lib::MODULES[index].0.to_string()),
         };
         Some(RuleProgram {
             name: rule.name.name.clone(),
@@ -430,20 +366,22 @@ impl<'a> Checker<'a> {
                     let name = decl.name.name.as_str();
                     if name == gradient {
                         self.emit(
-                            Diagnostic::error(
-                                "E0111",
-                                decl.name.span,
-                                "the gradient cannot be assigned",
-                                "read-only",
-                            )
-                            .with_help("use a `let` for a modified gradient"),
+                            Diagnostic::error("E0111", decl.name.span, "the gradient cannot be assigned", "read-only")
+                                .with_help("use a `let` for a modified gradient"),
                         );
                         continue;
                     }
                     if name != parameter && !state_names.iter().any(|state| state == name) {
                         self.emit(
-                            Diagnostic::error("E0100", decl.name.span, format!("`{name}` is not a state of this rule"), "cannot assign here")
-                                .with_help(format!("declare it with `state {name} = zeros_like({parameter})`, or use `let`")),
+                            Diagnostic::error(
+                                "E0100",
+                                decl.name.span,
+                                format!("`{name}` is not a state of this rule"),
+                                "cannot assign here",
+                            )
+                            .with_help(format!(
+                                "declare it with `state {name} = zeros_like({parameter})`, or use `let`"
+                            )),
                         );
                         continue;
                     }
@@ -458,10 +396,7 @@ impl<'a> Checker<'a> {
                             self.emit(Diagnostic::error(
                                 "E0202",
                                 decl.value.span(),
-                                format!(
-                                    "`{name}` must keep the parameter's shape, found {}",
-                                    function.ty(value)
-                                ),
+                                format!("`{name}` must keep the parameter's shape, found {}", function.ty(value)),
                                 "wrong shape",
                             ));
                             continue;

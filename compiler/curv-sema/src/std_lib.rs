@@ -2,54 +2,18 @@
 
 /// `(module path, source)` for every standard-library module, in `use` notation.
 pub const MODULES: &[(&str, &str)] = &[
-    (
-        "std.optimizers.sgd",
-        include_str!("../std/optimizers/sgd.curv"),
-    ),
-    (
-        "std.optimizers.adam",
-        include_str!("../std/optimizers/adam.curv"),
-    ),
-    (
-        "std.optimizers.adamw",
-        include_str!("../std/optimizers/adamw.curv"),
-    ),
-    (
-        "std.optimizers.adopt",
-        include_str!("../std/optimizers/adopt.curv"),
-    ),
-    (
-        "std.optimizers.adan",
-        include_str!("../std/optimizers/adan.curv"),
-    ),
-    (
-        "std.optimizers.adahessian",
-        include_str!("../std/optimizers/adahessian.curv"),
-    ),
-    (
-        "std.optimizers.sophia",
-        include_str!("../std/optimizers/sophia.curv"),
-    ),
-    (
-        "std.optimizers.shampoo",
-        include_str!("../std/optimizers/shampoo.curv"),
-    ),
-    (
-        "std.optimizers.kfac",
-        include_str!("../std/optimizers/kfac.curv"),
-    ),
-    (
-        "std.optimizers.soap",
-        include_str!("../std/optimizers/soap.curv"),
-    ),
-    (
-        "std.optimizers.muon",
-        include_str!("../std/optimizers/muon.curv"),
-    ),
-    (
-        "std.optimizers.mfac",
-        include_str!("../std/optimizers/mfac.curv"),
-    ),
+    ("std.optimizers.sgd", include_str!("../std/optimizers/sgd.curv")),
+    ("std.optimizers.adam", include_str!("../std/optimizers/adam.curv")),
+    ("std.optimizers.adamw", include_str!("../std/optimizers/adamw.curv")),
+    ("std.optimizers.adopt", include_str!("../std/optimizers/adopt.curv")),
+    ("std.optimizers.adan", include_str!("../std/optimizers/adan.curv")),
+    ("std.optimizers.adahessian", include_str!("../std/optimizers/adahessian.curv")),
+    ("std.optimizers.sophia", include_str!("../std/optimizers/sophia.curv")),
+    ("std.optimizers.shampoo", include_str!("../std/optimizers/shampoo.curv")),
+    ("std.optimizers.kfac", include_str!("../std/optimizers/kfac.curv")),
+    ("std.optimizers.soap", include_str!("../std/optimizers/soap.curv")),
+    ("std.optimizers.muon", include_str!("../std/optimizers/muon.curv")),
+    ("std.optimizers.mfac", include_str!("../std/optimizers/mfac.curv")),
 ];
 
 /// The index of a module in [`MODULES`].
@@ -67,15 +31,8 @@ mod tests {
     struct NoData;
 
     impl crate::DataProbe for NoData {
-        fn probe(
-            &mut self,
-            request: &crate::DataRequest,
-        ) -> Result<crate::ProbedData, crate::DataProbeError> {
-            Err(crate::DataProbeError {
-                path_key: String::new(),
-                not_found: true,
-                message: request.name.clone(),
-            })
+        fn probe(&mut self, request: &crate::DataRequest) -> Result<crate::ProbedData, crate::DataProbeError> {
+            Err(crate::DataProbeError { path_key: String::new(), not_found: true, message: request.name.clone() })
         }
     }
 
@@ -85,11 +42,7 @@ mod tests {
             let parsed = curv_grammar::parse(source);
             assert!(parsed.errors.is_empty(), "{name}: {:?}", parsed.errors);
             let analysis = crate::analyze(&parsed.file, &mut NoData);
-            assert!(
-                analysis.diagnostics.is_empty(),
-                "{name}: {:?}",
-                analysis.diagnostics
-            );
+            assert!(analysis.diagnostics.is_empty(), "{name}: {:?}", analysis.diagnostics);
         }
     }
 

@@ -24,12 +24,7 @@ struct TrainScope {
 }
 
 impl Scope for TrainScope {
-    fn name(
-        &mut self,
-        checker: &mut Checker,
-        ident: &ast::Ident,
-        _function: &mut Function,
-    ) -> Option<Lookup> {
+    fn name(&mut self, checker: &mut Checker, ident: &ast::Ident, _function: &mut Function) -> Option<Lookup> {
         if let Some(size) = checker.dims.get(&ident.name) {
             return Some(Lookup::Found(Val::Literal(*size as f64)));
         }
@@ -99,44 +94,25 @@ impl Scope for TrainScope {
             );
             diagnostic = match closest(&field.name, names.iter().copied()) {
                 Some(suggestion) => diagnostic.with_help(format!("did you mean `{suggestion}`?")),
-                None => diagnostic.with_help(format!(
-                    "the fields of `{}` are: {}",
-                    base.name,
-                    names.join(", ")
-                )),
+                None => diagnostic.with_help(format!("the fields of `{}` are: {}", base.name, names.join(", "))),
             };
             checker.emit(diagnostic);
             return Some(Lookup::Failed);
         };
-        let batch = if self.batch > 0 {
-            self.batch
-        } else {
-            info.examples - info.test_examples
-        };
+        let batch = if self.batch > 0 { self.batch } else { info.examples - info.test_examples };
         let mut shape = ty.shape.clone();
         shape[0] = Dim::Known(batch);
-        let batch_ty = TensorType {
-            dtype: ty.dtype,
-            shape,
-        };
+        let batch_ty = TensorType { dtype: ty.dtype, shape };
         let span = base.span.to(field.span);
         Some(Lookup::Found(Val::Value(function.push(
-            Op::Data {
-                source: base.name.clone(),
-                field: field.name.clone(),
-            },
+            Op::Data { source: base.name.clone(), field: field.name.clone() },
             vec![],
             batch_ty,
             span,
         ))))
     }
 
-    fn call(
-        &mut self,
-        checker: &mut Checker,
-        call: &ast::Call,
-        function: &mut Function,
-    ) -> Option<Lookup> {
+    fn call(&mut self, checker: &mut Checker, call: &ast::Call, function: &mut Function) -> Option<Lookup> {
         let body = if let Some(model) = checker.models.get(&call.name.name) {
             Body::Model(model.item)
         } else if let Some(loss) = checker.losses.get(&call.name.name) {
@@ -165,26 +141,15 @@ impl TrainScope {
         function: &mut Function,
     ) -> Option<ValueId> {
         let (name, inputs, source) = match body {
-            Body::Model(model) => (
-                &model.name,
-                &model.inputs,
-                checker.models[&model.name.name].source,
-            ),
-            Body::Loss(loss) => (
-                &loss.name,
-                &loss.inputs,
-                checker.losses[&loss.name.name].source,
-            ),
+            Body::Model(model) => (&model.name, &model.inputs, checker.models[&model.name.name].source),
+            Body::Loss(loss) => (&loss.name, &loss.inputs, checker.losses[&loss.name.name].source),
         };
         let mut args = Vec::new();
         let mut failed = false;
         for arg in &call.args {
             match arg {
                 ast::Arg::Positional(expr) => match checker.lower_expr(self, expr, function) {
-                    Some(value) => args.push((
-                        checker.materialize(function, value, expr.span()),
-                        expr.span(),
-                    )),
+                    Some(value) => args.push((checker.materialize(function, value, expr.span()), expr.span())),
                     None => failed = true,
                 },
                 ast::Arg::Named(key, _) => {
@@ -296,23 +261,18 @@ impl TrainScope {
                 checker.emit(Diagnostic::error(
                     "E0205",
                     call.span,
-                    format!(
-                        "`{}` is called with other dimensions than before",
-                        name.name
-                    ),
+                    format!("`{}` is called with other dimensions than before", name.name),
                     "a model's parameters have one shape per train block",
                 ));
                 return None;
             }
         }
-        self.model_bindings
-            .insert(name.name.clone(), bindings.clone());
+        self.model_bindings.insert(name.name.clone(), bindings.clone());
         let input_values: Vec<ValueId> = args.iter().map(|(value, _)| *value).collect();
         let saved_symbols = std::mem::replace(&mut checker.symbols, bindings);
         let saved_source = checker.source;
         checker.source = source;
-        let result =
-            checker.lower_body(&body, Some(input_values), function, &mut self.params, false);
+        let result = checker.lower_body(&body, Some(input_values), function, &mut self.params, false);
         checker.source = saved_source;
         checker.symbols = saved_symbols;
         result
@@ -329,13 +289,8 @@ impl<'a> Checker<'a> {
                 ast::TrainItem::Loss(expr, span) => {
                     if let Some((_, first)) = loss_expr {
                         self.emit(
-                            Diagnostic::error(
-                                "E0101",
-                                *span,
-                                "a train block has one `loss`",
-                                "second `loss`",
-                            )
-                            .with_label(first, "first `loss` here"),
+                            Diagnostic::error("E0101", *span, "a train block has one `loss`", "second `loss`")
+                                .with_label(first, "first `loss` here"),
                         );
                     } else {
                         loss_expr = Some((expr, *span));
@@ -362,31 +317,19 @@ impl<'a> Checker<'a> {
                             format!("unknown train setting `{key}`"),
                             "not a train setting",
                         );
-                        diagnostic = match closest(
-                            key,
-                            builtins::TRAIN_SETTINGS
-                                .iter()
-                                .copied()
-                                .chain(["loss", "optimizer"]),
-                        ) {
-                            Some(suggestion) => {
-                                diagnostic.with_help(format!("did you mean `{suggestion}`?"))
-                            }
-                            None => diagnostic.with_help(format!(
-                                "the train settings are: loss, optimizer, {}",
-                                builtins::TRAIN_SETTINGS.join(", ")
-                            )),
-                        };
+                        diagnostic =
+                            match closest(key, builtins::TRAIN_SETTINGS.iter().copied().chain(["loss", "optimizer"])) {
+                                Some(suggestion) => diagnostic.with_help(format!("did you mean `{suggestion}`?")),
+                                None => diagnostic.with_help(format!(
+                                    "the train settings are: loss, optimizer, {}",
+                                    builtins::TRAIN_SETTINGS.join(", ")
+                                )),
+                            };
                         self.emit(diagnostic);
                     } else if let Some(first) = settings.insert(key.to_string(), setting) {
                         self.emit(
-                            Diagnostic::error(
-                                "E0101",
-                                setting.key.span,
-                                format!("`{key}` is set twice"),
-                                "set again",
-                            )
-                            .with_label(first.key.span, "first set here"),
+                            Diagnostic::error("E0101", setting.key.span, format!("`{key}` is set twice"), "set again")
+                                .with_label(first.key.span, "first set here"),
                         );
                     }
                 }
@@ -441,13 +384,8 @@ impl<'a> Checker<'a> {
             }
         };
         let batch = batch?;
-        let mut scope = TrainScope {
-            batch,
-            data_used: None,
-            params: Vec::new(),
-            model_bindings: HashMap::new(),
-            failed: false,
-        };
+        let mut scope =
+            TrainScope { batch, data_used: None, params: Vec::new(), model_bindings: HashMap::new(), failed: false };
         let mut function = Function::new("loss");
         self.expression_values.clear();
         let errors_before = self.error_count();
@@ -499,11 +437,8 @@ impl<'a> Checker<'a> {
                 // The values the metrics need: the model's output and the target.
                 let first = self.expression_values.get(&call.args[0].span()).copied();
                 let second = self.expression_values.get(&call.args[1].span()).copied();
-                let names = if kind == LossKind::CrossEntropy {
-                    ("logits", "labels")
-                } else {
-                    ("prediction", "target")
-                };
+                let names =
+                    if kind == LossKind::CrossEntropy { ("logits", "labels") } else { ("prediction", "target") };
                 if let (Some(first), Some(second)) = (first, second) {
                     function.outputs.push((names.0.to_string(), first));
                     function.outputs.push((names.1.to_string(), second));
@@ -511,11 +446,7 @@ impl<'a> Checker<'a> {
             }
         }
         let mut program = new_train_program(&train.name.name, data, train.span);
-        program.batch = if batch == 0 {
-            program.data.examples - program.data.test_examples
-        } else {
-            batch
-        };
+        program.batch = if batch == 0 { program.data.examples - program.data.test_examples } else { batch };
         program.steps = steps?;
         program.seed = seed?;
         program.loss_kind = kind;
@@ -544,18 +475,15 @@ impl<'a> Checker<'a> {
             );
             diagnostic = match closest(&optimizer_ident.name, names.iter().map(String::as_str)) {
                 Some(suggestion) => diagnostic.with_help(format!("did you mean `{suggestion}`?")),
-                None => diagnostic.with_help(format!(
-                    "import a preset, for example `use std.optimizers.{}`",
-                    optimizer_ident.name
-                )),
+                None => diagnostic
+                    .with_help(format!("import a preset, for example `use std.optimizers.{}`", optimizer_ident.name)),
             };
             self.emit(diagnostic);
             return None;
         };
         self.used_optimizers.insert(optimizer_ident.name.clone());
         let _ = SourceId::User;
-        program.optimizer =
-            self.plan_optimizer(optimizer, &program.params, optimizer_ident.span)?;
+        program.optimizer = self.plan_optimizer(optimizer, &program.params, optimizer_ident.span)?;
         Some(program)
     }
 
@@ -568,11 +496,7 @@ impl<'a> Checker<'a> {
         match setting.values.as_slice() {
             [Expr::Int(value, span)] => {
                 if *value < minimum {
-                    let message = if minimum == 1 {
-                        "must be positive"
-                    } else {
-                        "must not be negative"
-                    };
+                    let message = if minimum == 1 { "must be positive" } else { "must not be negative" };
                     self.emit(Diagnostic::error(
                         "E0304",
                         *span,
@@ -652,12 +576,7 @@ impl<'a> Checker<'a> {
         }
     }
 
-    fn logging(
-        &mut self,
-        setting: &ast::Setting,
-        kind: LossKind,
-        program: &TrainProgram,
-    ) -> Option<Logging> {
+    fn logging(&mut self, setting: &ast::Setting, kind: LossKind, program: &TrainProgram) -> Option<Logging> {
         let mut available: Vec<&str> = builtins::METRICS_ALWAYS.to_vec();
         match kind {
             LossKind::CrossEntropy => available.extend(builtins::METRICS_CLASSIFICATION),
@@ -682,10 +601,8 @@ impl<'a> Checker<'a> {
                     format!("unknown metric `{}` for this loss", ident.name),
                     "not available",
                 );
-                diagnostic = diagnostic.with_help(format!(
-                    "the metrics of this train block are: {}",
-                    available.join(", ")
-                ));
+                diagnostic =
+                    diagnostic.with_help(format!("the metrics of this train block are: {}", available.join(", ")));
                 if builtins::METRICS_CLASSIFICATION.contains(&ident.name.as_str()) {
                     diagnostic = diagnostic.with_note("accuracy needs a `cross_entropy` loss");
                 } else if builtins::METRICS_REGRESSION.contains(&ident.name.as_str()) {
@@ -699,10 +616,7 @@ impl<'a> Checker<'a> {
                     Diagnostic::error(
                         "E0307",
                         ident.span,
-                        format!(
-                            "`{}` needs a test split, but `{}` has none",
-                            ident.name, program.data.name
-                        ),
+                        format!("`{}` needs a test split, but `{}` has none", ident.name, program.data.name),
                         "no test examples",
                     )
                     .with_help("add `test_fraction = 0.2` to the data declaration"),

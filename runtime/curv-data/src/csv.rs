@@ -60,9 +60,7 @@ fn read_csv_table(
 
     loop {
         line_bytes.clear();
-        let bytes_read = reader
-            .read_until(b'\n', &mut line_bytes)
-            .map_err(|error| DataError::from_io(path, &error))?;
+        let bytes_read = reader.read_until(b'\n', &mut line_bytes).map_err(|error| DataError::from_io(path, &error))?;
         if bytes_read == 0 {
             break;
         }
@@ -102,26 +100,15 @@ fn read_csv_table(
         return Err(DataError::corrupt(path, message));
     };
     if row_count == 0 {
-        return Err(DataError::corrupt(
-            path,
-            "no data rows: the file has a header line but nothing after it",
-        ));
+        return Err(DataError::corrupt(path, "no data rows: the file has a header line but nothing after it"));
     }
-    let feature_count =
-        header.column_names.len() - usize::from(header.label_column_index.is_some());
-    Ok(CsvTableSummary {
-        row_count,
-        feature_count,
-    })
+    let feature_count = header.column_names.len() - usize::from(header.label_column_index.is_some());
+    Ok(CsvTableSummary { row_count, feature_count })
 }
 
 /// Turns one raw line into text: strips the line terminator (`\n` or `\r\n`) and, on the first line, a
 /// UTF-8 byte-order mark; invalid UTF-8 is reported with its line number.
-fn decode_line<'bytes>(
-    path: &Path,
-    line_bytes: &'bytes [u8],
-    line_number: usize,
-) -> Result<&'bytes str, DataError> {
+fn decode_line<'bytes>(path: &Path, line_bytes: &'bytes [u8], line_number: usize) -> Result<&'bytes str, DataError> {
     let mut content = line_bytes;
     if let Some(stripped) = content.strip_suffix(b"\n") {
         content = stripped;
@@ -134,21 +121,13 @@ fn decode_line<'bytes>(
             content = stripped;
         }
     }
-    std::str::from_utf8(content).map_err(|_| {
-        DataError::corrupt(path, format!("line {line_number} is not valid UTF-8 text"))
-    })
+    std::str::from_utf8(content)
+        .map_err(|_| DataError::corrupt(path, format!("line {line_number} is not valid UTF-8 text")))
 }
 
 /// Splits the header line into column names and locates the requested label column.
-fn parse_header(
-    path: &Path,
-    line: &str,
-    label_column_name: Option<&str>,
-) -> Result<CsvHeader, DataError> {
-    let column_names: Vec<String> = line
-        .split(',')
-        .map(|cell| unquote_header_name(cell.trim()).to_string())
-        .collect();
+fn parse_header(path: &Path, line: &str, label_column_name: Option<&str>) -> Result<CsvHeader, DataError> {
+    let column_names: Vec<String> = line.split(',').map(|cell| unquote_header_name(cell.trim()).to_string()).collect();
 
     let label_column_index = match label_column_name {
         None => None,
@@ -156,30 +135,18 @@ fn parse_header(
     };
 
     if label_column_index.is_some() && column_names.len() == 1 {
-        return Err(DataError::bad_option(
-            path,
-            "the label column is the only column, so no feature columns remain",
-        ));
+        return Err(DataError::bad_option(path, "the label column is the only column, so no feature columns remain"));
     }
-    Ok(CsvHeader {
-        column_names,
-        label_column_index,
-    })
+    Ok(CsvHeader { column_names, label_column_index })
 }
 
 /// Removes one pair of surrounding double quotes from a header name, if present.
 fn unquote_header_name(name: &str) -> &str {
-    name.strip_prefix('"')
-        .and_then(|inner| inner.strip_suffix('"'))
-        .unwrap_or(name)
+    name.strip_prefix('"').and_then(|inner| inner.strip_suffix('"')).unwrap_or(name)
 }
 
 /// Finds the unique column called `wanted_name`, explaining what the header offers when it is missing.
-fn find_label_column(
-    path: &Path,
-    column_names: &[String],
-    wanted_name: &str,
-) -> Result<usize, DataError> {
+fn find_label_column(path: &Path, column_names: &[String], wanted_name: &str) -> Result<usize, DataError> {
     let matching_indices: Vec<usize> = column_names
         .iter()
         .enumerate()
@@ -195,20 +162,14 @@ fn find_label_column(
                 if column_names.len() == 1 { "" } else { "s" },
                 summarize_column_names(column_names)
             );
-            if let Some(near_miss) = column_names
-                .iter()
-                .find(|name| name.eq_ignore_ascii_case(wanted_name))
-            {
+            if let Some(near_miss) = column_names.iter().find(|name| name.eq_ignore_ascii_case(wanted_name)) {
                 message.push_str(&format!(" (did you mean '{near_miss}'?)"));
             }
             Err(DataError::bad_option(path, message))
         }
         several => Err(DataError::bad_option(
             path,
-            format!(
-                "label column '{wanted_name}' appears {} times in the header, so it is ambiguous",
-                several.len()
-            ),
+            format!("label column '{wanted_name}' appears {} times in the header, so it is ambiguous", several.len()),
         )),
     }
 }
@@ -218,13 +179,7 @@ fn summarize_column_names(column_names: &[String]) -> String {
     let mut summary = column_names
         .iter()
         .take(COLUMN_NAMES_SHOWN_IN_MESSAGES)
-        .map(|name| {
-            if name.is_empty() {
-                "(unnamed)"
-            } else {
-                name.as_str()
-            }
-        })
+        .map(|name| if name.is_empty() { "(unnamed)" } else { name.as_str() })
         .collect::<Vec<_>>()
         .join(", ");
     if column_names.len() > COLUMN_NAMES_SHOWN_IN_MESSAGES {
@@ -262,10 +217,7 @@ fn parse_data_row(
             let parsed_label = parse_label_cell(cell).map_err(|problem| {
                 DataError::corrupt(
                     path,
-                    format!(
-                        "line {line_number}, {}: {problem}",
-                        header.describe_column(column_index)
-                    ),
+                    format!("line {line_number}, {}: {problem}", header.describe_column(column_index)),
                 )
             })?;
             label = Some(parsed_label);
@@ -273,10 +225,7 @@ fn parse_data_row(
             let feature = parse_feature_cell(cell).map_err(|problem| {
                 DataError::corrupt(
                     path,
-                    format!(
-                        "line {line_number}, {}: {problem}",
-                        header.describe_column(column_index)
-                    ),
+                    format!("line {line_number}, {}: {problem}", header.describe_column(column_index)),
                 )
             })?;
             row_features.push(feature);
@@ -290,18 +239,13 @@ fn parse_feature_cell(cell: &str) -> Result<f32, String> {
     if cell.is_empty() {
         return Err("empty cell; expected a number".to_string());
     }
-    let value: f64 = cell
-        .parse()
-        .map_err(|_| format!("{} is not a number", quote_cell(cell)))?;
+    let value: f64 = cell.parse().map_err(|_| format!("{} is not a number", quote_cell(cell)))?;
     if !value.is_finite() {
         return Err(format!("{} is not a finite number", quote_cell(cell)));
     }
     let narrowed = value as f32;
     if !narrowed.is_finite() {
-        return Err(format!(
-            "{} is too large for a 32-bit float",
-            quote_cell(cell)
-        ));
+        return Err(format!("{} is too large for a 32-bit float", quote_cell(cell)));
     }
     Ok(narrowed)
 }
@@ -316,25 +260,14 @@ fn parse_label_cell(cell: &str) -> Result<i32, String> {
         Ok(integer) => integer as f64,
         Err(_) => match cell.parse::<f64>() {
             Ok(decimal) if decimal.is_finite() && decimal.fract() == 0.0 => decimal,
-            _ => {
-                return Err(format!(
-                    "{} is not an integer class label",
-                    quote_cell(cell)
-                ))
-            }
+            _ => return Err(format!("{} is not an integer class label", quote_cell(cell))),
         },
     };
     if value < 0.0 {
-        return Err(format!(
-            "class label {} is negative; labels must be integers >= 0",
-            quote_cell(cell)
-        ));
+        return Err(format!("class label {} is negative; labels must be integers >= 0", quote_cell(cell)));
     }
     if value > f64::from(i32::MAX) {
-        return Err(format!(
-            "class label {} is too large for a 32-bit integer",
-            quote_cell(cell)
-        ));
+        return Err(format!("class label {} is too large for a 32-bit integer", quote_cell(cell)));
     }
     Ok(value as i32)
 }
@@ -342,10 +275,7 @@ fn parse_label_cell(cell: &str) -> Result<i32, String> {
 /// Quotes a cell for an error message, shortening very long cells.
 fn quote_cell(cell: &str) -> String {
     if cell.chars().count() > CELL_CHARACTERS_SHOWN_IN_MESSAGES {
-        let prefix: String = cell
-            .chars()
-            .take(CELL_CHARACTERS_SHOWN_IN_MESSAGES)
-            .collect();
+        let prefix: String = cell.chars().take(CELL_CHARACTERS_SHOWN_IN_MESSAGES).collect();
         format!("'{prefix}...'")
     } else {
         format!("'{cell}'")
@@ -362,22 +292,12 @@ pub fn probe_csv(path: &Path, label: Option<&str>) -> Result<DataSchema, DataErr
     let summary = read_csv_table(path, label, |_, _| {})?;
     let rows = count_to_i64(path, summary.row_count as u64, "row count")?;
     let features = count_to_i64(path, summary.feature_count as u64, "feature count")?;
-    let mut fields = vec![FieldSchema {
-        name: "x".to_string(),
-        element_type: ElementType::F32,
-        shape: vec![rows, features],
-    }];
+    let mut fields =
+        vec![FieldSchema { name: "x".to_string(), element_type: ElementType::F32, shape: vec![rows, features] }];
     if label.is_some() {
-        fields.push(FieldSchema {
-            name: "y".to_string(),
-            element_type: ElementType::I32,
-            shape: vec![rows],
-        });
+        fields.push(FieldSchema { name: "y".to_string(), element_type: ElementType::I32, shape: vec![rows] });
     }
-    Ok(DataSchema {
-        fields,
-        examples: rows,
-    })
+    Ok(DataSchema { fields, examples: rows })
 }
 
 /// Loads a whole CSV file with the same validation as [`probe_csv`].
@@ -387,10 +307,7 @@ pub fn probe_csv(path: &Path, label: Option<&str>) -> Result<DataSchema, DataErr
 /// column is given.
 // The tuple return type is the documented public signature, so clippy's preference for a named type is declined.
 #[allow(clippy::type_complexity)]
-pub fn load_csv(
-    path: &Path,
-    label: Option<&str>,
-) -> Result<(Vec<f32>, usize, Option<Vec<i32>>), DataError> {
+pub fn load_csv(path: &Path, label: Option<&str>) -> Result<(Vec<f32>, usize, Option<Vec<i32>>), DataError> {
     let mut features = Vec::new();
     let mut labels = Vec::new();
     let summary = read_csv_table(path, label, |row_features, row_label| {
@@ -418,30 +335,17 @@ mod tests {
     #[test]
     fn good_csv_with_label_probes_and_loads() {
         let directory = scratch_directory("csv_good_with_label");
-        let path = write_file(
-            &directory,
-            "table.csv",
-            b"a, b ,label,c\n1,2.5,0,-3\n4,5e1,2,6\n\n\n",
-        );
+        let path = write_file(&directory, "table.csv", b"a, b ,label,c\n1,2.5,0,-3\n4,5e1,2,6\n\n\n");
         let schema = probe_csv(&path, Some("label")).expect("the CSV is valid");
         assert_eq!(schema.examples, 2);
         assert_eq!(
             schema.fields,
             vec![
-                FieldSchema {
-                    name: "x".to_string(),
-                    element_type: ElementType::F32,
-                    shape: vec![2, 3]
-                },
-                FieldSchema {
-                    name: "y".to_string(),
-                    element_type: ElementType::I32,
-                    shape: vec![2]
-                },
+                FieldSchema { name: "x".to_string(), element_type: ElementType::F32, shape: vec![2, 3] },
+                FieldSchema { name: "y".to_string(), element_type: ElementType::I32, shape: vec![2] },
             ]
         );
-        let (features, feature_count, labels) =
-            load_csv(&path, Some("label")).expect("the CSV is valid");
+        let (features, feature_count, labels) = load_csv(&path, Some("label")).expect("the CSV is valid");
         assert_eq!(features, vec![1.0, 2.5, -3.0, 4.0, 50.0, 6.0]);
         assert_eq!(feature_count, 3);
         assert_eq!(labels, Some(vec![0, 2]));
@@ -450,35 +354,20 @@ mod tests {
     #[test]
     fn good_csv_without_label_has_only_features() {
         let directory = scratch_directory("csv_good_without_label");
-        let path = write_file(
-            &directory,
-            "table.csv",
-            b"\xef\xbb\xbfa,b\r\n1,2\r\n3,4\r\n",
-        );
+        let path = write_file(&directory, "table.csv", b"\xef\xbb\xbfa,b\r\n1,2\r\n3,4\r\n");
         let schema = probe_csv(&path, None).expect("the CSV is valid");
         assert_eq!(schema.examples, 2);
         assert_eq!(
             schema.fields,
-            vec![FieldSchema {
-                name: "x".to_string(),
-                element_type: ElementType::F32,
-                shape: vec![2, 2]
-            }]
+            vec![FieldSchema { name: "x".to_string(), element_type: ElementType::F32, shape: vec![2, 2] }]
         );
         let (features, feature_count, labels) = load_csv(&path, None).expect("the CSV is valid");
-        assert_eq!(
-            (features, feature_count, labels),
-            (vec![1.0, 2.0, 3.0, 4.0], 2, None)
-        );
+        assert_eq!((features, feature_count, labels), (vec![1.0, 2.0, 3.0, 4.0], 2, None));
     }
 
     #[test]
     fn missing_label_column_lists_available_columns() {
-        let error = probe_error(
-            "csv_missing_label",
-            "p0,p1,p2,p3,p4,p5,p6\n1,2,3,4,5,6,7\n",
-            Some("target"),
-        );
+        let error = probe_error("csv_missing_label", "p0,p1,p2,p3,p4,p5,p6\n1,2,3,4,5,6,7\n", Some("target"));
         assert_eq!(error.kind, DataErrorKind::BadOption);
         assert!(error.message.contains("'target'"), "{error}");
         assert!(error.message.contains("p0, p1, p2, p3, p4, ..."), "{error}");
@@ -494,11 +383,7 @@ mod tests {
 
     #[test]
     fn ragged_row_reports_its_line_number() {
-        let error = probe_error(
-            "csv_ragged",
-            "a,b,label\n1,2,0\n3,4,1\n5,6\n",
-            Some("label"),
-        );
+        let error = probe_error("csv_ragged", "a,b,label\n1,2,0\n3,4,1\n5,6\n", Some("label"));
         assert_eq!(error.kind, DataErrorKind::Corrupt);
         assert!(error.message.contains("line 4"), "{error}");
         assert!(error.message.contains("2 fields"), "{error}");
@@ -506,11 +391,7 @@ mod tests {
 
     #[test]
     fn non_numeric_cell_reports_line_and_column() {
-        let error = probe_error(
-            "csv_non_numeric",
-            "a,b,label\n1,2,0\n3,abc,1\n",
-            Some("label"),
-        );
+        let error = probe_error("csv_non_numeric", "a,b,label\n1,2,0\n3,abc,1\n", Some("label"));
         assert_eq!(error.kind, DataErrorKind::Corrupt);
         assert!(error.message.contains("line 3"), "{error}");
         assert!(error.message.contains("column 'b'"), "{error}");
@@ -548,12 +429,7 @@ mod tests {
         let error = probe_csv(&path, None).expect_err("the file does not exist");
         assert_eq!(error.kind, DataErrorKind::NotFound);
         assert_eq!(error.path, path);
-        assert!(
-            error
-                .to_string()
-                .starts_with(&format!("{}: ", path.display())),
-            "{error}"
-        );
+        assert!(error.to_string().starts_with(&format!("{}: ", path.display())), "{error}");
     }
 
     #[test]

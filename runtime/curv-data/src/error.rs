@@ -34,11 +34,7 @@ pub struct DataError {
 impl DataError {
     /// Builds an error of any kind for the given file.
     pub(crate) fn new(path: &Path, kind: DataErrorKind, message: impl Into<String>) -> Self {
-        DataError {
-            path: path.to_path_buf(),
-            message: message.into(),
-            kind,
-        }
+        DataError { path: path.to_path_buf(), message: message.into(), kind }
     }
 
     /// Builds an error saying that the file's contents are malformed.
@@ -56,18 +52,11 @@ impl DataError {
     /// `Unreadable`.
     pub(crate) fn from_io(path: &Path, error: &io::Error) -> Self {
         match error.kind() {
-            io::ErrorKind::NotFound => {
-                DataError::new(path, DataErrorKind::NotFound, "file not found")
+            io::ErrorKind::NotFound => DataError::new(path, DataErrorKind::NotFound, "file not found"),
+            io::ErrorKind::UnexpectedEof => {
+                DataError::corrupt(path, "the file is truncated: it ends before its contents are complete")
             }
-            io::ErrorKind::UnexpectedEof => DataError::corrupt(
-                path,
-                "the file is truncated: it ends before its contents are complete",
-            ),
-            _ => DataError::new(
-                path,
-                DataErrorKind::Unreadable,
-                format!("cannot read the file: {error}"),
-            ),
+            _ => DataError::new(path, DataErrorKind::Unreadable, format!("cannot read the file: {error}")),
         }
     }
 }
@@ -85,11 +74,7 @@ impl std::error::Error for DataError {}
 pub(crate) fn open_regular_file(path: &Path) -> Result<(File, u64), DataError> {
     let metadata = std::fs::metadata(path).map_err(|error| DataError::from_io(path, &error))?;
     if metadata.is_dir() {
-        return Err(DataError::new(
-            path,
-            DataErrorKind::Unreadable,
-            "is a directory, but a data file was expected",
-        ));
+        return Err(DataError::new(path, DataErrorKind::Unreadable, "is a directory, but a data file was expected"));
     }
     let file = File::open(path).map_err(|error| DataError::from_io(path, &error))?;
     Ok((file, metadata.len()))
@@ -97,11 +82,7 @@ pub(crate) fn open_regular_file(path: &Path) -> Result<(File, u64), DataError> {
 
 /// Reads up to `buffer.len()` bytes, stopping early only at the end of the file, and returns how many
 /// bytes were read; this lets callers tell "too short" apart from real I/O failures.
-pub(crate) fn read_up_to(
-    path: &Path,
-    reader: &mut impl Read,
-    buffer: &mut [u8],
-) -> Result<usize, DataError> {
+pub(crate) fn read_up_to(path: &Path, reader: &mut impl Read, buffer: &mut [u8]) -> Result<usize, DataError> {
     let mut filled = 0;
     while filled < buffer.len() {
         match reader.read(&mut buffer[filled..]) {
@@ -135,6 +116,5 @@ pub(crate) fn describe_foreign_format(leading_bytes: &[u8]) -> Option<&'static s
 /// Converts a count into the `i64` used by schemas, reporting an absurdly large count as corruption
 /// instead of panicking.
 pub(crate) fn count_to_i64(path: &Path, count: u64, what: &str) -> Result<i64, DataError> {
-    i64::try_from(count)
-        .map_err(|_| DataError::corrupt(path, format!("the {what} ({count}) is too large")))
+    i64::try_from(count).map_err(|_| DataError::corrupt(path, format!("the {what} ({count}) is too large")))
 }

@@ -7,9 +7,7 @@
 
 use std::path::Path;
 
-use crate::error::{
-    count_to_i64, describe_foreign_format, open_regular_file, read_up_to, DataError,
-};
+use crate::error::{count_to_i64, describe_foreign_format, open_regular_file, read_up_to, DataError};
 use crate::{DataSchema, ElementType, FieldSchema};
 
 /// The IDX element-type code for unsigned bytes, the only element type MNIST uses.
@@ -31,29 +29,18 @@ pub(crate) struct IdxHeader {
 /// Reads the header of an IDX file of unsigned bytes with `expected_dimension_count` dimensions and
 /// checks that the file holds exactly the data the header describes. `role` ("image" or "label") is
 /// used in messages.
-pub(crate) fn read_idx_header(
-    path: &Path,
-    expected_dimension_count: u8,
-    role: &str,
-) -> Result<IdxHeader, DataError> {
+pub(crate) fn read_idx_header(path: &Path, expected_dimension_count: u8, role: &str) -> Result<IdxHeader, DataError> {
     let (mut file, file_length) = open_regular_file(path)?;
 
     let mut magic = [0u8; 4];
     let magic_length = read_up_to(path, &mut file, &mut magic)?;
     if let Some(description) = describe_foreign_format(&magic[..magic_length]) {
-        return Err(DataError::corrupt(
-            path,
-            format!("not an IDX {role} file: {description}"),
-        ));
+        return Err(DataError::corrupt(path, format!("not an IDX {role} file: {description}")));
     }
     if magic_length < magic.len() {
-        return Err(DataError::corrupt(
-            path,
-            format!("not an IDX {role} file: it is only {magic_length} bytes long"),
-        ));
+        return Err(DataError::corrupt(path, format!("not an IDX {role} file: it is only {magic_length} bytes long")));
     }
-    let expected_magic =
-        u32::from_be_bytes([0, 0, IDX_UNSIGNED_BYTE_TYPE_CODE, expected_dimension_count]);
+    let expected_magic = u32::from_be_bytes([0, 0, IDX_UNSIGNED_BYTE_TYPE_CODE, expected_dimension_count]);
     let found_magic = u32::from_be_bytes(magic);
     if found_magic != expected_magic {
         let mut message =
@@ -70,10 +57,7 @@ pub(crate) fn read_idx_header(
 
     let mut dimension_bytes = vec![0u8; usize::from(expected_dimension_count) * 4];
     if read_up_to(path, &mut file, &mut dimension_bytes)? < dimension_bytes.len() {
-        return Err(DataError::corrupt(
-            path,
-            format!("the IDX {role} file is truncated inside its header"),
-        ));
+        return Err(DataError::corrupt(path, format!("the IDX {role} file is truncated inside its header")));
     }
     let dimensions: Vec<u32> = dimension_bytes
         .chunks_exact(4)
@@ -81,17 +65,10 @@ pub(crate) fn read_idx_header(
         .collect();
 
     let data_offset = (magic.len() + dimension_bytes.len()) as u64;
-    let data_length = dimensions.iter().try_fold(1u64, |product, &dimension| {
-        product.checked_mul(u64::from(dimension))
-    });
-    let expected_file_length =
-        data_length.and_then(|data_length| data_length.checked_add(data_offset));
+    let data_length = dimensions.iter().try_fold(1u64, |product, &dimension| product.checked_mul(u64::from(dimension)));
+    let expected_file_length = data_length.and_then(|data_length| data_length.checked_add(data_offset));
     if expected_file_length != Some(file_length) {
-        let dimensions_text = dimensions
-            .iter()
-            .map(u32::to_string)
-            .collect::<Vec<_>>()
-            .join(" x ");
+        let dimensions_text = dimensions.iter().map(u32::to_string).collect::<Vec<_>>().join(" x ");
         let described_length = match expected_file_length {
             Some(length) => format!("{length} bytes"),
             None => "an impossibly large size".to_string(),
@@ -122,28 +99,15 @@ pub fn probe_idx(images: &Path, labels: &Path) -> Result<DataSchema, DataError> 
     let label_header = read_idx_header(labels, IDX_LABEL_DIMENSION_COUNT, "label")?;
     let (image_count, image_rows, image_columns) = match image_header.dimensions.as_slice() {
         [count, rows, columns] => (*count, *rows, *columns),
-        _ => {
-            return Err(DataError::corrupt(
-                images,
-                "the IDX image file does not have three dimensions",
-            ))
-        }
+        _ => return Err(DataError::corrupt(images, "the IDX image file does not have three dimensions")),
     };
     let label_count = match label_header.dimensions.as_slice() {
         [count] => *count,
-        _ => {
-            return Err(DataError::corrupt(
-                labels,
-                "the IDX label file does not have one dimension",
-            ))
-        }
+        _ => return Err(DataError::corrupt(labels, "the IDX label file does not have one dimension")),
     };
 
     if image_count == 0 {
-        return Err(DataError::corrupt(
-            images,
-            "the IDX image file contains no images",
-        ));
+        return Err(DataError::corrupt(images, "the IDX image file contains no images"));
     }
     if image_rows == 0 || image_columns == 0 {
         return Err(DataError::corrupt(
@@ -162,11 +126,7 @@ pub fn probe_idx(images: &Path, labels: &Path) -> Result<DataSchema, DataError> 
     }
 
     let examples = i64::from(image_count);
-    let pixels_per_image = count_to_i64(
-        images,
-        u64::from(image_rows) * u64::from(image_columns),
-        "image size",
-    )?;
+    let pixels_per_image = count_to_i64(images, u64::from(image_rows) * u64::from(image_columns), "image size")?;
     Ok(DataSchema {
         fields: vec![
             FieldSchema {
@@ -174,11 +134,7 @@ pub fn probe_idx(images: &Path, labels: &Path) -> Result<DataSchema, DataError> 
                 element_type: ElementType::F32,
                 shape: vec![examples, pixels_per_image],
             },
-            FieldSchema {
-                name: "y".to_string(),
-                element_type: ElementType::I32,
-                shape: vec![examples],
-            },
+            FieldSchema { name: "y".to_string(), element_type: ElementType::I32, shape: vec![examples] },
         ],
         examples,
     })
@@ -201,11 +157,7 @@ mod tests {
     }
 
     /// Writes an image file and a label file and probes the pair.
-    fn probe_pair(
-        test_name: &str,
-        image_bytes: &[u8],
-        label_bytes: &[u8],
-    ) -> Result<DataSchema, DataError> {
+    fn probe_pair(test_name: &str, image_bytes: &[u8], label_bytes: &[u8]) -> Result<DataSchema, DataError> {
         let directory = scratch_directory(test_name);
         let images = write_file(&directory, "images-idx3-ubyte", image_bytes);
         let labels = write_file(&directory, "labels-idx1-ubyte", label_bytes);
@@ -214,34 +166,22 @@ mod tests {
 
     #[test]
     fn good_pair_probes() {
-        let schema = probe_pair("idx_good", &idx_bytes(&[5, 3, 4], 60), &idx_bytes(&[5], 5))
-            .expect("the pair is valid");
+        let schema =
+            probe_pair("idx_good", &idx_bytes(&[5, 3, 4], 60), &idx_bytes(&[5], 5)).expect("the pair is valid");
         assert_eq!(schema.examples, 5);
         assert_eq!(
             schema.fields,
             vec![
-                FieldSchema {
-                    name: "x".to_string(),
-                    element_type: ElementType::F32,
-                    shape: vec![5, 12]
-                },
-                FieldSchema {
-                    name: "y".to_string(),
-                    element_type: ElementType::I32,
-                    shape: vec![5]
-                },
+                FieldSchema { name: "x".to_string(), element_type: ElementType::F32, shape: vec![5, 12] },
+                FieldSchema { name: "y".to_string(), element_type: ElementType::I32, shape: vec![5] },
             ]
         );
     }
 
     #[test]
     fn mismatched_counts_are_corrupt() {
-        let error = probe_pair(
-            "idx_mismatch",
-            &idx_bytes(&[5, 3, 4], 60),
-            &idx_bytes(&[6], 6),
-        )
-        .expect_err("the counts disagree");
+        let error = probe_pair("idx_mismatch", &idx_bytes(&[5, 3, 4], 60), &idx_bytes(&[6], 6))
+            .expect_err("the counts disagree");
         assert_eq!(error.kind, DataErrorKind::Corrupt);
         assert!(error.message.contains("6 labels"), "{error}");
         assert!(error.message.contains("5 images"), "{error}");
@@ -249,40 +189,24 @@ mod tests {
 
     #[test]
     fn truncated_and_oversized_files_are_corrupt() {
-        let error = probe_pair(
-            "idx_truncated",
-            &idx_bytes(&[5, 3, 4], 59),
-            &idx_bytes(&[5], 5),
-        )
-        .expect_err("the image file is one byte short");
+        let error = probe_pair("idx_truncated", &idx_bytes(&[5, 3, 4], 59), &idx_bytes(&[5], 5))
+            .expect_err("the image file is one byte short");
         assert_eq!(error.kind, DataErrorKind::Corrupt);
         assert!(error.message.contains("truncated"), "{error}");
-        let error = probe_pair(
-            "idx_oversized",
-            &idx_bytes(&[5, 3, 4], 60),
-            &idx_bytes(&[5], 6),
-        )
-        .expect_err("the label file is one byte long");
+        let error = probe_pair("idx_oversized", &idx_bytes(&[5, 3, 4], 60), &idx_bytes(&[5], 6))
+            .expect_err("the label file is one byte long");
         assert_eq!(error.kind, DataErrorKind::Corrupt);
         assert!(error.message.contains("wrong size"), "{error}");
     }
 
     #[test]
     fn swapped_and_foreign_files_are_corrupt() {
-        let error = probe_pair(
-            "idx_swapped",
-            &idx_bytes(&[5], 5),
-            &idx_bytes(&[5, 3, 4], 60),
-        )
-        .expect_err("the files are swapped");
+        let error = probe_pair("idx_swapped", &idx_bytes(&[5], 5), &idx_bytes(&[5, 3, 4], 60))
+            .expect_err("the files are swapped");
         assert_eq!(error.kind, DataErrorKind::Corrupt);
         assert!(error.message.contains("looks like a label file"), "{error}");
-        let error = probe_pair(
-            "idx_gzip",
-            b"\x1f\x8b\x08\x00compressed",
-            &idx_bytes(&[5], 5),
-        )
-        .expect_err("gzip files must be decompressed first");
+        let error = probe_pair("idx_gzip", b"\x1f\x8b\x08\x00compressed", &idx_bytes(&[5], 5))
+            .expect_err("gzip files must be decompressed first");
         assert!(error.message.contains("gzip"), "{error}");
     }
 
@@ -290,20 +214,15 @@ mod tests {
     fn missing_label_file_is_not_found() {
         let directory = scratch_directory("idx_missing");
         let images = write_file(&directory, "images", &idx_bytes(&[1, 2, 2], 4));
-        let error =
-            probe_idx(&images, &directory.join("labels")).expect_err("the label file is missing");
+        let error = probe_idx(&images, &directory.join("labels")).expect_err("the label file is missing");
         assert_eq!(error.kind, DataErrorKind::NotFound);
         assert_eq!(error.path, directory.join("labels"));
     }
 
     #[test]
     fn huge_dimensions_do_not_overflow() {
-        let error = probe_pair(
-            "idx_huge",
-            &idx_bytes(&[u32::MAX, u32::MAX, u32::MAX], 0),
-            &idx_bytes(&[1], 1),
-        )
-        .expect_err("the dimensions are impossible");
+        let error = probe_pair("idx_huge", &idx_bytes(&[u32::MAX, u32::MAX, u32::MAX], 0), &idx_bytes(&[1], 1))
+            .expect_err("the dimensions are impossible");
         assert_eq!(error.kind, DataErrorKind::Corrupt);
     }
 
@@ -315,11 +234,7 @@ mod tests {
         for length in 0..image_bytes.len() {
             let images = write_file(&directory, "images", &image_bytes[..length]);
             let error = probe_idx(&images, &labels).expect_err("a truncated file is invalid");
-            assert_eq!(
-                error.kind,
-                DataErrorKind::Corrupt,
-                "length {length}: {error}"
-            );
+            assert_eq!(error.kind, DataErrorKind::Corrupt, "length {length}: {error}");
         }
     }
 }

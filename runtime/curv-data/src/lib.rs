@@ -64,29 +64,18 @@ mod tests {
 
     /// Resolves a path under the repository's `examples/data` directory.
     fn example_data_path(file_name: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../examples/data")
-            .join(file_name)
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/data").join(file_name)
     }
 
     #[test]
     fn probes_the_digits_example_csv() {
-        let schema = probe_csv(&example_data_path("digits.csv"), Some("label"))
-            .expect("digits.csv is valid");
+        let schema = probe_csv(&example_data_path("digits.csv"), Some("label")).expect("digits.csv is valid");
         assert_eq!(schema.examples, 1797);
         assert_eq!(
             schema.fields,
             vec![
-                FieldSchema {
-                    name: "x".to_string(),
-                    element_type: ElementType::F32,
-                    shape: vec![1797, 64]
-                },
-                FieldSchema {
-                    name: "y".to_string(),
-                    element_type: ElementType::I32,
-                    shape: vec![1797]
-                },
+                FieldSchema { name: "x".to_string(), element_type: ElementType::F32, shape: vec![1797, 64] },
+                FieldSchema { name: "y".to_string(), element_type: ElementType::I32, shape: vec![1797] },
             ]
         );
     }
@@ -104,22 +93,13 @@ mod tests {
 
     #[test]
     fn probes_the_camera_example_image() {
-        let schema =
-            probe_image(&example_data_path("camera_128.png")).expect("camera_128.png is valid");
+        let schema = probe_image(&example_data_path("camera_128.png")).expect("camera_128.png is valid");
         assert_eq!(schema.examples, 16384);
         assert_eq!(
             schema.fields,
             vec![
-                FieldSchema {
-                    name: "coords".to_string(),
-                    element_type: ElementType::F32,
-                    shape: vec![16384, 2]
-                },
-                FieldSchema {
-                    name: "values".to_string(),
-                    element_type: ElementType::F32,
-                    shape: vec![16384, 1]
-                },
+                FieldSchema { name: "coords".to_string(), element_type: ElementType::F32, shape: vec![16384, 2] },
+                FieldSchema { name: "values".to_string(), element_type: ElementType::F32, shape: vec![16384, 1] },
             ]
         );
     }

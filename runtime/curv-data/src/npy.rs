@@ -6,9 +6,7 @@
 
 use std::path::Path;
 
-use crate::error::{
-    count_to_i64, describe_foreign_format, open_regular_file, read_up_to, DataError,
-};
+use crate::error::{count_to_i64, describe_foreign_format, open_regular_file, read_up_to, DataError};
 use crate::ElementType;
 
 /// The magic string every `.npy` file starts with.
@@ -79,37 +77,29 @@ pub(crate) fn read_npy_header(path: &Path) -> Result<NpyHeader, DataError> {
     if !leading_bytes.starts_with(NPY_MAGIC) {
         let message = match describe_foreign_format(leading_bytes) {
             Some(description) => format!("not a .npy file: {description}"),
-            None => {
-                "not a .npy file: it does not start with the magic string \\x93NUMPY".to_string()
-            }
+            None => "not a .npy file: it does not start with the magic string \\x93NUMPY".to_string(),
         };
         return Err(DataError::corrupt(path, message));
     }
     if leading_length < magic_and_version.len() {
-        return Err(DataError::corrupt(
-            path,
-            "the .npy file is truncated inside its format version",
-        ));
+        return Err(DataError::corrupt(path, "the .npy file is truncated inside its format version"));
     }
     let (major_version, minor_version) = (magic_and_version[6], magic_and_version[7]);
 
     let header_length_field_size: usize = match major_version {
         1 => 2,
         2 | 3 => 4,
-        _ => {
-            return Err(DataError::corrupt(
-                path,
-                format!("unsupported .npy format version {major_version}.{minor_version}; versions 1, 2 and 3 are supported"),
-            ))
-        }
+        _ => return Err(DataError::corrupt(
+            path,
+            format!(
+                "unsupported .npy format version {major_version}.{minor_version}; versions 1, 2 and 3 are supported"
+            ),
+        )),
     };
     let mut header_length_bytes = [0u8; 4];
     let header_length_field = &mut header_length_bytes[..header_length_field_size];
     if read_up_to(path, &mut file, header_length_field)? < header_length_field_size {
-        return Err(DataError::corrupt(
-            path,
-            "the .npy file is truncated inside its header length",
-        ));
+        return Err(DataError::corrupt(path, "the .npy file is truncated inside its header length"));
     }
     let header_length = u64::from(u32::from_le_bytes(header_length_bytes));
     let header_offset = (magic_and_version.len() + header_length_field_size) as u64;
@@ -131,10 +121,7 @@ pub(crate) fn read_npy_header(path: &Path) -> Result<NpyHeader, DataError> {
     }
     let mut header_bytes = vec![0u8; header_length as usize];
     if read_up_to(path, &mut file, &mut header_bytes)? < header_bytes.len() {
-        return Err(DataError::corrupt(
-            path,
-            "the .npy file is truncated inside its header",
-        ));
+        return Err(DataError::corrupt(path, "the .npy file is truncated inside its header"));
     }
 
     // Versions 1 and 2 store the header as Latin-1, where every byte is one character; version 3 uses UTF-8.
@@ -145,9 +132,8 @@ pub(crate) fn read_npy_header(path: &Path) -> Result<NpyHeader, DataError> {
         header_bytes.iter().map(|&byte| char::from(byte)).collect()
     };
 
-    let dictionary = parse_header_dictionary(&header_text).map_err(|problem| {
-        DataError::corrupt(path, format!("the .npy header is malformed: {problem}"))
-    })?;
+    let dictionary = parse_header_dictionary(&header_text)
+        .map_err(|problem| DataError::corrupt(path, format!("the .npy header is malformed: {problem}")))?;
     interpret_header_dictionary(path, &dictionary, data_offset, file_length)
 }
 
@@ -163,9 +149,7 @@ fn interpret_header_dictionary(
             .iter()
             .find(|(candidate, _)| candidate == key)
             .map(|(_, value)| value)
-            .ok_or_else(|| {
-                DataError::corrupt(path, format!("the .npy header has no '{key}' entry"))
-            })
+            .ok_or_else(|| DataError::corrupt(path, format!("the .npy header has no '{key}' entry")))
     };
     let descr = lookup("descr")?;
     let fortran_order = lookup("fortran_order")?;
@@ -174,69 +158,43 @@ fn interpret_header_dictionary(
     match fortran_order {
         PythonValue::Boolean(false) => {}
         PythonValue::Boolean(true) => {
-            return Err(DataError::bad_option(
-                path,
-                "Fortran-ordered arrays are not supported",
-            ))
+            return Err(DataError::bad_option(path, "Fortran-ordered arrays are not supported"))
         }
-        _ => {
-            return Err(DataError::corrupt(
-                path,
-                "the .npy header's 'fortran_order' is not True or False",
-            ))
-        }
+        _ => return Err(DataError::corrupt(path, "the .npy header's 'fortran_order' is not True or False")),
     }
 
-    let stored_type =
-        match descr {
-            PythonValue::String(descr) => parse_descr(path, descr)?,
-            PythonValue::List(_) => return Err(DataError::bad_option(
+    let stored_type = match descr {
+        PythonValue::String(descr) => parse_descr(path, descr)?,
+        PythonValue::List(_) => {
+            return Err(DataError::bad_option(
                 path,
                 "structured (record) arrays are not supported; save each field as its own array",
-            )),
-            _ => {
-                return Err(DataError::corrupt(
-                    path,
-                    "the .npy header's 'descr' is not a string",
-                ))
-            }
-        };
+            ))
+        }
+        _ => return Err(DataError::corrupt(path, "the .npy header's 'descr' is not a string")),
+    };
 
     let PythonValue::Tuple(dimensions) = shape else {
-        return Err(DataError::corrupt(
-            path,
-            "the .npy header's 'shape' is not a tuple",
-        ));
+        return Err(DataError::corrupt(path, "the .npy header's 'shape' is not a tuple"));
     };
     let mut shape = Vec::with_capacity(dimensions.len());
     let mut element_count: u64 = 1;
     for dimension in dimensions {
         let PythonValue::Integer(dimension) = dimension else {
-            return Err(DataError::corrupt(
-                path,
-                "the .npy header's 'shape' contains something other than an integer",
-            ));
+            return Err(DataError::corrupt(path, "the .npy header's 'shape' contains something other than an integer"));
         };
         let dimension = u64::try_from(*dimension).map_err(|_| {
-            DataError::corrupt(
-                path,
-                format!("the .npy header's 'shape' has a negative dimension {dimension}"),
-            )
+            DataError::corrupt(path, format!("the .npy header's 'shape' has a negative dimension {dimension}"))
         })?;
-        element_count = element_count.checked_mul(dimension).ok_or_else(|| {
-            DataError::corrupt(
-                path,
-                "the .npy header's 'shape' describes too many elements",
-            )
-        })?;
+        element_count = element_count
+            .checked_mul(dimension)
+            .ok_or_else(|| DataError::corrupt(path, "the .npy header's 'shape' describes too many elements"))?;
         shape.push(count_to_i64(path, dimension, "array dimension")?);
     }
 
     let data_length = element_count
         .checked_mul(stored_type.bytes_per_element())
-        .ok_or_else(|| {
-            DataError::corrupt(path, "the .npy header's 'shape' describes too many bytes")
-        })?;
+        .ok_or_else(|| DataError::corrupt(path, "the .npy header's 'shape' describes too many bytes"))?;
     let available_data_length = file_length - data_offset;
     if available_data_length < data_length {
         return Err(DataError::corrupt(
@@ -293,17 +251,11 @@ enum PythonValue {
 /// Parses a `.npy` header: a Python dictionary literal with string keys, optionally followed by padding
 /// spaces and a newline. Returns the entries in file order.
 fn parse_header_dictionary(text: &str) -> Result<Vec<(String, PythonValue)>, String> {
-    let mut parser = PythonLiteralParser {
-        characters: text.chars().collect(),
-        position: 0,
-    };
+    let mut parser = PythonLiteralParser { characters: text.chars().collect(), position: 0 };
     let dictionary = parser.parse_dictionary()?;
     parser.skip_whitespace();
     if parser.position < parser.characters.len() {
-        return Err(format!(
-            "unexpected text after the dictionary at character {}",
-            parser.position + 1
-        ));
+        return Err(format!("unexpected text after the dictionary at character {}", parser.position + 1));
     }
     Ok(dictionary)
 }
@@ -333,10 +285,7 @@ impl PythonLiteralParser {
                 self.position += 1;
                 Ok(())
             }
-            Some(found) => Err(format!(
-                "expected '{expected}' at character {} but found '{found}'",
-                self.position + 1
-            )),
+            Some(found) => Err(format!("expected '{expected}' at character {} but found '{found}'", self.position + 1)),
             None => Err(format!("expected '{expected}' but the header ended")),
         }
     }
@@ -362,10 +311,7 @@ impl PythonLiteralParser {
                 Some(',') => self.position += 1,
                 Some('}') => {}
                 Some(found) => {
-                    return Err(format!(
-                        "expected ',' or '}}' at character {} but found '{found}'",
-                        self.position + 1
-                    ))
+                    return Err(format!("expected ',' or '}}' at character {} but found '{found}'", self.position + 1))
                 }
                 None => return Err("the dictionary is not closed with '}'".to_string()),
             }
@@ -381,17 +327,12 @@ impl PythonLiteralParser {
             Some(quote @ ('\'' | '"')) => self.parse_string(quote).map(PythonValue::String),
             Some('(') => self.parse_sequence(')', depth).map(PythonValue::Tuple),
             Some('[') => self.parse_sequence(']', depth).map(PythonValue::List),
-            Some(character)
-                if character.is_ascii_digit() || character == '-' || character == '+' =>
-            {
+            Some(character) if character.is_ascii_digit() || character == '-' || character == '+' => {
                 self.parse_integer().map(PythonValue::Integer)
             }
             Some(character) if character.is_alphabetic() => {
                 let start = self.position;
-                while self
-                    .peek()
-                    .is_some_and(|character| character.is_alphanumeric() || character == '_')
-                {
+                while self.peek().is_some_and(|character| character.is_alphanumeric() || character == '_') {
                     self.position += 1;
                 }
                 let word: String = self.characters[start..self.position].iter().collect();
@@ -399,16 +340,10 @@ impl PythonLiteralParser {
                     "True" => Ok(PythonValue::Boolean(true)),
                     "False" => Ok(PythonValue::Boolean(false)),
                     "None" => Ok(PythonValue::None),
-                    _ => Err(format!(
-                        "unexpected word '{word}' at character {}",
-                        start + 1
-                    )),
+                    _ => Err(format!("unexpected word '{word}' at character {}", start + 1)),
                 }
             }
-            Some(found) => Err(format!(
-                "unexpected '{found}' at character {}",
-                self.position + 1
-            )),
+            Some(found) => Err(format!("unexpected '{found}' at character {}", self.position + 1)),
             None => Err("the header ended where a value was expected".to_string()),
         }
     }
@@ -421,12 +356,7 @@ impl PythonLiteralParser {
         let mut contents = String::new();
         loop {
             match self.peek() {
-                None => {
-                    return Err(format!(
-                        "the string starting at character {} is not closed",
-                        start + 1
-                    ))
-                }
+                None => return Err(format!("the string starting at character {} is not closed", start + 1)),
                 Some(character) if character == quote => {
                     self.position += 1;
                     return Ok(contents);
@@ -452,22 +382,14 @@ impl PythonLiteralParser {
         if matches!(self.peek(), Some('-' | '+')) {
             self.position += 1;
         }
-        while self
-            .peek()
-            .is_some_and(|character| character.is_ascii_digit())
-        {
+        while self.peek().is_some_and(|character| character.is_ascii_digit()) {
             self.position += 1;
         }
         let digits: String = self.characters[start..self.position].iter().collect();
         if matches!(self.peek(), Some('L' | 'l')) {
             self.position += 1;
         }
-        digits.parse().map_err(|_| {
-            format!(
-                "'{digits}' at character {} is not a valid integer",
-                start + 1
-            )
-        })
+        digits.parse().map_err(|_| format!("'{digits}' at character {} is not a valid integer", start + 1))
     }
 
     /// Parses the items of a tuple or list up to `closing`, allowing a trailing comma.
@@ -530,34 +452,10 @@ mod tests {
     #[test]
     fn good_arrays_of_every_supported_dtype_and_version() {
         let cases = [
-            (
-                1,
-                "{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }",
-                48,
-                ElementType::F32,
-                vec![3, 4],
-            ),
-            (
-                1,
-                "{'descr': '<f8', 'fortran_order': False, 'shape': (5,), }",
-                40,
-                ElementType::F64,
-                vec![5],
-            ),
-            (
-                2,
-                "{'descr': '<i4', 'fortran_order': False, 'shape': (2, 2, 2), }",
-                32,
-                ElementType::I32,
-                vec![2, 2, 2],
-            ),
-            (
-                3,
-                "{\"descr\": \"<i8\", \"fortran_order\": False, \"shape\": (6L,)}",
-                48,
-                ElementType::I32,
-                vec![6],
-            ),
+            (1, "{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }", 48, ElementType::F32, vec![3, 4]),
+            (1, "{'descr': '<f8', 'fortran_order': False, 'shape': (5,), }", 40, ElementType::F64, vec![5]),
+            (2, "{'descr': '<i4', 'fortran_order': False, 'shape': (2, 2, 2), }", 32, ElementType::I32, vec![2, 2, 2]),
+            (3, "{\"descr\": \"<i8\", \"fortran_order\": False, \"shape\": (6L,)}", 48, ElementType::I32, vec![6]),
             (
                 1,
                 "{'descr': '|u1', 'fortran_order': False, 'shape': (10, 28, 28), }",
@@ -565,50 +463,27 @@ mod tests {
                 ElementType::F32,
                 vec![10, 28, 28],
             ),
-            (
-                1,
-                "{'descr': '<f4', 'fortran_order': False, 'shape': (), }",
-                4,
-                ElementType::F32,
-                vec![],
-            ),
-            (
-                1,
-                "{'shape': (0, 3), 'fortran_order': False, 'descr': '<f4'}",
-                0,
-                ElementType::F32,
-                vec![0, 3],
-            ),
+            (1, "{'descr': '<f4', 'fortran_order': False, 'shape': (), }", 4, ElementType::F32, vec![]),
+            (1, "{'shape': (0, 3), 'fortran_order': False, 'descr': '<f4'}", 0, ElementType::F32, vec![0, 3]),
         ];
-        for (index, (version, header, data_length, element_type, shape)) in
-            cases.into_iter().enumerate()
-        {
-            let probed = probe_bytes(
-                &format!("npy_good_{index}"),
-                &npy_bytes(version, header, data_length),
-            );
+        for (index, (version, header, data_length, element_type, shape)) in cases.into_iter().enumerate() {
+            let probed = probe_bytes(&format!("npy_good_{index}"), &npy_bytes(version, header, data_length));
             assert_eq!(probed, Ok((element_type, shape)), "{header}");
         }
     }
 
     #[test]
     fn bad_magic_is_corrupt() {
-        let error = probe_bytes("npy_bad_magic", b"\x93NUMPZ\x01\x00rest of the file")
-            .expect_err("the magic is wrong");
+        let error = probe_bytes("npy_bad_magic", b"\x93NUMPZ\x01\x00rest of the file").expect_err("the magic is wrong");
         assert_eq!(error.kind, DataErrorKind::Corrupt);
         assert!(error.message.contains("not a .npy file"), "{error}");
-        let error = probe_bytes("npy_zip", b"PK\x03\x04 an npz archive")
-            .expect_err("a zip is not a .npy file");
+        let error = probe_bytes("npy_zip", b"PK\x03\x04 an npz archive").expect_err("a zip is not a .npy file");
         assert!(error.message.contains(".npz"), "{error}");
     }
 
     #[test]
     fn fortran_order_is_unsupported() {
-        let bytes = npy_bytes(
-            1,
-            "{'descr': '<f4', 'fortran_order': True, 'shape': (3, 4), }",
-            48,
-        );
+        let bytes = npy_bytes(1, "{'descr': '<f4', 'fortran_order': True, 'shape': (3, 4), }", 48);
         let error = probe_bytes("npy_fortran", &bytes).expect_err("Fortran order is unsupported");
         assert_eq!(error.kind, DataErrorKind::BadOption);
         assert_eq!(error.message, "Fortran-ordered arrays are not supported");
@@ -616,11 +491,7 @@ mod tests {
 
     #[test]
     fn truncated_data_is_corrupt() {
-        let bytes = npy_bytes(
-            1,
-            "{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }",
-            47,
-        );
+        let bytes = npy_bytes(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }", 47);
         let error = probe_bytes("npy_truncated_data", &bytes).expect_err("one byte is missing");
         assert_eq!(error.kind, DataErrorKind::Corrupt);
         assert!(error.message.contains("truncated"), "{error}");
@@ -628,10 +499,7 @@ mod tests {
 
     #[test]
     fn unsupported_dtypes_are_bad_options() {
-        for (index, descr) in ["'>f4'", "'<c8'", "'<f2'", "[('a', '<f4'), ('b', '<i4')]"]
-            .iter()
-            .enumerate()
-        {
+        for (index, descr) in ["'>f4'", "'<c8'", "'<f2'", "[('a', '<f4'), ('b', '<i4')]"].iter().enumerate() {
             let header = format!("{{'descr': {descr}, 'fortran_order': False, 'shape': (1,), }}");
             let error = probe_bytes(&format!("npy_dtype_{index}"), &npy_bytes(1, &header, 8))
                 .expect_err("the dtype is unsupported");
@@ -656,13 +524,9 @@ mod tests {
                 .expect_err("the header is malformed");
             assert_eq!(error.kind, DataErrorKind::Corrupt, "{header}: {error}");
         }
-        let deeply_nested = format!(
-            "{{'descr': {}'<f4'{}}}",
-            "(".repeat(10_000),
-            ")".repeat(10_000)
-        );
-        let error = probe_bytes("npy_deeply_nested", &npy_bytes(2, &deeply_nested, 0))
-            .expect_err("nesting is too deep");
+        let deeply_nested = format!("{{'descr': {}'<f4'{}}}", "(".repeat(10_000), ")".repeat(10_000));
+        let error =
+            probe_bytes("npy_deeply_nested", &npy_bytes(2, &deeply_nested, 0)).expect_err("nesting is too deep");
         assert_eq!(error.kind, DataErrorKind::Corrupt);
     }
 
@@ -671,27 +535,18 @@ mod tests {
         let mut bytes = b"\x93NUMPY\x02\x00".to_vec();
         bytes.extend_from_slice(&u32::MAX.to_le_bytes());
         bytes.extend_from_slice(b"{'descr': '<f4'");
-        let error =
-            probe_bytes("npy_huge_header", &bytes).expect_err("the header length is absurd");
+        let error = probe_bytes("npy_huge_header", &bytes).expect_err("the header length is absurd");
         assert_eq!(error.kind, DataErrorKind::Corrupt);
     }
 
     #[test]
     fn every_truncation_is_an_error_not_a_panic() {
         let directory = scratch_directory("npy_truncations");
-        let bytes = npy_bytes(
-            1,
-            "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }",
-            24,
-        );
+        let bytes = npy_bytes(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }", 24);
         for length in 0..bytes.len() {
             let path = write_file(&directory, "array.npy", &bytes[..length]);
             let error = probe_npy(&path).expect_err("a truncated file is invalid");
-            assert_eq!(
-                error.kind,
-                DataErrorKind::Corrupt,
-                "length {length}: {error}"
-            );
+            assert_eq!(error.kind, DataErrorKind::Corrupt, "length {length}: {error}");
         }
     }
 }

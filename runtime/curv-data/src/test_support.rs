@@ -23,10 +23,7 @@ impl Drop for ScratchDirectory {
 
 /// Returns a fresh, empty scratch directory that is unique to this test process and test name.
 pub(crate) fn scratch_directory(test_name: &str) -> ScratchDirectory {
-    let path = std::env::temp_dir().join(format!(
-        "curv-data-tests-{}-{test_name}",
-        std::process::id()
-    ));
+    let path = std::env::temp_dir().join(format!("curv-data-tests-{}-{test_name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&path);
     std::fs::create_dir_all(&path).expect("the scratch directory can be created");
     ScratchDirectory { path }
