@@ -27,14 +27,30 @@ pub fn parse(source: &str) -> Parsed {
     let stream =
         tokens.iter().map(|spanned| Ok::<_, LexError>((spanned.span.start, spanned.token.clone(), spanned.span.end)));
     let result = crate::curv::FileParser::new().parse(&mut recovered, &mut number_errors, stream);
+    let mut parser_errors = Vec::new();
     let file = match result {
         Ok(file) => file,
         Err(error) => {
-            errors.push(convert_error(error, source.len()));
+            parser_errors.push(convert_error(error, source.len()));
             File::default()
         }
     };
-    errors.extend(recovered.into_iter().map(|recovery| convert_error(recovery.error, source.len())));
+    parser_errors.extend(recovered.into_iter().map(|recovery| convert_error(recovery.error, source.len())));
+    // An unterminated string swallows the rest of its line, often with a closing `)`, so parser
+    // errors from there to the end of that line are consequences of it and are not reported.
+    let unterminated: Vec<Span> = errors.iter().filter(|error| error.code == "E0004").map(|error| error.span).collect();
+    parser_errors.retain(|error| {
+        !unterminated.iter().any(|string| string.start <= error.span.start && error.span.start <= string.end)
+    });
+    for error in &mut parser_errors {
+        if error.code == "E0002" {
+            if let Some(brace) = innermost_unclosed_brace(&tokens) {
+                error.secondary = Some((brace, "this `{` is never closed".to_string()));
+                error.help = Some("add the missing `}`".to_string());
+            }
+        }
+    }
+    errors.extend(parser_errors);
     errors.extend(number_errors);
     errors.sort_by_key(|error| (error.span.start, error.span.end));
     errors.dedup_by(|a, b| a.span == b.span && a.code == b.code);
@@ -58,6 +74,21 @@ pub fn parse_expression(source: &str) -> Result<crate::ast::Expr, Vec<SyntaxErro
             Err(errors)
         }
     }
+}
+
+/// The last `{` that no `}` closes, if any.
+fn innermost_unclosed_brace(tokens: &[SpannedToken]) -> Option<Span> {
+    let mut open: Vec<Span> = Vec::new();
+    for spanned in tokens {
+        match spanned.token {
+            Token::LBrace => open.push(spanned.span),
+            Token::RBrace => {
+                open.pop();
+            }
+            _ => {}
+        }
+    }
+    open.pop()
 }
 
 fn convert_error(error: ParseError<usize, Token, LexError>, source_len: usize) -> SyntaxError {

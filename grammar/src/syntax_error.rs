@@ -10,6 +10,8 @@ pub struct SyntaxError {
     pub message: String,
     pub label: String,
     pub help: Option<String>,
+    /// A second place worth pointing at, such as the `{` that a missing `}` leaves open.
+    pub secondary: Option<(Span, String)>,
 }
 
 impl SyntaxError {
@@ -19,7 +21,9 @@ impl SyntaxError {
             span,
             message: format!("invalid character {text:?}"),
             label: "this character does not start any token".to_string(),
-            help: None,
+            // A `#` almost always starts a comment written in another language's style.
+            help: (text == "#").then(|| "comments start with `//`".to_string()),
+            secondary: None,
         }
     }
 
@@ -30,6 +34,7 @@ impl SyntaxError {
             message: "unterminated string".to_string(),
             label: "this string has no closing `\"` on its line".to_string(),
             help: Some("add a `\"` at the end of the string".to_string()),
+            secondary: None,
         }
     }
 
@@ -40,6 +45,7 @@ impl SyntaxError {
             message: format!("unexpected {found}"),
             label: expected_label(expected),
             help: None,
+            secondary: None,
         }
     }
 
@@ -50,6 +56,7 @@ impl SyntaxError {
             message: "unexpected end of file".to_string(),
             label: expected_label(expected),
             help: Some("a block may be missing its closing `}`".to_string()),
+            secondary: None,
         }
     }
 
@@ -60,6 +67,7 @@ impl SyntaxError {
             message: format!("number `{text}` is out of range"),
             label: "integers must fit in 63 bits and floats must be finite".to_string(),
             help: None,
+            secondary: None,
         }
     }
 }
@@ -88,7 +96,10 @@ fn expected_label(expected: &[String]) -> String {
     if punctuation.len() <= 4 {
         parts.extend(punctuation);
     } else {
-        parts.push("an operator or `)`".to_string());
+        // Many operators could continue the expression: they are named as one group, but the
+        // closing brackets are kept, since they tell the reader which construct is still open.
+        parts.push("an operator".to_string());
+        parts.extend(["`)`", "`]`", "`}`"].into_iter().filter(|closer| names.contains(&closer.trim_matches('`'))).map(String::from));
     }
     if names.contains(&"newline") {
         parts.push("the end of the line".to_string());

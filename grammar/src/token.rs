@@ -219,15 +219,24 @@ pub fn lex(source: &str) -> (Vec<SpannedToken>, Vec<SyntaxError>) {
             Err(()) => {
                 let text = &source[range.clone()];
                 errors.push(SyntaxError::invalid_character(span, text));
+                if text == "#" {
+                    // A `#` comment: its words would only produce more errors, so the rest of the
+                    // line is skipped.
+                    let rest_of_line = source[range.end..].find('\n').unwrap_or(source.len() - range.end);
+                    lexer.bump(rest_of_line);
+                }
                 continue;
             }
         };
         match token {
             Token::UnterminatedStr => {
                 errors.push(SyntaxError::unterminated_string(span));
-                // Keep a string token so that the parser does not report a second error.
+                // Keep a string token so that the parser does not report a second error. The
+                // string runs to the end of the line and has probably swallowed a closing bracket,
+                // so the newline after it ends the statement.
                 let text = source[range.start + 1..range.end].to_string();
                 tokens.push(SpannedToken { token: Token::Str(text), span });
+                bracket_depth = 0;
                 continue;
             }
             Token::LParen | Token::LBracket => bracket_depth += 1,

@@ -32,7 +32,7 @@ enum Command {
     Emit {
         /// The .curv file.
         file: PathBuf,
-        /// The stage to print: tokens, ast or ir.
+        /// The stage to print: tokens, ast, ir or grad.
         #[arg(long)]
         stage: String,
         /// Write to this path instead of standard output.
@@ -102,7 +102,7 @@ fn check(file: &Path) -> ExitCode {
 
 fn emit(file: &Path, stage_name: &str, output: Option<&Path>) -> ExitCode {
     let Some(stage) = Stage::from_name(stage_name) else {
-        eprintln!("error: unknown stage `{stage_name}`; the stages are tokens, ast and ir");
+        eprintln!("error: unknown stage `{stage_name}`; the stages are tokens, ast, ir and grad");
         return ExitCode::from(1);
     };
     let compilation = match load(file) {

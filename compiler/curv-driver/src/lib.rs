@@ -2,6 +2,7 @@
 //! files it names, running the stages (tokens, AST, IR), rendering diagnostics with ariadne, and the
 //! `curv check` summary. The command-line tool and the tests call it; it never exits the process.
 
+pub mod fuzzing;
 mod probe;
 mod render;
 mod summary;
@@ -102,6 +103,7 @@ pub enum Stage {
     Tokens,
     Ast,
     Ir,
+    Grad,
 }
 
 impl Stage {
@@ -110,6 +112,7 @@ impl Stage {
             "tokens" => Some(Stage::Tokens),
             "ast" => Some(Stage::Ast),
             "ir" => Some(Stage::Ir),
+            "grad" => Some(Stage::Grad),
             _ => None,
         }
     }
@@ -133,6 +136,29 @@ pub fn emit(compilation: &Compilation, stage: Stage) -> Option<String> {
                     None => line_column(text, span.start),
                 };
             Some(curv_ir::print_program(&analysis.program, &locate))
+        }
+        Stage::Grad => {
+            if compilation.has_errors() {
+                return None;
+            }
+            let analysis = compilation.analysis.as_ref()?;
+            let text = &compilation.source.text;
+            let locate = |span: curv_grammar::Span| line_column(text, span.start);
+            let mut out = String::new();
+            for train in &analysis.program.trains {
+                let gradients = curv_ad::products::gradient_program(&train.loss, &train.params);
+                out.push_str(&format!("train {}
+", train.name));
+                curv_ir::print_function(&mut out, "  ", &format!("fn {}", gradients.function.name), &gradients.function, &locate);
+                for capture in &gradients.matmul_captures {
+                    out.push_str(&format!(
+                        "  kfac {}: input {}, output cotangent {}  // matmul {}\n",
+                        train.params[capture.param].name, capture.input, capture.output_cotangent, capture.matmul
+                    ));
+                }
+                out.push('\n');
+            }
+            Some(out.trim_end().to_string() + "\n")
         }
     }
 }

@@ -23,10 +23,12 @@ impl DataProbe for FileProbe {
             request.paths.iter().find(|(name, _)| name == key).map(|(_, path)| self.directory.join(path))
         };
         let first_key = request.paths.first().map(|(key, _)| key.clone()).unwrap_or_default();
+        // The message leaves out the path: the diagnostic points at the path as the user wrote
+        // it, which is shorter than the resolved one and the same on every machine.
         let convert = |key: &str, error: curv_data::DataError| DataProbeError {
             path_key: key.to_string(),
             not_found: error.kind == DataErrorKind::NotFound,
-            message: error.to_string(),
+            message: error.message,
         };
         let schema = match request.source.as_str() {
             "csv" => {
@@ -55,7 +57,7 @@ impl DataProbe for FileProbe {
                         return Err(DataProbeError {
                             path_key: key.to_string(),
                             not_found: false,
-                            message: format!("{}: a 0-d array has no examples", path.display()),
+                            message: "a 0-d array has no examples".to_string(),
                         });
                     };
                     if let Some(previous) = examples {
@@ -63,7 +65,7 @@ impl DataProbe for FileProbe {
                             return Err(DataProbeError {
                                 path_key: key.to_string(),
                                 not_found: false,
-                                message: format!("{}: {count} examples, but `x` has {previous}", path.display()),
+                                message: format!("{count} examples, but `x` has {previous}"),
                             });
                         }
                     }

@@ -178,6 +178,11 @@ pub fn function_flops(function: &Function) -> f64 {
                 2.0 * elements * inner
             }
             Op::Reduce { .. } => function.ty(inst.args[0]).element_count().unwrap_or(0) as f64,
+            Op::Conv2dInputGradient { .. } | Op::Conv2dKernelGradient { .. } => {
+                let left = function.ty(inst.args[0]).element_count().unwrap_or(0) as f64;
+                let right = function.ty(inst.args[1]).element_count().unwrap_or(0) as f64;
+                2.0 * left.max(right) * (right.min(left)).sqrt()
+            }
             Op::Conv2d { .. } => {
                 let kernel = function.ty(inst.args[1]).known_shape().unwrap_or_default();
                 let per_output: i64 = kernel.iter().skip(1).product();

@@ -12,5 +12,5 @@ mod print;
 mod types;
 
 pub use cost::{CostModel, ParamCost, StepCost};
-pub use print::print_program;
+pub use print::{print_function, print_options, print_program};
 pub use types::*;

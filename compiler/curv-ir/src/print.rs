@@ -141,10 +141,13 @@ fn op_attributes(op: &Op) -> String {
         Op::Constant { value } => format_number(*value),
         Op::Transpose { permutation } => format!("{permutation:?}"),
         Op::Broadcast { dims } => format!("dims {dims:?}"),
-        Op::Reduce { axes, .. } => format!("axes {axes:?}"),
+        Op::Reduce { axes, .. } | Op::Count { axes } => format!("axes {axes:?}"),
         Op::ArgMax { axis } => format!("axis {axis}"),
         Op::OneHot { classes } => format!("classes {classes}"),
-        Op::Slice { starts } => format!("starts {starts:?}"),
+        Op::Slice { starts } | Op::Pad { starts } => format!("starts {starts:?}"),
+        Op::Conv2dInputGradient { stride, padding } | Op::Conv2dKernelGradient { stride, padding } => {
+            format!("stride {stride} padding {padding}")
+        }
         Op::Conv2d { stride, padding } => format!("stride {stride} padding {padding}"),
         Op::Statistic { kind } => kind.clone(),
         _ => String::new(),

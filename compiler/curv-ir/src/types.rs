@@ -250,6 +250,9 @@ pub enum Op {
         op: ReduceOp,
         axes: Vec<usize>,
     },
+    /// The number of elements of the operand along `axes`, as a float scalar (for means over
+    /// dimensions that are symbolic where the function is written).
+    Count { axes: Vec<usize> },
     /// Index of the maximum along `axis` (an `i32` result without that axis).
     ArgMax {
         axis: usize,
@@ -261,14 +264,18 @@ pub enum Op {
     /// Rows of a table picked by integer indices (`embedding`).
     Gather,
     /// A contiguous slice: `starts[i]..starts[i] + result.shape[i]` along every axis.
-    Slice {
-        starts: Vec<i64>,
-    },
+    Slice { starts: Vec<i64> },
+    /// The transpose of `Slice`: the operand placed at `starts` in zeros of the result shape.
+    Pad { starts: Vec<i64> },
+    /// The transpose of `Gather` for the table: `scatter_add(indices, rows)` adds each row of
+    /// `rows [..., E]` into row `indices[...]` of a zero table of the result shape `[V, E]`.
+    ScatterAdd,
     /// 2-D convolution over NCHW input with OIHW kernel.
-    Conv2d {
-        stride: i64,
-        padding: i64,
-    },
+    Conv2d { stride: i64, padding: i64 },
+    /// Gradient of `Conv2d` for its input: `(output_gradient, kernel) -> input-shaped`.
+    Conv2dInputGradient { stride: i64, padding: i64 },
+    /// Gradient of `Conv2d` for its kernel: `(input, output_gradient) -> kernel-shaped`.
+    Conv2dKernelGradient { stride: i64, padding: i64 },
     /// Lower-triangular causal mask with `-inf` above the diagonal, of the result shape.
     CausalMask,
     Cast,
@@ -298,10 +305,15 @@ impl Op {
             Op::Broadcast { .. } => "broadcast".to_string(),
             Op::Reduce { op: ReduceOp::Sum, .. } => "reduce_sum".to_string(),
             Op::Reduce { op: ReduceOp::Max, .. } => "reduce_max".to_string(),
+            Op::Count { .. } => "count".to_string(),
             Op::ArgMax { .. } => "argmax".to_string(),
             Op::OneHot { .. } => "one_hot".to_string(),
             Op::Gather => "gather".to_string(),
             Op::Slice { .. } => "slice".to_string(),
+            Op::Pad { .. } => "pad".to_string(),
+            Op::ScatterAdd => "scatter_add".to_string(),
+            Op::Conv2dInputGradient { .. } => "conv2d_input_gradient".to_string(),
+            Op::Conv2dKernelGradient { .. } => "conv2d_kernel_gradient".to_string(),
             Op::Conv2d { .. } => "conv2d".to_string(),
             Op::CausalMask => "causal_mask".to_string(),
             Op::Cast => "cast".to_string(),

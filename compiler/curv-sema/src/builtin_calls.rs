@@ -96,20 +96,14 @@ pub fn lower_builtin(
                 }
                 _ => {
                     let summed = reduce(function, value, ReduceOp::Sum, &axes, span);
-                    let count = element_count_of_axes(&ty.shape, &axes);
-                    let count = match count {
-                        Some(count) => count,
+                    let count = match element_count_of_axes(&ty.shape, &axes) {
+                        Some(count) => Val::Literal(count as f64),
                         None => {
-                            checker.emit(Diagnostic::error(
-                                "E0206",
-                                span,
-                                "`mean` over a symbolic dimension",
-                                "the size of this axis is not known here",
-                            ));
-                            return None;
+                            let ty = TensorType::scalar(ty.dtype);
+                            Val::Value(function.push(Op::Count { axes: axes.clone() }, vec![value], ty, span))
                         }
                     };
-                    checker.elementwise(function, BinaryOp::Div, Val::Value(summed), Val::Literal(count as f64), span)
+                    checker.elementwise(function, BinaryOp::Div, Val::Value(summed), count, span)
                 }
             }
         }
@@ -310,6 +304,28 @@ pub fn lower_builtin(
             cross_entropy(checker, function, logits, labels, arg_span(0), arg_span(1), span)
         }
         "mse" => {
+            // Integer class labels as targets are the usual mistake here, so a dtype mismatch gets
+            // its own message rather than the one of the internal subtraction.
+            if let (Val::Value(prediction), Val::Value(target)) = (args[0], args[1]) {
+                let prediction_ty = function.ty(prediction).clone();
+                let target_ty = function.ty(target).clone();
+                if prediction_ty.dtype != target_ty.dtype {
+                    let mut diagnostic = Diagnostic::error(
+                        "E0203",
+                        arg_span(1),
+                        format!("`mse` of {prediction_ty} predictions and {target_ty} targets: the element types differ"),
+                        format!("this is {target_ty}"),
+                    )
+                    .with_label(arg_span(0), format!("this is {prediction_ty}"));
+                    diagnostic = if target_ty.dtype == DType::I32 {
+                        diagnostic.with_help("i32 targets are class labels: use `cross_entropy` to classify them")
+                    } else {
+                        diagnostic.with_help("curv never converts element types implicitly")
+                    };
+                    checker.emit(diagnostic);
+                    return None;
+                }
+            }
             let difference = checker.elementwise(function, BinaryOp::Sub, args[0], args[1], span)?;
             let Val::Value(difference) = difference else {
                 checker.emit(Diagnostic::error("E0204", span, "`mse` of two numbers", "expected tensors"));
@@ -317,18 +333,9 @@ pub fn lower_builtin(
             };
             let squared = binary(function, BinaryOp::Mul, difference, difference, span);
             let ty = function.ty(squared).clone();
-            let Some(count) = ty.element_count() else {
-                checker.emit(Diagnostic::error(
-                    "E0206",
-                    span,
-                    "`mse` over symbolic dimensions",
-                    "the size is not known here",
-                ));
-                return None;
-            };
             let axes: Vec<usize> = (0..ty.rank()).collect();
             let total = reduce(function, squared, ReduceOp::Sum, &axes, span);
-            Some(Val::Value(scale(function, total, 1.0 / count as f64, span)))
+            Some(Val::Value(mean_of_total(function, total, squared, &axes, 1.0, span)))
         }
         "zeros_like" | "ones_like" => {
             let value = tensor(checker, function, args[0], arg_span(0), name)?;
@@ -498,6 +505,20 @@ fn scale(function: &mut Function, value: ValueId, factor: f64, span: Span) -> Va
     binary(function, BinaryOp::Mul, value, constant, span)
 }
 
+/// `sign * total / count`, where `count` is the number of elements of `of` along `axes`: a
+/// constant when those sizes are known, else an `Op::Count` evaluated at run time.
+fn mean_of_total(function: &mut Function, total: ValueId, of: ValueId, axes: &[usize], sign: f64, span: Span) -> ValueId {
+    let ty = function.ty(of).clone();
+    match element_count_of_axes(&ty.shape, axes) {
+        Some(count) => scale(function, total, sign / count as f64, span),
+        None => {
+            let count = function.push(Op::Count { axes: axes.to_vec() }, vec![of], TensorType::scalar(ty.dtype), span);
+            let signed = scale(function, total, sign, span);
+            binary(function, BinaryOp::Div, signed, count, span)
+        }
+    }
+}
+
 /// Broadcasts a value that lost axis `axis` back to `shape`.
 fn broadcast_along(function: &mut Function, value: ValueId, shape: &[Dim], axis: usize, span: Span) -> ValueId {
     let dtype = function.ty(value).dtype;
@@ -617,16 +638,8 @@ fn cross_entropy(
     let picked = binary(function, BinaryOp::Mul, log_probabilities, one_hot_labels, span);
     let axes: Vec<usize> = (0..logits_ty.rank()).collect();
     let total = reduce(function, picked, ReduceOp::Sum, &axes, span);
-    let Some(examples) = element_count_of_axes(&logits_ty.shape, &(0..class_axis).collect::<Vec<_>>()) else {
-        checker.emit(Diagnostic::error(
-            "E0206",
-            span,
-            "`cross_entropy` over a symbolic batch",
-            "the batch size is not known here",
-        ));
-        return None;
-    };
-    Some(Val::Value(scale(function, total, -1.0 / examples as f64, span)))
+    let batch_axes: Vec<usize> = (0..class_axis).collect();
+    Some(Val::Value(mean_of_total(function, total, logits, &batch_axes, -1.0, span)))
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -95,6 +95,11 @@ pub struct Checker<'a> {
     pub(crate) used_optimizers: HashSet<String>,
     /// The value each expression lowered to, by span (the latest function only).
     pub(crate) expression_values: HashMap<Span, ValueId>,
+    /// The last segments of `use` paths that name no module (`adam` for `use std.optimisers.adam`):
+    /// a missing optimizer of that name is a consequence of the bad `use` and is not reported.
+    pub(crate) unresolved_uses: HashSet<String>,
+    /// Top-level `dim`s whose value was reported as invalid: their uses are not reported again.
+    pub(crate) invalid_dims: HashSet<String>,
 }
 
 /// Analyses a parsed file. Never fails: problems are diagnostics.
@@ -102,6 +107,7 @@ pub fn analyze(file: &ast::File, probe: &mut dyn DataProbe) -> Analysis {
     // Standard-library modules named by `use` are parsed first so the checker can borrow them.
     let mut modules: Vec<(usize, ast::File)> = Vec::new();
     let mut use_diagnostics = Vec::new();
+    let mut unresolved_uses = HashSet::new();
     for item in &file.items {
         if let Item::Use(use_decl) = item {
             let path: Vec<&str> = use_decl.path.iter().map(|ident| ident.name.as_str()).collect();
@@ -119,8 +125,25 @@ pub fn analyze(file: &ast::File, probe: &mut dyn DataProbe) -> Analysis {
                 }
                 None => {
                     let names: Vec<&str> = std_lib::MODULES.iter().map(|(name, _)| *name).collect();
-                    let mut diagnostic =
-                        Diagnostic::error("E0109", use_decl.span, format!("unknown module `{path}`"), "no such module");
+                    // The label goes on the first segment that no module's path continues with.
+                    let segments: Vec<&str> = use_decl.path.iter().map(|ident| ident.name.as_str()).collect();
+                    let failing = (1..=segments.len())
+                        .find(|&count| {
+                            let prefix = segments[..count].join(".");
+                            !names.iter().any(|name| *name == prefix || name.starts_with(&format!("{prefix}.")))
+                        })
+                        .unwrap_or(segments.len());
+                    let (span, label) = match use_decl.path.get(failing.saturating_sub(1)) {
+                        Some(segment) if failing > 1 => {
+                            (segment.span, format!("not in `{}`", segments[..failing - 1].join(".")))
+                        }
+                        Some(segment) => (segment.span, "no such module".to_string()),
+                        None => (use_decl.span, "no such module".to_string()),
+                    };
+                    let mut diagnostic = Diagnostic::error("E0109", span, format!("unknown module `{path}`"), label);
+                    if let Some(last) = use_decl.path.last() {
+                        unresolved_uses.insert(last.name.clone());
+                    }
                     diagnostic = match closest(&path, names.iter().copied()) {
                         Some(suggestion) => diagnostic.with_help(format!("did you mean `{suggestion}`?")),
                         None => diagnostic.with_note(format!("the standard library has: {}", names.join(", "))),
@@ -144,6 +167,8 @@ pub fn analyze(file: &ast::File, probe: &mut dyn DataProbe) -> Analysis {
         symbols: HashMap::new(),
         used_optimizers: HashSet::new(),
         expression_values: HashMap::new(),
+        unresolved_uses,
+        invalid_dims: HashSet::new(),
     };
     for (index, module) in &modules {
         checker.register(module, SourceId::Std(*index));
@@ -251,8 +276,13 @@ impl<'a> Checker<'a> {
                 Item::Dim(decl) => {
                     let previous = self.source;
                     self.source = source;
-                    if let Some(size) = self.dim_value(&decl.value) {
-                        self.dims.insert(decl.name.name.clone(), size);
+                    match self.dim_value(&decl.value) {
+                        Some(size) => {
+                            self.dims.insert(decl.name.name.clone(), size);
+                        }
+                        None => {
+                            self.invalid_dims.insert(decl.name.name.clone());
+                        }
                     }
                     self.source = previous;
                 }
@@ -309,6 +339,7 @@ impl<'a> Checker<'a> {
             Expr::Int(value, _) => Some(*value),
             Expr::Name(ident) => match self.dims.get(&ident.name) {
                 Some(value) => Some(*value),
+                None if self.invalid_dims.contains(&ident.name) => None,
                 None => {
                     let names: Vec<String> = self.dims.keys().cloned().collect();
                     self.report_undefined(ident, &names);
@@ -367,11 +398,17 @@ impl<'a> Checker<'a> {
                 }
                 Err(error) => {
                     let span = path_spans.get(&error.path_key).copied().unwrap_or(decl.source.span());
+                    // The path as written, which is what the user can find in the source.
+                    let written = request
+                        .paths
+                        .iter()
+                        .find(|(key, _)| *key == error.path_key)
+                        .map_or(String::new(), |(_, path)| path.clone());
                     let diagnostic = if error.not_found {
                         Diagnostic::error(
                             "E0400",
                             span,
-                            format!("data file not found: {}", error.message),
+                            format!("data file `{written}` not found"),
                             "this path does not exist",
                         )
                         .with_help("relative paths are resolved against the directory of the .curv file")
@@ -379,7 +416,7 @@ impl<'a> Checker<'a> {
                         Diagnostic::error(
                             "E0401",
                             span,
-                            format!("cannot read data: {}", error.message),
+                            format!("cannot read data file `{written}`: {}", error.message),
                             "this file is unreadable or corrupt",
                         )
                     };
@@ -603,6 +640,9 @@ impl<'a> Checker<'a> {
                 if let Some(dim) = self.symbol_dim(&ident.name) {
                     return Some(dim);
                 }
+                if self.invalid_dims.contains(&ident.name) {
+                    return None;
+                }
                 if introduce {
                     let dim = Dim::Symbol(ident.name.clone());
                     self.symbols.insert(ident.name.clone(), dim.clone());
@@ -617,6 +657,9 @@ impl<'a> Checker<'a> {
                     )
                     .with_help(format!("declare it with `dim {} = ...` or use it in an input's type", ident.name)),
                 );
+                // The name is bound from here on so that its other uses in this body are not
+                // reported again.
+                self.symbols.insert(ident.name.clone(), Dim::Symbol(ident.name.clone()));
                 None
             }
             ast::DimExpr::Mul(left, right, span) => {
@@ -670,6 +713,7 @@ impl<'a> Checker<'a> {
         report_unused: bool,
     ) -> Option<ValueId> {
         let generic = inputs.is_none();
+        let errors_before = self.error_count();
         let mut scope = BodyScope::new(body);
         // Inputs (and, in the generic check, their symbols).
         let mut input_values = Vec::new();
@@ -794,12 +838,20 @@ impl<'a> Checker<'a> {
         let name_span = body.name().span;
         let (return_expr, return_span) = match returns.as_slice() {
             [] => {
-                self.emit(Diagnostic::error(
-                    "E0306",
-                    name_span,
-                    format!("`{}` has no `return`", body.name().name),
-                    "missing `return`",
-                ));
+                // A body that ends with a `let` most likely meant to return that value.
+                let help = match body.statements().last() {
+                    Some(ast::BodyStmt::Let(decl)) => format!("end the body with `return {}`", decl.name.name),
+                    _ => "end the body with `return` and the output's expression".to_string(),
+                };
+                self.emit(
+                    Diagnostic::error(
+                        "E0306",
+                        name_span,
+                        format!("`{}` has no `return`", body.name().name),
+                        "missing `return`",
+                    )
+                    .with_help(help),
+                );
                 return None;
             }
             [single] => *single,
@@ -827,7 +879,11 @@ impl<'a> Checker<'a> {
                 let _ = scope.resolve_let(self, &ident, function);
             }
         }
-        if report_unused {
+        // A body with errors is not fully checked (an unknown call's arguments are never looked
+        // at, a misspelt name never marks its target as used), so "unused" warnings and the
+        // return type check would only be consequences of those errors.
+        let body_has_errors = self.error_count() != errors_before;
+        if report_unused && !body_has_errors {
             for decl in &scope.param_decls {
                 if !scope.used.contains(&decl.name.name) {
                     self.emit(
@@ -845,12 +901,15 @@ impl<'a> Checker<'a> {
                 if !scope.used.contains(name) {
                     if let Some(decl) = scope.lets.get(name) {
                         let span = decl.name.span;
-                        self.emit(Diagnostic::warning(
-                            "W0002",
-                            span,
-                            format!("the let `{name}` is never used"),
-                            "unused let",
-                        ));
+                        self.emit(
+                            Diagnostic::warning(
+                                "W0002",
+                                span,
+                                format!("the let `{name}` is never used"),
+                                "unused let",
+                            )
+                            .with_help("remove it, or use it in the model's body"),
+                        );
                     }
                 }
             }
@@ -860,6 +919,9 @@ impl<'a> Checker<'a> {
         if let Some(output) = body.output() {
             if let Some(expected) = self.resolve_type(output, false) {
                 let actual = function.ty(result).clone();
+                if body_has_errors {
+                    return None;
+                }
                 if actual != expected {
                     self.emit(
                         Diagnostic::error(
@@ -904,9 +966,18 @@ impl<'a> Checker<'a> {
                 format!("unknown initialiser `{}`", name.name),
                 "not an initialiser",
             );
-            diagnostic = match closest(&name.name, names.iter().copied()) {
-                Some(suggestion) => diagnostic.with_help(format!("did you mean `{suggestion}`?")),
-                None => diagnostic.with_help(format!("the initialisers are: {}", names.join(", "))),
+            // Xavier and Kaiming initialisation go by their other authors' names here.
+            let aliases = [("xavier_", "glorot_", "Xavier", "Glorot"), ("kaiming_", "he_", "Kaiming", "He")];
+            let alias = aliases.iter().find_map(|(other, ours, other_name, our_name)| {
+                let renamed = format!("{ours}{}", name.name.strip_prefix(other)?);
+                names.contains(&renamed.as_str()).then(|| (renamed, other_name, our_name))
+            });
+            diagnostic = match (alias, closest(&name.name, names.iter().copied())) {
+                (Some((renamed, other_name, our_name)), _) => diagnostic.with_help(format!(
+                    "did you mean `{renamed}`? {other_name} initialisation is called {our_name} in curv"
+                )),
+                (None, Some(suggestion)) => diagnostic.with_help(format!("did you mean `{suggestion}`?")),
+                (None, None) => diagnostic.with_help(format!("the initialisers are: {}", names.join(", "))),
             };
             self.emit(diagnostic);
             return None;

@@ -83,7 +83,10 @@ impl Diagnostic {
 
 impl From<SyntaxError> for Diagnostic {
     fn from(error: SyntaxError) -> Diagnostic {
-        let diagnostic = Diagnostic::error(error.code, error.span, error.message, error.label);
+        let mut diagnostic = Diagnostic::error(error.code, error.span, error.message, error.label);
+        if let Some((span, label)) = error.secondary {
+            diagnostic = diagnostic.with_label(span, label);
+        }
         match error.help {
             Some(help) => diagnostic.with_help(help),
             None => diagnostic,

@@ -217,20 +217,32 @@ impl Checker<'_> {
         let left_ty = function.ty(left_id).clone();
         let right_ty = function.ty(right_id).clone();
         if left_ty.dtype != right_ty.dtype {
-            self.emit(
-                Diagnostic::error(
-                    "E0203",
-                    span,
-                    format!(
-                        "mismatched element types in `{}`: {} and {}",
-                        op.name(),
-                        left_ty.dtype.name(),
-                        right_ty.dtype.name()
-                    ),
-                    format!("left is {left_ty}, right is {right_ty}"),
-                )
-                .with_help("curv never converts element types implicitly"),
-            );
+            // The operator as the user writes it (`*`, not the IR's `mul`).
+            let operator = match op {
+                BinaryOp::Add => "+".to_string(),
+                BinaryOp::Sub => "-".to_string(),
+                BinaryOp::Mul => "*".to_string(),
+                BinaryOp::Div => "/".to_string(),
+                BinaryOp::Pow => "^".to_string(),
+                other => other.name().to_string(),
+            };
+            let mut diagnostic = Diagnostic::error(
+                "E0203",
+                span,
+                format!(
+                    "mismatched element types in `{operator}`: {} and {}",
+                    left_ty.dtype.name(),
+                    right_ty.dtype.name()
+                ),
+                format!("left is {left_ty}, right is {right_ty}"),
+            )
+            .with_help("curv never converts element types implicitly");
+            if left_ty.dtype == DType::I32 || right_ty.dtype == DType::I32 {
+                diagnostic = diagnostic.with_note(
+                    "i32 tensors hold class labels or indices; `one_hot(labels, classes)` turns labels into floats",
+                );
+            }
+            self.emit(diagnostic);
             return None;
         }
         let shape = match broadcast_shapes(&left_ty.shape, &right_ty.shape) {
@@ -524,15 +536,25 @@ impl Checker<'_> {
         if total < min_args || total > max_args || positional.len() < min_args {
             let expected =
                 if min_args == max_args { format!("{min_args}") } else { format!("{min_args} to {max_args}") };
-            self.emit(Diagnostic::error(
+            let mut diagnostic = Diagnostic::error(
                 "E0104",
                 call.span,
                 format!(
-                    "`{name}` takes {expected} argument{}, but {total} were given",
-                    if max_args == 1 { "" } else { "s" }
+                    "`{name}` takes {expected} argument{}, but {total} {} given",
+                    if max_args == 1 { "" } else { "s" },
+                    if total == 1 { "was" } else { "were" }
                 ),
                 "wrong number of arguments",
-            ));
+            );
+            // `max` and `min` are elementwise; one argument suggests a reduction was meant.
+            if (name == "max" || name == "min") && total == 1 {
+                diagnostic = diagnostic.with_help(if name == "max" {
+                    "`max(a, b)` is the elementwise maximum; for the largest element use `amax(x)` or `amax(x, axis)`"
+                } else {
+                    "`min(a, b)` is the elementwise minimum; for the smallest element use `-amax(-x)`"
+                });
+            }
+            self.emit(diagnostic);
             return None;
         }
         crate::builtin_calls::lower_builtin(self, scope, call, &positional, &named, function)

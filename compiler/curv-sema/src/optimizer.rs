@@ -68,10 +68,16 @@ pub(crate) fn option_number_value(checker: &mut Checker, spec: &OptionSpec, expr
         _ => None,
     };
     if let Some((code, message)) = problem {
+        // Whole numbers are shown as written (`0`, not `0.0`).
+        let shown = if value.fract() == 0.0 && value.abs() < 1e15 {
+            format!("{}", value as i64)
+        } else {
+            curv_ir::format_number(value)
+        };
         checker.emit(Diagnostic::error(
             code,
             expr.span(),
-            format!("`{}` {message}, found {}", spec.name, curv_ir::format_number(value)),
+            format!("`{}` {message}, found {shown}", spec.name),
             message.to_string(),
         ));
         return None;
@@ -261,7 +267,13 @@ impl<'a> Checker<'a> {
                     format!("unknown optimizer setting `{key}`"),
                     "not a setting",
                 );
-                diagnostic = match closest(key, builtins::OPTIMIZER_SETTINGS.iter().copied()) {
+                // The spelled-out name of `lr` is too far from it for the spelling suggestion.
+                let suggestion = if key == "learning_rate" {
+                    Some("lr")
+                } else {
+                    closest(key, builtins::OPTIMIZER_SETTINGS.iter().copied())
+                };
+                diagnostic = match suggestion {
                     Some(suggestion) => diagnostic.with_help(format!("did you mean `{suggestion}`?")),
                     None => diagnostic.with_help(format!(
                         "the settings are: {}; a per-parameter rule is written `pattern : structure(...)`",

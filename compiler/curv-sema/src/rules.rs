@@ -206,12 +206,15 @@ impl<'a> Checker<'a> {
                 (None, "step") => Some(1),
                 (Some(Expr::Int(value, span)), "steps") => {
                     if *value <= 0 {
-                        self.emit(Diagnostic::error(
-                            "E0304",
-                            *span,
-                            format!("a period must be positive, found {value}"),
-                            "not positive",
-                        ));
+                        self.emit(
+                            Diagnostic::error(
+                                "E0304",
+                                *span,
+                                format!("a period must be positive, found {value}"),
+                                "not positive",
+                            )
+                            .with_help("write `every N steps` with N at least 1, or `every step`"),
+                        );
                         None
                     } else {
                         Some(*value)
@@ -317,12 +320,15 @@ impl<'a> Checker<'a> {
             && !updates.is_empty()
             && self.error_count() == errors_before
         {
-            self.emit(Diagnostic::warning(
-                "W0003",
-                rule.name.span,
-                format!("rule `{}` never assigns `{parameter}`", rule.name.name),
-                "the parameter is never updated",
-            ));
+            self.emit(
+                Diagnostic::warning(
+                    "W0003",
+                    rule.name.span,
+                    format!("rule `{}` never assigns `{parameter}`", rule.name.name),
+                    "the parameter is never updated",
+                )
+                .with_help(format!("assign `{parameter}` in an `every` block, such as `{parameter} = {parameter} - lr * {}`", rule.tensors[1].name)),
+            );
         }
         if self.error_count() != errors_before {
             return None;
@@ -354,6 +360,8 @@ impl<'a> Checker<'a> {
         state_names: &[String],
         assigned: &mut Vec<String>,
     ) {
+        // States wrongly declared inside this block (reported once, where they are declared).
+        let mut misplaced_states: Vec<String> = Vec::new();
         for statement in statements {
             match statement {
                 RuleStmt::Let(decl) => {
@@ -372,17 +380,26 @@ impl<'a> Checker<'a> {
                         continue;
                     }
                     if name != parameter && !state_names.iter().any(|state| state == name) {
-                        self.emit(
-                            Diagnostic::error(
-                                "E0100",
-                                decl.name.span,
-                                format!("`{name}` is not a state of this rule"),
-                                "cannot assign here",
-                            )
-                            .with_help(format!(
-                                "declare it with `state {name} = zeros_like({parameter})`, or use `let`"
-                            )),
-                        );
+                        // A state declared inside this block was already reported where it is declared.
+                        if !misplaced_states.iter().any(|state| state == name) {
+                            self.emit(
+                                Diagnostic::error(
+                                    "E0100",
+                                    decl.name.span,
+                                    format!("`{name}` is not a state of this rule"),
+                                    "cannot assign here",
+                                )
+                                .with_help(format!(
+                                    "declare it with `state {name} = zeros_like({parameter})`, or use `let`"
+                                )),
+                            );
+                        }
+                        // It is still bound, as a `let` would be, so that its later uses are not
+                        // reported as undefined.
+                        if let Some(value) = self.lower_expr(scope, &decl.value, function) {
+                            let value = self.materialize(function, value, decl.value.span());
+                            scope.values.insert(name.to_string(), value);
+                        }
                         continue;
                     }
                     if let Some(value) = self.lower_expr(scope, &decl.value, function) {
@@ -408,12 +425,21 @@ impl<'a> Checker<'a> {
                     }
                 }
                 RuleStmt::State(decl) => {
-                    self.emit(Diagnostic::error(
-                        "E0111",
-                        decl.span,
-                        "`state` is declared at the top of a rule",
-                        "inside an `every` block",
-                    ));
+                    self.emit(
+                        Diagnostic::error(
+                            "E0111",
+                            decl.span,
+                            "`state` is declared at the top of a rule",
+                            "inside an `every` block",
+                        )
+                        .with_help("move the declaration above the `every` block"),
+                    );
+                    // It is still bound, so that its uses in this block are not reported again.
+                    if let Some(value) = self.lower_expr(scope, &decl.value, function) {
+                        let value = self.materialize(function, value, decl.value.span());
+                        scope.values.insert(decl.name.name.clone(), value);
+                    }
+                    misplaced_states.push(decl.name.name.clone());
                 }
                 RuleStmt::Every(block) => {
                     self.emit(Diagnostic::error(

@@ -2,7 +2,7 @@
 //! data shapes, the settings, and the optimizer plan.
 
 use crate::builtins;
-use crate::check::{loss_kind, new_train_program, Body, Checker};
+use crate::check::{label_in, loss_kind, new_train_program, Body, Checker};
 use crate::diagnostic::{Diagnostic, SourceId};
 use crate::lower::{Lookup, Scope, Val};
 use crate::suggest::closest;
@@ -187,35 +187,25 @@ impl TrainScope {
             let actual = function.ty(*value).clone();
             let declared_dtype = curv_ir::DType::from_name(&input.ty.dtype.name);
             if declared_dtype.is_some_and(|dtype| dtype != actual.dtype) {
-                checker.emit(
-                    Diagnostic::error(
-                        "E0203",
-                        *arg_span,
-                        format!(
-                            "`{}` expects {} for `{}`, found {actual}",
-                            name.name, input.ty.dtype.name, input.name.name
-                        ),
-                        format!("this is {actual}"),
-                    )
-                    .with_note(format!(
-                        "`{}` is declared as `{}: ...` in `{}`",
-                        input.name.name, input.name.name, name.name
-                    )),
+                let mut diagnostic = Diagnostic::error(
+                    "E0203",
+                    *arg_span,
+                    format!("`{}` expects {} for `{}`, found {actual}", name.name, input.ty.dtype.name, input.name.name),
+                    format!("this is {actual}"),
                 );
+                diagnostic.labels.push(label_in(source, input.ty.dtype.span, &format!("`{}` is declared here", input.name.name)));
+                checker.emit(diagnostic);
                 return None;
             }
             if input.ty.dims.len() != actual.rank() {
-                checker.emit(Diagnostic::error(
+                let mut diagnostic = Diagnostic::error(
                     "E0204",
                     *arg_span,
-                    format!(
-                        "`{}` expects `{}` of rank {}, found {actual}",
-                        name.name,
-                        input.name.name,
-                        input.ty.dims.len()
-                    ),
+                    format!("`{}` expects `{}` of rank {}, found {actual}", name.name, input.name.name, input.ty.dims.len()),
                     format!("this is {actual}"),
-                ));
+                );
+                diagnostic.labels.push(label_in(source, input.ty.span, &format!("`{}` is declared here", input.name.name)));
+                checker.emit(diagnostic);
                 return None;
             }
             for (dim, actual_dim) in input.ty.dims.iter().zip(actual.shape.iter()) {
@@ -239,15 +229,25 @@ impl TrainScope {
                             ast::DimExpr::Name(ident) => format!("`{}` = {expected}", ident.name),
                             _ => expected.to_string(),
                         };
-                        checker.emit(Diagnostic::error(
+                        let mut diagnostic = Diagnostic::error(
                             "E0205",
                             *arg_span,
                             format!(
-                                "`{}` expects `{}` with dimension {dim_text}, found {actual}",
+                                "`{}` expects `{}` with dimension {dim_text}, but the argument has {actual_dim} there",
                                 name.name, input.name.name
                             ),
                             format!("this is {actual}"),
-                        ));
+                        );
+                        diagnostic.labels.push(label_in(source, dim.span(), &format!("{dim_text} is expected here")));
+                        if let ast::DimExpr::Name(ident) = dim {
+                            if checker.dims.contains_key(&ident.name) {
+                                diagnostic = diagnostic.with_note(format!(
+                                    "`{}` is fixed by `dim {} = {expected}`",
+                                    ident.name, ident.name
+                                ));
+                            }
+                        }
+                        checker.emit(diagnostic);
                         return None;
                     }
                 }
@@ -317,14 +317,27 @@ impl<'a> Checker<'a> {
                             format!("unknown train setting `{key}`"),
                             "not a train setting",
                         );
-                        diagnostic =
-                            match closest(key, builtins::TRAIN_SETTINGS.iter().copied().chain(["loss", "optimizer"])) {
+                        // Names other frameworks use for the training length and the batch size.
+                        let renamed = match key {
+                            "epochs" | "iterations" | "num_steps" | "max_steps" => Some("steps"),
+                            "batch_size" => Some("batch"),
+                            _ => None,
+                        };
+                        diagnostic = match renamed {
+                            Some("steps") => diagnostic
+                                .with_help("curv counts training in optimizer steps: write `steps N` instead"),
+                            Some(setting_name) => diagnostic.with_help(format!("did you mean `{setting_name}`?")),
+                            None => match closest(
+                                key,
+                                builtins::TRAIN_SETTINGS.iter().copied().chain(["loss", "optimizer"]),
+                            ) {
                                 Some(suggestion) => diagnostic.with_help(format!("did you mean `{suggestion}`?")),
                                 None => diagnostic.with_help(format!(
                                     "the train settings are: loss, optimizer, {}",
                                     builtins::TRAIN_SETTINGS.join(", ")
                                 )),
-                            };
+                            },
+                        };
                         self.emit(diagnostic);
                     } else if let Some(first) = settings.insert(key.to_string(), setting) {
                         self.emit(
@@ -363,23 +376,29 @@ impl<'a> Checker<'a> {
             None => Some(0),
         };
         let Some((loss_expr, loss_span)) = loss_expr else {
-            self.emit(Diagnostic::error(
-                "E0306",
-                train.name.span,
-                format!("train `{}` has no `loss`", train.name.name),
-                "missing `loss`",
-            ));
+            self.emit(
+                Diagnostic::error(
+                    "E0306",
+                    train.name.span,
+                    format!("train `{}` has no `loss`", train.name.name),
+                    "missing `loss`",
+                )
+                .with_help("add a line such as `loss cross_entropy(model(data.x), data.y)`"),
+            );
             return None;
         };
         let optimizer_ident = match optimizer_name {
             Some(name) => Some(name),
             None => {
-                self.emit(Diagnostic::error(
-                    "E0306",
-                    train.name.span,
-                    format!("train `{}` has no `optimizer`", train.name.name),
-                    "missing `optimizer`",
-                ));
+                self.emit(
+                    Diagnostic::error(
+                        "E0306",
+                        train.name.span,
+                        format!("train `{}` has no `optimizer`", train.name.name),
+                        "missing `optimizer`",
+                    )
+                    .with_help("add a line such as `optimizer adam` (with `use std.optimizers.adam`)"),
+                );
                 None
             }
         };
@@ -466,6 +485,10 @@ impl<'a> Checker<'a> {
         };
         let optimizer_ident = optimizer_ident?;
         let Some(optimizer) = self.optimizers.get(&optimizer_ident.name).copied() else {
+            if self.unresolved_uses.contains(&optimizer_ident.name) {
+                // The `use` that should have defined it was already reported.
+                return None;
+            }
             let names: Vec<String> = self.optimizers.keys().cloned().collect();
             let mut diagnostic = Diagnostic::error(
                 "E0100",
@@ -508,22 +531,35 @@ impl<'a> Checker<'a> {
                 Some(*value)
             }
             [Expr::Neg(inner, span)] if matches!(inner.as_ref(), Expr::Int(..)) => {
+                let message = if minimum == 1 { "must be positive" } else { "must not be negative" };
+                let value = match inner.as_ref() {
+                    Expr::Int(value, _) => *value,
+                    _ => 0,
+                };
                 self.emit(Diagnostic::error(
                     "E0304",
                     *span,
-                    format!("`{}` must be positive", setting.key.name),
+                    format!("`{}` {message}, found -{value}", setting.key.name),
                     "negative",
                 ));
                 None
             }
             [Expr::Error(_)] => None,
             [other] => {
-                self.emit(Diagnostic::error(
+                let mut diagnostic = Diagnostic::error(
                     "E0112",
                     other.span(),
                     format!("`{}` takes an integer", setting.key.name),
                     "not an integer",
-                ));
+                );
+                // `1e4` is a float in curv; a whole number can simply be written out.
+                if let Expr::Float(value, _) = other {
+                    if value.fract() == 0.0 && value.abs() < 1e15 {
+                        diagnostic =
+                            diagnostic.with_help(format!("write it as `{} {}`", setting.key.name, *value as i64));
+                    }
+                }
+                self.emit(diagnostic);
                 None
             }
             _ => {
@@ -601,8 +637,11 @@ impl<'a> Checker<'a> {
                     format!("unknown metric `{}` for this loss", ident.name),
                     "not available",
                 );
-                diagnostic =
-                    diagnostic.with_help(format!("the metrics of this train block are: {}", available.join(", ")));
+                diagnostic = match closest(&ident.name, available.iter().copied()) {
+                    Some(suggestion) => diagnostic.with_help(format!("did you mean `{suggestion}`?")),
+                    None => diagnostic
+                        .with_help(format!("the metrics of this train block are: {}", available.join(", "))),
+                };
                 if builtins::METRICS_CLASSIFICATION.contains(&ident.name.as_str()) {
                     diagnostic = diagnostic.with_note("accuracy needs a `cross_entropy` loss");
                 } else if builtins::METRICS_REGRESSION.contains(&ident.name.as_str()) {

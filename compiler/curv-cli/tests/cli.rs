@@ -1,0 +1,111 @@
+//! The command-line contract: exit codes (0 ok, 1 user error, 2 internal failure, never 101),
+//! where output goes, and `emit -o` writing whole files.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repository_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+fn curv(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_curv")).args(args).current_dir(repository_root()).output().unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn scratch_directory(name: &str) -> PathBuf {
+    let directory = std::env::temp_dir().join(format!("curv-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&directory).unwrap();
+    directory
+}
+
+#[test]
+fn check_of_a_valid_file_prints_the_summary_and_exits_zero() {
+    let output = curv(&["check", "examples/digits_mlp.curv"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let stdout = text(&output.stdout);
+    assert!(stdout.contains("ok (1 train block"), "{stdout}");
+    assert!(stdout.contains("w1         [64, 256]"), "{stdout}");
+    assert!(stdout.contains("estimated FLOPs per step"), "{stdout}");
+    assert!(output.stderr.is_empty(), "{}", text(&output.stderr));
+}
+
+#[test]
+fn check_of_an_invalid_file_prints_diagnostics_to_stderr_and_exits_one() {
+    let output = curv(&["check", "tests/ui/several_syntax_errors.curv"]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = text(&output.stderr);
+    assert_eq!(stderr.matches("[E0001]").count(), 3, "{stderr}");
+    assert!(output.stdout.is_empty());
+}
+
+#[test]
+fn a_missing_input_file_is_a_user_error_naming_the_path() {
+    let output = curv(&["check", "no/such/file.curv"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(text(&output.stderr).contains("cannot read no/such/file.curv: no such file"), "{}", text(&output.stderr));
+}
+
+#[test]
+fn a_binary_input_file_is_a_user_error() {
+    let directory = scratch_directory("binary");
+    let path = directory.join("garbage.curv");
+    std::fs::write(&path, [0xff, 0xfe, 0x00, 0x80]).unwrap();
+    let output = curv(&["check", path.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(text(&output.stderr).contains("is not UTF-8 text"), "{}", text(&output.stderr));
+}
+
+#[test]
+fn usage_errors_exit_one_and_help_exits_zero() {
+    assert_eq!(curv(&["frobnicate"]).status.code(), Some(1));
+    assert_eq!(curv(&["check"]).status.code(), Some(1));
+    assert_eq!(curv(&["--help"]).status.code(), Some(0));
+    let unknown_stage = curv(&["emit", "examples/siren.curv", "--stage", "bytecode"]);
+    assert_eq!(unknown_stage.status.code(), Some(1));
+    assert!(text(&unknown_stage.stderr).contains("unknown stage `bytecode`"));
+}
+
+#[test]
+fn emit_writes_each_stage_to_stdout_or_a_file() {
+    for stage in ["tokens", "ast", "ir"] {
+        let output = curv(&["emit", "examples/siren.curv", "--stage", stage]);
+        assert_eq!(output.status.code(), Some(0), "{stage}: {}", text(&output.stderr));
+        assert!(!output.stdout.is_empty(), "{stage}");
+    }
+    let directory = scratch_directory("emit");
+    let path = directory.join("siren.ir");
+    let output = curv(&["emit", "examples/siren.curv", "--stage", "ir", "-o", path.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(0));
+    let written = std::fs::read_to_string(&path).unwrap();
+    let printed = text(&curv(&["emit", "examples/siren.curv", "--stage", "ir"]).stdout);
+    assert_eq!(written, printed);
+    // No temporary file is left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(&directory).unwrap().filter_map(Result::ok).filter(|entry| entry.file_name() != "siren.ir").collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn emit_ir_of_an_invalid_file_prints_diagnostics_and_exits_one() {
+    let output = curv(&["emit", "tests/ui/matmul_inner_mismatch.curv", "--stage", "ir"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(output.stdout.is_empty());
+    assert!(text(&output.stderr).contains("[E0200]"));
+}
+
+#[test]
+fn emit_to_an_unwritable_path_is_a_user_error() {
+    let output = curv(&["emit", "examples/siren.curv", "--stage", "ast", "-o", "/nonexistent-directory/out.ast"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(text(&output.stderr).contains("cannot write /nonexistent-directory/out.ast"));
+}
+
+#[test]
+fn version_checks_the_mlir_toolchain() {
+    let output = curv(&["version"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    assert!(text(&output.stdout).contains("MLIR toolchain: ok"));
+}

@@ -1,0 +1,15 @@
+//! `curv-interp` owns the reference interpreter of curv's typed IR. It evaluates a
+//! [`curv_ir::Function`] instruction by instruction, in `f32` or `f64`, with no fusion and no
+//! cleverness: it is the oracle that autodiff, the MLIR backend and the GPU backend are tested
+//! against. Shapes are checked against the IR's types at every input, and failures are errors,
+//! never panics.
+
+mod eval;
+mod real;
+mod tensor;
+
+pub use eval::{
+    argmax, binary, broadcast, conv2d, evaluate, evaluate_outputs, matmul, reduce, transpose, unary, EvalError, Inputs, Value,
+};
+pub use real::Real;
+pub use tensor::{for_each_index, strides, Tensor};

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Sets up the machine (see setup.sh) and runs every test: formatting, the whole workspace's tests
+# (unit, UI diagnostics, stage snapshots, CLI, the MLIR toolchain check) and a short fuzz smoke
+# run when a nightly toolchain with cargo-fuzz is available.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "== cargo test --workspace"
+# Snapshots are never written by the test run itself: a missing or changed snapshot fails.
+INSTA_UPDATE=no cargo test --workspace
+
+echo "== fuzz target (build and replay the seed corpus)"
+if cargo +nightly --version >/dev/null 2>&1 && cargo +nightly fuzz --version >/dev/null 2>&1; then
+    (cd tests/fuzz && cargo +nightly fuzz run front_end seeds/front_end -- -runs=0)
+else
+    echo "skipped: no nightly toolchain with cargo-fuzz (the seed corpus is still checked by cargo test)"
+fi
