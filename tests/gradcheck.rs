@@ -117,7 +117,8 @@ fn check_gradient(program: &TrainProgram, seed: u64, tolerance: f64) {
 
 fn tangent_inputs(program: &TrainProgram, inputs: &Inputs<f64>, seed: u64) -> (Inputs<f64>, Vec<Tensor<f64>>) {
     let mut random = Random(seed);
-    let tangents: Vec<Tensor<f64>> = program.params.iter().map(|param| random_tensor(&mut random, known(&param.ty.shape), 1.0)).collect();
+    let tangents: Vec<Tensor<f64>> =
+        program.params.iter().map(|param| random_tensor(&mut random, known(&param.ty.shape), 1.0)).collect();
     let mut extended = inputs.clone();
     extended.inputs = tangents.iter().cloned().map(Value::Real).collect();
     (extended, tangents)
@@ -151,7 +152,11 @@ fn check_hessian_vector_product(program: &TrainProgram, seed: u64, tolerance: f6
             .collect();
         let analytic = output(&hvp, &values, &format!("hvp.{}", param.name));
         for (coordinate, (numeric, analytic)) in numeric.iter().zip(&analytic.data).enumerate() {
-            assert!(relative_error(*numeric, *analytic) < tolerance, "hvp {}[{coordinate}]: {numeric} vs {analytic}", param.name);
+            assert!(
+                relative_error(*numeric, *analytic) < tolerance,
+                "hvp {}[{coordinate}]: {numeric} vs {analytic}",
+                param.name
+            );
         }
     }
 }
@@ -183,7 +188,8 @@ optimizer o {
 /// Programs that together exercise every differentiable op of the IR.
 fn programs() -> Vec<(&'static str, String)> {
     let optimizer = "optimizer o {\n    lr 0.1\n    * : diagonal\n}\n";
-    let train = |loss: &str| format!("train t {{\n    loss {loss}\n    optimizer o\n    batch 8\n    steps 1\n}}\n{optimizer}");
+    let train =
+        |loss: &str| format!("train t {{\n    loss {loss}\n    optimizer o\n    batch 8\n    steps 1\n}}\n{optimizer}");
     vec![
         ("mlp_tanh_cross_entropy", MLP.to_string()),
         (
@@ -222,7 +228,8 @@ fn gradients_match_finite_differences() {
     for (name, body) in programs() {
         let program = compile(&body);
         for seed in [1, 2] {
-            std::panic::catch_unwind(|| check_gradient(&program, seed, 1e-6)).unwrap_or_else(|_| panic!("{name} (seed {seed})"));
+            std::panic::catch_unwind(|| check_gradient(&program, seed, 1e-6))
+                .unwrap_or_else(|_| panic!("{name} (seed {seed})"));
         }
     }
 }
@@ -231,7 +238,8 @@ fn gradients_match_finite_differences() {
 fn hessian_vector_products_match_finite_differences_of_gradients() {
     for (name, body) in programs() {
         let program = compile(&body);
-        std::panic::catch_unwind(|| check_hessian_vector_product(&program, 3, 1e-5)).unwrap_or_else(|_| panic!("{name}"));
+        std::panic::catch_unwind(|| check_hessian_vector_product(&program, 3, 1e-5))
+            .unwrap_or_else(|_| panic!("{name}"));
     }
 }
 
@@ -244,25 +252,35 @@ fn vjp_and_jvp_satisfy_the_dot_product_identity() {
     let param_ids: Vec<_> = param_values(&program.loss, program.params.len()).into_iter().flatten().collect();
     let mut function = program.loss.clone();
     let logits_ty = function.ty(logits).clone();
-    let u = function.push(curv_ir::Op::Input { index: 0, name: "u".into() }, vec![], logits_ty.clone(), Default::default());
+    let u =
+        function.push(curv_ir::Op::Input { index: 0, name: "u".into() }, vec![], logits_ty.clone(), Default::default());
     let reverse = curv_ad::vjp(&function, logits, &param_ids, curv_ad::Seed::Value(u));
     let mut function = reverse.function;
     let tangents: Vec<_> = program
         .params
         .iter()
         .enumerate()
-        .map(|(index, param)| function.push(curv_ir::Op::Input { index: index + 1, name: param.name.clone() }, vec![], param.ty.clone(), Default::default()))
+        .map(|(index, param)| {
+            function.push(
+                curv_ir::Op::Input { index: index + 1, name: param.name.clone() },
+                vec![],
+                param.ty.clone(),
+                Default::default(),
+            )
+        })
         .collect();
     let seeds: Vec<_> = param_ids.iter().copied().zip(tangents.iter().copied()).collect();
     let forward = curv_ad::jvp(&function, &seeds);
     let mut random = Random(9);
     let u_value = random_tensor(&mut random, known(&logits_ty.shape), 1.0);
-    let v_values: Vec<Tensor<f64>> = program.params.iter().map(|param| random_tensor(&mut random, known(&param.ty.shape), 1.0)).collect();
+    let v_values: Vec<Tensor<f64>> =
+        program.params.iter().map(|param| random_tensor(&mut random, known(&param.ty.shape), 1.0)).collect();
     let mut extended = inputs.clone();
     extended.inputs = std::iter::once(u_value.clone()).chain(v_values.iter().cloned()).map(Value::Real).collect();
     let values = evaluate(&forward.function, &extended).unwrap();
     let jv = values[forward.tangents[&logits].0 as usize].as_real().unwrap().clone();
-    let jtu: Vec<Tensor<f64>> = reverse.cotangents.iter().map(|id| values[id.unwrap().0 as usize].as_real().unwrap().clone()).collect();
+    let jtu: Vec<Tensor<f64>> =
+        reverse.cotangents.iter().map(|id| values[id.unwrap().0 as usize].as_real().unwrap().clone()).collect();
     let left = dot(&[u_value], &[jv]);
     let right = dot(&jtu, &v_values);
     assert!(relative_error(left, right) < 1e-12, "<u, Jv> = {left}, <J^T u, v> = {right}");
@@ -279,7 +297,8 @@ fn gauss_newton_products_equal_hessian_products_for_a_linear_model_and_are_psd()
         let hvp = hvp_program(&program.loss, &program.params);
         let (extended, tangents) = tangent_inputs(&program, &inputs, 12);
         let ggn_values = evaluate(&ggn, &extended).unwrap();
-        let products: Vec<Tensor<f64>> = program.params.iter().map(|param| output(&ggn, &ggn_values, &format!("ggn.{}", param.name))).collect();
+        let products: Vec<Tensor<f64>> =
+            program.params.iter().map(|param| output(&ggn, &ggn_values, &format!("ggn.{}", param.name))).collect();
         // v^T G v >= 0: the Gauss-Newton matrix of a convex loss is positive semi-definite.
         assert!(dot(&tangents, &products) >= -1e-12);
         if body == linear {

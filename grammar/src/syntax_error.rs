@@ -99,7 +99,12 @@ fn expected_label(expected: &[String]) -> String {
         // Many operators could continue the expression: they are named as one group, but the
         // closing brackets are kept, since they tell the reader which construct is still open.
         parts.push("an operator".to_string());
-        parts.extend(["`)`", "`]`", "`}`"].into_iter().filter(|closer| names.contains(&closer.trim_matches('`'))).map(String::from));
+        parts.extend(
+            ["`)`", "`]`", "`}`"]
+                .into_iter()
+                .filter(|closer| names.contains(&closer.trim_matches('`')))
+                .map(String::from),
+        );
     }
     if names.contains(&"newline") {
         parts.push("the end of the line".to_string());

@@ -111,7 +111,13 @@ impl Builder<'_> {
             return operand;
         }
         let operand_ty = self.ty(operand);
-        let shape = operand_ty.shape.iter().enumerate().filter(|(axis, _)| !axes.contains(axis)).map(|(_, dim)| dim.clone()).collect();
+        let shape = operand_ty
+            .shape
+            .iter()
+            .enumerate()
+            .filter(|(axis, _)| !axes.contains(axis))
+            .map(|(_, dim)| dim.clone())
+            .collect();
         let ty = self.with_shape(operand, shape);
         self.push(Op::Reduce { op, axes }, vec![operand], ty)
     }

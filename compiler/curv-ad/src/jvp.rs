@@ -30,7 +30,8 @@ pub fn jvp(function: &Function, seeds: &[(ValueId, ValueId)]) -> Jvp {
             if !inst.ty.dtype.is_float() {
                 continue;
             }
-            let operand_tangents: Vec<Option<ValueId>> = inst.args.iter().map(|arg| tangents.get(arg).copied()).collect();
+            let operand_tangents: Vec<Option<ValueId>> =
+                inst.args.iter().map(|arg| tangents.get(arg).copied()).collect();
             if operand_tangents.iter().all(Option::is_none) {
                 continue;
             }
@@ -43,7 +44,13 @@ pub fn jvp(function: &Function, seeds: &[(ValueId, ValueId)]) -> Jvp {
     Jvp { function: result, tangents }
 }
 
-fn forward(builder: &mut Builder, op: &Op, args: &[ValueId], result: ValueId, dots: &[Option<ValueId>]) -> Option<ValueId> {
+fn forward(
+    builder: &mut Builder,
+    op: &Op,
+    args: &[ValueId],
+    result: ValueId,
+    dots: &[Option<ValueId>],
+) -> Option<ValueId> {
     // Applies a linear op to the tangent of its single differentiable operand.
     let same_op_on = |builder: &mut Builder, tangent: ValueId, replace: usize| {
         let mut operands = args.to_vec();
@@ -105,8 +112,11 @@ fn forward(builder: &mut Builder, op: &Op, args: &[ValueId], result: ValueId, do
                     builder.add_optional(left, right)
                 }
                 BinaryOp::Max | BinaryOp::Min => {
-                    let takes_right =
-                        if *binary == BinaryOp::Max { builder.binary(BinaryOp::Greater, b, a) } else { builder.binary(BinaryOp::Greater, a, b) };
+                    let takes_right = if *binary == BinaryOp::Max {
+                        builder.binary(BinaryOp::Greater, b, a)
+                    } else {
+                        builder.binary(BinaryOp::Greater, a, b)
+                    };
                     let zero = builder.constant_like(0.0, result);
                     let left = dots[0].unwrap_or(zero);
                     let right = dots[1].unwrap_or(zero);

@@ -67,7 +67,8 @@ fn add_tangent_inputs(function: &mut Function, params: &[ParamInfo]) -> Vec<Valu
 }
 
 /// Hessian-vector products by forward-over-reverse differentiation: the JVP of the gradient
-/// along one tangent per parameter (inputs `tangent.NAME`). Outputs: `loss`, `grad.NAME`, `hvp.NAME`.
+/// along one tangent per parameter (inputs `tangent.NAME`). Outputs: those of
+/// [`gradient_program`], then `hvp.NAME` for every parameter.
 pub fn hvp_program(loss_function: &Function, params: &[ParamInfo]) -> Function {
     let gradients = gradient_program(loss_function, params).function;
     let mut function = gradients.clone();
@@ -78,11 +79,10 @@ pub fn hvp_program(loss_function: &Function, params: &[ParamInfo]) -> Function {
     let result = jvp(&function, &seeds);
     let mut function = result.function;
     function.name = "hessian_vector_product".to_string();
-    let gradient_outputs: Vec<(String, ValueId)> =
-        gradients.outputs.iter().filter(|(name, _)| name == "loss" || name.starts_with("grad.")).cloned().collect();
-    function.outputs = gradient_outputs.clone();
+    function.outputs = gradients.outputs.clone();
     for param in params {
-        let gradient = gradients.output(&format!("grad.{}", param.name)).expect("every parameter has a gradient output");
+        let gradient =
+            gradients.output(&format!("grad.{}", param.name)).expect("every parameter has a gradient output");
         let product = result.tangents.get(&gradient).copied().unwrap_or_else(|| zeros(&mut function, &param.ty));
         function.outputs.push((format!("hvp.{}", param.name), product));
     }

@@ -92,7 +92,12 @@ pub fn vjp(function: &Function, output: ValueId, wrt: &[ValueId], seed: Seed) ->
             if let Op::MatMul = inst.op {
                 let right = inst.args[1];
                 if let Op::Param { index: param } = function.inst(right).op {
-                    captures.push(MatmulCapture { param, matmul: id, input: inst.args[0], output_cotangent: cotangent });
+                    captures.push(MatmulCapture {
+                        param,
+                        matmul: id,
+                        input: inst.args[0],
+                        output_cotangent: cotangent,
+                    });
                 }
             }
             for (operand, contribution) in contributions {
@@ -113,7 +118,14 @@ pub fn vjp(function: &Function, output: ValueId, wrt: &[ValueId], seed: Seed) ->
 }
 
 /// The contributions of one instruction's cotangent `g` to its operands.
-fn backward(builder: &mut Builder, op: &Op, args: &[ValueId], result: ValueId, g: ValueId, active: &[bool]) -> Vec<(ValueId, ValueId)> {
+fn backward(
+    builder: &mut Builder,
+    op: &Op,
+    args: &[ValueId],
+    result: ValueId,
+    g: ValueId,
+    active: &[bool],
+) -> Vec<(ValueId, ValueId)> {
     let is_active = |value: ValueId| active[value.0 as usize];
     match op {
         Op::Input { .. }
@@ -183,8 +195,11 @@ fn backward(builder: &mut Builder, op: &Op, args: &[ValueId], result: ValueId, g
                 }
                 BinaryOp::Max | BinaryOp::Min => {
                     // Ties go to the left operand, as in the interpreter.
-                    let takes_right =
-                        if *binary == BinaryOp::Max { builder.binary(BinaryOp::Greater, b, a) } else { builder.binary(BinaryOp::Greater, a, b) };
+                    let takes_right = if *binary == BinaryOp::Max {
+                        builder.binary(BinaryOp::Greater, b, a)
+                    } else {
+                        builder.binary(BinaryOp::Greater, a, b)
+                    };
                     let zero = builder.constant_like(0.0, g);
                     if is_active(a) {
                         out.push((a, builder.select(takes_right, zero, g)));
@@ -293,7 +308,10 @@ fn backward(builder: &mut Builder, op: &Op, args: &[ValueId], result: ValueId, g
             }
             if is_active(kernel) {
                 let ty = builder.ty(kernel);
-                out.push((kernel, builder.push(Op::Conv2dKernelGradient { stride, padding }, vec![g, output_gradient], ty)));
+                out.push((
+                    kernel,
+                    builder.push(Op::Conv2dKernelGradient { stride, padding }, vec![g, output_gradient], ty),
+                ));
             }
             out
         }
@@ -303,7 +321,10 @@ fn backward(builder: &mut Builder, op: &Op, args: &[ValueId], result: ValueId, g
             let mut out = Vec::new();
             if is_active(input) {
                 let ty = builder.ty(input);
-                out.push((input, builder.push(Op::Conv2dInputGradient { stride, padding }, vec![output_gradient, g], ty)));
+                out.push((
+                    input,
+                    builder.push(Op::Conv2dInputGradient { stride, padding }, vec![output_gradient, g], ty),
+                ));
             }
             if is_active(output_gradient) {
                 let ty = builder.ty(output_gradient);

@@ -39,8 +39,65 @@ enum Command {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
+    /// Train: run a file's `train` block and report its metrics.
+    Run {
+        /// The .curv file.
+        file: PathBuf,
+        #[command(flatten)]
+        run: RunArguments,
+        /// Train with this optimizer instead of the block's (a standard preset is imported if needed).
+        #[arg(long)]
+        optimizer: Option<String>,
+        /// Write one JSON object per logged step to this file.
+        #[arg(long)]
+        metrics: Option<PathBuf>,
+    },
+    /// Train the same block with several optimizers and compare them (table and overlaid plot).
+    Compare {
+        /// The .curv file.
+        file: PathBuf,
+        /// Comma-separated optimizer names, such as `adam,sophia,adahessian`.
+        #[arg(long, value_delimiter = ',', required = true)]
+        optimizers: Vec<String>,
+        #[command(flatten)]
+        run: RunArguments,
+    },
     /// Print the version and check the MLIR toolchain curv is linked against.
     Version,
+}
+
+#[derive(clap::Args, Clone)]
+struct RunArguments {
+    /// The train block to run (default: the first).
+    #[arg(long)]
+    train: Option<String>,
+    /// Number of steps (default: the block's `steps`).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Random seed for initialisation, shuffling and probes (default: the block's `seed`).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Execution backend. Only the reference interpreter exists so far.
+    #[arg(long, default_value = "interp")]
+    backend: String,
+    /// Device to train on.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Element type the interpreter computes in: f32 or f64.
+    #[arg(long, default_value = "f32")]
+    precision: String,
+    /// Initial parameters by their .curv names (a safetensors file).
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Continue from a checkpoint written by an earlier run.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Directory for final.safetensors, checkpoints, plots and reconstructions.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Print nothing but errors.
+    #[arg(long)]
+    quiet: bool,
 }
 
 fn main() -> ExitCode {
@@ -68,6 +125,8 @@ fn run() -> ExitCode {
     match cli.command {
         Command::Check { file } => check(&file),
         Command::Emit { file, stage, output } => emit(&file, &stage, output.as_deref()),
+        Command::Run { file, run, optimizer, metrics } => run_command(&file, &run, optimizer, metrics),
+        Command::Compare { file, optimizers, run } => compare_command(&file, &optimizers, &run),
         Command::Version => version(),
     }
 }
@@ -155,5 +214,236 @@ fn version() -> ExitCode {
             eprintln!("error: the MLIR toolchain self-check failed: {error}");
             ExitCode::from(2)
         }
+    }
+}
+
+fn run_options(arguments: &RunArguments, metrics: Option<PathBuf>) -> Result<curv_driver::run::RunOptions, ExitCode> {
+    if arguments.backend != "interp" {
+        eprintln!(
+            "error: backend `{}` is not available yet; `interp` (the reference interpreter) is the only backend so far",
+            arguments.backend
+        );
+        return Err(ExitCode::from(1));
+    }
+    if arguments.device != "cpu" {
+        eprintln!("error: device `{}` is not available yet; training runs on `cpu`", arguments.device);
+        return Err(ExitCode::from(1));
+    }
+    let precision = match arguments.precision.as_str() {
+        "f32" => curv_driver::run::Precision::F32,
+        "f64" => curv_driver::run::Precision::F64,
+        other => {
+            eprintln!("error: unknown precision `{other}`; use f32 or f64");
+            return Err(ExitCode::from(1));
+        }
+    };
+    Ok(curv_driver::run::RunOptions {
+        train: arguments.train.clone(),
+        steps: arguments.steps,
+        seed: arguments.seed,
+        precision,
+        init: arguments.init.clone(),
+        resume: arguments.resume.clone(),
+        metrics,
+        out: arguments.out.clone(),
+    })
+}
+
+/// Shows a progress bar on a terminal and log lines otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    quiet: bool,
+    label: String,
+}
+
+impl curv_driver::run::RunObserver for Progress {
+    fn started(&mut self, train: &curv_ir::TrainProgram, first_step: u64, total_steps: u64) {
+        if self.quiet {
+            return;
+        }
+        println!(
+            "{}train {}: {} parameters, optimizer `{}`, steps {first_step}..={total_steps}",
+            self.label,
+            train.name,
+            train.params.len(),
+            train.optimizer.name
+        );
+        if std::io::stderr().is_terminal() {
+            let bar = indicatif::ProgressBar::new(total_steps);
+            bar.set_position(first_step.saturating_sub(1));
+            if let Ok(style) =
+                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps, {per_sec}, eta {eta} {msg}")
+            {
+                bar.set_style(style);
+            }
+            self.bar = Some(bar);
+        }
+    }
+
+    fn stepped(&mut self, _step: u64, loss: f64) {
+        if let Some(bar) = &self.bar {
+            bar.inc(1);
+            bar.set_message(format!("loss {loss:.4}"));
+        }
+    }
+
+    fn logged(&mut self, record: &curv_driver::run::LogRecord) {
+        if self.quiet {
+            return;
+        }
+        let values: Vec<String> = record.values.iter().map(|(name, value)| format!("{name} {value:.4}")).collect();
+        let line = format!("{}step {:>6}  {}", self.label, record.step, values.join("  "));
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => println!("{line}"),
+        }
+    }
+
+    fn warning(&mut self, message: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(format!("warning: {message}")),
+            None => eprintln!("warning: {message}"),
+        }
+    }
+}
+
+impl Progress {
+    fn new(quiet: bool, label: String) -> Progress {
+        Progress { bar: None, quiet, label }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+fn run_command(file: &Path, arguments: &RunArguments, optimizer: Option<String>, metrics: Option<PathBuf>) -> ExitCode {
+    let options = match run_options(arguments, metrics) {
+        Ok(options) => options,
+        Err(code) => return code,
+    };
+    let source = match SourceFile::read(file) {
+        Ok(source) => source,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return ExitCode::from(1);
+        }
+    };
+    let directory = source.directory();
+    let analysis_options = curv_sema::AnalysisOptions { optimizer_override: optimizer };
+    let compilation = curv_driver::compile_file_with_options(source, &analysis_options);
+    print_diagnostics(&compilation);
+    if compilation.has_errors() {
+        return ExitCode::from(1);
+    }
+    let Some(analysis) = &compilation.analysis else { return ExitCode::from(1) };
+    let mut progress = Progress::new(arguments.quiet, String::new());
+    let result = curv_driver::run::run_program(&analysis.program, &directory, &options, &mut progress);
+    progress.finish();
+    match result {
+        Ok(summary) => {
+            if !arguments.quiet {
+                let values: Vec<String> =
+                    summary.final_values.iter().map(|(name, value)| format!("{name} {value:.4}")).collect();
+                println!(
+                    "done: {} steps, {}, median step {:.2} ms",
+                    summary.steps,
+                    values.join(", "),
+                    summary.step_ms_median
+                );
+                for path in &summary.files {
+                    println!("wrote {}", path.display());
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: {}", error.message);
+            ExitCode::from(if error.user { 1 } else { 2 })
+        }
+    }
+}
+
+fn compare_command(file: &Path, optimizers: &[String], arguments: &RunArguments) -> ExitCode {
+    let options = match run_options(arguments, None) {
+        Ok(options) => options,
+        Err(code) => return code,
+    };
+    let source = match SourceFile::read(file) {
+        Ok(source) => source,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut progress = Progress::new(arguments.quiet, String::new());
+    let results = match curv_driver::run::compare(&source, optimizers, &options, &mut progress) {
+        Ok(results) => results,
+        Err(_) => {
+            // Show the diagnostics of the failing variant.
+            for optimizer in optimizers {
+                let analysis_options = curv_sema::AnalysisOptions { optimizer_override: Some(optimizer.clone()) };
+                let compilation = curv_driver::compile_file_with_options(source.clone(), &analysis_options);
+                if compilation.has_errors() {
+                    eprintln!("with --optimizer {optimizer}:");
+                    print_diagnostics(&compilation);
+                }
+            }
+            return ExitCode::from(1);
+        }
+    };
+    progress.finish();
+    let mut failed = false;
+    let metric_names: Vec<String> = results
+        .iter()
+        .filter_map(|result| result.as_ref().ok())
+        .flat_map(|summary| summary.final_values.iter().map(|(name, _)| name.clone()))
+        .fold(Vec::new(), |mut names, name| {
+            if !names.contains(&name) {
+                names.push(name);
+            }
+            names
+        });
+    let mut header = format!("{:<14}{:>8}", "optimizer", "steps");
+    for name in &metric_names {
+        header.push_str(&format!("{name:>16}"));
+    }
+    header.push_str(&format!("{:>14}{:>12}", "ms/step", "seconds"));
+    println!("{header}");
+    for (optimizer, result) in optimizers.iter().zip(&results) {
+        match result {
+            Ok(summary) => {
+                let mut line = format!("{optimizer:<14}{:>8}", summary.steps);
+                for name in &metric_names {
+                    let value = summary
+                        .final_values
+                        .iter()
+                        .find(|(key, _)| key == name)
+                        .map(|(_, value)| format!("{value:.4}"));
+                    line.push_str(&format!("{:>16}", value.unwrap_or_else(|| "-".to_string())));
+                }
+                let seconds = summary.records.last().map_or(0.0, |record| record.elapsed_ms / 1000.0);
+                line.push_str(&format!("{:>14.2}{:>12.2}", summary.step_ms_median, seconds));
+                println!("{line}");
+            }
+            Err(error) => {
+                failed = true;
+                println!("{optimizer:<14} failed: {}", error.message);
+            }
+        }
+    }
+    if let Some(out) = &options.out {
+        let path = out.join("compare_loss.svg");
+        match curv_driver::run::plot_comparison(&path, optimizers, &results, "loss") {
+            Ok(()) => println!("wrote {}", path.display()),
+            Err(message) => eprintln!("warning: no comparison plot: {message}"),
+        }
+    }
+    if failed {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
     }
 }

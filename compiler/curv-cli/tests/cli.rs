@@ -84,7 +84,11 @@ fn emit_writes_each_stage_to_stdout_or_a_file() {
     let printed = text(&curv(&["emit", "examples/siren.curv", "--stage", "ir"]).stdout);
     assert_eq!(written, printed);
     // No temporary file is left behind.
-    let leftovers: Vec<_> = std::fs::read_dir(&directory).unwrap().filter_map(Result::ok).filter(|entry| entry.file_name() != "siren.ir").collect();
+    let leftovers: Vec<_> = std::fs::read_dir(&directory)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|entry| entry.file_name() != "siren.ir")
+        .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 

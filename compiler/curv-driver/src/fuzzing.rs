@@ -10,10 +10,15 @@ pub struct MemoryProbe;
 impl DataProbe for MemoryProbe {
     fn probe(&mut self, request: &DataRequest) -> Result<ProbedData, DataProbeError> {
         if !request.name.len().is_multiple_of(2) && request.name.len() > 3 {
-            return Err(DataProbeError { path_key: "path".to_string(), not_found: true, message: "missing".to_string() });
+            return Err(DataProbeError {
+                path_key: "path".to_string(),
+                not_found: true,
+                message: "missing".to_string(),
+            });
         }
         if request.source == "image" {
-            let fields = vec![("coords".to_string(), DType::F32, vec![64, 2]), ("values".to_string(), DType::F32, vec![64, 1])];
+            let fields =
+                vec![("coords".to_string(), DType::F32, vec![64, 2]), ("values".to_string(), DType::F32, vec![64, 1])];
             return Ok(ProbedData { fields, examples: 64 });
         }
         let fields = vec![("x".to_string(), DType::F32, vec![100, 64]), ("y".to_string(), DType::I32, vec![100])];

@@ -5,6 +5,7 @@
 pub mod fuzzing;
 mod probe;
 mod render;
+pub mod run;
 mod summary;
 
 use curv_grammar::Parsed;
@@ -92,9 +93,25 @@ pub fn compile(source: SourceFile) -> Compilation {
 
 /// Parses and checks with a caller-supplied data probe (tests and the fuzzer use an in-memory one).
 pub fn compile_with_probe(source: SourceFile, probe: &mut dyn curv_sema::DataProbe) -> Compilation {
+    compile_with_options(source, probe, &curv_sema::AnalysisOptions::default())
+}
+
+/// Parses and checks with command-line choices (such as an optimizer override).
+pub fn compile_with_options(
+    source: SourceFile,
+    probe: &mut dyn curv_sema::DataProbe,
+    options: &curv_sema::AnalysisOptions,
+) -> Compilation {
     let parsed = curv_grammar::parse(&source.text);
-    let analysis = if parsed.errors.is_empty() { Some(curv_sema::analyze(&parsed.file, probe)) } else { None };
+    let analysis =
+        if parsed.errors.is_empty() { Some(curv_sema::analyze_with(&parsed.file, probe, options)) } else { None };
     Compilation { source, parsed, analysis }
+}
+
+/// Parses and checks a file on disk with command-line choices.
+pub fn compile_file_with_options(source: SourceFile, options: &curv_sema::AnalysisOptions) -> Compilation {
+    let mut probe = probe::FileProbe { directory: source.directory() };
+    compile_with_options(source, &mut probe, options)
 }
 
 /// A stage `curv emit` can print.
@@ -147,9 +164,18 @@ pub fn emit(compilation: &Compilation, stage: Stage) -> Option<String> {
             let mut out = String::new();
             for train in &analysis.program.trains {
                 let gradients = curv_ad::products::gradient_program(&train.loss, &train.params);
-                out.push_str(&format!("train {}
-", train.name));
-                curv_ir::print_function(&mut out, "  ", &format!("fn {}", gradients.function.name), &gradients.function, &locate);
+                out.push_str(&format!(
+                    "train {}
+",
+                    train.name
+                ));
+                curv_ir::print_function(
+                    &mut out,
+                    "  ",
+                    &format!("fn {}", gradients.function.name),
+                    &gradients.function,
+                    &locate,
+                );
                 for capture in &gradients.matmul_captures {
                     out.push_str(&format!(
                         "  kfac {}: input {}, output cotangent {}  // matmul {}\n",

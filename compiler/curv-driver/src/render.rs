@@ -51,9 +51,12 @@ pub fn render_diagnostics(compilation: &Compilation, color: bool) -> String {
             // ariadne starts a new snippet whenever a label's line comes before the previous
             // label's, so labels are ordered by source (the primary label's first), then by line,
             // then by their position in the list (primary first) within a line.
-            let line = source_text(compilation, label.source).get(..range.start).map_or(0, |before| before.matches('\n').count());
+            let line = source_text(compilation, label.source)
+                .get(..range.start)
+                .map_or(0, |before| before.matches('\n').count());
             let source_rank = usize::from(label.source != primary_source);
-            let order = source_rank.saturating_mul(1 << 30).saturating_add(line.saturating_mul(64)).saturating_add(index);
+            let order =
+                source_rank.saturating_mul(1 << 30).saturating_add(line.saturating_mul(64)).saturating_add(index);
             let order = i32::try_from(order).unwrap_or(i32::MAX);
             let mut ariadne_label = Label::new((source_name(compilation, label.source), range))
                 .with_message(&label.message)

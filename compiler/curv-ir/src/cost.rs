@@ -85,6 +85,10 @@ impl CostModel<'_> {
         let stats = option_name(&plan.options, "stats").unwrap_or("");
         let mut cost = ParamCost { state_bytes, ..ParamCost::default() };
         let mut extra = extra_pass_for_statistic(stats, forward) / every;
+        if stats == "kfac" {
+            extra =
+                extra_pass_for_statistic(option_name(&plan.options, "fisher").unwrap_or("empirical"), forward) / every;
+        }
         let (rows, cols) = matrix_view(&shape);
         match plan.structure {
             StructureKind::Diagonal => {
@@ -154,12 +158,14 @@ fn matrix_view(shape: &[i64]) -> (f64, f64) {
 }
 
 fn extra_pass_for_statistic(statistic: &str, forward: f64) -> f64 {
-    match statistic {
-        // One Hessian-vector product: a forward-over-reverse pass, about twice a gradient.
-        "hutchinson" | "hvp" => 2.0 * 3.0 * forward,
-        // One more gradient with labels sampled from the model.
-        "gnb" | "sampled_fisher" | "kfac_sampled" => 3.0 * forward,
-        _ => 0.0,
+    // One Hessian-vector product is a forward-over-reverse pass, about twice a gradient; a
+    // sampled-label statistic is one more gradient with labels drawn from the model.
+    if statistic.starts_with("hutchinson") || statistic == "hessian" {
+        2.0 * 3.0 * forward
+    } else if matches!(statistic, "gnb" | "sampled_fisher" | "sampled_grad" | "sampled") {
+        3.0 * forward
+    } else {
+        0.0
     }
 }
 

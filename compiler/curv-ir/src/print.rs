@@ -67,6 +67,14 @@ fn print_train(out: &mut String, train: &TrainProgram, locate: &dyn Fn(Span) -> 
         LossKind::Custom => "custom",
     };
     print_function(out, "  ", &format!("fn {} [{loss_kind}]", train.loss.name), &train.loss, locate);
+    if let Some(test_loss) = &train.test_loss {
+        let _ = writeln!(
+            out,
+            "  fn test_loss: the loss over the {} test examples ({} instructions)",
+            train.data.test_examples,
+            test_loss.insts.len()
+        );
+    }
     let optimizer = &train.optimizer;
     let _ = write!(out, "  optimizer {} lr {}", optimizer.name, format_number(optimizer.lr));
     if let Some(schedule) = &optimizer.schedule {

@@ -252,7 +252,9 @@ pub enum Op {
     },
     /// The number of elements of the operand along `axes`, as a float scalar (for means over
     /// dimensions that are symbolic where the function is written).
-    Count { axes: Vec<usize> },
+    Count {
+        axes: Vec<usize>,
+    },
     /// Index of the maximum along `axis` (an `i32` result without that axis).
     ArgMax {
         axis: usize,
@@ -264,18 +266,31 @@ pub enum Op {
     /// Rows of a table picked by integer indices (`embedding`).
     Gather,
     /// A contiguous slice: `starts[i]..starts[i] + result.shape[i]` along every axis.
-    Slice { starts: Vec<i64> },
+    Slice {
+        starts: Vec<i64>,
+    },
     /// The transpose of `Slice`: the operand placed at `starts` in zeros of the result shape.
-    Pad { starts: Vec<i64> },
+    Pad {
+        starts: Vec<i64>,
+    },
     /// The transpose of `Gather` for the table: `scatter_add(indices, rows)` adds each row of
     /// `rows [..., E]` into row `indices[...]` of a zero table of the result shape `[V, E]`.
     ScatterAdd,
     /// 2-D convolution over NCHW input with OIHW kernel.
-    Conv2d { stride: i64, padding: i64 },
+    Conv2d {
+        stride: i64,
+        padding: i64,
+    },
     /// Gradient of `Conv2d` for its input: `(output_gradient, kernel) -> input-shaped`.
-    Conv2dInputGradient { stride: i64, padding: i64 },
+    Conv2dInputGradient {
+        stride: i64,
+        padding: i64,
+    },
     /// Gradient of `Conv2d` for its kernel: `(input, output_gradient) -> kernel-shaped`.
-    Conv2dKernelGradient { stride: i64, padding: i64 },
+    Conv2dKernelGradient {
+        stride: i64,
+        padding: i64,
+    },
     /// Lower-triangular causal mask with `-inf` above the diagonal, of the result shape.
     CausalMask,
     Cast,
@@ -437,6 +452,12 @@ pub struct DataInfo {
     pub name: String,
     pub kind: String,
     pub path: String,
+    /// Every path option (`path`, `x`, `images`, ...) as written, relative to the `.curv` file.
+    pub paths: Vec<(String, String)>,
+    /// The label column of a CSV source.
+    pub label: Option<String>,
+    /// Numeric options after defaults (`scale`, `test_fraction`, `seed`).
+    pub options: Vec<(String, f64)>,
     /// Every field with its full (all examples) type.
     pub fields: Vec<(String, TensorType)>,
     pub examples: i64,
@@ -583,10 +604,15 @@ pub struct TrainProgram {
     pub loss_kind: LossKind,
     /// Inputs: the data fields as batches; outputs: `loss` and the model outputs metrics need.
     pub loss: Function,
+    /// The same loss over the whole test split (when the data set has one).
+    pub test_loss: Option<Function>,
     pub optimizer: OptimizerPlan,
     pub log: Option<Logging>,
     pub eval: Option<Logging>,
     pub checkpoint_every: Option<i64>,
+    /// `on_nonfinite skip`: skip a step whose loss, gradients or update are not finite (the
+    /// default, `stop`, ends training and keeps the last good checkpoint).
+    pub skip_nonfinite: bool,
     pub span: Span,
 }
 

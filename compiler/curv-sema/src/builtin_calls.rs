@@ -313,7 +313,9 @@ pub fn lower_builtin(
                     let mut diagnostic = Diagnostic::error(
                         "E0203",
                         arg_span(1),
-                        format!("`mse` of {prediction_ty} predictions and {target_ty} targets: the element types differ"),
+                        format!(
+                            "`mse` of {prediction_ty} predictions and {target_ty} targets: the element types differ"
+                        ),
                         format!("this is {target_ty}"),
                     )
                     .with_label(arg_span(0), format!("this is {prediction_ty}"));
@@ -507,7 +509,14 @@ fn scale(function: &mut Function, value: ValueId, factor: f64, span: Span) -> Va
 
 /// `sign * total / count`, where `count` is the number of elements of `of` along `axes`: a
 /// constant when those sizes are known, else an `Op::Count` evaluated at run time.
-fn mean_of_total(function: &mut Function, total: ValueId, of: ValueId, axes: &[usize], sign: f64, span: Span) -> ValueId {
+fn mean_of_total(
+    function: &mut Function,
+    total: ValueId,
+    of: ValueId,
+    axes: &[usize],
+    sign: f64,
+    span: Span,
+) -> ValueId {
     let ty = function.ty(of).clone();
     match element_count_of_axes(&ty.shape, axes) {
         Some(count) => scale(function, total, sign / count as f64, span),

@@ -184,7 +184,7 @@ pub const SCHEDULES: &[(&str, &[OptionSpec<'static>])] = &[
 ];
 
 /// Train-block settings besides `loss` and `optimizer`.
-pub const TRAIN_SETTINGS: &[&str] = &["batch", "steps", "seed", "log", "eval", "checkpoint"];
+pub const TRAIN_SETTINGS: &[&str] = &["batch", "steps", "seed", "log", "eval", "checkpoint", "on_nonfinite"];
 
 /// Metrics by loss kind; `test_` variants are evaluated on the test split.
 pub const METRICS_ALWAYS: &[&str] = &["loss", "test_loss"];

@@ -22,6 +22,8 @@ pub struct DataRequest {
     /// Path options (`path`, `x`, `y`, `images`, `labels`) as written, relative to the file.
     pub paths: Vec<(String, String)>,
     pub label: Option<String>,
+    /// Every numeric option after defaults (`scale`, `test_fraction`, `seed`, ...).
+    pub options: Vec<(String, f64)>,
 }
 
 /// The probe's answer: fields with their full shapes (leading dimension = examples).
@@ -93,6 +95,8 @@ pub struct Checker<'a> {
     /// Symbolic dimensions in scope while lowering a body (name -> dimension).
     pub(crate) symbols: HashMap<String, Dim>,
     pub(crate) used_optimizers: HashSet<String>,
+    /// The optimizer every train block uses instead of its own, when given.
+    pub(crate) optimizer_override: Option<String>,
     /// The value each expression lowered to, by span (the latest function only).
     pub(crate) expression_values: HashMap<Span, ValueId>,
     /// The last segments of `use` paths that name no module (`adam` for `use std.optimisers.adam`):
@@ -102,11 +106,31 @@ pub struct Checker<'a> {
     pub(crate) invalid_dims: HashSet<String>,
 }
 
+/// Choices made on the command line that change what is checked.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AnalysisOptions {
+    /// Train every block with this optimizer instead of its own (`curv run --optimizer NAME`).
+    /// A standard-library preset of that name is imported when the file does not define one.
+    pub optimizer_override: Option<String>,
+}
+
 /// Analyses a parsed file. Never fails: problems are diagnostics.
 pub fn analyze(file: &ast::File, probe: &mut dyn DataProbe) -> Analysis {
+    analyze_with(file, probe, &AnalysisOptions::default())
+}
+
+/// [`analyze`] with command-line choices.
+pub fn analyze_with(file: &ast::File, probe: &mut dyn DataProbe, options: &AnalysisOptions) -> Analysis {
     // Standard-library modules named by `use` are parsed first so the checker can borrow them.
     let mut modules: Vec<(usize, ast::File)> = Vec::new();
     let mut use_diagnostics = Vec::new();
+    if let Some(name) = &options.optimizer_override {
+        let defined_here =
+            file.items.iter().any(|item| matches!(item, Item::Optimizer(decl) if decl.name.name == *name));
+        if let (false, Some(index)) = (defined_here, std_lib::find(&format!("std.optimizers.{name}"))) {
+            modules.push((index, curv_grammar::parse(std_lib::MODULES[index].1).file));
+        }
+    }
     let mut unresolved_uses = HashSet::new();
     for item in &file.items {
         if let Item::Use(use_decl) = item {
@@ -167,6 +191,7 @@ pub fn analyze(file: &ast::File, probe: &mut dyn DataProbe) -> Analysis {
         symbols: HashMap::new(),
         used_optimizers: HashSet::new(),
         expression_values: HashMap::new(),
+        optimizer_override: options.optimizer_override.clone(),
         unresolved_uses,
         invalid_dims: HashSet::new(),
     };
@@ -460,6 +485,7 @@ impl<'a> Checker<'a> {
         let mut path_spans = HashMap::new();
         let mut label = None;
         let mut test_fraction = 0.0;
+        let mut given_options: Vec<(String, f64)> = Vec::new();
         let mut positional_index = 0;
         for arg in &call.args {
             let (key, value) = match arg {
@@ -518,6 +544,15 @@ impl<'a> Checker<'a> {
             if key == "test_fraction" {
                 test_fraction = number;
             }
+            given_options.push((key.clone(), number));
+        }
+        let mut options = Vec::new();
+        for option in spec.options {
+            if let Some((_, value)) = given_options.iter().find(|(key, _)| key == option.name) {
+                options.push((option.name.to_string(), *value));
+            } else if let crate::builtins::OptionDefault::Number(value) = option.default {
+                options.push((option.name.to_string(), value));
+            }
         }
         for required in spec.paths {
             if !paths.iter().any(|(key, _)| key == required) {
@@ -537,7 +572,8 @@ impl<'a> Checker<'a> {
             );
             return None;
         }
-        let request = DataRequest { name: decl.name.name.clone(), source: spec.name.to_string(), paths, label };
+        let request =
+            DataRequest { name: decl.name.name.clone(), source: spec.name.to_string(), paths, label, options };
         Some((request, test_fraction, path_spans))
     }
 
@@ -551,6 +587,9 @@ impl<'a> Checker<'a> {
             name: name.to_string(),
             kind: request.source.clone(),
             path: request.paths.first().map(|(_, path)| path.clone()).unwrap_or_default(),
+            paths: request.paths.clone(),
+            label: request.label.clone(),
+            options: request.options.clone(),
             fields: schema
                 .fields
                 .iter()
@@ -821,6 +860,22 @@ impl<'a> Checker<'a> {
             }
             let init = self.resolve_init(decl, &ty);
             let index = match params.iter().position(|param| param.name == decl.name.name) {
+                Some(index) if params[index].span != decl.span => {
+                    // Two models of one train block declare the same name: their parameters would
+                    // be silently shared, so this is an error at the second declaration.
+                    let first = params[index].span;
+                    self.emit(
+                        Diagnostic::error(
+                            "E0101",
+                            decl.name.span,
+                            format!("two models of this train block declare a parameter `{}`", decl.name.name),
+                            "declared again here",
+                        )
+                        .with_label(first, "first declared here")
+                        .with_help("parameter names must be unique across the models a train block calls; rename one"),
+                    );
+                    continue;
+                }
                 Some(index) => index,
                 None => {
                     params.push(ParamInfo {
@@ -902,13 +957,8 @@ impl<'a> Checker<'a> {
                     if let Some(decl) = scope.lets.get(name) {
                         let span = decl.name.span;
                         self.emit(
-                            Diagnostic::warning(
-                                "W0002",
-                                span,
-                                format!("the let `{name}` is never used"),
-                                "unused let",
-                            )
-                            .with_help("remove it, or use it in the model's body"),
+                            Diagnostic::warning("W0002", span, format!("the let `{name}` is never used"), "unused let")
+                                .with_help("remove it, or use it in the model's body"),
                         );
                     }
                 }
@@ -1211,6 +1261,7 @@ pub(crate) fn new_train_program(name: &str, data: DataInfo, span: Span) -> Train
         seed: 0,
         loss_kind: LossKind::Custom,
         loss: Function::new("loss"),
+        test_loss: None,
         optimizer: curv_ir::OptimizerPlan {
             name: String::new(),
             lr: 0.0,
@@ -1221,6 +1272,7 @@ pub(crate) fn new_train_program(name: &str, data: DataInfo, span: Span) -> Train
         log: None,
         eval: None,
         checkpoint_every: None,
+        skip_nonfinite: false,
         span,
     }
 }

@@ -17,5 +17,5 @@ pub mod std_lib;
 mod suggest;
 mod train;
 
-pub use check::{analyze, Analysis, DataProbe, DataProbeError, DataRequest, ProbedData};
+pub use check::{analyze, analyze_with, Analysis, AnalysisOptions, DataProbe, DataProbeError, DataRequest, ProbedData};
 pub use diagnostic::{Diagnostic, Label, Severity, SourceId, CODES};

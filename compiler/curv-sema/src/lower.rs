@@ -100,6 +100,18 @@ impl Checker<'_> {
                     Some(Lookup::Found(value)) => Some(value),
                     Some(Lookup::Failed) => None,
                     None => {
+                        let visible = scope.visible_names();
+                        let known = visible.contains(&base_ident.name)
+                            || self.dims.contains_key(&base_ident.name)
+                            || self.models.contains_key(&base_ident.name)
+                            || self.losses.contains_key(&base_ident.name);
+                        if !known {
+                            // Most likely a misspelt data set: say so, rather than that it has no fields.
+                            let mut candidates: Vec<String> = self.data.keys().cloned().collect();
+                            candidates.extend(visible);
+                            self.report_undefined(base_ident, &candidates);
+                            return None;
+                        }
                         self.emit(Diagnostic::error(
                             "E0105",
                             *span,
@@ -482,6 +494,8 @@ impl Checker<'_> {
                     let mut candidates: Vec<String> =
                         builtins::FUNCTIONS.iter().map(|(name, _, _)| name.to_string()).collect();
                     candidates.extend(scope.visible_names());
+                    candidates.extend(self.models.keys().cloned());
+                    candidates.extend(self.losses.keys().cloned());
                     let mut diagnostic = Diagnostic::error(
                         "E0102",
                         call.name.span,
@@ -532,8 +546,10 @@ impl Checker<'_> {
             }
         }
         // A named `axis`/`eps`/... may also be given positionally as the last argument.
-        let total = positional.len() + named.len();
-        if total < min_args || total > max_args || positional.len() < min_args {
+        // Named options (`axis = 1`, `probe = gaussian`) are checked above; the count concerns the
+        // positional arguments, some of which may be those options written positionally.
+        let total = positional.len();
+        if total < min_args || total > max_args {
             let expected =
                 if min_args == max_args { format!("{min_args}") } else { format!("{min_args} to {max_args}") };
             let mut diagnostic = Diagnostic::error(

@@ -284,6 +284,19 @@ impl<'a> Checker<'a> {
                 ok = false;
                 continue;
             }
+            if let Some(every) = &setting.every {
+                self.emit(
+                    Diagnostic::error(
+                        "E0111",
+                        every.span(),
+                        format!("`{key}` takes no period"),
+                        "`every` is not meaningful here",
+                    )
+                    .with_help("a cadence belongs to a rule's structure, as in `diagonal(every = 10)`"),
+                );
+                ok = false;
+                continue;
+            }
             let [value] = setting.values.as_slice() else {
                 self.emit(Diagnostic::error(
                     "E0104",
@@ -596,7 +609,9 @@ impl<'a> Checker<'a> {
                 }
             }
         }
-        if ok {
+        // A preset's fallback lines (the vector rule of `muon`, say) legitimately match nothing for
+        // a model without vectors, so only the user's own optimizers are held to every line.
+        if ok && optimizer.source == SourceId::User {
             for (index, line) in lines.iter().enumerate() {
                 if !used[index] {
                     let mut diagnostic = Diagnostic::error(

@@ -327,7 +327,10 @@ impl<'a> Checker<'a> {
                     format!("rule `{}` never assigns `{parameter}`", rule.name.name),
                     "the parameter is never updated",
                 )
-                .with_help(format!("assign `{parameter}` in an `every` block, such as `{parameter} = {parameter} - lr * {}`", rule.tensors[1].name)),
+                .with_help(format!(
+                    "assign `{parameter}` in an `every` block, such as `{parameter} = {parameter} - lr * {}`",
+                    rule.tensors[1].name
+                )),
             );
         }
         if self.error_count() != errors_before {

@@ -190,10 +190,17 @@ impl TrainScope {
                 let mut diagnostic = Diagnostic::error(
                     "E0203",
                     *arg_span,
-                    format!("`{}` expects {} for `{}`, found {actual}", name.name, input.ty.dtype.name, input.name.name),
+                    format!(
+                        "`{}` expects {} for `{}`, found {actual}",
+                        name.name, input.ty.dtype.name, input.name.name
+                    ),
                     format!("this is {actual}"),
                 );
-                diagnostic.labels.push(label_in(source, input.ty.dtype.span, &format!("`{}` is declared here", input.name.name)));
+                diagnostic.labels.push(label_in(
+                    source,
+                    input.ty.dtype.span,
+                    &format!("`{}` is declared here", input.name.name),
+                ));
                 checker.emit(diagnostic);
                 return None;
             }
@@ -201,10 +208,19 @@ impl TrainScope {
                 let mut diagnostic = Diagnostic::error(
                     "E0204",
                     *arg_span,
-                    format!("`{}` expects `{}` of rank {}, found {actual}", name.name, input.name.name, input.ty.dims.len()),
+                    format!(
+                        "`{}` expects `{}` of rank {}, found {actual}",
+                        name.name,
+                        input.name.name,
+                        input.ty.dims.len()
+                    ),
                     format!("this is {actual}"),
                 );
-                diagnostic.labels.push(label_in(source, input.ty.span, &format!("`{}` is declared here", input.name.name)));
+                diagnostic.labels.push(label_in(
+                    source,
+                    input.ty.span,
+                    &format!("`{}` is declared here", input.name.name),
+                ));
                 checker.emit(diagnostic);
                 return None;
             }
@@ -324,8 +340,9 @@ impl<'a> Checker<'a> {
                             _ => None,
                         };
                         diagnostic = match renamed {
-                            Some("steps") => diagnostic
-                                .with_help("curv counts training in optimizer steps: write `steps N` instead"),
+                            Some("steps") => {
+                                diagnostic.with_help("curv counts training in optimizer steps: write `steps N` instead")
+                            }
                             Some(setting_name) => diagnostic.with_help(format!("did you mean `{setting_name}`?")),
                             None => match closest(
                                 key,
@@ -339,6 +356,17 @@ impl<'a> Checker<'a> {
                             },
                         };
                         self.emit(diagnostic);
+                    } else if let (Some(every), false) = (&setting.every, matches!(key, "log" | "eval" | "checkpoint"))
+                    {
+                        self.emit(
+                            Diagnostic::error(
+                                "E0111",
+                                every.span(),
+                                format!("`{key}` takes no period"),
+                                "`every` is not meaningful here",
+                            )
+                            .with_help("only `log`, `eval` and `checkpoint` run every N steps"),
+                        );
                     } else if let Some(first) = settings.insert(key.to_string(), setting) {
                         self.emit(
                             Diagnostic::error("E0101", setting.key.span, format!("`{key}` is set twice"), "set again")
@@ -451,19 +479,7 @@ impl<'a> Checker<'a> {
         }
         function.outputs.push(("loss".to_string(), loss_value));
         let kind = loss_kind(loss_expr);
-        if let Expr::Call(call) = loss_expr {
-            if kind != LossKind::Custom && call.args.len() == 2 {
-                // The values the metrics need: the model's output and the target.
-                let first = self.expression_values.get(&call.args[0].span()).copied();
-                let second = self.expression_values.get(&call.args[1].span()).copied();
-                let names =
-                    if kind == LossKind::CrossEntropy { ("logits", "labels") } else { ("prediction", "target") };
-                if let (Some(first), Some(second)) = (first, second) {
-                    function.outputs.push((names.0.to_string(), first));
-                    function.outputs.push((names.1.to_string(), second));
-                }
-            }
-        }
+        self.add_metric_outputs(&mut function, loss_expr, kind);
         let mut program = new_train_program(&train.name.name, data, train.span);
         program.batch = if batch == 0 { program.data.examples - program.data.test_examples } else { batch };
         program.steps = steps?;
@@ -471,6 +487,26 @@ impl<'a> Checker<'a> {
         program.loss_kind = kind;
         program.loss = function;
         program.params = scope.params;
+        if program.data.test_examples > 0 {
+            // The same loss on the whole test split, for `test_*` metrics.
+            let mut test_scope = TrainScope {
+                batch: program.data.test_examples,
+                data_used: None,
+                params: Vec::new(),
+                model_bindings: HashMap::new(),
+                failed: false,
+            };
+            let mut test_function = Function::new("test_loss");
+            self.expression_values.clear();
+            if let Some(value) = self.lower_expr(&mut test_scope, loss_expr, &mut test_function) {
+                let value = self.materialize(&mut test_function, value, loss_span);
+                test_function.outputs.push(("loss".to_string(), value));
+                self.add_metric_outputs(&mut test_function, loss_expr, kind);
+                if test_scope.params == program.params {
+                    program.test_loss = Some(test_function);
+                }
+            }
+        }
         program.log = match settings.get("log") {
             Some(setting) => Some(self.logging(setting, kind, &program)?),
             None => None,
@@ -479,11 +515,38 @@ impl<'a> Checker<'a> {
             Some(setting) => Some(self.logging(setting, kind, &program)?),
             None => None,
         };
+        if let Some(setting) = settings.get("on_nonfinite") {
+            match setting.values.as_slice() {
+                [Expr::Name(ident)] if ident.name == "skip" || ident.name == "stop" => {
+                    program.skip_nonfinite = ident.name == "skip"
+                }
+                _ => {
+                    self.emit(
+                        Diagnostic::error(
+                            "E0112",
+                            setting.span,
+                            "`on_nonfinite` is `skip` or `stop`",
+                            "expected `skip` or `stop`",
+                        )
+                        .with_help("`skip` leaves the parameters unchanged for that step; `stop` ends training"),
+                    );
+                    return None;
+                }
+            }
+        }
         program.checkpoint_every = match settings.get("checkpoint") {
             Some(setting) => Some(self.every_of(setting)?),
             None => None,
         };
         let optimizer_ident = optimizer_ident?;
+        let overridden;
+        let optimizer_ident = match &self.optimizer_override {
+            Some(name) => {
+                overridden = ast::Ident { name: name.clone(), span: optimizer_ident.span };
+                &overridden
+            }
+            None => optimizer_ident,
+        };
         let Some(optimizer) = self.optimizers.get(&optimizer_ident.name).copied() else {
             if self.unresolved_uses.contains(&optimizer_ident.name) {
                 // The `use` that should have defined it was already reported.
@@ -508,6 +571,21 @@ impl<'a> Checker<'a> {
         let _ = SourceId::User;
         program.optimizer = self.plan_optimizer(optimizer, &program.params, optimizer_ident.span)?;
         Some(program)
+    }
+
+    /// Adds the outputs metrics read: the model's output and the target of a standard loss.
+    fn add_metric_outputs(&self, function: &mut Function, loss_expr: &Expr, kind: LossKind) {
+        let Expr::Call(call) = loss_expr else { return };
+        if kind == LossKind::Custom || call.args.len() != 2 {
+            return;
+        }
+        let first = self.expression_values.get(&call.args[0].span()).copied();
+        let second = self.expression_values.get(&call.args[1].span()).copied();
+        let names = if kind == LossKind::CrossEntropy { ("logits", "labels") } else { ("prediction", "target") };
+        if let (Some(first), Some(second)) = (first, second) {
+            function.outputs.push((names.0.to_string(), first));
+            function.outputs.push((names.1.to_string(), second));
+        }
     }
 
     fn setting_positive_int(&mut self, setting: &ast::Setting) -> Option<i64> {
@@ -639,8 +717,9 @@ impl<'a> Checker<'a> {
                 );
                 diagnostic = match closest(&ident.name, available.iter().copied()) {
                     Some(suggestion) => diagnostic.with_help(format!("did you mean `{suggestion}`?")),
-                    None => diagnostic
-                        .with_help(format!("the metrics of this train block are: {}", available.join(", "))),
+                    None => {
+                        diagnostic.with_help(format!("the metrics of this train block are: {}", available.join(", ")))
+                    }
                 };
                 if builtins::METRICS_CLASSIFICATION.contains(&ident.name.as_str()) {
                     diagnostic = diagnostic.with_note("accuracy needs a `cross_entropy` loss");

@@ -9,8 +9,8 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 
-use crate::error::{count_to_i64, open_regular_file, DataError};
-use crate::{DataSchema, ElementType, FieldSchema};
+use crate::error::{check_scale_is_finite, count_to_i64, open_regular_file, DataError};
+use crate::{DataSchema, ElementType, FieldData, FieldSchema, LoadedData, LoadedField};
 
 /// How many column names a "label column not found" message lists before eliding the rest.
 const COLUMN_NAMES_SHOWN_IN_MESSAGES: usize = 5;
@@ -319,6 +319,43 @@ pub fn load_csv(path: &Path, label: Option<&str>) -> Result<(Vec<f32>, usize, Op
     Ok((features, summary.feature_count, label.map(|_| labels)))
 }
 
+/// Loads a whole CSV file into the fields that [`probe_csv`] describes.
+///
+/// The field "x" (F32, shape `[rows, features]`) holds every feature multiplied by `scale`, which must be
+/// finite; the field "y" (I32, shape `[rows]`) holds the labels and is present only when `label` names a
+/// label column. Validation is the same as for [`probe_csv`] and [`load_csv`].
+pub fn load_csv_data(path: &Path, label: Option<&str>, scale: f32) -> Result<LoadedData, DataError> {
+    check_scale_is_finite(path, scale)?;
+    let (mut features, feature_count, labels) = load_csv(path, label)?;
+    // A successful load always has at least one feature column, but a zero count must not divide.
+    let row_count = features
+        .len()
+        .checked_div(feature_count)
+        .ok_or_else(|| DataError::corrupt(path, "the table has no feature columns"))?;
+    for feature in &mut features {
+        *feature *= scale;
+    }
+    if let Some(position) = features.iter().position(|feature| !feature.is_finite()) {
+        return Err(DataError::bad_option(
+            path,
+            format!(
+                "scaling row {} by {scale} overflows a 32-bit float; choose a smaller scale factor",
+                position / feature_count + 1
+            ),
+        ));
+    }
+
+    let mut fields = vec![LoadedField {
+        name: "x".to_string(),
+        shape: vec![row_count, feature_count],
+        data: FieldData::F32(features),
+    }];
+    if let Some(labels) = labels {
+        fields.push(LoadedField { name: "y".to_string(), shape: vec![row_count], data: FieldData::I32(labels) });
+    }
+    Ok(LoadedData { fields, examples: row_count })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -349,6 +386,42 @@ mod tests {
         assert_eq!(features, vec![1.0, 2.5, -3.0, 4.0, 50.0, 6.0]);
         assert_eq!(feature_count, 3);
         assert_eq!(labels, Some(vec![0, 2]));
+    }
+
+    #[test]
+    fn load_csv_data_scales_features_and_keeps_labels() {
+        let directory = scratch_directory("csv_load_data_scaled");
+        let path = write_file(&directory, "table.csv", b"a,label,b\n1,0,-2\n4,3,8\n16,1,0\n");
+        let loaded = load_csv_data(&path, Some("label"), 0.25).expect("the CSV is valid");
+        assert_eq!(loaded.examples, 3);
+        assert_eq!(
+            loaded.fields,
+            vec![
+                LoadedField {
+                    name: "x".to_string(),
+                    shape: vec![3, 2],
+                    data: FieldData::F32(vec![0.25, -0.5, 1.0, 2.0, 4.0, 0.0]),
+                },
+                LoadedField { name: "y".to_string(), shape: vec![3], data: FieldData::I32(vec![0, 3, 1]) },
+            ]
+        );
+        let unlabelled = load_csv_data(&path, None, 1.0).expect("the CSV is valid");
+        assert_eq!(unlabelled.fields.len(), 1);
+        assert_eq!(unlabelled.fields[0].shape, vec![3, 3]);
+        assert_eq!(unlabelled.fields[0].data, FieldData::F32(vec![1.0, 0.0, -2.0, 4.0, 3.0, 8.0, 16.0, 1.0, 0.0]));
+    }
+
+    #[test]
+    fn load_csv_data_rejects_bad_scales() {
+        let directory = scratch_directory("csv_load_data_bad_scale");
+        let path = write_file(&directory, "table.csv", b"a,b\n1,2\n3e38,4\n");
+        let error = load_csv_data(&path, None, f32::NAN).expect_err("NaN is not a scale");
+        assert_eq!(error.kind, DataErrorKind::BadOption);
+        let error = load_csv_data(&path, None, 10.0).expect_err("the scaled value overflows");
+        assert_eq!(error.kind, DataErrorKind::BadOption);
+        assert!(error.message.contains("row 2"), "{error}");
+        let error = load_csv_data(&directory.join("missing.csv"), None, 1.0).expect_err("the file is missing");
+        assert_eq!(error.kind, DataErrorKind::NotFound);
     }
 
     #[test]

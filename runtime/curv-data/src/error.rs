@@ -13,6 +13,8 @@ pub enum DataErrorKind {
     NotFound,
     /// The file exists but could not be read: it is a directory, permissions forbid it, or I/O failed.
     Unreadable,
+    /// An output file could not be written: its directory is missing, permissions forbid it, or I/O failed.
+    Unwritable,
     /// The file's contents are malformed, truncated or internally inconsistent.
     Corrupt,
     /// The file may be fine, but the caller's options (such as a label column name) do not fit it, or it
@@ -58,6 +60,13 @@ impl DataError {
             }
             _ => DataError::new(path, DataErrorKind::Unreadable, format!("cannot read the file: {error}")),
         }
+    }
+}
+
+impl DataError {
+    /// Converts an I/O failure while writing an output file into an `Unwritable` error.
+    pub(crate) fn from_write_io(path: &Path, error: &io::Error) -> Self {
+        DataError::new(path, DataErrorKind::Unwritable, format!("cannot write the file: {error}"))
     }
 }
 
@@ -110,6 +119,16 @@ pub(crate) fn describe_foreign_format(leading_bytes: &[u8]) -> Option<&'static s
         Some("the file is a NumPy .npy array")
     } else {
         None
+    }
+}
+
+/// Checks that a caller-supplied scale factor is a finite number, so that loading never fills a field
+/// with infinities or NaNs that the file itself does not contain.
+pub(crate) fn check_scale_is_finite(path: &Path, scale: f32) -> Result<(), DataError> {
+    if scale.is_finite() {
+        Ok(())
+    } else {
+        Err(DataError::bad_option(path, format!("the scale factor {scale} is not a finite number")))
     }
 }
 

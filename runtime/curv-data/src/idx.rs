@@ -5,10 +5,13 @@
 //! the element type (0x08 for unsigned bytes) and whose fourth byte is the number of dimensions. Each
 //! dimension follows as a big-endian 32-bit count, and the raw data follows the dimensions.
 
+use std::io::{Seek, SeekFrom};
 use std::path::Path;
 
-use crate::error::{count_to_i64, describe_foreign_format, open_regular_file, read_up_to, DataError};
-use crate::{DataSchema, ElementType, FieldSchema};
+use crate::error::{
+    check_scale_is_finite, count_to_i64, describe_foreign_format, open_regular_file, read_up_to, DataError,
+};
+use crate::{DataSchema, ElementType, FieldData, FieldSchema, LoadedData, LoadedField};
 
 /// The IDX element-type code for unsigned bytes, the only element type MNIST uses.
 const IDX_UNSIGNED_BYTE_TYPE_CODE: u8 = 0x08;
@@ -24,6 +27,10 @@ const IDX_LABEL_DIMENSION_COUNT: u8 = 1;
 pub(crate) struct IdxHeader {
     /// The dimensions, outermost (the example count) first.
     pub dimensions: Vec<u32>,
+    /// The byte offset at which the data starts, just after the dimensions.
+    pub data_offset: u64,
+    /// The number of data bytes, which is exactly what follows the header.
+    pub data_length: u64,
 }
 
 /// Reads the header of an IDX file of unsigned bytes with `expected_dimension_count` dimensions and
@@ -85,16 +92,36 @@ pub(crate) fn read_idx_header(path: &Path, expected_dimension_count: u8, role: &
             ),
         ));
     }
-    Ok(IdxHeader { dimensions })
+    let data_length = file_length - data_offset;
+    Ok(IdxHeader { dimensions, data_offset, data_length })
 }
 
-/// Reads the schema of an MNIST-style pair of IDX files.
-///
-/// The image file must have magic number 0x00000803 (unsigned bytes, dimensions count, rows, columns)
-/// and the label file 0x00000801 (unsigned bytes, dimension count). Both files must be exactly as long
-/// as their headers say, and their counts must agree. The schema has a field "x" (F32, shape
-/// `[count, rows * columns]`) and a field "y" (I32, shape `[count]`).
-pub fn probe_idx(images: &Path, labels: &Path) -> Result<DataSchema, DataError> {
+/// Reads all the data bytes of an IDX file whose header has been validated by [`read_idx_header`].
+fn read_idx_data(path: &Path, header: &IdxHeader, role: &str) -> Result<Vec<u8>, DataError> {
+    let data_length = usize::try_from(header.data_length)
+        .map_err(|_| DataError::corrupt(path, format!("the IDX {role} file is too large to fit in memory")))?;
+    let (mut file, _file_length) = open_regular_file(path)?;
+    file.seek(SeekFrom::Start(header.data_offset)).map_err(|error| DataError::from_io(path, &error))?;
+    let mut data = vec![0u8; data_length];
+    if read_up_to(path, &mut file, &mut data)? < data.len() {
+        // The header check measured the file, so it must have shrunk since then.
+        return Err(DataError::corrupt(path, format!("the IDX {role} file is truncated inside its data")));
+    }
+    Ok(data)
+}
+
+/// The validated headers of an MNIST-style pair of IDX files, with the image dimensions unpacked.
+struct IdxPair {
+    image_header: IdxHeader,
+    label_header: IdxHeader,
+    /// The number of images, which equals the number of labels and is never zero.
+    count: u32,
+    /// The number of pixels per image, rows times columns, never zero.
+    pixels_per_image: u64,
+}
+
+/// Reads and cross-checks the headers of an image file and a label file.
+fn read_idx_pair(images: &Path, labels: &Path) -> Result<IdxPair, DataError> {
     let image_header = read_idx_header(images, IDX_IMAGE_DIMENSION_COUNT, "image")?;
     let label_header = read_idx_header(labels, IDX_LABEL_DIMENSION_COUNT, "label")?;
     let (image_count, image_rows, image_columns) = match image_header.dimensions.as_slice() {
@@ -124,9 +151,24 @@ pub fn probe_idx(images: &Path, labels: &Path) -> Result<DataSchema, DataError> 
             ),
         ));
     }
+    Ok(IdxPair {
+        image_header,
+        label_header,
+        count: image_count,
+        pixels_per_image: u64::from(image_rows) * u64::from(image_columns),
+    })
+}
 
-    let examples = i64::from(image_count);
-    let pixels_per_image = count_to_i64(images, u64::from(image_rows) * u64::from(image_columns), "image size")?;
+/// Reads the schema of an MNIST-style pair of IDX files.
+///
+/// The image file must have magic number 0x00000803 (unsigned bytes, dimensions count, rows, columns)
+/// and the label file 0x00000801 (unsigned bytes, dimension count). Both files must be exactly as long
+/// as their headers say, and their counts must agree. The schema has a field "x" (F32, shape
+/// `[count, rows * columns]`) and a field "y" (I32, shape `[count]`).
+pub fn probe_idx(images: &Path, labels: &Path) -> Result<DataSchema, DataError> {
+    let pair = read_idx_pair(images, labels)?;
+    let examples = i64::from(pair.count);
+    let pixels_per_image = count_to_i64(images, pair.pixels_per_image, "image size")?;
     Ok(DataSchema {
         fields: vec![
             FieldSchema {
@@ -135,6 +177,43 @@ pub fn probe_idx(images: &Path, labels: &Path) -> Result<DataSchema, DataError> 
                 shape: vec![examples, pixels_per_image],
             },
             FieldSchema { name: "y".to_string(), element_type: ElementType::I32, shape: vec![examples] },
+        ],
+        examples,
+    })
+}
+
+/// Loads an MNIST-style pair of IDX files into the fields that [`probe_idx`] describes.
+///
+/// The field "x" (F32, shape `[count, rows * columns]`) holds each image's pixels row by row, each
+/// multiplied by `scale` (which must be finite; 1/255 maps bytes to [0, 1]), and the field "y" (I32,
+/// shape `[count]`) holds the labels. Validation is the same as for [`probe_idx`].
+pub fn load_idx(images: &Path, labels: &Path, scale: f32) -> Result<LoadedData, DataError> {
+    check_scale_is_finite(images, scale)?;
+    let pair = read_idx_pair(images, labels)?;
+    let examples = usize::try_from(pair.count)
+        .map_err(|_| DataError::corrupt(images, "the IDX image file has too many images to fit in memory"))?;
+    let pixels_per_image = usize::try_from(pair.pixels_per_image)
+        .map_err(|_| DataError::corrupt(images, "the IDX images are too large to fit in memory"))?;
+
+    let pixels: Vec<f32> =
+        read_idx_data(images, &pair.image_header, "image")?.into_iter().map(|pixel| f32::from(pixel) * scale).collect();
+    if pixels.iter().any(|pixel| !pixel.is_finite()) {
+        return Err(DataError::bad_option(
+            images,
+            format!("scaling the pixels by {scale} overflows a 32-bit float; choose a smaller scale factor"),
+        ));
+    }
+    let class_labels: Vec<i32> =
+        read_idx_data(labels, &pair.label_header, "label")?.into_iter().map(i32::from).collect();
+
+    Ok(LoadedData {
+        fields: vec![
+            LoadedField {
+                name: "x".to_string(),
+                shape: vec![examples, pixels_per_image],
+                data: FieldData::F32(pixels),
+            },
+            LoadedField { name: "y".to_string(), shape: vec![examples], data: FieldData::I32(class_labels) },
         ],
         examples,
     })
@@ -176,6 +255,52 @@ mod tests {
                 FieldSchema { name: "y".to_string(), element_type: ElementType::I32, shape: vec![5] },
             ]
         );
+    }
+
+    #[test]
+    fn good_pair_loads_scaled_pixels_and_labels() {
+        let directory = scratch_directory("idx_load_good");
+        let mut image_bytes = idx_bytes(&[3, 2, 2], 0);
+        image_bytes.extend_from_slice(&[0, 1, 2, 3, 10, 20, 30, 40, 255, 128, 64, 0]);
+        let mut label_bytes = idx_bytes(&[3], 0);
+        label_bytes.extend_from_slice(&[7, 0, 9]);
+        let images = write_file(&directory, "images-idx3-ubyte", &image_bytes);
+        let labels = write_file(&directory, "labels-idx1-ubyte", &label_bytes);
+
+        let loaded = load_idx(&images, &labels, 0.5).expect("the pair is valid");
+        assert_eq!(loaded.examples, 3);
+        assert_eq!(
+            loaded.fields,
+            vec![
+                LoadedField {
+                    name: "x".to_string(),
+                    shape: vec![3, 4],
+                    data: FieldData::F32(vec![0.0, 0.5, 1.0, 1.5, 5.0, 10.0, 15.0, 20.0, 127.5, 64.0, 32.0, 0.0]),
+                },
+                LoadedField { name: "y".to_string(), shape: vec![3], data: FieldData::I32(vec![7, 0, 9]) },
+            ]
+        );
+        let schema = probe_idx(&images, &labels).expect("the pair is valid");
+        for (field, probed) in loaded.fields.iter().zip(&schema.fields) {
+            let shape: Vec<i64> = field.shape.iter().map(|&dimension| dimension as i64).collect();
+            assert_eq!(
+                (field.name.as_str(), field.data.element_type(), shape),
+                (probed.name.as_str(), probed.element_type, probed.shape.clone())
+            );
+        }
+    }
+
+    #[test]
+    fn loading_a_bad_pair_reports_the_probe_errors() {
+        let directory = scratch_directory("idx_load_bad");
+        let images = write_file(&directory, "images", &idx_bytes(&[2, 2, 2], 8));
+        let labels = write_file(&directory, "labels", &idx_bytes(&[3], 3));
+        let error = load_idx(&images, &labels, 1.0).expect_err("the counts disagree");
+        assert_eq!(error.kind, DataErrorKind::Corrupt);
+        assert_eq!(error.path, labels);
+        let labels = write_file(&directory, "labels", &idx_bytes(&[2], 2));
+        let error = load_idx(&images, &labels, f32::INFINITY).expect_err("the scale is not finite");
+        assert_eq!(error.kind, DataErrorKind::BadOption);
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! `curv-data` owns everything about reading training data from disk: CSV tables, NumPy `.npy` arrays,
 //! MNIST IDX files and PNG images.
 //!
-//! Today it provides cheap *schema probing* for the type checker: each `probe_*` function reports the
-//! fields (names, element types and shapes, including the leading example dimension) and the example
-//! count of a data source, reading as little of the file as its format allows. Full loading lives next
-//! to each probe and shares its validation, so a source that probes cleanly also loads; so far only CSV
-//! tables can be loaded ([`load_csv`]).
+//! It provides cheap *schema probing* for the type checker: each `probe_*` function reports the fields
+//! (names, element types and shapes, including the leading example dimension) and the example count of
+//! a data source, reading as little of the file as its format allows. Full loading lives next to each
+//! probe and shares its validation, so a source that probes cleanly also loads, into the shapes the probe
+//! reported: [`load_csv_data`], [`load_image`], [`load_npy`] and [`load_idx`] (plus the lower-level
+//! [`load_csv`]). Finally, [`write_png`] turns a reconstructed image back into a PNG file.
 //!
 //! No input makes this crate panic. Every failure is a [`DataError`] that names the file, explains the
 //! problem in a sentence fragment, and carries a [`DataErrorKind`] so callers can tell a missing file
@@ -20,11 +21,11 @@ mod npy;
 #[cfg(test)]
 mod test_support;
 
-pub use crate::csv::{load_csv, probe_csv};
+pub use crate::csv::{load_csv, load_csv_data, probe_csv};
 pub use crate::error::{DataError, DataErrorKind};
-pub use crate::idx::probe_idx;
-pub use crate::image::probe_image;
-pub use crate::npy::probe_npy;
+pub use crate::idx::{load_idx, probe_idx};
+pub use crate::image::{load_image, probe_image, write_png};
+pub use crate::npy::{load_npy, probe_npy};
 
 /// The element type of a field once loaded into memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +56,66 @@ pub struct DataSchema {
     pub fields: Vec<FieldSchema>,
     /// The number of examples, which is also the leading dimension of every field.
     pub examples: i64,
+}
+
+/// The elements of a loaded field, stored row-major (C order) in the field's element type.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FieldData {
+    /// 32-bit floats, used for features, coordinates and pixel values.
+    F32(Vec<f32>),
+    /// 32-bit signed integers, used for class labels.
+    I32(Vec<i32>),
+}
+
+impl FieldData {
+    /// The number of elements, whatever their type.
+    pub fn len(&self) -> usize {
+        match self {
+            FieldData::F32(values) => values.len(),
+            FieldData::I32(values) => values.len(),
+        }
+    }
+
+    /// Whether there are no elements at all.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The element type of the data, as a schema would report it.
+    pub fn element_type(&self) -> ElementType {
+        match self {
+            FieldData::F32(_) => ElementType::F32,
+            FieldData::I32(_) => ElementType::I32,
+        }
+    }
+}
+
+/// One named field loaded into memory: row-major data with its full shape, whose leading dimension is
+/// the number of examples.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadedField {
+    /// The field's name, the same as in the data source's schema.
+    pub name: String,
+    /// The full shape; the product of its dimensions is the number of elements in `data`.
+    pub shape: Vec<usize>,
+    /// The elements, row-major.
+    pub data: FieldData,
+}
+
+/// Every field of a data source, loaded into memory, and how many examples it holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadedData {
+    /// The fields, in the same order as the data source's schema lists them.
+    pub fields: Vec<LoadedField>,
+    /// The number of examples, which is also the leading dimension of every field.
+    pub examples: usize,
+}
+
+impl LoadedData {
+    /// Finds a field by name.
+    pub fn field(&self, name: &str) -> Option<&LoadedField> {
+        self.fields.iter().find(|field| field.name == name)
+    }
 }
 
 #[cfg(test)]
@@ -102,5 +163,64 @@ mod tests {
                 FieldSchema { name: "values".to_string(), element_type: ElementType::F32, shape: vec![16384, 1] },
             ]
         );
+    }
+
+    #[test]
+    fn loads_the_camera_example_image_as_coordinates_and_values() {
+        let path = example_data_path("camera_128.png");
+        let loaded = load_image(&path).expect("camera_128.png is valid");
+        assert_eq!(loaded.examples, 16384);
+        let schema = probe_image(&path).expect("camera_128.png is valid");
+        assert_loaded_data_matches_schema(&loaded, &schema);
+
+        let Some(FieldData::F32(coordinates)) = loaded.field("coords").map(|field| &field.data) else {
+            panic!("the coords field is F32");
+        };
+        assert_eq!(coordinates.len(), 16384 * 2);
+        assert_eq!(coordinates[..2], [-1.0, -1.0]);
+        assert_eq!(coordinates[2..4], [-1.0 + 2.0 / 127.0, -1.0]);
+        assert_eq!(coordinates[coordinates.len() - 2..], [1.0, 1.0]);
+        let Some(FieldData::F32(values)) = loaded.field("values").map(|field| &field.data) else {
+            panic!("the values field is F32");
+        };
+        assert_eq!(values.len(), 16384);
+        assert!(values.iter().all(|value| (-1.0..=1.0).contains(value)));
+        // A photograph uses much of the range, so its values are not all the same.
+        let smallest = values.iter().copied().fold(f32::INFINITY, f32::min);
+        let largest = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        assert!(largest - smallest > 1.0, "values span [{smallest}, {largest}]");
+    }
+
+    #[test]
+    fn loads_the_digits_example_csv_scaled_to_the_unit_interval() {
+        let path = example_data_path("digits.csv");
+        let loaded = load_csv_data(&path, Some("label"), 0.0625).expect("digits.csv is valid");
+        assert_eq!(loaded.examples, 1797);
+        let schema = probe_csv(&path, Some("label")).expect("digits.csv is valid");
+        assert_loaded_data_matches_schema(&loaded, &schema);
+
+        let Some(FieldData::F32(features)) = loaded.field("x").map(|field| &field.data) else {
+            panic!("the x field is F32");
+        };
+        let largest = features.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let smallest = features.iter().copied().fold(f32::INFINITY, f32::min);
+        assert_eq!((smallest, largest), (0.0, 1.0));
+        let Some(FieldData::I32(labels)) = loaded.field("y").map(|field| &field.data) else {
+            panic!("the y field is I32");
+        };
+        assert!(labels.iter().all(|label| (0..10).contains(label)));
+    }
+
+    /// Checks that loaded data has exactly the fields, element types and shapes its probe reported.
+    fn assert_loaded_data_matches_schema(loaded: &LoadedData, schema: &DataSchema) {
+        assert_eq!(loaded.examples as i64, schema.examples);
+        assert_eq!(loaded.fields.len(), schema.fields.len());
+        for (field, probed) in loaded.fields.iter().zip(&schema.fields) {
+            assert_eq!(field.name, probed.name);
+            assert_eq!(field.data.element_type(), probed.element_type, "{}", field.name);
+            let shape: Vec<i64> = field.shape.iter().map(|&dimension| dimension as i64).collect();
+            assert_eq!(shape, probed.shape, "{}", field.name);
+            assert_eq!(field.data.len(), field.shape.iter().product::<usize>(), "{}", field.name);
+        }
     }
 }

@@ -1,13 +1,15 @@
-//! Reading NumPy `.npy` array headers (format versions 1, 2 and 3).
+//! Reading NumPy `.npy` arrays (format versions 1, 2 and 3): their headers for probing, and their data
+//! for loading.
 //!
 //! A `.npy` file is the magic string `\x93NUMPY`, a two-byte version, a little-endian header length
 //! (two bytes in version 1, four bytes in versions 2 and 3), and a header that is a Python dictionary
 //! literal with the keys 'descr', 'fortran_order' and 'shape'. The raw array data follows the header.
 
+use std::io::{BufReader, Seek, SeekFrom};
 use std::path::Path;
 
 use crate::error::{count_to_i64, describe_foreign_format, open_regular_file, read_up_to, DataError};
-use crate::ElementType;
+use crate::{ElementType, FieldData};
 
 /// The magic string every `.npy` file starts with.
 const NPY_MAGIC: &[u8; 6] = b"\x93NUMPY";
@@ -19,6 +21,11 @@ const MAXIMUM_NPY_HEADER_LENGTH: u64 = 1 << 20;
 /// How deeply tuples and lists may nest in a header before it is rejected, so that hostile input cannot
 /// exhaust the stack.
 const MAXIMUM_HEADER_NESTING_DEPTH: usize = 32;
+
+/// How many bytes of array data are read and converted at a time, so that loading never holds the raw
+/// bytes and the converted elements of a large array in memory at once. It is a multiple of every
+/// supported element size.
+const DATA_CHUNK_LENGTH: usize = 1 << 16;
 
 /// The on-disk element types this crate can read, with their byte order fixed to what NumPy writes on
 /// little-endian machines.
@@ -64,6 +71,10 @@ pub(crate) struct NpyHeader {
     /// The array's dimensions, outermost first (C order). The file is known to be long enough to hold
     /// this many elements after the header.
     pub shape: Vec<i64>,
+    /// The number of elements, the product of the shape's dimensions.
+    pub element_count: u64,
+    /// The byte offset at which the array data starts, just after the header.
+    pub data_offset: u64,
 }
 
 /// Reads and validates the header of a `.npy` file, including that the file is long enough to hold the
@@ -89,12 +100,14 @@ pub(crate) fn read_npy_header(path: &Path) -> Result<NpyHeader, DataError> {
     let header_length_field_size: usize = match major_version {
         1 => 2,
         2 | 3 => 4,
-        _ => return Err(DataError::corrupt(
-            path,
-            format!(
+        _ => {
+            return Err(DataError::corrupt(
+                path,
+                format!(
                 "unsupported .npy format version {major_version}.{minor_version}; versions 1, 2 and 3 are supported"
             ),
-        )),
+            ))
+        }
     };
     let mut header_length_bytes = [0u8; 4];
     let header_length_field = &mut header_length_bytes[..header_length_field_size];
@@ -204,7 +217,7 @@ fn interpret_header_dictionary(
             ),
         ));
     }
-    Ok(NpyHeader { stored_type, shape })
+    Ok(NpyHeader { stored_type, shape, element_count, data_offset })
 }
 
 /// Maps a NumPy type descriptor such as `'<f4'` to a supported stored type, explaining unsupported ones.
@@ -235,6 +248,103 @@ fn parse_descr(path: &Path, descr: &str) -> Result<NpyStoredType, DataError> {
 pub fn probe_npy(path: &Path) -> Result<(ElementType, Vec<i64>), DataError> {
     let header = read_npy_header(path)?;
     Ok((header.stored_type.element_type(), header.shape))
+}
+
+/// Loads a whole NumPy `.npy` array with the same validation as [`probe_npy`] and returns its shape
+/// (outermost dimension first) and its elements in C order.
+///
+/// `'<f4'` arrays load as F32 unchanged. `'<f8'` arrays are converted to F32 (a finite value too large
+/// for a 32-bit float is `Corrupt`) and `'|u1'` arrays are widened to F32 without scaling. `'<i4'` and
+/// `'<i8'` arrays load as I32; a 64-bit value outside the 32-bit range is `Corrupt`, and the message
+/// names its position. Bytes after the array data are ignored, as NumPy itself ignores them.
+pub fn load_npy(path: &Path) -> Result<(Vec<usize>, FieldData), DataError> {
+    let header = read_npy_header(path)?;
+    let shape = header
+        .shape
+        .iter()
+        .map(|&dimension| {
+            usize::try_from(dimension).map_err(|_| {
+                DataError::corrupt(path, format!("the array dimension {dimension} does not fit in memory"))
+            })
+        })
+        .collect::<Result<Vec<usize>, DataError>>()?;
+    let element_count = usize::try_from(header.element_count)
+        .map_err(|_| DataError::corrupt(path, "the array has too many elements to fit in memory"))?;
+
+    let (mut file, _file_length) = open_regular_file(path)?;
+    file.seek(SeekFrom::Start(header.data_offset)).map_err(|error| DataError::from_io(path, &error))?;
+    let mut reader = BufReader::new(file);
+    let data = match header.stored_type {
+        NpyStoredType::LittleEndianF32 => {
+            FieldData::F32(read_converted_elements(path, &mut reader, element_count, |_, bytes: [u8; 4]| {
+                Ok(f32::from_le_bytes(bytes))
+            })?)
+        }
+        NpyStoredType::LittleEndianF64 => FieldData::F32(read_converted_elements(
+            path,
+            &mut reader,
+            element_count,
+            |element_index, bytes: [u8; 8]| {
+                let value = f64::from_le_bytes(bytes);
+                let narrowed = value as f32;
+                if value.is_finite() && !narrowed.is_finite() {
+                    Err(format!("element {element_index} ({value}) is too large for a 32-bit float"))
+                } else {
+                    Ok(narrowed)
+                }
+            },
+        )?),
+        NpyStoredType::LittleEndianI32 => {
+            FieldData::I32(read_converted_elements(path, &mut reader, element_count, |_, bytes: [u8; 4]| {
+                Ok(i32::from_le_bytes(bytes))
+            })?)
+        }
+        NpyStoredType::LittleEndianI64 => FieldData::I32(read_converted_elements(
+            path,
+            &mut reader,
+            element_count,
+            |element_index, bytes: [u8; 8]| {
+                let value = i64::from_le_bytes(bytes);
+                i32::try_from(value)
+                    .map_err(|_| format!("element {element_index} ({value}) does not fit in a 32-bit integer"))
+            },
+        )?),
+        NpyStoredType::UnsignedByte => {
+            FieldData::F32(read_converted_elements(path, &mut reader, element_count, |_, bytes: [u8; 1]| {
+                Ok(f32::from(bytes[0]))
+            })?)
+        }
+    };
+    Ok((shape, data))
+}
+
+/// Reads `element_count` elements of `ELEMENT_SIZE` bytes each, in chunks, and converts each with
+/// `convert`, which receives the element's flat (C-order) index and may explain why a value cannot be
+/// loaded.
+fn read_converted_elements<const ELEMENT_SIZE: usize, Element>(
+    path: &Path,
+    reader: &mut impl std::io::Read,
+    element_count: usize,
+    mut convert: impl FnMut(usize, [u8; ELEMENT_SIZE]) -> Result<Element, String>,
+) -> Result<Vec<Element>, DataError> {
+    let mut elements = Vec::with_capacity(element_count);
+    let mut chunk = vec![0u8; DATA_CHUNK_LENGTH];
+    while elements.len() < element_count {
+        let elements_in_chunk = (element_count - elements.len()).min(DATA_CHUNK_LENGTH / ELEMENT_SIZE);
+        let chunk = &mut chunk[..elements_in_chunk * ELEMENT_SIZE];
+        if read_up_to(path, reader, chunk)? < chunk.len() {
+            // The header check saw enough data, so the file must have shrunk since then.
+            return Err(DataError::corrupt(path, "the .npy file is truncated inside its array data"));
+        }
+        for element_bytes in chunk.chunks_exact(ELEMENT_SIZE) {
+            let mut bytes = [0u8; ELEMENT_SIZE];
+            bytes.copy_from_slice(element_bytes);
+            let element = convert(elements.len(), bytes)
+                .map_err(|problem| DataError::corrupt(path, format!("cannot load the array: {problem}")))?;
+            elements.push(element);
+        }
+    }
+    Ok(elements)
 }
 
 /// The subset of Python literal values that appear in `.npy` headers.
@@ -470,6 +580,94 @@ mod tests {
             let probed = probe_bytes(&format!("npy_good_{index}"), &npy_bytes(version, header, data_length));
             assert_eq!(probed, Ok((element_type, shape)), "{header}");
         }
+    }
+
+    /// Writes a version 1 `.npy` file with the given dtype, shape and little-endian data bytes, and loads it.
+    fn load_array(
+        test_name: &str,
+        descr: &str,
+        shape: &str,
+        data: &[u8],
+    ) -> Result<(Vec<usize>, FieldData), DataError> {
+        let directory = scratch_directory(test_name);
+        let header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+        let mut bytes = npy_bytes(1, &header, 0);
+        bytes.extend_from_slice(data);
+        let path = write_file(&directory, "array.npy", &bytes);
+        load_npy(&path)
+    }
+
+    /// Concatenates the little-endian bytes of every value.
+    fn little_endian_bytes<const SIZE: usize, Value: Copy>(
+        values: &[Value],
+        to_bytes: fn(Value) -> [u8; SIZE],
+    ) -> Vec<u8> {
+        values.iter().flat_map(|&value| to_bytes(value)).collect()
+    }
+
+    #[test]
+    fn loads_float_arrays() {
+        let values = [1.5f32, -2.0, 0.0, 3.25, f32::MAX, -0.125];
+        let loaded = load_array("npy_load_f4", "<f4", "(2, 3)", &little_endian_bytes(&values, f32::to_le_bytes));
+        assert_eq!(loaded, Ok((vec![2, 3], FieldData::F32(values.to_vec()))));
+
+        let values = [1.5f64, -2.0, 1e-3, 123456.789];
+        let loaded = load_array("npy_load_f8", "<f8", "(4,)", &little_endian_bytes(&values, f64::to_le_bytes));
+        assert_eq!(loaded, Ok((vec![4], FieldData::F32(values.iter().map(|&value| value as f32).collect()))));
+
+        let error =
+            load_array("npy_load_f8_overflow", "<f8", "(2,)", &little_endian_bytes(&[1.0, 1e300], f64::to_le_bytes))
+                .expect_err("1e300 does not fit in a 32-bit float");
+        assert_eq!(error.kind, DataErrorKind::Corrupt);
+        assert!(error.message.contains("element 1"), "{error}");
+    }
+
+    #[test]
+    fn loads_integer_arrays() {
+        let values = [0i32, -1, i32::MAX, i32::MIN, 7, 9];
+        let loaded = load_array("npy_load_i4", "<i4", "(3, 2)", &little_endian_bytes(&values, i32::to_le_bytes));
+        assert_eq!(loaded, Ok((vec![3, 2], FieldData::I32(values.to_vec()))));
+
+        let values = [0i64, -1, i64::from(i32::MAX), i64::from(i32::MIN), 42];
+        let loaded = load_array("npy_load_i8", "<i8", "(5,)", &little_endian_bytes(&values, i64::to_le_bytes));
+        assert_eq!(loaded, Ok((vec![5], FieldData::I32(vec![0, -1, i32::MAX, i32::MIN, 42]))));
+
+        let values = [3i64, 4, 1 << 31, 5];
+        let error =
+            load_array("npy_load_i8_overflow", "<i8", "(2, 2)", &little_endian_bytes(&values, i64::to_le_bytes))
+                .expect_err("2^31 does not fit in a 32-bit integer");
+        assert_eq!(error.kind, DataErrorKind::Corrupt);
+        assert!(error.message.contains("element 2"), "{error}");
+        assert!(error.message.contains("2147483648"), "{error}");
+    }
+
+    #[test]
+    fn loads_byte_arrays_scalars_and_empty_arrays() {
+        let loaded = load_array("npy_load_u1", "|u1", "(2, 2, 2)", &[0, 1, 2, 3, 128, 200, 254, 255]);
+        assert_eq!(loaded, Ok((vec![2, 2, 2], FieldData::F32(vec![0.0, 1.0, 2.0, 3.0, 128.0, 200.0, 254.0, 255.0]))));
+        let loaded = load_array("npy_load_scalar", "<f4", "()", &2.5f32.to_le_bytes());
+        assert_eq!(loaded, Ok((vec![], FieldData::F32(vec![2.5]))));
+        let loaded = load_array("npy_load_empty", "<i4", "(0, 3)", &[]);
+        assert_eq!(loaded, Ok((vec![0, 3], FieldData::I32(vec![]))));
+    }
+
+    #[test]
+    fn loads_arrays_larger_than_one_chunk_and_ignores_trailing_bytes() {
+        let values: Vec<f32> = (0..50_000).map(|index| index as f32 * 0.5).collect();
+        let mut data = little_endian_bytes(&values, f32::to_le_bytes);
+        data.extend_from_slice(b"trailing");
+        let loaded = load_array("npy_load_large", "<f4", "(25000, 2)", &data);
+        assert_eq!(loaded, Ok((vec![25000, 2], FieldData::F32(values))));
+    }
+
+    #[test]
+    fn loading_reports_the_same_errors_as_probing() {
+        let error = load_array("npy_load_truncated", "<f4", "(3,)", &[0; 11]).expect_err("one byte is missing");
+        assert_eq!(error.kind, DataErrorKind::Corrupt);
+        assert!(error.message.contains("truncated"), "{error}");
+        let directory = scratch_directory("npy_load_missing");
+        let error = load_npy(&directory.join("missing.npy")).expect_err("the file is missing");
+        assert_eq!(error.kind, DataErrorKind::NotFound);
     }
 
     #[test]

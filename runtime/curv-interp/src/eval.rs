@@ -83,7 +83,8 @@ impl std::error::Error for EvalError {}
 
 /// Evaluates `function` and returns the value of every instruction.
 pub fn evaluate<T: Real>(function: &Function, inputs: &Inputs<T>) -> Result<Vec<Value<T>>, EvalError> {
-    let mut evaluator = Evaluator { function, inputs, bindings: HashMap::new(), values: Vec::with_capacity(function.insts.len()) };
+    let mut evaluator =
+        Evaluator { function, inputs, bindings: HashMap::new(), values: Vec::with_capacity(function.insts.len()) };
     for index in 0..function.insts.len() {
         let value = evaluator.instruction(index).map_err(|message| EvalError { instruction: index, message })?;
         evaluator.values.push(value);
@@ -92,7 +93,10 @@ pub fn evaluate<T: Real>(function: &Function, inputs: &Inputs<T>) -> Result<Vec<
 }
 
 /// Evaluates `function` and returns its named outputs.
-pub fn evaluate_outputs<T: Real>(function: &Function, inputs: &Inputs<T>) -> Result<Vec<(String, Value<T>)>, EvalError> {
+pub fn evaluate_outputs<T: Real>(
+    function: &Function,
+    inputs: &Inputs<T>,
+) -> Result<Vec<(String, Value<T>)>, EvalError> {
     let values = evaluate(function, inputs)?;
     Ok(function.outputs.iter().map(|(name, value)| (name.clone(), values[value.0 as usize].clone())).collect())
 }
@@ -122,7 +126,9 @@ impl<T: Real> Evaluator<'_, T> {
             .iter()
             .map(|dim| match dim {
                 Dim::Known(size) => Ok(*size as usize),
-                Dim::Symbol(name) => self.bindings.get(name).copied().ok_or_else(|| format!("dimension `{name}` is not bound")),
+                Dim::Symbol(name) => {
+                    self.bindings.get(name).copied().ok_or_else(|| format!("dimension `{name}` is not bound"))
+                }
             })
             .collect()
     }
@@ -174,7 +180,11 @@ impl<T: Real> Evaluator<'_, T> {
                 self.external(ty, value, format!("data `{source}.{field}`"))
             }
             Op::Hyper { name } => {
-                let value = self.inputs.hyperparameters.get(name).ok_or_else(|| format!("hyperparameter `{name}` was not provided"))?;
+                let value = self
+                    .inputs
+                    .hyperparameters
+                    .get(name)
+                    .ok_or_else(|| format!("hyperparameter `{name}` was not provided"))?;
                 Ok(Value::Real(Tensor::scalar(T::from_f64(*value))))
             }
             Op::Step => Ok(Value::Real(Tensor::scalar(T::from_f64(self.inputs.step)))),
@@ -305,17 +315,32 @@ impl<T: Real> Evaluator<'_, T> {
             }
             Op::Conv2dInputGradient { stride, padding } => {
                 let shape = self.shape_of(ty)?;
-                Ok(Value::Real(conv2d_input_gradient(self.real(index, 0)?, self.real(index, 1)?, &shape, *stride as usize, *padding as usize)))
+                Ok(Value::Real(conv2d_input_gradient(
+                    self.real(index, 0)?,
+                    self.real(index, 1)?,
+                    &shape,
+                    *stride as usize,
+                    *padding as usize,
+                )))
             }
             Op::Conv2dKernelGradient { stride, padding } => {
                 let shape = self.shape_of(ty)?;
-                Ok(Value::Real(conv2d_kernel_gradient(self.real(index, 0)?, self.real(index, 1)?, &shape, *stride as usize, *padding as usize)))
+                Ok(Value::Real(conv2d_kernel_gradient(
+                    self.real(index, 0)?,
+                    self.real(index, 1)?,
+                    &shape,
+                    *stride as usize,
+                    *padding as usize,
+                )))
             }
             Op::Cast => {
                 let id = inst.args[0].0 as usize;
                 match &self.values[id] {
                     Value::Real(tensor) => Ok(Value::Real(tensor.clone())),
-                    Value::Int(tensor) => Ok(Value::Real(Tensor::new(tensor.shape.clone(), tensor.data.iter().map(|&x| T::from_f64(x as f64)).collect()))),
+                    Value::Int(tensor) => Ok(Value::Real(Tensor::new(
+                        tensor.shape.clone(),
+                        tensor.data.iter().map(|&x| T::from_f64(x as f64)).collect(),
+                    ))),
                 }
             }
         }
@@ -434,7 +459,8 @@ pub fn transpose<T: Real>(operand: &Tensor<T>, permutation: &[usize]) -> Tensor<
     let operand_strides = strides(&operand.shape);
     let mut data = Vec::with_capacity(operand.len());
     for_each_index(&shape, |_, coordinates| {
-        let source: usize = coordinates.iter().zip(permutation).map(|(&coordinate, &axis)| coordinate * operand_strides[axis]).sum();
+        let source: usize =
+            coordinates.iter().zip(permutation).map(|(&coordinate, &axis)| coordinate * operand_strides[axis]).sum();
         data.push(operand.data[source]);
     });
     Tensor::new(shape, data)
@@ -465,7 +491,8 @@ pub fn reduce<T: Real>(operand: &Tensor<T>, op: ReduceOp, axes: &[usize]) -> Ten
     };
     let mut data = vec![initial; shape.iter().product()];
     for_each_index(&operand.shape, |flat, coordinates| {
-        let target: usize = kept.iter().enumerate().map(|(position, &axis)| coordinates[axis] * result_strides[position]).sum();
+        let target: usize =
+            kept.iter().enumerate().map(|(position, &axis)| coordinates[axis] * result_strides[position]).sum();
         let value = operand.data[flat];
         data[target] = match op {
             ReduceOp::Sum => data[target].add(value),
@@ -482,7 +509,8 @@ pub fn reduce<T: Real>(operand: &Tensor<T>, op: ReduceOp, axes: &[usize]) -> Ten
 }
 
 pub fn argmax<T: Real>(operand: &Tensor<T>, axis: usize) -> Tensor<i32> {
-    let shape: Vec<usize> = operand.shape.iter().enumerate().filter(|(index, _)| *index != axis).map(|(_, &size)| size).collect();
+    let shape: Vec<usize> =
+        operand.shape.iter().enumerate().filter(|(index, _)| *index != axis).map(|(_, &size)| size).collect();
     let result_strides = strides(&shape);
     let count: usize = shape.iter().product();
     let mut best = vec![(T::from_f64(f64::NEG_INFINITY), -1i32); count];
@@ -506,8 +534,11 @@ pub fn slice<E: Copy>(operand: &Tensor<E>, starts: &[i64], shape: &[usize]) -> T
     let operand_strides = strides(&operand.shape);
     let mut data = Vec::with_capacity(shape.iter().product());
     for_each_index(shape, |_, coordinates| {
-        let source: usize =
-            coordinates.iter().enumerate().map(|(axis, &coordinate)| (coordinate + starts[axis] as usize) * operand_strides[axis]).sum();
+        let source: usize = coordinates
+            .iter()
+            .enumerate()
+            .map(|(axis, &coordinate)| (coordinate + starts[axis] as usize) * operand_strides[axis])
+            .sum();
         data.push(operand.data[source]);
     });
     Tensor::new(shape.to_vec(), data)
@@ -517,8 +548,11 @@ pub fn pad<T: Real>(operand: &Tensor<T>, starts: &[i64], shape: &[usize]) -> Ten
     let result_strides = strides(shape);
     let mut result = Tensor::filled(shape.to_vec(), T::zero());
     for_each_index(&operand.shape, |flat, coordinates| {
-        let target: usize =
-            coordinates.iter().enumerate().map(|(axis, &coordinate)| (coordinate + starts[axis] as usize) * result_strides[axis]).sum();
+        let target: usize = coordinates
+            .iter()
+            .enumerate()
+            .map(|(axis, &coordinate)| (coordinate + starts[axis] as usize) * result_strides[axis])
+            .sum();
         result.data[target] = operand.data[flat];
     });
     result
@@ -553,7 +587,8 @@ fn conv2d_visit(
                                 if column < 0 || column as usize >= width {
                                     continue;
                                 }
-                                let input_index = ((n * channels + c) * height + row as usize) * width + column as usize;
+                                let input_index =
+                                    ((n * channels + c) * height + row as usize) * width + column as usize;
                                 let kernel_index = ((o * channels + c) * kernel_height + ky) * kernel_width + kx;
                                 visit(output_index, input_index, kernel_index);
                             }
@@ -580,7 +615,13 @@ pub fn conv2d<T: Real>(input: &Tensor<T>, kernel: &Tensor<T>, stride: usize, pad
     output
 }
 
-pub fn conv2d_input_gradient<T: Real>(output_gradient: &Tensor<T>, kernel: &Tensor<T>, input_shape: &[usize], stride: usize, padding: usize) -> Tensor<T> {
+pub fn conv2d_input_gradient<T: Real>(
+    output_gradient: &Tensor<T>,
+    kernel: &Tensor<T>,
+    input_shape: &[usize],
+    stride: usize,
+    padding: usize,
+) -> Tensor<T> {
     let mut gradient = Tensor::filled(input_shape.to_vec(), T::zero());
     conv2d_visit(input_shape, &kernel.shape, &output_gradient.shape, stride, padding, |out, inp, ker| {
         gradient.data[inp] = gradient.data[inp].add(output_gradient.data[out].mul(kernel.data[ker]));
@@ -588,7 +629,13 @@ pub fn conv2d_input_gradient<T: Real>(output_gradient: &Tensor<T>, kernel: &Tens
     gradient
 }
 
-pub fn conv2d_kernel_gradient<T: Real>(input: &Tensor<T>, output_gradient: &Tensor<T>, kernel_shape: &[usize], stride: usize, padding: usize) -> Tensor<T> {
+pub fn conv2d_kernel_gradient<T: Real>(
+    input: &Tensor<T>,
+    output_gradient: &Tensor<T>,
+    kernel_shape: &[usize],
+    stride: usize,
+    padding: usize,
+) -> Tensor<T> {
     let mut gradient = Tensor::filled(kernel_shape.to_vec(), T::zero());
     conv2d_visit(&input.shape, kernel_shape, &output_gradient.shape, stride, padding, |out, inp, ker| {
         gradient.data[ker] = gradient.data[ker].add(output_gradient.data[out].mul(input.data[inp]));

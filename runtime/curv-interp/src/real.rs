@@ -31,51 +31,67 @@ macro_rules! impl_real {
     ($type:ty, $name:literal) => {
         impl Real for $type {
             const NAME: &'static str = $name;
+            #[inline]
             fn from_f64(value: f64) -> Self {
                 value as $type
             }
+            #[inline]
             fn to_f64(self) -> f64 {
                 self as f64
             }
+            #[inline]
             fn add(self, other: Self) -> Self {
                 self + other
             }
+            #[inline]
             fn sub(self, other: Self) -> Self {
                 self - other
             }
+            #[inline]
             fn mul(self, other: Self) -> Self {
                 self * other
             }
+            #[inline]
             fn div(self, other: Self) -> Self {
                 self / other
             }
+            #[inline]
             fn neg(self) -> Self {
                 -self
             }
+            #[inline]
             fn powf(self, other: Self) -> Self {
                 <$type>::powf(self, other)
             }
+            #[inline]
             fn sin(self) -> Self {
                 <$type>::sin(self)
             }
+            #[inline]
             fn cos(self) -> Self {
                 <$type>::cos(self)
             }
+            #[inline]
             fn tanh(self) -> Self {
                 <$type>::tanh(self)
             }
+            #[inline]
             fn exp(self) -> Self {
                 <$type>::exp(self)
             }
+            #[inline]
             fn ln(self) -> Self {
                 <$type>::ln(self)
             }
+            #[inline]
             fn sqrt(self) -> Self {
                 <$type>::sqrt(self)
             }
+            #[inline]
             fn abs(self) -> Self {
                 <$type>::abs(self)
             }
+            #[inline]
             fn is_finite(self) -> bool {
                 <$type>::is_finite(self)
             }

@@ -1,0 +1,469 @@
+//! `curv run` and `curv compare` as library functions: selecting the train block, loading data,
+//! initialising or resuming, the loop with logging, metrics files, checkpoints, plots and the
+//! reconstruction of coordinate networks. Progress is reported through [`RunObserver`].
+
+use curv_interp::{Real, Tensor};
+use curv_ir::{Program, TrainProgram};
+use curv_runtime::plot::{plot_series, Series};
+use curv_runtime::{Checkpoint, Dataset, Metrics, NonFinitePolicy, TrainError, Trainer};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    F64,
+}
+
+/// The command-line options of `curv run`.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub train: Option<String>,
+    pub steps: Option<u64>,
+    pub seed: Option<u64>,
+    pub precision: Precision,
+    pub init: Option<PathBuf>,
+    pub resume: Option<PathBuf>,
+    pub metrics: Option<PathBuf>,
+    pub out: Option<PathBuf>,
+}
+
+/// A failure of `curv run`: `user` errors exit with 1, the others with 2.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunError {
+    pub message: String,
+    pub user: bool,
+}
+
+impl RunError {
+    fn user(message: impl Into<String>) -> RunError {
+        RunError { message: message.into(), user: true }
+    }
+
+    fn runtime(message: impl Into<String>) -> RunError {
+        RunError { message: message.into(), user: false }
+    }
+}
+
+/// One logged point.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogRecord {
+    pub step: u64,
+    pub values: Vec<(String, f64)>,
+    pub elapsed_ms: f64,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSummary {
+    pub train: String,
+    pub optimizer: String,
+    pub steps: u64,
+    pub records: Vec<LogRecord>,
+    pub final_values: Vec<(String, f64)>,
+    pub step_ms_median: f64,
+    pub files: Vec<PathBuf>,
+}
+
+/// Receives progress while a run goes.
+pub trait RunObserver {
+    fn started(&mut self, _train: &TrainProgram, _first_step: u64, _total_steps: u64) {}
+    fn stepped(&mut self, _step: u64, _loss: f64) {}
+    fn logged(&mut self, _record: &LogRecord) {}
+    fn warning(&mut self, _message: &str) {}
+}
+
+/// An observer that ignores everything.
+pub struct Silent;
+
+impl RunObserver for Silent {}
+
+/// Picks the train block to run.
+pub fn select_train<'a>(program: &'a Program, name: Option<&str>) -> Result<&'a TrainProgram, RunError> {
+    match name {
+        Some(name) => program.trains.iter().find(|train| train.name == name).ok_or_else(|| {
+            let names: Vec<&str> = program.trains.iter().map(|train| train.name.as_str()).collect();
+            RunError::user(format!(
+                "no train block `{name}`; the file has: {}",
+                if names.is_empty() { "none".to_string() } else { names.join(", ") }
+            ))
+        }),
+        None => program.trains.first().ok_or_else(|| RunError::user("the file has no `train` block to run")),
+    }
+}
+
+/// Runs the selected train block of a checked program.
+pub fn run_program(
+    program: &Program,
+    directory: &Path,
+    options: &RunOptions,
+    observer: &mut dyn RunObserver,
+) -> Result<RunSummary, RunError> {
+    let train = select_train(program, options.train.as_deref())?;
+    curv_runtime::optimizer::check_executable(
+        &train.optimizer,
+        &train.params.iter().map(|param| param.name.clone()).collect::<Vec<_>>(),
+    )
+    .map_err(RunError::user)?;
+    match options.precision {
+        Precision::F32 => run_train::<f32>(program, train, directory, options, observer),
+        Precision::F64 => run_train::<f64>(program, train, directory, options, observer),
+    }
+}
+
+fn metric_value(name: &str, batch: &Metrics, test: Option<&Metrics>) -> Option<f64> {
+    match name {
+        "loss" => Some(batch.loss),
+        "accuracy" => batch.accuracy,
+        "psnr" => batch.psnr,
+        "test_loss" => test.map(|metrics| metrics.loss),
+        "test_accuracy" => test.and_then(|metrics| metrics.accuracy),
+        "test_psnr" => test.and_then(|metrics| metrics.psnr),
+        _ => None,
+    }
+}
+
+fn json_number(value: f64) -> String {
+    if value.is_finite() {
+        format!("{value}")
+    } else {
+        "null".to_string()
+    }
+}
+
+fn json_line(fields: &[(String, f64)], extra: &[(&str, String)]) -> String {
+    let mut parts: Vec<String> = extra.iter().map(|(key, value)| format!("\"{key}\": {value}")).collect();
+    parts.extend(fields.iter().map(|(key, value)| format!("\"{key}\": {}", json_number(*value))));
+    format!("{{{}}}\n", parts.join(", "))
+}
+
+fn run_train<T: Real>(
+    program: &Program,
+    train: &TrainProgram,
+    directory: &Path,
+    options: &RunOptions,
+    observer: &mut dyn RunObserver,
+) -> Result<RunSummary, RunError> {
+    let total_steps = options.steps.unwrap_or(train.steps.max(0) as u64);
+    let seed = options.seed.unwrap_or(train.seed.max(0) as u64);
+    let dataset = Dataset::load(&train.data, directory).map_err(RunError::user)?;
+    let mut trainer: Trainer<T> = Trainer::new(train.clone(), program.rules.clone(), dataset, seed, total_steps);
+    trainer.policy = if train.skip_nonfinite { NonFinitePolicy::Skip } else { NonFinitePolicy::Stop };
+    let expected: Vec<(String, Vec<usize>)> = train
+        .params
+        .iter()
+        .map(|param| {
+            (
+                param.name.clone(),
+                param.ty.known_shape().unwrap_or_default().into_iter().map(|size| size as usize).collect(),
+            )
+        })
+        .collect();
+    if let Some(path) = &options.init {
+        load_initial_parameters(&mut trainer, path, &expected)?;
+    }
+    if let Some(path) = &options.resume {
+        let checkpoint: Checkpoint<T> = Checkpoint::load(path, &expected).map_err(RunError::user)?;
+        if checkpoint.train != train.name {
+            return Err(RunError::user(format!(
+                "{} was written by train `{}`, not `{}`",
+                path.display(),
+                checkpoint.train,
+                train.name
+            )));
+        }
+        if checkpoint.seed != seed {
+            return Err(RunError::user(format!(
+                "{} was trained with seed {}, but this run uses seed {seed}",
+                path.display(),
+                checkpoint.seed
+            )));
+        }
+        trainer.params = checkpoint.params.into_iter().map(|(_, tensor)| tensor).collect();
+        trainer.states = checkpoint.states;
+        trainer.step = checkpoint.step;
+    }
+    if let Some(out) = &options.out {
+        std::fs::create_dir_all(out)
+            .map_err(|error| RunError::user(format!("cannot create {}: {error}", out.display())))?;
+    }
+    let mut metrics_file = match &options.metrics {
+        Some(path) => Some(
+            std::fs::File::create(path)
+                .map_err(|error| RunError::user(format!("cannot write {}: {error}", path.display())))?,
+        ),
+        None => None,
+    };
+    let log_every = train.log.as_ref().map_or((total_steps / 20).max(1), |log| log.every.max(1) as u64);
+    let mut log_metrics: Vec<String> = train.log.as_ref().map_or(vec!["loss".to_string()], |log| log.metrics.clone());
+    let eval_every = train.eval.as_ref().map(|eval| eval.every.max(1) as u64);
+    if let Some(eval) = &train.eval {
+        for metric in &eval.metrics {
+            if !log_metrics.contains(metric) {
+                log_metrics.push(metric.clone());
+            }
+        }
+    }
+    let checkpoint_every = train.checkpoint_every.map(|every| every.max(1) as u64);
+    observer.started(train, trainer.step + 1, total_steps);
+    let mut records = Vec::new();
+    let mut step_times = Vec::new();
+    let started = Instant::now();
+    let mut last_test: Option<Metrics> = None;
+    let mut last_batch = Metrics::default();
+    while trainer.step < total_steps {
+        let step_started = Instant::now();
+        let report = match trainer.train_step() {
+            Ok(report) => report,
+            Err(error) => {
+                let mut message = error.to_string();
+                if let (TrainError::NonFinite { .. }, Some(out)) = (&error, &options.out) {
+                    let path = out.join("checkpoint.safetensors");
+                    save_checkpoint(&trainer, &path)?;
+                    message.push_str(&format!(
+                        "; the last good state (step {}) is in {}",
+                        trainer.step,
+                        path.display()
+                    ));
+                }
+                return Err(RunError::runtime(message));
+            }
+        };
+        step_times.push(step_started.elapsed().as_secs_f64() * 1000.0);
+        if let Some(what) = &report.skipped {
+            observer.warning(&format!("step {}: skipped the update: {what} is not finite", report.step));
+        }
+        observer.stepped(report.step, report.metrics.loss);
+        last_batch = report.metrics.clone();
+        let step = report.step;
+        let evaluate_now =
+            eval_every.is_some_and(|every| step % every == 0) || (step == total_steps && train.eval.is_some());
+        if evaluate_now {
+            last_test = trainer.evaluate_test().map_err(|error| RunError::runtime(error.to_string()))?;
+        }
+        if step % log_every == 0 || step == total_steps {
+            let test = if evaluate_now { last_test.as_ref() } else { None };
+            let values: Vec<(String, f64)> = log_metrics
+                .iter()
+                .filter_map(|name| metric_value(name, &report.metrics, test).map(|value| (name.clone(), value)))
+                .collect();
+            let record = LogRecord { step, values, elapsed_ms: started.elapsed().as_secs_f64() * 1000.0 };
+            if let Some(file) = &mut metrics_file {
+                let line = json_line(&record.values, &[("step", step.to_string())]);
+                let line = line.replacen('}', &format!(", \"elapsed_ms\": {:.1}}}", record.elapsed_ms), 1);
+                file.write_all(line.as_bytes())
+                    .map_err(|error| RunError::runtime(format!("writing metrics: {error}")))?;
+            }
+            observer.logged(&record);
+            records.push(record);
+        }
+        if let (Some(every), Some(out)) = (checkpoint_every, &options.out) {
+            if step % every == 0 {
+                save_checkpoint(&trainer, &out.join("checkpoint.safetensors"))?;
+            }
+        }
+    }
+    let mut sorted = step_times.clone();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let step_ms_median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
+    if train.eval.is_some() && last_test.is_none() {
+        last_test = trainer.evaluate_test().map_err(|error| RunError::runtime(error.to_string()))?;
+    }
+    let final_values: Vec<(String, f64)> = log_metrics
+        .iter()
+        .filter_map(|name| metric_value(name, &last_batch, last_test.as_ref()).map(|value| (name.clone(), value)))
+        .collect();
+    if let Some(file) = &mut metrics_file {
+        let line = json_line(
+            &final_values,
+            &[
+                ("final", "true".to_string()),
+                ("step", trainer.step.to_string()),
+                ("step_ms_median", format!("{step_ms_median:.3}")),
+            ],
+        );
+        file.write_all(line.as_bytes()).map_err(|error| RunError::runtime(format!("writing metrics: {error}")))?;
+    }
+    let mut files = Vec::new();
+    if let Some(out) = &options.out {
+        files.extend(write_outputs(&trainer, train, out, &records)?);
+    }
+    Ok(RunSummary {
+        train: train.name.clone(),
+        optimizer: train.optimizer.name.clone(),
+        steps: trainer.step,
+        records,
+        final_values,
+        step_ms_median,
+        files,
+    })
+}
+
+fn save_checkpoint<T: Real>(trainer: &Trainer<T>, path: &Path) -> Result<(), RunError> {
+    let checkpoint = Checkpoint {
+        step: trainer.step,
+        seed: trainer.seed,
+        train: trainer.program.name.clone(),
+        params: trainer
+            .program
+            .params
+            .iter()
+            .map(|param| param.name.clone())
+            .zip(trainer.params.iter().cloned())
+            .collect(),
+        states: trainer.states.clone(),
+    };
+    checkpoint.save(path).map_err(RunError::runtime)
+}
+
+fn load_initial_parameters<T: Real>(
+    trainer: &mut Trainer<T>,
+    path: &Path,
+    expected: &[(String, Vec<usize>)],
+) -> Result<(), RunError> {
+    let bytes =
+        std::fs::read(path).map_err(|error| RunError::user(format!("cannot read {}: {error}", path.display())))?;
+    let tensors = safetensors_open(&bytes, path)?;
+    let all = curv_runtime::checkpoint::read_all::<T>(&tensors, path).map_err(RunError::user)?;
+    for (index, (name, shape)) in expected.iter().enumerate() {
+        let tensor = all
+            .get(name)
+            .ok_or_else(|| RunError::user(format!("{}: parameter `{name}` is missing", path.display())))?;
+        if &tensor.shape != shape {
+            return Err(RunError::user(format!(
+                "{}: parameter `{name}` has shape {:?}, expected {shape:?}",
+                path.display(),
+                tensor.shape
+            )));
+        }
+        trainer.params[index] = tensor.clone();
+    }
+    let unknown: Vec<&String> = all.keys().filter(|key| !expected.iter().any(|(name, _)| name == *key)).collect();
+    if !unknown.is_empty() {
+        return Err(RunError::user(format!(
+            "{}: tensors that are not parameters of this model: {unknown:?}",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+fn safetensors_open<'a>(bytes: &'a [u8], path: &Path) -> Result<curv_runtime::checkpoint::SafeTensors<'a>, RunError> {
+    curv_runtime::checkpoint::SafeTensors::deserialize(bytes)
+        .map_err(|error| RunError::user(format!("{}: not a safetensors file ({error})", path.display())))
+}
+
+/// `final.safetensors`, the metric plots and, for coordinate networks, the reconstruction.
+fn write_outputs<T: Real>(
+    trainer: &Trainer<T>,
+    train: &TrainProgram,
+    out: &Path,
+    records: &[LogRecord],
+) -> Result<Vec<PathBuf>, RunError> {
+    let mut files = Vec::new();
+    let final_path = out.join("final.safetensors");
+    let named: Vec<(String, &Tensor<T>)> =
+        train.params.iter().map(|param| param.name.clone()).zip(trainer.params.iter()).collect();
+    let metadata =
+        HashMap::from([("train".to_string(), train.name.clone()), ("step".to_string(), trainer.step.to_string())]);
+    let bytes = curv_runtime::checkpoint::serialize(&named, metadata).map_err(RunError::runtime)?;
+    curv_runtime::checkpoint::write_atomically(&final_path, &bytes).map_err(RunError::runtime)?;
+    files.push(final_path);
+    let mut metric_names: Vec<String> = Vec::new();
+    for record in records {
+        for (name, _) in &record.values {
+            if !metric_names.contains(name) {
+                metric_names.push(name.clone());
+            }
+        }
+    }
+    for name in metric_names {
+        let points: Vec<(f64, f64)> = records
+            .iter()
+            .filter_map(|record| {
+                record.values.iter().find(|(key, _)| *key == name).map(|(_, value)| (record.step as f64, *value))
+            })
+            .collect();
+        if points.is_empty() {
+            continue;
+        }
+        let path = out.join(format!("{name}.svg"));
+        let series = [Series { name: name.clone(), points }];
+        plot_series(&path, &format!("{}: {name}", train.name), &name, &series).map_err(RunError::runtime)?;
+        files.push(path);
+    }
+    if train.data.kind == "image" {
+        if let Some(prediction) = trainer.predict_all().map_err(|error| RunError::runtime(error.to_string()))? {
+            let (width, height) = image_size(trainer);
+            let channels = prediction.shape.last().copied().unwrap_or(1);
+            let values: Vec<f32> = prediction.data.iter().map(|value| value.to_f64() as f32).collect();
+            let path = out.join("reconstruction.png");
+            curv_data::write_png(&path, width, height, channels, &values)
+                .map_err(|error| RunError::runtime(error.to_string()))?;
+            files.push(path);
+        }
+    }
+    Ok(files)
+}
+
+/// The image's width and height, recovered from its coordinates (x varies fastest).
+fn image_size<T: Real>(trainer: &Trainer<T>) -> (usize, usize) {
+    let coords = trainer.dataset.fields.iter().find(|field| field.name == "coords");
+    let count = trainer.dataset.examples;
+    if let Some(curv_data::FieldData::F32(data)) = coords.map(|field| &field.data) {
+        let first_y = data.get(1).copied().unwrap_or(0.0);
+        let width = data.chunks(2).take_while(|pair| pair[1] == first_y).count().max(1);
+        return (width, count / width);
+    }
+    (count, 1)
+}
+
+/// Runs the train block once per optimizer, for `curv compare`.
+pub fn compare(
+    source: &crate::SourceFile,
+    optimizers: &[String],
+    options: &RunOptions,
+    observer: &mut dyn RunObserver,
+) -> Result<Vec<Result<RunSummary, RunError>>, Vec<curv_sema::Diagnostic>> {
+    let mut results = Vec::new();
+    for optimizer in optimizers {
+        let analysis_options = curv_sema::AnalysisOptions { optimizer_override: Some(optimizer.clone()) };
+        let compilation = crate::compile_file_with_options(source.clone(), &analysis_options);
+        if compilation.has_errors() {
+            return Err(compilation.diagnostics());
+        }
+        let Some(analysis) = &compilation.analysis else { return Err(compilation.diagnostics()) };
+        let mut run_options = options.clone();
+        run_options.out = options.out.as_ref().map(|out| out.join(optimizer));
+        run_options.metrics = None;
+        results.push(run_program(&analysis.program, &source.directory(), &run_options, observer));
+    }
+    Ok(results)
+}
+
+/// Writes the overlaid loss curves of a comparison.
+pub fn plot_comparison(
+    path: &Path,
+    optimizers: &[String],
+    results: &[Result<RunSummary, RunError>],
+    metric: &str,
+) -> Result<(), String> {
+    let series: Vec<Series> = optimizers
+        .iter()
+        .zip(results)
+        .filter_map(|(name, result)| {
+            let summary = result.as_ref().ok()?;
+            let points = summary
+                .records
+                .iter()
+                .filter_map(|record| {
+                    record.values.iter().find(|(key, _)| key == metric).map(|(_, value)| (record.step as f64, *value))
+                })
+                .collect();
+            Some(Series { name: name.clone(), points })
+        })
+        .collect();
+    plot_series(path, &format!("{metric} by optimizer"), metric, &series)
+}

@@ -1,0 +1,20 @@
+//! `curv-runtime` owns training: loading data sets and cutting them into seeded batches,
+//! initialising parameters, executing optimizer plans (interpreted `rule`s and the native
+//! `diagonal` structure, with Hutchinson and sampled-label statistics), the training loop with its
+//! non-finite checks, metrics, checkpoints in safetensors and metric plots.
+//!
+//! Randomness is counter-based (see [`random`]): batches, probes and sampled labels are pure
+//! functions of the seed and the step, which is what makes `--resume` continue bit for bit.
+
+pub mod checkpoint;
+pub mod dataset;
+pub mod init;
+pub mod optimizer;
+pub mod plot;
+pub mod random;
+pub mod schedule;
+pub mod trainer;
+
+pub use checkpoint::Checkpoint;
+pub use dataset::Dataset;
+pub use trainer::{Metrics, NonFinitePolicy, StepReport, TrainError, Trainer};

@@ -1,0 +1,312 @@
+//! Execution of an optimizer plan: `rule`s are interpreted from their IR update functions; the
+//! `diagonal` structure runs natively. Each parameter's state lives in named tensors.
+
+use curv_interp::{evaluate_outputs, Inputs, Real, Tensor, Value};
+use curv_ir::{option_name, option_number, OptimizerPlan, ParamPlan, RuleProgram, StructureKind};
+use std::collections::{BTreeSet, HashMap};
+
+/// The state an optimizer keeps for one parameter, by name (checkpointed as `state.PARAM.NAME`).
+pub type ParamState<T> = Vec<(String, Tensor<T>)>;
+
+pub fn state_get<'a, T>(state: &'a ParamState<T>, name: &str) -> Option<&'a Tensor<T>> {
+    state.iter().find(|(key, _)| key == name).map(|(_, tensor)| tensor)
+}
+
+fn state_set<T>(state: &mut ParamState<T>, name: &str, tensor: Tensor<T>) {
+    match state.iter_mut().find(|(key, _)| key == name) {
+        Some((_, existing)) => *existing = tensor,
+        None => state.push((name.to_string(), tensor)),
+    }
+}
+
+/// Why a plan cannot run (yet) on this runtime.
+pub fn unsupported(plan: &ParamPlan) -> Option<String> {
+    match plan.structure {
+        StructureKind::Rule | StructureKind::Diagonal => {}
+        other => return Some(format!("the `{}` structure is not executable yet", other.name())),
+    }
+    for modifier in &plan.modifiers {
+        let supported = match modifier.name.as_str() {
+            "weight_decay" => true,
+            "momentum" => plan.structure == StructureKind::Diagonal,
+            _ => false,
+        };
+        if !supported {
+            return Some(format!("the `{}` modifier is not executable yet on `{}`", modifier.name, plan.rule_name));
+        }
+    }
+    None
+}
+
+/// The statistics (by `Op::Statistic` kind) a parameter's update needs at `step`.
+pub fn statistics_needed(plan: &ParamPlan, rules: &[RuleProgram], step: u64) -> BTreeSet<String> {
+    let mut needed = BTreeSet::new();
+    match plan.structure {
+        StructureKind::Rule => {
+            if let Some(rule) = rules.iter().find(|rule| rule.name == plan.rule_name) {
+                for (period, update) in &rule.updates {
+                    if step % (*period as u64) == 0 {
+                        for inst in &update.insts {
+                            if let curv_ir::Op::Statistic { kind } = &inst.op {
+                                needed.insert(kind.clone());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        StructureKind::Diagonal => {
+            let every = option_number(&plan.options, "every").unwrap_or(1.0) as u64;
+            if (step - 1) % every.max(1) == 0 {
+                match option_name(&plan.options, "stats").unwrap_or("gradient_square") {
+                    "hutchinson" => {
+                        needed.insert(format!(
+                            "hutchinson({})",
+                            option_name(&plan.options, "probe").unwrap_or("rademacher")
+                        ));
+                    }
+                    "gnb" | "sampled_fisher" => {
+                        needed.insert("sampled_grad".to_string());
+                    }
+                    _ => {}
+                }
+            }
+        }
+        _ => {}
+    }
+    needed
+}
+
+/// Whether a plan ever asks for Hutchinson estimates (which need the Hessian-vector program).
+pub fn uses_hutchinson(plan: &ParamPlan, rules: &[RuleProgram]) -> bool {
+    match plan.structure {
+        StructureKind::Rule => rules.iter().filter(|rule| rule.name == plan.rule_name).any(|rule| {
+            rule.updates.iter().any(|(_, update)| {
+                update
+                    .insts
+                    .iter()
+                    .any(|inst| matches!(&inst.op, curv_ir::Op::Statistic { kind } if kind.starts_with("hutchinson")))
+            })
+        }),
+        StructureKind::Diagonal => option_name(&plan.options, "stats") == Some("hutchinson"),
+        _ => false,
+    }
+}
+
+/// Everything one parameter's update reads besides its state.
+pub struct UpdateInputs<'a, T> {
+    pub step: u64,
+    pub learning_rate: f64,
+    pub batch: usize,
+    pub gradient: &'a Tensor<T>,
+    pub statistics: &'a HashMap<String, Tensor<T>>,
+}
+
+fn flat<T: Real>(tensor: &Tensor<T>) -> Tensor<T> {
+    Tensor::new(vec![tensor.len()], tensor.data.clone())
+}
+
+/// Applies one step of `plan` to `param`, updating `state`.
+pub fn update_param<T: Real>(
+    plan: &ParamPlan,
+    rules: &[RuleProgram],
+    param: &mut Tensor<T>,
+    state: &mut ParamState<T>,
+    inputs: &UpdateInputs<T>,
+) -> Result<(), String> {
+    let learning_rate = inputs.learning_rate;
+    for modifier in &plan.modifiers {
+        if modifier.name == "weight_decay" {
+            let lambda = option_number(&modifier.options, "lambda").unwrap_or(0.0);
+            let factor = T::from_f64(1.0 - learning_rate * lambda);
+            for value in &mut param.data {
+                *value = value.mul(factor);
+            }
+        }
+    }
+    match plan.structure {
+        StructureKind::Rule => update_with_rule(plan, rules, param, state, inputs),
+        StructureKind::Diagonal => update_diagonal(plan, param, state, inputs),
+        other => Err(format!("the `{}` structure is not executable yet", other.name())),
+    }
+}
+
+fn update_with_rule<T: Real>(
+    plan: &ParamPlan,
+    rules: &[RuleProgram],
+    param: &mut Tensor<T>,
+    state: &mut ParamState<T>,
+    inputs: &UpdateInputs<T>,
+) -> Result<(), String> {
+    let rule = rules
+        .iter()
+        .find(|rule| rule.name == plan.rule_name)
+        .ok_or_else(|| format!("rule `{}` is missing", plan.rule_name))?;
+    let mut base = Inputs::<T>::default();
+    for (name, value) in &plan.options {
+        if let curv_ir::OptionValue::Number(number) = value {
+            base.hyperparameters.insert(name.clone(), *number);
+        }
+    }
+    base.hyperparameters.insert("lr".to_string(), inputs.learning_rate);
+    base.hyperparameters.insert("batch".to_string(), inputs.batch as f64);
+    base.step = inputs.step as f64;
+    let shape = param.shape.clone();
+    if state.is_empty() && !rule.state.is_empty() {
+        // States are initialised at the first update, from the parameter and its first gradient.
+        let mut init_inputs = base.clone();
+        init_inputs.inputs = vec![Value::Real(flat(param)), Value::Real(flat(inputs.gradient))];
+        for (name, value) in evaluate_outputs(&rule.init, &init_inputs)
+            .map_err(|error| format!("initialising `{}`: {error}", rule.name))?
+        {
+            let tensor = value.as_real().cloned().ok_or_else(|| format!("state `{name}` is not a float tensor"))?;
+            state.push((name, tensor));
+        }
+    }
+    for (period, update) in &rule.updates {
+        if inputs.step % (*period as u64) != 0 {
+            continue;
+        }
+        let mut update_inputs = base.clone();
+        update_inputs.inputs = vec![Value::Real(flat(param)), Value::Real(flat(inputs.gradient))];
+        for name in &rule.state {
+            let tensor = state_get(state, name).ok_or_else(|| format!("state `{name}` is missing"))?;
+            update_inputs.inputs.push(Value::Real(tensor.clone()));
+        }
+        for (kind, tensor) in inputs.statistics {
+            update_inputs.statistics.insert(kind.clone(), flat(tensor));
+        }
+        let outputs =
+            evaluate_outputs(update, &update_inputs).map_err(|error| format!("rule `{}`: {error}", rule.name))?;
+        for (name, value) in outputs {
+            let tensor = value.as_real().cloned().ok_or_else(|| format!("`{name}` is not a float tensor"))?;
+            if rule.state.contains(&name) {
+                state_set(state, &name, tensor);
+            } else {
+                *param = Tensor::new(shape.clone(), tensor.data);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The `diagonal` structure: an Adam-style update whose second moment is an exponential average
+/// of a squared diagonal curvature estimate `s`: the gradient (`gradient_square`, which is Adam),
+/// `|v * Hv|` (`hutchinson`, AdaHessian; averaged over a conv kernel's spatial dimensions with
+/// `spatial = true`) or `sqrt(batch) * g_sampled` (`gnb`, so that `s^2 = B g_sampled^2`).
+/// The average is refreshed every `every` steps (steps 1, 1 + every, ...) and bias-corrected by
+/// its number of refreshes; the step is `m_hat / (sqrt(v_hat)^power + eps)`.
+fn update_diagonal<T: Real>(
+    plan: &ParamPlan,
+    param: &mut Tensor<T>,
+    state: &mut ParamState<T>,
+    inputs: &UpdateInputs<T>,
+) -> Result<(), String> {
+    let number = |key: &str, default: f64| option_number(&plan.options, key).unwrap_or(default);
+    let b1 = number("b1", 0.9);
+    let ema = number("ema", 0.999);
+    let eps = number("eps", 1e-8);
+    let power = number("power", 1.0);
+    let every = number("every", 1.0).max(1.0) as u64;
+    let bias_correction = !plan
+        .options
+        .iter()
+        .any(|(key, value)| key == "bias_correction" && *value == curv_ir::OptionValue::Bool(false));
+    let stats = option_name(&plan.options, "stats").unwrap_or("gradient_square");
+    let count = param.len();
+    if state.is_empty() {
+        state.push(("m".to_string(), Tensor::filled(param.shape.clone(), T::zero())));
+        state.push(("v".to_string(), Tensor::filled(param.shape.clone(), T::zero())));
+        state.push(("refreshes".to_string(), Tensor::scalar(T::zero())));
+    }
+    if (inputs.step - 1) % every == 0 {
+        let estimate: Vec<T> = match stats {
+            "gradient_square" => inputs.gradient.data.clone(),
+            "hutchinson" => {
+                let kind = format!("hutchinson({})", option_name(&plan.options, "probe").unwrap_or("rademacher"));
+                let product = inputs.statistics.get(&kind).ok_or("the Hutchinson estimate is missing")?;
+                let mut absolute: Vec<T> = product.data.iter().map(|value| value.abs()).collect();
+                let spatial = plan
+                    .options
+                    .iter()
+                    .any(|(key, value)| key == "spatial" && *value == curv_ir::OptionValue::Bool(true));
+                if spatial && param.rank() == 4 {
+                    let window = param.shape[2] * param.shape[3];
+                    for block in absolute.chunks_mut(window) {
+                        let mean = block
+                            .iter()
+                            .fold(T::zero(), |total, value| total.add(*value))
+                            .div(T::from_f64(window as f64));
+                        block.iter_mut().for_each(|value| *value = mean);
+                    }
+                }
+                absolute
+            }
+            "gnb" | "sampled_fisher" => {
+                let sampled = inputs.statistics.get("sampled_grad").ok_or("the sampled-label gradient is missing")?;
+                let scale = if stats == "gnb" { T::from_f64((inputs.batch as f64).sqrt()) } else { T::one() };
+                sampled.data.iter().map(|value| value.mul(scale)).collect()
+            }
+            other => return Err(format!("unknown diagonal statistic `{other}`")),
+        };
+        let refreshes = state_get(state, "refreshes").map_or(0.0, |tensor| tensor.data[0].to_f64()) + 1.0;
+        let mut v = state_get(state, "v").cloned().ok_or("state `v` is missing")?;
+        let (decay, fresh) = (T::from_f64(ema), T::from_f64(1.0 - ema));
+        for (value, s) in v.data.iter_mut().zip(&estimate) {
+            *value = value.mul(decay).add(fresh.mul(s.mul(*s)));
+        }
+        state_set(state, "v", v);
+        state_set(state, "refreshes", Tensor::scalar(T::from_f64(refreshes)));
+    }
+    let mut m = state_get(state, "m").cloned().ok_or("state `m` is missing")?;
+    let (decay, fresh) = (T::from_f64(b1), T::from_f64(1.0 - b1));
+    for (value, g) in m.data.iter_mut().zip(&inputs.gradient.data) {
+        *value = value.mul(decay).add(fresh.mul(*g));
+    }
+    let v = state_get(state, "v").ok_or("state `v` is missing")?;
+    let refreshes = state_get(state, "refreshes").map_or(1.0, |tensor| tensor.data[0].to_f64());
+    let (correction1, correction2) =
+        if bias_correction { (1.0 - b1.powf(inputs.step as f64), 1.0 - ema.powf(refreshes)) } else { (1.0, 1.0) };
+    let momentum = plan.modifiers.iter().find(|modifier| modifier.name == "momentum");
+    let mut direction = Vec::with_capacity(count);
+    for index in 0..count {
+        let m_hat = m.data[index].to_f64() / correction1;
+        let v_hat = v.data[index].to_f64() / correction2;
+        direction.push(T::from_f64(m_hat / (v_hat.sqrt().powf(power) + eps)));
+    }
+    if let Some(momentum) = momentum {
+        let beta = option_number(&momentum.options, "beta").unwrap_or(0.9);
+        let nesterov =
+            momentum.options.iter().any(|(key, value)| key == "nesterov" && *value == curv_ir::OptionValue::Bool(true));
+        let mut buffer = state_get(state, "momentum_buffer")
+            .cloned()
+            .unwrap_or_else(|| Tensor::filled(param.shape.clone(), T::zero()));
+        for (slot, d) in buffer.data.iter_mut().zip(direction.iter_mut()) {
+            *slot = slot.mul(T::from_f64(beta)).add(*d);
+            *d = if nesterov { d.add(slot.mul(T::from_f64(beta))) } else { *slot };
+        }
+        state_set(state, "momentum_buffer", buffer);
+    }
+    state_set(state, "m", m);
+    let rate = T::from_f64(inputs.learning_rate);
+    for (value, d) in param.data.iter_mut().zip(&direction) {
+        *value = value.sub(rate.mul(*d));
+    }
+    Ok(())
+}
+
+/// Every plan's problems that keep the optimizer from running, one line per parameter.
+pub fn check_executable(plan: &OptimizerPlan, param_names: &[String]) -> Result<(), String> {
+    let problems: Vec<String> = plan
+        .plans
+        .iter()
+        .filter_map(|param_plan| {
+            unsupported(param_plan).map(|problem| format!("`{}`: {problem}", param_names[param_plan.param]))
+        })
+        .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("optimizer `{}` cannot run on this backend yet:\n  {}", plan.name, problems.join("\n  ")))
+    }
+}

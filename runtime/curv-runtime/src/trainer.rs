@@ -1,0 +1,355 @@
+//! The training loop of one train program on the reference interpreter.
+
+use crate::dataset::Dataset;
+use crate::optimizer::{statistics_needed, update_param, ParamState, UpdateInputs};
+use crate::random::{Random, Stream};
+use crate::schedule::learning_rate;
+use curv_ad::products::{gradient_program, hvp_program};
+use curv_interp::{evaluate, Inputs, Real, Tensor, Value};
+use curv_ir::{Function, LossKind, Op, RuleProgram, TrainProgram};
+use std::collections::{BTreeSet, HashMap};
+
+/// What to do when a loss, gradient, statistic or updated parameter is not finite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NonFinitePolicy {
+    /// Leave parameters and state as they were and go on with the next step.
+    Skip,
+    /// Stop training with an error that names the step and the tensor.
+    Stop,
+}
+
+/// A failure during training.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TrainError {
+    NonFinite { step: u64, what: String },
+    Runtime(String),
+}
+
+impl std::fmt::Display for TrainError {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TrainError::NonFinite { step, what } => write!(formatter, "non-finite value at step {step}: {what}"),
+            TrainError::Runtime(message) => formatter.write_str(message),
+        }
+    }
+}
+
+/// Metrics of one evaluation (a training step's batch or the test split).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Metrics {
+    pub loss: f64,
+    pub accuracy: Option<f64>,
+    pub psnr: Option<f64>,
+}
+
+/// The result of one step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepReport {
+    pub step: u64,
+    pub metrics: Metrics,
+    /// Whether the update was skipped because of non-finite values.
+    pub skipped: Option<String>,
+}
+
+pub struct Trainer<T> {
+    pub program: TrainProgram,
+    pub rules: Vec<RuleProgram>,
+    pub dataset: Dataset,
+    pub params: Vec<Tensor<T>>,
+    pub states: Vec<ParamState<T>>,
+    /// The number of completed steps.
+    pub step: u64,
+    pub seed: u64,
+    pub total_steps: u64,
+    pub policy: NonFinitePolicy,
+    gradients: Function,
+    hessian_vector: Option<Function>,
+}
+
+fn shape_of(ty: &curv_ir::TensorType) -> Vec<usize> {
+    ty.known_shape().unwrap_or_default().into_iter().map(|size| size as usize).collect()
+}
+
+fn first_non_finite<T: Real>(tensor: &Tensor<T>) -> Option<usize> {
+    tensor.data.iter().position(|value| !value.is_finite())
+}
+
+impl<T: Real> Trainer<T> {
+    /// A trainer with freshly initialised parameters.
+    pub fn new(
+        program: TrainProgram,
+        rules: Vec<RuleProgram>,
+        dataset: Dataset,
+        seed: u64,
+        total_steps: u64,
+    ) -> Trainer<T> {
+        let params: Vec<Tensor<T>> = program
+            .params
+            .iter()
+            .enumerate()
+            .map(|(index, param)| crate::init::initialise(param, &shape_of(&param.ty), seed, index))
+            .collect();
+        let states = vec![Vec::new(); program.params.len()];
+        let gradients = gradient_program(&program.loss, &program.params).function;
+        let needs_hessian = program.optimizer.plans.iter().any(|plan| crate::optimizer::uses_hutchinson(plan, &rules));
+        let hessian_vector = needs_hessian.then(|| hvp_program(&program.loss, &program.params));
+        Trainer {
+            program,
+            rules,
+            dataset,
+            params,
+            states,
+            step: 0,
+            seed,
+            total_steps,
+            policy: NonFinitePolicy::Stop,
+            gradients,
+            hessian_vector,
+        }
+    }
+
+    fn param_name(&self, index: usize) -> &str {
+        &self.program.params[index].name
+    }
+
+    fn batch_inputs(&self, step: u64) -> Inputs<T> {
+        let indices = self.dataset.batch_indices(step, self.program.batch as usize, self.seed);
+        Inputs { params: self.params.clone(), data: self.dataset.gather(&indices), ..Inputs::default() }
+    }
+
+    /// Runs one training step.
+    pub fn train_step(&mut self) -> Result<StepReport, TrainError> {
+        let step = self.step + 1;
+        let mut inputs = self.batch_inputs(step);
+        let mut needed: BTreeSet<String> = BTreeSet::new();
+        for plan in &self.program.optimizer.plans {
+            needed.extend(statistics_needed(plan, &self.rules, step));
+        }
+        let hutchinson = needed.iter().find(|kind| kind.starts_with("hutchinson")).cloned();
+        let (function, probes) = match (&hutchinson, &self.hessian_vector) {
+            (Some(kind), Some(hessian_vector)) => {
+                let gaussian = kind.contains("gaussian");
+                let probes: Vec<Tensor<T>> = self
+                    .params
+                    .iter()
+                    .enumerate()
+                    .map(|(index, param)| {
+                        let mut random = Random::new(self.seed, Stream::Probe, step * 65_536 + index as u64);
+                        let data = (0..param.len())
+                            .map(|_| T::from_f64(if gaussian { random.normal() } else { random.rademacher() }))
+                            .collect();
+                        Tensor::new(param.shape.clone(), data)
+                    })
+                    .collect();
+                inputs.inputs = probes.iter().cloned().map(Value::Real).collect();
+                (hessian_vector, probes)
+            }
+            _ => (&self.gradients, Vec::new()),
+        };
+        let values =
+            evaluate(function, &inputs).map_err(|error| TrainError::Runtime(format!("step {step}: {error}")))?;
+        let output = |name: &str| function.output(name).map(|id| &values[id.0 as usize]);
+        let loss = output("loss").and_then(Value::as_real).map_or(f64::NAN, |tensor| tensor.data[0].to_f64());
+        let metrics = self.metrics_of(
+            loss,
+            &output("logits").cloned(),
+            &output("labels").cloned(),
+            &output("prediction").cloned(),
+            &output("target").cloned(),
+        );
+        let mut problem: Option<String> = (!loss.is_finite()).then(|| format!("the loss is {loss}"));
+        let mut gradients = Vec::with_capacity(self.params.len());
+        for index in 0..self.params.len() {
+            let gradient = output(&format!("grad.{}", self.param_name(index)))
+                .and_then(Value::as_real)
+                .cloned()
+                .ok_or_else(|| TrainError::Runtime(format!("no gradient for `{}`", self.param_name(index))))?;
+            if problem.is_none() {
+                if let Some(position) = first_non_finite(&gradient) {
+                    problem = Some(format!("the gradient of `{}` at flat index {position}", self.param_name(index)));
+                }
+            }
+            gradients.push(gradient);
+        }
+        let mut statistics: Vec<HashMap<String, Tensor<T>>> = vec![HashMap::new(); self.params.len()];
+        if let Some(kind) = &hutchinson {
+            for (index, probe) in probes.iter().enumerate() {
+                let Some(product) = output(&format!("hvp.{}", self.param_name(index))).and_then(Value::as_real) else {
+                    continue;
+                };
+                let data = probe.data.iter().zip(&product.data).map(|(v, hv)| v.mul(*hv)).collect();
+                statistics[index].insert(kind.clone(), Tensor::new(probe.shape.clone(), data));
+            }
+        }
+        if needed.contains("sampled_grad") {
+            let sampled = self.sampled_gradients(step, &inputs, &values)?;
+            for (index, gradient) in sampled.into_iter().enumerate() {
+                statistics[index].insert("sampled_grad".to_string(), gradient);
+            }
+        }
+        for (index, stats) in statistics.iter().enumerate() {
+            for (kind, tensor) in stats {
+                if problem.is_none() && first_non_finite(tensor).is_some() {
+                    problem = Some(format!("the `{kind}` statistic of `{}`", self.param_name(index)));
+                }
+            }
+        }
+        let rate =
+            learning_rate(self.program.optimizer.lr, self.program.optimizer.schedule.as_ref(), step, self.total_steps);
+        let mut new_params = self.params.clone();
+        let mut new_states = self.states.clone();
+        if problem.is_none() {
+            for plan in &self.program.optimizer.plans {
+                let index = plan.param;
+                let update_inputs = UpdateInputs {
+                    step,
+                    learning_rate: rate,
+                    batch: self.program.batch as usize,
+                    gradient: &gradients[index],
+                    statistics: &statistics[index],
+                };
+                update_param(plan, &self.rules, &mut new_params[index], &mut new_states[index], &update_inputs)
+                    .map_err(|message| {
+                        TrainError::Runtime(format!("step {step}, `{}`: {message}", self.param_name(index)))
+                    })?;
+                if let Some(position) = first_non_finite(&new_params[index]) {
+                    problem = Some(format!("the updated `{}` at flat index {position}", self.param_name(index)));
+                    break;
+                }
+            }
+        }
+        self.step = step;
+        match (problem, self.policy) {
+            (None, _) => {
+                self.params = new_params;
+                self.states = new_states;
+                Ok(StepReport { step, metrics, skipped: None })
+            }
+            (Some(what), NonFinitePolicy::Skip) => Ok(StepReport { step, metrics, skipped: Some(what) }),
+            (Some(what), NonFinitePolicy::Stop) => {
+                self.step = step - 1;
+                Err(TrainError::NonFinite { step, what })
+            }
+        }
+    }
+
+    /// Gradients with labels drawn from the model's predictive distribution (categorical over
+    /// the softmax of the logits for cross-entropy; Gaussian around the prediction for `mse`).
+    fn sampled_gradients(
+        &self,
+        step: u64,
+        inputs: &Inputs<T>,
+        values: &[Value<T>],
+    ) -> Result<Vec<Tensor<T>>, TrainError> {
+        let function = &self.gradients;
+        let loss_function = &self.program.loss;
+        let (model_output, target) = match self.program.loss_kind {
+            LossKind::CrossEntropy => ("logits", "labels"),
+            LossKind::MeanSquaredError => ("prediction", "target"),
+            LossKind::Custom => {
+                return Err(TrainError::Runtime(
+                    "sampled-label statistics need a `cross_entropy` or `mse` loss".to_string(),
+                ))
+            }
+        };
+        let target_id =
+            loss_function.output(target).ok_or_else(|| TrainError::Runtime(format!("the loss has no `{target}`")))?;
+        let Op::Data { source, field } = &loss_function.inst(target_id).op else {
+            return Err(TrainError::Runtime("sampled labels need the target to be a data field".to_string()));
+        };
+        let output_id = loss_function
+            .output(model_output)
+            .ok_or_else(|| TrainError::Runtime(format!("the loss has no `{model_output}`")))?;
+        // The gradient program starts with the loss function's instructions, so ids agree.
+        let prediction = values[output_id.0 as usize]
+            .as_real()
+            .ok_or_else(|| TrainError::Runtime("the model output is not a float tensor".to_string()))?;
+        let mut random = Random::new(self.seed, Stream::SampledLabels, step);
+        let sampled = match self.program.loss_kind {
+            LossKind::CrossEntropy => {
+                let classes = *prediction.shape.last().unwrap_or(&1);
+                let labels: Vec<i32> = prediction
+                    .data
+                    .chunks(classes)
+                    .map(|row| {
+                        let maximum = row.iter().map(|value| value.to_f64()).fold(f64::NEG_INFINITY, f64::max);
+                        let weights: Vec<f64> = row.iter().map(|value| (value.to_f64() - maximum).exp()).collect();
+                        random.categorical(&weights) as i32
+                    })
+                    .collect();
+                Value::Int(Tensor::new(prediction.shape[..prediction.shape.len() - 1].to_vec(), labels))
+            }
+            _ => Value::Real(Tensor::new(
+                prediction.shape.clone(),
+                prediction.data.iter().map(|value| value.add(T::from_f64(random.normal()))).collect(),
+            )),
+        };
+        let mut sampled_inputs = inputs.clone();
+        sampled_inputs.inputs.clear();
+        sampled_inputs.data.insert((source.clone(), field.clone()), sampled);
+        let sampled_values = evaluate(function, &sampled_inputs)
+            .map_err(|error| TrainError::Runtime(format!("step {step}: {error}")))?;
+        (0..self.params.len())
+            .map(|index| {
+                function
+                    .output(&format!("grad.{}", self.param_name(index)))
+                    .and_then(|id| sampled_values[id.0 as usize].as_real().cloned())
+                    .ok_or_else(|| TrainError::Runtime("missing sampled gradient".to_string()))
+            })
+            .collect()
+    }
+
+    fn metrics_of(
+        &self,
+        loss: f64,
+        logits: &Option<Value<T>>,
+        labels: &Option<Value<T>>,
+        prediction: &Option<Value<T>>,
+        target: &Option<Value<T>>,
+    ) -> Metrics {
+        let mut metrics = Metrics { loss, ..Metrics::default() };
+        if let (Some(Value::Real(logits)), Some(Value::Int(labels))) = (logits, labels) {
+            let classes = *logits.shape.last().unwrap_or(&1);
+            let predicted = curv_interp::argmax(logits, logits.rank() - 1);
+            let _ = classes;
+            let correct = predicted.data.iter().zip(&labels.data).filter(|(a, b)| a == b).count();
+            metrics.accuracy = Some(correct as f64 / labels.len().max(1) as f64);
+        }
+        if let (Some(Value::Real(prediction)), Some(Value::Real(target))) = (prediction, target) {
+            let mse =
+                prediction.data.iter().zip(&target.data).map(|(a, b)| (a.to_f64() - b.to_f64()).powi(2)).sum::<f64>()
+                    / prediction.len().max(1) as f64;
+            // Values live in [-1, 1], so the peak-to-peak range is 2.
+            metrics.psnr = Some(10.0 * (4.0 / mse.max(1e-20)).log10());
+        }
+        metrics
+    }
+
+    /// Loss and metrics over the whole test split, or `None` without one.
+    pub fn evaluate_test(&self) -> Result<Option<Metrics>, TrainError> {
+        let Some(function) = &self.program.test_loss else { return Ok(None) };
+        let inputs =
+            Inputs { params: self.params.clone(), data: self.dataset.gather(&self.dataset.test), ..Inputs::default() };
+        let values =
+            evaluate(function, &inputs).map_err(|error| TrainError::Runtime(format!("evaluation: {error}")))?;
+        let output = |name: &str| function.output(name).map(|id| values[id.0 as usize].clone());
+        let loss =
+            output("loss").and_then(|value| value.as_real().map(|tensor| tensor.data[0].to_f64())).unwrap_or(f64::NAN);
+        Ok(Some(self.metrics_of(loss, &output("logits"), &output("labels"), &output("prediction"), &output("target"))))
+    }
+
+    /// The model's prediction over the whole training split in example order (for image
+    /// reconstructions), when the loss is `mse` and the split fits one batch.
+    pub fn predict_all(&self) -> Result<Option<Tensor<T>>, TrainError> {
+        if self.program.loss_kind != LossKind::MeanSquaredError
+            || self.program.batch as usize != self.dataset.train.len()
+        {
+            return Ok(None);
+        }
+        let inputs =
+            Inputs { params: self.params.clone(), data: self.dataset.gather(&self.dataset.train), ..Inputs::default() };
+        let values = evaluate(&self.program.loss, &inputs)
+            .map_err(|error| TrainError::Runtime(format!("prediction: {error}")))?;
+        Ok(self.program.loss.output("prediction").and_then(|id| values[id.0 as usize].as_real().cloned()))
+    }
+}
