@@ -5,7 +5,7 @@
 set -euo pipefail
 
 packages=(
-    build-essential pkg-config git
+    build-essential pkg-config git python3 python3-venv python3-pip
     llvm-22-dev libmlir-22-dev mlir-22-tools libclang-22-dev libpolly-22-dev
     libzstd-dev zlib1g-dev libxml2-dev libz3-dev
 )

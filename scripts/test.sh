@@ -14,6 +14,11 @@ echo "== cargo test --workspace"
 # Snapshots are never written by the test run itself: a missing or changed snapshot fails.
 INSTA_UPDATE=no cargo test --workspace
 
+echo "== oracle tests against the reference implementations (Python venv in .venv)"
+./scripts/python-env.sh
+cargo build -p curv-cli
+CURV="$PWD/target/debug/curv" .venv/bin/python -m pytest -q tests/oracle
+
 echo "== fuzz target (build and replay the seed corpus)"
 if cargo +nightly --version >/dev/null 2>&1 && cargo +nightly fuzz --version >/dev/null 2>&1; then
     (cd tests/fuzz && cargo +nightly fuzz run front_end seeds/front_end -- -runs=0)

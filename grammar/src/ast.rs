@@ -229,6 +229,8 @@ pub struct EveryBlock {
     /// `None` for `every step`.
     pub period: Option<Expr>,
     pub unit: Ident,
+    /// `, from S`: the first step the block runs at (the word is checked by the checker).
+    pub after: Option<(Ident, Expr)>,
     pub body: Vec<RuleStmt>,
     pub span: Span,
 }

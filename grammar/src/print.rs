@@ -172,7 +172,12 @@ fn print_rule_body(out: &mut String, body: &[RuleStmt], indent: &str) {
             }
             RuleStmt::Every(block) => {
                 let period = block.period.as_ref().map(|period| format!("{} ", expr(period))).unwrap_or_default();
-                let _ = writeln!(out, "{indent}(every {period}{} @{}", block.unit.name, block.span);
+                let after = block
+                    .after
+                    .as_ref()
+                    .map(|(word, value)| format!(" ({} {})", word.name, expr(value)))
+                    .unwrap_or_default();
+                let _ = writeln!(out, "{indent}(every {period}{}{after} @{}", block.unit.name, block.span);
                 print_rule_body(out, &block.body, &format!("{indent}  "));
                 let _ = writeln!(out, "{indent})");
             }

@@ -126,8 +126,8 @@ impl CostModel<'_> {
             }
             StructureKind::Rule => {
                 if let Some(rule) = self.rules.iter().find(|rule| rule.name == plan.rule_name) {
-                    for (period, update) in &rule.updates {
-                        cost.update_flops += numel * per_element_flops(update) / *period as f64;
+                    for update in &rule.updates {
+                        cost.update_flops += numel * per_element_flops(&update.function) / update.period as f64;
                     }
                     for statistic in &rule.statistics {
                         extra = extra.max(extra_pass_for_statistic(statistic, forward));

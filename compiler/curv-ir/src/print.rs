@@ -36,9 +36,13 @@ fn print_rule(out: &mut String, rule: &RuleProgram, locate: &dyn Fn(Option<&str>
         let _ = writeln!(out, "  statistics {}", rule.statistics.join(", "));
     }
     print_function(out, "  ", "init", &rule.init, &locate);
-    for (period, update) in &rule.updates {
-        let label = if *period == 1 { "every step".to_string() } else { format!("every {period} steps") };
-        print_function(out, "  ", &label, update, &locate);
+    for update in &rule.updates {
+        let mut label =
+            if update.period == 1 { "every step".to_string() } else { format!("every {} steps", update.period) };
+        if update.from != update.period {
+            label.push_str(&format!(", from {}", update.from));
+        }
+        print_function(out, "  ", &label, &update.function, &locate);
     }
 }
 

@@ -616,6 +616,22 @@ pub struct TrainProgram {
     pub span: Span,
 }
 
+/// One `every` block of a rule: it runs at steps `from, from + period, from + 2 period, ...`
+/// (by default `from = period`). Blocks due at the same step run in declaration order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuleUpdate {
+    pub period: i64,
+    pub from: i64,
+    pub function: Function,
+}
+
+impl RuleUpdate {
+    pub fn runs_at(&self, step: u64) -> bool {
+        let (period, from) = (self.period.max(1) as u64, self.from.max(1) as u64);
+        step >= from && (step - from) % period == 0
+    }
+}
+
 /// A `rule` as a generic function of a parameter of symbolic shape `P`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RuleProgram {
@@ -627,7 +643,7 @@ pub struct RuleProgram {
     pub state: Vec<String>,
     pub init: Function,
     /// One update function per cadence: `(period, function)`; period 1 = every step.
-    pub updates: Vec<(i64, Function)>,
+    pub updates: Vec<RuleUpdate>,
     /// Statistics the rule asks for (`hutchinson`, `gnb`, ...).
     pub statistics: Vec<String>,
 }

@@ -21,7 +21,7 @@ impl Scope for RuleScope {
         if let Some(value) = self.values.get(&ident.name) {
             return Some(Lookup::Found(Val::Value(*value)));
         }
-        if ident.name == "lr" || self.hyperparameters.contains(&ident.name) {
+        if ident.name == "lr" || ident.name == "batch" || self.hyperparameters.contains(&ident.name) {
             let value = function.push(
                 Op::Hyper { name: ident.name.clone() },
                 vec![],
@@ -58,6 +58,7 @@ impl Scope for RuleScope {
         let mut names: Vec<String> = self.values.keys().cloned().collect();
         names.extend(self.hyperparameters.iter().cloned());
         names.push("lr".to_string());
+        names.push("batch".to_string());
         names.push("step".to_string());
         names.sort();
         names
@@ -119,7 +120,9 @@ impl<'a> Checker<'a> {
                 },
                 None => f64::NAN,
             };
-            if ["lr", "step", parameter.as_str(), gradient.as_str()].contains(&hyperparameter.name.name.as_str()) {
+            if ["lr", "step", "batch", parameter.as_str(), gradient.as_str()]
+                .contains(&hyperparameter.name.name.as_str())
+            {
                 self.emit(Diagnostic::error(
                     "E0101",
                     hyperparameter.name.span,
@@ -240,7 +243,23 @@ impl<'a> Checker<'a> {
                 }
             };
             let Some(period) = period else { continue };
-            if updates.iter().any(|(existing, _)| *existing == period) {
+            let after = match &block.after {
+                None => period,
+                Some((word, Expr::Int(value, _))) if word.name == "from" && *value >= 1 => *value,
+                Some((word, value)) => {
+                    let (span, message) = if word.name == "from" {
+                        (value.span(), "the first step must be an integer of at least 1".to_string())
+                    } else {
+                        (word.span, format!("expected `from`, found `{}`", word.name))
+                    };
+                    self.emit(
+                        Diagnostic::error("E0112", span, message, "invalid start")
+                            .with_help("write `every step, from 2 { ... }` to skip the first step"),
+                    );
+                    continue;
+                }
+            };
+            if updates.iter().any(|(existing, existing_after, _)| *existing == period && *existing_after == after) {
                 self.emit(Diagnostic::error(
                     "E0101",
                     block.span,
@@ -303,7 +322,7 @@ impl<'a> Checker<'a> {
                 }
             }
             statistics.extend(block_scope.statistics);
-            updates.push((period, update));
+            updates.push((period, after, update));
         }
         if updates.is_empty() && self.error_count() == errors_before {
             self.emit(
@@ -316,7 +335,7 @@ impl<'a> Checker<'a> {
                 .with_help("add `every step { p = p - lr * g }` or similar"),
             );
         }
-        if !updates.iter().any(|(_, update)| update.output(&parameter).is_some())
+        if !updates.iter().any(|(_, _, update)| update.output(&parameter).is_some())
             && !updates.is_empty()
             && self.error_count() == errors_before
         {
@@ -336,7 +355,11 @@ impl<'a> Checker<'a> {
         if self.error_count() != errors_before {
             return None;
         }
-        updates.sort_by_key(|(period, _)| *period);
+        // Blocks due at the same step run in declaration order.
+        let updates = updates
+            .into_iter()
+            .map(|(period, from, function)| curv_ir::RuleUpdate { period, from, function })
+            .collect();
         let module = match self.source {
             crate::diagnostic::SourceId::User => None,
             crate::diagnostic::SourceId::Std(index) => Some(crate::std_lib::MODULES[index].0.to_string()),

@@ -44,9 +44,9 @@ pub fn statistics_needed(plan: &ParamPlan, rules: &[RuleProgram], step: u64) -> 
     match plan.structure {
         StructureKind::Rule => {
             if let Some(rule) = rules.iter().find(|rule| rule.name == plan.rule_name) {
-                for (period, update) in &rule.updates {
-                    if step % (*period as u64) == 0 {
-                        for inst in &update.insts {
+                for update in &rule.updates {
+                    if update.runs_at(step) {
+                        for inst in &update.function.insts {
                             if let curv_ir::Op::Statistic { kind } = &inst.op {
                                 needed.insert(kind.clone());
                             }
@@ -80,14 +80,15 @@ pub fn statistics_needed(plan: &ParamPlan, rules: &[RuleProgram], step: u64) -> 
 /// Whether a plan ever asks for Hutchinson estimates (which need the Hessian-vector program).
 pub fn uses_hutchinson(plan: &ParamPlan, rules: &[RuleProgram]) -> bool {
     match plan.structure {
-        StructureKind::Rule => rules.iter().filter(|rule| rule.name == plan.rule_name).any(|rule| {
-            rule.updates.iter().any(|(_, update)| {
-                update
-                    .insts
-                    .iter()
-                    .any(|inst| matches!(&inst.op, curv_ir::Op::Statistic { kind } if kind.starts_with("hutchinson")))
+        StructureKind::Rule => {
+            rules.iter().filter(|rule| rule.name == plan.rule_name).any(|rule| {
+                rule.updates.iter().any(|update| {
+                    update.function.insts.iter().any(
+                        |inst| matches!(&inst.op, curv_ir::Op::Statistic { kind } if kind.starts_with("hutchinson")),
+                    )
+                })
             })
-        }),
+        }
         StructureKind::Diagonal => option_name(&plan.options, "stats") == Some("hutchinson"),
         _ => false,
     }
@@ -163,10 +164,11 @@ fn update_with_rule<T: Real>(
             state.push((name, tensor));
         }
     }
-    for (period, update) in &rule.updates {
-        if inputs.step % (*period as u64) != 0 {
+    for rule_update in &rule.updates {
+        if !rule_update.runs_at(inputs.step) {
             continue;
         }
+        let update = &rule_update.function;
         let mut update_inputs = base.clone();
         update_inputs.inputs = vec![Value::Real(flat(param)), Value::Real(flat(inputs.gradient))];
         for name in &rule.state {

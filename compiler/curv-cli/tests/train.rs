@@ -1,0 +1,251 @@
+//! End-to-end training through the `curv` binary on the reference interpreter: accuracy on the
+//! digits, PSNR of the SIREN, metrics files, non-finite handling, and a killed run resumed from
+//! its checkpoint ending bit for bit where an uninterrupted run ends.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn repository_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+fn curv(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_curv")).args(args).current_dir(repository_root()).output().unwrap()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let directory = std::env::temp_dir().join(format!("curv-train-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&directory);
+    std::fs::create_dir_all(&directory).unwrap();
+    directory
+}
+
+/// Parses a metrics file: every line is a flat JSON object of numbers (and `"final": true`).
+fn metrics(path: &Path) -> Vec<Vec<(String, f64)>> {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines()
+        .map(|line| {
+            let inner =
+                line.trim().strip_prefix('{').and_then(|rest| rest.strip_suffix('}')).expect("a JSON object per line");
+            inner
+                .split(", ")
+                .map(|pair| {
+                    let (key, value) = pair.split_once(": ").expect("key: value");
+                    let key = key.trim_matches('"').to_string();
+                    let value = match value {
+                        "true" => 1.0,
+                        "null" => f64::NAN,
+                        number => number.parse().unwrap_or_else(|_| panic!("not a number: {number}")),
+                    };
+                    (key, value)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn value(record: &[(String, f64)], key: &str) -> f64 {
+    record
+        .iter()
+        .find(|(name, _)| name == key)
+        .map(|(_, value)| *value)
+        .unwrap_or_else(|| panic!("no `{key}` in {record:?}"))
+}
+
+#[test]
+fn the_digits_mlp_reaches_ninety_five_percent_test_accuracy() {
+    let directory = scratch("digits");
+    let metrics_path = directory.join("metrics.jsonl");
+    let output = curv(&[
+        "run",
+        "examples/digits_mlp.curv",
+        "--metrics",
+        metrics_path.to_str().unwrap(),
+        "--out",
+        directory.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let records = metrics(&metrics_path);
+    let last = records.last().unwrap();
+    assert_eq!(value(last, "final"), 1.0);
+    assert_eq!(value(last, "step"), 2000.0);
+    assert!(value(last, "step_ms_median") > 0.0);
+    let accuracy = value(last, "test_accuracy");
+    assert!(accuracy >= 0.95, "test accuracy {accuracy}");
+    // Every logged step carries the block's metrics and the elapsed time.
+    for record in &records[..records.len() - 1] {
+        assert!(value(record, "loss").is_finite());
+        assert!(value(record, "elapsed_ms") >= 0.0);
+    }
+    for file in ["final.safetensors", "loss.svg", "accuracy.svg"] {
+        assert!(directory.join(file).is_file(), "{file} was not written");
+    }
+}
+
+/// PSNR values of a SIREN run with the given optimizer, logged every 5 steps.
+fn siren_psnr(optimizer: &str, steps: u32) -> Vec<f64> {
+    let directory = scratch(&format!("siren-{optimizer}"));
+    let metrics_path = directory.join("metrics.jsonl");
+    // The example as written, logging every 5 steps and reading the bundled image.
+    let image = repository_root().join("examples/data/camera_64.png");
+    let text = std::fs::read_to_string(repository_root().join("examples/siren.curv"))
+        .unwrap()
+        .replace("\"data/camera_64.png\"", &format!("{:?}", image.to_str().unwrap()))
+        .replace("log loss, psnr every 25", "log loss, psnr every 5");
+    let program = directory.join("siren.curv");
+    std::fs::write(&program, text).unwrap();
+    let output = curv(&[
+        "run",
+        program.to_str().unwrap(),
+        "--optimizer",
+        optimizer,
+        "--steps",
+        &steps.to_string(),
+        "--metrics",
+        metrics_path.to_str().unwrap(),
+        "--out",
+        directory.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(directory.join("reconstruction.png").is_file());
+    metrics(&metrics_path)
+        .iter()
+        .filter(|record| !record.iter().any(|(key, _)| key == "final"))
+        .map(|record| value(record, "psnr"))
+        .collect()
+}
+
+fn assert_improves_steadily(name: &str, psnr: &[f64]) {
+    assert!(psnr.len() >= 4, "{name}: {psnr:?}");
+    // Steadily: no logged value falls more than 0.5 dB below the best before it, and the end is
+    // well above the start.
+    let mut best = f64::NEG_INFINITY;
+    for value in psnr {
+        assert!(*value > best - 0.5, "{name}: PSNR dropped: {psnr:?}");
+        best = best.max(*value);
+    }
+    assert!(psnr.last().unwrap() - psnr.first().unwrap() > 3.0, "{name}: {psnr:?}");
+}
+
+#[test]
+fn the_siren_improves_psnr_steadily_with_adam() {
+    assert_improves_steadily("adam", &siren_psnr("adam", 40));
+}
+
+#[test]
+fn the_siren_improves_psnr_steadily_with_adahessian() {
+    assert_improves_steadily("adahessian", &siren_psnr("adahessian", 40));
+}
+
+#[test]
+fn a_killed_run_resumed_from_its_checkpoint_ends_bit_exactly_like_an_uninterrupted_one() {
+    let directory = scratch("resume");
+    let program = directory.join("digits.curv");
+    let data = repository_root().join("examples/data/digits.csv");
+    let text = std::fs::read_to_string(repository_root().join("examples/digits_mlp.curv"))
+        .unwrap()
+        .replace("\"data/digits.csv\"", &format!("{:?}", data.to_str().unwrap()))
+        .replace("steps 2000", "steps 400\n    checkpoint every 25");
+    std::fs::write(&program, text).unwrap();
+    let uninterrupted = directory.join("uninterrupted");
+    let output = curv(&["run", program.to_str().unwrap(), "--out", uninterrupted.to_str().unwrap(), "--quiet"]);
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+
+    let interrupted = directory.join("interrupted");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_curv"))
+        .args(["run", program.to_str().unwrap(), "--out", interrupted.to_str().unwrap(), "--quiet"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let checkpoint = interrupted.join("checkpoint.safetensors");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !checkpoint.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert!(checkpoint.exists(), "no checkpoint was written before the deadline");
+    assert!(!interrupted.join("final.safetensors").exists(), "the run finished before it was killed");
+    let output = curv(&[
+        "run",
+        program.to_str().unwrap(),
+        "--resume",
+        checkpoint.to_str().unwrap(),
+        "--out",
+        interrupted.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let expected = std::fs::read(uninterrupted.join("final.safetensors")).unwrap();
+    let resumed = std::fs::read(interrupted.join("final.safetensors")).unwrap();
+    assert!(expected == resumed, "the resumed run's parameters differ from the uninterrupted run's");
+}
+
+#[test]
+fn a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint() {
+    let directory = scratch("nonfinite");
+    let program = directory.join("blowup.curv");
+    let data = repository_root().join("examples/data/digits.csv");
+    std::fs::write(
+        &program,
+        format!(
+            "use std.optimizers.sgd\n\ndata digits = csv({:?}, label = \"label\", scale = 0.0625)\n\n\
+             model m(x: f32[B, 64]) -> f32[B, 10] {{\n    param w: f32[64, 10] = glorot_uniform\n    return exp(x @ w)\n}}\n\n\
+             optimizer fast {{\n    lr 1000\n    * : sgd\n}}\n\n\
+             train fit {{\n    loss cross_entropy(m(digits.x), digits.y)\n    optimizer fast\n    batch 64\n    steps 100\n}}\n",
+            data.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = directory.join("out");
+    let output = curv(&["run", program.to_str().unwrap(), "--out", out.to_str().unwrap(), "--quiet"]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("non-finite value at step"), "{stderr}");
+    assert!(stderr.contains("checkpoint.safetensors"), "{stderr}");
+    assert!(out.join("checkpoint.safetensors").is_file());
+
+    // With `on_nonfinite skip` the same run finishes, warning about every skipped step.
+    let skipping = std::fs::read_to_string(&program).unwrap().replace("steps 100", "steps 100\n    on_nonfinite skip");
+    std::fs::write(&program, skipping).unwrap();
+    let output = curv(&["run", program.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("skipped the update"));
+}
+
+#[test]
+fn run_rejects_what_it_cannot_do_with_clear_errors() {
+    let output = curv(&["run", "examples/optimizers/shampoo.curv", "--steps", "1"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("the `kronecker` structure is not executable yet"));
+    let output = curv(&["run", "examples/digits_mlp.curv", "--backend", "mlir"]);
+    assert_eq!(output.status.code(), Some(1));
+    let output = curv(&["run", "examples/digits_mlp.curv", "--resume", "examples/data/digits.csv"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("not a safetensors file"));
+}
+
+#[test]
+fn compare_prints_a_table_and_writes_an_overlaid_plot() {
+    let directory = scratch("compare");
+    let output = curv(&[
+        "compare",
+        "examples/digits_mlp.curv",
+        "--optimizers",
+        "adam,sgd,adopt",
+        "--steps",
+        "30",
+        "--out",
+        directory.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    for name in ["adam", "sgd", "adopt", "ms/step"] {
+        assert!(stdout.contains(name), "{stdout}");
+    }
+    assert!(directory.join("compare_loss.svg").is_file());
+}
