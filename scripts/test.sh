@@ -10,6 +10,9 @@ export PATH="$HOME/.cargo/bin:$PATH"
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
+echo "== cargo clippy (warnings are errors)"
+cargo clippy --workspace --all-targets -- -D warnings
+
 echo "== cargo test --workspace"
 # Snapshots are never written by the test run itself: a missing or changed snapshot fails.
 INSTA_UPDATE=no cargo test --workspace

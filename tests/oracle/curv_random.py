@@ -4,6 +4,8 @@ The oracle tests use it to feed the reference implementations exactly the probe 
 sampled labels that curv draws, as the issue asks ("feed both sides the same probe vectors").
 """
 
+import math
+
 MASK = (1 << 64) - 1
 GOLDEN = 0x9E3779B97F4A7C15
 
@@ -29,11 +31,40 @@ class Random:
         self.state = (self.state + GOLDEN) & MASK
         return mix(self.state)
 
+    def uniform(self):
+        """Uniform in [0, 1) with 53 random bits."""
+        return (self.next_u64() >> 11) / float(1 << 53)
+
     def rademacher(self):
         return 1.0 if self.next_u64() >> 63 == 0 else -1.0
+
+    def categorical(self, weights):
+        """An index drawn with the given (unnormalised, non-negative) weights."""
+        total = 0.0
+        for weight in weights:  # summed in order, as Rust's `Iterator::sum` does
+            total += weight
+        target = self.uniform() * total
+        for index, weight in enumerate(weights):
+            if target < weight:
+                return index
+            target -= weight
+        return max(len(weights) - 1, 0)
 
 
 def probe(seed, step, param_index, count):
     """The Rademacher probe curv draws for parameter `param_index` at `step` (1-based)."""
     random = Random(seed, STREAM_PROBE, step * 65536 + param_index)
     return [random.rademacher() for _ in range(count)]
+
+
+def sampled_labels(seed, step, logits):
+    """The labels curv draws from the model at `step` for the statistic `sampled_grad` with a
+    cross-entropy loss (Trainer::sampled_gradients): one categorical draw per row of `logits`, in
+    order, over the weights exp(logit - max of the row)."""
+    random = Random(seed, STREAM_SAMPLED_LABELS, step)
+    labels = []
+    for row in logits:
+        row = [float(value) for value in row]
+        maximum = max(row)
+        labels.append(random.categorical([math.exp(value - maximum) for value in row]))
+    return labels

@@ -164,3 +164,37 @@ def test_adahessian_matches_pytorch_optimizer_with_the_same_probes(tmp_path, mon
 
     theirs = run_reference(make_optimizer, init, needs_hessian=True)
     assert_close(ours, theirs)
+
+
+def test_adalomo_matches_pytorch_optimizer(tmp_path, monkeypatch):
+    """`factored` (the `adalomo` preset) against pytorch_optimizer's AdaLOMO.
+
+    The reference casts gradients and states to float32 (`grad.to(torch.float32)`); for a float64
+    comparison the test points `torch.float32` at float64 while the reference runs, so it executes
+    its own code in double precision. Loss scaling is disabled (`loss_scale=0`).
+    """
+    init = initial_parameters()
+    rule = "factored(decay_rate = -0.8, eps1 = 1e-30, eps2 = 1e-3, clip_threshold = 1, relative_step = true)"
+    ours = run_curv(tmp_path, "adalomo", rule, 0.05, init)
+
+    features, labels = load_digits()
+    x = torch.tensor(features, dtype=torch.float64)
+    y = torch.tensor(labels)
+
+    class Mlp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name, value in init.items():
+                self.register_parameter(name, torch.nn.Parameter(torch.tensor(value, dtype=torch.float64)))
+
+        def forward(self, inputs):
+            return torch.tanh(inputs @ self.w1 + self.b1) @ self.w2 + self.b2
+
+    model = Mlp()
+    monkeypatch.setattr(torch, "float32", torch.float64)
+    optimizer = pytorch_optimizer.AdaLOMO(model, lr=0.05, loss_scale=0.0, clip_threshold=1.0, decay_rate=-0.8, eps1=1e-30, eps2=1e-3)
+    for _ in range(STEPS):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.fused_backward(loss, 0.05)
+    monkeypatch.undo()
+    assert_close(ours, {name: getattr(model, name).detach().numpy() for name in SHAPES})

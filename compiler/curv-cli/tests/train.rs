@@ -249,3 +249,74 @@ fn compare_prints_a_table_and_writes_an_overlaid_plot() {
     }
     assert!(directory.join("compare_loss.svg").is_file());
 }
+
+/// Writes a little-endian `.npy` file (version 1.0).
+fn write_npy(path: &Path, descr: &str, shape: &[usize], data: &[u8]) {
+    let shape_text = match shape {
+        [single] => format!("({single},)"),
+        _ => format!("({})", shape.iter().map(|dim| dim.to_string()).collect::<Vec<_>>().join(", ")),
+    };
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_text}, }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(data);
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// A linearly separable two-class problem: the class is the sign of the first feature.
+fn separable_examples(count: usize) -> (Vec<f32>, Vec<i32>) {
+    let mut features = Vec::new();
+    let mut labels = Vec::new();
+    for index in 0..count {
+        let a = ((index * 37) % 16) as f32 / 8.0 - 0.9375;
+        let b = ((index * 11) % 13) as f32 / 6.0 - 1.0;
+        features.extend([a, b, a * b, 1.0]);
+        labels.push(i32::from(a > 0.0));
+    }
+    (features, labels)
+}
+
+const LINEAR_PROGRAM: &str = "use std.optimizers.adam\n\n{DATA}\n\n\
+    model lin(x: f32[B, F]) -> f32[B, 2] {\n    param w: f32[F, 2] = zeros\n    return x @ w\n}\n\n\
+    train fit {\n    loss cross_entropy(lin(d.x), d.y)\n    optimizer adam\n    batch all\n    steps 300\n    log loss, accuracy every 100\n}\n";
+
+fn final_accuracy(directory: &Path, data_line: &str) -> f64 {
+    let program = directory.join("linear.curv");
+    std::fs::write(&program, LINEAR_PROGRAM.replace("{DATA}", data_line)).unwrap();
+    let metrics_path = directory.join("metrics.jsonl");
+    let output = curv(&["run", program.to_str().unwrap(), "--metrics", metrics_path.to_str().unwrap(), "--quiet"]);
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    value(metrics(&metrics_path).last().unwrap(), "accuracy")
+}
+
+#[test]
+fn npy_and_mnist_idx_data_sets_load_and_train() {
+    let directory = scratch("formats");
+    let (features, labels) = separable_examples(200);
+    let feature_bytes: Vec<u8> = features.iter().flat_map(|value| value.to_le_bytes()).collect();
+    let label_bytes: Vec<u8> = labels.iter().flat_map(|value| i64::from(*value).to_le_bytes()).collect();
+    write_npy(&directory.join("x.npy"), "<f4", &[200, 4], &feature_bytes);
+    write_npy(&directory.join("y.npy"), "<i8", &[200], &label_bytes);
+    let accuracy = final_accuracy(&directory, "data d = npy(x = \"x.npy\", y = \"y.npy\")");
+    assert!(accuracy > 0.95, "npy accuracy {accuracy}");
+
+    // The same examples as 2x2 "images" of bytes in MNIST's IDX format.
+    let mut images = vec![0, 0, 8, 3];
+    images.extend_from_slice(&200u32.to_be_bytes());
+    images.extend_from_slice(&2u32.to_be_bytes());
+    images.extend_from_slice(&2u32.to_be_bytes());
+    images.extend(features.iter().map(|value| ((value + 1.0) * 100.0).round() as u8));
+    let mut label_file = vec![0, 0, 8, 1];
+    label_file.extend_from_slice(&200u32.to_be_bytes());
+    label_file.extend(labels.iter().map(|label| *label as u8));
+    std::fs::write(directory.join("images.idx"), images).unwrap();
+    std::fs::write(directory.join("labels.idx"), label_file).unwrap();
+    let accuracy =
+        final_accuracy(&directory, "data d = idx(images = \"images.idx\", labels = \"labels.idx\", scale = 0.01)");
+    assert!(accuracy > 0.9, "idx accuracy {accuracy}");
+}

@@ -132,7 +132,7 @@ fn group_digits(value: u64) -> String {
     let digits = value.to_string();
     let mut out = String::new();
     for (index, character) in digits.chars().enumerate() {
-        if index > 0 && (digits.len() - index) % 3 == 0 {
+        if index > 0 && (digits.len() - index).is_multiple_of(3) {
             out.push(',');
         }
         out.push(character);

@@ -119,6 +119,10 @@ impl CostModel<'_> {
                 let iterations = option_number(&plan.options, "steps").unwrap_or(5.0);
                 cost.update_flops = iterations * (4.0 * small * small * large + 2.0 * small.powi(3)) + 6.0 * numel;
             }
+            StructureKind::Factored => {
+                cost.statistics_flops = 3.0 * numel;
+                cost.update_flops = 10.0 * numel;
+            }
             StructureKind::Dense => {
                 cost.statistics_flops = 2.0 * numel * numel;
                 cost.inverse_flops = 12.0 * numel.powi(3) / every;

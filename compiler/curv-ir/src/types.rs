@@ -509,6 +509,8 @@ pub enum StructureKind {
     LowRank,
     Orthogonalize,
     Dense,
+    /// A factored second moment (row and column averages of g^2, as Adafactor and AdaLomo).
+    Factored,
     /// A `rule` written in `.curv` (first-order or with explicit statistics).
     Rule,
 }
@@ -521,6 +523,7 @@ impl StructureKind {
             StructureKind::LowRank => "lowrank",
             StructureKind::Orthogonalize => "orthogonalize",
             StructureKind::Dense => "dense",
+            StructureKind::Factored => "factored",
             StructureKind::Rule => "rule",
         }
     }
@@ -628,7 +631,7 @@ pub struct RuleUpdate {
 impl RuleUpdate {
     pub fn runs_at(&self, step: u64) -> bool {
         let (period, from) = (self.period.max(1) as u64, self.from.max(1) as u64);
-        step >= from && (step - from) % period == 0
+        step >= from && (step - from).is_multiple_of(period)
     }
 }
 

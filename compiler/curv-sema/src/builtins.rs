@@ -117,6 +117,17 @@ pub const STRUCTURES: &[StructureSpec] = &[
         ],
     },
     StructureSpec {
+        name: "factored",
+        needs_matrix: false,
+        options: &[
+            option("decay_rate", K::Number, D::Number(-0.8)),
+            option("eps1", K::Positive, D::Number(1e-30)),
+            option("eps2", K::Positive, D::Number(1e-3)),
+            option("clip_threshold", K::Positive, D::Number(1.0)),
+            option("relative_step", K::Bool, D::Bool(true)),
+        ],
+    },
+    StructureSpec {
         name: "dense",
         needs_matrix: false,
         options: &[

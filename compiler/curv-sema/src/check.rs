@@ -1020,7 +1020,7 @@ impl<'a> Checker<'a> {
             let aliases = [("xavier_", "glorot_", "Xavier", "Glorot"), ("kaiming_", "he_", "Kaiming", "He")];
             let alias = aliases.iter().find_map(|(other, ours, other_name, our_name)| {
                 let renamed = format!("{ours}{}", name.name.strip_prefix(other)?);
-                names.contains(&renamed.as_str()).then(|| (renamed, other_name, our_name))
+                names.contains(&renamed.as_str()).then_some((renamed, other_name, our_name))
             });
             diagnostic = match (alias, closest(&name.name, names.iter().copied())) {
                 (Some((renamed, other_name, our_name)), _) => diagnostic.with_help(format!(

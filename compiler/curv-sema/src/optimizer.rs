@@ -392,6 +392,7 @@ impl<'a> Checker<'a> {
                 "kronecker" => StructureKind::Kronecker,
                 "lowrank" => StructureKind::LowRank,
                 "orthogonalize" => StructureKind::Orthogonalize,
+                "factored" => StructureKind::Factored,
                 _ => StructureKind::Dense,
             };
             let mut needs_matrix = spec.needs_matrix;
@@ -712,6 +713,14 @@ impl<'a> Checker<'a> {
                 }
             }
             StructureKind::Orthogonalize => state.push(state_of("momentum", &shape)),
+            StructureKind::Factored => {
+                if shape.len() >= 2 {
+                    state.push(state_of("row", &[rows]));
+                    state.push(state_of("column", &[cols]));
+                } else {
+                    state.push(state_of("v", &shape));
+                }
+            }
             StructureKind::Dense => {
                 state.push(state_of("curvature", &[numel, numel]));
                 state.push(state_of("inverse", &[numel, numel]));

@@ -14,6 +14,8 @@ pub const MODULES: &[(&str, &str)] = &[
     ("std.optimizers.soap", include_str!("../std/optimizers/soap.curv")),
     ("std.optimizers.muon", include_str!("../std/optimizers/muon.curv")),
     ("std.optimizers.mfac", include_str!("../std/optimizers/mfac.curv")),
+    ("std.optimizers.adalomo", include_str!("../std/optimizers/adalomo.curv")),
+    ("std.optimizers.innaprop", include_str!("../std/optimizers/innaprop.curv")),
 ];
 
 /// The index of a module in [`MODULES`].

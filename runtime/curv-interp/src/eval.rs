@@ -497,7 +497,7 @@ pub fn reduce<T: Real>(operand: &Tensor<T>, op: ReduceOp, axes: &[usize]) -> Ten
         data[target] = match op {
             ReduceOp::Sum => data[target].add(value),
             ReduceOp::Max => {
-                if value > data[target] || value != value {
+                if value > data[target] || value.to_f64().is_nan() {
                     value
                 } else {
                     data[target]

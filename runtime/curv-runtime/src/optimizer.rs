@@ -22,7 +22,7 @@ fn state_set<T>(state: &mut ParamState<T>, name: &str, tensor: Tensor<T>) {
 /// Why a plan cannot run (yet) on this runtime.
 pub fn unsupported(plan: &ParamPlan) -> Option<String> {
     match plan.structure {
-        StructureKind::Rule | StructureKind::Diagonal => {}
+        StructureKind::Rule | StructureKind::Diagonal | StructureKind::Factored => {}
         other => return Some(format!("the `{}` structure is not executable yet", other.name())),
     }
     for modifier in &plan.modifiers {
@@ -57,7 +57,7 @@ pub fn statistics_needed(plan: &ParamPlan, rules: &[RuleProgram], step: u64) -> 
         }
         StructureKind::Diagonal => {
             let every = option_number(&plan.options, "every").unwrap_or(1.0) as u64;
-            if (step - 1) % every.max(1) == 0 {
+            if (step - 1).is_multiple_of(every.max(1)) {
                 match option_name(&plan.options, "stats").unwrap_or("gradient_square") {
                     "hutchinson" => {
                         needed.insert(format!(
@@ -128,6 +128,7 @@ pub fn update_param<T: Real>(
     match plan.structure {
         StructureKind::Rule => update_with_rule(plan, rules, param, state, inputs),
         StructureKind::Diagonal => update_diagonal(plan, param, state, inputs),
+        StructureKind::Factored => update_factored(plan, param, state, inputs),
         other => Err(format!("the `{}` structure is not executable yet", other.name())),
     }
 }
@@ -221,7 +222,7 @@ fn update_diagonal<T: Real>(
         state.push(("v".to_string(), Tensor::filled(param.shape.clone(), T::zero())));
         state.push(("refreshes".to_string(), Tensor::scalar(T::zero())));
     }
-    if (inputs.step - 1) % every == 0 {
+    if (inputs.step - 1).is_multiple_of(every) {
         let estimate: Vec<T> = match stats {
             "gradient_square" => inputs.gradient.data.clone(),
             "hutchinson" => {
@@ -293,6 +294,76 @@ fn update_diagonal<T: Real>(
     let rate = T::from_f64(inputs.learning_rate);
     for (value, d) in param.data.iter_mut().zip(&direction) {
         *value = value.sub(rate.mul(*d));
+    }
+    Ok(())
+}
+
+/// The `factored` structure, as AdaLomo (pytorch_optimizer's `AdaLOMO.fuse_update`): the second
+/// moment of `u = g^2 + eps1` is kept as row and column averages for matrices (a full vector for
+/// vectors), with the decay `beta_t = 1 - step^decay_rate`; the step
+/// `g / sqrt(row / mean(row) (x) column)` is scaled down to an RMS of at most `clip_threshold`,
+/// and with `relative_step` the learning rate is multiplied by `max(eps2, rms(p))`. Parameters of
+/// rank three or more are viewed as matrices `[product of leading dims, last dim]`.
+fn update_factored<T: Real>(
+    plan: &ParamPlan,
+    param: &mut Tensor<T>,
+    state: &mut ParamState<T>,
+    inputs: &UpdateInputs<T>,
+) -> Result<(), String> {
+    let number = |key: &str, default: f64| option_number(&plan.options, key).unwrap_or(default);
+    let decay_rate = number("decay_rate", -0.8);
+    let eps1 = number("eps1", 1e-30);
+    let eps2 = number("eps2", 1e-3);
+    let clip_threshold = number("clip_threshold", 1.0);
+    let relative_step =
+        !plan.options.iter().any(|(key, value)| key == "relative_step" && *value == curv_ir::OptionValue::Bool(false));
+    let step = inputs.step as f64;
+    let beta = 1.0 - step.powf(decay_rate);
+    let gradient: Vec<f64> = inputs.gradient.data.iter().map(|value| value.to_f64()).collect();
+    let squared: Vec<f64> = gradient.iter().map(|g| g * g + eps1).collect();
+    let count = gradient.len();
+    let mut update = vec![0.0; count];
+    if param.rank() >= 2 {
+        let columns = *param.shape.last().unwrap_or(&1);
+        let rows = count / columns.max(1);
+        let mut row = state_get(state, "row")
+            .map_or_else(|| vec![0.0; rows], |tensor| tensor.data.iter().map(|value| value.to_f64()).collect());
+        let mut column = state_get(state, "column")
+            .map_or_else(|| vec![0.0; columns], |tensor| tensor.data.iter().map(|value| value.to_f64()).collect());
+        for (index, slot) in row.iter_mut().enumerate() {
+            let mean = squared[index * columns..(index + 1) * columns].iter().sum::<f64>() / columns as f64;
+            *slot = beta * *slot + (1.0 - beta) * mean;
+        }
+        for (index, slot) in column.iter_mut().enumerate() {
+            let mean = (0..rows).map(|r| squared[r * columns + index]).sum::<f64>() / rows as f64;
+            *slot = beta * *slot + (1.0 - beta) * mean;
+        }
+        let row_mean = row.iter().sum::<f64>() / rows as f64;
+        for r in 0..rows {
+            let row_factor = 1.0 / (row[r] / row_mean).sqrt();
+            for c in 0..columns {
+                update[r * columns + c] = row_factor / column[c].sqrt() * gradient[r * columns + c];
+            }
+        }
+        state_set(state, "row", Tensor::new(vec![rows], row.into_iter().map(T::from_f64).collect()));
+        state_set(state, "column", Tensor::new(vec![columns], column.into_iter().map(T::from_f64).collect()));
+    } else {
+        let mut v = state_get(state, "v")
+            .map_or_else(|| vec![0.0; count], |tensor| tensor.data.iter().map(|value| value.to_f64()).collect());
+        for ((slot, u), (target, g)) in v.iter_mut().zip(&squared).zip(update.iter_mut().zip(&gradient)) {
+            *slot = beta * *slot + (1.0 - beta) * u;
+            *target = g / slot.sqrt();
+        }
+        state_set(state, "v", Tensor::new(param.shape.clone(), v.into_iter().map(T::from_f64).collect()));
+    }
+    let rms =
+        |values: &[f64]| (values.iter().map(|value| value * value).sum::<f64>() / values.len().max(1) as f64).sqrt();
+    let factor = (rms(&update) / clip_threshold).max(1.0);
+    let parameter_values: Vec<f64> = param.data.iter().map(|value| value.to_f64()).collect();
+    let rate =
+        if relative_step { inputs.learning_rate * rms(&parameter_values).max(eps2) } else { inputs.learning_rate };
+    for (value, step_value) in param.data.iter_mut().zip(&update) {
+        *value = T::from_f64(value.to_f64() - rate * step_value / factor);
     }
     Ok(())
 }
