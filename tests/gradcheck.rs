@@ -337,3 +337,31 @@ fn kfac_captures_give_the_weight_gradient_as_input_times_output_cotangent() {
         }
     }
 }
+
+#[test]
+fn gradients_hvps_and_ggn_products_hold_on_random_shapes() {
+    // Random widths, batch sizes and activations; each program is checked like the fixed ones.
+    let mut random = Random(77);
+    let activations = ["tanh", "sin", "sigmoid", "softplus"];
+    for case in 0..6 {
+        let hidden = 2 + (random.next_u64() % 9) as usize;
+        let batch = 1 + (random.next_u64() % 12) as usize;
+        let activation = activations[(random.next_u64() % activations.len() as u64) as usize];
+        let body = format!(
+            "model m(x: f32[B, 64]) -> f32[B, 10] {{\n    param w1: f32[64, {hidden}] = glorot_uniform\n    param b1: f32[{hidden}] = zeros\n    param w2: f32[{hidden}, 10] = glorot_uniform\n    return {activation}(x @ w1 + b1) @ w2\n}}\ntrain t {{\n    loss cross_entropy(m(digits.x), digits.y)\n    optimizer o\n    batch {batch}\n    steps 1\n}}\noptimizer o {{\n    lr 0.1\n    * : diagonal\n}}\n"
+        );
+        let program = compile(&body);
+        let label = format!("case {case}: hidden {hidden}, batch {batch}, {activation}");
+        std::panic::catch_unwind(|| check_gradient(&program, 100 + case, 1e-6))
+            .unwrap_or_else(|_| panic!("gradient, {label}"));
+        std::panic::catch_unwind(|| check_hessian_vector_product(&program, 200 + case, 1e-5))
+            .unwrap_or_else(|_| panic!("hvp, {label}"));
+        let inputs = random_inputs(&program, 300 + case);
+        let ggn = ggn_program(&program.loss, &program.params, "logits").unwrap();
+        let (extended, tangents) = tangent_inputs(&program, &inputs, 400 + case);
+        let values = evaluate(&ggn, &extended).unwrap();
+        let products: Vec<Tensor<f64>> =
+            program.params.iter().map(|param| output(&ggn, &values, &format!("ggn.{}", param.name))).collect();
+        assert!(dot(&tangents, &products) >= -1e-12, "GGN not PSD, {label}");
+    }
+}

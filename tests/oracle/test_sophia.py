@@ -9,7 +9,6 @@ fed curv's random draws (sampled labels, Rademacher probes), transcribed in curv
 """
 
 import json
-import math
 import subprocess
 
 import numpy as np
@@ -171,7 +170,9 @@ def train_optax_sophia(init, monkeypatch, lr, b1, b2, eps, gamma, clip_threshold
     current step, leaf by leaf. The parameters are a list in curv's declaration order
     (w1, b1, w2, b2), so leaf i is curv's parameter index i. `lax.cond` traces the refresh
     branch at every update, so the replacement is called at every step and only used at steps
-    1, 11, 21, where optax refreshes (count % update_interval == 0, before incrementing)."""
+    1, 11, 21, where optax refreshes (count % update_interval == 0, before incrementing).
+    Returns the final parameters and the fraction of coordinates whose last step was not
+    clipped."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -217,7 +218,12 @@ def train_optax_sophia(init, monkeypatch, lr, b1, b2, eps, gamma, clip_threshold
     monkeypatch.setattr(optax.tree, "random_like", original)
     assert all(value.dtype == jnp.float64 for value in params)
     assert current["draws"] >= 3, "optax never asked for a probe: the replacement is not in effect"
-    return {name: np.asarray(value) for name, value in zip(names, params)}
+    sophia_state = state[0]
+    correction = 1 - b1 ** int(sophia_state.count)
+    ratios = [np.abs(np.asarray(m) / correction / np.maximum(gamma * np.asarray(h), eps))
+              for m, h in zip(sophia_state.mu, sophia_state.nu)]
+    win_rate = sum(int((ratio < clip_threshold).sum()) for ratio in ratios) / sum(ratio.size for ratio in ratios)
+    return {name: np.asarray(value) for name, value in zip(names, params)}, win_rate
 
 
 def test_sophia_h_matches_optax_with_the_same_probes(tmp_path, monkeypatch):
@@ -225,18 +231,20 @@ def test_sophia_h_matches_optax_with_the_same_probes(tmp_path, monkeypatch):
     curv's Rademacher probes: bias-corrected momentum, the step m_hat / max(gamma * h, eps)
     clipped to the threshold with the h of the previous refreshes, then h refreshed from v * Hv at
     the step's (pre-update) parameters at steps 1, 11, 21, plus decoupled weight decay added
-    before the learning rate. Non-default hyperparameters on both sides."""
+    before the learning rate. Non-default hyperparameters on both sides; gamma and the threshold
+    are chosen so that some coordinates' steps are clipped and others are not (checked)."""
     import jax
 
     init = initial_parameters()
     lr = 0.01
-    hyper = dict(b1=0.9, b2=0.95, eps=1e-6, gamma=0.05, clip_threshold=0.5, weight_decay=0.02)
-    rule = "sophia_h(b1 = 0.9, b2 = 0.95, eps = 1e-6, gamma = 0.05, threshold = 0.5, weight_decay = 0.02)"
+    hyper = dict(b1=0.9, b2=0.95, eps=1e-6, gamma=0.5, clip_threshold=0.5, weight_decay=0.02)
+    rule = "sophia_h(b1 = 0.9, b2 = 0.95, eps = 1e-6, gamma = 0.5, threshold = 0.5, weight_decay = 0.02)"
     ours = run_curv(tmp_path, rule, lr, init)
     x64 = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", True)
     try:
-        theirs = train_optax_sophia(init, monkeypatch, lr, **hyper)
+        theirs, win_rate = train_optax_sophia(init, monkeypatch, lr, **hyper)
     finally:
         jax.config.update("jax_enable_x64", x64)
+    assert 0.05 < win_rate < 0.95, f"win rate {win_rate}: the test would not exercise both branches"
     assert_close(ours, theirs)

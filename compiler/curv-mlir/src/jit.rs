@@ -1,0 +1,177 @@
+//! Compiling lowered modules for the CPU and calling them: the pass pipeline down to the LLVM
+//! dialect, a check that nothing else is left (an execution engine on a module that is not fully
+//! lowered crashes the process), and calls through the C interface with memref descriptors.
+
+use crate::lower::Signature;
+use crate::{new_context, MlirError};
+use melior::{
+    ir::{operation::OperationLike, Module},
+    pass::PassManager,
+    utility::parse_pass_pipeline,
+    ExecutionEngine,
+};
+
+/// The CPU pipeline: bufferise (writing results straight into the destination buffers), lower
+/// linalg to loops, and everything to the LLVM dialect.
+pub const CPU_PIPELINE: &str = "builtin.module(\
+eliminate-empty-tensors,\
+one-shot-bufferize{bufferize-function-boundaries=false},\
+buffer-deallocation-pipeline,\
+func.func(convert-linalg-to-loops),\
+convert-scf-to-cf,\
+expand-strided-metadata,\
+lower-affine,\
+finalize-memref-to-llvm,\
+convert-math-to-llvm,\
+convert-math-to-libm,\
+convert-to-llvm,\
+reconcile-unrealized-casts)";
+
+/// Dialect prefixes that must not survive lowering.
+const UNLOWERED: &[&str] = &[
+    "func.func",
+    "arith.",
+    "linalg.",
+    "memref.",
+    "scf.",
+    "cf.",
+    "math.",
+    "tensor.",
+    "bufferization.",
+    "vector.",
+    "affine.",
+];
+
+/// Runs `pipeline` on MLIR text and returns the lowered module's text.
+pub fn lower_text(source: &str, pipeline: &str) -> Result<String, MlirError> {
+    crate::run_pipeline_on_text(source, pipeline)
+}
+
+/// A function compiled by the execution engine.
+pub struct CompiledFunction {
+    // The engine is declared first so it is dropped before the context it was built in.
+    engine: ExecutionEngine,
+    _context: melior::Context,
+    name: String,
+    pub signature: Signature,
+}
+
+impl std::fmt::Debug for CompiledFunction {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("CompiledFunction").field("name", &self.name).finish()
+    }
+}
+
+/// Lowers `source` (a module with function `name`) for the CPU and creates an execution engine.
+pub fn compile(
+    source: &str,
+    name: &str,
+    signature: Signature,
+    optimization_level: usize,
+) -> Result<CompiledFunction, MlirError> {
+    let context = new_context();
+    let engine = {
+        let mut module = Module::parse(&context, source)
+            .ok_or_else(|| MlirError { message: "MLIR could not parse the lowered module".to_string() })?;
+        if !module.as_operation().verify() {
+            return Err(MlirError { message: "the lowered module does not verify".to_string() });
+        }
+        let pass_manager = PassManager::new(&context);
+        parse_pass_pipeline(pass_manager.as_operation_pass_manager(), CPU_PIPELINE)
+            .map_err(|error| MlirError { message: format!("bad pass pipeline: {error}") })?;
+        pass_manager
+            .run(&mut module)
+            .map_err(|error| MlirError { message: format!("the CPU pipeline failed: {error}") })?;
+        if !module.as_operation().verify() {
+            return Err(MlirError { message: "the module does not verify after the CPU pipeline".to_string() });
+        }
+        let text = module.as_operation().to_string();
+        if let Some(prefix) = UNLOWERED.iter().find(|prefix| text.contains(&format!(" {prefix}"))) {
+            return Err(MlirError {
+                message: format!("the module is not fully lowered to the LLVM dialect (`{prefix}` remains)"),
+            });
+        }
+        ExecutionEngine::new(&module, optimization_level, &[], false, false)
+    };
+    Ok(CompiledFunction { engine, _context: context, name: name.to_string(), signature })
+}
+
+/// A strided memref descriptor of any rank, laid out as MLIR's C interface expects:
+/// `{allocated, aligned, offset, sizes[rank], strides[rank]}`.
+struct Descriptor {
+    words: Vec<i64>,
+}
+
+impl Descriptor {
+    fn new(pointer: *mut u8, shape: &[i64]) -> Descriptor {
+        let mut words = vec![pointer as i64, pointer as i64, 0];
+        words.extend_from_slice(shape);
+        let mut stride = 1i64;
+        let mut strides = vec![0i64; shape.len()];
+        for axis in (0..shape.len()).rev() {
+            strides[axis] = stride;
+            stride *= shape[axis];
+        }
+        words.extend(strides);
+        Descriptor { words }
+    }
+}
+
+/// A buffer handed to a compiled function.
+pub enum Buffer<'a> {
+    F32(&'a mut [f32]),
+    I32(&'a mut [i32]),
+}
+
+impl Buffer<'_> {
+    fn pointer(&mut self) -> *mut u8 {
+        match self {
+            Buffer::F32(data) => data.as_mut_ptr() as *mut u8,
+            Buffer::I32(data) => data.as_mut_ptr() as *mut u8,
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Buffer::F32(data) => data.len(),
+            Buffer::I32(data) => data.len(),
+        }
+    }
+}
+
+impl CompiledFunction {
+    /// Calls the function with its arguments then its outputs, in signature order. Buffer sizes
+    /// are checked against the signature before the call.
+    pub fn call(&self, buffers: &mut [Buffer]) -> Result<(), MlirError> {
+        let expected: Vec<&[i64]> = self
+            .signature
+            .arguments
+            .iter()
+            .map(|argument| argument.shape.as_slice())
+            .chain(self.signature.outputs.iter().map(|(_, shape, _)| shape.as_slice()))
+            .collect();
+        if expected.len() != buffers.len() {
+            return Err(MlirError {
+                message: format!("`{}` takes {} buffers, got {}", self.name, expected.len(), buffers.len()),
+            });
+        }
+        let mut descriptors = Vec::with_capacity(buffers.len());
+        for (buffer, shape) in buffers.iter_mut().zip(&expected) {
+            let count: i64 = shape.iter().product();
+            if buffer.len() as i64 != count {
+                return Err(MlirError {
+                    message: format!("`{}`: a buffer of {} elements where {count} are needed", self.name, buffer.len()),
+                });
+            }
+            descriptors.push(Descriptor::new(buffer.pointer(), shape));
+        }
+        let mut descriptor_pointers: Vec<*mut i64> =
+            descriptors.iter_mut().map(|descriptor| descriptor.words.as_mut_ptr()).collect();
+        let mut slots: Vec<*mut ()> =
+            descriptor_pointers.iter_mut().map(|pointer| pointer as *mut *mut i64 as *mut ()).collect();
+        // The C interface takes a pointer to each memref descriptor; `invoke_packed` takes a
+        // pointer to each argument, hence a pointer to the descriptor pointer.
+        unsafe { self.engine.invoke_packed(&self.name, &mut slots) }
+            .map_err(|error| MlirError { message: format!("calling `{}`: {error}", self.name) })
+    }
+}

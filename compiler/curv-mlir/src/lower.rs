@@ -1,0 +1,649 @@
+//! Lowering of one IR function to an MLIR module in the `linalg`, `tensor`, `arith` and `math`
+//! dialects, as text. Every external value (input, parameter, data, hyperparameter, step,
+//! statistic) becomes an argument, every output a destination memref written with
+//! `bufferization.materialize_in_destination`, so the compiled function reads and writes caller
+//! buffers. Shapes are static: symbolic dimensions are bound by the caller.
+
+use curv_ir::{BinaryOp, DType, Dim, Function, Op, ReduceOp, UnaryOp, ValueId};
+use std::collections::HashMap;
+use std::fmt::Write;
+
+/// How a compiled function is called: its arguments in order, then its outputs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Signature {
+    pub arguments: Vec<Argument>,
+    pub outputs: Vec<(String, Vec<i64>, DType)>,
+}
+
+/// One argument of a compiled function.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Argument {
+    /// The instruction that reads it (`Op::Input`, `Op::Param`, `Op::Data`, ...).
+    pub value: ValueId,
+    pub op: Op,
+    pub shape: Vec<i64>,
+    pub dtype: DType,
+}
+
+/// Why a function cannot be lowered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LowerError {
+    pub message: String,
+}
+
+fn unsupported(op: &Op) -> LowerError {
+    LowerError { message: format!("the MLIR backend does not lower `{}` yet", op.name()) }
+}
+
+fn element(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "f32",
+        DType::F64 => "f64",
+        DType::I32 => "i32",
+    }
+}
+
+fn shaped(prefix: &str, shape: &[i64], dtype: DType) -> String {
+    let mut text = format!("{prefix}<");
+    for size in shape {
+        let _ = write!(text, "{size}x");
+    }
+    text.push_str(element(dtype));
+    text.push('>');
+    text
+}
+
+fn tensor_type(shape: &[i64], dtype: DType) -> String {
+    shaped("tensor", shape, dtype)
+}
+
+fn memref_type(shape: &[i64], dtype: DType) -> String {
+    shaped("memref", shape, dtype)
+}
+
+fn float_literal(value: f64) -> String {
+    if value.is_nan() {
+        "0x7FC00000".to_string()
+    } else if value == f64::INFINITY {
+        "0x7F800000".to_string()
+    } else if value == f64::NEG_INFINITY {
+        "0xFF800000".to_string()
+    } else {
+        format!("{value:.17e}")
+    }
+}
+
+fn identity_map(rank: usize) -> String {
+    let dims: Vec<String> = (0..rank).map(|axis| format!("d{axis}")).collect();
+    format!("affine_map<({}) -> ({})>", dims.join(", "), dims.join(", "))
+}
+
+fn map(rank: usize, results: &[String]) -> String {
+    let dims: Vec<String> = (0..rank).map(|axis| format!("d{axis}")).collect();
+    format!("affine_map<({}) -> ({})>", dims.join(", "), results.join(", "))
+}
+
+fn iterators(kinds: &[&str]) -> String {
+    let quoted: Vec<String> = kinds.iter().map(|kind| format!("\"{kind}\"")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+struct Emitter<'a> {
+    function: &'a Function,
+    shapes: Vec<Vec<i64>>,
+    body: String,
+    counter: usize,
+}
+
+impl Emitter<'_> {
+    fn fresh(&mut self) -> String {
+        self.counter += 1;
+        format!("%t{}", self.counter)
+    }
+
+    fn value(&self, id: ValueId) -> String {
+        format!("%v{}", id.0)
+    }
+
+    fn dtype(&self, id: ValueId) -> DType {
+        self.function.ty(id).dtype
+    }
+
+    fn shape(&self, id: ValueId) -> &[i64] {
+        &self.shapes[id.0 as usize]
+    }
+
+    fn line(&mut self, text: &str) {
+        self.body.push_str("    ");
+        self.body.push_str(text);
+        self.body.push('\n');
+    }
+
+    /// `tensor.empty` of a shape.
+    fn empty(&mut self, shape: &[i64], dtype: DType) -> String {
+        let name = self.fresh();
+        self.line(&format!("{name} = tensor.empty() : {}", tensor_type(shape, dtype)));
+        name
+    }
+
+    /// A tensor filled with a constant (`linalg.fill`).
+    fn filled(&mut self, shape: &[i64], dtype: DType, value: f64) -> String {
+        let empty = self.empty(shape, dtype);
+        let scalar = self.fresh();
+        self.line(&format!("{scalar} = arith.constant {} : {}", float_literal(value), element(dtype)));
+        let name = self.fresh();
+        let ty = tensor_type(shape, dtype);
+        self.line(&format!("{name} = linalg.fill ins({scalar} : {}) outs({empty} : {ty}) -> {ty}", element(dtype)));
+        name
+    }
+
+    /// A `linalg.generic` over the result's shape. `inputs` are `(value, indexing results)`; the
+    /// body receives the block argument names of the inputs and returns lines plus the yielded value.
+    fn generic(
+        &mut self,
+        result: ValueId,
+        inputs: &[(String, String, Vec<String>)],
+        body: &dyn Fn(&[String], &mut Vec<String>) -> String,
+    ) {
+        let shape = self.shape(result).to_vec();
+        let dtype = self.dtype(result);
+        let rank = shape.len();
+        let init = self.empty(&shape, dtype);
+        let mut maps: Vec<String> = inputs.iter().map(|(_, _, results)| map(rank, results)).collect();
+        maps.push(identity_map(rank));
+        let names: Vec<String> = inputs.iter().map(|(name, _, _)| name.clone()).collect();
+        let types: Vec<String> = inputs.iter().map(|(_, ty, _)| ty.clone()).collect();
+        let block_args: Vec<String> = (0..inputs.len()).map(|index| format!("%a{index}")).collect();
+        let mut lines = Vec::new();
+        let yielded = body(&block_args, &mut lines);
+        let result_type = tensor_type(&shape, dtype);
+        let mut text = format!(
+            "{} = linalg.generic {{indexing_maps = [{}], iterator_types = {}}}",
+            self.value(result),
+            maps.join(", "),
+            iterators(&vec!["parallel"; rank])
+        );
+        if !inputs.is_empty() {
+            let _ = write!(text, " ins({} : {})", names.join(", "), types.join(", "));
+        }
+        let _ = write!(text, " outs({init} : {result_type}) {{");
+        self.line(&text);
+        let mut arguments: Vec<String> =
+            inputs.iter().zip(&block_args).map(|((_, ty, _), arg)| format!("{arg}: {}", element_of_type(ty))).collect();
+        arguments.push(format!("%out: {}", element(dtype)));
+        self.line(&format!("^bb0({}):", arguments.join(", ")));
+        for line in lines {
+            self.line(&format!("  {line}"));
+        }
+        self.line(&format!("  linalg.yield {yielded} : {}", element(dtype)));
+        self.line(&format!("}} -> {result_type}"));
+    }
+
+    /// An operand of an elementwise op, indexed like the result.
+    fn same_shape_input(&self, id: ValueId) -> (String, String, Vec<String>) {
+        let rank = self.shape(id).len();
+        (
+            self.value(id),
+            tensor_type(self.shape(id), self.dtype(id)),
+            (0..rank).map(|axis| format!("d{axis}")).collect(),
+        )
+    }
+}
+
+fn element_of_type(ty: &str) -> String {
+    ty.rsplit('x').next().unwrap_or("f32").trim_start_matches("tensor<").trim_end_matches('>').to_string()
+}
+
+/// The scalar instructions of a unary op applied to `x` of element type `ty`.
+fn unary_body(op: UnaryOp, x: &str, ty: &str, lines: &mut Vec<String>) -> String {
+    let fresh = |lines: &mut Vec<String>| format!("%s{}", lines.len());
+    let emit = |lines: &mut Vec<String>, text: String| {
+        let name = fresh(lines);
+        lines.push(format!("{name} = {text}"));
+        name
+    };
+    match op {
+        UnaryOp::Neg => emit(lines, format!("arith.negf {x} : {ty}")),
+        UnaryOp::Sin => emit(lines, format!("math.sin {x} : {ty}")),
+        UnaryOp::Cos => emit(lines, format!("math.cos {x} : {ty}")),
+        UnaryOp::Tanh => emit(lines, format!("math.tanh {x} : {ty}")),
+        UnaryOp::Exp => emit(lines, format!("math.exp {x} : {ty}")),
+        UnaryOp::Log => emit(lines, format!("math.log {x} : {ty}")),
+        UnaryOp::Sqrt => emit(lines, format!("math.sqrt {x} : {ty}")),
+        UnaryOp::Abs => emit(lines, format!("math.absf {x} : {ty}")),
+        UnaryOp::Sign => {
+            let zero = emit(lines, format!("arith.constant 0.0 : {ty}"));
+            let one = emit(lines, format!("arith.constant 1.0 : {ty}"));
+            let minus_one = emit(lines, format!("arith.constant -1.0 : {ty}"));
+            let positive = emit(lines, format!("arith.cmpf ogt, {x}, {zero} : {ty}"));
+            let negative = emit(lines, format!("arith.cmpf olt, {x}, {zero} : {ty}"));
+            let upper = emit(lines, format!("arith.select {positive}, {one}, {zero} : {ty}"));
+            emit(lines, format!("arith.select {negative}, {minus_one}, {upper} : {ty}"))
+        }
+        UnaryOp::Relu => {
+            let zero = emit(lines, format!("arith.constant 0.0 : {ty}"));
+            let positive = emit(lines, format!("arith.cmpf ogt, {x}, {zero} : {ty}"));
+            emit(lines, format!("arith.select {positive}, {x}, {zero} : {ty}"))
+        }
+        UnaryOp::Sigmoid => {
+            let one = emit(lines, format!("arith.constant 1.0 : {ty}"));
+            let negated = emit(lines, format!("arith.negf {x} : {ty}"));
+            let exponential = emit(lines, format!("math.exp {negated} : {ty}"));
+            let denominator = emit(lines, format!("arith.addf {one}, {exponential} : {ty}"));
+            emit(lines, format!("arith.divf {one}, {denominator} : {ty}"))
+        }
+        UnaryOp::Softplus => {
+            // max(x, 0) + log(1 + exp(-|x|)), as the interpreter computes it.
+            let zero = emit(lines, format!("arith.constant 0.0 : {ty}"));
+            let one = emit(lines, format!("arith.constant 1.0 : {ty}"));
+            let positive = emit(lines, format!("arith.cmpf ogt, {x}, {zero} : {ty}"));
+            let clamped = emit(lines, format!("arith.select {positive}, {x}, {zero} : {ty}"));
+            let absolute = emit(lines, format!("math.absf {x} : {ty}"));
+            let negated = emit(lines, format!("arith.negf {absolute} : {ty}"));
+            let exponential = emit(lines, format!("math.exp {negated} : {ty}"));
+            let sum = emit(lines, format!("arith.addf {one}, {exponential} : {ty}"));
+            let log = emit(lines, format!("math.log {sum} : {ty}"));
+            emit(lines, format!("arith.addf {clamped}, {log} : {ty}"))
+        }
+    }
+}
+
+fn binary_body(op: BinaryOp, a: &str, b: &str, ty: &str, lines: &mut Vec<String>) -> String {
+    let emit = |lines: &mut Vec<String>, text: String| {
+        let name = format!("%s{}", lines.len());
+        lines.push(format!("{name} = {text}"));
+        name
+    };
+    match op {
+        BinaryOp::Add => emit(lines, format!("arith.addf {a}, {b} : {ty}")),
+        BinaryOp::Sub => emit(lines, format!("arith.subf {a}, {b} : {ty}")),
+        BinaryOp::Mul => emit(lines, format!("arith.mulf {a}, {b} : {ty}")),
+        BinaryOp::Div => emit(lines, format!("arith.divf {a}, {b} : {ty}")),
+        BinaryOp::Pow => emit(lines, format!("math.powf {a}, {b} : {ty}")),
+        BinaryOp::Max => {
+            // `b` when b > a, else `a`: ties and NaNs as in the interpreter.
+            let greater = emit(lines, format!("arith.cmpf ogt, {b}, {a} : {ty}"));
+            emit(lines, format!("arith.select {greater}, {b}, {a} : {ty}"))
+        }
+        BinaryOp::Min => {
+            let less = emit(lines, format!("arith.cmpf olt, {b}, {a} : {ty}"));
+            emit(lines, format!("arith.select {less}, {b}, {a} : {ty}"))
+        }
+        BinaryOp::Equal | BinaryOp::Greater => {
+            let predicate = if op == BinaryOp::Equal { "oeq" } else { "ogt" };
+            let condition = emit(lines, format!("arith.cmpf {predicate}, {a}, {b} : {ty}"));
+            let one = emit(lines, format!("arith.constant 1.0 : {ty}"));
+            let zero = emit(lines, format!("arith.constant 0.0 : {ty}"));
+            emit(lines, format!("arith.select {condition}, {one}, {zero} : {ty}"))
+        }
+    }
+}
+
+fn is_external(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Input { .. } | Op::Param { .. } | Op::Data { .. } | Op::Hyper { .. } | Op::Step | Op::Statistic { .. }
+    )
+}
+
+/// Lowers `function` to an MLIR module whose function `name` has the C interface. `bindings`
+/// gives the sizes of symbolic dimensions.
+pub fn lower_function(
+    function: &Function,
+    name: &str,
+    bindings: &HashMap<String, i64>,
+) -> Result<(String, Signature), LowerError> {
+    let mut shapes = Vec::with_capacity(function.insts.len());
+    for inst in &function.insts {
+        let shape: Result<Vec<i64>, LowerError> = inst
+            .ty
+            .shape
+            .iter()
+            .map(|dim| match dim {
+                Dim::Known(size) => Ok(*size),
+                Dim::Symbol(symbol) => bindings
+                    .get(symbol)
+                    .copied()
+                    .ok_or_else(|| LowerError { message: format!("dimension `{symbol}` is not bound") }),
+            })
+            .collect();
+        shapes.push(shape?);
+    }
+    let mut emitter = Emitter { function, shapes, body: String::new(), counter: 0 };
+    let mut arguments = Vec::new();
+    let mut parameters = Vec::new();
+    for (index, inst) in function.insts.iter().enumerate() {
+        let id = ValueId(index as u32);
+        if !is_external(&inst.op) {
+            continue;
+        }
+        let shape = emitter.shape(id).to_vec();
+        let dtype = inst.ty.dtype;
+        let argument_name = format!("%arg{}", arguments.len());
+        parameters.push(format!("{argument_name}: {}", memref_type(&shape, dtype)));
+        arguments.push(Argument { value: id, op: inst.op.clone(), shape, dtype });
+    }
+    let mut argument_index = 0;
+    for (index, inst) in function.insts.iter().enumerate() {
+        let id = ValueId(index as u32);
+        let dtype = inst.ty.dtype;
+        let shape = emitter.shape(id).to_vec();
+        let result_type = tensor_type(&shape, dtype);
+        let ty = element(dtype);
+        match &inst.op {
+            op if is_external(op) => {
+                let argument = format!("%arg{argument_index}");
+                argument_index += 1;
+                let text = format!(
+                    "{} = bufferization.to_tensor {argument} restrict : {} to {result_type}",
+                    emitter.value(id),
+                    memref_type(&shape, dtype)
+                );
+                emitter.line(&text);
+            }
+            Op::Constant { value } => {
+                let text =
+                    format!("{} = arith.constant dense<{}> : {result_type}", emitter.value(id), float_literal(*value));
+                emitter.line(&text);
+            }
+            Op::Count { axes } => {
+                let operand = emitter.shape(inst.args[0]).to_vec();
+                let count: i64 = axes.iter().map(|&axis| operand[axis]).product();
+                let text = format!(
+                    "{} = arith.constant dense<{}> : {result_type}",
+                    emitter.value(id),
+                    float_literal(count as f64)
+                );
+                emitter.line(&text);
+            }
+            Op::CausalMask => {
+                let rank = shape.len();
+                let ty_name = ty.to_string();
+                emitter.generic(id, &[], &|_, lines| {
+                    lines.push(format!("%s0 = linalg.index {} : index", rank - 2));
+                    lines.push(format!("%s1 = linalg.index {} : index", rank - 1));
+                    lines.push("%s2 = arith.cmpi ugt, %s1, %s0 : index".to_string());
+                    lines.push(format!("%s3 = arith.constant {} : {ty_name}", float_literal(f64::NEG_INFINITY)));
+                    lines.push(format!("%s4 = arith.constant 0.0 : {ty_name}"));
+                    lines.push(format!("%s5 = arith.select %s2, %s3, %s4 : {ty_name}"));
+                    "%s5".to_string()
+                });
+            }
+            Op::Unary(op) => {
+                let input = emitter.same_shape_input(inst.args[0]);
+                let (op, ty_name) = (*op, ty.to_string());
+                emitter.generic(id, &[input], &|args, lines| unary_body(op, &args[0], &ty_name, lines));
+            }
+            Op::Binary(op) => {
+                let inputs = [emitter.same_shape_input(inst.args[0]), emitter.same_shape_input(inst.args[1])];
+                let (op, ty_name) = (*op, ty.to_string());
+                emitter.generic(id, &inputs, &|args, lines| binary_body(op, &args[0], &args[1], &ty_name, lines));
+            }
+            Op::Select => {
+                let inputs = [
+                    emitter.same_shape_input(inst.args[0]),
+                    emitter.same_shape_input(inst.args[1]),
+                    emitter.same_shape_input(inst.args[2]),
+                ];
+                let ty_name = ty.to_string();
+                emitter.generic(id, &inputs, &|args, lines| {
+                    lines.push(format!("%s0 = arith.constant 0.0 : {ty_name}"));
+                    lines.push(format!("%s1 = arith.cmpf une, {}, %s0 : {ty_name}", args[0]));
+                    lines.push(format!("%s2 = arith.select %s1, {}, {} : {ty_name}", args[1], args[2]));
+                    "%s2".to_string()
+                });
+            }
+            Op::Broadcast { dims } => {
+                let operand = inst.args[0];
+                let operand_shape = emitter.shape(operand).to_vec();
+                let results: Vec<String> = dims
+                    .iter()
+                    .enumerate()
+                    .map(|(axis, &result_axis)| {
+                        if operand_shape[axis] == 1 && shape[result_axis] != 1 {
+                            "0".to_string()
+                        } else {
+                            format!("d{result_axis}")
+                        }
+                    })
+                    .collect();
+                let input = (emitter.value(operand), tensor_type(&operand_shape, emitter.dtype(operand)), results);
+                emitter.generic(id, &[input], &|args, _| args[0].clone());
+            }
+            Op::Transpose { permutation } => {
+                let init = emitter.empty(&shape, dtype);
+                let operand = inst.args[0];
+                let text = format!(
+                    "{} = linalg.transpose ins({} : {}) outs({init} : {result_type}) permutation = {permutation:?}",
+                    emitter.value(id),
+                    emitter.value(operand),
+                    tensor_type(emitter.shape(operand), emitter.dtype(operand))
+                );
+                emitter.line(&text);
+            }
+            Op::Reshape => {
+                let operand = inst.args[0];
+                let operand_shape = emitter.shape(operand).to_vec();
+                let operand_type = tensor_type(&operand_shape, emitter.dtype(operand));
+                // Through a rank-1 tensor: collapse everything, then expand to the result.
+                let count: i64 = shape.iter().product();
+                let flat_type = tensor_type(&[count], dtype);
+                let flat = if operand_shape.len() == 1 {
+                    emitter.value(operand)
+                } else if operand_shape.is_empty() {
+                    let name = emitter.fresh();
+                    emitter.line(&format!(
+                        "{name} = tensor.expand_shape {} [] output_shape [1] : {operand_type} into {flat_type}",
+                        emitter.value(operand)
+                    ));
+                    name
+                } else {
+                    let name = emitter.fresh();
+                    let group: Vec<String> = (0..operand_shape.len()).map(|axis| axis.to_string()).collect();
+                    emitter.line(&format!(
+                        "{name} = tensor.collapse_shape {} [[{}]] : {operand_type} into {flat_type}",
+                        emitter.value(operand),
+                        group.join(", ")
+                    ));
+                    name
+                };
+                let text = if shape.len() == 1 {
+                    format!("{} = tensor.cast {flat} : {flat_type} to {result_type}", emitter.value(id))
+                } else if shape.is_empty() {
+                    format!("{} = tensor.collapse_shape {flat} [] : {flat_type} into {result_type}", emitter.value(id))
+                } else {
+                    let group: Vec<String> = (0..shape.len()).map(|axis| axis.to_string()).collect();
+                    let sizes: Vec<String> = shape.iter().map(|size| size.to_string()).collect();
+                    format!(
+                        "{} = tensor.expand_shape {flat} [[{}]] output_shape [{}] : {flat_type} into {result_type}",
+                        emitter.value(id),
+                        group.join(", "),
+                        sizes.join(", ")
+                    )
+                };
+                emitter.line(&text);
+            }
+            Op::Reduce { op, axes } => {
+                let operand = inst.args[0];
+                let operand_shape = emitter.shape(operand).to_vec();
+                let rank = operand_shape.len();
+                let initial = match op {
+                    ReduceOp::Sum => 0.0,
+                    ReduceOp::Max => f64::NEG_INFINITY,
+                };
+                let init = emitter.filled(&shape, dtype, initial);
+                let kept: Vec<String> =
+                    (0..rank).filter(|axis| !axes.contains(axis)).map(|axis| format!("d{axis}")).collect();
+                let kinds: Vec<&str> =
+                    (0..rank).map(|axis| if axes.contains(&axis) { "reduction" } else { "parallel" }).collect();
+                let combine = match op {
+                    ReduceOp::Sum => format!("%s0 = arith.addf %a0, %out : {ty}"),
+                    ReduceOp::Max => format!("%s0 = arith.maximumf %a0, %out : {ty}"),
+                };
+                let text = format!(
+                    "{} = linalg.generic {{indexing_maps = [{}, {}], iterator_types = {}}} ins({} : {}) outs({init} : {result_type}) {{",
+                    emitter.value(id),
+                    identity_map(rank),
+                    map(rank, &kept),
+                    iterators(&kinds),
+                    emitter.value(operand),
+                    tensor_type(&operand_shape, emitter.dtype(operand))
+                );
+                emitter.line(&text);
+                emitter.line(&format!("^bb0(%a0: {ty}, %out: {ty}):"));
+                emitter.line(&format!("  {combine}"));
+                emitter.line(&format!("  linalg.yield %s0 : {ty}"));
+                emitter.line(&format!("}} -> {result_type}"));
+            }
+            Op::MatMul => lower_matmul(&mut emitter, id, inst.args[0], inst.args[1])?,
+            Op::OneHot { .. } => {
+                let labels = inst.args[0];
+                let rank = shape.len();
+                let results: Vec<String> = (0..rank - 1).map(|axis| format!("d{axis}")).collect();
+                let input = (emitter.value(labels), tensor_type(emitter.shape(labels), DType::I32), results);
+                let ty_name = ty.to_string();
+                emitter.generic(id, &[input], &|args, lines| {
+                    lines.push(format!("%s0 = linalg.index {} : index", rank - 1));
+                    lines.push(format!("%s1 = arith.index_cast %s0 : index to i32"));
+                    lines.push(format!("%s2 = arith.cmpi eq, {}, %s1 : i32", args[0]));
+                    lines.push(format!("%s3 = arith.constant 1.0 : {ty_name}"));
+                    lines.push(format!("%s4 = arith.constant 0.0 : {ty_name}"));
+                    lines.push(format!("%s5 = arith.select %s2, %s3, %s4 : {ty_name}"));
+                    "%s5".to_string()
+                });
+            }
+            Op::Cast => {
+                let operand = inst.args[0];
+                let from = emitter.dtype(operand);
+                let input = emitter.same_shape_input(operand);
+                let ty_name = ty.to_string();
+                emitter.generic(id, &[input], &|args, lines| match (from, dtype) {
+                    (DType::I32, _) => {
+                        lines.push(format!("%s0 = arith.sitofp {} : i32 to {ty_name}", args[0]));
+                        "%s0".to_string()
+                    }
+                    (DType::F32, DType::F64) => {
+                        lines.push(format!("%s0 = arith.extf {} : f32 to f64", args[0]));
+                        "%s0".to_string()
+                    }
+                    (DType::F64, DType::F32) => {
+                        lines.push(format!("%s0 = arith.truncf {} : f64 to f32", args[0]));
+                        "%s0".to_string()
+                    }
+                    _ => args[0].clone(),
+                });
+            }
+            other => return Err(unsupported(other)),
+        }
+    }
+    let mut outputs = Vec::new();
+    for (index, (output_name, value)) in function.outputs.iter().enumerate() {
+        let shape = emitter.shape(*value).to_vec();
+        let dtype = emitter.dtype(*value);
+        let argument_name = format!("%out{index}");
+        parameters.push(format!("{argument_name}: {}", memref_type(&shape, dtype)));
+        let text = format!(
+            "bufferization.materialize_in_destination {} in restrict writable {argument_name} : ({}, {}) -> ()",
+            emitter.value(*value),
+            tensor_type(&shape, dtype),
+            memref_type(&shape, dtype)
+        );
+        emitter.line(&text);
+        outputs.push((output_name.clone(), shape, dtype));
+    }
+    emitter.line("return");
+    let text = format!(
+        "module {{\n  func.func @{name}({}) attributes {{ llvm.emit_c_interface }} {{\n{}  }}\n}}\n",
+        parameters.join(", "),
+        emitter.body
+    );
+    Ok((text, Signature { arguments, outputs }))
+}
+
+/// `[..., m, k] @ [k, n]` folds the leading dimensions into rows; `[b, m, k] @ [b, k, n]` uses
+/// `linalg.batch_matmul` (higher batch ranks are folded into one batch dimension).
+fn lower_matmul(emitter: &mut Emitter, result: ValueId, left: ValueId, right: ValueId) -> Result<(), LowerError> {
+    let dtype = emitter.dtype(result);
+    let left_shape = emitter.shape(left).to_vec();
+    let right_shape = emitter.shape(right).to_vec();
+    let result_shape = emitter.shape(result).to_vec();
+    let (k, n) = (right_shape[right_shape.len() - 2], right_shape[right_shape.len() - 1]);
+    let collapse = |emitter: &mut Emitter, value: String, shape: &[i64], keep_last: usize| -> (String, Vec<i64>) {
+        // Folds all but the last `keep_last` dimensions into one.
+        let leading = shape.len() - keep_last;
+        if leading <= 1 {
+            return (value, shape.to_vec());
+        }
+        let mut folded = vec![shape[..leading].iter().product::<i64>()];
+        folded.extend_from_slice(&shape[leading..]);
+        let mut groups =
+            vec![format!("[{}]", (0..leading).map(|axis| axis.to_string()).collect::<Vec<_>>().join(", "))];
+        for axis in leading..shape.len() {
+            groups.push(format!("[{axis}]"));
+        }
+        let name = emitter.fresh();
+        emitter.line(&format!(
+            "{name} = tensor.collapse_shape {value} [{}] : {} into {}",
+            groups.join(", "),
+            tensor_type(shape, dtype),
+            tensor_type(&folded, dtype)
+        ));
+        (name, folded)
+    };
+    let (product, product_shape) = if right_shape.len() == 2 {
+        let (left_rows, left_rows_shape) = collapse(emitter, emitter.value(left), &left_shape, 1);
+        let rows = left_rows_shape[0];
+        let out_shape = vec![rows, n];
+        let init = emitter.filled(&out_shape, dtype, 0.0);
+        let name = emitter.fresh();
+        emitter.line(&format!(
+            "{name} = linalg.matmul ins({left_rows}, {} : {}, {}) outs({init} : {}) -> {}",
+            emitter.value(right),
+            tensor_type(&left_rows_shape, dtype),
+            tensor_type(&right_shape, dtype),
+            tensor_type(&out_shape, dtype),
+            tensor_type(&out_shape, dtype)
+        ));
+        let _ = k;
+        (name, out_shape)
+    } else {
+        let (left_batched, left_batched_shape) = collapse(emitter, emitter.value(left), &left_shape, 2);
+        let (right_batched, right_batched_shape) = collapse(emitter, emitter.value(right), &right_shape, 2);
+        let out_shape = vec![left_batched_shape[0], left_batched_shape[1], n];
+        let init = emitter.filled(&out_shape, dtype, 0.0);
+        let name = emitter.fresh();
+        emitter.line(&format!(
+            "{name} = linalg.batch_matmul ins({left_batched}, {right_batched} : {}, {}) outs({init} : {}) -> {}",
+            tensor_type(&left_batched_shape, dtype),
+            tensor_type(&right_batched_shape, dtype),
+            tensor_type(&out_shape, dtype),
+            tensor_type(&out_shape, dtype)
+        ));
+        (name, out_shape)
+    };
+    let target = emitter.value(result);
+    if product_shape == result_shape {
+        emitter.line(&format!(
+            "{target} = tensor.cast {product} : {} to {}",
+            tensor_type(&product_shape, dtype),
+            tensor_type(&result_shape, dtype)
+        ));
+    } else {
+        // The product's first dimension unfolds into the result's leading dimensions.
+        let leading = result_shape.len() - (product_shape.len() - 1);
+        let mut groups =
+            vec![format!("[{}]", (0..leading).map(|axis| axis.to_string()).collect::<Vec<_>>().join(", "))];
+        for axis in leading..result_shape.len() {
+            groups.push(format!("[{axis}]"));
+        }
+        let sizes: Vec<String> = result_shape.iter().map(|size| size.to_string()).collect();
+        emitter.line(&format!(
+            "{target} = tensor.expand_shape {product} [{}] output_shape [{}] : {} into {}",
+            groups.join(", "),
+            sizes.join(", "),
+            tensor_type(&product_shape, dtype),
+            tensor_type(&result_shape, dtype)
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,145 @@
+//! Differential tests: functions lowered through MLIR and JIT-compiled agree with the reference
+//! interpreter (f32) on the loss-and-gradient programs of the examples.
+
+use curv_interp::{evaluate, Inputs, Tensor, Value};
+use curv_ir::{Dim, Op};
+use curv_mlir::jit::{compile, Buffer};
+use std::collections::HashMap;
+use std::path::Path;
+
+fn program(example: &str) -> curv_ir::TrainProgram {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples").join(example);
+    let source = curv_driver::SourceFile::read(&path).unwrap();
+    let compilation = curv_driver::compile(source);
+    assert!(!compilation.has_errors(), "{}", curv_driver::render_diagnostics(&compilation, false));
+    compilation.analysis.unwrap().program.trains.into_iter().next().unwrap()
+}
+
+fn shape(ty: &curv_ir::TensorType) -> Vec<usize> {
+    ty.shape
+        .iter()
+        .map(|dim| match dim {
+            Dim::Known(size) => *size as usize,
+            Dim::Symbol(name) => panic!("symbolic {name}"),
+        })
+        .collect()
+}
+
+/// Deterministic pseudo-random values in [-scale, scale].
+fn values(count: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..count)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * scale
+        })
+        .collect()
+}
+
+fn check_gradients_agree(example: &str) {
+    let train = program(example);
+    let gradients = curv_ad::products::gradient_program(&train.loss, &train.params).function;
+    let (text, signature) =
+        curv_mlir::lower::lower_function(&gradients, "loss_and_gradients", &HashMap::new()).unwrap();
+    let compiled =
+        compile(&text, "loss_and_gradients", signature.clone(), 2).unwrap_or_else(|error| panic!("{error}\n{text}"));
+    // Inputs for both sides.
+    let mut inputs = Inputs::<f32>::default();
+    let mut buffers_f32: Vec<Vec<f32>> = Vec::new();
+    let mut buffers_i32: Vec<Vec<i32>> = Vec::new();
+    let mut order: Vec<(bool, usize)> = Vec::new();
+    for (index, argument) in signature.arguments.iter().enumerate() {
+        let count: i64 = argument.shape.iter().product();
+        match &argument.op {
+            Op::Param { index: param } => {
+                let data = values(count as usize, 10 + index as u64, 0.3);
+                while inputs.params.len() <= *param {
+                    inputs.params.push(Tensor::scalar(0.0));
+                }
+                inputs.params[*param] = Tensor::new(shape(&train.params[*param].ty), data.clone());
+                order.push((true, buffers_f32.len()));
+                buffers_f32.push(data);
+            }
+            Op::Data { source, field } if argument.dtype == curv_ir::DType::I32 => {
+                let data: Vec<i32> =
+                    values(count as usize, 99, 1.0).iter().map(|value| ((value + 1.0) * 4.99) as i32).collect();
+                inputs.data.insert(
+                    (source.clone(), field.clone()),
+                    Value::Int(Tensor::new(argument.shape.iter().map(|&s| s as usize).collect(), data.clone())),
+                );
+                order.push((false, buffers_i32.len()));
+                buffers_i32.push(data);
+            }
+            Op::Data { source, field } => {
+                let data = values(count as usize, 7, 1.0);
+                inputs.data.insert(
+                    (source.clone(), field.clone()),
+                    Value::Real(Tensor::new(argument.shape.iter().map(|&s| s as usize).collect(), data.clone())),
+                );
+                order.push((true, buffers_f32.len()));
+                buffers_f32.push(data);
+            }
+            other => panic!("unexpected argument {other:?}"),
+        }
+    }
+    for (_, output_shape, dtype) in &signature.outputs {
+        let count: i64 = output_shape.iter().product();
+        if *dtype == curv_ir::DType::I32 {
+            order.push((false, buffers_i32.len()));
+            buffers_i32.push(vec![0; count as usize]);
+        } else {
+            order.push((true, buffers_f32.len()));
+            buffers_f32.push(vec![0.0; count as usize]);
+        }
+    }
+    {
+        let mut f32_slices: Vec<Option<&mut [f32]>> =
+            buffers_f32.iter_mut().map(|buffer| Some(buffer.as_mut_slice())).collect();
+        let mut i32_slices: Vec<Option<&mut [i32]>> =
+            buffers_i32.iter_mut().map(|buffer| Some(buffer.as_mut_slice())).collect();
+        let mut buffers: Vec<Buffer> = order
+            .iter()
+            .map(|(is_float, index)| {
+                if *is_float {
+                    Buffer::F32(f32_slices[*index].take().unwrap())
+                } else {
+                    Buffer::I32(i32_slices[*index].take().unwrap())
+                }
+            })
+            .collect();
+        compiled.call(&mut buffers).unwrap();
+    }
+    let reference = evaluate(&gradients, &inputs).unwrap();
+    let first_output = signature.arguments.len();
+    for (position, (name, value)) in gradients.outputs.iter().enumerate() {
+        let expected = &reference[value.0 as usize];
+        let (is_float, index) = order[first_output + position];
+        match expected {
+            Value::Real(tensor) => {
+                assert!(is_float);
+                let actual = &buffers_f32[index];
+                let scale = tensor.data.iter().fold(0.0f32, |maximum, value| maximum.max(value.abs())).max(1e-6);
+                for (a, b) in actual.iter().zip(&tensor.data) {
+                    // Both sides compute in f32 with different summation orders and libm calls.
+                    assert!(
+                        (a - b).abs() <= 2e-4 * scale,
+                        "{example} `{name}`: mlir {a} vs interpreter {b} (scale {scale})"
+                    );
+                }
+            }
+            Value::Int(tensor) => assert_eq!(buffers_i32[index], tensor.data, "{example} `{name}`"),
+        }
+    }
+}
+
+#[test]
+fn the_digits_gradient_program_agrees_with_the_interpreter() {
+    check_gradients_agree("digits_mlp.curv");
+}
+
+#[test]
+fn the_siren_gradient_program_agrees_with_the_interpreter() {
+    check_gradients_agree("siren.curv");
+}
