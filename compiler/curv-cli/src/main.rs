@@ -77,7 +77,8 @@ struct RunArguments {
     /// Random seed for initialisation, shuffling and probes (default: the block's `seed`).
     #[arg(long)]
     seed: Option<u64>,
-    /// Execution backend. Only the reference interpreter exists so far.
+    /// Execution backend: `interp` (the reference interpreter) or `mlir` (compiled through MLIR
+    /// for the CPU; f32 only, and not yet for convolutions, gathers and slices).
     #[arg(long, default_value = "interp")]
     backend: String,
     /// Device to train on.
@@ -218,13 +219,19 @@ fn version() -> ExitCode {
 }
 
 fn run_options(arguments: &RunArguments, metrics: Option<PathBuf>) -> Result<curv_driver::run::RunOptions, ExitCode> {
-    if arguments.backend != "interp" {
-        eprintln!(
-            "error: backend `{}` is not available yet; `interp` (the reference interpreter) is the only backend so far",
-            arguments.backend
-        );
-        return Err(ExitCode::from(1));
-    }
+    let backend: Option<curv_driver::run::BackendFactory> = match (
+        arguments.backend.as_str(),
+        arguments.precision.as_str(),
+    ) {
+        ("interp", _) => None,
+        // The reference interpreter is the f64 backend.
+        ("mlir", "f64") => None,
+        ("mlir", _) => Some(|| Box::new(curv_mlir::backend::MlirBackend::new(2))),
+        (other, _) => {
+            eprintln!("error: unknown backend `{other}`; the backends are `mlir` and `interp` (`cranelift` is not available yet)");
+            return Err(ExitCode::from(1));
+        }
+    };
     if arguments.device != "cpu" {
         eprintln!("error: device `{}` is not available yet; training runs on `cpu`", arguments.device);
         return Err(ExitCode::from(1));
@@ -246,6 +253,7 @@ fn run_options(arguments: &RunArguments, metrics: Option<PathBuf>) -> Result<cur
         resume: arguments.resume.clone(),
         metrics,
         out: arguments.out.clone(),
+        backend,
     })
 }
 

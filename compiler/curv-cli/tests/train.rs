@@ -221,8 +221,9 @@ fn run_rejects_what_it_cannot_do_with_clear_errors() {
     let output = curv(&["run", "examples/optimizers/shampoo.curv", "--steps", "1"]);
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("the `kronecker` structure is not executable yet"));
-    let output = curv(&["run", "examples/digits_mlp.curv", "--backend", "mlir"]);
+    let output = curv(&["run", "examples/digits_mlp.curv", "--backend", "cranelift"]);
     assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown backend `cranelift`"));
     let output = curv(&["run", "examples/digits_mlp.curv", "--resume", "examples/data/digits.csv"]);
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("not a safetensors file"));
@@ -319,4 +320,35 @@ fn npy_and_mnist_idx_data_sets_load_and_train() {
     let accuracy =
         final_accuracy(&directory, "data d = idx(images = \"images.idx\", labels = \"labels.idx\", scale = 0.01)");
     assert!(accuracy > 0.9, "idx accuracy {accuracy}");
+}
+
+#[test]
+fn the_mlir_backend_trains_like_the_interpreter() {
+    // Same program, seed and batches: the losses agree to f32 rounding (different summation
+    // orders and math library calls), so after 20 steps of Adam and of AdaHessian the logged
+    // losses stay within 1e-3 relative.
+    for optimizer in ["adam", "adahessian", "adopt"] {
+        let mut losses = Vec::new();
+        for backend in ["interp", "mlir"] {
+            let directory = scratch(&format!("backend-{optimizer}-{backend}"));
+            let metrics_path = directory.join("metrics.jsonl");
+            let output = curv(&[
+                "run",
+                "examples/digits_mlp.curv",
+                "--backend",
+                backend,
+                "--optimizer",
+                optimizer,
+                "--steps",
+                "20",
+                "--metrics",
+                metrics_path.to_str().unwrap(),
+                "--quiet",
+            ]);
+            assert_eq!(output.status.code(), Some(0), "{backend}: {}", String::from_utf8_lossy(&output.stderr));
+            losses.push(value(metrics(&metrics_path).last().unwrap(), "loss"));
+        }
+        let relative = (losses[0] - losses[1]).abs() / losses[0].abs();
+        assert!(relative < 1e-3, "{optimizer}: interp {} vs mlir {}", losses[0], losses[1]);
+    }
 }

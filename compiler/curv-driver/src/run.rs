@@ -17,6 +17,9 @@ pub enum Precision {
     F64,
 }
 
+/// Makes the compiled backend of an f32 run.
+pub type BackendFactory = fn() -> Box<dyn curv_runtime::Backend<f32>>;
+
 /// The command-line options of `curv run`.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -28,6 +31,8 @@ pub struct RunOptions {
     pub resume: Option<PathBuf>,
     pub metrics: Option<PathBuf>,
     pub out: Option<PathBuf>,
+    /// A compiled backend for f32 runs (`--backend mlir`); `None` runs the interpreter.
+    pub backend: Option<BackendFactory>,
 }
 
 /// A failure of `curv run`: `user` errors exit with 1, the others with 2.
@@ -107,9 +112,14 @@ pub fn run_program(
         &train.params.iter().map(|param| param.name.clone()).collect::<Vec<_>>(),
     )
     .map_err(RunError::user)?;
-    match options.precision {
-        Precision::F32 => run_train::<f32>(program, train, directory, options, observer),
-        Precision::F64 => run_train::<f64>(program, train, directory, options, observer),
+    match (options.precision, options.backend) {
+        (Precision::F32, backend) => {
+            run_train::<f32>(program, train, directory, options, observer, backend.map(|make| make()))
+        }
+        (Precision::F64, None) => run_train::<f64>(program, train, directory, options, observer, None),
+        (Precision::F64, Some(_)) => {
+            Err(RunError::user("the compiled backends compute in f32; use `--precision f64` with `--backend interp`"))
+        }
     }
 }
 
@@ -145,12 +155,16 @@ fn run_train<T: Real>(
     directory: &Path,
     options: &RunOptions,
     observer: &mut dyn RunObserver,
+    backend: Option<Box<dyn curv_runtime::Backend<T>>>,
 ) -> Result<RunSummary, RunError> {
     let total_steps = options.steps.unwrap_or(train.steps.max(0) as u64);
     let seed = options.seed.unwrap_or(train.seed.max(0) as u64);
     let dataset = Dataset::load(&train.data, directory).map_err(RunError::user)?;
     let mut trainer: Trainer<T> = Trainer::new(train.clone(), program.rules.clone(), dataset, seed, total_steps);
     trainer.policy = if train.skip_nonfinite { NonFinitePolicy::Skip } else { NonFinitePolicy::Stop };
+    if let Some(backend) = backend {
+        trainer.backend = backend;
+    }
     let expected: Vec<(String, Vec<usize>)> = train
         .params
         .iter()

@@ -5,6 +5,7 @@
 //! every dialect registered, parses and verifies a module, and lowers it to the LLVM dialect with a
 //! pass pipeline. The kernel lowering of the MLIR backend grows here.
 
+pub mod backend;
 pub mod jit;
 pub mod lower;
 

@@ -504,7 +504,7 @@ pub fn lower_function(
                 let ty_name = ty.to_string();
                 emitter.generic(id, &[input], &|args, lines| {
                     lines.push(format!("%s0 = linalg.index {} : index", rank - 1));
-                    lines.push(format!("%s1 = arith.index_cast %s0 : index to i32"));
+                    lines.push("%s1 = arith.index_cast %s0 : index to i32".to_string());
                     lines.push(format!("%s2 = arith.cmpi eq, {}, %s1 : i32", args[0]));
                     lines.push(format!("%s3 = arith.constant 1.0 : {ty_name}"));
                     lines.push(format!("%s4 = arith.constant 0.0 : {ty_name}"));

@@ -6,6 +6,7 @@
 //! Randomness is counter-based (see [`random`]): batches, probes and sampled labels are pure
 //! functions of the seed and the step, which is what makes `--resume` continue bit for bit.
 
+pub mod backend;
 pub mod checkpoint;
 pub mod dataset;
 pub mod init;
@@ -15,6 +16,7 @@ pub mod random;
 pub mod schedule;
 pub mod trainer;
 
+pub use backend::{Backend, Interpreter};
 pub use checkpoint::Checkpoint;
 pub use dataset::Dataset;
 pub use trainer::{Metrics, NonFinitePolicy, StepReport, TrainError, Trainer};

@@ -1,7 +1,8 @@
 //! Execution of an optimizer plan: `rule`s are interpreted from their IR update functions; the
 //! `diagonal` structure runs natively. Each parameter's state lives in named tensors.
 
-use curv_interp::{evaluate_outputs, Inputs, Real, Tensor, Value};
+use crate::backend::Backend;
+use curv_interp::{Inputs, Real, Tensor, Value};
 use curv_ir::{option_name, option_number, OptimizerPlan, ParamPlan, RuleProgram, StructureKind};
 use std::collections::{BTreeSet, HashMap};
 
@@ -96,6 +97,7 @@ pub fn uses_hutchinson(plan: &ParamPlan, rules: &[RuleProgram]) -> bool {
 
 /// Everything one parameter's update reads besides its state.
 pub struct UpdateInputs<'a, T> {
+    pub backend: &'a dyn Backend<T>,
     pub step: u64,
     pub learning_rate: f64,
     pub batch: usize,
@@ -158,18 +160,22 @@ fn update_with_rule<T: Real>(
         // States are initialised at the first update, from the parameter and its first gradient.
         let mut init_inputs = base.clone();
         init_inputs.inputs = vec![Value::Real(flat(param)), Value::Real(flat(inputs.gradient))];
-        for (name, value) in evaluate_outputs(&rule.init, &init_inputs)
+        let key = format!("rule {} init {}", rule.name, param.len());
+        for (name, value) in inputs
+            .backend
+            .outputs(&key, &rule.init, &init_inputs)
             .map_err(|error| format!("initialising `{}`: {error}", rule.name))?
         {
             let tensor = value.as_real().cloned().ok_or_else(|| format!("state `{name}` is not a float tensor"))?;
             state.push((name, tensor));
         }
     }
-    for rule_update in &rule.updates {
+    for (block, rule_update) in rule.updates.iter().enumerate() {
         if !rule_update.runs_at(inputs.step) {
             continue;
         }
         let update = &rule_update.function;
+        let key = format!("rule {} block {block} {}", rule.name, param.len());
         let mut update_inputs = base.clone();
         update_inputs.inputs = vec![Value::Real(flat(param)), Value::Real(flat(inputs.gradient))];
         for name in &rule.state {
@@ -179,8 +185,10 @@ fn update_with_rule<T: Real>(
         for (kind, tensor) in inputs.statistics {
             update_inputs.statistics.insert(kind.clone(), flat(tensor));
         }
-        let outputs =
-            evaluate_outputs(update, &update_inputs).map_err(|error| format!("rule `{}`: {error}", rule.name))?;
+        let outputs = inputs
+            .backend
+            .outputs(&key, update, &update_inputs)
+            .map_err(|error| format!("rule `{}`: {error}", rule.name))?;
         for (name, value) in outputs {
             let tensor = value.as_real().cloned().ok_or_else(|| format!("`{name}` is not a float tensor"))?;
             if rule.state.contains(&name) {

@@ -1,11 +1,12 @@
 //! The training loop of one train program on the reference interpreter.
 
+use crate::backend::{output as find_output, Backend, Interpreter};
 use crate::dataset::Dataset;
 use crate::optimizer::{statistics_needed, update_param, ParamState, UpdateInputs};
 use crate::random::{Random, Stream};
 use crate::schedule::learning_rate;
 use curv_ad::products::{gradient_program, hvp_program};
-use curv_interp::{evaluate, Inputs, Real, Tensor, Value};
+use curv_interp::{Inputs, Real, Tensor, Value};
 use curv_ir::{Function, LossKind, Op, RuleProgram, TrainProgram};
 use std::collections::{BTreeSet, HashMap};
 
@@ -64,6 +65,8 @@ pub struct Trainer<T> {
     pub policy: NonFinitePolicy,
     gradients: Function,
     hessian_vector: Option<Function>,
+    /// Where functions are evaluated (the interpreter unless a backend is installed).
+    pub backend: Box<dyn Backend<T>>,
 }
 
 fn shape_of(ty: &curv_ir::TensorType) -> Vec<usize> {
@@ -105,6 +108,7 @@ impl<T: Real> Trainer<T> {
             policy: NonFinitePolicy::Stop,
             gradients,
             hessian_vector,
+            backend: Box::new(Interpreter),
         }
     }
 
@@ -126,7 +130,7 @@ impl<T: Real> Trainer<T> {
             needed.extend(statistics_needed(plan, &self.rules, step));
         }
         let hutchinson = needed.iter().find(|kind| kind.starts_with("hutchinson")).cloned();
-        let (function, probes) = match (&hutchinson, &self.hessian_vector) {
+        let (function, key, probes) = match (&hutchinson, &self.hessian_vector) {
             (Some(kind), Some(hessian_vector)) => {
                 let gaussian = kind.contains("gaussian");
                 let probes: Vec<Tensor<T>> = self
@@ -142,13 +146,15 @@ impl<T: Real> Trainer<T> {
                     })
                     .collect();
                 inputs.inputs = probes.iter().cloned().map(Value::Real).collect();
-                (hessian_vector, probes)
+                (hessian_vector, "hessian_vector_product", probes)
             }
-            _ => (&self.gradients, Vec::new()),
+            _ => (&self.gradients, "loss_and_gradients", Vec::new()),
         };
-        let values =
-            evaluate(function, &inputs).map_err(|error| TrainError::Runtime(format!("step {step}: {error}")))?;
-        let output = |name: &str| function.output(name).map(|id| &values[id.0 as usize]);
+        let values = self
+            .backend
+            .outputs(key, function, &inputs)
+            .map_err(|error| TrainError::Runtime(format!("step {step}: {error}")))?;
+        let output = |name: &str| find_output(&values, name);
         let loss = output("loss").and_then(Value::as_real).map_or(f64::NAN, |tensor| tensor.data[0].to_f64());
         let metrics = self.metrics_of(
             loss,
@@ -202,6 +208,7 @@ impl<T: Real> Trainer<T> {
             for plan in &self.program.optimizer.plans {
                 let index = plan.param;
                 let update_inputs = UpdateInputs {
+                    backend: self.backend.as_ref(),
                     step,
                     learning_rate: rate,
                     batch: self.program.batch as usize,
@@ -239,7 +246,7 @@ impl<T: Real> Trainer<T> {
         &self,
         step: u64,
         inputs: &Inputs<T>,
-        values: &[Value<T>],
+        values: &[(String, Value<T>)],
     ) -> Result<Vec<Tensor<T>>, TrainError> {
         let function = &self.gradients;
         let loss_function = &self.program.loss;
@@ -257,13 +264,9 @@ impl<T: Real> Trainer<T> {
         let Op::Data { source, field } = &loss_function.inst(target_id).op else {
             return Err(TrainError::Runtime("sampled labels need the target to be a data field".to_string()));
         };
-        let output_id = loss_function
-            .output(model_output)
-            .ok_or_else(|| TrainError::Runtime(format!("the loss has no `{model_output}`")))?;
-        // The gradient program starts with the loss function's instructions, so ids agree.
-        let prediction = values[output_id.0 as usize]
-            .as_real()
-            .ok_or_else(|| TrainError::Runtime("the model output is not a float tensor".to_string()))?;
+        let prediction = find_output(values, model_output)
+            .and_then(Value::as_real)
+            .ok_or_else(|| TrainError::Runtime(format!("the loss has no float output `{model_output}`")))?;
         let mut random = Random::new(self.seed, Stream::SampledLabels, step);
         let sampled = match self.program.loss_kind {
             LossKind::CrossEntropy => {
@@ -287,13 +290,15 @@ impl<T: Real> Trainer<T> {
         let mut sampled_inputs = inputs.clone();
         sampled_inputs.inputs.clear();
         sampled_inputs.data.insert((source.clone(), field.clone()), sampled);
-        let sampled_values = evaluate(function, &sampled_inputs)
+        let sampled_values = self
+            .backend
+            .outputs("loss_and_gradients", function, &sampled_inputs)
             .map_err(|error| TrainError::Runtime(format!("step {step}: {error}")))?;
         (0..self.params.len())
             .map(|index| {
-                function
-                    .output(&format!("grad.{}", self.param_name(index)))
-                    .and_then(|id| sampled_values[id.0 as usize].as_real().cloned())
+                find_output(&sampled_values, &format!("grad.{}", self.param_name(index)))
+                    .and_then(Value::as_real)
+                    .cloned()
                     .ok_or_else(|| TrainError::Runtime("missing sampled gradient".to_string()))
             })
             .collect()
@@ -330,9 +335,11 @@ impl<T: Real> Trainer<T> {
         let Some(function) = &self.program.test_loss else { return Ok(None) };
         let inputs =
             Inputs { params: self.params.clone(), data: self.dataset.gather(&self.dataset.test), ..Inputs::default() };
-        let values =
-            evaluate(function, &inputs).map_err(|error| TrainError::Runtime(format!("evaluation: {error}")))?;
-        let output = |name: &str| function.output(name).map(|id| values[id.0 as usize].clone());
+        let values = self
+            .backend
+            .outputs("test_loss", function, &inputs)
+            .map_err(|error| TrainError::Runtime(format!("evaluation: {error}")))?;
+        let output = |name: &str| find_output(&values, name).cloned();
         let loss =
             output("loss").and_then(|value| value.as_real().map(|tensor| tensor.data[0].to_f64())).unwrap_or(f64::NAN);
         Ok(Some(self.metrics_of(loss, &output("logits"), &output("labels"), &output("prediction"), &output("target"))))
@@ -348,8 +355,10 @@ impl<T: Real> Trainer<T> {
         }
         let inputs =
             Inputs { params: self.params.clone(), data: self.dataset.gather(&self.dataset.train), ..Inputs::default() };
-        let values = evaluate(&self.program.loss, &inputs)
+        let values = self
+            .backend
+            .outputs("loss", &self.program.loss, &inputs)
             .map_err(|error| TrainError::Runtime(format!("prediction: {error}")))?;
-        Ok(self.program.loss.output("prediction").and_then(|id| values[id.0 as usize].as_real().cloned()))
+        Ok(find_output(&values, "prediction").and_then(Value::as_real).cloned())
     }
 }

@@ -1,0 +1,33 @@
+//! Where IR functions are evaluated: the reference interpreter, or code compiled by a backend
+//! (the MLIR CPU backend lives in `curv-mlir`, which implements [`Backend`] for `f32`).
+
+use curv_interp::{evaluate_outputs, Inputs, Real, Value};
+use curv_ir::Function;
+
+/// Evaluates IR functions for the training loop.
+pub trait Backend<T: Real> {
+    /// A short name for messages (`interp`, `mlir`).
+    fn name(&self) -> &'static str;
+
+    /// The named outputs of `function` on `inputs`. `key` identifies the function (and, for
+    /// rules, the parameter size) so compiled code can be cached between calls.
+    fn outputs(&self, key: &str, function: &Function, inputs: &Inputs<T>) -> Result<Vec<(String, Value<T>)>, String>;
+}
+
+/// The reference interpreter.
+pub struct Interpreter;
+
+impl<T: Real> Backend<T> for Interpreter {
+    fn name(&self) -> &'static str {
+        "interp"
+    }
+
+    fn outputs(&self, _key: &str, function: &Function, inputs: &Inputs<T>) -> Result<Vec<(String, Value<T>)>, String> {
+        evaluate_outputs(function, inputs).map_err(|error| error.to_string())
+    }
+}
+
+/// The output `name` of an evaluation.
+pub fn output<'a, T>(outputs: &'a [(String, Value<T>)], name: &str) -> Option<&'a Value<T>> {
+    outputs.iter().find(|(key, _)| key == name).map(|(_, value)| value)
+}
