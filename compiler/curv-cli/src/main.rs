@@ -32,7 +32,7 @@ enum Command {
     Emit {
         /// The .curv file.
         file: PathBuf,
-        /// The stage to print: tokens, ast, ir or grad.
+        /// The stage to print: tokens, ast, ir, grad, mlir or llvm.
         #[arg(long)]
         stage: String,
         /// Write to this path instead of standard output.
@@ -77,9 +77,10 @@ struct RunArguments {
     /// Random seed for initialisation, shuffling and probes (default: the block's `seed`).
     #[arg(long)]
     seed: Option<u64>,
-    /// Execution backend: `interp` (the reference interpreter) or `mlir` (compiled through MLIR
-    /// for the CPU; f32 only, and not yet for convolutions, gathers and slices).
-    #[arg(long, default_value = "interp")]
+    /// Execution backend: `mlir` (compiled through MLIR for the CPU; functions with ops it does
+    /// not lower yet run on the interpreter) or `interp` (the reference interpreter). With
+    /// `--precision f64` the interpreter runs.
+    #[arg(long, default_value = "mlir")]
     backend: String,
     /// Device to train on.
     #[arg(long, default_value = "cpu")]
@@ -156,13 +157,14 @@ fn check(file: &Path) -> ExitCode {
     if compilation.has_errors() {
         return ExitCode::from(1);
     }
-    print!("{}", curv_driver::check_summary(&compilation));
+    write_stdout(&curv_driver::check_summary(&compilation));
     ExitCode::SUCCESS
 }
 
 fn emit(file: &Path, stage_name: &str, output: Option<&Path>) -> ExitCode {
-    let Some(stage) = Stage::from_name(stage_name) else {
-        eprintln!("error: unknown stage `{stage_name}`; the stages are tokens, ast, ir and grad");
+    let compiled_stage = matches!(stage_name, "mlir" | "llvm");
+    let Some(stage) = Stage::from_name(if compiled_stage { "ir" } else { stage_name }) else {
+        eprintln!("error: unknown stage `{stage_name}`; the stages are tokens, ast, ir, grad, mlir and llvm");
         return ExitCode::from(1);
     };
     let compilation = match load(file) {
@@ -173,6 +175,17 @@ fn emit(file: &Path, stage_name: &str, output: Option<&Path>) -> ExitCode {
     let Some(text) = curv_driver::emit(&compilation, stage) else {
         return ExitCode::from(1);
     };
+    let text = if compiled_stage {
+        match emit_compiled(&compilation, stage_name == "llvm") {
+            Ok(text) => text,
+            Err(message) => {
+                eprintln!("error: {message}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        text
+    };
     match output {
         Some(path) => {
             if let Err(error) = write_atomically(path, &text) {
@@ -180,7 +193,7 @@ fn emit(file: &Path, stage_name: &str, output: Option<&Path>) -> ExitCode {
                 return ExitCode::from(1);
             }
         }
-        None => print!("{text}"),
+        None => write_stdout(&text),
     }
     if compilation.has_errors() {
         ExitCode::from(1)
@@ -453,5 +466,39 @@ fn compare_command(file: &Path, optimizers: &[String], arguments: &RunArguments)
         ExitCode::from(2)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// The MLIR of every train block, or its lowering to the LLVM dialect.
+fn emit_compiled(compilation: &Compilation, llvm: bool) -> Result<String, String> {
+    let Some(analysis) = &compilation.analysis else { return Err("the file did not check".to_string()) };
+    let mut out = String::new();
+    for train in &analysis.program.trains {
+        let gradients = curv_ad::products::gradient_program(&train.loss, &train.params).function;
+        let text = curv_mlir::lower::lower_train_program(train, &analysis.program.rules, &gradients)
+            .map_err(|error| error.message)?;
+        if llvm {
+            // Each module is lowered on its own; the comment lines name them.
+            for module in text.split("// ").filter(|chunk| !chunk.trim().is_empty()) {
+                let (title, body) = module.split_once('\n').unwrap_or((module, ""));
+                let lowered =
+                    curv_mlir::jit::lower_text(body, curv_mlir::jit::CPU_PIPELINE).map_err(|error| error.message)?;
+                out.push_str(&format!("// {title}\n{lowered}\n"));
+            }
+        } else {
+            out.push_str(&text);
+        }
+    }
+    Ok(out)
+}
+
+/// Writes to standard output; a closed pipe (`curv emit ... | head`) is not an error.
+fn write_stdout(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(error) = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        if error.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("error: cannot write to standard output: {error}");
+        }
     }
 }

@@ -9,10 +9,17 @@ use curv_runtime::Backend;
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-/// Compiles functions on first use and keeps them.
+/// A compiled function, or the reason it runs on the interpreter instead.
+enum Entry {
+    Compiled(CompiledFunction),
+    Interpreted,
+}
+
+/// Compiles functions on first use and keeps them. A function with an op the lowering does not
+/// handle yet runs on the reference interpreter, with a note on standard error the first time.
 pub struct MlirBackend {
     optimization_level: usize,
-    compiled: RefCell<HashMap<String, CompiledFunction>>,
+    compiled: RefCell<HashMap<String, Entry>>,
 }
 
 impl MlirBackend {
@@ -97,11 +104,21 @@ impl Backend<f32> for MlirBackend {
         let mut compiled = self.compiled.borrow_mut();
         if !compiled.contains_key(&cache_key) {
             let name = format!("kernel_{}", compiled.len());
-            let (text, signature) = lower_function(function, &name, &bindings).map_err(|error| error.message)?;
-            let function = compile(&text, &name, signature, self.optimization_level).map_err(|error| error.message)?;
-            compiled.insert(cache_key.clone(), function);
+            let entry = match lower_function(function, &name, &bindings) {
+                Ok((text, signature)) => Entry::Compiled(
+                    compile(&text, &name, signature, self.optimization_level).map_err(|error| error.message)?,
+                ),
+                Err(error) => {
+                    eprintln!("note: {}; `{key}` runs on the reference interpreter", error.message);
+                    Entry::Interpreted
+                }
+            };
+            compiled.insert(cache_key.clone(), entry);
         }
-        let function = &compiled[&cache_key];
+        let function = match &compiled[&cache_key] {
+            Entry::Compiled(function) => function,
+            Entry::Interpreted => return curv_runtime::Interpreter.outputs(key, function, inputs),
+        };
         let mut owned: Vec<Owned> = Vec::new();
         for argument in &function.signature.arguments {
             owned.push(argument_data(&argument.op, inputs)?);

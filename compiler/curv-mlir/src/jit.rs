@@ -11,9 +11,13 @@ use melior::{
     ExecutionEngine,
 };
 
-/// The CPU pipeline: bufferise (writing results straight into the destination buffers), lower
+/// The CPU pipeline: fuse elementwise producers into their consumers (a rule's whole update
+/// becomes one loop), bufferise (writing results straight into the destination buffers), lower
 /// linalg to loops, and everything to the LLVM dialect.
 pub const CPU_PIPELINE: &str = "builtin.module(\
+canonicalize,\
+func.func(linalg-fuse-elementwise-ops),\
+canonicalize,\
 eliminate-empty-tensors,\
 one-shot-bufferize{bufferize-function-boundaries=false},\
 buffer-deallocation-pipeline,\

@@ -596,14 +596,21 @@ fn lower_matmul(emitter: &mut Emitter, result: ValueId, left: ValueId, right: Va
         let out_shape = vec![rows, n];
         let init = emitter.filled(&out_shape, dtype, 0.0);
         let name = emitter.fresh();
+        // A `linalg.generic` whose loops run i, k, j: the innermost loop walks rows of the right
+        // operand and of the result contiguously, which LLVM vectorises.
+        let ty = element(dtype);
         emitter.line(&format!(
-            "{name} = linalg.matmul ins({left_rows}, {} : {}, {}) outs({init} : {}) -> {}",
+            "{name} = linalg.generic {{indexing_maps = [affine_map<(d0, d1, d2) -> (d0, d1)>, affine_map<(d0, d1, d2) -> (d1, d2)>, affine_map<(d0, d1, d2) -> (d0, d2)>], iterator_types = [\"parallel\", \"reduction\", \"parallel\"]}} ins({left_rows}, {} : {}, {}) outs({init} : {}) {{",
             emitter.value(right),
             tensor_type(&left_rows_shape, dtype),
             tensor_type(&right_shape, dtype),
-            tensor_type(&out_shape, dtype),
             tensor_type(&out_shape, dtype)
         ));
+        emitter.line(&format!("^bb0(%a0: {ty}, %a1: {ty}, %out: {ty}):"));
+        emitter.line(&format!("  %s0 = arith.mulf %a0, %a1 : {ty}"));
+        emitter.line(&format!("  %s1 = arith.addf %out, %s0 : {ty}"));
+        emitter.line(&format!("  linalg.yield %s1 : {ty}"));
+        emitter.line(&format!("}} -> {}", tensor_type(&out_shape, dtype)));
         let _ = k;
         (name, out_shape)
     } else {
@@ -646,4 +653,42 @@ fn lower_matmul(emitter: &mut Emitter, result: ValueId, left: ValueId, right: Va
         ));
     }
     Ok(())
+}
+
+/// The MLIR of a train program as `curv emit --stage mlir` prints it: the loss-and-gradient
+/// function and, for every parameter governed by a `rule`, the rule's update functions
+/// specialised to that parameter's size.
+pub fn lower_train_program(
+    train: &curv_ir::TrainProgram,
+    rules: &[curv_ir::RuleProgram],
+    gradients: &Function,
+) -> Result<String, LowerError> {
+    let mut out = String::new();
+    let (text, _) = lower_function(gradients, "loss_and_gradients", &HashMap::new())?;
+    let _ = writeln!(out, "// train {}: loss and gradients", train.name);
+    out.push_str(&text);
+    let mut done: Vec<(String, i64)> = Vec::new();
+    for plan in &train.optimizer.plans {
+        if plan.structure != curv_ir::StructureKind::Rule {
+            continue;
+        }
+        let Some(rule) = rules.iter().find(|rule| rule.name == plan.rule_name) else { continue };
+        let size = train.params[plan.param].ty.element_count().unwrap_or(0);
+        if done.contains(&(rule.name.clone(), size)) {
+            continue;
+        }
+        done.push((rule.name.clone(), size));
+        let bindings = HashMap::from([("P".to_string(), size)]);
+        for (block, update) in rule.updates.iter().enumerate() {
+            let name = format!("rule_{}_block{block}_p{size}", rule.name);
+            let (text, _) = lower_function(&update.function, &name, &bindings)?;
+            let _ = writeln!(
+                out,
+                "// rule {} (every {} steps from {}), parameters of {size} elements",
+                rule.name, update.period, update.from
+            );
+            out.push_str(&text);
+        }
+    }
+    Ok(out)
 }
