@@ -19,6 +19,9 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Print the time each stage took (to standard error).
+    #[arg(long, global = true)]
+    timings: bool,
 }
 
 #[derive(Subcommand)]
@@ -124,10 +127,11 @@ fn run() -> ExitCode {
             };
         }
     };
+    let timings = cli.timings;
     match cli.command {
-        Command::Check { file } => check(&file),
-        Command::Emit { file, stage, output } => emit(&file, &stage, output.as_deref()),
-        Command::Run { file, run, optimizer, metrics } => run_command(&file, &run, optimizer, metrics),
+        Command::Check { file } => check(&file, timings),
+        Command::Emit { file, stage, output } => emit(&file, &stage, output.as_deref(), timings),
+        Command::Run { file, run, optimizer, metrics } => run_command(&file, &run, optimizer, metrics, timings),
         Command::Compare { file, optimizers, run } => compare_command(&file, &optimizers, &run),
         Command::Version => version(),
     }
@@ -148,11 +152,20 @@ fn print_diagnostics(compilation: &Compilation) {
     eprint!("{}", curv_driver::render_diagnostics(compilation, color));
 }
 
-fn check(file: &Path) -> ExitCode {
+/// Prints `timings: stage 1.23 ms, ...` to standard error.
+fn print_timings(stages: &[(&str, f64)]) {
+    let parts: Vec<String> = stages.iter().map(|(stage, ms)| format!("{stage} {ms:.2} ms")).collect();
+    eprintln!("timings: {}", parts.join(", "));
+}
+
+fn check(file: &Path, timings: bool) -> ExitCode {
     let compilation = match load(file) {
         Ok(compilation) => compilation,
         Err(code) => return code,
     };
+    if timings {
+        print_timings(&compilation.timings);
+    }
     print_diagnostics(&compilation);
     if compilation.has_errors() {
         return ExitCode::from(1);
@@ -161,7 +174,7 @@ fn check(file: &Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn emit(file: &Path, stage_name: &str, output: Option<&Path>) -> ExitCode {
+fn emit(file: &Path, stage_name: &str, output: Option<&Path>, timings: bool) -> ExitCode {
     let compiled_stage = matches!(stage_name, "mlir" | "llvm");
     let Some(stage) = Stage::from_name(if compiled_stage { "ir" } else { stage_name }) else {
         eprintln!("error: unknown stage `{stage_name}`; the stages are tokens, ast, ir, grad, mlir and llvm");
@@ -172,6 +185,7 @@ fn emit(file: &Path, stage_name: &str, output: Option<&Path>) -> ExitCode {
         Err(code) => return code,
     };
     print_diagnostics(&compilation);
+    let started = std::time::Instant::now();
     let Some(text) = curv_driver::emit(&compilation, stage) else {
         return ExitCode::from(1);
     };
@@ -186,6 +200,11 @@ fn emit(file: &Path, stage_name: &str, output: Option<&Path>) -> ExitCode {
     } else {
         text
     };
+    if timings {
+        let mut stages = compilation.timings.clone();
+        stages.push(("emit", started.elapsed().as_secs_f64() * 1000.0));
+        print_timings(&stages);
+    }
     match output {
         Some(path) => {
             if let Err(error) = write_atomically(path, &text) {
@@ -340,7 +359,13 @@ impl Progress {
     }
 }
 
-fn run_command(file: &Path, arguments: &RunArguments, optimizer: Option<String>, metrics: Option<PathBuf>) -> ExitCode {
+fn run_command(
+    file: &Path,
+    arguments: &RunArguments,
+    optimizer: Option<String>,
+    metrics: Option<PathBuf>,
+    timings: bool,
+) -> ExitCode {
     let options = match run_options(arguments, metrics) {
         Ok(options) => options,
         Err(code) => return code,
@@ -365,6 +390,11 @@ fn run_command(file: &Path, arguments: &RunArguments, optimizer: Option<String>,
     progress.finish();
     match result {
         Ok(summary) => {
+            if timings {
+                let mut stages = compilation.timings.clone();
+                stages.extend(summary.timings.iter().copied());
+                print_timings(&stages);
+            }
             if !arguments.quiet {
                 let values: Vec<String> =
                     summary.final_values.iter().map(|(name, value)| format!("{name} {value:.4}")).collect();

@@ -113,3 +113,17 @@ fn version_checks_the_mlir_toolchain() {
     assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
     assert!(text(&output.stdout).contains("MLIR toolchain: ok"));
 }
+
+#[test]
+fn timings_are_reported_per_stage_on_standard_error() {
+    let output = curv(&["check", "examples/siren.curv", "--timings"]);
+    assert_eq!(output.status.code(), Some(0));
+    let stderr = text(&output.stderr);
+    assert!(stderr.starts_with("timings: parse ") && stderr.contains(" ms, check "), "{stderr}");
+    let output = curv(&["run", "examples/optimizers/adam.curv", "--steps", "3", "--quiet", "--timings"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let stderr = text(&output.stderr);
+    for stage in ["parse", "check", "autodiff", "compile", "train"] {
+        assert!(stderr.contains(&format!("{stage} ")), "{stderr}");
+    }
+}

@@ -68,6 +68,8 @@ pub struct Compilation {
     pub parsed: Parsed,
     /// `None` when the file has syntax errors (semantic checks need a well-formed tree).
     pub analysis: Option<Analysis>,
+    /// Wall-clock time of each front-end stage, in milliseconds.
+    pub timings: Vec<(&'static str, f64)>,
 }
 
 impl Compilation {
@@ -102,10 +104,14 @@ pub fn compile_with_options(
     probe: &mut dyn curv_sema::DataProbe,
     options: &curv_sema::AnalysisOptions,
 ) -> Compilation {
+    let started = std::time::Instant::now();
     let parsed = curv_grammar::parse(&source.text);
+    let parse_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let started = std::time::Instant::now();
     let analysis =
         if parsed.errors.is_empty() { Some(curv_sema::analyze_with(&parsed.file, probe, options)) } else { None };
-    Compilation { source, parsed, analysis }
+    let check_ms = started.elapsed().as_secs_f64() * 1000.0;
+    Compilation { source, parsed, analysis, timings: vec![("parse", parse_ms), ("check", check_ms)] }
 }
 
 /// Parses and checks a file on disk with command-line choices.

@@ -70,6 +70,8 @@ pub struct RunSummary {
     pub final_values: Vec<(String, f64)>,
     pub step_ms_median: f64,
     pub files: Vec<PathBuf>,
+    /// Milliseconds spent in autodiff, backend compilation and training (compilation excluded).
+    pub timings: Vec<(&'static str, f64)>,
 }
 
 /// Receives progress while a run goes.
@@ -304,7 +306,12 @@ fn run_train<T: Real>(
     if let Some(out) = &options.out {
         files.extend(write_outputs(&trainer, train, out, &records)?);
     }
+    let compile_ms = trainer.backend.compile_seconds() * 1000.0;
+    let loop_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let timings =
+        vec![("autodiff", trainer.autodiff_seconds * 1000.0), ("compile", compile_ms), ("train", loop_ms - compile_ms)];
     Ok(RunSummary {
+        timings,
         train: train.name.clone(),
         optimizer: train.optimizer.name.clone(),
         steps: trainer.step,

@@ -20,11 +20,16 @@ enum Entry {
 pub struct MlirBackend {
     optimization_level: usize,
     compiled: RefCell<HashMap<String, Entry>>,
+    compile_seconds: std::cell::Cell<f64>,
 }
 
 impl MlirBackend {
     pub fn new(optimization_level: usize) -> MlirBackend {
-        MlirBackend { optimization_level, compiled: RefCell::new(HashMap::new()) }
+        MlirBackend {
+            optimization_level,
+            compiled: RefCell::new(HashMap::new()),
+            compile_seconds: std::cell::Cell::new(0.0),
+        }
     }
 }
 
@@ -91,6 +96,10 @@ impl Backend<f32> for MlirBackend {
         "mlir"
     }
 
+    fn compile_seconds(&self) -> f64 {
+        self.compile_seconds.get()
+    }
+
     fn outputs(
         &self,
         key: &str,
@@ -103,6 +112,7 @@ impl Backend<f32> for MlirBackend {
         let cache_key = format!("{key} [{}]", sizes.join(","));
         let mut compiled = self.compiled.borrow_mut();
         if !compiled.contains_key(&cache_key) {
+            let started = std::time::Instant::now();
             let name = format!("kernel_{}", compiled.len());
             let entry = match lower_function(function, &name, &bindings) {
                 Ok((text, signature)) => Entry::Compiled(
@@ -114,6 +124,7 @@ impl Backend<f32> for MlirBackend {
                 }
             };
             compiled.insert(cache_key.clone(), entry);
+            self.compile_seconds.set(self.compile_seconds.get() + started.elapsed().as_secs_f64());
         }
         let function = match &compiled[&cache_key] {
             Entry::Compiled(function) => function,

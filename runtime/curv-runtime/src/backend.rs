@@ -12,6 +12,11 @@ pub trait Backend<T: Real> {
     /// The named outputs of `function` on `inputs`. `key` identifies the function (and, for
     /// rules, the parameter size) so compiled code can be cached between calls.
     fn outputs(&self, key: &str, function: &Function, inputs: &Inputs<T>) -> Result<Vec<(String, Value<T>)>, String>;
+
+    /// Seconds spent compiling so far (zero for the interpreter).
+    fn compile_seconds(&self) -> f64 {
+        0.0
+    }
 }
 
 /// The reference interpreter.

@@ -67,6 +67,8 @@ pub struct Trainer<T> {
     hessian_vector: Option<Function>,
     /// Where functions are evaluated (the interpreter unless a backend is installed).
     pub backend: Box<dyn Backend<T>>,
+    /// Seconds spent building the derivative programs.
+    pub autodiff_seconds: f64,
 }
 
 fn shape_of(ty: &curv_ir::TensorType) -> Vec<usize> {
@@ -93,6 +95,7 @@ impl<T: Real> Trainer<T> {
             .map(|(index, param)| crate::init::initialise(param, &shape_of(&param.ty), seed, index))
             .collect();
         let states = vec![Vec::new(); program.params.len()];
+        let autodiff_started = std::time::Instant::now();
         let gradients = gradient_program(&program.loss, &program.params).function;
         let needs_hessian = program.optimizer.plans.iter().any(|plan| crate::optimizer::uses_hutchinson(plan, &rules));
         let hessian_vector = needs_hessian.then(|| hvp_program(&program.loss, &program.params));
@@ -109,6 +112,7 @@ impl<T: Real> Trainer<T> {
             gradients,
             hessian_vector,
             backend: Box::new(Interpreter),
+            autodiff_seconds: autodiff_started.elapsed().as_secs_f64(),
         }
     }
 
