@@ -127,7 +127,7 @@ pub fn analyze_with(file: &ast::File, probe: &mut dyn DataProbe, options: &Analy
     if let Some(name) = &options.optimizer_override {
         let defined_here =
             file.items.iter().any(|item| matches!(item, Item::Optimizer(decl) if decl.name.name == *name));
-        if let (false, Some(index)) = (defined_here, std_lib::find(&format!("std.optimizers.{name}"))) {
+        if let (false, Some(index)) = (defined_here, std_lib::module_defining_optimizer(name)) {
             modules.push((index, curv_grammar::parse(std_lib::MODULES[index].1).file));
         }
     }

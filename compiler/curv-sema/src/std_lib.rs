@@ -23,6 +23,14 @@ pub fn find(path: &str) -> Option<usize> {
     MODULES.iter().position(|(name, _)| *name == path)
 }
 
+/// The module that defines `optimizer NAME` (`std.optimizers.sophia` defines `sophia_h` too).
+pub fn module_defining_optimizer(name: &str) -> Option<usize> {
+    find(&format!("std.optimizers.{name}")).or_else(|| {
+        let declaration = format!("optimizer {name} {{");
+        MODULES.iter().position(|(_, source)| source.lines().any(|line| line.trim_start() == declaration))
+    })
+}
+
 /// The file name shown in diagnostics for a standard-library module.
 pub fn display_name(index: usize) -> String {
     format!("<{}>", MODULES[index].0)
