@@ -447,6 +447,7 @@ fn compare_command(file: &Path, optimizers: &[String], arguments: &RunArguments)
     };
     progress.finish();
     let mut failed = false;
+    let mut user_error = false;
     let metric_names: Vec<String> = results
         .iter()
         .filter_map(|result| result.as_ref().ok())
@@ -481,6 +482,7 @@ fn compare_command(file: &Path, optimizers: &[String], arguments: &RunArguments)
             }
             Err(error) => {
                 failed = true;
+                user_error |= error.user;
                 println!("{optimizer:<14} failed: {}", error.message);
             }
         }
@@ -492,10 +494,10 @@ fn compare_command(file: &Path, optimizers: &[String], arguments: &RunArguments)
             Err(message) => eprintln!("warning: no comparison plot: {message}"),
         }
     }
-    if failed {
-        ExitCode::from(2)
-    } else {
-        ExitCode::SUCCESS
+    match (failed, user_error) {
+        (false, _) => ExitCode::SUCCESS,
+        (true, true) => ExitCode::from(1),
+        (true, false) => ExitCode::from(2),
     }
 }
 

@@ -6,7 +6,6 @@ use curv_interp::{Real, Tensor};
 use curv_ir::{Program, TrainProgram};
 use curv_runtime::plot::{plot_series, Series};
 use curv_runtime::{Checkpoint, Dataset, Metrics, NonFinitePolicy, TrainError, Trainer};
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -249,7 +248,7 @@ fn run_train<T: Real>(
         };
         step_times.push(step_started.elapsed().as_secs_f64() * 1000.0);
         if let Some(what) = &report.skipped {
-            observer.warning(&format!("step {}: skipped the update: {what} is not finite", report.step));
+            observer.warning(&format!("step {}: skipped the update: {what}", report.step));
         }
         observer.stepped(report.step, report.metrics.loss);
         last_batch = report.metrics.clone();
@@ -387,9 +386,8 @@ fn write_outputs<T: Real>(
     let final_path = out.join("final.safetensors");
     let named: Vec<(String, &Tensor<T>)> =
         train.params.iter().map(|param| param.name.clone()).zip(trainer.params.iter()).collect();
-    let metadata =
-        HashMap::from([("train".to_string(), train.name.clone()), ("step".to_string(), trainer.step.to_string())]);
-    let bytes = curv_runtime::checkpoint::serialize(&named, metadata).map_err(RunError::runtime)?;
+    let metadata = [("train", train.name.clone()), ("step", trainer.step.to_string())];
+    let bytes = curv_runtime::checkpoint::serialize(&named, &metadata).map_err(RunError::runtime)?;
     curv_runtime::checkpoint::write_atomically(&final_path, &bytes).map_err(RunError::runtime)?;
     files.push(final_path);
     let mut metric_names: Vec<String> = Vec::new();
@@ -448,18 +446,25 @@ pub fn compare(
     options: &RunOptions,
     observer: &mut dyn RunObserver,
 ) -> Result<Vec<Result<RunSummary, RunError>>, Vec<curv_sema::Diagnostic>> {
-    let mut results = Vec::new();
+    // Every variant is checked before any of them runs, so a mistake costs no training time.
+    let mut programs = Vec::new();
     for optimizer in optimizers {
         let analysis_options = curv_sema::AnalysisOptions { optimizer_override: Some(optimizer.clone()) };
         let compilation = crate::compile_file_with_options(source.clone(), &analysis_options);
-        if compilation.has_errors() {
-            return Err(compilation.diagnostics());
+        match compilation.analysis {
+            Some(analysis) if !compilation.parsed.errors.is_empty() || analysis.has_errors() => {
+                return Err(analysis.diagnostics)
+            }
+            Some(analysis) => programs.push((optimizer, analysis.program)),
+            None => return Err(compilation.parsed.errors.into_iter().map(curv_sema::Diagnostic::from).collect()),
         }
-        let Some(analysis) = &compilation.analysis else { return Err(compilation.diagnostics()) };
+    }
+    let mut results = Vec::new();
+    for (optimizer, program) in programs {
         let mut run_options = options.clone();
         run_options.out = options.out.as_ref().map(|out| out.join(optimizer));
         run_options.metrics = None;
-        results.push(run_program(&analysis.program, &source.directory(), &run_options, observer));
+        results.push(run_program(&program, &source.directory(), &run_options, observer));
     }
     Ok(results)
 }

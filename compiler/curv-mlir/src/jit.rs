@@ -95,7 +95,10 @@ pub fn compile(
                 message: format!("the module is not fully lowered to the LLVM dialect (`{prefix}` remains)"),
             });
         }
-        ExecutionEngine::new(&module, optimization_level, &[], false, false)
+        let engine = ExecutionEngine::new(&module, optimization_level, &[], false, false);
+        // The runtime functions generated code calls; they must be known before the first call.
+        unsafe { engine.register_symbol("_mlir_ciface_curv_sgemm", crate::gemm::curv_sgemm as *mut ()) };
+        engine
     };
     Ok(CompiledFunction { engine, _context: context, name: name.to_string(), signature })
 }

@@ -8,6 +8,12 @@ use curv_ir::{BinaryOp, DType, Dim, Function, Op, ReduceOp, UnaryOp, ValueId};
 use std::collections::HashMap;
 use std::fmt::Write;
 
+/// The strided 2-D memref type the runtime's GEMM takes.
+const GEMM_MEMREF: &str = "memref<?x?xf32, strided<[?, ?], offset: ?>>";
+
+/// The declaration of the runtime's single-precision GEMM, `C = A B` (see `crate::gemm`).
+const GEMM_DECLARATION: &str = "func.func private @curv_sgemm(memref<?x?xf32, strided<[?, ?], offset: ?>>, memref<?x?xf32, strided<[?, ?], offset: ?>>, memref<?x?xf32, strided<[?, ?], offset: ?>>) attributes { llvm.emit_c_interface }";
+
 /// How a compiled function is called: its arguments in order, then its outputs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Signature {
@@ -93,6 +99,8 @@ struct Emitter<'a> {
     shapes: Vec<Vec<i64>>,
     body: String,
     counter: usize,
+    /// Whether the function calls the runtime's GEMM (`curv_sgemm`), which must be declared.
+    uses_gemm: bool,
 }
 
 impl Emitter<'_> {
@@ -309,7 +317,7 @@ pub fn lower_function(
             .collect();
         shapes.push(shape?);
     }
-    let mut emitter = Emitter { function, shapes, body: String::new(), counter: 0 };
+    let mut emitter = Emitter { function, shapes, body: String::new(), counter: 0, uses_gemm: false };
     let mut arguments = Vec::new();
     let mut parameters = Vec::new();
     for (index, inst) in function.insts.iter().enumerate() {
@@ -552,8 +560,9 @@ pub fn lower_function(
         outputs.push((output_name.clone(), shape, dtype));
     }
     emitter.line("return");
+    let declarations = if emitter.uses_gemm { format!("  {GEMM_DECLARATION}\n") } else { String::new() };
     let text = format!(
-        "module {{\n  func.func @{name}({}) attributes {{ llvm.emit_c_interface }} {{\n{}  }}\n}}\n",
+        "module {{\n{declarations}  func.func @{name}({}) attributes {{ llvm.emit_c_interface }} {{\n{}  }}\n}}\n",
         parameters.join(", "),
         emitter.body
     );
@@ -596,21 +605,60 @@ fn lower_matmul(emitter: &mut Emitter, result: ValueId, left: ValueId, right: Va
         let out_shape = vec![rows, n];
         let init = emitter.filled(&out_shape, dtype, 0.0);
         let name = emitter.fresh();
-        // A `linalg.generic` whose loops run i, k, j: the innermost loop walks rows of the right
-        // operand and of the result contiguously, which LLVM vectorises.
-        let ty = element(dtype);
-        emitter.line(&format!(
-            "{name} = linalg.generic {{indexing_maps = [affine_map<(d0, d1, d2) -> (d0, d1)>, affine_map<(d0, d1, d2) -> (d1, d2)>, affine_map<(d0, d1, d2) -> (d0, d2)>], iterator_types = [\"parallel\", \"reduction\", \"parallel\"]}} ins({left_rows}, {} : {}, {}) outs({init} : {}) {{",
-            emitter.value(right),
-            tensor_type(&left_rows_shape, dtype),
-            tensor_type(&right_shape, dtype),
-            tensor_type(&out_shape, dtype)
-        ));
-        emitter.line(&format!("^bb0(%a0: {ty}, %a1: {ty}, %out: {ty}):"));
-        emitter.line(&format!("  %s0 = arith.mulf %a0, %a1 : {ty}"));
-        emitter.line(&format!("  %s1 = arith.addf %out, %s0 : {ty}"));
-        emitter.line(&format!("  linalg.yield %s1 : {ty}"));
-        emitter.line(&format!("}} -> {}", tensor_type(&out_shape, dtype)));
+        if dtype == DType::F32 {
+            // Single-precision products call the runtime's GEMM on the operands' buffers.
+            emitter.uses_gemm = true;
+            let out_type = tensor_type(&out_shape, dtype);
+            let buffers: Vec<(String, Vec<i64>)> =
+                vec![(left_rows.clone(), left_rows_shape.clone()), (emitter.value(right), right_shape.clone())];
+            let mut dynamic = Vec::new();
+            for (value, operand_shape) in buffers {
+                let memref = emitter.fresh();
+                emitter.line(&format!(
+                    "{memref} = bufferization.to_buffer {value} read_only : {} to {}",
+                    tensor_type(&operand_shape, dtype),
+                    memref_type(&operand_shape, dtype)
+                ));
+                let cast = emitter.fresh();
+                emitter.line(&format!(
+                    "{cast} = memref.cast {memref} : {} to {GEMM_MEMREF}",
+                    memref_type(&operand_shape, dtype)
+                ));
+                dynamic.push(cast);
+            }
+            let output = emitter.fresh();
+            emitter.line(&format!("{output} = memref.alloc() : {}", memref_type(&out_shape, dtype)));
+            let output_cast = emitter.fresh();
+            emitter.line(&format!(
+                "{output_cast} = memref.cast {output} : {} to {GEMM_MEMREF}",
+                memref_type(&out_shape, dtype)
+            ));
+            emitter.line(&format!(
+                "func.call @curv_sgemm({}, {}, {output_cast}) : ({GEMM_MEMREF}, {GEMM_MEMREF}, {GEMM_MEMREF}) -> ()",
+                dynamic[0], dynamic[1]
+            ));
+            emitter.line(&format!(
+                "{name} = bufferization.to_tensor {output} restrict writable : {} to {out_type}",
+                memref_type(&out_shape, dtype)
+            ));
+            let _ = init;
+        } else {
+            // A `linalg.generic` whose loops run i, k, j: the innermost loop walks rows of the
+            // right operand and of the result contiguously, which LLVM vectorises.
+            let ty = element(dtype);
+            emitter.line(&format!(
+                "{name} = linalg.generic {{indexing_maps = [affine_map<(d0, d1, d2) -> (d0, d1)>, affine_map<(d0, d1, d2) -> (d1, d2)>, affine_map<(d0, d1, d2) -> (d0, d2)>], iterator_types = [\"parallel\", \"reduction\", \"parallel\"]}} ins({left_rows}, {} : {}, {}) outs({init} : {}) {{",
+                emitter.value(right),
+                tensor_type(&left_rows_shape, dtype),
+                tensor_type(&right_shape, dtype),
+                tensor_type(&out_shape, dtype)
+            ));
+            emitter.line(&format!("^bb0(%a0: {ty}, %a1: {ty}, %out: {ty}):"));
+            emitter.line(&format!("  %s0 = arith.mulf %a0, %a1 : {ty}"));
+            emitter.line(&format!("  %s1 = arith.addf %out, %s0 : {ty}"));
+            emitter.line(&format!("  linalg.yield %s1 : {ty}"));
+            emitter.line(&format!("}} -> {}", tensor_type(&out_shape, dtype)));
+        }
         let _ = k;
         (name, out_shape)
     } else {

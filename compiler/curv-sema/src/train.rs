@@ -367,6 +367,8 @@ impl<'a> Checker<'a> {
                             )
                             .with_help("only `log`, `eval` and `checkpoint` run every N steps"),
                         );
+                        // Keep the setting so that its absence is not reported as well.
+                        settings.entry(key.to_string()).or_insert(setting);
                     } else if let Some(first) = settings.insert(key.to_string(), setting) {
                         self.emit(
                             Diagnostic::error("E0101", setting.key.span, format!("`{key}` is set twice"), "set again")
@@ -561,8 +563,15 @@ impl<'a> Checker<'a> {
             );
             diagnostic = match closest(&optimizer_ident.name, names.iter().map(String::as_str)) {
                 Some(suggestion) => diagnostic.with_help(format!("did you mean `{suggestion}`?")),
-                None => diagnostic
-                    .with_help(format!("import a preset, for example `use std.optimizers.{}`", optimizer_ident.name)),
+                None => match crate::std_lib::module_defining_optimizer(&optimizer_ident.name) {
+                    Some(index) => diagnostic.with_help(format!(
+                        "the standard library has it: add `use {}`",
+                        crate::std_lib::MODULES[index].0
+                    )),
+                    None => diagnostic.with_help(
+                        "define it with `optimizer NAME { ... }` or import a preset with `use std.optimizers.NAME`",
+                    ),
+                },
             };
             self.emit(diagnostic);
             return None;

@@ -40,11 +40,13 @@ fn to_bytes<T: Real>(tensor: &Tensor<T>) -> Vec<u8> {
     bytes
 }
 
-/// Serialises tensors to safetensors bytes with metadata.
-pub fn serialize<T: Real>(
-    tensors: &[(String, &Tensor<T>)],
-    metadata: HashMap<String, String>,
-) -> Result<Vec<u8>, String> {
+/// The metadata key under which curv stores its fields. The safetensors header is written from a
+/// hash map, whose order varies between processes; one key holding `key=value;...` in a fixed
+/// order keeps files byte-identical for identical contents.
+pub const METADATA_KEY: &str = "curv";
+
+/// Serialises tensors to safetensors bytes with metadata (in the given order).
+pub fn serialize<T: Real>(tensors: &[(String, &Tensor<T>)], metadata: &[(&str, String)]) -> Result<Vec<u8>, String> {
     let buffers: Vec<(String, Vec<usize>, Vec<u8>)> =
         tensors.iter().map(|(name, tensor)| (name.clone(), tensor.shape.clone(), to_bytes(tensor))).collect();
     let mut views = Vec::with_capacity(buffers.len());
@@ -53,7 +55,9 @@ pub fn serialize<T: Real>(
             TensorView::new(dtype::<T>(), shape.clone(), bytes).map_err(|error| format!("tensor `{name}`: {error}"))?;
         views.push((name.clone(), view));
     }
-    safetensors::serialize(views, Some(metadata)).map_err(|error| error.to_string())
+    let joined: Vec<String> = metadata.iter().map(|(key, value)| format!("{key}={value}")).collect();
+    let header = HashMap::from([(METADATA_KEY.to_string(), joined.join(";"))]);
+    safetensors::serialize(views, Some(header)).map_err(|error| error.to_string())
 }
 
 /// Writes `bytes` to `path` atomically.
@@ -86,14 +90,14 @@ impl<T: Real> Checkpoint<T> {
                 tensors.push((format!("state.{name}.{state_name}"), tensor));
             }
         }
-        let metadata = HashMap::from([
-            ("format".to_string(), FORMAT.to_string()),
-            ("step".to_string(), self.step.to_string()),
-            ("seed".to_string(), self.seed.to_string()),
-            ("train".to_string(), self.train.clone()),
-            ("precision".to_string(), T::NAME.to_string()),
-        ]);
-        let bytes = serialize(&tensors, metadata)?;
+        let metadata = [
+            ("format", FORMAT.to_string()),
+            ("step", self.step.to_string()),
+            ("seed", self.seed.to_string()),
+            ("train", self.train.clone()),
+            ("precision", T::NAME.to_string()),
+        ];
+        let bytes = serialize(&tensors, &metadata)?;
         write_atomically(path, &bytes)
     }
 
@@ -102,7 +106,18 @@ impl<T: Real> Checkpoint<T> {
         let bytes = std::fs::read(path).map_err(|error| format!("cannot read {}: {error}", path.display()))?;
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
             .map_err(|error| format!("{}: not a safetensors file ({error})", path.display()))?;
-        let metadata = header.metadata().clone().unwrap_or_default();
+        let metadata: HashMap<String, String> = header
+            .metadata()
+            .as_ref()
+            .and_then(|entries| entries.get(METADATA_KEY))
+            .map(|joined| {
+                joined
+                    .split(';')
+                    .filter_map(|pair| pair.split_once('='))
+                    .map(|(key, value)| (key.to_string(), value.to_string()))
+                    .collect()
+            })
+            .unwrap_or_default();
         if metadata.get("format").map(String::as_str) != Some(FORMAT) {
             return Err(format!("{}: not a curv checkpoint (no `format: {FORMAT}` metadata)", path.display()));
         }

@@ -9,7 +9,7 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
-/// Plots one or more curves of a metric against the step, on a log scale when all values are positive.
+/// Plots one or more curves of a metric against the step, on linear axes.
 pub fn plot_series(path: &Path, title: &str, metric: &str, series: &[Series]) -> Result<(), String> {
     let points = series.iter().flat_map(|series| series.points.iter());
     let (mut x_max, mut y_min, mut y_max) = (1.0f64, f64::INFINITY, f64::NEG_INFINITY);

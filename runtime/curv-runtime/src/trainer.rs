@@ -168,6 +168,7 @@ impl<T: Real> Trainer<T> {
             &output("target").cloned(),
         );
         let mut problem: Option<String> = (!loss.is_finite()).then(|| format!("the loss is {loss}"));
+        // Every problem reads "X is not finite" once completed below.
         let mut gradients = Vec::with_capacity(self.params.len());
         for index in 0..self.params.len() {
             let gradient = output(&format!("grad.{}", self.param_name(index)))
@@ -176,10 +177,28 @@ impl<T: Real> Trainer<T> {
                 .ok_or_else(|| TrainError::Runtime(format!("no gradient for `{}`", self.param_name(index))))?;
             if problem.is_none() {
                 if let Some(position) = first_non_finite(&gradient) {
-                    problem = Some(format!("the gradient of `{}` at flat index {position}", self.param_name(index)));
+                    problem = Some(format!(
+                        "the gradient of `{}` is not finite at flat index {position}",
+                        self.param_name(index)
+                    ));
                 }
             }
             gradients.push(gradient);
+        }
+        if let (None, Some(limit)) = (&problem, curv_ir::option_number(&self.program.optimizer.settings, "grad_clip")) {
+            // `grad_clip`: scale every gradient so their global Euclidean norm is at most the limit.
+            let norm = gradients
+                .iter()
+                .flat_map(|gradient| gradient.data.iter())
+                .map(|value| value.to_f64().powi(2))
+                .sum::<f64>()
+                .sqrt();
+            if norm > limit {
+                let factor = T::from_f64(limit / norm);
+                for gradient in &mut gradients {
+                    gradient.data.iter_mut().for_each(|value| *value = value.mul(factor));
+                }
+            }
         }
         let mut statistics: Vec<HashMap<String, Tensor<T>>> = vec![HashMap::new(); self.params.len()];
         if let Some(kind) = &hutchinson {
@@ -200,7 +219,7 @@ impl<T: Real> Trainer<T> {
         for (index, stats) in statistics.iter().enumerate() {
             for (kind, tensor) in stats {
                 if problem.is_none() && first_non_finite(tensor).is_some() {
-                    problem = Some(format!("the `{kind}` statistic of `{}`", self.param_name(index)));
+                    problem = Some(format!("the `{kind}` statistic of `{}` is not finite", self.param_name(index)));
                 }
             }
         }
@@ -224,7 +243,10 @@ impl<T: Real> Trainer<T> {
                         TrainError::Runtime(format!("step {step}, `{}`: {message}", self.param_name(index)))
                     })?;
                 if let Some(position) = first_non_finite(&new_params[index]) {
-                    problem = Some(format!("the updated `{}` at flat index {position}", self.param_name(index)));
+                    problem = Some(format!(
+                        "the updated `{}` is not finite at flat index {position}",
+                        self.param_name(index)
+                    ));
                     break;
                 }
             }
