@@ -324,9 +324,9 @@ fn kfac_captures_give_the_weight_gradient_as_input_times_output_cotangent() {
     let program = compile(MLP);
     let inputs = random_inputs(&program, 21);
     let gradients = gradient_program(&program.loss, &program.params);
-    assert_eq!(gradients.matmul_captures.len(), 2, "w1 and w2 are used as x @ W");
+    assert_eq!(gradients.layer_captures.len(), 2, "w1 and w2 are used as x @ W");
     let values = evaluate(&gradients.function, &inputs).unwrap();
-    for capture in &gradients.matmul_captures {
+    for capture in &gradients.layer_captures {
         let activations = values[capture.input.0 as usize].as_real().unwrap();
         let cotangent = values[capture.output_cotangent.0 as usize].as_real().unwrap();
         let explicit = curv_interp::matmul(&curv_interp::transpose(activations, &[1, 0]), cotangent).unwrap();
@@ -335,6 +335,27 @@ fn kfac_captures_give_the_weight_gradient_as_input_times_output_cotangent() {
         for (a, b) in explicit.data.iter().zip(&gradient.data) {
             assert!(relative_error(*a, *b) < 1e-12, "{name}: a^T g = {a}, gradient {b}");
         }
+    }
+    // A convolution kernel is captured with its input and output cotangent, from which its
+    // gradient is the kernel-gradient correlation.
+    let (_, body) = programs().into_iter().find(|(name, _)| *name == "conv_embedding_slices").unwrap();
+    let program = compile(&body);
+    let inputs = random_inputs(&program, 22);
+    let gradients = gradient_program(&program.loss, &program.params);
+    let values = evaluate(&gradients.function, &inputs).unwrap();
+    let capture = gradients
+        .layer_captures
+        .iter()
+        .find(|capture| program.params[capture.param].name == "k")
+        .expect("the kernel is captured");
+    let curv_ad::LayerKind::Conv2d { stride, padding } = capture.kind else { panic!("not a convolution capture") };
+    let input = values[capture.input.0 as usize].as_real().unwrap();
+    let cotangent = values[capture.output_cotangent.0 as usize].as_real().unwrap();
+    let gradient = output(&gradients.function, &values, "grad.k");
+    let explicit =
+        curv_interp::conv2d_kernel_gradient(input, cotangent, &gradient.shape, stride as usize, padding as usize);
+    for (a, b) in explicit.data.iter().zip(&gradient.data) {
+        assert!(relative_error(*a, *b) < 1e-12, "k: {a} vs {b}");
     }
 }
 

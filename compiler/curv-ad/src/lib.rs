@@ -14,4 +14,4 @@ mod vjp;
 
 pub use builder::Builder;
 pub use jvp::{jvp, Jvp};
-pub use vjp::{depends_on, vjp, MatmulCapture, Seed, Vjp};
+pub use vjp::{depends_on, vjp, LayerCapture, LayerKind, Seed, Vjp};

@@ -1,7 +1,7 @@
 //! The derivative programs the runtime needs, built from a train block's loss function:
 //! gradients (with K-FAC captures), Hessian-vector products and Gauss-Newton-vector products.
 
-use crate::{jvp, vjp, MatmulCapture, Seed};
+use crate::{jvp, vjp, LayerCapture, Seed};
 use curv_ir::{Function, Op, ParamInfo, TensorType, ValueId};
 
 /// The `Op::Param` instruction of every parameter (`None` when the loss does not read it).
@@ -27,7 +27,7 @@ fn zeros(function: &mut Function, ty: &TensorType) -> ValueId {
 pub struct GradientProgram {
     /// Outputs: the loss function's outputs, then `grad.NAME` for every parameter in order.
     pub function: Function,
-    pub matmul_captures: Vec<MatmulCapture>,
+    pub layer_captures: Vec<LayerCapture>,
 }
 
 pub fn gradient_program(loss_function: &Function, params: &[ParamInfo]) -> GradientProgram {
@@ -50,7 +50,7 @@ pub fn gradient_program(loss_function: &Function, params: &[ParamInfo]) -> Gradi
         let gradient = gradient.unwrap_or_else(|| zeros(&mut function, &param.ty));
         function.outputs.push((format!("grad.{}", param.name), gradient));
     }
-    GradientProgram { function, matmul_captures: result.matmul_captures }
+    GradientProgram { function, layer_captures: result.layer_captures }
 }
 
 /// Adds one `tangent.NAME` input per parameter, after the function's existing inputs.

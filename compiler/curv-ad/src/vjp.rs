@@ -14,13 +14,24 @@ pub enum Seed {
     Value(ValueId),
 }
 
-/// What the backward pass saw for a parameter used as `x @ W`: the K-FAC statistics are built
-/// from the layer input `x` and the cotangent of the product.
+/// The kind of layer a K-FAC capture comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerKind {
+    /// `x @ W`.
+    Dense,
+    /// `conv2d(x, K)` (the statistics use the input's patches and the output's cotangents).
+    Conv2d { stride: i64, padding: i64 },
+}
+
+/// What the backward pass saw for a parameter used as `x @ W` or `conv2d(x, K)`: the K-FAC
+/// statistics are built from the layer input `x` and the cotangent of the layer's output.
 #[derive(Debug, Clone, PartialEq)]
-pub struct MatmulCapture {
-    /// The `Op::Param` index of `W`.
+pub struct LayerCapture {
+    /// The `Op::Param` index of `W` or `K`.
     pub param: usize,
-    pub matmul: ValueId,
+    pub kind: LayerKind,
+    /// The product or convolution instruction.
+    pub layer: ValueId,
     pub input: ValueId,
     pub output_cotangent: ValueId,
 }
@@ -32,7 +43,7 @@ pub struct Vjp {
     /// The cotangent of each requested value, in request order (`None`: the output does not
     /// depend on it, so its gradient is zero).
     pub cotangents: Vec<Option<ValueId>>,
-    pub matmul_captures: Vec<MatmulCapture>,
+    pub layer_captures: Vec<LayerCapture>,
 }
 
 /// Which values depend on any of `sources` through differentiable float operations.
@@ -89,12 +100,17 @@ pub fn vjp(function: &Function, output: ValueId, wrt: &[ValueId], seed: Seed) ->
             let inst = function.inst(id).clone();
             builder.span = inst.span;
             let contributions = backward(&mut builder, &inst.op, &inst.args, id, cotangent, &active);
-            if let Op::MatMul = inst.op {
-                let right = inst.args[1];
-                if let Op::Param { index: param } = function.inst(right).op {
-                    captures.push(MatmulCapture {
+            let kind = match inst.op {
+                Op::MatMul => Some(LayerKind::Dense),
+                Op::Conv2d { stride, padding } => Some(LayerKind::Conv2d { stride, padding }),
+                _ => None,
+            };
+            if let Some(kind) = kind {
+                if let Op::Param { index: param } = function.inst(inst.args[1]).op {
+                    captures.push(LayerCapture {
                         param,
-                        matmul: id,
+                        kind,
+                        layer: id,
                         input: inst.args[0],
                         output_cotangent: cotangent,
                     });
@@ -114,7 +130,7 @@ pub fn vjp(function: &Function, output: ValueId, wrt: &[ValueId], seed: Seed) ->
     }
     captures.reverse();
     let cotangents = wrt.iter().map(|value| adjoints.get(value).copied()).collect();
-    Vjp { function: result, cotangents, matmul_captures: captures }
+    Vjp { function: result, cotangents, layer_captures: captures }
 }
 
 /// The contributions of one instruction's cotangent `g` to its operands.

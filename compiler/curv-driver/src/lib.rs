@@ -182,10 +182,10 @@ pub fn emit(compilation: &Compilation, stage: Stage) -> Option<String> {
                     &gradients.function,
                     &locate,
                 );
-                for capture in &gradients.matmul_captures {
+                for capture in &gradients.layer_captures {
                     out.push_str(&format!(
-                        "  kfac {}: input {}, output cotangent {}  // matmul {}\n",
-                        train.params[capture.param].name, capture.input, capture.output_cotangent, capture.matmul
+                        "  kfac {}: input {}, output cotangent {}  // layer {}\n",
+                        train.params[capture.param].name, capture.input, capture.output_cotangent, capture.layer
                     ));
                 }
                 out.push('\n');

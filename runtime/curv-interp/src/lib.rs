@@ -9,8 +9,8 @@ mod real;
 mod tensor;
 
 pub use eval::{
-    argmax, binary, broadcast, conv2d, evaluate, evaluate_outputs, matmul, reduce, transpose, unary, EvalError, Inputs,
-    Value,
+    argmax, binary, broadcast, conv2d, conv2d_kernel_gradient, evaluate, evaluate_outputs, matmul, reduce, transpose,
+    unary, EvalError, Inputs, Value,
 };
 pub use real::Real;
 pub use tensor::{for_each_index, strides, Tensor};
