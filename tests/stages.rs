@@ -63,3 +63,34 @@ fn check_summary_of_every_example() {
         insta::assert_snapshot!(snapshot_name(&path, "check"), curv_driver::check_summary(&compilation));
     }
 }
+
+#[test]
+fn every_rule_update_of_the_standard_library_is_one_fused_kernel() {
+    // The fusion plan turns each `every` block of a preset into a single elementwise kernel: one
+    // pass over the parameter, its gradient and its state.
+    let mut checked = 0;
+    for path in examples() {
+        let (compilation, _) = render_file(&path, "example.curv");
+        for rule in &compilation.analysis.unwrap().program.rules {
+            for update in &rule.updates {
+                let plan = curv_ir::fusion::plan_kernels(&update.function);
+                assert_eq!(plan.kernels.len(), 1, "{}: {:?}", rule.name, plan.kernels);
+                assert_eq!(plan.kernels[0].kind, curv_ir::fusion::KernelKind::Elementwise);
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 8, "only {checked} rule updates were checked");
+}
+
+#[test]
+fn the_digits_forward_pass_fuses_each_bias_and_activation_into_one_kernel() {
+    let path = repository_root().join("examples/digits_mlp.curv");
+    let (compilation, _) = render_file(&path, "example.curv");
+    let train = &compilation.analysis.unwrap().program.trains[0];
+    let plan = curv_ir::fusion::plan_kernels(&train.loss);
+    let kinds: Vec<&str> = plan.kernels.iter().map(|kernel| kernel.kind.name()).collect();
+    // x @ w1, then + b1 and tanh in one kernel; the same for the second layer.
+    assert_eq!(&kinds[..4], ["matmul", "elementwise", "matmul", "elementwise"], "{kinds:?}");
+    assert_eq!(plan.kernels[1].insts.len(), 2, "bias add and tanh");
+}

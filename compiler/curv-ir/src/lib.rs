@@ -8,6 +8,7 @@
 //! autodiff, fusion and lowering stages handle a small, closed set of ops. This crate does no I/O.
 
 mod cost;
+pub mod fusion;
 mod print;
 mod types;
 

@@ -118,7 +118,8 @@ pub fn print_options(options: &Options) -> String {
     options.iter().map(|(name, value)| format!("{name} = {value}")).collect::<Vec<_>>().join(", ")
 }
 
-/// Prints one function as an indented block.
+/// Prints one function as an indented block. Each instruction ends with the kernel the fusion
+/// plan puts it in (`k3`), or `inline` for constants and broadcasts recomputed by their consumers.
 pub fn print_function(
     out: &mut String,
     indent: &str,
@@ -126,6 +127,8 @@ pub fn print_function(
     function: &Function,
     locate: &dyn Fn(Span) -> String,
 ) {
+    let plan = crate::fusion::plan_kernels(function);
+    let inlined = crate::fusion::inlined(function);
     let _ = writeln!(out, "{indent}{label} {{");
     for (index, inst) in function.insts.iter().enumerate() {
         let _ = write!(out, "{indent}  %{index} = {}", inst.op.name());
@@ -137,7 +140,21 @@ pub fn print_function(
             let args: Vec<String> = inst.args.iter().map(|arg| arg.to_string()).collect();
             let _ = write!(out, " {}", args.join(", "));
         }
-        let _ = writeln!(out, " : {}  // {}", inst.ty, locate(inst.span));
+        let kernel = match (plan.kernel_of[index], inlined[index]) {
+            (Some(kernel), _) => format!("  k{kernel}"),
+            (None, true) => "  inline".to_string(),
+            (None, false) => String::new(),
+        };
+        let _ = writeln!(out, " : {}  // {}{kernel}", inst.ty, locate(inst.span));
+    }
+    if !plan.kernels.is_empty() {
+        let described: Vec<String> = plan
+            .kernels
+            .iter()
+            .enumerate()
+            .map(|(index, kernel)| format!("k{index} {} ({})", kernel.kind.name(), kernel.insts.len()))
+            .collect();
+        let _ = writeln!(out, "{indent}  kernels: {}", described.join(", "));
     }
     let outputs: Vec<String> = function.outputs.iter().map(|(name, value)| format!("{name} = {value}")).collect();
     let _ = writeln!(out, "{indent}  yield {}", outputs.join(", "));

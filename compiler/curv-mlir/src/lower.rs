@@ -331,8 +331,36 @@ pub fn lower_function(
         parameters.push(format!("{argument_name}: {}", memref_type(&shape, dtype)));
         arguments.push(Argument { value: id, op: inst.op.clone(), shape, dtype });
     }
+    // Arguments first, then the kernels of the fusion plan in order: a fused elementwise kernel
+    // becomes one `linalg.generic`, every other kernel is its instructions one by one.
+    let plan = curv_ir::fusion::plan_kernels(function);
+    let inlined = curv_ir::fusion::inlined(function);
+    let mut steps: Vec<Step> = (0..function.insts.len())
+        .filter(|&index| is_external(&function.insts[index].op))
+        .map(Step::Instruction)
+        .collect();
+    for (kernel_index, kernel) in plan.kernels.iter().enumerate() {
+        let fused = kernel.kind == curv_ir::fusion::KernelKind::Elementwise
+            && kernel
+                .insts
+                .iter()
+                .any(|id| !matches!(function.inst(*id).op, Op::Constant { .. } | Op::Broadcast { .. }));
+        if fused {
+            steps.push(Step::Fused(kernel_index));
+        } else {
+            steps.extend(kernel.insts.iter().map(|id| Step::Instruction(id.0 as usize)));
+        }
+    }
     let mut argument_index = 0;
-    for (index, inst) in function.insts.iter().enumerate() {
+    for step in steps {
+        let index = match step {
+            Step::Fused(kernel_index) => {
+                emit_fused(&mut emitter, &plan, &inlined, kernel_index)?;
+                continue;
+            }
+            Step::Instruction(index) => index,
+        };
+        let inst = &function.insts[index];
         let id = ValueId(index as u32);
         let dtype = inst.ty.dtype;
         let shape = emitter.shape(id).to_vec();
@@ -567,6 +595,225 @@ pub fn lower_function(
         emitter.body
     );
     Ok((text, Signature { arguments, outputs }))
+}
+
+/// What the lowering emits next.
+enum Step {
+    Instruction(usize),
+    Fused(usize),
+}
+
+/// Emits one fused elementwise kernel as a single `linalg.generic` with one result per kernel
+/// output. Inlined constants become scalar constants in the body; inlined broadcasts read their
+/// source through a broadcasting indexing map.
+fn emit_fused(
+    emitter: &mut Emitter,
+    plan: &curv_ir::fusion::KernelPlan,
+    inlined: &[bool],
+    kernel_index: usize,
+) -> Result<(), LowerError> {
+    let function = emitter.function;
+    let kernel = &plan.kernels[kernel_index];
+    let first = kernel.insts[0];
+    let shape = emitter.shape(first).to_vec();
+    let rank = shape.len();
+    let outputs = plan.outputs(function, kernel_index);
+    // Inputs: (source value, indexing results), unique; block argument `%a{k}` reads input k.
+    let mut inputs: Vec<(ValueId, Vec<String>)> = Vec::new();
+    let mut names: std::collections::HashMap<ValueId, String> = std::collections::HashMap::new();
+    let mut lines: Vec<String> = Vec::new();
+    for id in &kernel.insts {
+        let inst = function.inst(*id);
+        let ty = element(inst.ty.dtype).to_string();
+        let mut operands = Vec::new();
+        for arg in &inst.args {
+            operands.push(resolve_operand(
+                emitter,
+                plan,
+                inlined,
+                kernel_index,
+                &shape,
+                *arg,
+                &mut inputs,
+                &mut names,
+                &mut lines,
+            )?);
+        }
+        let result = scalar_instruction(function, *id, &operands, &ty, &mut lines)?;
+        names.insert(*id, result);
+    }
+    let block_args: Vec<String> = (0..inputs.len()).map(|index| format!("%a{index}")).collect();
+    // The generic itself.
+    let mut maps: Vec<String> = inputs.iter().map(|(_, results)| map(rank, results)).collect();
+    let mut inits = Vec::new();
+    for output in &outputs {
+        maps.push(identity_map(rank));
+        inits.push(emitter.empty(&shape, emitter.dtype(*output)));
+    }
+    let result_names: Vec<String> = outputs.iter().map(|output| emitter.value(*output)).collect();
+    let result_types: Vec<String> = outputs.iter().map(|output| tensor_type(&shape, emitter.dtype(*output))).collect();
+    let mut text = format!(
+        "{} = linalg.generic {{indexing_maps = [{}], iterator_types = {}}}",
+        result_names.join(", "),
+        maps.join(", "),
+        iterators(&vec!["parallel"; rank])
+    );
+    if !inputs.is_empty() {
+        let values: Vec<String> = inputs.iter().map(|(value, _)| emitter.value(*value)).collect();
+        let types: Vec<String> =
+            inputs.iter().map(|(value, _)| tensor_type(emitter.shape(*value), emitter.dtype(*value))).collect();
+        text.push_str(&format!(" ins({} : {})", values.join(", "), types.join(", ")));
+    }
+    text.push_str(&format!(" outs({} : {}) {{", inits.join(", "), result_types.join(", ")));
+    emitter.line(&text);
+    let mut arguments: Vec<String> = inputs
+        .iter()
+        .zip(&block_args)
+        .map(|((value, _), name)| format!("{name}: {}", element(emitter.dtype(*value))))
+        .collect();
+    for (position, output) in outputs.iter().enumerate() {
+        arguments.push(format!("%o{position}: {}", element(emitter.dtype(*output))));
+    }
+    emitter.line(&format!("^bb0({}):", arguments.join(", ")));
+    for line in lines {
+        emitter.line(&format!("  {line}"));
+    }
+    let yielded: Vec<String> = outputs.iter().map(|output| names[output].clone()).collect();
+    let yielded_types: Vec<String> = outputs.iter().map(|output| element(emitter.dtype(*output)).to_string()).collect();
+    emitter.line(&format!("  linalg.yield {} : {}", yielded.join(", "), yielded_types.join(", ")));
+    let closing =
+        if result_types.len() == 1 { result_types[0].clone() } else { format!("({})", result_types.join(", ")) };
+    emitter.line(&format!("}} -> {closing}"));
+    Ok(())
+}
+
+/// The body scalar of `arg` inside fused kernel `kernel_index`: a value the kernel computed, an
+/// inlined instruction recomputed here, or a block argument reading an input (through a
+/// broadcasting map when read through an inlined broadcast).
+#[allow(clippy::too_many_arguments)]
+fn resolve_operand(
+    emitter: &Emitter,
+    plan: &curv_ir::fusion::KernelPlan,
+    inlined: &[bool],
+    kernel_index: usize,
+    shape: &[i64],
+    arg: ValueId,
+    inputs: &mut Vec<(ValueId, Vec<String>)>,
+    names: &mut std::collections::HashMap<ValueId, String>,
+    lines: &mut Vec<String>,
+) -> Result<String, LowerError> {
+    let rank = shape.len();
+    let identity: Vec<String> = (0..rank).map(|axis| format!("d{axis}")).collect();
+    let input = |inputs: &mut Vec<(ValueId, Vec<String>)>, source: ValueId, results: Vec<String>| -> String {
+        let position = match inputs.iter().position(|(value, map)| *value == source && *map == results) {
+            Some(position) => position,
+            None => {
+                inputs.push((source, results));
+                inputs.len() - 1
+            }
+        };
+        format!("%a{position}")
+    };
+    if plan.kernel_of[arg.0 as usize] == Some(kernel_index) || names.contains_key(&arg) {
+        return Ok(names[&arg].clone());
+    }
+    let function = emitter.function;
+    if !inlined[arg.0 as usize] {
+        // A rank-0 value read by a body of higher rank (the operand of an inlined scalar op).
+        let results = if function.ty(arg).shape.is_empty() { Vec::new() } else { identity };
+        return Ok(input(inputs, arg, results));
+    }
+    let arg_inst = function.inst(arg);
+    let value = match &arg_inst.op {
+        Op::Broadcast { dims } => {
+            let source = arg_inst.args[0];
+            if inlined[source.0 as usize] || plan.kernel_of[source.0 as usize] == Some(kernel_index) {
+                resolve_operand(emitter, plan, inlined, kernel_index, shape, source, inputs, names, lines)?
+            } else {
+                let source_shape = emitter.shape(source).to_vec();
+                let target_shape = emitter.shape(arg).to_vec();
+                let results: Vec<String> = dims
+                    .iter()
+                    .enumerate()
+                    .map(|(axis, &result_axis)| {
+                        if source_shape[axis] == 1 && target_shape[result_axis] != 1 {
+                            "0".to_string()
+                        } else {
+                            format!("d{result_axis}")
+                        }
+                    })
+                    .collect();
+                input(inputs, source, results)
+            }
+        }
+        _ => {
+            let mut operands = Vec::new();
+            for inner in &arg_inst.args {
+                operands.push(resolve_operand(
+                    emitter,
+                    plan,
+                    inlined,
+                    kernel_index,
+                    shape,
+                    *inner,
+                    inputs,
+                    names,
+                    lines,
+                )?);
+            }
+            let ty = element(arg_inst.ty.dtype).to_string();
+            scalar_instruction(function, arg, &operands, &ty, lines)?
+        }
+    };
+    names.insert(arg, value.clone());
+    Ok(value)
+}
+
+/// The body lines of one elementwise instruction on scalar operands; returns the result name.
+fn scalar_instruction(
+    function: &Function,
+    id: ValueId,
+    operands: &[String],
+    ty: &str,
+    lines: &mut Vec<String>,
+) -> Result<String, LowerError> {
+    let inst = function.inst(id);
+    Ok(match &inst.op {
+        Op::Unary(op) => unary_body(*op, &operands[0], ty, lines),
+        Op::Binary(op) => binary_body(*op, &operands[0], &operands[1], ty, lines),
+        Op::Select => {
+            let zero = format!("%s{}", lines.len());
+            lines.push(format!("{zero} = arith.constant 0.0 : {ty}"));
+            let condition = format!("%s{}", lines.len());
+            lines.push(format!("{condition} = arith.cmpf une, {}, {zero} : {ty}", operands[0]));
+            let selected = format!("%s{}", lines.len());
+            lines.push(format!("{selected} = arith.select {condition}, {}, {} : {ty}", operands[1], operands[2]));
+            selected
+        }
+        Op::Cast => {
+            let name = format!("%s{}", lines.len());
+            let conversion = match (function.ty(inst.args[0]).dtype, inst.ty.dtype) {
+                (DType::I32, _) => Some(format!("arith.sitofp {} : i32 to {ty}", operands[0])),
+                (DType::F32, DType::F64) => Some(format!("arith.extf {} : f32 to f64", operands[0])),
+                (DType::F64, DType::F32) => Some(format!("arith.truncf {} : f64 to f32", operands[0])),
+                _ => None,
+            };
+            match conversion {
+                Some(conversion) => {
+                    lines.push(format!("{name} = {conversion}"));
+                    name
+                }
+                None => operands[0].clone(),
+            }
+        }
+        Op::Constant { value } => {
+            let name = format!("%s{}", lines.len());
+            lines.push(format!("{name} = arith.constant {} : {ty}", float_literal(*value)));
+            name
+        }
+        Op::Broadcast { .. } => operands[0].clone(),
+        other => return Err(unsupported(other)),
+    })
 }
 
 /// `[..., m, k] @ [k, n]` folds the leading dimensions into rows; `[b, m, k] @ [b, k, n]` uses

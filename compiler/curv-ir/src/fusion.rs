@@ -1,0 +1,212 @@
+//! Kernel grouping as data: which instructions of a function run as one kernel. The plan is a
+//! pure function of the IR, printed by `curv emit --stage ir|grad` and followed by the MLIR
+//! lowering, so fusion decisions can be read, tested and (later) overridden.
+//!
+//! The grouping is greedy and conservative:
+//! - elementwise instructions (unary, binary, select, cast) of the same result shape join the
+//!   kernel of an elementwise operand of that shape (vertical fusion) or else the latest
+//!   elementwise kernel of that shape (horizontal fusion), so chains of elementwise work become
+//!   one loop nest with several outputs if needed; constants, broadcasts and scalar work are
+//!   recomputed inside their consumers;
+//! - a reduction, a matrix product and every other structured op is a kernel of its own;
+//! - inputs, parameters, data, hyperparameters and statistics are arguments, not kernels.
+
+use crate::types::{Dim, Function, Op, ValueId};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelKind {
+    /// A fused chain of elementwise instructions.
+    Elementwise,
+    /// A reduction over some axes.
+    Reduction,
+    /// A matrix product (a GEMM call on the CPU).
+    MatMul,
+    /// Any other structured op, one per kernel.
+    Other,
+}
+
+impl KernelKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelKind::Elementwise => "elementwise",
+            KernelKind::Reduction => "reduction",
+            KernelKind::MatMul => "matmul",
+            KernelKind::Other => "op",
+        }
+    }
+}
+
+/// One kernel: its kind and its instructions in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Kernel {
+    pub kind: KernelKind,
+    pub insts: Vec<ValueId>,
+}
+
+/// The kernels of a function; `kernel_of[i]` is the kernel of instruction `i` (`None` for
+/// arguments).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KernelPlan {
+    pub kernels: Vec<Kernel>,
+    pub kernel_of: Vec<Option<usize>>,
+}
+
+/// Whether an instruction is computed elementwise over its result's shape.
+pub fn is_elementwise(op: &Op) -> bool {
+    matches!(op, Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Cast | Op::Broadcast { .. } | Op::Constant { .. })
+}
+
+fn is_argument(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Input { .. } | Op::Param { .. } | Op::Data { .. } | Op::Hyper { .. } | Op::Step | Op::Statistic { .. }
+    )
+}
+
+/// Whether a constant, a broadcast or a scalar (rank-0) elementwise instruction is recomputed
+/// inside each consumer kernel instead of being a kernel of its own: true when every use is an
+/// elementwise instruction, and the value is not a function output. (Scalar work inside a loop
+/// body does not depend on the loop indices, so LLVM hoists it out of the loop.)
+pub fn inlined(function: &Function) -> Vec<bool> {
+    let count = function.insts.len();
+    let mut candidate: Vec<bool> = function
+        .insts
+        .iter()
+        .map(|inst| {
+            matches!(inst.op, Op::Constant { .. } | Op::Broadcast { .. })
+                || (is_elementwise(&inst.op) && inst.ty.shape.is_empty())
+        })
+        .collect();
+    for (_, value) in &function.outputs {
+        candidate[value.0 as usize] = false;
+    }
+    // A broadcast of a broadcast is materialised (the lowering composes one level of indexing).
+    for index in 0..count {
+        let inst = &function.insts[index];
+        if let Op::Broadcast { .. } = inst.op {
+            let source = inst.args[0].0 as usize;
+            if matches!(function.insts[source].op, Op::Broadcast { .. }) {
+                candidate[source] = false;
+            }
+        }
+    }
+    // A use by anything but an elementwise instruction forces materialisation; walking users in
+    // reverse lets that decision flow back through chains of inlined instructions.
+    for (index, inst) in function.insts.iter().enumerate().rev() {
+        for arg in &inst.args {
+            let _ = index;
+            if !is_elementwise(&inst.op) {
+                candidate[arg.0 as usize] = false;
+            }
+        }
+    }
+    candidate
+}
+
+/// The values an instruction reads once inlined constants and broadcasts are looked through.
+pub fn effective_operands(function: &Function, inlined: &[bool], id: ValueId) -> Vec<ValueId> {
+    let mut out = Vec::new();
+    for arg in &function.inst(id).args {
+        if inlined[arg.0 as usize] {
+            for inner in effective_operands(function, inlined, *arg) {
+                if !out.contains(&inner) {
+                    out.push(inner);
+                }
+            }
+        } else if !out.contains(arg) {
+            out.push(*arg);
+        }
+    }
+    out
+}
+
+/// Groups the instructions of `function` into kernels. Kernels only read kernels with a smaller
+/// index, so running them in index order respects every dependency.
+pub fn plan_kernels(function: &Function) -> KernelPlan {
+    let count = function.insts.len();
+    let inlined = inlined(function);
+    let mut kernel_of: Vec<Option<usize>> = vec![None; count];
+    let mut kernels: Vec<Kernel> = Vec::new();
+    for (index, inst) in function.insts.iter().enumerate() {
+        if is_argument(&inst.op) || inlined[index] {
+            continue;
+        }
+        let id = ValueId(index as u32);
+        let kind = match &inst.op {
+            op if is_elementwise(op) => KernelKind::Elementwise,
+            Op::Reduce { .. } => KernelKind::Reduction,
+            Op::MatMul => KernelKind::MatMul,
+            _ => KernelKind::Other,
+        };
+        let mut joined = None;
+        if kind == KernelKind::Elementwise && !matches!(inst.op, Op::Constant { .. } | Op::Broadcast { .. }) {
+            let operands = effective_operands(function, &inlined, id);
+            let operand_kernels: Vec<usize> = operands.iter().filter_map(|arg| kernel_of[arg.0 as usize]).collect();
+            let fits = |kernel: usize| {
+                kernels[kernel].kind == KernelKind::Elementwise
+                    && same_shape_kernel(&kernels[kernel], function, &inst.ty.shape)
+                    && operand_kernels.iter().all(|other| *other <= kernel)
+            };
+            // Vertical fusion: join the kernel of an operand. Otherwise horizontal fusion: join
+            // the latest elementwise kernel of the same shape, as independent loops over the same
+            // index space share one loop nest.
+            joined = operands.iter().filter_map(|arg| kernel_of[arg.0 as usize]).find(|kernel| fits(*kernel));
+            if joined.is_none() {
+                joined = (0..kernels.len()).rev().find(|kernel| fits(*kernel));
+            }
+        }
+        let kernel = match joined {
+            Some(kernel) => kernel,
+            None => {
+                kernels.push(Kernel { kind, insts: Vec::new() });
+                kernels.len() - 1
+            }
+        };
+        kernels[kernel].insts.push(id);
+        kernel_of[index] = Some(kernel);
+    }
+    KernelPlan { kernels, kernel_of }
+}
+
+/// Whether every instruction of an elementwise kernel has the given result shape (constants and
+/// broadcasts that start a kernel may have it too).
+fn same_shape_kernel(kernel: &Kernel, function: &Function, shape: &[Dim]) -> bool {
+    kernel.insts.iter().all(|id| function.ty(*id).shape == shape)
+}
+
+impl KernelPlan {
+    /// The values a kernel reads that it does not compute (inlined constants and broadcasts
+    /// looked through).
+    pub fn inputs(&self, function: &Function, kernel: usize) -> Vec<ValueId> {
+        let inlined = inlined(function);
+        let mut inputs = Vec::new();
+        for id in &self.kernels[kernel].insts {
+            for arg in effective_operands(function, &inlined, *id) {
+                if self.kernel_of[arg.0 as usize] != Some(kernel) && !inputs.contains(&arg) {
+                    inputs.push(arg);
+                }
+            }
+        }
+        inputs
+    }
+
+    /// The values a kernel computes that are read outside it (or are function outputs).
+    pub fn outputs(&self, function: &Function, kernel: usize) -> Vec<ValueId> {
+        let inlined = inlined(function);
+        let mut used_outside = vec![false; function.insts.len()];
+        for (index, _) in function.insts.iter().enumerate() {
+            if inlined[index] {
+                continue;
+            }
+            for arg in effective_operands(function, &inlined, ValueId(index as u32)) {
+                if self.kernel_of[index] != self.kernel_of[arg.0 as usize] {
+                    used_outside[arg.0 as usize] = true;
+                }
+            }
+        }
+        for (_, value) in &function.outputs {
+            used_outside[value.0 as usize] = true;
+        }
+        self.kernels[kernel].insts.iter().copied().filter(|id| used_outside[id.0 as usize]).collect()
+    }
+}
