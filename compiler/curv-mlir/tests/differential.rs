@@ -146,3 +146,24 @@ fn the_digits_gradient_program_agrees_with_the_interpreter() {
 fn the_siren_gradient_program_agrees_with_the_interpreter() {
     check_gradients_agree("siren.curv", 5e-3);
 }
+
+#[test]
+fn the_vectorisable_sine_and_cosine_are_accurate() {
+    // sin and cos over [-100, 100] against the f64 library, through the lowering and the JIT.
+    use curv_ir::{DType, Function, Op, TensorType, UnaryOp};
+    let count = 20_001;
+    for (op, reference) in [(UnaryOp::Sin, f64::sin as fn(f64) -> f64), (UnaryOp::Cos, f64::cos)] {
+        let mut function = Function::new("f");
+        let ty = TensorType::known(DType::F32, &[count]);
+        let x = function.push(Op::Input { index: 0, name: "x".into() }, vec![], ty.clone(), Default::default());
+        let y = function.push(Op::Unary(op), vec![x], ty, Default::default());
+        function.outputs.push(("y".into(), y));
+        let (text, signature) = curv_mlir::lower::lower_function(&function, "f", &HashMap::new()).unwrap();
+        let compiled = compile(&text, "f", signature, 2).unwrap();
+        let mut xs: Vec<f32> = (0..count).map(|index| (index as f32 - 10_000.0) / 100.0).collect();
+        let mut ys = vec![0.0f32; count as usize];
+        compiled.call(&mut [Buffer::F32(&mut xs), Buffer::F32(&mut ys)]).unwrap();
+        let worst = xs.iter().zip(&ys).map(|(x, y)| (reference(*x as f64) - *y as f64).abs()).fold(0.0, f64::max);
+        assert!(worst < 1e-6, "{op:?}: worst absolute error {worst:e}");
+    }
+}
