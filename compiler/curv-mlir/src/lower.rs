@@ -216,6 +216,8 @@ fn unary_body(op: UnaryOp, x: &str, ty: &str, lines: &mut Vec<String>) -> String
         UnaryOp::Cos if ty == "f32" => sine_f32(x, 1, lines),
         UnaryOp::Sin => emit(lines, format!("math.sin {x} : {ty}")),
         UnaryOp::Cos => emit(lines, format!("math.cos {x} : {ty}")),
+        UnaryOp::Tanh if ty == "f32" => tanh_f32(x, lines),
+        UnaryOp::Exp if ty == "f32" => exp_f32(x, lines),
         UnaryOp::Tanh => emit(lines, format!("math.tanh {x} : {ty}")),
         UnaryOp::Exp => emit(lines, format!("math.exp {x} : {ty}")),
         UnaryOp::Log => emit(lines, format!("math.log {x} : {ty}")),
@@ -238,7 +240,8 @@ fn unary_body(op: UnaryOp, x: &str, ty: &str, lines: &mut Vec<String>) -> String
         UnaryOp::Sigmoid => {
             let one = emit(lines, format!("arith.constant 1.0 : {ty}"));
             let negated = emit(lines, format!("arith.negf {x} : {ty}"));
-            let exponential = emit(lines, format!("math.exp {negated} : {ty}"));
+            let exponential =
+                if ty == "f32" { exp_f32(&negated, lines) } else { emit(lines, format!("math.exp {negated} : {ty}")) };
             let denominator = emit(lines, format!("arith.addf {one}, {exponential} : {ty}"));
             emit(lines, format!("arith.divf {one}, {denominator} : {ty}"))
         }
@@ -263,6 +266,91 @@ fn unary_body(op: UnaryOp, x: &str, ty: &str, lines: &mut Vec<String>) -> String
 /// three parts with fused multiply-adds, Cephes' minimax polynomials for sin and cos on
 /// [-pi/4, pi/4], and the quadrant picking the polynomial and the sign. Accurate to about 1e-7
 /// absolute for |x| up to 1e3 (the tests check 100); beyond about 1e5 the reduction loses accuracy.
+/// `exp(x)` in single precision without a library call: `x = n ln2 + r` (Cody-Waite, two parts),
+/// a degree-7 Taylor polynomial for `exp(r)` on |r| <= ln2 / 2 (truncation below 6e-9), and `2^n`
+/// built from the exponent bits. Overflow gives +inf and underflow 0, as the library does
+/// (subnormal results are flushed to zero).
+fn exp_f32(x: &str, lines: &mut Vec<String>) -> String {
+    let emit = |lines: &mut Vec<String>, text: String| {
+        let name = format!("%s{}", lines.len());
+        lines.push(format!("{name} = {text}"));
+        name
+    };
+    let constant = |lines: &mut Vec<String>, value: f64| {
+        let name = format!("%s{}", lines.len());
+        lines.push(format!("{name} = arith.constant {} : f32", float_literal(value)));
+        name
+    };
+    let upper = constant(lines, 88.72);
+    let lower = constant(lines, -87.33);
+    let clamped_high = emit(lines, format!("arith.minimumf {x}, {upper} : f32"));
+    let clamped = emit(lines, format!("arith.maximumf {clamped_high}, {lower} : f32"));
+    let log2e = constant(lines, std::f64::consts::LOG2_E);
+    let scaled = emit(lines, format!("arith.mulf {clamped}, {log2e} : f32"));
+    let n = emit(lines, format!("math.roundeven {scaled} : f32"));
+    let minus_n = emit(lines, format!("arith.negf {n} : f32"));
+    let ln2_high = constant(lines, 0.693145751953125);
+    let ln2_low = constant(lines, 1.428606765330187e-6);
+    let r1 = emit(lines, format!("math.fma {minus_n}, {ln2_high}, {clamped} : f32"));
+    let r = emit(lines, format!("math.fma {minus_n}, {ln2_low}, {r1} : f32"));
+    let mut polynomial = constant(lines, 1.0 / 5040.0);
+    for coefficient in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        let c = constant(lines, coefficient);
+        polynomial = emit(lines, format!("math.fma {polynomial}, {r}, {c} : f32"));
+    }
+    let n_int = emit(lines, format!("arith.fptosi {n} : f32 to i32"));
+    let bias = emit(lines, "arith.constant 127 : i32".to_string());
+    let biased = emit(lines, format!("arith.addi {n_int}, {bias} : i32"));
+    let shift = emit(lines, "arith.constant 23 : i32".to_string());
+    let bits = emit(lines, format!("arith.shli {biased}, {shift} : i32"));
+    let power = emit(lines, format!("arith.bitcast {bits} : i32 to f32"));
+    let value = emit(lines, format!("arith.mulf {polynomial}, {power} : f32"));
+    let infinity = constant(lines, f64::INFINITY);
+    let zero = constant(lines, 0.0);
+    let overflow = emit(lines, format!("arith.cmpf ogt, {x}, {upper} : f32"));
+    let underflow = emit(lines, format!("arith.cmpf olt, {x}, {lower} : f32"));
+    let high = emit(lines, format!("arith.select {overflow}, {infinity}, {value} : f32"));
+    let low = emit(lines, format!("arith.select {underflow}, {zero}, {high} : f32"));
+    // A NaN input stays NaN.
+    let is_nan = emit(lines, format!("arith.cmpf uno, {x}, {x} : f32"));
+    emit(lines, format!("arith.select {is_nan}, {x}, {low} : f32"))
+}
+
+/// `tanh(x)` in single precision without a library call: `sign(x) (1 - 2 / (exp(2|x|) + 1))`,
+/// and the odd Taylor polynomial to x^7 below |x| = 0.05, where the subtraction would lose
+/// relative precision.
+fn tanh_f32(x: &str, lines: &mut Vec<String>) -> String {
+    let emit = |lines: &mut Vec<String>, text: String| {
+        let name = format!("%s{}", lines.len());
+        lines.push(format!("{name} = {text}"));
+        name
+    };
+    let constant = |lines: &mut Vec<String>, value: f64| {
+        let name = format!("%s{}", lines.len());
+        lines.push(format!("{name} = arith.constant {} : f32", float_literal(value)));
+        name
+    };
+    let absolute = emit(lines, format!("math.absf {x} : f32"));
+    let two = constant(lines, 2.0);
+    let doubled = emit(lines, format!("arith.mulf {absolute}, {two} : f32"));
+    let exponential = exp_f32(&doubled, lines);
+    let one = constant(lines, 1.0);
+    let denominator = emit(lines, format!("arith.addf {exponential}, {one} : f32"));
+    let fraction = emit(lines, format!("arith.divf {two}, {denominator} : f32"));
+    let magnitude = emit(lines, format!("arith.subf {one}, {fraction} : f32"));
+    let signed = emit(lines, format!("math.copysign {magnitude}, {x} : f32"));
+    let square = emit(lines, format!("arith.mulf {x}, {x} : f32"));
+    let mut series = constant(lines, -17.0 / 315.0);
+    for coefficient in [2.0 / 15.0, -1.0 / 3.0, 1.0] {
+        let c = constant(lines, coefficient);
+        series = emit(lines, format!("math.fma {series}, {square}, {c} : f32"));
+    }
+    let small_value = emit(lines, format!("arith.mulf {series}, {x} : f32"));
+    let threshold = constant(lines, 0.05);
+    let small = emit(lines, format!("arith.cmpf olt, {absolute}, {threshold} : f32"));
+    emit(lines, format!("arith.select {small}, {small_value}, {signed} : f32"))
+}
+
 // The reduction constants are written with every digit: they split pi/2 exactly in f32 parts.
 #[allow(clippy::excessive_precision)]
 fn sine_f32(x: &str, shift: i32, lines: &mut Vec<String>) -> String {

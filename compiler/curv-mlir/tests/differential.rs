@@ -148,6 +148,43 @@ fn the_siren_gradient_program_agrees_with_the_interpreter() {
 }
 
 #[test]
+fn the_vectorisable_exponential_and_tanh_are_accurate() {
+    use curv_ir::{DType, Function, Op, TensorType, UnaryOp};
+    let count = 40_001;
+    for (op, reference, low, high) in
+        [(UnaryOp::Exp, f64::exp as fn(f64) -> f64, -80.0f32, 80.0f32), (UnaryOp::Tanh, f64::tanh, -20.0, 20.0)]
+    {
+        let mut function = Function::new("f");
+        let ty = TensorType::known(DType::F32, &[count]);
+        let x = function.push(Op::Input { index: 0, name: "x".into() }, vec![], ty.clone(), Default::default());
+        let y = function.push(Op::Unary(op), vec![x], ty, Default::default());
+        function.outputs.push(("y".into(), y));
+        let (text, signature) = curv_mlir::lower::lower_function(&function, "f", &HashMap::new()).unwrap();
+        let compiled = compile(&text, "f", signature, 2).unwrap();
+        let mut xs: Vec<f32> = (0..count).map(|index| low + (high - low) * index as f32 / (count - 1) as f32).collect();
+        let mut ys = vec![0.0f32; count as usize];
+        compiled.call(&mut [Buffer::F32(&mut xs), Buffer::F32(&mut ys)]).unwrap();
+        for (x, y) in xs.iter().zip(&ys) {
+            let expected = reference(*x as f64);
+            let relative = (expected - *y as f64).abs() / expected.abs().max(1e-30);
+            assert!(relative < 2e-6, "{op:?}({x}) = {y}, expected {expected} (relative error {relative:e})");
+        }
+    }
+    // Overflow, underflow and NaN behave as in the library.
+    let mut function = Function::new("f");
+    let ty = TensorType::known(DType::F32, &[3]);
+    let x = function.push(Op::Input { index: 0, name: "x".into() }, vec![], ty.clone(), Default::default());
+    let y = function.push(Op::Unary(UnaryOp::Exp), vec![x], ty, Default::default());
+    function.outputs.push(("y".into(), y));
+    let (text, signature) = curv_mlir::lower::lower_function(&function, "f", &HashMap::new()).unwrap();
+    let compiled = compile(&text, "f", signature, 2).unwrap();
+    let mut xs = vec![100.0f32, -100.0, f32::NAN];
+    let mut ys = vec![0.0f32; 3];
+    compiled.call(&mut [Buffer::F32(&mut xs), Buffer::F32(&mut ys)]).unwrap();
+    assert!(ys[0].is_infinite() && ys[1] == 0.0 && ys[2].is_nan(), "{ys:?}");
+}
+
+#[test]
 fn the_vectorisable_sine_and_cosine_are_accurate() {
     // sin and cos over [-100, 100] against the f64 library, through the lowering and the JIT.
     use curv_ir::{DType, Function, Op, TensorType, UnaryOp};
