@@ -159,16 +159,16 @@ def jax_step_ms(problem, optimizer_name, steps):
     return median_ms(times[3:])
 
 
-def gemm_gflops():
-    """numpy's float32 GEMM rate at 512 (the floor's rate), best of several runs."""
-    a = np.random.default_rng(0).standard_normal((512, 512), dtype=np.float32)
-    b = np.random.default_rng(1).standard_normal((512, 512), dtype=np.float32)
+def gemm_gflops(size=512):
+    """numpy's float32 GEMM rate (OpenBLAS), best of several runs; 512 is the floor's rate."""
+    a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((size, size), dtype=np.float32)
     best = float("inf")
     for _ in range(20):
         start = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - start)
-    return 2 * 512 ** 3 / best / 1e9
+    return 2 * size ** 3 / best / 1e9
 
 
 def matmul_flops(problem):
@@ -201,6 +201,14 @@ def main():
         if optimizer in ("adahessian", "sophia_h"):
             floor_ms *= 3.0  # a Hessian-vector product costs about two more gradient passes
         rows.append((problem, optimizer, curv_ms, torch_ms, jax_ms, floor_ms))
+    kernels = json.loads(subprocess.run([str(CURV), "bench-kernels"], check=True, capture_output=True, text=True).stdout)
+    print()
+    print(f"{'GEMM':<8}{'curv GFLOP/s':>14}{'numpy GFLOP/s':>15}{'ratio':>8}")
+    for size in (256, 512, 1024):
+        ours, theirs = kernels[f"gemm_{size}_gflops"], gemm_gflops(size)
+        print(f"{size:<8}{ours:>14.1f}{theirs:>15.1f}{ours / theirs:>8.2f}")
+    update, copy = kernels["adam_update_gbytes_per_second"], kernels["copy_gbytes_per_second"]
+    print(f"fused Adam update over 4M parameters: {update:.1f} GB/s, memory copy {copy:.1f} GB/s, ratio {update / copy:.2f}")
     print()
     print(f"{'problem':<8}{'optimizer':<12}{'curv ms':>10}{'torch ms':>10}{'jax ms':>10}{'floor ms':>10}{'curv/torch':>12}{'curv/jax':>10}{'curv/floor':>12}")
     for problem, optimizer, curv_ms, torch_ms, jax_ms, floor_ms in rows:
