@@ -512,7 +512,15 @@ fn emit_compiled(compilation: &Compilation, llvm: bool) -> Result<String, String
     let mut out = String::new();
     for train in &analysis.program.trains {
         let gradients = curv_ad::products::gradient_program(&train.loss, &train.params).function;
-        let text = curv_mlir::lower::lower_train_program(train, &analysis.program.rules, &gradients)
+        let source = &compilation.source;
+        let locate = |module: Option<&str>, span: curv_grammar::Span| {
+            let (name, text) = match module.and_then(curv_sema::std_lib::find) {
+                Some(index) => (curv_sema::std_lib::MODULES[index].0.to_string(), curv_sema::std_lib::MODULES[index].1),
+                None => (source.display_name.clone(), source.text.as_str()),
+            };
+            format!("{name:?}:{}", curv_driver::line_column(text, span.start))
+        };
+        let text = curv_mlir::lower::lower_train_program(train, &analysis.program.rules, &gradients, Some(&locate))
             .map_err(|error| error.message)?;
         if llvm {
             // Each module is lowered on its own; the comment lines name them.

@@ -127,3 +127,18 @@ fn timings_are_reported_per_stage_on_standard_error() {
         assert!(stderr.contains(&format!("{stage} ")), "{stderr}");
     }
 }
+
+#[test]
+fn emit_mlir_carries_source_locations_and_lowers_to_llvm() {
+    let output = curv(&["emit", "examples/siren.curv", "--stage", "mlir"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let mlir = text(&output.stdout);
+    assert!(mlir.contains("func.func @loss_and_gradients"));
+    // Operations point at the .curv code they come from.
+    assert!(mlir.contains("loc(\"examples/siren.curv\":"), "{mlir}");
+    assert!(mlir.contains("loc(\"std.optimizers.adam\":"), "rule updates point into the standard library");
+    let output = curv(&["emit", "examples/siren.curv", "--stage", "llvm"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let llvm = text(&output.stdout);
+    assert!(llvm.contains("llvm.func @loss_and_gradients") && !llvm.contains("linalg.generic"));
+}

@@ -101,6 +101,10 @@ struct Emitter<'a> {
     counter: usize,
     /// Whether the function calls the runtime's GEMM (`curv_sgemm`), which must be declared.
     uses_gemm: bool,
+    /// Maps a span to an MLIR file-line-column location (`"file.curv":3:5`), when known.
+    locate: Option<&'a dyn Fn(curv_grammar::Span) -> String>,
+    /// The location of the instruction or kernel being emitted.
+    location: Option<String>,
 }
 
 impl Emitter<'_> {
@@ -121,10 +125,21 @@ impl Emitter<'_> {
         &self.shapes[id.0 as usize]
     }
 
+    /// Appends a line; a line that ends an operation gets the current source location.
     fn line(&mut self, text: &str) {
         self.body.push_str("    ");
         self.body.push_str(text);
+        let trimmed = text.trim();
+        if let Some(location) = &self.location {
+            if !trimmed.ends_with('{') && !trimmed.starts_with('^') {
+                self.body.push_str(&format!(" loc({location})"));
+            }
+        }
         self.body.push('\n');
+    }
+
+    fn locate(&mut self, id: ValueId) {
+        self.location = self.locate.map(|locate| locate(self.function.inst(id).span));
     }
 
     /// `tensor.empty` of a shape.
@@ -455,6 +470,17 @@ pub fn lower_function(
     name: &str,
     bindings: &HashMap<String, i64>,
 ) -> Result<(String, Signature), LowerError> {
+    lower_function_with_locations(function, name, bindings, None)
+}
+
+/// [`lower_function`] with every operation carrying the location of the `.curv` code it comes
+/// from, so MLIR's diagnostics and debug information point into the source.
+pub fn lower_function_with_locations(
+    function: &Function,
+    name: &str,
+    bindings: &HashMap<String, i64>,
+    locate: Option<&dyn Fn(curv_grammar::Span) -> String>,
+) -> Result<(String, Signature), LowerError> {
     let mut shapes = Vec::with_capacity(function.insts.len());
     for inst in &function.insts {
         let shape: Result<Vec<i64>, LowerError> = inst
@@ -471,7 +497,8 @@ pub fn lower_function(
             .collect();
         shapes.push(shape?);
     }
-    let mut emitter = Emitter { function, shapes, body: String::new(), counter: 0, uses_gemm: false };
+    let mut emitter =
+        Emitter { function, shapes, body: String::new(), counter: 0, uses_gemm: false, locate, location: None };
     let mut arguments = Vec::new();
     let mut parameters = Vec::new();
     for (index, inst) in function.insts.iter().enumerate() {
@@ -509,11 +536,15 @@ pub fn lower_function(
     for step in steps {
         let index = match step {
             Step::Fused(kernel_index) => {
+                if let Some(last) = plan.kernels[kernel_index].insts.last() {
+                    emitter.locate(*last);
+                }
                 emit_fused(&mut emitter, &plan, &inlined, kernel_index)?;
                 continue;
             }
             Step::Instruction(index) => index,
         };
+        emitter.locate(ValueId(index as u32));
         let inst = &function.insts[index];
         let id = ValueId(index as u32);
         let dtype = inst.ty.dtype;
@@ -726,6 +757,7 @@ pub fn lower_function(
             other => return Err(unsupported(other)),
         }
     }
+    emitter.location = None;
     let mut outputs = Vec::new();
     for (index, (output_name, value)) in function.outputs.iter().enumerate() {
         let shape = emitter.shape(*value).to_vec();
@@ -1104,6 +1136,9 @@ fn lower_matmul(emitter: &mut Emitter, result: ValueId, left: ValueId, right: Va
     Ok(())
 }
 
+/// Maps a span in the user's file (`None`) or in a standard-library module to an MLIR location.
+pub type ModuleLocator = dyn Fn(Option<&str>, curv_grammar::Span) -> String;
+
 /// The MLIR of a train program as `curv emit --stage mlir` prints it: the loss-and-gradient
 /// function and, for every parameter governed by a `rule`, the rule's update functions
 /// specialised to that parameter's size.
@@ -1111,9 +1146,16 @@ pub fn lower_train_program(
     train: &curv_ir::TrainProgram,
     rules: &[curv_ir::RuleProgram],
     gradients: &Function,
+    locate: Option<&ModuleLocator>,
 ) -> Result<String, LowerError> {
     let mut out = String::new();
-    let (text, _) = lower_function(gradients, "loss_and_gradients", &HashMap::new())?;
+    let user_locate = locate.map(|locate| move |span: curv_grammar::Span| locate(None, span));
+    let (text, _) = lower_function_with_locations(
+        gradients,
+        "loss_and_gradients",
+        &HashMap::new(),
+        user_locate.as_ref().map(|locate| locate as &dyn Fn(curv_grammar::Span) -> String),
+    )?;
     let _ = writeln!(out, "// train {}: loss and gradients", train.name);
     out.push_str(&text);
     let mut done: Vec<(String, i64)> = Vec::new();
@@ -1130,7 +1172,14 @@ pub fn lower_train_program(
         let bindings = HashMap::from([("P".to_string(), size)]);
         for (block, update) in rule.updates.iter().enumerate() {
             let name = format!("rule_{}_block{block}_p{size}", rule.name);
-            let (text, _) = lower_function(&update.function, &name, &bindings)?;
+            let module = rule.module.clone();
+            let rule_locate = locate.map(|locate| move |span: curv_grammar::Span| locate(module.as_deref(), span));
+            let (text, _) = lower_function_with_locations(
+                &update.function,
+                &name,
+                &bindings,
+                rule_locate.as_ref().map(|locate| locate as &dyn Fn(curv_grammar::Span) -> String),
+            )?;
             let _ = writeln!(
                 out,
                 "// rule {} (every {} steps from {}), parameters of {size} elements",
