@@ -1137,7 +1137,7 @@ fn lower_matmul(emitter: &mut Emitter, result: ValueId, left: ValueId, right: Va
 }
 
 /// Maps a span in the user's file (`None`) or in a standard-library module to an MLIR location.
-pub type ModuleLocator = dyn Fn(Option<&str>, curv_grammar::Span) -> String;
+pub type ModuleLocator<'a> = dyn Fn(Option<&str>, curv_grammar::Span) -> String + 'a;
 
 /// The MLIR of a train program as `curv emit --stage mlir` prints it: the loss-and-gradient
 /// function and, for every parameter governed by a `rule`, the rule's update functions
@@ -1146,7 +1146,7 @@ pub fn lower_train_program(
     train: &curv_ir::TrainProgram,
     rules: &[curv_ir::RuleProgram],
     gradients: &Function,
-    locate: Option<&ModuleLocator>,
+    locate: Option<&ModuleLocator<'_>>,
 ) -> Result<String, LowerError> {
     let mut out = String::new();
     let user_locate = locate.map(|locate| move |span: curv_grammar::Span| locate(None, span));
