@@ -7,6 +7,7 @@
 //! cross-entropy, layer norm, broadcasting) are already decomposed into primitives, so that the
 //! autodiff, fusion and lowering stages handle a small, closed set of ops. This crate does no I/O.
 
+pub mod abi;
 mod cost;
 pub mod fusion;
 mod print;

@@ -66,6 +66,49 @@ impl std::fmt::Debug for CompiledFunction {
     }
 }
 
+/// Lowers `source` and writes the machine code of function `name` as a relocatable object file,
+/// for `curv build`. The object defines `_mlir_NAME` (arguments packed as `void**`), the C
+/// interface `_mlir_ciface_NAME` and `NAME`; it calls `_mlir_ciface_curv_sgemm` when the
+/// function has matrix products, which the program it is linked into must define.
+pub fn compile_to_object(
+    source: &str,
+    name: &str,
+    path: &std::path::Path,
+    optimization_level: usize,
+) -> Result<(), MlirError> {
+    let context = new_context();
+    let mut module = Module::parse(&context, source)
+        .ok_or_else(|| MlirError { message: "MLIR could not parse the lowered module".to_string() })?;
+    if !module.as_operation().verify() {
+        return Err(MlirError { message: "the lowered module does not verify".to_string() });
+    }
+    let pass_manager = PassManager::new(&context);
+    parse_pass_pipeline(pass_manager.as_operation_pass_manager(), CPU_PIPELINE)
+        .map_err(|error| MlirError { message: format!("bad pass pipeline: {error}") })?;
+    pass_manager
+        .run(&mut module)
+        .map_err(|error| MlirError { message: format!("the CPU pipeline failed: {error}") })?;
+    let text = module.as_operation().to_string();
+    if let Some(prefix) = UNLOWERED.iter().find(|prefix| text.contains(&format!(" {prefix}"))) {
+        return Err(MlirError {
+            message: format!("the module is not fully lowered to the LLVM dialect (`{prefix}` remains)"),
+        });
+    }
+    let engine = ExecutionEngine::new(&module, optimization_level, &[], true, true);
+    unsafe { engine.register_symbol("_mlir_ciface_curv_sgemm", curv_runtime::gemm::curv_sgemm as *mut ()) };
+    // Looking the function up makes the engine compile it; only then is there an object to dump.
+    if engine.lookup(&format!("_mlir_ciface_{name}")).is_null() {
+        return Err(MlirError { message: format!("the compiled module has no function `{name}`") });
+    }
+    let path_text =
+        path.to_str().ok_or_else(|| MlirError { message: format!("{} is not a UTF-8 path", path.display()) })?;
+    engine.dump_to_object_file(path_text);
+    if !path.is_file() {
+        return Err(MlirError { message: format!("no object file was written to {}", path.display()) });
+    }
+    Ok(())
+}
+
 /// Lowers `source` (a module with function `name`) for the CPU and creates an execution engine.
 pub fn compile(
     source: &str,
@@ -97,7 +140,7 @@ pub fn compile(
         }
         let engine = ExecutionEngine::new(&module, optimization_level, &[], false, false);
         // The runtime functions generated code calls; they must be known before the first call.
-        unsafe { engine.register_symbol("_mlir_ciface_curv_sgemm", crate::gemm::curv_sgemm as *mut ()) };
+        unsafe { engine.register_symbol("_mlir_ciface_curv_sgemm", curv_runtime::gemm::curv_sgemm as *mut ()) };
         engine
     };
     Ok(CompiledFunction { engine, _context: context, name: name.to_string(), signature })
@@ -147,6 +190,19 @@ impl Buffer<'_> {
 }
 
 impl CompiledFunction {
+    /// Calls the function with packed arguments: one pointer per argument then per output, each
+    /// pointing at the pointer to a memref descriptor (see `curv_runtime::compiled`).
+    pub fn call_packed(&self, slots: &mut [*mut ()]) -> Result<(), MlirError> {
+        let expected = self.signature.arguments.len() + self.signature.outputs.len();
+        if slots.len() != expected {
+            return Err(MlirError {
+                message: format!("`{}` takes {expected} arguments, got {}", self.name, slots.len()),
+            });
+        }
+        unsafe { self.engine.invoke_packed(&self.name, slots) }
+            .map_err(|error| MlirError { message: format!("calling `{}`: {error}", self.name) })
+    }
+
     /// Calls the function with its arguments then its outputs, in signature order. Buffer sizes
     /// are checked against the signature before the call.
     pub fn call(&self, buffers: &mut [Buffer]) -> Result<(), MlirError> {

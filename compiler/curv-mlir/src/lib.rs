@@ -6,7 +6,6 @@
 //! pass pipeline. The kernel lowering of the MLIR backend grows here.
 
 pub mod backend;
-pub mod gemm;
 pub mod jit;
 pub mod lower;
 

@@ -14,22 +14,7 @@ const GEMM_MEMREF: &str = "memref<?x?xf32, strided<[?, ?], offset: ?>>";
 /// The declaration of the runtime's single-precision GEMM, `C = A B` (see `crate::gemm`).
 const GEMM_DECLARATION: &str = "func.func private @curv_sgemm(memref<?x?xf32, strided<[?, ?], offset: ?>>, memref<?x?xf32, strided<[?, ?], offset: ?>>, memref<?x?xf32, strided<[?, ?], offset: ?>>) attributes { llvm.emit_c_interface }";
 
-/// How a compiled function is called: its arguments in order, then its outputs.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Signature {
-    pub arguments: Vec<Argument>,
-    pub outputs: Vec<(String, Vec<i64>, DType)>,
-}
-
-/// One argument of a compiled function.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Argument {
-    /// The instruction that reads it (`Op::Input`, `Op::Param`, `Op::Data`, ...).
-    pub value: ValueId,
-    pub op: Op,
-    pub shape: Vec<i64>,
-    pub dtype: DType,
-}
+pub use curv_ir::abi::{Argument, Signature};
 
 /// Why a function cannot be lowered.
 #[derive(Debug, Clone, PartialEq)]

@@ -8,7 +8,9 @@
 
 pub mod backend;
 pub mod checkpoint;
+pub mod compiled;
 pub mod dataset;
+pub mod gemm;
 pub mod init;
 pub mod optimizer;
 pub mod plot;

@@ -1,6 +1,8 @@
 //! The runtime functions compiled code calls: a single-precision GEMM on strided memrefs, backed
 //! by the `matrixmultiply` crate (a blocked, SIMD micro-kernel GEMM). MLIR has no tuned GEMM for
-//! the CPU; calling a well-kept library from the generated code is the choice issue 4 allows.
+//! the CPU; calling a well-kept library from the generated code is the choice issue 4 allows. The
+//! JIT registers this function with its execution engine; standalone trainers export it under its
+//! C-interface name `_mlir_ciface_curv_sgemm`.
 
 /// MLIR's descriptor of a rank-2 strided memref.
 #[repr(C)]
