@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
-cargo build --release -p curv-cli
+cargo build --release -p curv-cli -p curv-standalone
 curv=./target/release/curv
 echo
 echo "== curv check examples/digits_mlp.curv"
@@ -18,6 +18,10 @@ echo "== curv run examples/digits_mlp.curv"
 echo
 echo "== curv run examples/siren.curv --steps 200"
 "$curv" run examples/siren.curv --steps 200 --out out/siren --metrics out/siren/metrics.jsonl
+echo
+echo "== curv build examples/digits_mlp.curv -o out/digits-trainer (a standalone trainer, no LLVM inside)"
+"$curv" build examples/digits_mlp.curv -o out/digits-trainer
+./out/digits-trainer --steps 300
 echo
 echo "== a file with mistakes: every error is reported in one run"
 "$curv" check tests/ui/several_syntax_errors.curv || echo "(curv exited with $? as it should for a user error)"

@@ -13,6 +13,9 @@ cargo fmt --all -- --check
 echo "== cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets -- -D warnings
 
+echo "== the standalone runtime library that \`curv build\` links"
+cargo build -p curv-standalone
+
 echo "== cargo test --workspace"
 # Snapshots are never written by the test run itself: a missing or changed snapshot fails.
 INSTA_UPDATE=no cargo test --workspace

@@ -65,6 +65,24 @@ enum Command {
         #[command(flatten)]
         run: RunArguments,
     },
+    /// Build a standalone trainer: the train block's kernels compiled ahead of time, linked with
+    /// curv's runtime into an executable that takes the flags of `curv run` and needs no LLVM.
+    Build {
+        /// The .curv file.
+        file: PathBuf,
+        /// Where to write the executable.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// The train block to build (default: the first).
+        #[arg(long)]
+        train: Option<String>,
+        /// Device: only `cpu` so far.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Build a shared library with a C ABI instead (not available yet).
+        #[arg(long)]
+        lib: bool,
+    },
     /// Print the version and check the MLIR toolchain curv is linked against.
     Version,
     /// Time generated kernels (GEMM at several sizes, a fused Adam update) for benches/peers.py;
@@ -137,6 +155,9 @@ fn run() -> ExitCode {
         Command::Emit { file, stage, output } => emit(&file, &stage, output.as_deref(), timings),
         Command::Run { file, run, optimizer, metrics } => run_command(&file, &run, optimizer, metrics, timings),
         Command::Compare { file, optimizers, run } => compare_command(&file, &optimizers, &run),
+        Command::Build { file, output, train, device, lib } => {
+            build_command(&file, &output, train.as_deref(), &device, lib)
+        }
         Command::Version => version(),
         Command::BenchKernels => bench_kernels(),
     }
@@ -638,4 +659,152 @@ fn bench_kernels() -> ExitCode {
     report.push(format!("\"copy_gbytes_per_second\": {:.3}", 2.0 * 4.0 * (1u64 << 24) as f64 / copy_seconds / 1e9));
     println!("{{{}}}", report.join(", "));
     ExitCode::SUCCESS
+}
+
+/// `curv build`: compiles every kernel the train block's trainer evaluates to an object file,
+/// writes the registry that names them and embeds the source, and links both with the standalone
+/// runtime library (`libcurv_standalone.a`, found next to the `curv` executable).
+fn build_command(file: &Path, output: &Path, train_name: Option<&str>, device: &str, lib: bool) -> ExitCode {
+    if lib {
+        eprintln!("error: `curv build --lib` is not available yet");
+        return ExitCode::from(1);
+    }
+    if device != "cpu" {
+        eprintln!("error: device `{device}` is not available yet; `curv build` targets the CPU");
+        return ExitCode::from(1);
+    }
+    let compilation = match load(file) {
+        Ok(compilation) => compilation,
+        Err(code) => return code,
+    };
+    print_diagnostics(&compilation);
+    if compilation.has_errors() {
+        return ExitCode::from(1);
+    }
+    let Some(analysis) = &compilation.analysis else { return ExitCode::from(1) };
+    match build(&compilation, &analysis.program, train_name, output) {
+        Ok(kernels) => {
+            println!("wrote {} ({kernels} compiled kernels)", output.display());
+            ExitCode::SUCCESS
+        }
+        Err((message, code)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// Escapes bytes as a C string literal.
+fn c_string(text: &str) -> String {
+    let mut out = String::from("\"");
+    for byte in text.bytes() {
+        match byte {
+            b'"' => out.push_str("\\\""),
+            b'\\' => out.push_str("\\\\"),
+            b' '..=b'~' => out.push(byte as char),
+            other => out.push_str(&format!("\\{other:03o}")),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn build(
+    compilation: &Compilation,
+    program: &curv_ir::Program,
+    train_name: Option<&str>,
+    output: &Path,
+) -> Result<usize, (String, u8)> {
+    use curv_runtime::backend::keys;
+    let train = curv_driver::run::select_train(program, train_name).map_err(|error| (error.message, 1))?;
+    let names: Vec<String> = train.params.iter().map(|param| param.name.clone()).collect();
+    curv_runtime::optimizer::check_executable(&train.optimizer, &names).map_err(|message| (message, 1))?;
+    let library = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|directory| directory.join("libcurv_standalone.a")))
+        .filter(|path| path.is_file())
+        .ok_or_else(|| ("the runtime library libcurv_standalone.a is not next to the curv executable; build it with `cargo build -p curv-standalone`".to_string(), 2))?;
+    // The functions the trainer evaluates, under the keys it uses.
+    let no_bindings = std::collections::HashMap::new();
+    let mut kernels: Vec<(String, curv_ir::Function, std::collections::HashMap<String, i64>)> = Vec::new();
+    let gradients = curv_ad::products::gradient_program(&train.loss, &train.params).function;
+    kernels.push((keys::GRADIENTS.to_string(), gradients, no_bindings.clone()));
+    if train.optimizer.plans.iter().any(|plan| curv_runtime::optimizer::uses_hutchinson(plan, &program.rules)) {
+        kernels.push((
+            keys::HESSIAN_VECTOR.to_string(),
+            curv_ad::products::hvp_program(&train.loss, &train.params),
+            no_bindings.clone(),
+        ));
+    }
+    if let Some(test_loss) = &train.test_loss {
+        kernels.push((keys::TEST_LOSS.to_string(), test_loss.clone(), no_bindings.clone()));
+    }
+    kernels.push((keys::LOSS.to_string(), train.loss.clone(), no_bindings.clone()));
+    for plan in &train.optimizer.plans {
+        if plan.structure != curv_ir::StructureKind::Rule {
+            continue;
+        }
+        let Some(rule) = program.rules.iter().find(|rule| rule.name == plan.rule_name) else { continue };
+        let size = train.params[plan.param].ty.element_count().unwrap_or(0) as usize;
+        let bindings = std::collections::HashMap::from([("P".to_string(), size as i64)]);
+        let init_key = keys::rule_init(&rule.name, size);
+        if !kernels.iter().any(|(key, _, _)| *key == init_key) {
+            kernels.push((init_key, rule.init.clone(), bindings.clone()));
+            for (block, update) in rule.updates.iter().enumerate() {
+                kernels.push((keys::rule_block(&rule.name, block, size), update.function.clone(), bindings.clone()));
+            }
+        }
+    }
+    let work = std::env::temp_dir().join(format!("curv-build-{}", std::process::id()));
+    std::fs::create_dir_all(&work).map_err(|error| (format!("cannot create {}: {error}", work.display()), 2))?;
+    let mut registry =
+        String::from("#include <stddef.h>\n\nstruct curv_kernel { const char *key; void (*function)(void **); };\n\n");
+    let mut entries = Vec::new();
+    let mut objects = Vec::new();
+    for (index, (key, function, bindings)) in kernels.iter().enumerate() {
+        let name = format!("curv_kernel_{index}");
+        let text = match curv_mlir::lower::lower_function(function, &name, bindings) {
+            Ok((text, _)) => text,
+            // Functions with ops the lowering does not handle run on the interpreter.
+            Err(_) => continue,
+        };
+        let object = work.join(format!("{name}.o"));
+        curv_mlir::jit::compile_to_object(&text, &name, &object, 2)
+            .map_err(|error| (format!("compiling `{key}`: {error}"), 2))?;
+        objects.push(object);
+        registry.push_str(&format!("extern void _mlir__mlir_ciface_{name}(void **);\n"));
+        entries
+            .push(format!("  {{{}, _mlir__mlir_ciface_{name}}}", c_string(&curv_ir::abi::kernel_key(key, bindings))));
+    }
+    let directory = compilation.source.directory().canonicalize().unwrap_or_else(|_| compilation.source.directory());
+    let file_name =
+        compilation.source.path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+    registry.push_str(&format!("\nconst struct curv_kernel curv_kernels[] = {{\n{}\n}};\n", entries.join(",\n")));
+    registry.push_str(&format!("const size_t curv_kernel_count = {};\n", entries.len()));
+    registry.push_str(&format!("const char curv_program_source[] = {};\n", c_string(&compilation.source.text)));
+    registry.push_str(&format!("const char curv_program_file[] = {};\n", c_string(&file_name)));
+    registry.push_str(&format!("const char curv_program_directory[] = {};\n", c_string(&directory.to_string_lossy())));
+    registry.push_str("\nint curv_standalone_main(int argc, char **argv);\nint main(int argc, char **argv) { return curv_standalone_main(argc, argv); }\n");
+    let registry_path = work.join("registry.c");
+    std::fs::write(&registry_path, registry)
+        .map_err(|error| (format!("cannot write {}: {error}", registry_path.display()), 2))?;
+    let file_name =
+        output.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_else(|| "trainer".to_string());
+    let temporary = output.with_file_name(format!(".{file_name}.{}.tmp", std::process::id()));
+    let status = std::process::Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".to_string()))
+        .arg("-o")
+        .arg(&temporary)
+        .arg(&registry_path)
+        .args(&objects)
+        .arg(&library)
+        .args(["-lm", "-lpthread", "-ldl", "-lgcc_s", "-lutil", "-lrt", "-lc"])
+        .status()
+        .map_err(|error| (format!("cannot run the C compiler to link: {error}"), 2))?;
+    let _ = std::fs::remove_dir_all(&work);
+    if !status.success() {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(("linking the trainer failed".to_string(), 2));
+    }
+    std::fs::rename(&temporary, output).map_err(|error| (format!("cannot write {}: {error}", output.display()), 1))?;
+    Ok(entries.len())
 }

@@ -408,3 +408,58 @@ fn the_mlir_backend_trains_like_the_interpreter_for_every_executable_preset() {
     }
     assert!(compared >= 10, "only {compared} presets compared");
 }
+
+#[test]
+fn curv_build_writes_a_standalone_trainer_that_trains_like_curv_run() {
+    // The trainer links the standalone runtime library, which `scripts/test.sh` builds next to
+    // the `curv` binary (`cargo build -p curv-standalone`).
+    let library = Path::new(env!("CARGO_BIN_EXE_curv")).parent().unwrap().join("libcurv_standalone.a");
+    assert!(library.is_file(), "build the runtime library first: cargo build -p curv-standalone");
+    let directory = scratch("build");
+    let trainer = directory.join("digits-trainer");
+    let output = curv(&["build", "examples/digits_mlp.curv", "-o", trainer.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("compiled kernels"));
+    // No LLVM or MLIR is linked in: the trainer only needs the C and math libraries.
+    let binary = std::fs::read(&trainer).unwrap();
+    assert!(!binary.windows(b"mlirExecutionEngine".len()).any(|window| window == b"mlirExecutionEngine"));
+    // It runs from any directory and trains exactly as `curv run` does with the MLIR backend.
+    let built_metrics = directory.join("built.jsonl");
+    let output = Command::new(&trainer)
+        .args([
+            "--steps",
+            "30",
+            "--quiet",
+            "--metrics",
+            built_metrics.to_str().unwrap(),
+            "--out",
+            directory.join("built").to_str().unwrap(),
+        ])
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let run_metrics = directory.join("run.jsonl");
+    let output = curv(&[
+        "run",
+        "examples/digits_mlp.curv",
+        "--steps",
+        "30",
+        "--quiet",
+        "--metrics",
+        run_metrics.to_str().unwrap(),
+        "--out",
+        directory.join("run").to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(0));
+    let built = read_parameters(&directory.join("built/final.safetensors"));
+    let run = read_parameters(&directory.join("run/final.safetensors"));
+    assert_eq!(built.len(), 6);
+    for ((name, a), (_, b)) in built.iter().zip(&run) {
+        let difference = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(difference <= 1e-5, "`{name}` differs by {difference}");
+    }
+    // Bad flags are user errors.
+    let output = Command::new(&trainer).arg("--steps").arg("many").output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+}

@@ -36,3 +36,22 @@ impl<T: Real> Backend<T> for Interpreter {
 pub fn output<'a, T>(outputs: &'a [(String, Value<T>)], name: &str) -> Option<&'a Value<T>> {
     outputs.iter().find(|(key, _)| key == name).map(|(_, value)| value)
 }
+
+/// The keys under which the trainer evaluates its functions; `curv build` compiles a kernel for
+/// each of them ahead of time.
+pub mod keys {
+    pub const GRADIENTS: &str = "loss_and_gradients";
+    pub const HESSIAN_VECTOR: &str = "hessian_vector_product";
+    pub const TEST_LOSS: &str = "test_loss";
+    pub const LOSS: &str = "loss";
+
+    /// The state initialisation of `rule` for a parameter of `size` elements.
+    pub fn rule_init(rule: &str, size: usize) -> String {
+        format!("rule {rule} init {size}")
+    }
+
+    /// The `block`-th `every` block of `rule` for a parameter of `size` elements.
+    pub fn rule_block(rule: &str, block: usize, size: usize) -> String {
+        format!("rule {rule} block {block} {size}")
+    }
+}

@@ -141,3 +141,21 @@ pub fn call_compiled(
     }
     Ok(results)
 }
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+extern "C" {
+    fn mallopt(parameter: i32, value: i32) -> i32;
+}
+
+/// Compiled kernels allocate their temporaries with `malloc` on every call. glibc serves blocks
+/// above 128 KiB with fresh `mmap`s, so every step would fault in and zero its temporaries again;
+/// raising the thresholds keeps those blocks in the heap for reuse.
+pub fn keep_large_allocations_in_the_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        const M_TRIM_THRESHOLD: i32 = -1;
+        const M_MMAP_THRESHOLD: i32 = -3;
+        mallopt(M_MMAP_THRESHOLD, 1 << 30);
+        mallopt(M_TRIM_THRESHOLD, 1 << 30);
+    }
+}

@@ -160,7 +160,7 @@ fn update_with_rule<T: Real>(
         // States are initialised at the first update, from the parameter and its first gradient.
         let mut init_inputs = base.clone();
         init_inputs.inputs = vec![Value::Real(flat(param)), Value::Real(flat(inputs.gradient))];
-        let key = format!("rule {} init {}", rule.name, param.len());
+        let key = crate::backend::keys::rule_init(&rule.name, param.len());
         for (name, value) in inputs
             .backend
             .outputs(&key, &rule.init, &init_inputs)
@@ -175,7 +175,7 @@ fn update_with_rule<T: Real>(
             continue;
         }
         let update = &rule_update.function;
-        let key = format!("rule {} block {block} {}", rule.name, param.len());
+        let key = crate::backend::keys::rule_block(&rule.name, block, param.len());
         let mut update_inputs = base.clone();
         update_inputs.inputs = vec![Value::Real(flat(param)), Value::Real(flat(inputs.gradient))];
         for name in &rule.state {

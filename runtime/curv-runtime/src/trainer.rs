@@ -1,6 +1,6 @@
 //! The training loop of one train program on the reference interpreter.
 
-use crate::backend::{output as find_output, Backend, Interpreter};
+use crate::backend::{keys, output as find_output, Backend, Interpreter};
 use crate::dataset::Dataset;
 use crate::optimizer::{statistics_needed, update_param, ParamState, UpdateInputs};
 use crate::random::{Random, Stream};
@@ -150,9 +150,9 @@ impl<T: Real> Trainer<T> {
                     })
                     .collect();
                 inputs.inputs = probes.iter().cloned().map(Value::Real).collect();
-                (hessian_vector, "hessian_vector_product", probes)
+                (hessian_vector, keys::HESSIAN_VECTOR, probes)
             }
-            _ => (&self.gradients, "loss_and_gradients", Vec::new()),
+            _ => (&self.gradients, keys::GRADIENTS, Vec::new()),
         };
         let values = self
             .backend
@@ -318,7 +318,7 @@ impl<T: Real> Trainer<T> {
         sampled_inputs.data.insert((source.clone(), field.clone()), sampled);
         let sampled_values = self
             .backend
-            .outputs("loss_and_gradients", function, &sampled_inputs)
+            .outputs(keys::GRADIENTS, function, &sampled_inputs)
             .map_err(|error| TrainError::Runtime(format!("step {step}: {error}")))?;
         (0..self.params.len())
             .map(|index| {
@@ -363,7 +363,7 @@ impl<T: Real> Trainer<T> {
             Inputs { params: self.params.clone(), data: self.dataset.gather(&self.dataset.test), ..Inputs::default() };
         let values = self
             .backend
-            .outputs("test_loss", function, &inputs)
+            .outputs(keys::TEST_LOSS, function, &inputs)
             .map_err(|error| TrainError::Runtime(format!("evaluation: {error}")))?;
         let output = |name: &str| find_output(&values, name).cloned();
         let loss =
@@ -383,7 +383,7 @@ impl<T: Real> Trainer<T> {
             Inputs { params: self.params.clone(), data: self.dataset.gather(&self.dataset.train), ..Inputs::default() };
         let values = self
             .backend
-            .outputs("loss", &self.program.loss, &inputs)
+            .outputs(keys::LOSS, &self.program.loss, &inputs)
             .map_err(|error| TrainError::Runtime(format!("prediction: {error}")))?;
         Ok(find_output(&values, "prediction").and_then(Value::as_real).cloned())
     }

@@ -1,0 +1,210 @@
+//! `curv-standalone` is the runtime linked into the trainers `curv build` writes. A trainer is
+//! this static library, the object files of its kernels (compiled ahead of time through MLIR) and
+//! a small generated C file that holds the `.curv` source and a registry of the kernels. At start
+//! the trainer checks its source again (the front end is plain Rust), then trains with the same
+//! flags as `curv run`, calling the registered kernels and the interpreter for anything not
+//! compiled. It needs neither LLVM nor MLIR.
+
+use clap::Parser;
+use curv_interp::{Inputs, Value};
+use curv_ir::Function;
+use curv_runtime::compiled::{bindings_from_inputs, call_compiled};
+use curv_runtime::Backend;
+use std::ffi::{c_char, c_int, CStr};
+use std::path::PathBuf;
+
+/// One compiled kernel: its key (`curv_ir::abi::kernel_key`) and its packed entry point.
+#[repr(C)]
+pub struct KernelEntry {
+    pub key: *const c_char,
+    pub function: unsafe extern "C" fn(*mut *mut ()),
+}
+
+extern "C" {
+    static curv_kernels: [KernelEntry; 0];
+    static curv_kernel_count: usize;
+    static curv_program_source: [c_char; 0];
+    static curv_program_file: [c_char; 0];
+    static curv_program_directory: [c_char; 0];
+}
+
+/// The C-interface name generated code calls for matrix products.
+///
+/// # Safety
+///
+/// Called by generated code with valid descriptors only.
+#[no_mangle]
+pub unsafe extern "C" fn _mlir_ciface_curv_sgemm(
+    a: *const curv_runtime::gemm::StridedMemRef2,
+    b: *const curv_runtime::gemm::StridedMemRef2,
+    c: *mut curv_runtime::gemm::StridedMemRef2,
+) {
+    unsafe { curv_runtime::gemm::curv_sgemm(a, b, c) }
+}
+
+fn embedded_text(pointer: *const c_char) -> String {
+    unsafe { CStr::from_ptr(pointer) }.to_string_lossy().into_owned()
+}
+
+/// Looks a kernel up in the registry the generated C file defines.
+fn registered(key: &str) -> Option<unsafe extern "C" fn(*mut *mut ())> {
+    let (entries, count) = unsafe { (curv_kernels.as_ptr(), curv_kernel_count) };
+    (0..count)
+        .map(|index| unsafe { &*entries.add(index) })
+        .find(|entry| embedded_text(entry.key) == key)
+        .map(|entry| entry.function)
+}
+
+/// Calls the kernels compiled ahead of time; functions without one run on the interpreter.
+struct Precompiled;
+
+impl Backend<f32> for Precompiled {
+    fn name(&self) -> &'static str {
+        "compiled"
+    }
+
+    fn outputs(
+        &self,
+        key: &str,
+        function: &Function,
+        inputs: &Inputs<f32>,
+    ) -> Result<Vec<(String, Value<f32>)>, String> {
+        let bindings = bindings_from_inputs(function, inputs);
+        let Some(kernel) = registered(&curv_ir::abi::kernel_key(key, &bindings)) else {
+            return curv_runtime::Interpreter.outputs(key, function, inputs);
+        };
+        let signature = curv_ir::abi::kernel_signature(function, &bindings)?;
+        call_compiled(&signature, inputs, &mut |slots| {
+            unsafe { kernel(slots.as_mut_ptr()) };
+            Ok(())
+        })
+    }
+}
+
+fn make_backend() -> Box<dyn Backend<f32>> {
+    Box::new(Precompiled)
+}
+
+#[derive(Parser)]
+#[command(about = "A trainer built by `curv build`: runs its train block as `curv run` would")]
+struct Arguments {
+    /// The train block to run (default: the one it was built for).
+    #[arg(long)]
+    train: Option<String>,
+    #[arg(long)]
+    steps: Option<u64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Directory the data paths are relative to (default: the .curv file's directory at build time).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long)]
+    init: Option<PathBuf>,
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    #[arg(long)]
+    metrics: Option<PathBuf>,
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Run on the interpreter instead of the compiled kernels.
+    #[arg(long)]
+    interpret: bool,
+    #[arg(long)]
+    quiet: bool,
+}
+
+struct Printer {
+    quiet: bool,
+}
+
+impl curv_driver::run::RunObserver for Printer {
+    fn logged(&mut self, record: &curv_driver::run::LogRecord) {
+        if !self.quiet {
+            let values: Vec<String> = record.values.iter().map(|(name, value)| format!("{name} {value:.4}")).collect();
+            println!("step {:>6}  {}", record.step, values.join("  "));
+        }
+    }
+
+    fn warning(&mut self, message: &str) {
+        eprintln!("warning: {message}");
+    }
+}
+
+fn run(arguments: Vec<String>) -> c_int {
+    let arguments = match Arguments::try_parse_from(arguments) {
+        Ok(arguments) => arguments,
+        Err(error) => {
+            let _ = error.print();
+            return if matches!(
+                error.kind(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            ) {
+                0
+            } else {
+                1
+            };
+        }
+    };
+    let text = embedded_text(unsafe { curv_program_source.as_ptr() });
+    let file = embedded_text(unsafe { curv_program_file.as_ptr() });
+    let directory = arguments
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(embedded_text(unsafe { curv_program_directory.as_ptr() })));
+    let source = curv_driver::SourceFile::in_memory(&file, &text, &directory);
+    let compilation = curv_driver::compile(source);
+    if compilation.has_errors() {
+        eprint!("{}", curv_driver::render_diagnostics(&compilation, false));
+        return 1;
+    }
+    let Some(analysis) = &compilation.analysis else { return 1 };
+    curv_runtime::compiled::keep_large_allocations_in_the_heap();
+    let options = curv_driver::run::RunOptions {
+        train: arguments.train.clone(),
+        steps: arguments.steps,
+        seed: arguments.seed,
+        precision: curv_driver::run::Precision::F32,
+        init: arguments.init.clone(),
+        resume: arguments.resume.clone(),
+        metrics: arguments.metrics.clone(),
+        out: arguments.out.clone(),
+        backend: if arguments.interpret { None } else { Some(make_backend) },
+    };
+    let mut printer = Printer { quiet: arguments.quiet };
+    match curv_driver::run::run_program(&analysis.program, &directory, &options, &mut printer) {
+        Ok(summary) => {
+            if !arguments.quiet {
+                let values: Vec<String> =
+                    summary.final_values.iter().map(|(name, value)| format!("{name} {value:.4}")).collect();
+                println!(
+                    "done: {} steps, {}, median step {:.2} ms",
+                    summary.steps,
+                    values.join(", "),
+                    summary.step_ms_median
+                );
+            }
+            0
+        }
+        Err(error) => {
+            eprintln!("error: {}", error.message);
+            if error.user {
+                1
+            } else {
+                2
+            }
+        }
+    }
+}
+
+/// The trainer's entry point, called by the generated `main`.
+///
+/// # Safety
+///
+/// `argv` must hold `argc` valid C strings, as `main` receives them.
+#[no_mangle]
+pub unsafe extern "C" fn curv_standalone_main(argc: c_int, argv: *const *const c_char) -> c_int {
+    let arguments: Vec<String> =
+        (0..argc.max(0) as usize).map(|index| embedded_text(unsafe { *argv.add(index) })).collect();
+    std::panic::set_hook(Box::new(|info| eprintln!("error: internal error: {info}")));
+    std::panic::catch_unwind(|| run(arguments)).unwrap_or(2)
+}
