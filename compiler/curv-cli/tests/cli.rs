@@ -9,7 +9,12 @@ fn repository_root() -> PathBuf {
 }
 
 fn curv(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_curv")).args(args).current_dir(repository_root()).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_curv"))
+        .args(args)
+        .current_dir(repository_root())
+        .env("CURV_CACHE_DIR", std::env::temp_dir().join("curv-test-kernel-cache"))
+        .output()
+        .unwrap()
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -141,4 +146,49 @@ fn emit_mlir_carries_source_locations_and_lowers_to_llvm() {
     assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
     let llvm = text(&output.stdout);
     assert!(llvm.contains("llvm.func @loss_and_gradients") && !llvm.contains("linalg.generic"));
+}
+
+#[test]
+fn a_second_run_of_an_unchanged_file_loads_its_kernels_from_the_cache() {
+    let cache = scratch_directory("cache");
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_curv"))
+            .args(["run", "examples/optimizers/adam.curv", "--steps", "3", "--quiet", "--timings"])
+            .current_dir(repository_root())
+            .env("CURV_CACHE_DIR", &cache)
+            .output()
+            .unwrap()
+    };
+    let compile_ms = |output: &Output| -> f64 {
+        let stderr = text(&output.stderr);
+        let after = stderr.split("compile ").nth(1).unwrap_or_else(|| panic!("{stderr}"));
+        after.split(" ms").next().unwrap().parse().unwrap()
+    };
+    let first = run();
+    assert_eq!(first.status.code(), Some(0), "{}", text(&first.stderr));
+    let entries = std::fs::read_dir(&cache)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|entry| entry.path().extension().is_some_and(|extension| extension == "so"))
+        .count();
+    assert!(entries >= 3, "{entries} cached kernels");
+    let second = run();
+    assert_eq!(second.status.code(), Some(0));
+    // Loading shared objects takes milliseconds; compiling them took far longer.
+    assert!(
+        compile_ms(&second) * 5.0 < compile_ms(&first),
+        "first {} ms, second {} ms",
+        compile_ms(&first),
+        compile_ms(&second)
+    );
+    // Disabling the cache compiles in memory again.
+    let output = Command::new(env!("CARGO_BIN_EXE_curv"))
+        .args(["run", "examples/optimizers/adam.curv", "--steps", "3", "--quiet"])
+        .current_dir(repository_root())
+        .env("CURV_CACHE", "off")
+        .env("CURV_CACHE_DIR", scratch_directory("cache-off"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    assert_eq!(std::fs::read_dir(scratch_directory("cache-off")).unwrap().count(), 0);
 }

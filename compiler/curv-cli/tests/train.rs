@@ -10,7 +10,12 @@ fn repository_root() -> PathBuf {
 }
 
 fn curv(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_curv")).args(args).current_dir(repository_root()).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_curv"))
+        .args(args)
+        .current_dir(repository_root())
+        .env("CURV_CACHE_DIR", std::env::temp_dir().join("curv-test-kernel-cache"))
+        .output()
+        .unwrap()
 }
 
 fn scratch(name: &str) -> PathBuf {

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 /// A compiled function, or the reason it runs on the interpreter instead.
 enum Entry {
     Compiled(CompiledFunction),
+    Cached(crate::cache::CachedKernel, curv_ir::abi::Signature),
     Interpreted,
 }
 
@@ -22,6 +23,8 @@ pub struct MlirBackend {
     optimization_level: usize,
     compiled: RefCell<HashMap<String, Entry>>,
     compile_seconds: std::cell::Cell<f64>,
+    /// The artifact cache, when the environment allows one (see `crate::cache`).
+    cache: Option<crate::cache::KernelCache>,
 }
 
 impl MlirBackend {
@@ -31,6 +34,7 @@ impl MlirBackend {
             optimization_level,
             compiled: RefCell::new(HashMap::new()),
             compile_seconds: std::cell::Cell::new(0.0),
+            cache: crate::cache::KernelCache::from_environment(),
         }
     }
 }
@@ -55,11 +59,23 @@ impl Backend<f32> for MlirBackend {
         let mut compiled = self.compiled.borrow_mut();
         if !compiled.contains_key(&cache_key) {
             let started = std::time::Instant::now();
-            let name = format!("kernel_{}", compiled.len());
+            // Cached kernels live in their own shared objects and share one name.
+            let name = if self.cache.is_some() {
+                crate::cache::KERNEL_NAME.to_string()
+            } else {
+                format!("kernel_{}", compiled.len())
+            };
             let entry = match lower_function(function, &name, &bindings) {
-                Ok((text, signature)) => Entry::Compiled(
-                    compile(&text, &name, signature, self.optimization_level).map_err(|error| error.message)?,
-                ),
+                Ok((text, signature)) => {
+                    let cached =
+                        self.cache.as_ref().and_then(|cache| cache.load_or_build(&text, self.optimization_level).ok());
+                    match cached {
+                        Some((kernel, _)) => Entry::Cached(kernel, signature),
+                        None => Entry::Compiled(
+                            compile(&text, &name, signature, self.optimization_level).map_err(|error| error.message)?,
+                        ),
+                    }
+                }
                 Err(error) => {
                     eprintln!("note: {}; `{key}` runs on the reference interpreter", error.message);
                     Entry::Interpreted
@@ -71,6 +87,10 @@ impl Backend<f32> for MlirBackend {
         match &compiled[&cache_key] {
             Entry::Compiled(function) => call_compiled(&function.signature, inputs, &mut |slots| {
                 function.call_packed(slots).map_err(|error| error.message)
+            }),
+            Entry::Cached(kernel, signature) => call_compiled(signature, inputs, &mut |slots| {
+                kernel.call_packed(slots);
+                Ok(())
             }),
             Entry::Interpreted => curv_runtime::Interpreter.outputs(key, function, inputs),
         }

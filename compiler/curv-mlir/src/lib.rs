@@ -6,6 +6,7 @@
 //! pass pipeline. The kernel lowering of the MLIR backend grows here.
 
 pub mod backend;
+pub mod cache;
 pub mod jit;
 pub mod lower;
 
