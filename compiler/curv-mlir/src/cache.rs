@@ -11,11 +11,24 @@ use crate::MlirError;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
-/// Forwards the kernel's GEMM calls to the host's GEMM, whose address the loader sets: the
-/// shared object cannot link against the `curv` executable's symbols.
-const TRAMPOLINE: &str = "typedef void (*curv_gemm)(void *, void *, void *);\n\
-curv_gemm curv_sgemm_pointer;\n\
-void _mlir_ciface_curv_sgemm(void *a, void *b, void *c) { curv_sgemm_pointer(a, b, c); }\n";
+/// C source that forwards the kernel's calls of runtime functions (the GEMM, the decompositions)
+/// to the host's, whose addresses the loader sets: a shared object cannot link against the `curv`
+/// executable's symbols. One pointer `NAME_pointer` and one function `_mlir_ciface_NAME` each.
+fn trampoline_source() -> String {
+    let mut text = String::new();
+    for function in curv_runtime::linalg::runtime_functions() {
+        let name = function.name;
+        let parameters: Vec<String> = (0..function.arity).map(|index| format!("void *a{index}")).collect();
+        let arguments: Vec<String> = (0..function.arity).map(|index| format!("a{index}")).collect();
+        let types = vec!["void *"; function.arity].join(", ");
+        text.push_str(&format!(
+            "void (*{name}_pointer)({types});\nvoid _mlir_ciface_{name}({}) {{ {name}_pointer({}); }}\n",
+            parameters.join(", "),
+            arguments.join(", ")
+        ));
+    }
+    text
+}
 
 /// The name every cached kernel's function has (each lives in its own shared object).
 pub const KERNEL_NAME: &str = "kernel";
@@ -65,6 +78,7 @@ impl KernelCache {
         hasher.update(std::env::consts::OS);
         hasher.update(optimization_level.to_le_bytes());
         hasher.update(crate::jit::CPU_PIPELINE);
+        hasher.update(trampoline_source());
         hasher.update(text);
         hasher.finalize().iter().map(|byte| format!("{byte:02x}")).collect()
     }
@@ -88,7 +102,7 @@ impl KernelCache {
         let temporary = self.directory.join(format!(".{unique}.so"));
         let result = (|| {
             compile_to_object(text, KERNEL_NAME, &object, optimization_level)?;
-            std::fs::write(&trampoline, TRAMPOLINE)
+            std::fs::write(&trampoline, trampoline_source())
                 .map_err(|error| MlirError { message: format!("cannot write {}: {error}", trampoline.display()) })?;
             let status = std::process::Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".to_string()))
                 .args(["-shared", "-fPIC", "-o"])
@@ -114,8 +128,11 @@ fn load(path: &Path) -> Result<CachedKernel, MlirError> {
     let failure = |error: libloading::Error| MlirError { message: format!("cannot load {}: {error}", path.display()) };
     unsafe {
         let library = libloading::Library::new(path).map_err(failure)?;
-        let pointer: libloading::Symbol<*mut usize> = library.get(b"curv_sgemm_pointer\0").map_err(failure)?;
-        **pointer = curv_runtime::gemm::curv_sgemm as *const () as usize;
+        for function in curv_runtime::linalg::runtime_functions() {
+            let pointer: libloading::Symbol<*mut usize> =
+                library.get(format!("{}_pointer\0", function.name).as_bytes()).map_err(failure)?;
+            **pointer = function.address as usize;
+        }
         let entry: libloading::Symbol<unsafe extern "C" fn(*mut *mut ())> =
             library.get(format!("_mlir__mlir_ciface_{KERNEL_NAME}\0").as_bytes()).map_err(failure)?;
         let entry = *entry;

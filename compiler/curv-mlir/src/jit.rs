@@ -95,7 +95,7 @@ pub fn compile_to_object(
         });
     }
     let engine = ExecutionEngine::new(&module, optimization_level, &[], true, true);
-    unsafe { engine.register_symbol("_mlir_ciface_curv_sgemm", curv_runtime::gemm::curv_sgemm as *mut ()) };
+    register_runtime_functions(&engine);
     // Looking the function up makes the engine compile it; only then is there an object to dump.
     if engine.lookup(&format!("_mlir_ciface_{name}")).is_null() {
         return Err(MlirError { message: format!("the compiled module has no function `{name}`") });
@@ -140,10 +140,20 @@ pub fn compile(
         }
         let engine = ExecutionEngine::new(&module, optimization_level, &[], false, false);
         // The runtime functions generated code calls; they must be known before the first call.
-        unsafe { engine.register_symbol("_mlir_ciface_curv_sgemm", curv_runtime::gemm::curv_sgemm as *mut ()) };
+        register_runtime_functions(&engine);
         engine
     };
     Ok(CompiledFunction { engine, _context: context, name: name.to_string(), signature })
+}
+
+/// Makes the runtime functions generated code may call (the GEMM and the matrix decompositions of
+/// `curv_runtime::linalg`) known to the engine under their C-interface names.
+fn register_runtime_functions(engine: &ExecutionEngine) {
+    for function in curv_runtime::linalg::runtime_functions() {
+        // The address is that of an `extern "C"` function of the runtime, which lives as long as
+        // the process.
+        unsafe { engine.register_symbol(&format!("_mlir_ciface_{}", function.name), function.address as *mut ()) };
+    }
 }
 
 /// A strided memref descriptor of any rank, laid out as MLIR's C interface expects:

@@ -11,6 +11,17 @@ use std::fmt::Write;
 /// The strided 2-D memref type the runtime's GEMM takes.
 const GEMM_MEMREF: &str = "memref<?x?xf32, strided<[?, ?], offset: ?>>";
 
+/// The declarations of the runtime's matrix decompositions (`curv_runtime::linalg`), in double
+/// precision inside, `f32` at the boundary: `curv_seigh(A, values, vectors)` (eigenvalues
+/// ascending, eigenvectors as columns), `curv_scholesky(A, L)` and `curv_sqr(A, Q, R)` (thin QR).
+/// A module that calls one includes its declaration; the JIT, the kernel cache and standalone
+/// trainers all provide them.
+pub const DECOMPOSITION_DECLARATIONS: &str = "\
+func.func private @curv_seigh(memref<?x?xf32, strided<[?, ?], offset: ?>>, memref<?xf32, strided<[?], offset: ?>>, memref<?x?xf32, strided<[?, ?], offset: ?>>) attributes { llvm.emit_c_interface }
+func.func private @curv_scholesky(memref<?x?xf32, strided<[?, ?], offset: ?>>, memref<?x?xf32, strided<[?, ?], offset: ?>>) attributes { llvm.emit_c_interface }
+func.func private @curv_sqr(memref<?x?xf32, strided<[?, ?], offset: ?>>, memref<?x?xf32, strided<[?, ?], offset: ?>>, memref<?x?xf32, strided<[?, ?], offset: ?>>) attributes { llvm.emit_c_interface }
+";
+
 /// The declaration of the runtime's single-precision GEMM, `C = A B` (see `crate::gemm`).
 const GEMM_DECLARATION: &str = "func.func private @curv_sgemm(memref<?x?xf32, strided<[?, ?], offset: ?>>, memref<?x?xf32, strided<[?, ?], offset: ?>>, memref<?x?xf32, strided<[?, ?], offset: ?>>) attributes { llvm.emit_c_interface }";
 

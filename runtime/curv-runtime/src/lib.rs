@@ -12,6 +12,7 @@ pub mod compiled;
 pub mod dataset;
 pub mod gemm;
 pub mod init;
+pub mod linalg;
 pub mod optimizer;
 pub mod plot;
 pub mod random;

@@ -42,6 +42,47 @@ pub unsafe extern "C" fn _mlir_ciface_curv_sgemm(
     unsafe { curv_runtime::gemm::curv_sgemm(a, b, c) }
 }
 
+/// The C-interface name generated code calls for symmetric eigendecompositions.
+///
+/// # Safety
+///
+/// Called by generated code with valid descriptors only.
+#[no_mangle]
+pub unsafe extern "C" fn _mlir_ciface_curv_seigh(
+    matrix: *const curv_runtime::gemm::StridedMemRef2,
+    values: *mut curv_runtime::linalg::StridedMemRef1,
+    vectors: *mut curv_runtime::gemm::StridedMemRef2,
+) {
+    unsafe { curv_runtime::linalg::curv_seigh(matrix, values, vectors) }
+}
+
+/// The C-interface name generated code calls for Cholesky factors.
+///
+/// # Safety
+///
+/// Called by generated code with valid descriptors only.
+#[no_mangle]
+pub unsafe extern "C" fn _mlir_ciface_curv_scholesky(
+    matrix: *const curv_runtime::gemm::StridedMemRef2,
+    lower: *mut curv_runtime::gemm::StridedMemRef2,
+) {
+    unsafe { curv_runtime::linalg::curv_scholesky(matrix, lower) }
+}
+
+/// The C-interface name generated code calls for thin QR factorisations.
+///
+/// # Safety
+///
+/// Called by generated code with valid descriptors only.
+#[no_mangle]
+pub unsafe extern "C" fn _mlir_ciface_curv_sqr(
+    matrix: *const curv_runtime::gemm::StridedMemRef2,
+    q: *mut curv_runtime::gemm::StridedMemRef2,
+    r: *mut curv_runtime::gemm::StridedMemRef2,
+) {
+    unsafe { curv_runtime::linalg::curv_sqr(matrix, q, r) }
+}
+
 fn embedded_text(pointer: *const c_char) -> String {
     unsafe { CStr::from_ptr(pointer) }.to_string_lossy().into_owned()
 }
