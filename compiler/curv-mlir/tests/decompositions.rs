@@ -150,3 +150,46 @@ fn a_failed_decomposition_gives_nan_not_a_crash() {
     function.call(&mut [Buffer::F32(&mut a), Buffer::F32(&mut l)]).unwrap();
     assert!(l.iter().all(|value| value.is_nan()), "{l:?}");
 }
+
+/// A memref descriptor as MLIR's C interface lays it out: allocated and aligned pointers, offset,
+/// sizes, strides (row-major).
+fn descriptor(data: &mut [f32], shape: &[i64]) -> Vec<i64> {
+    let pointer = data.as_mut_ptr() as i64;
+    let mut words = vec![pointer, pointer, 0];
+    words.extend_from_slice(shape);
+    let mut strides = vec![1i64; shape.len()];
+    for axis in (0..shape.len().saturating_sub(1)).rev() {
+        strides[axis] = strides[axis + 1] * shape[axis + 1];
+    }
+    words.extend(strides);
+    words
+}
+
+#[test]
+fn kernels_loaded_from_the_cache_reach_the_decompositions() {
+    // A cached kernel is a shared object whose calls of runtime functions go through a trampoline
+    // the loader points at the host's functions; check that path for the decompositions.
+    let directory = std::env::temp_dir().join(format!("curv-decompositions-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&directory);
+    std::fs::create_dir_all(&directory).unwrap();
+    let cache = curv_mlir::cache::KernelCache::in_directory(&directory);
+    let name = curv_mlir::cache::KERNEL_NAME;
+    let text = format!(
+        "module {{\n{DECOMPOSITION_DECLARATIONS}func.func @{name}(%a: memref<3x3xf32>, %values: memref<3xf32>, %vectors: memref<3x3xf32>) attributes {{ llvm.emit_c_interface }} {{\n  %a_d = memref.cast %a : memref<3x3xf32> to {DYNAMIC2}\n  %values_d = memref.cast %values : memref<3xf32> to {DYNAMIC1}\n  %vectors_d = memref.cast %vectors : memref<3x3xf32> to {DYNAMIC2}\n  func.call @curv_seigh(%a_d, %values_d, %vectors_d) : ({DYNAMIC2}, {DYNAMIC1}, {DYNAMIC2}) -> ()\n  return\n}}\n}}\n"
+    );
+    for expected_hit in [false, true] {
+        let (kernel, hit) = cache.load_or_build(&text, 2).expect("the kernel builds and loads");
+        assert_eq!(hit, expected_hit);
+        // diag(3, 1, 2) has eigenvalues 1, 2, 3 and the unit vectors as eigenvectors.
+        let mut a = vec![3.0f32, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 2.0];
+        let (mut values, mut vectors) = (vec![0.0f32; 3], vec![0.0f32; 9]);
+        let mut descriptors =
+            [descriptor(&mut a, &[3, 3]), descriptor(&mut values, &[3]), descriptor(&mut vectors, &[3, 3])];
+        let mut pointers: Vec<*mut i64> = descriptors.iter_mut().map(|words| words.as_mut_ptr()).collect();
+        let mut slots: Vec<*mut ()> = pointers.iter_mut().map(|pointer| pointer as *mut *mut i64 as *mut ()).collect();
+        kernel.call_packed(&mut slots);
+        assert_eq!(values, vec![1.0, 2.0, 3.0]);
+        assert_eq!(vectors, vec![0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0]);
+    }
+    let _ = std::fs::remove_dir_all(&directory);
+}
