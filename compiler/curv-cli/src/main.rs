@@ -582,6 +582,16 @@ fn median_seconds(repeats: usize, mut run: impl FnMut()) -> f64 {
     times[times.len() / 2]
 }
 
+fn best_seconds(repeats: usize, mut run: impl FnMut()) -> f64 {
+    (0..repeats)
+        .map(|_| {
+            let started = std::time::Instant::now();
+            run();
+            started.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
 /// Times a generated matrix product at 256, 512 and 1024 and the fused Adam update of 4M
 /// parameters, as JSON for the peer benchmark.
 fn bench_kernels() -> ExitCode {
@@ -611,7 +621,8 @@ fn bench_kernels() -> ExitCode {
         let mut left: Vec<f32> = (0..count).map(|index| (index % 7) as f32 * 0.1).collect();
         let mut right: Vec<f32> = (0..count).map(|index| (index % 5) as f32 * 0.1).collect();
         let mut out = vec![0.0f32; count];
-        let seconds = median_seconds(9, || {
+        // The best of 20 calls, the statistic `benches/peers.py` takes for numpy's GEMM.
+        let seconds = best_seconds(20, || {
             let _ = compiled.call(&mut [Buffer::F32(&mut left), Buffer::F32(&mut right), Buffer::F32(&mut out)]);
         });
         report.push(format!("\"gemm_{size}_gflops\": {:.3}", 2.0 * (size as f64).powi(3) / seconds / 1e9));
