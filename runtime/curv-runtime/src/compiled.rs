@@ -49,11 +49,41 @@ impl Owned {
     }
 }
 
-fn argument_data(op: &Op, inputs: &Inputs<f32>) -> Result<Owned, String> {
-    let value = |value: Option<&Value<f32>>, what: String| -> Result<Owned, String> {
+/// An argument of a compiled function: a tensor of the inputs, passed without a copy, or a small
+/// value made for the call (a hyperparameter, the step).
+enum ArgumentData<'a> {
+    F32(&'a [f32]),
+    I32(&'a [i32]),
+    Made(Owned),
+}
+
+impl ArgumentData<'_> {
+    /// The address the descriptor points at. Generated code only reads its arguments: the lowering
+    /// turns each into a tensor with `bufferization.to_tensor ... restrict` and no `writable`, so
+    /// bufferisation never writes into it (it copies first if it must), and the pointer made from
+    /// a shared slice is never written through.
+    fn pointer(&mut self) -> *mut u8 {
+        match self {
+            ArgumentData::F32(values) => values.as_ptr() as *mut u8,
+            ArgumentData::I32(values) => values.as_ptr() as *mut u8,
+            ArgumentData::Made(owned) => owned.pointer(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            ArgumentData::F32(values) => values.len(),
+            ArgumentData::I32(values) => values.len(),
+            ArgumentData::Made(owned) => owned.len(),
+        }
+    }
+}
+
+fn argument_data<'a>(op: &Op, inputs: &'a Inputs<f32>) -> Result<ArgumentData<'a>, String> {
+    let value = |value: Option<&'a Value<f32>>, what: String| -> Result<ArgumentData<'a>, String> {
         match value {
-            Some(Value::Real(tensor)) => Ok(Owned::F32(tensor.data.clone())),
-            Some(Value::Int(tensor)) => Ok(Owned::I32(tensor.data.clone())),
+            Some(Value::Real(tensor)) => Ok(ArgumentData::F32(&tensor.data)),
+            Some(Value::Int(tensor)) => Ok(ArgumentData::I32(&tensor.data)),
             None => Err(format!("{what} was not provided")),
         }
     };
@@ -62,7 +92,7 @@ fn argument_data(op: &Op, inputs: &Inputs<f32>) -> Result<Owned, String> {
         Op::Param { index } => inputs
             .params
             .get(*index)
-            .map(|tensor| Owned::F32(tensor.data.clone()))
+            .map(|tensor| ArgumentData::F32(&tensor.data))
             .ok_or_else(|| format!("parameter #{index} was not provided")),
         Op::Data { source, field } => {
             value(inputs.data.get(&(source.clone(), field.clone())), format!("data `{source}.{field}`"))
@@ -70,13 +100,13 @@ fn argument_data(op: &Op, inputs: &Inputs<f32>) -> Result<Owned, String> {
         Op::Hyper { name } => inputs
             .hyperparameters
             .get(name)
-            .map(|value| Owned::F32(vec![*value as f32]))
+            .map(|value| ArgumentData::Made(Owned::F32(vec![*value as f32])))
             .ok_or_else(|| format!("hyperparameter `{name}` was not provided")),
-        Op::Step => Ok(Owned::F32(vec![inputs.step as f32])),
+        Op::Step => Ok(ArgumentData::Made(Owned::F32(vec![inputs.step as f32]))),
         Op::Statistic { kind } => inputs
             .statistics
             .get(kind)
-            .map(|tensor| Owned::F32(tensor.data.clone()))
+            .map(|tensor| ArgumentData::F32(&tensor.data))
             .ok_or_else(|| format!("statistic `{kind}` was not provided")),
         other => Err(format!("`{}` is not an argument", other.name())),
     }
@@ -97,7 +127,8 @@ fn descriptor(pointer: *mut u8, shape: &[i64]) -> Vec<i64> {
     words
 }
 
-/// Calls a compiled function with `inputs`: copies the arguments into buffers, allocates the
+/// Calls a compiled function with `inputs`: points descriptors at the argument tensors (no copy; see
+/// `ArgumentData::pointer`), allocates the
 /// outputs, and hands `invoke` the packed arguments (one pointer per argument, each pointing at
 /// the pointer to its memref descriptor), then collects the outputs by name.
 pub fn call_compiled(
@@ -105,31 +136,34 @@ pub fn call_compiled(
     inputs: &Inputs<f32>,
     invoke: &mut dyn FnMut(&mut [*mut ()]) -> Result<(), String>,
 ) -> Result<Vec<(String, Value<f32>)>, String> {
-    let mut owned: Vec<Owned> = Vec::with_capacity(signature.arguments.len() + signature.outputs.len());
-    let mut shapes: Vec<&[i64]> = Vec::with_capacity(owned.capacity());
+    let mut arguments: Vec<ArgumentData> = Vec::with_capacity(signature.arguments.len());
     for argument in &signature.arguments {
         let data = argument_data(&argument.op, inputs)?;
         let count: i64 = argument.shape.iter().product();
         if data.len() as i64 != count {
             return Err(format!("an argument of {} elements where {count} are expected", data.len()));
         }
-        owned.push(data);
-        shapes.push(&argument.shape);
+        arguments.push(data);
     }
+    let mut outputs: Vec<Owned> = Vec::with_capacity(signature.outputs.len());
     for (_, shape, dtype) in &signature.outputs {
         let count = shape.iter().product::<i64>() as usize;
-        owned.push(if *dtype == DType::I32 { Owned::I32(vec![0; count]) } else { Owned::F32(vec![0.0; count]) });
-        shapes.push(shape);
+        outputs.push(if *dtype == DType::I32 { Owned::I32(vec![0; count]) } else { Owned::F32(vec![0.0; count]) });
     }
-    let mut descriptors: Vec<Vec<i64>> =
-        owned.iter_mut().zip(&shapes).map(|(data, shape)| descriptor(data.pointer(), shape)).collect();
+    let mut descriptors: Vec<Vec<i64>> = arguments
+        .iter_mut()
+        .zip(&signature.arguments)
+        .map(|(data, argument)| descriptor(data.pointer(), &argument.shape))
+        .chain(
+            outputs.iter_mut().zip(&signature.outputs).map(|(data, (_, shape, _))| descriptor(data.pointer(), shape)),
+        )
+        .collect();
     let mut descriptor_pointers: Vec<*mut i64> = descriptors.iter_mut().map(|words| words.as_mut_ptr()).collect();
     let mut slots: Vec<*mut ()> =
         descriptor_pointers.iter_mut().map(|pointer| pointer as *mut *mut i64 as *mut ()).collect();
     invoke(&mut slots)?;
-    let first_output = signature.arguments.len();
     let mut results = Vec::with_capacity(signature.outputs.len());
-    for ((name, shape, _), data) in signature.outputs.iter().zip(owned.into_iter().skip(first_output)) {
+    for ((name, shape, _), data) in signature.outputs.iter().zip(outputs) {
         let shape: Vec<usize> = shape.iter().map(|&size| size as usize).collect();
         results.push((
             name.clone(),

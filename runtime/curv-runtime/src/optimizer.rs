@@ -13,6 +13,10 @@ pub fn state_get<'a, T>(state: &'a ParamState<T>, name: &str) -> Option<&'a Tens
     state.iter().find(|(key, _)| key == name).map(|(_, tensor)| tensor)
 }
 
+fn state_get_mut<'a, T>(state: &'a mut ParamState<T>, name: &str) -> Option<&'a mut Tensor<T>> {
+    state.iter_mut().find(|(key, _)| key == name).map(|(_, tensor)| tensor)
+}
+
 fn state_set<T>(state: &mut ParamState<T>, name: &str, tensor: Tensor<T>) {
     match state.iter_mut().find(|(key, _)| key == name) {
         Some((_, existing)) => *existing = tensor,
@@ -176,11 +180,21 @@ fn update_with_rule<T: Real>(
         }
         let update = &rule_update.function;
         let key = crate::backend::keys::rule_block(&rule.name, block, param.len());
+        // The parameter and the states are moved into the inputs, not copied, and moved back
+        // below unless the block writes them. A failed call leaves them empty, but then the step
+        // fails and the trainer keeps its own parameters and states (it updates copies).
+        if rule.state.iter().any(|name| state_get(state, name).is_none()) {
+            return Err(format!("a state of rule `{}` is missing", rule.name));
+        }
         let mut update_inputs = base.clone();
-        update_inputs.inputs = vec![Value::Real(flat(param)), Value::Real(flat(inputs.gradient))];
+        let parameter_data = std::mem::take(&mut param.data);
+        update_inputs.inputs = vec![
+            Value::Real(Tensor::new(vec![parameter_data.len()], parameter_data)),
+            Value::Real(flat(inputs.gradient)),
+        ];
         for name in &rule.state {
-            let tensor = state_get(state, name).ok_or_else(|| format!("state `{name}` is missing"))?;
-            update_inputs.inputs.push(Value::Real(tensor.clone()));
+            let tensor = state_get_mut(state, name).expect("checked above");
+            update_inputs.inputs.push(Value::Real(Tensor::new(tensor.shape.clone(), std::mem::take(&mut tensor.data))));
         }
         for (kind, tensor) in inputs.statistics {
             update_inputs.statistics.insert(kind.clone(), flat(tensor));
@@ -189,12 +203,28 @@ fn update_with_rule<T: Real>(
             .backend
             .outputs(&key, update, &update_inputs)
             .map_err(|error| format!("rule `{}`: {error}", rule.name))?;
+        let mut state_written = vec![false; rule.state.len()];
+        let mut parameter_written = false;
         for (name, value) in outputs {
-            let tensor = value.as_real().cloned().ok_or_else(|| format!("`{name}` is not a float tensor"))?;
-            if rule.state.contains(&name) {
+            let Value::Real(tensor) = value else {
+                return Err(format!("`{name}` is not a float tensor"));
+            };
+            if let Some(position) = rule.state.iter().position(|state_name| *state_name == name) {
                 state_set(state, &name, tensor);
+                state_written[position] = true;
             } else {
                 *param = Tensor::new(shape.clone(), tensor.data);
+                parameter_written = true;
+            }
+        }
+        let mut moved = update_inputs.inputs.into_iter();
+        if let (Some(Value::Real(tensor)), false) = (moved.next(), parameter_written) {
+            param.data = tensor.data;
+        }
+        moved.next(); // the gradient
+        for ((name, written), value) in rule.state.iter().zip(&state_written).zip(moved) {
+            if let (Value::Real(tensor), false) = (value, *written) {
+                state_get_mut(state, name).expect("checked above").data = tensor.data;
             }
         }
     }
