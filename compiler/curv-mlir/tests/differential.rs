@@ -115,6 +115,24 @@ fn check_gradients_agree(example: &str, tolerance: f32) {
             .collect();
         compiled.call(&mut buffers).unwrap();
     }
+    // Generated code never writes its arguments: the runtime passes parameters and data in place.
+    for (position, argument) in signature.arguments.iter().enumerate() {
+        let (is_float, index) = order[position];
+        match (&argument.op, is_float) {
+            (Op::Param { index: param }, _) => {
+                assert_eq!(buffers_f32[index], inputs.params[*param].data, "{example}: parameter #{param} was written")
+            }
+            (Op::Data { source, field }, true) => match &inputs.data[&(source.clone(), field.clone())] {
+                Value::Real(tensor) => assert_eq!(buffers_f32[index], tensor.data, "{example}: data was written"),
+                Value::Int(_) => unreachable!("float data is stored as Real above"),
+            },
+            (Op::Data { source, field }, false) => match &inputs.data[&(source.clone(), field.clone())] {
+                Value::Int(tensor) => assert_eq!(buffers_i32[index], tensor.data, "{example}: labels were written"),
+                Value::Real(_) => unreachable!("integer data is stored as Int above"),
+            },
+            (other, _) => panic!("unexpected argument {other:?}"),
+        }
+    }
     let reference = evaluate(&gradients, &inputs).unwrap();
     let first_output = signature.arguments.len();
     for (position, (name, value)) in gradients.outputs.iter().enumerate() {
