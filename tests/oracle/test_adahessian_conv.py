@@ -12,20 +12,12 @@ convolutional network on the digits data, trained for 20 full-batch steps from t
 parameters.
 """
 
-import json
-import os
-import pathlib
-import subprocess
-
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
 
 from curv_random import probe
+from test_optimizers import DIGITS, train_with_curv
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-CURV = pathlib.Path(os.environ.get("CURV", ROOT / "target" / "debug" / "curv"))
-DIGITS = ROOT / "examples" / "data" / "digits.csv"
 STEPS = 20
 SEED = 0
 LR = 0.05
@@ -66,20 +58,9 @@ def initial_parameters():
 
 
 def run_curv(tmp_path, init, spatial):
-    program = tmp_path / "conv.curv"
-    program.write_text(PROGRAM.format(data=DIGITS, lr=LR, b1=B1, b2=B2, eps=EPS, power=POWER,
-                                      spatial="true" if spatial else "false", steps=STEPS, seed=SEED))
-    save_file({name: np.ascontiguousarray(value) for name, value in init.items()}, str(tmp_path / "init.safetensors"))
-    out = tmp_path / "out"
-    result = subprocess.run(
-        [str(CURV), "run", str(program), "--precision", "f64", "--init", str(tmp_path / "init.safetensors"),
-         "--out", str(out), "--metrics", str(tmp_path / "metrics.jsonl"), "--quiet"],
-        capture_output=True, text=True,
-    )
-    assert result.returncode == 0, result.stderr
-    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert lines[-1]["final"] is True and lines[-1]["step"] == STEPS
-    return load_file(str(out / "final.safetensors"))
+    program = PROGRAM.format(data=DIGITS, lr=LR, b1=B1, b2=B2, eps=EPS, power=POWER,
+                             spatial="true" if spatial else "false", steps=STEPS, seed=SEED)
+    return train_with_curv(tmp_path, program, init, STEPS)
 
 
 def run_reference(init):

@@ -64,9 +64,11 @@ def initial_parameters():
     return {name: generator.normal(0.0, 0.3, size=shape) for name, shape in SHAPES.items()}
 
 
-def run_curv(tmp_path, module, rule, lr, init):
+def train_with_curv(tmp_path, program_text, init, steps):
+    """Writes `program_text`, runs it with `curv run --precision f64` from the parameters `init`,
+    checks that it completed `steps` steps and returns its final parameters."""
     program = tmp_path / "oracle.curv"
-    program.write_text(PROGRAM.format(module=module, data=DIGITS, lr=lr, rule=rule, steps=STEPS, seed=SEED))
+    program.write_text(program_text)
     save_file({name: np.ascontiguousarray(value) for name, value in init.items()}, str(tmp_path / "init.safetensors"))
     out = tmp_path / "out"
     result = subprocess.run(
@@ -76,8 +78,13 @@ def run_curv(tmp_path, module, rule, lr, init):
     )
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert lines[-1]["final"] is True and lines[-1]["step"] == STEPS
+    assert lines[-1]["final"] is True and lines[-1]["step"] == steps
     return load_file(str(out / "final.safetensors"))
+
+
+def run_curv(tmp_path, module, rule, lr, init):
+    program = PROGRAM.format(module=module, data=DIGITS, lr=lr, rule=rule, steps=STEPS, seed=SEED)
+    return train_with_curv(tmp_path, program, init, STEPS)
 
 
 def run_reference(make_optimizer, init, needs_hessian=False):

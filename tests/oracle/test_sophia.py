@@ -8,15 +8,11 @@ Sophia-H runs `optax.contrib.sophia` itself in float64 (JAX with x64 enabled). B
 fed curv's random draws (sampled labels, Rademacher probes), transcribed in curv_random.py.
 """
 
-import json
-import subprocess
-
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
 
 from curv_random import probe, sampled_labels
-from test_optimizers import CURV, DIGITS, PROGRAM, SEED, SHAPES, assert_close, initial_parameters, load_digits
+from test_optimizers import DIGITS, PROGRAM, SEED, SHAPES, assert_close, initial_parameters, load_digits, train_with_curv
 
 STEPS = 30
 INTERVAL = 10
@@ -24,19 +20,8 @@ INTERVAL = 10
 
 def run_curv(tmp_path, rule, lr, init):
     """Trains the oracle model with `std.optimizers.sophia`'s `rule` for STEPS full-batch steps."""
-    program = tmp_path / "oracle.curv"
-    program.write_text(PROGRAM.format(module="sophia", data=DIGITS, lr=lr, rule=rule, steps=STEPS, seed=SEED))
-    save_file({name: np.ascontiguousarray(value) for name, value in init.items()}, str(tmp_path / "init.safetensors"))
-    out = tmp_path / "out"
-    result = subprocess.run(
-        [str(CURV), "run", str(program), "--precision", "f64", "--init", str(tmp_path / "init.safetensors"),
-         "--out", str(out), "--metrics", str(tmp_path / "metrics.jsonl"), "--quiet"],
-        capture_output=True, text=True,
-    )
-    assert result.returncode == 0, result.stderr
-    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert lines[-1]["final"] is True and lines[-1]["step"] == STEPS
-    return load_file(str(out / "final.safetensors"))
+    program = PROGRAM.format(module="sophia", data=DIGITS, lr=lr, rule=rule, steps=STEPS, seed=SEED)
+    return train_with_curv(tmp_path, program, init, STEPS)
 
 
 def logits_of(params, x):

@@ -66,6 +66,33 @@ impl std::fmt::Debug for CompiledFunction {
     }
 }
 
+/// Parses and verifies `source`, runs the CPU pipeline, verifies the result and checks that only
+/// the LLVM dialect is left: the one way to a module an execution engine may be built on (an
+/// engine on a module that is not fully lowered crashes the process).
+fn lower_to_llvm<'c>(context: &'c melior::Context, source: &str) -> Result<Module<'c>, MlirError> {
+    let mut module = Module::parse(context, source)
+        .ok_or_else(|| MlirError { message: "MLIR could not parse the lowered module".to_string() })?;
+    if !module.as_operation().verify() {
+        return Err(MlirError { message: "the lowered module does not verify".to_string() });
+    }
+    let pass_manager = PassManager::new(context);
+    parse_pass_pipeline(pass_manager.as_operation_pass_manager(), CPU_PIPELINE)
+        .map_err(|error| MlirError { message: format!("bad pass pipeline: {error}") })?;
+    pass_manager
+        .run(&mut module)
+        .map_err(|error| MlirError { message: format!("the CPU pipeline failed: {error}") })?;
+    if !module.as_operation().verify() {
+        return Err(MlirError { message: "the module does not verify after the CPU pipeline".to_string() });
+    }
+    let text = module.as_operation().to_string();
+    if let Some(prefix) = UNLOWERED.iter().find(|prefix| text.contains(&format!(" {prefix}"))) {
+        return Err(MlirError {
+            message: format!("the module is not fully lowered to the LLVM dialect (`{prefix}` remains)"),
+        });
+    }
+    Ok(module)
+}
+
 /// Lowers `source` and writes the machine code of function `name` as a relocatable object file,
 /// for `curv build`. The object defines `_mlir_NAME` (arguments packed as `void**`), the C
 /// interface `_mlir_ciface_NAME` and `NAME`; it calls `_mlir_ciface_curv_sgemm` when the
@@ -77,23 +104,7 @@ pub fn compile_to_object(
     optimization_level: usize,
 ) -> Result<(), MlirError> {
     let context = new_context();
-    let mut module = Module::parse(&context, source)
-        .ok_or_else(|| MlirError { message: "MLIR could not parse the lowered module".to_string() })?;
-    if !module.as_operation().verify() {
-        return Err(MlirError { message: "the lowered module does not verify".to_string() });
-    }
-    let pass_manager = PassManager::new(&context);
-    parse_pass_pipeline(pass_manager.as_operation_pass_manager(), CPU_PIPELINE)
-        .map_err(|error| MlirError { message: format!("bad pass pipeline: {error}") })?;
-    pass_manager
-        .run(&mut module)
-        .map_err(|error| MlirError { message: format!("the CPU pipeline failed: {error}") })?;
-    let text = module.as_operation().to_string();
-    if let Some(prefix) = UNLOWERED.iter().find(|prefix| text.contains(&format!(" {prefix}"))) {
-        return Err(MlirError {
-            message: format!("the module is not fully lowered to the LLVM dialect (`{prefix}` remains)"),
-        });
-    }
+    let module = lower_to_llvm(&context, source)?;
     let engine = ExecutionEngine::new(&module, optimization_level, &[], true, true);
     register_runtime_functions(&engine);
     // Looking the function up makes the engine compile it; only then is there an object to dump.
@@ -118,26 +129,7 @@ pub fn compile(
 ) -> Result<CompiledFunction, MlirError> {
     let context = new_context();
     let engine = {
-        let mut module = Module::parse(&context, source)
-            .ok_or_else(|| MlirError { message: "MLIR could not parse the lowered module".to_string() })?;
-        if !module.as_operation().verify() {
-            return Err(MlirError { message: "the lowered module does not verify".to_string() });
-        }
-        let pass_manager = PassManager::new(&context);
-        parse_pass_pipeline(pass_manager.as_operation_pass_manager(), CPU_PIPELINE)
-            .map_err(|error| MlirError { message: format!("bad pass pipeline: {error}") })?;
-        pass_manager
-            .run(&mut module)
-            .map_err(|error| MlirError { message: format!("the CPU pipeline failed: {error}") })?;
-        if !module.as_operation().verify() {
-            return Err(MlirError { message: "the module does not verify after the CPU pipeline".to_string() });
-        }
-        let text = module.as_operation().to_string();
-        if let Some(prefix) = UNLOWERED.iter().find(|prefix| text.contains(&format!(" {prefix}"))) {
-            return Err(MlirError {
-                message: format!("the module is not fully lowered to the LLVM dialect (`{prefix}` remains)"),
-            });
-        }
+        let module = lower_to_llvm(&context, source)?;
         let engine = ExecutionEngine::new(&module, optimization_level, &[], false, false);
         // The runtime functions generated code calls; they must be known before the first call.
         register_runtime_functions(&engine);
@@ -153,27 +145,6 @@ fn register_runtime_functions(engine: &ExecutionEngine) {
         // The address is that of an `extern "C"` function of the runtime, which lives as long as
         // the process.
         unsafe { engine.register_symbol(&format!("_mlir_ciface_{}", function.name), function.address as *mut ()) };
-    }
-}
-
-/// A strided memref descriptor of any rank, laid out as MLIR's C interface expects:
-/// `{allocated, aligned, offset, sizes[rank], strides[rank]}`.
-struct Descriptor {
-    words: Vec<i64>,
-}
-
-impl Descriptor {
-    fn new(pointer: *mut u8, shape: &[i64]) -> Descriptor {
-        let mut words = vec![pointer as i64, pointer as i64, 0];
-        words.extend_from_slice(shape);
-        let mut stride = 1i64;
-        let mut strides = vec![0i64; shape.len()];
-        for axis in (0..shape.len()).rev() {
-            strides[axis] = stride;
-            stride *= shape[axis];
-        }
-        words.extend(strides);
-        Descriptor { words }
     }
 }
 
@@ -236,10 +207,10 @@ impl CompiledFunction {
                     message: format!("`{}`: a buffer of {} elements where {count} are needed", self.name, buffer.len()),
                 });
             }
-            descriptors.push(Descriptor::new(buffer.pointer(), shape));
+            descriptors.push(curv_runtime::compiled::descriptor(buffer.pointer(), shape));
         }
         let mut descriptor_pointers: Vec<*mut i64> =
-            descriptors.iter_mut().map(|descriptor| descriptor.words.as_mut_ptr()).collect();
+            descriptors.iter_mut().map(|descriptor| descriptor.as_mut_ptr()).collect();
         let mut slots: Vec<*mut ()> =
             descriptor_pointers.iter_mut().map(|pointer| pointer as *mut *mut i64 as *mut ()).collect();
         // The C interface takes a pointer to each memref descriptor; `invoke_packed` takes a

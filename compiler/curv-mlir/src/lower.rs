@@ -213,14 +213,20 @@ fn element_of_type(ty: &str) -> String {
     ty.rsplit('x').next().unwrap_or("f32").trim_start_matches("tensor<").trim_end_matches('>').to_string()
 }
 
+/// Appends the scalar instruction `%sN = text` to a kernel body and returns its name `%sN`.
+fn emit(lines: &mut Vec<String>, text: String) -> String {
+    let name = format!("%s{}", lines.len());
+    lines.push(format!("{name} = {text}"));
+    name
+}
+
+/// Appends an `f32` constant to a kernel body and returns its name.
+fn constant(lines: &mut Vec<String>, value: f64) -> String {
+    emit(lines, format!("arith.constant {} : f32", float_literal(value)))
+}
+
 /// The scalar instructions of a unary op applied to `x` of element type `ty`.
 fn unary_body(op: UnaryOp, x: &str, ty: &str, lines: &mut Vec<String>) -> String {
-    let fresh = |lines: &mut Vec<String>| format!("%s{}", lines.len());
-    let emit = |lines: &mut Vec<String>, text: String| {
-        let name = fresh(lines);
-        lines.push(format!("{name} = {text}"));
-        name
-    };
     match op {
         UnaryOp::Neg => emit(lines, format!("arith.negf {x} : {ty}")),
         UnaryOp::Sin if ty == "f32" => sine_f32(x, 0, lines),
@@ -272,26 +278,11 @@ fn unary_body(op: UnaryOp, x: &str, ty: &str, lines: &mut Vec<String>) -> String
     }
 }
 
-/// `sin(x)` (`shift = 0`) or `cos(x) = sin(x + pi/2)` (`shift = 1`) in single precision, without a
-/// library call so that LLVM can vectorise the loop around it: Cody-Waite reduction by pi/2 in
-/// three parts with fused multiply-adds, Cephes' minimax polynomials for sin and cos on
-/// [-pi/4, pi/4], and the quadrant picking the polynomial and the sign. Accurate to about 1e-7
-/// absolute for |x| up to 1e3 (the tests check 100); beyond about 1e5 the reduction loses accuracy.
 /// `exp(x)` in single precision without a library call: `x = n ln2 + r` (Cody-Waite, two parts),
 /// a degree-7 Taylor polynomial for `exp(r)` on |r| <= ln2 / 2 (truncation below 6e-9), and `2^n`
 /// built from the exponent bits. Overflow gives +inf and underflow 0, as the library does
 /// (subnormal results are flushed to zero).
 fn exp_f32(x: &str, lines: &mut Vec<String>) -> String {
-    let emit = |lines: &mut Vec<String>, text: String| {
-        let name = format!("%s{}", lines.len());
-        lines.push(format!("{name} = {text}"));
-        name
-    };
-    let constant = |lines: &mut Vec<String>, value: f64| {
-        let name = format!("%s{}", lines.len());
-        lines.push(format!("{name} = arith.constant {} : f32", float_literal(value)));
-        name
-    };
     let upper = constant(lines, 88.72);
     let lower = constant(lines, -87.33);
     let clamped_high = emit(lines, format!("arith.minimumf {x}, {upper} : f32"));
@@ -331,16 +322,6 @@ fn exp_f32(x: &str, lines: &mut Vec<String>) -> String {
 /// and the odd Taylor polynomial to x^7 below |x| = 0.05, where the subtraction would lose
 /// relative precision.
 fn tanh_f32(x: &str, lines: &mut Vec<String>) -> String {
-    let emit = |lines: &mut Vec<String>, text: String| {
-        let name = format!("%s{}", lines.len());
-        lines.push(format!("{name} = {text}"));
-        name
-    };
-    let constant = |lines: &mut Vec<String>, value: f64| {
-        let name = format!("%s{}", lines.len());
-        lines.push(format!("{name} = arith.constant {} : f32", float_literal(value)));
-        name
-    };
     let absolute = emit(lines, format!("math.absf {x} : f32"));
     let two = constant(lines, 2.0);
     let doubled = emit(lines, format!("arith.mulf {absolute}, {two} : f32"));
@@ -362,19 +343,14 @@ fn tanh_f32(x: &str, lines: &mut Vec<String>) -> String {
     emit(lines, format!("arith.select {small}, {small_value}, {signed} : f32"))
 }
 
+/// `sin(x)` (`shift = 0`) or `cos(x) = sin(x + pi/2)` (`shift = 1`) in single precision, without a
+/// library call so that LLVM can vectorise the loop around it: Cody-Waite reduction by pi/2 in
+/// three parts with fused multiply-adds, Cephes' minimax polynomials for sin and cos on
+/// [-pi/4, pi/4], and the quadrant picking the polynomial and the sign. Accurate to about 1e-7
+/// absolute for |x| up to 1e3 (the tests check 100); beyond about 1e5 the reduction loses accuracy.
 // The reduction constants are written with every digit: they split pi/2 exactly in f32 parts.
 #[allow(clippy::excessive_precision)]
 fn sine_f32(x: &str, shift: i32, lines: &mut Vec<String>) -> String {
-    let emit = |lines: &mut Vec<String>, text: String| {
-        let name = format!("%s{}", lines.len());
-        lines.push(format!("{name} = {text}"));
-        name
-    };
-    let constant = |lines: &mut Vec<String>, value: f64| {
-        let name = format!("%s{}", lines.len());
-        lines.push(format!("{name} = arith.constant {} : f32", float_literal(value)));
-        name
-    };
     let two_over_pi = constant(lines, std::f64::consts::FRAC_2_PI);
     let scaled = emit(lines, format!("arith.mulf {x}, {two_over_pi} : f32"));
     let k = emit(lines, format!("math.roundeven {scaled} : f32"));
@@ -422,11 +398,6 @@ fn sine_f32(x: &str, shift: i32, lines: &mut Vec<String>) -> String {
 }
 
 fn binary_body(op: BinaryOp, a: &str, b: &str, ty: &str, lines: &mut Vec<String>) -> String {
-    let emit = |lines: &mut Vec<String>, text: String| {
-        let name = format!("%s{}", lines.len());
-        lines.push(format!("{name} = {text}"));
-        name
-    };
     match op {
         BinaryOp::Add => emit(lines, format!("arith.addf {a}, {b} : {ty}")),
         BinaryOp::Sub => emit(lines, format!("arith.subf {a}, {b} : {ty}")),

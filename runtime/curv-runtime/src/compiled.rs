@@ -114,7 +114,7 @@ fn argument_data<'a>(op: &Op, inputs: &'a Inputs<f32>) -> Result<ArgumentData<'a
 
 /// A rank-N strided memref descriptor as the C interface lays it out:
 /// `{allocated, aligned, offset, sizes[N], strides[N]}` in 64-bit words.
-fn descriptor(pointer: *mut u8, shape: &[i64]) -> Vec<i64> {
+pub fn descriptor(pointer: *mut u8, shape: &[i64]) -> Vec<i64> {
     let mut words = vec![pointer as i64, pointer as i64, 0];
     words.extend_from_slice(shape);
     let mut stride = 1i64;
