@@ -468,3 +468,41 @@ fn curv_build_writes_a_standalone_trainer_that_trains_like_curv_run() {
     let output = Command::new(&trainer).arg("--steps").arg("many").output().unwrap();
     assert_eq!(output.status.code(), Some(1));
 }
+
+#[test]
+fn grad_clip_limits_the_global_norm_of_the_gradients() {
+    // All parameters start at zero, so after one SGD step with lr 1 the parameters are minus the
+    // (clipped) gradients: their global norm is the clip value when the gradients' norm exceeds it.
+    let digits = repository_root().join("examples/data/digits.csv");
+    let program_for = |clip: &str| {
+        format!(
+            "use std.optimizers.sgd\n\
+             data digits = csv(\"{}\", label = \"label\", scale = 0.0625)\n\
+             model mlp(x: f32[B, 64]) -> f32[B, 10] {{\n\
+                 param w: f32[64, 10] = zeros\n\
+                 param b: f32[10] = zeros\n\
+                 return x @ w + b\n\
+             }}\n\
+             optimizer clipped {{\n    lr 1\n{clip}    * : sgd(momentum = 0)\n}}\n\
+             train fit {{\n    loss cross_entropy(mlp(digits.x), digits.y)\n    optimizer clipped\n    batch all\n    steps 1\n}}\n",
+            digits.display()
+        )
+    };
+    let norm_after_one_step = |name: &str, clip: &str| {
+        let directory = scratch(name);
+        let program = directory.join("clip.curv");
+        std::fs::write(&program, program_for(clip)).unwrap();
+        let output = curv(&["run", program.to_str().unwrap(), "--out", directory.to_str().unwrap(), "--quiet"]);
+        assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+        read_parameters(&directory.join("final.safetensors"))
+            .iter()
+            .flat_map(|(_, values)| values.iter())
+            .map(|&value| (value as f64).powi(2))
+            .sum::<f64>()
+            .sqrt()
+    };
+    let unclipped = norm_after_one_step("grad-clip-off", "");
+    assert!(unclipped > 0.1, "the unclipped gradient norm {unclipped} should exceed the clip value");
+    let clipped = norm_after_one_step("grad-clip-on", "    grad_clip 0.05\n");
+    assert!((clipped - 0.05).abs() < 1e-5, "clipped norm {clipped}");
+}
