@@ -89,6 +89,23 @@ enum Command {
     /// prints JSON.
     #[command(hide = true)]
     BenchKernels,
+    /// Apply one of the optimizers' matrix functions to the float64 tensor `a` of a safetensors
+    /// file and write `result` (for the oracle tests against numpy.linalg).
+    #[command(hide = true)]
+    MatrixFunction {
+        /// inverse_root, damped_inverse or newton_schulz.
+        name: String,
+        input: PathBuf,
+        output: PathBuf,
+        #[arg(long, default_value_t = 4.0)]
+        root: f64,
+        #[arg(long, default_value_t = 0.0)]
+        eps: f64,
+        #[arg(long, default_value_t = 0.0)]
+        damping: f64,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+    },
 }
 
 #[derive(clap::Args, Clone)]
@@ -125,6 +142,13 @@ struct RunArguments {
     /// Print nothing but errors.
     #[arg(long)]
     quiet: bool,
+    /// Report the first step (and training seconds) at which a training metric reaches a value:
+    /// `psnr=30`, `accuracy=0.95`, `loss=0.1` (loss at or below, the others at or above).
+    #[arg(long)]
+    target: Option<String>,
+    /// Stop training once `--target` is reached.
+    #[arg(long)]
+    stop_at_target: bool,
 }
 
 fn main() -> ExitCode {
@@ -160,7 +184,49 @@ fn run() -> ExitCode {
         }
         Command::Version => version(),
         Command::BenchKernels => bench_kernels(),
+        Command::MatrixFunction { name, input, output, root, eps, damping, steps } => {
+            match matrix_function(&name, &input, &output, root, eps, damping, steps) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(message) => {
+                    eprintln!("error: {message}");
+                    ExitCode::from(1)
+                }
+            }
+        }
     }
+}
+
+fn matrix_function(
+    name: &str,
+    input: &Path,
+    output: &Path,
+    root: f64,
+    eps: f64,
+    damping: f64,
+    steps: usize,
+) -> Result<(), String> {
+    use curv_runtime::kronecker;
+    let bytes = std::fs::read(input).map_err(|error| format!("{}: {error}", input.display()))?;
+    let tensors = curv_runtime::checkpoint::SafeTensors::deserialize(&bytes)
+        .map_err(|error| format!("{}: {error}", input.display()))?;
+    let all = curv_runtime::checkpoint::read_all::<f64>(&tensors, input)?;
+    let a = all.get("a").ok_or_else(|| format!("{} has no tensor `a`", input.display()))?;
+    if a.rank() != 2 {
+        return Err(format!("`a` must be a matrix, its shape is {:?}", a.shape));
+    }
+    let matrix =
+        curv_runtime::linalg::Matrix::new(a.shape[0], a.shape[1], a.data.clone()).map_err(|error| error.to_string())?;
+    let result = match name {
+        "inverse_root" => kronecker::inverse_root(&matrix, root, eps).map_err(|error| error.to_string())?,
+        "damped_inverse" => kronecker::damped_inverse(&matrix, damping).map_err(|error| error.to_string())?,
+        "newton_schulz" => kronecker::newton_schulz(&matrix, steps, (3.4445, -4.7750, 2.0315)),
+        other => {
+            return Err(format!("unknown matrix function `{other}`; use inverse_root, damped_inverse or newton_schulz"))
+        }
+    };
+    let tensor = curv_runtime::checkpoint::Tensor::new(vec![result.rows, result.columns], result.data);
+    let bytes = curv_runtime::checkpoint::serialize(&[("result".to_string(), &tensor)], &[])?;
+    curv_runtime::checkpoint::write_atomically(output, &bytes)
 }
 
 fn load(file: &Path) -> Result<Compilation, ExitCode> {
@@ -302,7 +368,23 @@ fn run_options(arguments: &RunArguments, metrics: Option<PathBuf>) -> Result<cur
             return Err(ExitCode::from(1));
         }
     };
+    let target = match &arguments.target {
+        None => None,
+        Some(text) => match curv_driver::run::Target::parse(text) {
+            Ok(target) => Some(target),
+            Err(message) => {
+                eprintln!("error: --target: {message}");
+                return Err(ExitCode::from(1));
+            }
+        },
+    };
+    if arguments.stop_at_target && target.is_none() {
+        eprintln!("error: --stop-at-target needs --target METRIC=VALUE");
+        return Err(ExitCode::from(1));
+    }
     Ok(curv_driver::run::RunOptions {
+        target,
+        stop_at_target: arguments.stop_at_target,
         train: arguments.train.clone(),
         steps: arguments.steps,
         seed: arguments.seed,
@@ -430,6 +512,15 @@ fn run_command(
                     values.join(", "),
                     summary.step_ms_median
                 );
+                if let Some(target) = &arguments.target {
+                    match summary.target_reached {
+                        Some(reached) => println!(
+                            "target {target} reached at step {} after {:.2} s of training",
+                            reached.step, reached.seconds
+                        ),
+                        None => println!("target {target} not reached"),
+                    }
+                }
                 for path in &summary.files {
                     println!("wrote {}", path.display());
                 }
@@ -489,6 +580,10 @@ fn compare_command(file: &Path, optimizers: &[String], arguments: &RunArguments)
         header.push_str(&format!("{name:>16}"));
     }
     header.push_str(&format!("{:>14}{:>12}", "ms/step", "seconds"));
+    if let Some(target) = &options.target {
+        let label = format!("{}={}", target.metric, target.value);
+        header.push_str(&format!("{:>22}{:>22}", format!("steps to {label}"), format!("seconds to {label}")));
+    }
     println!("{header}");
     for (optimizer, result) in optimizers.iter().zip(&results) {
         match result {
@@ -504,6 +599,12 @@ fn compare_command(file: &Path, optimizers: &[String], arguments: &RunArguments)
                 }
                 let seconds = summary.records.last().map_or(0.0, |record| record.elapsed_ms / 1000.0);
                 line.push_str(&format!("{:>14.2}{:>12.2}", summary.step_ms_median, seconds));
+                if options.target.is_some() {
+                    match summary.target_reached {
+                        Some(reached) => line.push_str(&format!("{:>22}{:>22.2}", reached.step, reached.seconds)),
+                        None => line.push_str(&format!("{:>22}{:>22}", "not reached", "-")),
+                    }
+                }
                 println!("{line}");
             }
             Err(error) => {

@@ -21,10 +21,41 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-fn scratch_directory(name: &str) -> PathBuf {
+/// A scratch directory for one test, removed when the test passes (kept after a failure, to look at).
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for Scratch {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn scratch_directory(name: &str) -> Scratch {
     let directory = std::env::temp_dir().join(format!("curv-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&directory);
     std::fs::create_dir_all(&directory).unwrap();
-    directory
+    Scratch(directory)
 }
 
 #[test]
@@ -182,13 +213,14 @@ fn a_second_run_of_an_unchanged_file_loads_its_kernels_from_the_cache() {
         compile_ms(&second)
     );
     // Disabling the cache compiles in memory again.
+    let cache_off = scratch_directory("cache-off");
     let output = Command::new(env!("CARGO_BIN_EXE_curv"))
         .args(["run", "examples/optimizers/adam.curv", "--steps", "3", "--quiet"])
         .current_dir(repository_root())
         .env("CURV_CACHE", "off")
-        .env("CURV_CACHE_DIR", scratch_directory("cache-off"))
+        .env("CURV_CACHE_DIR", &cache_off)
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(0));
-    assert_eq!(std::fs::read_dir(scratch_directory("cache-off")).unwrap().count(), 0);
+    assert_eq!(std::fs::read_dir(&cache_off).unwrap().count(), 0);
 }

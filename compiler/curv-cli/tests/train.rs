@@ -18,11 +18,41 @@ fn curv(args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn scratch(name: &str) -> PathBuf {
+/// A scratch directory for one test, removed when the test passes (kept after a failure, to look at).
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for Scratch {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn scratch(name: &str) -> Scratch {
     let directory = std::env::temp_dir().join(format!("curv-train-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&directory);
     std::fs::create_dir_all(&directory).unwrap();
-    directory
+    Scratch(directory)
 }
 
 /// Parses a metrics file: every line is a flat JSON object of numbers (and `"final": true`).
@@ -223,9 +253,9 @@ fn a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint() {
 
 #[test]
 fn run_rejects_what_it_cannot_do_with_clear_errors() {
-    let output = curv(&["run", "examples/optimizers/shampoo.curv", "--steps", "1"]);
+    let output = curv(&["run", "examples/optimizers/mfac.curv", "--steps", "1"]);
     assert_eq!(output.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("the `kronecker` structure is not executable yet"));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("the `lowrank` structure is not executable yet"));
     let output = curv(&["run", "examples/digits_mlp.curv", "--backend", "cranelift"]);
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("unknown backend `cranelift`"));
@@ -343,8 +373,12 @@ fn read_parameters(path: &Path) -> Vec<(String, Vec<f32>)> {
         let offsets = header[position + "\"data_offsets\":[".len()..].split(']').next().unwrap();
         let (start, end) = offsets.split_once(',').unwrap();
         let (start, end): (usize, usize) = (start.trim().parse().unwrap(), end.trim().parse().unwrap());
-        let values =
-            data[start..end].chunks_exact(4).map(|chunk| f32::from_le_bytes(chunk.try_into().unwrap())).collect();
+        // f64 runs write f64 tensors; they are compared at f32 precision.
+        let values = if header[name_end..position].contains("\"F64\"") {
+            data[start..end].chunks_exact(8).map(|chunk| f64::from_le_bytes(chunk.try_into().unwrap()) as f32).collect()
+        } else {
+            data[start..end].chunks_exact(4).map(|chunk| f32::from_le_bytes(chunk.try_into().unwrap())).collect()
+        };
         parameters.push((name.to_string(), values));
     }
     parameters.sort_by(|a, b| a.0.cmp(&b.0));
@@ -356,8 +390,11 @@ fn the_mlir_backend_trains_like_the_interpreter_for_every_executable_preset() {
     // Same program, seed and batches on both backends, 20 steps. They differ only by f32
     // rounding: a blocked GEMM sums in another order, and exp/tanh/sin/cos are polynomials
     // accurate to about 1e-7 instead of the C library. Those differences feed back through the
-    // optimizer, so the final parameters agree to 1e-3 relative (in norm), far below the change
-    // that 20 steps make, and the last losses to 1e-3 relative.
+    // optimizer. How much they can grow in 20 steps depends on the optimizer (SOAP divides by the
+    // square root of second moments that are nearly zero in some eigendirections, so rounding is
+    // amplified), so the tolerance is measured, not guessed: the backends must agree to 1e-3
+    // relative, or to three times the distance between the f32 and the f64 interpreter runs
+    // when that is larger (the f32 rounding noise of the optimizer itself).
     let mut examples: Vec<PathBuf> = std::fs::read_dir(repository_root().join("examples/optimizers"))
         .unwrap()
         .filter_map(Result::ok)
@@ -370,14 +407,16 @@ fn the_mlir_backend_trains_like_the_interpreter_for_every_executable_preset() {
     for example in examples {
         let name = example.file_stem().unwrap().to_string_lossy().into_owned();
         let mut runs = Vec::new();
-        for backend in ["interp", "mlir"] {
-            let directory = scratch(&format!("backend-{name}-{backend}"));
+        for (backend, precision) in [("interp", "f32"), ("mlir", "f32"), ("interp", "f64")] {
+            let directory = scratch(&format!("backend-{name}-{backend}-{precision}"));
             let metrics_path = directory.join("metrics.jsonl");
             let output = curv(&[
                 "run",
                 example.to_str().unwrap(),
                 "--backend",
                 backend,
+                "--precision",
+                precision,
                 "--steps",
                 "20",
                 "--metrics",
@@ -390,25 +429,34 @@ fn the_mlir_backend_trains_like_the_interpreter_for_every_executable_preset() {
             if stderr.contains("is not executable yet") {
                 break;
             }
-            assert_eq!(output.status.code(), Some(0), "{name} on {backend}: {stderr}");
+            assert_eq!(output.status.code(), Some(0), "{name} on {backend} {precision}: {stderr}");
             let loss = value(metrics(&metrics_path).last().unwrap(), "loss");
             runs.push((loss, read_parameters(&directory.join("final.safetensors"))));
         }
-        if runs.len() < 2 {
+        if runs.len() < 3 {
             continue;
         }
         compared += 1;
-        let ((interp_loss, interp_params), (mlir_loss, mlir_params)) = (&runs[0], &runs[1]);
+        let ((interp_loss, interp_params), (mlir_loss, mlir_params), (exact_loss, exact_params)) =
+            (&runs[0], &runs[1], &runs[2]);
         assert!(!interp_params.is_empty() && interp_params.len() == mlir_params.len(), "{name}");
+        let relative = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-12);
+        let loss_tolerance = (3.0 * relative(*interp_loss, *exact_loss)).max(1e-3);
         assert!(
-            (interp_loss - mlir_loss).abs() / interp_loss.abs() < 1e-3,
-            "{name}: loss {interp_loss} vs {mlir_loss}"
+            relative(*mlir_loss, *interp_loss) < loss_tolerance,
+            "{name}: loss {interp_loss} vs {mlir_loss} (tolerance {loss_tolerance:e})"
         );
-        for ((param, expected), (_, actual)) in interp_params.iter().zip(mlir_params) {
-            let difference: f64 =
-                expected.iter().zip(actual).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
-            let norm: f64 = expected.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt().max(1e-12);
-            assert!(difference / norm < 1e-3, "{name} `{param}`: relative difference {:e}", difference / norm);
+        let distance = |a: &[f32], b: &[f32]| -> f64 {
+            let difference: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
+            difference / b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt().max(1e-12)
+        };
+        for (((param, expected), (_, actual)), (_, exact)) in interp_params.iter().zip(mlir_params).zip(exact_params) {
+            let tolerance = (3.0 * distance(expected, exact)).max(1e-3);
+            let difference = distance(actual, expected);
+            assert!(
+                difference < tolerance,
+                "{name} `{param}`: relative difference {difference:e} (tolerance {tolerance:e})"
+            );
         }
     }
     assert!(compared >= 10, "only {compared} presets compared");

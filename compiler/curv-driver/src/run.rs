@@ -32,6 +32,51 @@ pub struct RunOptions {
     pub out: Option<PathBuf>,
     /// A compiled backend for f32 runs (`--backend mlir`); `None` runs the interpreter.
     pub backend: Option<BackendFactory>,
+    /// A training-batch metric value to report the first step and time of (`--target psnr=30`).
+    pub target: Option<Target>,
+    /// Stop training at the step that reaches `target`.
+    pub stop_at_target: bool,
+}
+
+/// A value of a training-batch metric (`loss`, `accuracy` or `psnr`) to reach: `loss` is reached
+/// at or below the value, the others at or above it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Target {
+    pub metric: String,
+    pub value: f64,
+}
+
+impl Target {
+    /// Parses `METRIC=VALUE`.
+    pub fn parse(text: &str) -> Result<Target, String> {
+        let (metric, value) =
+            text.split_once('=').ok_or_else(|| format!("`{text}` is not METRIC=VALUE (such as psnr=30)"))?;
+        let metric = metric.trim().to_string();
+        if !matches!(metric.as_str(), "loss" | "accuracy" | "psnr") {
+            return Err(format!("`{metric}` is not a training metric; targets are loss, accuracy or psnr"));
+        }
+        let value: f64 = value.trim().parse().map_err(|_| format!("`{value}` is not a number"))?;
+        if !value.is_finite() {
+            return Err(format!("the target {value} is not finite"));
+        }
+        Ok(Target { metric, value })
+    }
+
+    fn reached(&self, metrics: &Metrics) -> bool {
+        match self.metric.as_str() {
+            "loss" => metrics.loss <= self.value,
+            "accuracy" => metrics.accuracy.is_some_and(|value| value >= self.value),
+            _ => metrics.psnr.is_some_and(|value| value >= self.value),
+        }
+    }
+}
+
+/// When a run first reached its target.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TargetReached {
+    pub step: u64,
+    /// Training seconds up to and including that step, compilation excluded.
+    pub seconds: f64,
 }
 
 /// A failure of `curv run`: `user` errors exit with 1, the others with 2.
@@ -71,6 +116,8 @@ pub struct RunSummary {
     pub files: Vec<PathBuf>,
     /// Milliseconds spent in autodiff, backend compilation and training (compilation excluded).
     pub timings: Vec<(&'static str, f64)>,
+    /// When the run reached `RunOptions::target` (`None`: no target, or not reached).
+    pub target_reached: Option<TargetReached>,
 }
 
 /// Receives progress while a run goes.
@@ -228,6 +275,7 @@ fn run_train<T: Real>(
     let started = Instant::now();
     let mut last_test: Option<Metrics> = None;
     let mut last_batch = Metrics::default();
+    let mut target_reached: Option<TargetReached> = None;
     while trainer.step < total_steps {
         let step_started = Instant::now();
         let report = match trainer.train_step() {
@@ -253,12 +301,20 @@ fn run_train<T: Real>(
         observer.stepped(report.step, report.metrics.loss);
         last_batch = report.metrics.clone();
         let step = report.step;
-        let evaluate_now =
-            eval_every.is_some_and(|every| step % every == 0) || (step == total_steps && train.eval.is_some());
+        let mut stop_now = false;
+        if let (None, Some(target)) = (&target_reached, &options.target) {
+            if report.skipped.is_none() && target.reached(&report.metrics) {
+                let seconds = started.elapsed().as_secs_f64() - trainer.backend.compile_seconds();
+                target_reached = Some(TargetReached { step, seconds });
+                stop_now = options.stop_at_target;
+            }
+        }
+        let last_step = step == total_steps || stop_now;
+        let evaluate_now = eval_every.is_some_and(|every| step % every == 0) || (last_step && train.eval.is_some());
         if evaluate_now {
             last_test = trainer.evaluate_test().map_err(|error| RunError::runtime(error.to_string()))?;
         }
-        if step % log_every == 0 || step == total_steps {
+        if step % log_every == 0 || last_step {
             let test = if evaluate_now { last_test.as_ref() } else { None };
             let values: Vec<(String, f64)> = log_metrics
                 .iter()
@@ -278,6 +334,9 @@ fn run_train<T: Real>(
             if step % every == 0 {
                 save_checkpoint(&trainer, &out.join("checkpoint.safetensors"))?;
             }
+        }
+        if stop_now {
+            break;
         }
     }
     let mut sorted = step_times.clone();
@@ -318,6 +377,7 @@ fn run_train<T: Real>(
         final_values,
         step_ms_median,
         files,
+        target_reached,
     })
 }
 

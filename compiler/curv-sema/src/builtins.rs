@@ -80,7 +80,7 @@ pub const STRUCTURES: &[StructureSpec] = &[
             option("fisher", K::Choice(&["empirical", "sampled", "exact"]), D::Name("empirical")),
             option(
                 "function",
-                K::Choice(&["inverse_root", "damped_inverse", "eigenbasis", "newton"]),
+                K::Choice(&["inverse_root", "damped_inverse", "damped_eigen", "eigenbasis", "newton"]),
                 D::Name("inverse_root"),
             ),
             option("ema", K::UnitInterval, D::Number(0.95)),
@@ -89,6 +89,8 @@ pub const STRUCTURES: &[StructureSpec] = &[
             option("damping", K::Positive, D::Number(1e-3)),
             option("every", K::PositiveInt, D::Number(1.0)),
             option("block", K::PositiveInt, D::Number(1024.0)),
+            option("start", K::PositiveInt, D::Absent),
+            option("pi", K::Bool, D::Bool(true)),
             option("b1", K::Fraction, D::Number(0.9)),
             option("b2", K::Fraction, D::Number(0.999)),
         ],

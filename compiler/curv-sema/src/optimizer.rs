@@ -678,9 +678,13 @@ impl<'a> Checker<'a> {
                 };
                 state.push(state_of(left_name, &[left]));
                 state.push(state_of(right_name, &[right]));
+                let b1 = option_number(&line.options, "b1").unwrap_or(0.9);
                 if function == "eigenbasis" {
                     state.push(state_of("m", &shape));
                     state.push(state_of("v", &shape));
+                } else if function == "inverse_root" && b1 > 0.0 {
+                    // Distributed Shampoo's filtered gradient.
+                    state.push(state_of("m", &shape));
                 }
             }
             StructureKind::LowRank => {
@@ -735,11 +739,8 @@ impl<'a> Checker<'a> {
         }
         for modifier in &line.modifiers {
             match (modifier.name.as_str(), option_name(&modifier.options, "kind")) {
-                ("graft", Some("adam")) => {
-                    state.push(state_of("graft_m", &shape));
-                    state.push(state_of("graft_v", &shape));
-                }
-                ("graft", Some("adagrad" | "rmsprop")) => state.push(state_of("graft_v", &shape)),
+                // Grafting reads the structure's filtered gradient, so it keeps only a second moment.
+                ("graft", Some("adam" | "adagrad" | "rmsprop")) => state.push(state_of("graft_v", &shape)),
                 ("momentum", _) => state.push(state_of("momentum_buffer", &shape)),
                 _ => {}
             }

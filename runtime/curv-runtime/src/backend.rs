@@ -41,6 +41,8 @@ pub fn output<'a, T>(outputs: &'a [(String, Value<T>)], name: &str) -> Option<&'
 /// each of them ahead of time.
 pub mod keys {
     pub const GRADIENTS: &str = "loss_and_gradients";
+    /// The gradients with K-FAC's layer inputs and output cotangents as extra outputs.
+    pub const GRADIENTS_AND_CAPTURES: &str = "loss_gradients_and_captures";
     pub const HESSIAN_VECTOR: &str = "hessian_vector_product";
     pub const TEST_LOSS: &str = "test_loss";
     pub const LOSS: &str = "loss";

@@ -2,7 +2,8 @@
 //! (`state.NAME.STATE`), with the step and seed in the metadata. Files are written to a temporary
 //! name in the same directory and renamed into place, so a checkpoint is never half written.
 
-use curv_interp::{Real, Tensor};
+use curv_interp::Real;
+pub use curv_interp::Tensor;
 use safetensors::tensor::{Dtype, TensorView};
 use std::collections::HashMap;
 use std::path::Path;

@@ -1,6 +1,7 @@
 //! `curv-runtime` owns training: loading data sets and cutting them into seeded batches,
-//! initialising parameters, executing optimizer plans (interpreted `rule`s and the native
-//! `diagonal` structure, with Hutchinson and sampled-label statistics), the training loop with its
+//! initialising parameters, executing optimizer plans (interpreted `rule`s, the native `diagonal`
+//! and `factored` structures, the matrix structures `kronecker` and `orthogonalize` in
+//! [`kronecker`], with Hutchinson, sampled-label and K-FAC statistics), the training loop with its
 //! non-finite checks, metrics, checkpoints in safetensors and metric plots.
 //!
 //! Randomness is counter-based (see [`random`]): batches, probes and sampled labels are pure
@@ -12,6 +13,7 @@ pub mod compiled;
 pub mod dataset;
 pub mod gemm;
 pub mod init;
+pub mod kronecker;
 pub mod linalg;
 pub mod optimizer;
 pub mod plot;

@@ -26,14 +26,34 @@ fn state_set<T>(state: &mut ParamState<T>, name: &str, tensor: Tensor<T>) {
 
 /// Why a plan cannot run (yet) on this runtime.
 pub fn unsupported(plan: &ParamPlan) -> Option<String> {
+    let function = option_name(&plan.options, "function").unwrap_or("inverse_root");
     match plan.structure {
-        StructureKind::Rule | StructureKind::Diagonal | StructureKind::Factored => {}
+        StructureKind::Rule | StructureKind::Diagonal | StructureKind::Factored | StructureKind::Orthogonalize => {}
+        StructureKind::Kronecker => {
+            let stats = option_name(&plan.options, "stats").unwrap_or("gradient_outer");
+            let fits = match stats {
+                "kfac" => matches!(function, "damped_inverse" | "damped_eigen"),
+                _ => matches!(function, "inverse_root" | "eigenbasis"),
+            };
+            if function == "newton" {
+                return Some(
+                    "the `newton` matrix function (coupled Newton iteration) is not executable yet".to_string(),
+                );
+            }
+            if !fits {
+                return Some(format!("`function = {function}` does not go with `stats = {stats}`: use inverse_root or eigenbasis with gradient_outer, damped_inverse or damped_eigen with kfac"));
+            }
+            if stats == "kfac" && option_name(&plan.options, "fisher") == Some("exact") {
+                return Some("the exact-GGN K-FAC factors (`fisher = exact`) are not executable yet".to_string());
+            }
+        }
         other => return Some(format!("the `{}` structure is not executable yet", other.name())),
     }
     for modifier in &plan.modifiers {
         let supported = match modifier.name.as_str() {
             "weight_decay" => true,
-            "momentum" => plan.structure == StructureKind::Diagonal,
+            "momentum" => matches!(plan.structure, StructureKind::Diagonal | StructureKind::Kronecker),
+            "graft" => plan.structure == StructureKind::Kronecker && function == "inverse_root",
             _ => false,
         };
         if !supported {
@@ -77,9 +97,23 @@ pub fn statistics_needed(plan: &ParamPlan, rules: &[RuleProgram], step: u64) -> 
                 }
             }
         }
+        StructureKind::Kronecker => {
+            if let Some(kind) = kfac_statistic(plan) {
+                let every = option_number(&plan.options, "every").unwrap_or(1.0) as u64;
+                if (step - 1).is_multiple_of(every.max(1)) {
+                    needed.insert(kind);
+                }
+            }
+        }
         _ => {}
     }
     needed
+}
+
+/// The statistic (`kfac(empirical)` or `kfac(sampled)`) a K-FAC plan refreshes its factors from.
+pub fn kfac_statistic(plan: &ParamPlan) -> Option<String> {
+    (plan.structure == StructureKind::Kronecker && option_name(&plan.options, "stats") == Some("kfac"))
+        .then(|| format!("kfac({})", option_name(&plan.options, "fisher").unwrap_or("empirical")))
 }
 
 /// Whether a plan ever asks for Hutchinson estimates (which need the Hessian-vector program).
@@ -107,6 +141,8 @@ pub struct UpdateInputs<'a, T> {
     pub batch: usize,
     pub gradient: &'a Tensor<T>,
     pub statistics: &'a HashMap<String, Tensor<T>>,
+    /// K-FAC's fresh factor statistics `(x^T x / N, g^T g / N)`, at the steps that refresh them.
+    pub kfac: Option<&'a (crate::linalg::Matrix, crate::linalg::Matrix)>,
 }
 
 fn flat<T: Real>(tensor: &Tensor<T>) -> Tensor<T> {
@@ -122,6 +158,16 @@ pub fn update_param<T: Real>(
     inputs: &UpdateInputs<T>,
 ) -> Result<(), String> {
     let learning_rate = inputs.learning_rate;
+    if crate::kronecker::leaves_parameter_unchanged(plan, state) {
+        let kronecker_inputs = crate::kronecker::KroneckerInputs {
+            step: inputs.step,
+            learning_rate,
+            gradient: &inputs.gradient.data.iter().map(|value| value.to_f64()).collect::<Vec<_>>(),
+            kfac: inputs.kfac,
+        };
+        crate::kronecker::kronecker_direction(plan, &param.shape, state, &kronecker_inputs)?;
+        return Ok(());
+    }
     for modifier in &plan.modifiers {
         if modifier.name == "weight_decay" {
             let lambda = option_number(&modifier.options, "lambda").unwrap_or(0.0);
@@ -135,8 +181,58 @@ pub fn update_param<T: Real>(
         StructureKind::Rule => update_with_rule(plan, rules, param, state, inputs),
         StructureKind::Diagonal => update_diagonal(plan, param, state, inputs),
         StructureKind::Factored => update_factored(plan, param, state, inputs),
+        StructureKind::Kronecker | StructureKind::Orthogonalize => update_matrix(plan, param, state, inputs),
         other => Err(format!("the `{}` structure is not executable yet", other.name())),
     }
+}
+
+/// The `kronecker` and `orthogonalize` structures ([`crate::kronecker`]), then the `momentum`
+/// modifier on their direction and the step `p <- p - lr * direction`.
+fn update_matrix<T: Real>(
+    plan: &ParamPlan,
+    param: &mut Tensor<T>,
+    state: &mut ParamState<T>,
+    inputs: &UpdateInputs<T>,
+) -> Result<(), String> {
+    let gradient: Vec<f64> = inputs.gradient.data.iter().map(|value| value.to_f64()).collect();
+    let kronecker_inputs = crate::kronecker::KroneckerInputs {
+        step: inputs.step,
+        learning_rate: inputs.learning_rate,
+        gradient: &gradient,
+        kfac: inputs.kfac,
+    };
+    let direction = if plan.structure == StructureKind::Orthogonalize {
+        crate::kronecker::orthogonalize_direction(plan, &param.shape, state, &kronecker_inputs)?
+    } else {
+        match crate::kronecker::kronecker_direction(plan, &param.shape, state, &kronecker_inputs)? {
+            Some(direction) => direction,
+            None => return Ok(()),
+        }
+    };
+    let mut direction = direction;
+    if let Some(momentum) = plan.modifiers.iter().find(|modifier| modifier.name == "momentum") {
+        let beta = option_number(&momentum.options, "beta").unwrap_or(0.9);
+        let nesterov =
+            momentum.options.iter().any(|(key, value)| key == "nesterov" && *value == curv_ir::OptionValue::Bool(true));
+        let mut buffer = state_get(state, "momentum_buffer").map_or_else(
+            || vec![0.0; direction.len()],
+            |tensor| tensor.data.iter().map(|value| value.to_f64()).collect(),
+        );
+        for (slot, d) in buffer.iter_mut().zip(direction.iter_mut()) {
+            *slot = beta * *slot + *d;
+            *d = if nesterov { *d + beta * *slot } else { *slot };
+        }
+        state_set(
+            state,
+            "momentum_buffer",
+            Tensor::new(param.shape.clone(), buffer.into_iter().map(T::from_f64).collect()),
+        );
+    }
+    let rate = inputs.learning_rate;
+    for (value, d) in param.data.iter_mut().zip(&direction) {
+        *value = T::from_f64(value.to_f64() - rate * d);
+    }
+    Ok(())
 }
 
 fn update_with_rule<T: Real>(

@@ -65,10 +65,90 @@ pub struct Trainer<T> {
     pub policy: NonFinitePolicy,
     gradients: Function,
     hessian_vector: Option<Function>,
+    /// The gradient program with K-FAC's captures as extra outputs, when a plan needs them.
+    captures: Option<CaptureProgram>,
     /// Where functions are evaluated (the interpreter unless a backend is installed).
     pub backend: Box<dyn Backend<T>>,
     /// Seconds spent building the derivative programs.
     pub autodiff_seconds: f64,
+}
+
+/// The gradient program with one `kfac.input.PARAM.K` and one `kfac.cotangent.PARAM.K` output
+/// per product `x @ W` of a parameter whose plan uses K-FAC statistics.
+#[derive(Debug, Clone)]
+pub struct CaptureProgram {
+    pub function: Function,
+    /// `(parameter index, input output name, cotangent output name)` per captured product.
+    pub layers: Vec<(usize, String, String)>,
+}
+
+/// The capture program of `program`, when any of its plans uses K-FAC statistics; an error names
+/// a K-FAC parameter that is not used as `x @ W`.
+pub fn capture_program(program: &TrainProgram) -> Result<Option<CaptureProgram>, String> {
+    let kfac_params: Vec<usize> = program
+        .optimizer
+        .plans
+        .iter()
+        .filter(|plan| crate::optimizer::kfac_statistic(plan).is_some())
+        .map(|plan| plan.param)
+        .collect();
+    if kfac_params.is_empty() {
+        return Ok(None);
+    }
+    let gradients = gradient_program(&program.loss, &program.params);
+    let mut function = gradients.function;
+    function.name = keys::GRADIENTS_AND_CAPTURES.to_string();
+    let mut layers = Vec::new();
+    for &param in &kfac_params {
+        let name = &program.params[param].name;
+        let captures: Vec<_> = gradients
+            .layer_captures
+            .iter()
+            .filter(|capture| capture.param == param && capture.kind == curv_ad::LayerKind::Dense)
+            .collect();
+        if captures.is_empty() {
+            return Err(format!(
+                "K-FAC statistics need `{name}` to be used as `x @ {name}` in the loss (conv2d kernels are not supported yet)"
+            ));
+        }
+        for (number, capture) in captures.into_iter().enumerate() {
+            let (input, cotangent) = (format!("kfac.input.{name}.{number}"), format!("kfac.cotangent.{name}.{number}"));
+            function.outputs.push((input.clone(), capture.input));
+            function.outputs.push((cotangent.clone(), capture.output_cotangent));
+            layers.push((param, input, cotangent));
+        }
+    }
+    Ok(Some(CaptureProgram { function, layers }))
+}
+
+/// `X^T X / N` in double precision for a tensor viewed as `[N, last dim]`.
+fn covariance<T: Real>(tensor: &Tensor<T>) -> crate::linalg::Matrix {
+    let columns = *tensor.shape.last().unwrap_or(&1);
+    let rows = tensor.len() / columns.max(1);
+    let values: Vec<f64> = tensor.data.iter().map(|value| value.to_f64()).collect();
+    let mut data = vec![0.0; columns * columns];
+    if rows > 0 && columns > 0 {
+        // SAFETY: `values` is `rows x columns` and `data` `columns x columns`, both row-major.
+        unsafe {
+            matrixmultiply::dgemm(
+                columns,
+                rows,
+                columns,
+                1.0 / rows as f64,
+                values.as_ptr(),
+                1,
+                columns as isize,
+                values.as_ptr(),
+                columns as isize,
+                1,
+                0.0,
+                data.as_mut_ptr(),
+                columns as isize,
+                1,
+            );
+        }
+    }
+    crate::linalg::Matrix { rows: columns, columns, data }
 }
 
 fn shape_of(ty: &curv_ir::TensorType) -> Vec<usize> {
@@ -99,6 +179,8 @@ impl<T: Real> Trainer<T> {
         let gradients = gradient_program(&program.loss, &program.params).function;
         let needs_hessian = program.optimizer.plans.iter().any(|plan| crate::optimizer::uses_hutchinson(plan, &rules));
         let hessian_vector = needs_hessian.then(|| hvp_program(&program.loss, &program.params));
+        // A K-FAC parameter that is not captured reports at its first step.
+        let captures = capture_program(&program).ok().flatten();
         Trainer {
             program,
             rules,
@@ -111,6 +193,7 @@ impl<T: Real> Trainer<T> {
             policy: NonFinitePolicy::Stop,
             gradients,
             hessian_vector,
+            captures,
             backend: Box::new(Interpreter),
             autodiff_seconds: autodiff_started.elapsed().as_secs_f64(),
         }
@@ -152,8 +235,12 @@ impl<T: Real> Trainer<T> {
                 inputs.inputs = probes.iter().cloned().map(Value::Real).collect();
                 (hessian_vector, keys::HESSIAN_VECTOR, probes)
             }
+            _ if needed.contains("kfac(empirical)") && self.captures.is_some() => {
+                (&self.captures.as_ref().expect("checked").function, keys::GRADIENTS_AND_CAPTURES, Vec::new())
+            }
             _ => (&self.gradients, keys::GRADIENTS, Vec::new()),
         };
+        let main_pass_captures = key == keys::GRADIENTS_AND_CAPTURES;
         let values = self
             .backend
             .outputs(key, function, &inputs)
@@ -211,9 +298,85 @@ impl<T: Real> Trainer<T> {
             }
         }
         if needed.contains("sampled_grad") {
-            let sampled = self.sampled_gradients(step, &inputs, &values)?;
-            for (index, gradient) in sampled.into_iter().enumerate() {
-                statistics[index].insert("sampled_grad".to_string(), gradient);
+            let sampled = self.sampled_outputs(step, &inputs, &values, &self.gradients, keys::GRADIENTS)?;
+            for (index, statistic) in statistics.iter_mut().enumerate() {
+                let gradient = find_output(&sampled, &format!("grad.{}", self.param_name(index)))
+                    .and_then(Value::as_real)
+                    .cloned()
+                    .ok_or_else(|| TrainError::Runtime("missing sampled gradient".to_string()))?;
+                statistic.insert("sampled_grad".to_string(), gradient);
+            }
+        }
+        let mut kfac: Vec<Option<(crate::linalg::Matrix, crate::linalg::Matrix)>> = vec![None; self.params.len()];
+        for fisher in ["empirical", "sampled"] {
+            if !needed.contains(&format!("kfac({fisher})")) {
+                continue;
+            }
+            let captures = match &self.captures {
+                Some(captures) => captures,
+                None => {
+                    return Err(TrainError::Runtime(
+                        capture_program(&self.program)
+                            .err()
+                            .unwrap_or_else(|| "K-FAC captures are missing".to_string()),
+                    ))
+                }
+            };
+            let pass = match fisher {
+                "empirical" if main_pass_captures => None,
+                "empirical" => Some(
+                    self.backend
+                        .outputs(keys::GRADIENTS_AND_CAPTURES, &captures.function, &inputs)
+                        .map_err(|error| TrainError::Runtime(format!("step {step}: {error}")))?,
+                ),
+                _ => Some(self.sampled_outputs(
+                    step,
+                    &inputs,
+                    &values,
+                    &captures.function,
+                    keys::GRADIENTS_AND_CAPTURES,
+                )?),
+            };
+            let outputs = pass.as_deref().unwrap_or(&values);
+            for (param, input_name, cotangent_name) in &captures.layers {
+                let plan_fisher = self
+                    .program
+                    .optimizer
+                    .plans
+                    .iter()
+                    .find(|plan| plan.param == *param)
+                    .and_then(crate::optimizer::kfac_statistic);
+                if plan_fisher.as_deref() != Some(&format!("kfac({fisher})")) {
+                    continue;
+                }
+                let tensor = |name: &str| {
+                    find_output(outputs, name)
+                        .and_then(Value::as_real)
+                        .ok_or_else(|| TrainError::Runtime(format!("the K-FAC capture `{name}` is missing")))
+                };
+                // The loss is a mean over the rows, so each row's cotangent carries a factor 1/N;
+                // multiplying it back by N gives the per-example statistics (kfac-pytorch's
+                // `batch_averaged`): G = (N g)^T (N g) / N.
+                let cotangent = tensor(cotangent_name)?;
+                let rows = (cotangent.len() / cotangent.shape.last().copied().unwrap_or(1).max(1)) as f64;
+                let mut g = covariance(cotangent);
+                g.data.iter_mut().for_each(|value| *value *= rows * rows);
+                let a = covariance(tensor(input_name)?);
+                kfac[*param] = Some(match kfac[*param].take() {
+                    None => (a, g),
+                    Some((mut total_a, mut total_g)) => {
+                        total_a.data.iter_mut().zip(&a.data).for_each(|(total, value)| *total += value);
+                        total_g.data.iter_mut().zip(&g.data).for_each(|(total, value)| *total += value);
+                        (total_a, total_g)
+                    }
+                });
+            }
+        }
+        for (index, factors) in kfac.iter().enumerate() {
+            if let (None, Some((a, g))) = (&problem, factors) {
+                if a.data.iter().chain(&g.data).any(|value| !value.is_finite()) {
+                    problem = Some(format!("the K-FAC statistics of `{}` are not finite", self.param_name(index)));
+                }
             }
         }
         for (index, stats) in statistics.iter().enumerate() {
@@ -237,6 +400,7 @@ impl<T: Real> Trainer<T> {
                     batch: self.program.batch as usize,
                     gradient: &gradients[index],
                     statistics: &statistics[index],
+                    kfac: kfac[index].as_ref(),
                 };
                 update_param(plan, &self.rules, &mut new_params[index], &mut new_states[index], &update_inputs)
                     .map_err(|message| {
@@ -266,15 +430,17 @@ impl<T: Real> Trainer<T> {
         }
     }
 
-    /// Gradients with labels drawn from the model's predictive distribution (categorical over
-    /// the softmax of the logits for cross-entropy; Gaussian around the prediction for `mse`).
-    fn sampled_gradients(
+    /// The outputs of `function` (a gradient program) with labels drawn from the model's
+    /// predictive distribution (categorical over the softmax of the logits for cross-entropy;
+    /// Gaussian around the prediction for `mse`). The draw depends only on the seed and the step.
+    fn sampled_outputs(
         &self,
         step: u64,
         inputs: &Inputs<T>,
         values: &[(String, Value<T>)],
-    ) -> Result<Vec<Tensor<T>>, TrainError> {
-        let function = &self.gradients;
+        function: &Function,
+        key: &str,
+    ) -> Result<Vec<(String, Value<T>)>, TrainError> {
         let loss_function = &self.program.loss;
         let (model_output, target) = match self.program.loss_kind {
             LossKind::CrossEntropy => ("logits", "labels"),
@@ -316,18 +482,9 @@ impl<T: Real> Trainer<T> {
         let mut sampled_inputs = inputs.clone();
         sampled_inputs.inputs.clear();
         sampled_inputs.data.insert((source.clone(), field.clone()), sampled);
-        let sampled_values = self
-            .backend
-            .outputs(keys::GRADIENTS, function, &sampled_inputs)
-            .map_err(|error| TrainError::Runtime(format!("step {step}: {error}")))?;
-        (0..self.params.len())
-            .map(|index| {
-                find_output(&sampled_values, &format!("grad.{}", self.param_name(index)))
-                    .and_then(Value::as_real)
-                    .cloned()
-                    .ok_or_else(|| TrainError::Runtime("missing sampled gradient".to_string()))
-            })
-            .collect()
+        self.backend
+            .outputs(key, function, &sampled_inputs)
+            .map_err(|error| TrainError::Runtime(format!("step {step}: {error}")))
     }
 
     fn metrics_of(

@@ -210,6 +210,8 @@ fn run(arguments: Vec<String>) -> c_int {
         metrics: arguments.metrics.clone(),
         out: arguments.out.clone(),
         backend: if arguments.interpret { None } else { Some(make_backend) },
+        target: None,
+        stop_at_target: false,
     };
     let mut printer = Printer { quiet: arguments.quiet };
     match curv_driver::run::run_program(&analysis.program, &directory, &options, &mut printer) {

@@ -1,0 +1,804 @@
+//! The `kronecker` structure (Shampoo, SOAP, K-FAC) and the `orthogonalize` structure (Muon):
+//! their matrix functions and their per-parameter updates. The update equations are those of
+//! `docs/language.md` §12.7 and §12.8, which name the reference each one follows.
+//!
+//! All matrix work is done in double precision, whatever the element type of the training run,
+//! because preconditioner factors are badly conditioned. Products go through `matrixmultiply`'s
+//! DGEMM, decompositions through [`crate::linalg`]. A parameter's state lives in named tensors of
+//! the run's element type (checkpointed like every other state); factors of several tiles are
+//! stored one after the other, row-major tile order.
+
+use crate::linalg::{cholesky, symmetric_eigen, thin_qr, LinalgError, Matrix};
+use crate::optimizer::{state_get, ParamState};
+use curv_interp::{Real, Tensor};
+use curv_ir::{option_name, option_number, OptionValue, Options, ParamPlan};
+
+/// How many consecutive failed inverse roots are tolerated (the last good root is kept) before
+/// the run stops, as Distributed Shampoo's `tolerated_failures`.
+pub const TOLERATED_ROOT_FAILURES: f64 = 3.0;
+
+fn number(options: &Options, key: &str, default: f64) -> f64 {
+    option_number(options, key).unwrap_or(default)
+}
+
+fn flag(options: &Options, key: &str, default: bool) -> bool {
+    options.iter().find(|(name, _)| name == key).map_or(default, |(_, value)| *value == OptionValue::Bool(true))
+}
+
+/// `C = op(A) op(B)` in double precision, where `op` transposes when asked; `C` is `m x n`.
+fn product(a: &Matrix, transpose_a: bool, b: &Matrix, transpose_b: bool) -> Matrix {
+    let (m, k) = if transpose_a { (a.columns, a.rows) } else { (a.rows, a.columns) };
+    let n = if transpose_b { b.rows } else { b.columns };
+    let (row_stride_a, column_stride_a) = if transpose_a { (1, a.columns as isize) } else { (a.columns as isize, 1) };
+    let (row_stride_b, column_stride_b) = if transpose_b { (1, b.columns as isize) } else { (b.columns as isize, 1) };
+    let mut data = vec![0.0; m * n];
+    if m > 0 && n > 0 && k > 0 {
+        // SAFETY: the strides describe the row-major buffers of `a`, `b` and `data` (sizes checked
+        // by construction of `Matrix`), and `data` does not alias the inputs.
+        unsafe {
+            matrixmultiply::dgemm(
+                m,
+                k,
+                n,
+                1.0,
+                a.data.as_ptr(),
+                row_stride_a,
+                column_stride_a,
+                b.data.as_ptr(),
+                row_stride_b,
+                column_stride_b,
+                0.0,
+                data.as_mut_ptr(),
+                n as isize,
+                1,
+            );
+        }
+    }
+    Matrix { rows: m, columns: n, data }
+}
+
+#[cfg(test)]
+fn identity(size: usize) -> Matrix {
+    let mut data = vec![0.0; size * size];
+    for index in 0..size {
+        data[index * size + index] = 1.0;
+    }
+    Matrix { rows: size, columns: size, data }
+}
+
+fn add_to_diagonal(matrix: &Matrix, value: f64) -> Matrix {
+    let mut result = matrix.clone();
+    for index in 0..matrix.rows.min(matrix.columns) {
+        result.data[index * matrix.columns + index] += value;
+    }
+    result
+}
+
+fn frobenius(values: &[f64]) -> f64 {
+    values.iter().map(|value| value * value).sum::<f64>().sqrt()
+}
+
+fn trace(matrix: &Matrix) -> f64 {
+    (0..matrix.rows.min(matrix.columns)).map(|index| matrix.at(index, index)).sum()
+}
+
+/// `Q diag(f(lambda)) Q^T` from an eigendecomposition.
+fn from_eigen(values: &[f64], vectors: &Matrix, function: impl Fn(f64) -> f64) -> Matrix {
+    let n = vectors.rows;
+    let mut scaled = vectors.clone();
+    for column in 0..n {
+        let factor = function(values[column]);
+        for row in 0..n {
+            scaled.data[row * n + column] *= factor;
+        }
+    }
+    product(&scaled, false, vectors, true)
+}
+
+/// Distributed Shampoo's inverse root: `eigh(A + eps I) = Q diag(lambda) Q^T`, eigenvalues below
+/// `eps` shifted up by `eps - min lambda`, and `Q diag(lambda^(-1/root)) Q^T`.
+pub fn inverse_root(matrix: &Matrix, root: f64, eps: f64) -> Result<Matrix, LinalgError> {
+    let (mut values, vectors) = symmetric_eigen(&add_to_diagonal(matrix, eps))?;
+    let smallest = values.iter().copied().fold(f64::INFINITY, f64::min);
+    if smallest < eps {
+        values.iter_mut().for_each(|value| *value += eps - smallest);
+    }
+    let result = from_eigen(&values, &vectors, |value| value.powf(-1.0 / root));
+    if result.data.iter().all(|value| value.is_finite()) {
+        Ok(result)
+    } else {
+        Err(LinalgError::NonFinite)
+    }
+}
+
+/// The inverse of a lower-triangular matrix with a non-zero diagonal, by forward substitution.
+fn lower_triangular_inverse(lower: &Matrix) -> Matrix {
+    let n = lower.rows;
+    let mut inverse = vec![0.0; n * n];
+    for column in 0..n {
+        for row in column..n {
+            let mut sum = if row == column { 1.0 } else { 0.0 };
+            for inner in column..row {
+                sum -= lower.at(row, inner) * inverse[inner * n + column];
+            }
+            inverse[row * n + column] = sum / lower.at(row, row);
+        }
+    }
+    Matrix { rows: n, columns: n, data: inverse }
+}
+
+/// `(A + damping I)^-1` for a symmetric positive semi-definite `A`, by Cholesky
+/// (`A^-1 = L^-T L^-1`), or by the symmetric eigendecomposition (eigenvalues clamped at zero) when
+/// the Cholesky factorisation fails.
+pub fn damped_inverse(matrix: &Matrix, damping: f64) -> Result<Matrix, LinalgError> {
+    let damped = add_to_diagonal(matrix, damping);
+    let result = match cholesky(&damped) {
+        Ok(lower) => {
+            let inverse = lower_triangular_inverse(&lower);
+            product(&inverse, true, &inverse, false)
+        }
+        Err(LinalgError::NotPositiveDefinite) => {
+            let (values, vectors) = symmetric_eigen(matrix)?;
+            from_eigen(&values, &vectors, |value| 1.0 / (value.max(0.0) + damping))
+        }
+        Err(error) => return Err(error),
+    };
+    if result.data.iter().all(|value| value.is_finite()) {
+        Ok(result)
+    } else {
+        Err(LinalgError::NonFinite)
+    }
+}
+
+/// Muon's orthogonalisation: `X = U / (|U|_F + 1e-7)` (transposed when it has more rows than
+/// columns) iterated `steps` times through `A = X X^T`, `X <- a X + (b A + c A A) X`.
+pub fn newton_schulz(matrix: &Matrix, steps: usize, (a, b, c): (f64, f64, f64)) -> Matrix {
+    let transposed = matrix.rows > matrix.columns;
+    let mut x = if transposed { transpose(matrix) } else { matrix.clone() };
+    let norm = frobenius(&x.data) + 1e-7;
+    x.data.iter_mut().for_each(|value| *value /= norm);
+    for _ in 0..steps {
+        let gram = product(&x, false, &x, true);
+        let gram_squared = product(&gram, false, &gram, false);
+        let mut polynomial = gram.clone();
+        for (value, square) in polynomial.data.iter_mut().zip(&gram_squared.data) {
+            *value = b * *value + c * square;
+        }
+        let mut next = product(&polynomial, false, &x, false);
+        for (value, old) in next.data.iter_mut().zip(&x.data) {
+            *value += a * old;
+        }
+        x = next;
+    }
+    if transposed {
+        transpose(&x)
+    } else {
+        x
+    }
+}
+
+fn transpose(matrix: &Matrix) -> Matrix {
+    let mut data = Vec::with_capacity(matrix.data.len());
+    for column in 0..matrix.columns {
+        for row in 0..matrix.rows {
+            data.push(matrix.at(row, column));
+        }
+    }
+    Matrix { rows: matrix.columns, columns: matrix.rows, data }
+}
+
+/// The matrix view of a parameter: `[product of the leading dims, last dim]` (a vector is a row).
+pub fn matrix_shape(shape: &[usize]) -> (usize, usize) {
+    let columns = *shape.last().unwrap_or(&1);
+    let rows = shape[..shape.len().saturating_sub(1)].iter().product::<usize>();
+    (rows.max(1), columns)
+}
+
+/// One tile of a blocked matrix: its first row and column and its size.
+#[derive(Debug, Clone, Copy)]
+struct Tile {
+    row: usize,
+    rows: usize,
+    column: usize,
+    columns: usize,
+    /// Offsets of the tile's left and right factors in the concatenated factor states.
+    left_offset: usize,
+    right_offset: usize,
+}
+
+fn tiles(rows: usize, columns: usize, block: usize) -> Vec<Tile> {
+    let block = block.max(1);
+    let (mut left_offset, mut right_offset) = (0, 0);
+    let mut result = Vec::new();
+    for row in (0..rows).step_by(block) {
+        for column in (0..columns).step_by(block) {
+            let tile = Tile {
+                row,
+                rows: (rows - row).min(block),
+                column,
+                columns: (columns - column).min(block),
+                left_offset,
+                right_offset,
+            };
+            left_offset += tile.rows * tile.rows;
+            right_offset += tile.columns * tile.columns;
+            result.push(tile);
+        }
+    }
+    result
+}
+
+impl Tile {
+    fn extract(&self, values: &[f64], columns: usize) -> Matrix {
+        let mut data = Vec::with_capacity(self.rows * self.columns);
+        for row in self.row..self.row + self.rows {
+            data.extend_from_slice(&values[row * columns + self.column..row * columns + self.column + self.columns]);
+        }
+        Matrix { rows: self.rows, columns: self.columns, data }
+    }
+
+    fn insert(&self, tile: &Matrix, values: &mut [f64], columns: usize) {
+        for row in 0..self.rows {
+            let start = (self.row + row) * columns + self.column;
+            values[start..start + self.columns]
+                .copy_from_slice(&tile.data[row * self.columns..(row + 1) * self.columns]);
+        }
+    }
+
+    fn left(&self, values: &[f64]) -> Matrix {
+        let size = self.rows * self.rows;
+        Matrix { rows: self.rows, columns: self.rows, data: values[self.left_offset..self.left_offset + size].to_vec() }
+    }
+
+    fn right(&self, values: &[f64]) -> Matrix {
+        let size = self.columns * self.columns;
+        Matrix {
+            rows: self.columns,
+            columns: self.columns,
+            data: values[self.right_offset..self.right_offset + size].to_vec(),
+        }
+    }
+
+    fn store_left(&self, matrix: &Matrix, values: &mut [f64]) {
+        values[self.left_offset..self.left_offset + matrix.data.len()].copy_from_slice(&matrix.data);
+    }
+
+    fn store_right(&self, matrix: &Matrix, values: &mut [f64]) {
+        values[self.right_offset..self.right_offset + matrix.data.len()].copy_from_slice(&matrix.data);
+    }
+}
+
+/// A parameter's states as double-precision vectors while one update runs.
+struct States {
+    values: Vec<(String, Vec<f64>, Vec<usize>)>,
+}
+
+impl States {
+    fn load<T: Real>(state: &ParamState<T>) -> States {
+        States {
+            values: state
+                .iter()
+                .map(|(name, tensor)| {
+                    (name.clone(), tensor.data.iter().map(|value| value.to_f64()).collect(), tensor.shape.clone())
+                })
+                .collect(),
+        }
+    }
+
+    /// The state `name`, created with `size` zeros (and `shape`) when missing.
+    fn get(&mut self, name: &str, shape: &[usize]) -> &mut Vec<f64> {
+        let position = match self.values.iter().position(|(key, _, _)| key == name) {
+            Some(position) => position,
+            None => {
+                let size = shape.iter().product::<usize>();
+                self.values.push((name.to_string(), vec![0.0; size], shape.to_vec()));
+                self.values.len() - 1
+            }
+        };
+        &mut self.values[position].1
+    }
+
+    fn scalar(&mut self, name: &str) -> f64 {
+        self.get(name, &[])[0]
+    }
+
+    fn set_scalar(&mut self, name: &str, value: f64) {
+        self.get(name, &[])[0] = value;
+    }
+
+    fn store<T: Real>(self, state: &mut ParamState<T>) {
+        state.clear();
+        for (name, values, shape) in self.values {
+            state.push((name, Tensor::new(shape, values.into_iter().map(T::from_f64).collect())));
+        }
+    }
+}
+
+/// Everything one `kronecker` or `orthogonalize` update reads besides the parameter and its state.
+pub struct KroneckerInputs<'a> {
+    pub step: u64,
+    pub learning_rate: f64,
+    pub gradient: &'a [f64],
+    /// K-FAC's fresh factor statistics `(x^T x / N, g^T g / N)`, at the steps that refresh them.
+    pub kfac: Option<&'a (Matrix, Matrix)>,
+}
+
+/// Whether this update only initialises its state and leaves the parameter where it is (SOAP's
+/// first step), so that modifiers must not move it either.
+pub fn leaves_parameter_unchanged<T>(plan: &ParamPlan, state: &ParamState<T>) -> bool {
+    plan.structure == curv_ir::StructureKind::Kronecker
+        && option_name(&plan.options, "function") == Some("eigenbasis")
+        && state_get(state, "left_basis").is_none()
+}
+
+/// One step of the `kronecker` structure: returns the direction (the step is `-lr * direction`).
+pub fn kronecker_direction<T: Real>(
+    plan: &ParamPlan,
+    shape: &[usize],
+    state: &mut ParamState<T>,
+    inputs: &KroneckerInputs,
+) -> Result<Option<Vec<f64>>, String> {
+    let mut states = States::load(state);
+    let function = option_name(&plan.options, "function").unwrap_or("inverse_root");
+    let direction = match function {
+        "inverse_root" => shampoo(plan, shape, &mut states, inputs)?,
+        "eigenbasis" => soap(plan, shape, &mut states, inputs)?,
+        "damped_inverse" | "damped_eigen" => kfac(plan, shape, &mut states, inputs, function == "damped_eigen")?,
+        other => return Err(format!("the `{other}` matrix function is not executable yet")),
+    };
+    states.store(state);
+    Ok(direction)
+}
+
+/// The exponential average (or, with `ema = 1`, the running sum) of a factor.
+fn accumulate(factor: &mut Matrix, fresh: &Matrix, ema: f64) {
+    let (decay, weight) = if ema >= 1.0 { (1.0, 1.0) } else { (ema, 1.0 - ema) };
+    for (value, new) in factor.data.iter_mut().zip(&fresh.data) {
+        *value = decay * *value + weight * new;
+    }
+}
+
+fn shampoo(
+    plan: &ParamPlan,
+    shape: &[usize],
+    states: &mut States,
+    inputs: &KroneckerInputs,
+) -> Result<Option<Vec<f64>>, String> {
+    let options = &plan.options;
+    let ema = number(options, "ema", 0.95);
+    let eps = number(options, "eps", 1e-12);
+    let root = number(options, "root", 4.0);
+    let every = number(options, "every", 1.0).max(1.0) as u64;
+    let start = number(options, "start", every as f64) as u64;
+    let b1 = number(options, "b1", 0.9);
+    let block = number(options, "block", 1024.0) as usize;
+    let step = inputs.step;
+    let (rows, columns) = matrix_shape(shape);
+    let tiles = tiles(rows, columns, block);
+    let left_size = tiles.iter().map(|tile| tile.rows * tile.rows).sum::<usize>();
+    let right_size = tiles.iter().map(|tile| tile.columns * tile.columns).sum::<usize>();
+    let gradient = inputs.gradient;
+    // The filtered gradient.
+    let filtered: Vec<f64> = if b1 > 0.0 {
+        let m = states.get("m", shape);
+        for (value, g) in m.iter_mut().zip(gradient) {
+            *value = b1 * *value + (1.0 - b1) * g;
+        }
+        let correction = 1.0 - b1.powf(step as f64);
+        m.iter().map(|value| value / correction).collect()
+    } else {
+        gradient.to_vec()
+    };
+    // The grafting direction, for the whole parameter.
+    let graft = plan.modifiers.iter().find(|modifier| modifier.name == "graft");
+    let grafted: Option<Vec<f64>> = match graft {
+        None => None,
+        Some(modifier) => {
+            let kind = option_name(&modifier.options, "kind").unwrap_or("adam");
+            let b2 = number(&modifier.options, "b2", 0.999);
+            let graft_eps = number(&modifier.options, "eps", 1e-8);
+            Some(match kind {
+                "sgd" => filtered.clone(),
+                _ => {
+                    let v = states.get("graft_v", shape);
+                    for (value, g) in v.iter_mut().zip(gradient) {
+                        *value = match kind {
+                            "adagrad" => *value + g * g,
+                            _ => b2 * *value + (1.0 - b2) * g * g,
+                        };
+                    }
+                    let correction = if kind == "adam" { 1.0 - b2.powf(step as f64) } else { 1.0 };
+                    filtered.iter().zip(v.iter()).map(|(g, v)| g / ((v / correction).sqrt() + graft_eps)).collect()
+                }
+            })
+        }
+    };
+    // The factors take the current gradient.
+    let mut left = std::mem::take(states.get("left_factor", &[left_size]));
+    let mut right = std::mem::take(states.get("right_factor", &[right_size]));
+    for tile in &tiles {
+        let g = tile.extract(gradient, columns);
+        let mut l = tile.left(&left);
+        accumulate(&mut l, &product(&g, false, &g, true), ema);
+        tile.store_left(&l, &mut left);
+        let mut r = tile.right(&right);
+        accumulate(&mut r, &product(&g, true, &g, false), ema);
+        tile.store_right(&r, &mut right);
+    }
+    let mut left_inverse = std::mem::take(states.get("left_inverse", &[left_size]));
+    let mut right_inverse = std::mem::take(states.get("right_inverse", &[right_size]));
+    if step.is_multiple_of(every) {
+        let correction = if ema < 1.0 { 1.0 - ema.powf(step as f64) } else { 1.0 };
+        let mut failed = false;
+        for tile in &tiles {
+            let mut l = tile.left(&left);
+            let mut r = tile.right(&right);
+            l.data.iter_mut().chain(r.data.iter_mut()).for_each(|value| *value /= correction);
+            match (inverse_root(&l, root, eps), inverse_root(&r, root, eps)) {
+                (Ok(l_root), Ok(r_root)) => {
+                    tile.store_left(&l_root, &mut left_inverse);
+                    tile.store_right(&r_root, &mut right_inverse);
+                }
+                _ => failed = true,
+            }
+        }
+        let failures = if failed { states.scalar("failures") + 1.0 } else { 0.0 };
+        states.set_scalar("failures", failures);
+        if failures > TOLERATED_ROOT_FAILURES {
+            return Err(format!(
+                "the inverse root of a Shampoo factor failed {failures} times in a row (step {step}); \
+                 a larger `eps` may help"
+            ));
+        }
+    }
+    let mut direction = vec![0.0; gradient.len()];
+    if step < start {
+        direction = grafted.unwrap_or(filtered);
+    } else {
+        for tile in &tiles {
+            let g = tile.extract(&filtered, columns);
+            let preconditioned = product(
+                &product(&tile.left(&left_inverse), false, &g, false),
+                false,
+                &tile.right(&right_inverse),
+                false,
+            );
+            let mut preconditioned = preconditioned;
+            if let Some(grafted) = &grafted {
+                let norm = frobenius(&tile.extract(grafted, columns).data);
+                let scale = norm / (frobenius(&preconditioned.data) + 1e-16);
+                preconditioned.data.iter_mut().for_each(|value| *value *= scale);
+            }
+            tile.insert(&preconditioned, &mut direction, columns);
+        }
+    }
+    *states.get("left_factor", &[left_size]) = left;
+    *states.get("right_factor", &[right_size]) = right;
+    *states.get("left_inverse", &[left_size]) = left_inverse;
+    *states.get("right_inverse", &[right_size]) = right_inverse;
+    Ok(Some(direction))
+}
+
+/// The eigenvectors of a symmetric matrix, ordered by descending eigenvalue.
+fn descending_eigenvectors(matrix: &Matrix) -> Result<Matrix, LinalgError> {
+    let (_, vectors) = symmetric_eigen(matrix)?;
+    let n = vectors.rows;
+    let mut flipped = vectors.clone();
+    for row in 0..n {
+        for column in 0..n {
+            flipped.data[row * n + column] = vectors.at(row, n - 1 - column);
+        }
+    }
+    Ok(flipped)
+}
+
+/// One power iteration and QR for a SOAP basis: returns the new basis and the column order the
+/// second moment must follow.
+fn refresh_basis(factor: &Matrix, basis: &Matrix) -> Result<(Matrix, Vec<usize>), LinalgError> {
+    let n = basis.rows;
+    let projected = product(&product(basis, true, factor, false), false, basis, false);
+    let mut order: Vec<usize> = (0..n).collect();
+    // A stable sort, so that equal estimates keep their order (as torch.argsort on distinct values).
+    order.sort_by(|&first, &second| projected.at(second, second).total_cmp(&projected.at(first, first)));
+    let mut sorted = basis.clone();
+    for row in 0..n {
+        for (column, &source) in order.iter().enumerate() {
+            sorted.data[row * n + column] = basis.at(row, source);
+        }
+    }
+    let (q, _) = thin_qr(&product(factor, false, &sorted, false))?;
+    Ok((q, order))
+}
+
+fn soap(
+    plan: &ParamPlan,
+    shape: &[usize],
+    states: &mut States,
+    inputs: &KroneckerInputs,
+) -> Result<Option<Vec<f64>>, String> {
+    let options = &plan.options;
+    let ema = number(options, "ema", 0.95);
+    let b1 = number(options, "b1", 0.9);
+    let b2 = number(options, "b2", 0.999);
+    let eps = number(options, "eps", 1e-8);
+    let every = number(options, "every", 1.0).max(1.0) as u64;
+    let block = number(options, "block", 1024.0) as usize;
+    let (rows, columns) = matrix_shape(shape);
+    let tiles = tiles(rows, columns, block);
+    let left_size = tiles.iter().map(|tile| tile.rows * tile.rows).sum::<usize>();
+    let right_size = tiles.iter().map(|tile| tile.columns * tile.columns).sum::<usize>();
+    let gradient = inputs.gradient;
+    let failure = |error: LinalgError| format!("SOAP's eigenbasis: {error}");
+    let first = !states.values.iter().any(|(name, _, _)| name == "left_basis");
+    let mut left = std::mem::take(states.get("left_factor", &[left_size]));
+    let mut right = std::mem::take(states.get("right_factor", &[right_size]));
+    let accumulate_factors = |left: &mut Vec<f64>, right: &mut Vec<f64>| {
+        for tile in &tiles {
+            let g = tile.extract(gradient, columns);
+            let mut l = tile.left(left);
+            accumulate(&mut l, &product(&g, false, &g, true), ema);
+            tile.store_left(&l, left);
+            let mut r = tile.right(right);
+            accumulate(&mut r, &product(&g, true, &g, false), ema);
+            tile.store_right(&r, right);
+        }
+    };
+    if first {
+        accumulate_factors(&mut left, &mut right);
+        let mut left_basis = vec![0.0; left_size];
+        let mut right_basis = vec![0.0; right_size];
+        for tile in &tiles {
+            let l = add_to_diagonal(&tile.left(&left), 1e-30);
+            let r = add_to_diagonal(&tile.right(&right), 1e-30);
+            tile.store_left(&descending_eigenvectors(&l).map_err(failure)?, &mut left_basis);
+            tile.store_right(&descending_eigenvectors(&r).map_err(failure)?, &mut right_basis);
+        }
+        *states.get("left_factor", &[left_size]) = left;
+        *states.get("right_factor", &[right_size]) = right;
+        *states.get("left_basis", &[left_size]) = left_basis;
+        *states.get("right_basis", &[right_size]) = right_basis;
+        states.get("m", shape);
+        states.get("v", shape);
+        states.set_scalar("soap_step", 0.0);
+        return Ok(None);
+    }
+    let s = states.scalar("soap_step") + 1.0;
+    states.set_scalar("soap_step", s);
+    let mut left_basis = std::mem::take(states.get("left_basis", &[left_size]));
+    let mut right_basis = std::mem::take(states.get("right_basis", &[right_size]));
+    let mut m = std::mem::take(states.get("m", shape));
+    let mut v = std::mem::take(states.get("v", shape));
+    for (value, g) in m.iter_mut().zip(gradient) {
+        *value = b1 * *value + (1.0 - b1) * g;
+    }
+    let step_size = (1.0 - b2.powf(s)).sqrt() / (1.0 - b1.powf(s));
+    let mut direction = vec![0.0; gradient.len()];
+    for tile in &tiles {
+        let (q_left, q_right) = (tile.left(&left_basis), tile.right(&right_basis));
+        let rotate = |matrix: &Matrix| product(&product(&q_left, true, matrix, false), false, &q_right, false);
+        let rotated_gradient = rotate(&tile.extract(gradient, columns));
+        let mut v_tile = tile.extract(&v, columns);
+        for (value, g) in v_tile.data.iter_mut().zip(&rotated_gradient.data) {
+            *value = b2 * *value + (1.0 - b2) * g * g;
+        }
+        tile.insert(&v_tile, &mut v, columns);
+        let mut normalised = rotate(&tile.extract(&m, columns));
+        for (value, second) in normalised.data.iter_mut().zip(&v_tile.data) {
+            *value = step_size * *value / (second.sqrt() + eps);
+        }
+        let back = product(&product(&q_left, false, &normalised, false), false, &q_right, true);
+        tile.insert(&back, &mut direction, columns);
+    }
+    accumulate_factors(&mut left, &mut right);
+    if (s as u64).is_multiple_of(every) {
+        for tile in &tiles {
+            let (new_left, left_order) = refresh_basis(&tile.left(&left), &tile.left(&left_basis)).map_err(failure)?;
+            let (new_right, right_order) =
+                refresh_basis(&tile.right(&right), &tile.right(&right_basis)).map_err(failure)?;
+            tile.store_left(&new_left, &mut left_basis);
+            tile.store_right(&new_right, &mut right_basis);
+            // The second moment lives in the rotated basis: its rows follow the left basis'
+            // columns, its columns the right basis' columns.
+            let old = tile.extract(&v, columns);
+            let mut permuted = old.clone();
+            for (row, &source_row) in left_order.iter().enumerate() {
+                for (column, &source_column) in right_order.iter().enumerate() {
+                    permuted.data[row * tile.columns + column] = old.at(source_row, source_column);
+                }
+            }
+            tile.insert(&permuted, &mut v, columns);
+        }
+    }
+    *states.get("left_factor", &[left_size]) = left;
+    *states.get("right_factor", &[right_size]) = right;
+    *states.get("left_basis", &[left_size]) = left_basis;
+    *states.get("right_basis", &[right_size]) = right_basis;
+    *states.get("m", shape) = m;
+    *states.get("v", shape) = v;
+    Ok(Some(direction))
+}
+
+fn kfac(
+    plan: &ParamPlan,
+    shape: &[usize],
+    states: &mut States,
+    inputs: &KroneckerInputs,
+    eigen: bool,
+) -> Result<Option<Vec<f64>>, String> {
+    let options = &plan.options;
+    let ema = number(options, "ema", 0.95);
+    let damping = number(options, "damping", 1e-3);
+    let pi_adjusted = flag(options, "pi", true);
+    let (rows, columns) = matrix_shape(shape);
+    let (left_size, right_size) = (rows * rows, columns * columns);
+    if let Some((a, g)) = inputs.kfac {
+        if a.rows != rows || g.rows != columns {
+            return Err(format!(
+                "the K-FAC statistics are {}x{} and {}x{}, the parameter is {rows}x{columns}",
+                a.rows, a.columns, g.rows, g.columns
+            ));
+        }
+        let count = states.scalar("factor_updates") + 1.0;
+        states.set_scalar("factor_updates", count);
+        let mut left = Matrix { rows, columns: rows, data: std::mem::take(states.get("left_factor", &[left_size])) };
+        let mut right =
+            Matrix { rows: columns, columns, data: std::mem::take(states.get("right_factor", &[right_size])) };
+        accumulate(&mut left, a, ema.min(1.0 - f64::EPSILON));
+        accumulate(&mut right, g, ema.min(1.0 - f64::EPSILON));
+        let correction = 1.0 - ema.powf(count);
+        let corrected = |matrix: &Matrix| Matrix {
+            rows: matrix.rows,
+            columns: matrix.columns,
+            data: matrix.data.iter().map(|value| value / correction).collect(),
+        };
+        let (a_hat, g_hat) = (corrected(&left), corrected(&right));
+        let failure = |error: LinalgError| format!("the K-FAC inverse: {error}");
+        if eigen {
+            let (a_values, a_vectors) = symmetric_eigen(&a_hat).map_err(failure)?;
+            let (g_values, g_vectors) = symmetric_eigen(&g_hat).map_err(failure)?;
+            *states.get("left_inverse", &[left_size]) = a_vectors.data;
+            *states.get("right_inverse", &[right_size]) = g_vectors.data;
+            *states.get("left_values", &[rows]) = a_values.iter().map(|value| value.max(0.0)).collect();
+            *states.get("right_values", &[columns]) = g_values.iter().map(|value| value.max(0.0)).collect();
+        } else {
+            let pi = if pi_adjusted {
+                let (norm_a, norm_g) = (trace(&a_hat) / rows as f64, trace(&g_hat) / columns as f64);
+                if norm_a > 0.0 && norm_g > 0.0 && (norm_a / norm_g).is_finite() {
+                    (norm_a / norm_g).sqrt()
+                } else {
+                    1.0
+                }
+            } else {
+                1.0
+            };
+            let root = damping.sqrt();
+            *states.get("left_inverse", &[left_size]) = damped_inverse(&a_hat, pi * root).map_err(failure)?.data;
+            *states.get("right_inverse", &[right_size]) = damped_inverse(&g_hat, root / pi).map_err(failure)?.data;
+        }
+        *states.get("left_factor", &[left_size]) = left.data;
+        *states.get("right_factor", &[right_size]) = right.data;
+    }
+    if states.scalar("factor_updates") == 0.0 {
+        return Err("K-FAC has no factor statistics yet".to_string());
+    }
+    let gradient = Matrix { rows, columns, data: inputs.gradient.to_vec() };
+    let left_inverse = Matrix { rows, columns: rows, data: states.get("left_inverse", &[left_size]).clone() };
+    let right_inverse = Matrix { rows: columns, columns, data: states.get("right_inverse", &[right_size]).clone() };
+    let direction = if eigen {
+        let a_values = states.get("left_values", &[rows]).clone();
+        let g_values = states.get("right_values", &[columns]).clone();
+        let mut rotated = product(&product(&left_inverse, true, &gradient, false), false, &right_inverse, false);
+        for row in 0..rows {
+            for column in 0..columns {
+                rotated.data[row * columns + column] /= a_values[row] * g_values[column] + damping;
+            }
+        }
+        product(&product(&left_inverse, false, &rotated, false), false, &right_inverse, true)
+    } else {
+        product(&product(&left_inverse, false, &gradient, false), false, &right_inverse, false)
+    };
+    Ok(Some(direction.data))
+}
+
+/// One step of the `orthogonalize` structure (Muon): returns the direction.
+pub fn orthogonalize_direction<T: Real>(
+    plan: &ParamPlan,
+    shape: &[usize],
+    state: &mut ParamState<T>,
+    inputs: &KroneckerInputs,
+) -> Result<Vec<f64>, String> {
+    let options = &plan.options;
+    let steps = number(options, "steps", 5.0) as usize;
+    let coefficients = (number(options, "a", 3.4445), number(options, "b", -4.7750), number(options, "c", 2.0315));
+    let beta = number(options, "momentum", 0.95);
+    let nesterov = flag(options, "nesterov", true);
+    let mut states = States::load(state);
+    let momentum = states.get("momentum", shape);
+    for (value, g) in momentum.iter_mut().zip(inputs.gradient) {
+        *value = beta * *value + (1.0 - beta) * g;
+    }
+    let update: Vec<f64> = if nesterov {
+        inputs.gradient.iter().zip(momentum.iter()).map(|(g, m)| (1.0 - beta) * g + beta * m).collect()
+    } else {
+        momentum.clone()
+    };
+    let (rows, columns) = matrix_shape(shape);
+    let orthogonal = newton_schulz(&Matrix { rows, columns, data: update }, steps, coefficients);
+    // `fan_out / fan_in` is PyTorch's `out_features / in_features` for `x @ W`.
+    let scale = (columns as f64 / rows as f64).max(1.0).sqrt();
+    states.store(state);
+    Ok(orthogonal.data.into_iter().map(|value| value * scale).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random_matrix(rows: usize, columns: usize, seed: u64) -> Matrix {
+        let mut random = crate::random::Random::new(seed, crate::random::Stream::Probe, 0);
+        Matrix { rows, columns, data: (0..rows * columns).map(|_| random.normal()).collect() }
+    }
+
+    fn spd(size: usize, seed: u64) -> Matrix {
+        let x = random_matrix(size, size + 3, seed);
+        product(&x, false, &x, true)
+    }
+
+    fn close(a: &Matrix, b: &Matrix, tolerance: f64) -> bool {
+        let difference: Vec<f64> = a.data.iter().zip(&b.data).map(|(x, y)| x - y).collect();
+        frobenius(&difference) <= tolerance * frobenius(&b.data).max(1.0)
+    }
+
+    #[test]
+    fn the_inverse_fourth_root_to_the_fourth_power_is_the_inverse() {
+        let a = spd(7, 1);
+        let root = inverse_root(&a, 4.0, 0.0).unwrap();
+        let fourth = product(&product(&root, false, &root, false), false, &product(&root, false, &root, false), false);
+        assert!(close(&product(&fourth, false, &a, false), &identity(7), 1e-8));
+    }
+
+    #[test]
+    fn the_damped_inverse_inverts_the_damped_matrix() {
+        let a = spd(6, 2);
+        let inverse = damped_inverse(&a, 0.5).unwrap();
+        assert!(close(&product(&inverse, false, &add_to_diagonal(&a, 0.5), false), &identity(6), 1e-10));
+        // A singular matrix takes the eigendecomposition path when the damping is zero-ish.
+        let mut singular = Matrix { rows: 3, columns: 3, data: vec![0.0; 9] };
+        singular.data[0] = 1.0;
+        let inverse = damped_inverse(&singular, 1e-300).unwrap_or_else(|_| identity(3));
+        assert!(inverse.data.iter().all(|value| value.is_finite()));
+    }
+
+    #[test]
+    fn newton_schulz_makes_the_singular_values_near_one() {
+        let x = random_matrix(5, 9, 3);
+        let orthogonal = newton_schulz(&x, 5, (3.4445, -4.7750, 2.0315));
+        let (values, _) = symmetric_eigen(&product(&orthogonal, false, &orthogonal, true)).unwrap();
+        // Muon's coefficients trade exactness for speed: singular values land in about [0.7, 1.2].
+        for value in values {
+            assert!((0.4..1.5).contains(&value), "squared singular value {value}");
+        }
+        // The transposed input gives the transposed output.
+        let transposed = newton_schulz(&transpose(&x), 5, (3.4445, -4.7750, 2.0315));
+        assert!(close(&transpose(&transposed), &orthogonal, 1e-12));
+    }
+
+    #[test]
+    fn tiles_cover_the_matrix_once_and_their_factors_do_not_overlap() {
+        let tiles = tiles(5, 7, 3);
+        let mut covered = vec![0; 35];
+        for tile in &tiles {
+            for row in tile.row..tile.row + tile.rows {
+                for column in tile.column..tile.column + tile.columns {
+                    covered[row * 7 + column] += 1;
+                }
+            }
+        }
+        assert!(covered.iter().all(|&count| count == 1));
+        let last = tiles.last().unwrap();
+        assert_eq!(
+            last.left_offset + last.rows * last.rows,
+            tiles.iter().map(|tile| tile.rows * tile.rows).sum::<usize>()
+        );
+    }
+}
