@@ -34,8 +34,6 @@ tested on a model whose SOAP factors are non-singular from the first step, excep
 directions that every gradient avoids exactly (see `SOAP_LAYERS`).
 """
 
-import os
-import pathlib
 import subprocess
 
 import numpy as np
@@ -556,23 +554,23 @@ class Kfac:
     """K-FAC with empirical-Fisher factors as docs/language.md section 12.7 specifies them, for one
     weight used as `x @ W` (curv's layout: rows are inputs), in float64.
 
-    Factors: `A = a^T a / N` from the layer input `a` and `G = g^T g / N` from the cotangent `g`
-    of the layer output with respect to the mean loss (so `g` carries 1/N, exactly as
-    gpauloski/kfac-pytorch `kfac/layers/modules.py` `LinearModuleHelper.get_a_factor` /
-    `get_g_factor` with `kfac/layers/utils.py` `get_cov` compute them from the hooks' input and
-    grad_output), averaged by `F <- ema F + (1 - ema) X` from zero and divided by `1 - ema^k` after
-    `k` updates: kfac-jax's normalised moving average (`utils/accumulators.py`
-    `WeightedMovingAverage`). kfac-pytorch instead starts the average at the identity
-    (`kfac/layers/base.py` `update_a_factor`: `a_factor = diag(1)` before the first EMA) and does
-    not bias-correct; `identity_start = True` gives that variant (used only to show the tests see
-    the difference). Factors and inverses are refreshed at steps 1, 1 + every, ...
+    Factors: `A = a^T a / N` from the layer input `a` and `G = d^T d / N` from the per-example
+    cotangents `d = N g`, where `g` is the cotangent of the layer output with respect to the mean
+    loss (so `G` is the per-example expectation `sum d_i d_i^T / N`, the textbook Fisher factor and
+    kfac-jax's `fisher_gradients` normalisation), averaged by `F <- ema F + (1 - ema) X` from zero
+    and divided by `1 - ema^k` after `k` updates: kfac-jax's normalised moving average
+    (`utils/accumulators.py` `WeightedMovingAverage`). kfac-pytorch instead starts the average at
+    the identity (`kfac/layers/base.py` `update_a_factor`: `a_factor = diag(1)` before the first
+    EMA) and does not bias-correct; `identity_start = True` gives that variant (used only to show
+    the tests see the difference). Factors and inverses are refreshed at steps 1, 1 + every, ...
 
-    The scale of `G` differs between references. With `d_i = N g_i` the cotangent of example i's
-    own loss: the spec and kfac-pytorch use `g^T g / N = sum d_i d_i^T / N^3`; kfac-jax's
-    `fisher_empirical` (curvature_estimator/block_diagonal.py, vjp divided by sqrt(batch_size),
-    then kronecker_factored.py's `/ batch_size`) uses `sum d_i d_i^T / N^2 = g^T g`; the
-    per-example expectation `sum d_i d_i^T / N` (kfac-jax's `fisher_gradients` normalisation) is
-    `N g^T g`. `per_example_cotangents = True` gives the last one (N^2 times the spec's).
+    The scale of `G` differs between references: gpauloski/kfac-pytorch
+    (`kfac/layers/modules.py` `LinearModuleHelper.get_g_factor` with `kfac/layers/utils.py`
+    `get_cov` on the mean loss's grad_output) uses `g^T g / N`, N^2 times smaller, and relies on KL
+    clipping to tame the resulting step; kfac-jax's `fisher_empirical`
+    (curvature_estimator/block_diagonal.py, vjp divided by sqrt(batch_size), then
+    kronecker_factored.py's `/ batch_size`) uses `g^T g`. `per_example_cotangents = False` gives
+    kfac-pytorch's scale (used only to show the tests see the difference).
 
     `damped_inverse`: `(A + pi sqrt(gamma) I)^-1 Grad (G + sqrt(gamma) / pi I)^-1` with
     `pi = sqrt((tr A / dim A) / (tr G / dim G))`, google-deepmind/kfac-jax `utils/math.py`
@@ -591,14 +589,14 @@ class Kfac:
     stands for the Cholesky or LU inverse (the same matrix up to rounding)."""
 
     def __init__(self, lr, function, ema, damping, every, pi=True, identity_start=False, factors_every_step=False,
-                 per_example_cotangents=False):
+                 per_example_cotangents=True):
         self.lr, self.function, self.ema, self.damping, self.every = lr, function, ema, damping, every
         self.pi, self.identity_start = pi, identity_start
         # A deliberately wrong variant for the sensitivity test: the factors take every step's
         # statistics, and only the inverses follow the cadence.
         self.factors_every_step = factors_every_step
-        # Another: `G` from the cotangents of the per-example losses (the summed loss), `N g`,
-        # which makes it N^2 times the specified factor.
+        # `G` from the cotangents of the per-example losses, `N g` (the spec); False gives
+        # kfac-pytorch's scale, the mean loss's cotangents, N^2 times smaller.
         self.per_example_cotangents = per_example_cotangents
         self.updates = 0
         self.A = self.G = None
@@ -726,8 +724,8 @@ def sensitivity_cases():
             lambda: kfac_reference("damped_inverse_pi"), lambda: kfac_reference("damped_inverse_pi", identity_start=True)),
         "kfac: factors updated at every step, only the inverses at the cadence": (
             lambda: kfac_reference("damped_inverse_no_pi"), lambda: kfac_reference("damped_inverse_no_pi", factors_every_step=True)),
-        "kfac: G from the per-example (summed) loss's cotangents, N^2 times larger": (
-            lambda: kfac_reference("damped_inverse_pi"), lambda: kfac_reference("damped_inverse_pi", per_example_cotangents=True)),
+        "kfac: G from the mean loss's cotangents (kfac-pytorch's scale), N^2 times smaller": (
+            lambda: kfac_reference("damped_inverse_pi"), lambda: kfac_reference("damped_inverse_pi", per_example_cotangents=False)),
         "kfac eigen: kfac-pytorch's identity start without bias correction": (
             lambda: kfac_reference("damped_eigen"), lambda: kfac_reference("damped_eigen", identity_start=True)),
     }

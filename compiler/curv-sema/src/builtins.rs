@@ -45,7 +45,7 @@ use OptionDefault as D;
 use OptionKind as K;
 
 pub const STATISTICS_DIAGONAL: &[&str] = &["gradient_square", "hutchinson", "gnb", "sampled_fisher"];
-pub const STATISTICS_KRONECKER: &[&str] = &["gradient_outer", "kfac"];
+pub const STATISTICS_KRONECKER: &[&str] = &["gradient_outer", "kfac", "psgd"];
 pub const STATISTICS_LOWRANK: &[&str] = &["gradient_window", "fisher", "psgd"];
 
 /// A curvature structure and its options.
@@ -80,7 +80,16 @@ pub const STRUCTURES: &[StructureSpec] = &[
             option("fisher", K::Choice(&["empirical", "sampled", "exact"]), D::Name("empirical")),
             option(
                 "function",
-                K::Choice(&["inverse_root", "damped_inverse", "damped_eigen", "eigenbasis", "newton"]),
+                K::Choice(&[
+                    "inverse_root",
+                    "newton",
+                    "damped_inverse",
+                    "damped_eigen",
+                    "eigenbasis",
+                    "lie_group",
+                    "sherman_morrison",
+                    "adafisher",
+                ]),
                 D::Name("inverse_root"),
             ),
             option("ema", K::UnitInterval, D::Number(0.95)),
@@ -91,6 +100,8 @@ pub const STRUCTURES: &[StructureSpec] = &[
             option("block", K::PositiveInt, D::Number(1024.0)),
             option("start", K::PositiveInt, D::Absent),
             option("pi", K::Bool, D::Bool(true)),
+            option("bias", K::Bool, D::Bool(true)),
+            option("quantize", K::PositiveInt, D::Number(32.0)),
             option("b1", K::Fraction, D::Number(0.9)),
             option("b2", K::Fraction, D::Number(0.999)),
         ],

@@ -17,16 +17,16 @@ use curv_ir::{option_name, option_number, OptionValue, Options, ParamPlan};
 /// the run stops, as Distributed Shampoo's `tolerated_failures`.
 pub const TOLERATED_ROOT_FAILURES: f64 = 3.0;
 
-fn number(options: &Options, key: &str, default: f64) -> f64 {
+pub(crate) fn number(options: &Options, key: &str, default: f64) -> f64 {
     option_number(options, key).unwrap_or(default)
 }
 
-fn flag(options: &Options, key: &str, default: bool) -> bool {
+pub(crate) fn flag(options: &Options, key: &str, default: bool) -> bool {
     options.iter().find(|(name, _)| name == key).map_or(default, |(_, value)| *value == OptionValue::Bool(true))
 }
 
 /// `C = op(A) op(B)` in double precision, where `op` transposes when asked; `C` is `m x n`.
-fn product(a: &Matrix, transpose_a: bool, b: &Matrix, transpose_b: bool) -> Matrix {
+pub(crate) fn product(a: &Matrix, transpose_a: bool, b: &Matrix, transpose_b: bool) -> Matrix {
     let (m, k) = if transpose_a { (a.columns, a.rows) } else { (a.rows, a.columns) };
     let n = if transpose_b { b.rows } else { b.columns };
     let (row_stride_a, column_stride_a) = if transpose_a { (1, a.columns as isize) } else { (a.columns as isize, 1) };
@@ -58,7 +58,7 @@ fn product(a: &Matrix, transpose_a: bool, b: &Matrix, transpose_b: bool) -> Matr
 }
 
 #[cfg(test)]
-fn identity(size: usize) -> Matrix {
+pub(crate) fn identity(size: usize) -> Matrix {
     let mut data = vec![0.0; size * size];
     for index in 0..size {
         data[index * size + index] = 1.0;
@@ -66,7 +66,7 @@ fn identity(size: usize) -> Matrix {
     Matrix { rows: size, columns: size, data }
 }
 
-fn add_to_diagonal(matrix: &Matrix, value: f64) -> Matrix {
+pub(crate) fn add_to_diagonal(matrix: &Matrix, value: f64) -> Matrix {
     let mut result = matrix.clone();
     for index in 0..matrix.rows.min(matrix.columns) {
         result.data[index * matrix.columns + index] += value;
@@ -74,16 +74,16 @@ fn add_to_diagonal(matrix: &Matrix, value: f64) -> Matrix {
     result
 }
 
-fn frobenius(values: &[f64]) -> f64 {
+pub(crate) fn frobenius(values: &[f64]) -> f64 {
     values.iter().map(|value| value * value).sum::<f64>().sqrt()
 }
 
-fn trace(matrix: &Matrix) -> f64 {
+pub(crate) fn trace(matrix: &Matrix) -> f64 {
     (0..matrix.rows.min(matrix.columns)).map(|index| matrix.at(index, index)).sum()
 }
 
 /// `Q diag(f(lambda)) Q^T` from an eigendecomposition.
-fn from_eigen(values: &[f64], vectors: &Matrix, function: impl Fn(f64) -> f64) -> Matrix {
+pub(crate) fn from_eigen(values: &[f64], vectors: &Matrix, function: impl Fn(f64) -> f64) -> Matrix {
     let n = vectors.rows;
     let mut scaled = vectors.clone();
     for column in 0..n {
@@ -177,7 +177,7 @@ pub fn newton_schulz(matrix: &Matrix, steps: usize, (a, b, c): (f64, f64, f64)) 
     }
 }
 
-fn transpose(matrix: &Matrix) -> Matrix {
+pub(crate) fn transpose(matrix: &Matrix) -> Matrix {
     let mut data = Vec::with_capacity(matrix.data.len());
     for column in 0..matrix.columns {
         for row in 0..matrix.rows {
@@ -196,17 +196,17 @@ pub fn matrix_shape(shape: &[usize]) -> (usize, usize) {
 
 /// One tile of a blocked matrix: its first row and column and its size.
 #[derive(Debug, Clone, Copy)]
-struct Tile {
-    row: usize,
-    rows: usize,
-    column: usize,
-    columns: usize,
+pub(crate) struct Tile {
+    pub(crate) row: usize,
+    pub(crate) rows: usize,
+    pub(crate) column: usize,
+    pub(crate) columns: usize,
     /// Offsets of the tile's left and right factors in the concatenated factor states.
-    left_offset: usize,
-    right_offset: usize,
+    pub(crate) left_offset: usize,
+    pub(crate) right_offset: usize,
 }
 
-fn tiles(rows: usize, columns: usize, block: usize) -> Vec<Tile> {
+pub(crate) fn tiles(rows: usize, columns: usize, block: usize) -> Vec<Tile> {
     let block = block.max(1);
     let (mut left_offset, mut right_offset) = (0, 0);
     let mut result = Vec::new();
@@ -229,7 +229,7 @@ fn tiles(rows: usize, columns: usize, block: usize) -> Vec<Tile> {
 }
 
 impl Tile {
-    fn extract(&self, values: &[f64], columns: usize) -> Matrix {
+    pub(crate) fn extract(&self, values: &[f64], columns: usize) -> Matrix {
         let mut data = Vec::with_capacity(self.rows * self.columns);
         for row in self.row..self.row + self.rows {
             data.extend_from_slice(&values[row * columns + self.column..row * columns + self.column + self.columns]);
@@ -237,7 +237,7 @@ impl Tile {
         Matrix { rows: self.rows, columns: self.columns, data }
     }
 
-    fn insert(&self, tile: &Matrix, values: &mut [f64], columns: usize) {
+    pub(crate) fn insert(&self, tile: &Matrix, values: &mut [f64], columns: usize) {
         for row in 0..self.rows {
             let start = (self.row + row) * columns + self.column;
             values[start..start + self.columns]
@@ -245,12 +245,12 @@ impl Tile {
         }
     }
 
-    fn left(&self, values: &[f64]) -> Matrix {
+    pub(crate) fn left(&self, values: &[f64]) -> Matrix {
         let size = self.rows * self.rows;
         Matrix { rows: self.rows, columns: self.rows, data: values[self.left_offset..self.left_offset + size].to_vec() }
     }
 
-    fn right(&self, values: &[f64]) -> Matrix {
+    pub(crate) fn right(&self, values: &[f64]) -> Matrix {
         let size = self.columns * self.columns;
         Matrix {
             rows: self.columns,
@@ -259,22 +259,22 @@ impl Tile {
         }
     }
 
-    fn store_left(&self, matrix: &Matrix, values: &mut [f64]) {
+    pub(crate) fn store_left(&self, matrix: &Matrix, values: &mut [f64]) {
         values[self.left_offset..self.left_offset + matrix.data.len()].copy_from_slice(&matrix.data);
     }
 
-    fn store_right(&self, matrix: &Matrix, values: &mut [f64]) {
+    pub(crate) fn store_right(&self, matrix: &Matrix, values: &mut [f64]) {
         values[self.right_offset..self.right_offset + matrix.data.len()].copy_from_slice(&matrix.data);
     }
 }
 
 /// A parameter's states as double-precision vectors while one update runs.
-struct States {
-    values: Vec<(String, Vec<f64>, Vec<usize>)>,
+pub(crate) struct States {
+    pub(crate) values: Vec<(String, Vec<f64>, Vec<usize>)>,
 }
 
 impl States {
-    fn load<T: Real>(state: &ParamState<T>) -> States {
+    pub(crate) fn load<T: Real>(state: &ParamState<T>) -> States {
         States {
             values: state
                 .iter()
@@ -286,7 +286,7 @@ impl States {
     }
 
     /// The state `name`, created with `size` zeros (and `shape`) when missing.
-    fn get(&mut self, name: &str, shape: &[usize]) -> &mut Vec<f64> {
+    pub(crate) fn get(&mut self, name: &str, shape: &[usize]) -> &mut Vec<f64> {
         let position = match self.values.iter().position(|(key, _, _)| key == name) {
             Some(position) => position,
             None => {
@@ -298,19 +298,41 @@ impl States {
         &mut self.values[position].1
     }
 
-    fn scalar(&mut self, name: &str) -> f64 {
+    pub(crate) fn scalar(&mut self, name: &str) -> f64 {
         self.get(name, &[])[0]
     }
 
-    fn set_scalar(&mut self, name: &str, value: f64) {
+    pub(crate) fn set_scalar(&mut self, name: &str, value: f64) {
         self.get(name, &[])[0] = value;
     }
 
-    fn store<T: Real>(self, state: &mut ParamState<T>) {
+    pub(crate) fn store<T: Real>(self, state: &mut ParamState<T>) {
         state.clear();
         for (name, values, shape) in self.values {
             state.push((name, Tensor::new(shape, values.into_iter().map(T::from_f64).collect())));
         }
+    }
+}
+
+/// What the backward pass captured for a K-FAC parameter `W` used as `x @ W`, in double
+/// precision: the layer inputs `x` as `[N, in]` (with a column of ones appended when the layer's
+/// bias is folded into `W`) and the per-example output cotangents `d = N g` as `[N, out]`, where
+/// `g` is the cotangent with respect to the mean training loss. Several products of the same
+/// parameter are stacked row-wise.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Captures {
+    pub inputs: Matrix,
+    pub cotangents: Matrix,
+}
+
+impl Captures {
+    /// `(x^T x / N, d^T d / N)`: K-FAC's fresh factor statistics.
+    pub fn covariances(&self) -> (Matrix, Matrix) {
+        let scale = 1.0 / self.inputs.rows.max(1) as f64;
+        let mut a = product(&self.inputs, true, &self.inputs, false);
+        let mut g = product(&self.cotangents, true, &self.cotangents, false);
+        a.data.iter_mut().chain(g.data.iter_mut()).for_each(|value| *value *= scale);
+        (a, g)
     }
 }
 
@@ -319,8 +341,12 @@ pub struct KroneckerInputs<'a> {
     pub step: u64,
     pub learning_rate: f64,
     pub gradient: &'a [f64],
-    /// K-FAC's fresh factor statistics `(x^T x / N, g^T g / N)`, at the steps that refresh them.
-    pub kfac: Option<&'a (Matrix, Matrix)>,
+    /// K-FAC's captures, at the steps that refresh the factors (`every`).
+    pub captures: Option<&'a Captures>,
+    /// The run's seed and the parameter's index, for estimators that draw noise
+    /// (`Random::new(seed, Stream::Preconditioner, step * 65_536 + param)`).
+    pub seed: u64,
+    pub param: usize,
 }
 
 /// Whether this update only initialises its state and leaves the parameter where it is (SOAP's
@@ -340,10 +366,15 @@ pub fn kronecker_direction<T: Real>(
 ) -> Result<Option<Vec<f64>>, String> {
     let mut states = States::load(state);
     let function = option_name(&plan.options, "function").unwrap_or("inverse_root");
+    let quantized = number(&plan.options, "quantize", 32.0) < 32.0;
     let direction = match function {
-        "inverse_root" => shampoo(plan, shape, &mut states, inputs)?,
+        "inverse_root" | "newton" if quantized => crate::shampoo4bit::direction(plan, shape, &mut states, inputs)?,
+        "inverse_root" | "newton" => shampoo(plan, shape, &mut states, inputs)?,
         "eigenbasis" => soap(plan, shape, &mut states, inputs)?,
         "damped_inverse" | "damped_eigen" => kfac(plan, shape, &mut states, inputs, function == "damped_eigen")?,
+        "lie_group" => crate::psgd::direction(plan, shape, &mut states, inputs)?,
+        "sherman_morrison" => crate::mkor::direction(plan, shape, &mut states, inputs)?,
+        "adafisher" => crate::adafisher::direction(plan, shape, &mut states, inputs)?,
         other => return Err(format!("the `{other}` matrix function is not executable yet")),
     };
     states.store(state);
@@ -351,7 +382,7 @@ pub fn kronecker_direction<T: Real>(
 }
 
 /// The exponential average (or, with `ema = 1`, the running sum) of a factor.
-fn accumulate(factor: &mut Matrix, fresh: &Matrix, ema: f64) {
+pub(crate) fn accumulate(factor: &mut Matrix, fresh: &Matrix, ema: f64) {
     let (decay, weight) = if ema >= 1.0 { (1.0, 1.0) } else { (ema, 1.0 - ema) };
     for (value, new) in factor.data.iter_mut().zip(&fresh.data) {
         *value = decay * *value + weight * new;
@@ -480,7 +511,7 @@ fn shampoo(
 }
 
 /// The eigenvectors of a symmetric matrix, ordered by descending eigenvalue.
-fn descending_eigenvectors(matrix: &Matrix) -> Result<Matrix, LinalgError> {
+pub(crate) fn descending_eigenvectors(matrix: &Matrix) -> Result<Matrix, LinalgError> {
     let (_, vectors) = symmetric_eigen(matrix)?;
     let n = vectors.rows;
     let mut flipped = vectors.clone();
@@ -631,7 +662,7 @@ fn kfac(
     let pi_adjusted = flag(options, "pi", true);
     let (rows, columns) = matrix_shape(shape);
     let (left_size, right_size) = (rows * rows, columns * columns);
-    if let Some((a, g)) = inputs.kfac {
+    if let Some((a, g)) = inputs.captures.map(Captures::covariances).as_ref() {
         if a.rows != rows || g.rows != columns {
             return Err(format!(
                 "the K-FAC statistics are {}x{} and {}x{}, the parameter is {rows}x{columns}",

@@ -12,13 +12,17 @@ pub mod checkpoint;
 pub mod compiled;
 pub mod dataset;
 pub mod gemm;
+pub mod adafisher;
 pub mod init;
 pub mod kronecker;
+pub mod mkor;
 pub mod linalg;
 pub mod optimizer;
 pub mod plot;
+pub mod psgd;
 pub mod random;
 pub mod schedule;
+pub mod shampoo4bit;
 pub mod trainer;
 
 pub use backend::{Backend, Interpreter};

@@ -32,8 +32,9 @@ pub fn unsupported(plan: &ParamPlan) -> Option<String> {
         StructureKind::Kronecker => {
             let stats = option_name(&plan.options, "stats").unwrap_or("gradient_outer");
             let fits = match stats {
-                "kfac" => matches!(function, "damped_inverse" | "damped_eigen"),
-                _ => matches!(function, "inverse_root" | "eigenbasis"),
+                "kfac" => matches!(function, "damped_inverse" | "damped_eigen" | "sherman_morrison" | "adafisher"),
+                "psgd" => function == "lie_group",
+                _ => matches!(function, "inverse_root" | "newton" | "eigenbasis"),
             };
             if function == "newton" {
                 return Some(
@@ -41,7 +42,7 @@ pub fn unsupported(plan: &ParamPlan) -> Option<String> {
                 );
             }
             if !fits {
-                return Some(format!("`function = {function}` does not go with `stats = {stats}`: use inverse_root or eigenbasis with gradient_outer, damped_inverse or damped_eigen with kfac"));
+                return Some(format!("`function = {function}` does not go with `stats = {stats}`: use inverse_root, newton or eigenbasis with gradient_outer; damped_inverse, damped_eigen, sherman_morrison or adafisher with kfac; lie_group with psgd"));
             }
             if stats == "kfac" && option_name(&plan.options, "fisher") == Some("exact") {
                 return Some("the exact-GGN K-FAC factors (`fisher = exact`) are not executable yet".to_string());
@@ -53,7 +54,7 @@ pub fn unsupported(plan: &ParamPlan) -> Option<String> {
         let supported = match modifier.name.as_str() {
             "weight_decay" => true,
             "momentum" => matches!(plan.structure, StructureKind::Diagonal | StructureKind::Kronecker),
-            "graft" => plan.structure == StructureKind::Kronecker && function == "inverse_root",
+            "graft" => plan.structure == StructureKind::Kronecker && matches!(function, "inverse_root" | "newton"),
             _ => false,
         };
         if !supported {
@@ -141,8 +142,11 @@ pub struct UpdateInputs<'a, T> {
     pub batch: usize,
     pub gradient: &'a Tensor<T>,
     pub statistics: &'a HashMap<String, Tensor<T>>,
-    /// K-FAC's fresh factor statistics `(x^T x / N, g^T g / N)`, at the steps that refresh them.
-    pub kfac: Option<&'a (crate::linalg::Matrix, crate::linalg::Matrix)>,
+    /// K-FAC's captures, at the steps that refresh the factors.
+    pub captures: Option<&'a crate::kronecker::Captures>,
+    /// The run's seed and the parameter's index (for estimators that draw noise).
+    pub seed: u64,
+    pub param: usize,
 }
 
 fn flat<T: Real>(tensor: &Tensor<T>) -> Tensor<T> {
@@ -163,7 +167,9 @@ pub fn update_param<T: Real>(
             step: inputs.step,
             learning_rate,
             gradient: &inputs.gradient.data.iter().map(|value| value.to_f64()).collect::<Vec<_>>(),
-            kfac: inputs.kfac,
+            captures: inputs.captures,
+            seed: inputs.seed,
+            param: inputs.param,
         };
         crate::kronecker::kronecker_direction(plan, &param.shape, state, &kronecker_inputs)?;
         return Ok(());
@@ -199,7 +205,9 @@ fn update_matrix<T: Real>(
         step: inputs.step,
         learning_rate: inputs.learning_rate,
         gradient: &gradient,
-        kfac: inputs.kfac,
+        captures: inputs.captures,
+        seed: inputs.seed,
+        param: inputs.param,
     };
     let direction = if plan.structure == StructureKind::Orthogonalize {
         crate::kronecker::orthogonalize_direction(plan, &param.shape, state, &kronecker_inputs)?

@@ -16,6 +16,9 @@ pub enum Stream {
     Init = 3,
     Probe = 4,
     SampledLabels = 5,
+    /// Noise of preconditioner estimators that draw their own (PSGD's probe vectors); the key is
+    /// `step * 65_536 + parameter index`.
+    Preconditioner = 6,
 }
 
 /// A sequence of random numbers identified by `(seed, stream, key)`.

@@ -2,6 +2,7 @@
 
 use crate::backend::{keys, output as find_output, Backend, Interpreter};
 use crate::dataset::Dataset;
+use crate::kronecker::Captures;
 use crate::optimizer::{statistics_needed, update_param, ParamState, UpdateInputs};
 use crate::random::{Random, Stream};
 use crate::schedule::learning_rate;
@@ -80,6 +81,43 @@ pub struct CaptureProgram {
     pub function: Function,
     /// `(parameter index, input output name, cotangent output name)` per captured product.
     pub layers: Vec<(usize, String, String)>,
+    /// `(bias, weight)`: a bias updated together with its weight's K-FAC factors.
+    pub folded_biases: Vec<(usize, usize)>,
+}
+
+/// The bias `b` of a product `x @ W` when the product's only use is `x @ W + b` with a vector
+/// parameter `b` broadcast along the last dimension, and `b` is used nowhere else: K-FAC then
+/// treats `[W; b]` as one matrix whose input has a ones column (kfac-pytorch's bias handling).
+fn layer_bias(function: &Function, layer: curv_ir::ValueId) -> Option<usize> {
+    let uses = |value: curv_ir::ValueId| -> Vec<usize> {
+        let mut users: Vec<usize> = function
+            .insts
+            .iter()
+            .enumerate()
+            .filter(|(_, inst)| inst.args.contains(&value))
+            .map(|(index, _)| index)
+            .collect();
+        if function.outputs.iter().any(|(_, output)| *output == value) {
+            users.push(usize::MAX);
+        }
+        users
+    };
+    let users = uses(layer);
+    let [add] = users.as_slice() else { return None };
+    let add_inst = function.insts.get(*add)?;
+    if add_inst.op != Op::Binary(curv_ir::BinaryOp::Add) {
+        return None;
+    }
+    let other = *add_inst.args.iter().find(|arg| **arg != layer)?;
+    let broadcast = function.inst(other);
+    let rank = function.inst(layer).ty.shape.len();
+    let Op::Broadcast { dims } = &broadcast.op else { return None };
+    if dims.as_slice() != [rank - 1] || uses(other).len() != 1 {
+        return None;
+    }
+    let bias = broadcast.args[0];
+    let Op::Param { index } = function.inst(bias).op else { return None };
+    (uses(bias).len() == 1).then_some(index)
 }
 
 /// The capture program of `program`, when any of its plans uses K-FAC statistics; an error names
@@ -99,6 +137,7 @@ pub fn capture_program(program: &TrainProgram) -> Result<Option<CaptureProgram>,
     let mut function = gradients.function;
     function.name = keys::GRADIENTS_AND_CAPTURES.to_string();
     let mut layers = Vec::new();
+    let mut folded_biases = Vec::new();
     for &param in &kfac_params {
         let name = &program.params[param].name;
         let captures: Vec<_> = gradients
@@ -111,6 +150,13 @@ pub fn capture_program(program: &TrainProgram) -> Result<Option<CaptureProgram>,
                 "K-FAC statistics need `{name}` to be used as `x @ {name}` in the loss (conv2d kernels are not supported yet)"
             ));
         }
+        let plan = program.optimizer.plans.iter().find(|plan| plan.param == param).expect("a K-FAC plan");
+        let fold = plan.options.iter().all(|(key, value)| key != "bias" || *value == curv_ir::OptionValue::Bool(true));
+        let biases: Vec<Option<usize>> =
+            captures.iter().map(|capture| layer_bias(&program.loss, capture.layer)).collect();
+        if let (true, [Some(bias)]) = (fold, biases.as_slice()) {
+            folded_biases.push((*bias, param));
+        }
         for (number, capture) in captures.into_iter().enumerate() {
             let (input, cotangent) = (format!("kfac.input.{name}.{number}"), format!("kfac.cotangent.{name}.{number}"));
             function.outputs.push((input.clone(), capture.input));
@@ -118,37 +164,20 @@ pub fn capture_program(program: &TrainProgram) -> Result<Option<CaptureProgram>,
             layers.push((param, input, cotangent));
         }
     }
-    Ok(Some(CaptureProgram { function, layers }))
+    Ok(Some(CaptureProgram { function, layers, folded_biases }))
 }
 
-/// `X^T X / N` in double precision for a tensor viewed as `[N, last dim]`.
-fn covariance<T: Real>(tensor: &Tensor<T>) -> crate::linalg::Matrix {
-    let columns = *tensor.shape.last().unwrap_or(&1);
-    let rows = tensor.len() / columns.max(1);
-    let values: Vec<f64> = tensor.data.iter().map(|value| value.to_f64()).collect();
-    let mut data = vec![0.0; columns * columns];
-    if rows > 0 && columns > 0 {
-        // SAFETY: `values` is `rows x columns` and `data` `columns x columns`, both row-major.
-        unsafe {
-            matrixmultiply::dgemm(
-                columns,
-                rows,
-                columns,
-                1.0 / rows as f64,
-                values.as_ptr(),
-                1,
-                columns as isize,
-                values.as_ptr(),
-                columns as isize,
-                1,
-                0.0,
-                data.as_mut_ptr(),
-                columns as isize,
-                1,
-            );
-        }
-    }
-    crate::linalg::Matrix { rows: columns, columns, data }
+/// A tensor viewed as `[N, last dim]` in double precision, times `scale`, with a column of ones
+/// appended when `ones` is set.
+fn rows_matrix<T: Real>(tensor: &Tensor<T>, scale: f64, ones: bool) -> crate::linalg::Matrix {
+    let width = (*tensor.shape.last().unwrap_or(&1)).max(1);
+    let rows = tensor.len() / width;
+    let data: Vec<f64> = tensor
+        .data
+        .chunks(width)
+        .flat_map(|row| row.iter().map(move |value| value.to_f64() * scale).chain(ones.then_some(1.0)))
+        .collect();
+    crate::linalg::Matrix { rows, columns: width + usize::from(ones), data }
 }
 
 fn shape_of(ty: &curv_ir::TensorType) -> Vec<usize> {
@@ -307,7 +336,7 @@ impl<T: Real> Trainer<T> {
                 statistic.insert("sampled_grad".to_string(), gradient);
             }
         }
-        let mut kfac: Vec<Option<(crate::linalg::Matrix, crate::linalg::Matrix)>> = vec![None; self.params.len()];
+        let mut kfac: Vec<Option<Captures>> = vec![None; self.params.len()];
         for fisher in ["empirical", "sampled"] {
             if !needed.contains(&format!("kfac({fisher})")) {
                 continue;
@@ -355,26 +384,30 @@ impl<T: Real> Trainer<T> {
                         .ok_or_else(|| TrainError::Runtime(format!("the K-FAC capture `{name}` is missing")))
                 };
                 // The loss is a mean over the rows, so each row's cotangent carries a factor 1/N;
-                // multiplying it back by N gives the per-example statistics (kfac-pytorch's
-                // `batch_averaged`): G = (N g)^T (N g) / N.
+                // multiplying it back by N gives the per-example cotangents.
                 let cotangent = tensor(cotangent_name)?;
                 let rows = (cotangent.len() / cotangent.shape.last().copied().unwrap_or(1).max(1)) as f64;
-                let mut g = covariance(cotangent);
-                g.data.iter_mut().for_each(|value| *value *= rows * rows);
-                let a = covariance(tensor(input_name)?);
+                let folded = captures.folded_biases.iter().any(|(_, weight)| weight == param);
+                let fresh = Captures {
+                    inputs: rows_matrix(tensor(input_name)?, 1.0, folded),
+                    cotangents: rows_matrix(cotangent, rows, false),
+                };
                 kfac[*param] = Some(match kfac[*param].take() {
-                    None => (a, g),
-                    Some((mut total_a, mut total_g)) => {
-                        total_a.data.iter_mut().zip(&a.data).for_each(|(total, value)| *total += value);
-                        total_g.data.iter_mut().zip(&g.data).for_each(|(total, value)| *total += value);
-                        (total_a, total_g)
+                    None => fresh,
+                    Some(mut stacked) => {
+                        // Several products of one parameter: their rows are stacked.
+                        stacked.inputs.data.extend(fresh.inputs.data);
+                        stacked.inputs.rows += fresh.inputs.rows;
+                        stacked.cotangents.data.extend(fresh.cotangents.data);
+                        stacked.cotangents.rows += fresh.cotangents.rows;
+                        stacked
                     }
                 });
             }
         }
         for (index, factors) in kfac.iter().enumerate() {
-            if let (None, Some((a, g))) = (&problem, factors) {
-                if a.data.iter().chain(&g.data).any(|value| !value.is_finite()) {
+            if let (None, Some(captured)) = (&problem, factors) {
+                if captured.inputs.data.iter().chain(&captured.cotangents.data).any(|value| !value.is_finite()) {
                     problem = Some(format!("the K-FAC statistics of `{}` are not finite", self.param_name(index)));
                 }
             }
@@ -390,27 +423,65 @@ impl<T: Real> Trainer<T> {
             learning_rate(self.program.optimizer.lr, self.program.optimizer.schedule.as_ref(), step, self.total_steps);
         let mut new_params = self.params.clone();
         let mut new_states = self.states.clone();
+        let folded_biases = self.captures.as_ref().map_or(&[][..], |captures| &captures.folded_biases[..]);
         if problem.is_none() {
             for plan in &self.program.optimizer.plans {
                 let index = plan.param;
-                let update_inputs = UpdateInputs {
+                if folded_biases.iter().any(|(bias, _)| *bias == index) {
+                    // Updated with its weight, below.
+                    continue;
+                }
+                let bias = folded_biases.iter().find(|(_, weight)| *weight == index).map(|(bias, _)| *bias);
+                let error = |message: String| {
+                    TrainError::Runtime(format!("step {step}, `{}`: {message}", self.param_name(index)))
+                };
+                let update_inputs = |gradient| UpdateInputs {
                     backend: self.backend.as_ref(),
                     step,
                     learning_rate: rate,
                     batch: self.program.batch as usize,
-                    gradient: &gradients[index],
+                    gradient,
                     statistics: &statistics[index],
-                    kfac: kfac[index].as_ref(),
+                    captures: kfac[index].as_ref(),
+                    seed: self.seed,
+                    param: index,
                 };
-                update_param(plan, &self.rules, &mut new_params[index], &mut new_states[index], &update_inputs)
-                    .map_err(|message| {
-                        TrainError::Runtime(format!("step {step}, `{}`: {message}", self.param_name(index)))
-                    })?;
-                if let Some(position) = first_non_finite(&new_params[index]) {
-                    problem = Some(format!(
-                        "the updated `{}` is not finite at flat index {position}",
-                        self.param_name(index)
-                    ));
+                match bias {
+                    None => update_param(
+                        plan,
+                        &self.rules,
+                        &mut new_params[index],
+                        &mut new_states[index],
+                        &update_inputs(&gradients[index]),
+                    )
+                    .map_err(error)?,
+                    Some(bias) => {
+                        // `[W; b]` as one matrix with one more row.
+                        let stack = |weight: &Tensor<T>, bias: &Tensor<T>| {
+                            let mut shape = weight.shape.clone();
+                            shape[0] += 1;
+                            Tensor::new(shape, weight.data.iter().chain(&bias.data).copied().collect())
+                        };
+                        let mut joint = stack(&new_params[index], &new_params[bias]);
+                        let joint_gradient = stack(&gradients[index], &gradients[bias]);
+                        update_param(plan, &self.rules, &mut joint, &mut new_states[index], &update_inputs(&joint_gradient))
+                            .map_err(error)?;
+                        let weight_size = new_params[index].len();
+                        new_params[index].data.copy_from_slice(&joint.data[..weight_size]);
+                        new_params[bias].data.copy_from_slice(&joint.data[weight_size..]);
+                    }
+                }
+                for updated in [Some(index), bias].into_iter().flatten() {
+                    if problem.is_none() {
+                        if let Some(position) = first_non_finite(&new_params[updated]) {
+                            problem = Some(format!(
+                                "the updated `{}` is not finite at flat index {position}",
+                                self.param_name(updated)
+                            ));
+                        }
+                    }
+                }
+                if problem.is_some() {
                     break;
                 }
             }
