@@ -50,12 +50,10 @@ def siren_data():
     return coords, image.reshape(-1, 1)
 
 
-def torch_step_ms(problem, optimizer_name, steps):
+def torch_problem(problem):
+    """The problem's PyTorch model (`nn.Sequential` of `Linear` layers and activations), loss and
+    batch function (step index to inputs and targets)."""
     import torch  # noqa: PLC0415
-    # `backward(create_graph=True)` warns about a reference cycle; the benchmark clears gradients
-    # every step, as the Hessian-based optimizers' documentation asks.
-    warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
-    import pytorch_optimizer  # noqa: PLC0415
     torch.manual_seed(0)
     if problem == "digits":
         features, labels = digits_data()
@@ -80,6 +78,16 @@ def torch_step_ms(problem, optimizer_name, steps):
 
         def batch(step):
             return x, y
+    return model, loss_fn, batch
+
+
+def torch_step_ms(problem, optimizer_name, steps):
+    import torch  # noqa: PLC0415
+    # `backward(create_graph=True)` warns about a reference cycle; the benchmark clears gradients
+    # every step, as the Hessian-based optimizers' documentation asks.
+    warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+    import pytorch_optimizer  # noqa: PLC0415
+    model, loss_fn, batch = torch_problem(problem)
     if optimizer_name == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     elif optimizer_name == "sophia_h":

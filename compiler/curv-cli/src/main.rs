@@ -93,7 +93,7 @@ enum Command {
     /// file and write `result` (for the oracle tests against numpy.linalg).
     #[command(hide = true)]
     MatrixFunction {
-        /// inverse_root, damped_inverse or newton_schulz.
+        /// inverse_root, inverse_root_newton, damped_inverse or newton_schulz.
         name: String,
         input: PathBuf,
         output: PathBuf,
@@ -218,10 +218,13 @@ fn matrix_function(
         curv_runtime::linalg::Matrix::new(a.shape[0], a.shape[1], a.data.clone()).map_err(|error| error.to_string())?;
     let result = match name {
         "inverse_root" => kronecker::inverse_root(&matrix, root, eps).map_err(|error| error.to_string())?,
+        "inverse_root_newton" => {
+            kronecker::inverse_root_newton(&matrix, root, eps).map_err(|error| error.to_string())?
+        }
         "damped_inverse" => kronecker::damped_inverse(&matrix, damping).map_err(|error| error.to_string())?,
         "newton_schulz" => kronecker::newton_schulz(&matrix, steps, (3.4445, -4.7750, 2.0315)),
         other => {
-            return Err(format!("unknown matrix function `{other}`; use inverse_root, damped_inverse or newton_schulz"))
+            return Err(format!("unknown matrix function `{other}`; use inverse_root, inverse_root_newton, damped_inverse or newton_schulz"))
         }
     };
     let tensor = curv_runtime::checkpoint::Tensor::new(vec![result.rows, result.columns], result.data);

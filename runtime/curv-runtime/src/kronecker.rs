@@ -57,7 +57,6 @@ pub(crate) fn product(a: &Matrix, transpose_a: bool, b: &Matrix, transpose_b: bo
     Matrix { rows: m, columns: n, data }
 }
 
-#[cfg(test)]
 pub(crate) fn identity(size: usize) -> Matrix {
     let mut data = vec![0.0; size * size];
     for index in 0..size {
@@ -109,6 +108,65 @@ pub fn inverse_root(matrix: &Matrix, root: f64, eps: f64) -> Result<Matrix, Lina
     } else {
         Err(LinalgError::NonFinite)
     }
+}
+
+/// The iteration limit and the tolerance on `max |M - I|` of the coupled Newton iteration
+/// (Distributed Shampoo's `CoupledNewtonConfig` defaults).
+pub const NEWTON_MAX_ITERATIONS: usize = 100;
+pub const NEWTON_TOLERANCE: f64 = 1e-6;
+
+/// `(A + eps I)^(-1/root)` by the coupled Newton iteration (Distributed Shampoo's
+/// `_matrix_inverse_root_newton`, after Guo and Higham): with `p = root`,
+/// `z = (1 + p) / (2 |A + eps I|_F)`, `X = z^(1/p) I`, `M = z (A + eps I)`, and while
+/// `max |M - I| > 1e-6` (at most 100 times) `T = ((p + 1) I - M) / p`, `X <- X T`, `M <- T^p M`.
+/// Needs no eigendecomposition, only products. After 100 iterations the last iterate is used,
+/// as Distributed Shampoo does; non-finite values are an error.
+pub fn inverse_root_newton(matrix: &Matrix, root: f64, eps: f64) -> Result<Matrix, LinalgError> {
+    if matrix.rows != matrix.columns {
+        return Err(LinalgError::BadShape(format!("a {}x{} matrix has no inverse root", matrix.rows, matrix.columns)));
+    }
+    if matrix.data.iter().any(|value| !value.is_finite()) {
+        return Err(LinalgError::NonFinite);
+    }
+    let power = root.round().max(1.0) as u32;
+    let p = power as f64;
+    let n = matrix.rows;
+    let ridged = add_to_diagonal(matrix, eps);
+    let norm = frobenius(&ridged.data);
+    if norm == 0.0 {
+        return Err(LinalgError::NotPositiveDefinite);
+    }
+    let z = (1.0 + p) / (2.0 * norm);
+    let mut x = identity(n);
+    x.data.iter_mut().for_each(|value| *value *= z.powf(1.0 / p));
+    let mut m = ridged.clone();
+    m.data.iter_mut().for_each(|value| *value *= z);
+    let distance = |m: &Matrix| {
+        (0..n * n).map(|index| (m.data[index] - if index % (n + 1) == 0 { 1.0 } else { 0.0 }).abs()).fold(0.0, f64::max)
+    };
+    let mut iterations = 0;
+    while distance(&m) > NEWTON_TOLERANCE {
+        if !m.data.iter().all(|value| value.is_finite()) {
+            return Err(LinalgError::NoConvergence);
+        }
+        if iterations == NEWTON_MAX_ITERATIONS {
+            // As Distributed Shampoo: the last iterate is used (it only warns).
+            break;
+        }
+        let mut t = m.clone();
+        for (index, value) in t.data.iter_mut().enumerate() {
+            let diagonal = if index % (n + 1) == 0 { p + 1.0 } else { 0.0 };
+            *value = (diagonal - *value) / p;
+        }
+        x = product(&x, false, &t, false);
+        let mut t_power = t.clone();
+        for _ in 1..power {
+            t_power = product(&t_power, false, &t, false);
+        }
+        m = product(&t_power, false, &m, false);
+        iterations += 1;
+    }
+    Ok(x)
 }
 
 /// The inverse of a lower-triangular matrix with a non-zero diagonal, by forward substitution.
@@ -399,6 +457,7 @@ fn shampoo(
     let ema = number(options, "ema", 0.95);
     let eps = number(options, "eps", 1e-12);
     let root = number(options, "root", 4.0);
+    let newton = option_name(options, "function") == Some("newton");
     let every = number(options, "every", 1.0).max(1.0) as u64;
     let start = number(options, "start", every as f64) as u64;
     let b1 = number(options, "b1", 0.9);
@@ -460,24 +519,31 @@ fn shampoo(
     let mut right_inverse = std::mem::take(states.get("right_inverse", &[right_size]));
     if step.is_multiple_of(every) {
         let correction = if ema < 1.0 { 1.0 - ema.powf(step as f64) } else { 1.0 };
-        let mut failed = false;
+        let mut failed = None;
         for tile in &tiles {
             let mut l = tile.left(&left);
             let mut r = tile.right(&right);
             l.data.iter_mut().chain(r.data.iter_mut()).for_each(|value| *value /= correction);
-            match (inverse_root(&l, root, eps), inverse_root(&r, root, eps)) {
+            let function = |matrix: &Matrix| {
+                if newton {
+                    inverse_root_newton(matrix, root, eps)
+                } else {
+                    inverse_root(matrix, root, eps)
+                }
+            };
+            match (function(&l), function(&r)) {
                 (Ok(l_root), Ok(r_root)) => {
                     tile.store_left(&l_root, &mut left_inverse);
                     tile.store_right(&r_root, &mut right_inverse);
                 }
-                _ => failed = true,
+                (Err(error), _) | (_, Err(error)) => failed = Some(error),
             }
         }
-        let failures = if failed { states.scalar("failures") + 1.0 } else { 0.0 };
+        let failures = if failed.is_some() { states.scalar("failures") + 1.0 } else { 0.0 };
         states.set_scalar("failures", failures);
-        if failures > TOLERATED_ROOT_FAILURES {
+        if let (Some(error), true) = (failed, failures > TOLERATED_ROOT_FAILURES) {
             return Err(format!(
-                "the inverse root of a Shampoo factor failed {failures} times in a row (step {step}); \
+                "the inverse root of a Shampoo factor failed {failures} times in a row (step {step}: {error}); \
                  a larger `eps` may help"
             ));
         }
@@ -786,6 +852,18 @@ mod tests {
         let root = inverse_root(&a, 4.0, 0.0).unwrap();
         let fourth = product(&product(&root, false, &root, false), false, &product(&root, false, &root, false), false);
         assert!(close(&product(&fourth, false, &a, false), &identity(7), 1e-8));
+    }
+
+    #[test]
+    fn coupled_newton_agrees_with_the_eigendecomposition() {
+        for (size, seed) in [(5, 4), (12, 5)] {
+            let a = spd(size, seed);
+            let by_newton = inverse_root_newton(&a, 4.0, 1e-12).unwrap();
+            let by_eigen = inverse_root(&a, 4.0, 1e-12).unwrap();
+            assert!(close(&by_newton, &by_eigen, 1e-5), "size {size}");
+        }
+        let zero = Matrix { rows: 2, columns: 2, data: vec![0.0; 4] };
+        assert!(inverse_root_newton(&zero, 4.0, 0.0).is_err());
     }
 
     #[test]

@@ -36,11 +36,6 @@ pub fn unsupported(plan: &ParamPlan) -> Option<String> {
                 "psgd" => function == "lie_group",
                 _ => matches!(function, "inverse_root" | "newton" | "eigenbasis"),
             };
-            if function == "newton" {
-                return Some(
-                    "the `newton` matrix function (coupled Newton iteration) is not executable yet".to_string(),
-                );
-            }
             if !fits {
                 return Some(format!("`function = {function}` does not go with `stats = {stats}`: use inverse_root, newton or eigenbasis with gradient_outer; damped_inverse, damped_eigen, sherman_morrison or adafisher with kfac; lie_group with psgd"));
             }
@@ -55,6 +50,8 @@ pub fn unsupported(plan: &ParamPlan) -> Option<String> {
             "weight_decay" => true,
             "momentum" => matches!(plan.structure, StructureKind::Diagonal | StructureKind::Kronecker),
             "graft" => plan.structure == StructureKind::Kronecker && matches!(function, "inverse_root" | "newton"),
+            "rms_clip" => matches!(plan.structure, StructureKind::Kronecker | StructureKind::Orthogonalize),
+            "kl_clip" => plan.structure == StructureKind::Kronecker,
             _ => false,
         };
         if !supported {
@@ -174,7 +171,8 @@ pub fn update_param<T: Real>(
         crate::kronecker::kronecker_direction(plan, &param.shape, state, &kronecker_inputs)?;
         return Ok(());
     }
-    for modifier in &plan.modifiers {
+    let matrix_structure = matches!(plan.structure, StructureKind::Kronecker | StructureKind::Orthogonalize);
+    for modifier in plan.modifiers.iter().filter(|_| !matrix_structure) {
         if modifier.name == "weight_decay" {
             let lambda = option_number(&modifier.options, "lambda").unwrap_or(0.0);
             let factor = T::from_f64(1.0 - learning_rate * lambda);
@@ -192,14 +190,28 @@ pub fn update_param<T: Real>(
     }
 }
 
-/// The `kronecker` and `orthogonalize` structures ([`crate::kronecker`]), then the `momentum`
-/// modifier on their direction and the step `p <- p - lr * direction`.
+/// The `kronecker` and `orthogonalize` structures ([`crate::kronecker`]): the direction, then
+/// [`finish_matrix_update`].
 fn update_matrix<T: Real>(
     plan: &ParamPlan,
     param: &mut Tensor<T>,
     state: &mut ParamState<T>,
     inputs: &UpdateInputs<T>,
 ) -> Result<(), String> {
+    if let Some(direction) = matrix_direction(plan, &param.shape, state, inputs)? {
+        finish_matrix_update(plan, param, state, direction, inputs.learning_rate);
+    }
+    Ok(())
+}
+
+/// The direction of a `kronecker` or `orthogonalize` update (the step is `-lr * direction`),
+/// updating the structure's state; `None` when this step leaves the parameter unchanged.
+pub fn matrix_direction<T: Real>(
+    plan: &ParamPlan,
+    shape: &[usize],
+    state: &mut ParamState<T>,
+    inputs: &UpdateInputs<T>,
+) -> Result<Option<Vec<f64>>, String> {
     let gradient: Vec<f64> = inputs.gradient.data.iter().map(|value| value.to_f64()).collect();
     let kronecker_inputs = crate::kronecker::KroneckerInputs {
         step: inputs.step,
@@ -209,38 +221,55 @@ fn update_matrix<T: Real>(
         seed: inputs.seed,
         param: inputs.param,
     };
-    let direction = if plan.structure == StructureKind::Orthogonalize {
-        crate::kronecker::orthogonalize_direction(plan, &param.shape, state, &kronecker_inputs)?
+    if plan.structure == StructureKind::Orthogonalize {
+        crate::kronecker::orthogonalize_direction(plan, shape, state, &kronecker_inputs).map(Some)
     } else {
-        match crate::kronecker::kronecker_direction(plan, &param.shape, state, &kronecker_inputs)? {
-            Some(direction) => direction,
-            None => return Ok(()),
+        crate::kronecker::kronecker_direction(plan, shape, state, &kronecker_inputs)
+    }
+}
+
+/// The modifiers and the step of a `kronecker` or `orthogonalize` update: decoupled weight decay
+/// `p <- (1 - lr lambda) p`; `rms_clip max`: the direction is scaled down to an RMS of at most
+/// `max`; `momentum`: `buffer <- beta buffer + direction`, the direction becomes `buffer` (or
+/// `direction + beta buffer` with `nesterov`); then `p <- p - lr * direction`.
+pub fn finish_matrix_update<T: Real>(
+    plan: &ParamPlan,
+    param: &mut Tensor<T>,
+    state: &mut ParamState<T>,
+    mut direction: Vec<f64>,
+    learning_rate: f64,
+) {
+    for modifier in &plan.modifiers {
+        match modifier.name.as_str() {
+            "weight_decay" => {
+                let factor = 1.0 - learning_rate * option_number(&modifier.options, "lambda").unwrap_or(0.0);
+                param.data.iter_mut().for_each(|value| *value = T::from_f64(value.to_f64() * factor));
+            }
+            "rms_clip" => {
+                let limit = option_number(&modifier.options, "max").unwrap_or(1.0);
+                let rms = (direction.iter().map(|value| value * value).sum::<f64>() / direction.len().max(1) as f64).sqrt();
+                if rms > limit {
+                    direction.iter_mut().for_each(|value| *value *= limit / rms);
+                }
+            }
+            _ => {}
         }
-    };
-    let mut direction = direction;
+    }
     if let Some(momentum) = plan.modifiers.iter().find(|modifier| modifier.name == "momentum") {
         let beta = option_number(&momentum.options, "beta").unwrap_or(0.9);
         let nesterov =
             momentum.options.iter().any(|(key, value)| key == "nesterov" && *value == curv_ir::OptionValue::Bool(true));
-        let mut buffer = state_get(state, "momentum_buffer").map_or_else(
-            || vec![0.0; direction.len()],
-            |tensor| tensor.data.iter().map(|value| value.to_f64()).collect(),
-        );
+        let mut buffer = state_get(state, "momentum_buffer")
+            .map_or_else(|| vec![0.0; direction.len()], |tensor| tensor.data.iter().map(|value| value.to_f64()).collect());
         for (slot, d) in buffer.iter_mut().zip(direction.iter_mut()) {
             *slot = beta * *slot + *d;
             *d = if nesterov { *d + beta * *slot } else { *slot };
         }
-        state_set(
-            state,
-            "momentum_buffer",
-            Tensor::new(param.shape.clone(), buffer.into_iter().map(T::from_f64).collect()),
-        );
+        state_set(state, "momentum_buffer", Tensor::new(param.shape.clone(), buffer.into_iter().map(T::from_f64).collect()));
     }
-    let rate = inputs.learning_rate;
     for (value, d) in param.data.iter_mut().zip(&direction) {
-        *value = T::from_f64(value.to_f64() - rate * d);
+        *value = T::from_f64(value.to_f64() - learning_rate * d);
     }
-    Ok(())
 }
 
 fn update_with_rule<T: Real>(

@@ -154,7 +154,7 @@ pub fn capture_program(program: &TrainProgram) -> Result<Option<CaptureProgram>,
         let fold = plan.options.iter().all(|(key, value)| key != "bias" || *value == curv_ir::OptionValue::Bool(true));
         let biases: Vec<Option<usize>> =
             captures.iter().map(|capture| layer_bias(&program.loss, capture.layer)).collect();
-        if let (true, [Some(bias)]) = (fold, biases.as_slice()) {
+        if let (true, 2, [Some(bias)]) = (fold, program.params[param].ty.shape.len(), biases.as_slice()) {
             folded_biases.push((*bias, param));
         }
         for (number, capture) in captures.into_iter().enumerate() {
@@ -178,6 +178,13 @@ fn rows_matrix<T: Real>(tensor: &Tensor<T>, scale: f64, ones: bool) -> crate::li
         .flat_map(|row| row.iter().map(move |value| value.to_f64() * scale).chain(ones.then_some(1.0)))
         .collect();
     crate::linalg::Matrix { rows, columns: width + usize::from(ones), data }
+}
+
+/// `[W; b]`: a matrix with its bias vector appended as one more row.
+fn stack_bias<T: Real>(weight: &Tensor<T>, bias: &Tensor<T>) -> Tensor<T> {
+    let mut shape = weight.shape.clone();
+    shape[0] += 1;
+    Tensor::new(shape, weight.data.iter().chain(&bias.data).copied().collect())
 }
 
 fn shape_of(ty: &curv_ir::TensorType) -> Vec<usize> {
@@ -424,6 +431,66 @@ impl<T: Real> Trainer<T> {
         let mut new_params = self.params.clone();
         let mut new_states = self.states.clone();
         let folded_biases = self.captures.as_ref().map_or(&[][..], |captures| &captures.folded_biases[..]);
+        let bias_of = |index: usize| folded_biases.iter().find(|(_, weight)| *weight == index).map(|(bias, _)| *bias);
+        let error = |index: usize| {
+            let name = self.param_name(index).to_string();
+            move |message: String| TrainError::Runtime(format!("step {step}, `{name}`: {message}"))
+        };
+        macro_rules! update_inputs {
+            ($index:expr, $gradient:expr) => {
+                UpdateInputs {
+                    backend: self.backend.as_ref(),
+                    step,
+                    learning_rate: rate,
+                    batch: self.program.batch as usize,
+                    gradient: $gradient,
+                    statistics: &statistics[$index],
+                    captures: kfac[$index].as_ref(),
+                    seed: self.seed,
+                    param: $index,
+                }
+            };
+        }
+        // K-FAC's KL clipping (kfac-pytorch): the directions of every clipped parameter come first,
+        // then all of them are scaled by nu = min(1, sqrt(kappa / |sum lr^2 <direction, gradient>|)).
+        let mut clipped: HashMap<usize, Option<Vec<f64>>> = HashMap::new();
+        let kl_plans: Vec<&curv_ir::ParamPlan> = self
+            .program
+            .optimizer
+            .plans
+            .iter()
+            .filter(|plan| plan.modifiers.iter().any(|modifier| modifier.name == "kl_clip"))
+            .collect();
+        if problem.is_none() && !kl_plans.is_empty() {
+            let mut kappa = f64::INFINITY;
+            let mut inner_product = 0.0;
+            for plan in &kl_plans {
+                let index = plan.param;
+                for modifier in plan.modifiers.iter().filter(|modifier| modifier.name == "kl_clip") {
+                    kappa = kappa.min(curv_ir::option_number(&modifier.options, "kappa").unwrap_or(1e-3));
+                }
+                let gradient = match bias_of(index) {
+                    Some(bias) => stack_bias(&gradients[index], &gradients[bias]),
+                    None => gradients[index].clone(),
+                };
+                let direction = crate::optimizer::matrix_direction(
+                    plan,
+                    &gradient.shape,
+                    &mut new_states[index],
+                    &update_inputs!(index, &gradient),
+                )
+                .map_err(error(index))?;
+                if let Some(direction) = &direction {
+                    inner_product +=
+                        direction.iter().zip(&gradient.data).map(|(d, g)| d * g.to_f64()).sum::<f64>() * rate * rate;
+                }
+                clipped.insert(index, direction);
+            }
+            let nu = if inner_product.abs() > 0.0 { (kappa / inner_product.abs()).sqrt().min(1.0) } else { 1.0 };
+            for direction in clipped.values_mut().flatten() {
+                direction.iter_mut().for_each(|value| *value *= nu);
+            }
+        }
         if problem.is_none() {
             for plan in &self.program.optimizer.plans {
                 let index = plan.param;
@@ -431,41 +498,48 @@ impl<T: Real> Trainer<T> {
                     // Updated with its weight, below.
                     continue;
                 }
-                let bias = folded_biases.iter().find(|(_, weight)| *weight == index).map(|(bias, _)| *bias);
-                let error = |message: String| {
-                    TrainError::Runtime(format!("step {step}, `{}`: {message}", self.param_name(index)))
-                };
-                let update_inputs = |gradient| UpdateInputs {
-                    backend: self.backend.as_ref(),
-                    step,
-                    learning_rate: rate,
-                    batch: self.program.batch as usize,
-                    gradient,
-                    statistics: &statistics[index],
-                    captures: kfac[index].as_ref(),
-                    seed: self.seed,
-                    param: index,
-                };
-                match bias {
-                    None => update_param(
+                let bias = bias_of(index);
+                let precomputed = clipped.remove(&index);
+                match (bias, precomputed) {
+                    (_, Some(None)) => {}
+                    (None, Some(Some(direction))) => crate::optimizer::finish_matrix_update(
+                        plan,
+                        &mut new_params[index],
+                        &mut new_states[index],
+                        direction,
+                        rate,
+                    ),
+                    (None, None) => update_param(
                         plan,
                         &self.rules,
                         &mut new_params[index],
                         &mut new_states[index],
-                        &update_inputs(&gradients[index]),
+                        &update_inputs!(index, &gradients[index]),
                     )
-                    .map_err(error)?,
-                    Some(bias) => {
+                    .map_err(error(index))?,
+                    (Some(bias), precomputed) => {
                         // `[W; b]` as one matrix with one more row.
-                        let stack = |weight: &Tensor<T>, bias: &Tensor<T>| {
-                            let mut shape = weight.shape.clone();
-                            shape[0] += 1;
-                            Tensor::new(shape, weight.data.iter().chain(&bias.data).copied().collect())
-                        };
-                        let mut joint = stack(&new_params[index], &new_params[bias]);
-                        let joint_gradient = stack(&gradients[index], &gradients[bias]);
-                        update_param(plan, &self.rules, &mut joint, &mut new_states[index], &update_inputs(&joint_gradient))
-                            .map_err(error)?;
+                        let mut joint = stack_bias(&new_params[index], &new_params[bias]);
+                        match precomputed {
+                            Some(Some(direction)) => crate::optimizer::finish_matrix_update(
+                                plan,
+                                &mut joint,
+                                &mut new_states[index],
+                                direction,
+                                rate,
+                            ),
+                            _ => {
+                                let joint_gradient = stack_bias(&gradients[index], &gradients[bias]);
+                                update_param(
+                                    plan,
+                                    &self.rules,
+                                    &mut joint,
+                                    &mut new_states[index],
+                                    &update_inputs!(index, &joint_gradient),
+                                )
+                                .map_err(error(index))?
+                            }
+                        }
                         let weight_size = new_params[index].len();
                         new_params[index].data.copy_from_slice(&joint.data[..weight_size]);
                         new_params[bias].data.copy_from_slice(&joint.data[weight_size..]);
