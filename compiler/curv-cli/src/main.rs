@@ -223,9 +223,9 @@ fn matrix_function(
         }
         "damped_inverse" => kronecker::damped_inverse(&matrix, damping).map_err(|error| error.to_string())?,
         "newton_schulz" => kronecker::newton_schulz(&matrix, steps, (3.4445, -4.7750, 2.0315)),
-        other => {
-            return Err(format!("unknown matrix function `{other}`; use inverse_root, inverse_root_newton, damped_inverse or newton_schulz"))
-        }
+        other => return Err(format!(
+            "unknown matrix function `{other}`; use inverse_root, inverse_root_newton, damped_inverse or newton_schulz"
+        )),
     };
     let tensor = curv_runtime::checkpoint::Tensor::new(vec![result.rows, result.columns], result.data);
     let bytes = curv_runtime::checkpoint::serialize(&[("result".to_string(), &tensor)], &[])?;

@@ -286,6 +286,64 @@ fn compare_prints_a_table_and_writes_an_overlaid_plot() {
     assert!(directory.join("compare_loss.svg").is_file());
 }
 
+#[test]
+fn a_target_reports_the_first_step_that_reaches_it_and_can_stop_the_run() {
+    // Train accuracy 0.9 is reached by Adam on the digits MLP within a few dozen steps, an
+    // unreachable loss never.
+    let directory = scratch("target");
+    let metrics_path = directory.join("metrics.jsonl");
+    let output = curv(&[
+        "run",
+        "examples/optimizers/adam.curv",
+        "--target",
+        "accuracy=0.9",
+        "--stop-at-target",
+        "--metrics",
+        metrics_path.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout.lines().find(|line| line.starts_with("target accuracy=0.9 reached at step")).expect(&stdout);
+    let step: u64 = line.split("step ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    let records = metrics(&metrics_path);
+    let last = records.last().unwrap();
+    // The run stopped at that step (the final line's step), well before the block's 500 steps.
+    assert_eq!(value(last, "step") as u64, step, "{stdout}");
+    assert!(step > 1 && step < 500, "{stdout}");
+    assert!(value(last, "accuracy") >= 0.9);
+
+    let output = curv(&[
+        "compare",
+        "examples/optimizers/adam.curv",
+        "--optimizers",
+        "adam,sgd",
+        "--steps",
+        "20",
+        "--target",
+        "loss=-1",
+        "--quiet",
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("steps to loss=-1") && stdout.matches("not reached").count() == 2, "{stdout}");
+
+    for (arguments, message) in [
+        (&["--target", "psnr"][..], "is not METRIC=VALUE"),
+        (&["--target", "speed=3"][..], "is not a training metric"),
+        (&["--stop-at-target"][..], "needs --target"),
+    ] {
+        let mut all = vec!["run", "examples/optimizers/adam.curv", "--steps", "1"];
+        all.extend_from_slice(arguments);
+        let output = curv(&all);
+        assert_eq!(output.status.code(), Some(1));
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains(message),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
 /// Writes a little-endian `.npy` file (version 1.0).
 fn write_npy(path: &Path, descr: &str, shape: &[usize], data: &[u8]) {
     let shape_text = match shape {

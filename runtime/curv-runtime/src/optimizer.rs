@@ -247,7 +247,8 @@ pub fn finish_matrix_update<T: Real>(
             }
             "rms_clip" => {
                 let limit = option_number(&modifier.options, "max").unwrap_or(1.0);
-                let rms = (direction.iter().map(|value| value * value).sum::<f64>() / direction.len().max(1) as f64).sqrt();
+                let rms =
+                    (direction.iter().map(|value| value * value).sum::<f64>() / direction.len().max(1) as f64).sqrt();
                 if rms > limit {
                     direction.iter_mut().for_each(|value| *value *= limit / rms);
                 }
@@ -259,13 +260,19 @@ pub fn finish_matrix_update<T: Real>(
         let beta = option_number(&momentum.options, "beta").unwrap_or(0.9);
         let nesterov =
             momentum.options.iter().any(|(key, value)| key == "nesterov" && *value == curv_ir::OptionValue::Bool(true));
-        let mut buffer = state_get(state, "momentum_buffer")
-            .map_or_else(|| vec![0.0; direction.len()], |tensor| tensor.data.iter().map(|value| value.to_f64()).collect());
+        let mut buffer = state_get(state, "momentum_buffer").map_or_else(
+            || vec![0.0; direction.len()],
+            |tensor| tensor.data.iter().map(|value| value.to_f64()).collect(),
+        );
         for (slot, d) in buffer.iter_mut().zip(direction.iter_mut()) {
             *slot = beta * *slot + *d;
             *d = if nesterov { *d + beta * *slot } else { *slot };
         }
-        state_set(state, "momentum_buffer", Tensor::new(param.shape.clone(), buffer.into_iter().map(T::from_f64).collect()));
+        state_set(
+            state,
+            "momentum_buffer",
+            Tensor::new(param.shape.clone(), buffer.into_iter().map(T::from_f64).collect()),
+        );
     }
     for (value, d) in param.data.iter_mut().zip(&direction) {
         *value = T::from_f64(value.to_f64() - learning_rate * d);
