@@ -223,9 +223,11 @@ fn matrix_function(
         }
         "damped_inverse" => kronecker::damped_inverse(&matrix, damping).map_err(|error| error.to_string())?,
         "newton_schulz" => kronecker::newton_schulz(&matrix, steps, (3.4445, -4.7750, 2.0315)),
-        other => return Err(format!(
+        other => {
+            return Err(format!(
             "unknown matrix function `{other}`; use inverse_root, inverse_root_newton, damped_inverse or newton_schulz"
-        )),
+        ))
+        }
     };
     let tensor = curv_runtime::checkpoint::Tensor::new(vec![result.rows, result.columns], result.data);
     let bytes = curv_runtime::checkpoint::serialize(&[("result".to_string(), &tensor)], &[])?;
@@ -856,6 +858,9 @@ fn build(
             curv_ad::products::hvp_program(&train.loss, &train.params),
             no_bindings.clone(),
         ));
+    }
+    if let Ok(Some(captures)) = curv_runtime::trainer::capture_program(train) {
+        kernels.push((keys::GRADIENTS_AND_CAPTURES.to_string(), captures.function, no_bindings.clone()));
     }
     if let Some(test_loss) = &train.test_loss {
         kernels.push((keys::TEST_LOSS.to_string(), test_loss.clone(), no_bindings.clone()));
