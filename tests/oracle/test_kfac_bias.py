@@ -134,9 +134,11 @@ class KfacWithBiases:
         self.kfac = {weight: Kfac(lr, **hyper) for weight, _ in LAYERS}
         self.adam = {bias: Adam(lr, **ADAM) for _, bias in LAYERS}
 
-    def step(self, t, params, grads, layers, sampled_layers):
+    def step(self, t, params, grads, layers, sampled_layers, exact_layers=None):
         if self.fisher == "sampled" and (t - 1) % self.every == 0:
             layers = sampled_layers()
+        if self.fisher == "exact" and (t - 1) % self.every == 0:
+            layers = exact_layers()
         for weight, bias in LAYERS:
             inputs, cotangent = layers[weight]
             if self.fold and bias not in self.unfolded:
@@ -164,7 +166,22 @@ def train_reference(init=None, steps=STEPS, b2_uses=1, **options):
         def sampled_layers(t=t, logits=logits):
             return forward_backward(params, data, sampled_labels(SEED, t, logits), b2_uses)[2]
 
-        optimizer.step(t, params, grads, layers, sampled_layers)
+        def exact_layers(logits=logits):
+            """The exact Fisher: the expectation over labels c ~ softmax(logits) of the sampled
+            statistic, as one backward pass per class whose cotangent rows are weighted by
+            sqrt(p_c) and stacked (the layer inputs do not depend on the labels)."""
+            shifted = logits - logits.max(axis=1, keepdims=True)
+            probabilities = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
+            stacked = {}
+            for c in range(10):
+                passes = forward_backward(params, data, np.full(len(logits), c), b2_uses)[2]
+                for weight, (inputs, cotangent) in passes.items():
+                    weighted = cotangent * np.sqrt(probabilities[:, c])[:, None]
+                    previous = stacked.get(weight, (inputs, np.zeros((0, cotangent.shape[1]))))[1]
+                    stacked[weight] = (inputs, np.vstack([previous, weighted]))
+            return stacked
+
+        optimizer.step(t, params, grads, layers, sampled_layers, exact_layers)
     return params, losses
 
 
@@ -256,6 +273,15 @@ def test_kfac_sampled_fisher_matches_with_curvs_labels(tmp_path, bias):
     check(run_curv(tmp_path, fisher="sampled", bias=bias), theirs)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_kfac_exact_fisher_matches_the_expectation_over_labels(tmp_path, bias):
+    """`fisher = exact`: one backward pass per class, weighted by the model's probabilities, against
+    the transcription's expectation of the sampled statistic."""
+    theirs, losses = train_reference(fold=bias, fisher="exact")
+    assert losses[-1] < losses[0]
+    check(run_curv(tmp_path, fisher="exact", bias=bias), theirs)
+
+
 def sensitivity_cases():
     return {
         "folding vs not": (lambda: train_reference(fold=True), lambda: train_reference(fold=False)),
@@ -266,6 +292,8 @@ def sensitivity_cases():
             lambda: train_reference(fold=True, b2_uses=2)),
         "sampled vs empirical Fisher": (
             lambda: train_reference(fisher="sampled"), lambda: train_reference(fisher="empirical")),
+        "sampled vs exact Fisher": (
+            lambda: train_reference(fisher="exact"), lambda: train_reference(fisher="sampled")),
         "sampled labels drawn one step off": (
             lambda: train_reference(fisher="sampled"), lambda: train_reference_shifted_labels()),
     }

@@ -39,9 +39,6 @@ pub fn unsupported(plan: &ParamPlan) -> Option<String> {
             if !fits {
                 return Some(format!("`function = {function}` does not go with `stats = {stats}`: use inverse_root, newton or eigenbasis with gradient_outer; damped_inverse, damped_eigen, sherman_morrison or adafisher with kfac; lie_group with psgd"));
             }
-            if stats == "kfac" && option_name(&plan.options, "fisher") == Some("exact") {
-                return Some("the exact-GGN K-FAC factors (`fisher = exact`) are not executable yet".to_string());
-            }
         }
         other => return Some(format!("the `{}` structure is not executable yet", other.name())),
     }

@@ -344,7 +344,7 @@ impl<T: Real> Trainer<T> {
             }
         }
         let mut kfac: Vec<Option<Captures>> = vec![None; self.params.len()];
-        for fisher in ["empirical", "sampled"] {
+        for fisher in ["empirical", "sampled", "exact"] {
             if !needed.contains(&format!("kfac({fisher})")) {
                 continue;
             }
@@ -358,22 +358,24 @@ impl<T: Real> Trainer<T> {
                     ))
                 }
             };
-            let pass = match fisher {
-                "empirical" if main_pass_captures => None,
-                "empirical" => Some(
+            // Each pass: its outputs, and a weight per row for its cotangents (`None`: 1).
+            let passes: Vec<(Vec<(String, Value<T>)>, Option<Vec<f64>>)> = match fisher {
+                "empirical" if main_pass_captures => Vec::new(),
+                "empirical" => vec![(
                     self.backend
                         .outputs(keys::GRADIENTS_AND_CAPTURES, &captures.function, &inputs)
                         .map_err(|error| TrainError::Runtime(format!("step {step}: {error}")))?,
-                ),
-                _ => Some(self.sampled_outputs(
-                    step,
-                    &inputs,
-                    &values,
-                    &captures.function,
-                    keys::GRADIENTS_AND_CAPTURES,
-                )?),
+                    None,
+                )],
+                "sampled" => vec![(
+                    self.sampled_outputs(step, &inputs, &values, &captures.function, keys::GRADIENTS_AND_CAPTURES)?,
+                    None,
+                )],
+                _ => self.exact_fisher_outputs(step, &inputs, &values, &captures.function)?,
             };
-            let outputs = pass.as_deref().unwrap_or(&values);
+            let main_pass = [(Vec::new(), None)];
+            let passes: &[(Vec<(String, Value<T>)>, Option<Vec<f64>>)] =
+                if passes.is_empty() { &main_pass } else { &passes };
             for (param, input_name, cotangent_name) in &captures.layers {
                 let plan_fisher = self
                     .program
@@ -385,20 +387,40 @@ impl<T: Real> Trainer<T> {
                 if plan_fisher.as_deref() != Some(&format!("kfac({fisher})")) {
                     continue;
                 }
-                let tensor = |name: &str| {
-                    find_output(outputs, name)
-                        .and_then(Value::as_real)
-                        .ok_or_else(|| TrainError::Runtime(format!("the K-FAC capture `{name}` is missing")))
-                };
-                // The loss is a mean over the rows, so each row's cotangent carries a factor 1/N;
-                // multiplying it back by N gives the per-example cotangents.
-                let cotangent = tensor(cotangent_name)?;
-                let rows = (cotangent.len() / cotangent.shape.last().copied().unwrap_or(1).max(1)) as f64;
                 let folded = captures.folded_biases.iter().any(|(_, weight)| weight == param);
-                let fresh = Captures {
-                    inputs: rows_matrix(tensor(input_name)?, 1.0, folded),
-                    cotangents: rows_matrix(cotangent, rows, false),
-                };
+                let mut fresh: Option<Captures> = None;
+                for (pass_outputs, weights) in passes {
+                    let outputs = if pass_outputs.is_empty() { &values[..] } else { &pass_outputs[..] };
+                    let tensor = |name: &str| {
+                        find_output(outputs, name)
+                            .and_then(Value::as_real)
+                            .ok_or_else(|| TrainError::Runtime(format!("the K-FAC capture `{name}` is missing")))
+                    };
+                    // The loss is a mean over the rows, so each row's cotangent carries a factor
+                    // 1/N; multiplying it back by N gives the per-example cotangents.
+                    let cotangent = tensor(cotangent_name)?;
+                    let rows = (cotangent.len() / cotangent.shape.last().copied().unwrap_or(1).max(1)) as f64;
+                    let mut cotangents = rows_matrix(cotangent, rows, false);
+                    if let Some(weights) = weights {
+                        // The exact Fisher's passes weigh each row by the probability of its label.
+                        let width = cotangents.columns;
+                        for (row, weight) in cotangents.data.chunks_mut(width.max(1)).zip(weights) {
+                            row.iter_mut().for_each(|value| *value *= weight.sqrt());
+                        }
+                    }
+                    match &mut fresh {
+                        // The layer input does not depend on the labels: it is taken once, and the
+                        // passes' cotangents are stacked (G divides by the number of inputs).
+                        None => {
+                            fresh = Some(Captures { inputs: rows_matrix(tensor(input_name)?, 1.0, folded), cotangents })
+                        }
+                        Some(fresh) => {
+                            fresh.cotangents.data.extend(cotangents.data);
+                            fresh.cotangents.rows += cotangents.rows;
+                        }
+                    }
+                }
+                let Some(fresh) = fresh else { continue };
                 kfac[*param] = Some(match kfac[*param].take() {
                     None => fresh,
                     Some(mut stacked) => {
@@ -578,21 +600,16 @@ impl<T: Real> Trainer<T> {
     /// The outputs of `function` (a gradient program) with labels drawn from the model's
     /// predictive distribution (categorical over the softmax of the logits for cross-entropy;
     /// Gaussian around the prediction for `mse`). The draw depends only on the seed and the step.
-    fn sampled_outputs(
-        &self,
-        step: u64,
-        inputs: &Inputs<T>,
-        values: &[(String, Value<T>)],
-        function: &Function,
-        key: &str,
-    ) -> Result<Vec<(String, Value<T>)>, TrainError> {
+    /// The data field the loss compares the model's output with, and the names of the loss
+    /// function's outputs for the prediction and the target.
+    fn target_field(&self) -> Result<((String, String), &'static str), TrainError> {
         let loss_function = &self.program.loss;
         let (model_output, target) = match self.program.loss_kind {
             LossKind::CrossEntropy => ("logits", "labels"),
             LossKind::MeanSquaredError => ("prediction", "target"),
             LossKind::Custom => {
                 return Err(TrainError::Runtime(
-                    "sampled-label statistics need a `cross_entropy` or `mse` loss".to_string(),
+                    "sampled-label and exact Fisher statistics need a `cross_entropy` or `mse` loss".to_string(),
                 ))
             }
         };
@@ -601,6 +618,39 @@ impl<T: Real> Trainer<T> {
         let Op::Data { source, field } = &loss_function.inst(target_id).op else {
             return Err(TrainError::Runtime("sampled labels need the target to be a data field".to_string()));
         };
+        Ok(((source.clone(), field.clone()), model_output))
+    }
+
+    /// The outputs of `function` with the target data field replaced by `target`.
+    fn outputs_with_target(
+        &self,
+        step: u64,
+        inputs: &Inputs<T>,
+        function: &Function,
+        key: &str,
+        field: &(String, String),
+        target: Value<T>,
+    ) -> Result<Vec<(String, Value<T>)>, TrainError> {
+        let mut replaced = inputs.clone();
+        replaced.inputs.clear();
+        replaced.data.insert(field.clone(), target);
+        self.backend
+            .outputs(key, function, &replaced)
+            .map_err(|error| TrainError::Runtime(format!("step {step}: {error}")))
+    }
+
+    /// The outputs of `function` (a gradient program) with labels drawn from the model's
+    /// predictive distribution (categorical over the softmax of the logits for cross-entropy;
+    /// Gaussian around the prediction for `mse`). The draw depends only on the seed and the step.
+    fn sampled_outputs(
+        &self,
+        step: u64,
+        inputs: &Inputs<T>,
+        values: &[(String, Value<T>)],
+        function: &Function,
+        key: &str,
+    ) -> Result<Vec<(String, Value<T>)>, TrainError> {
+        let (field, model_output) = self.target_field()?;
         let prediction = find_output(values, model_output)
             .and_then(Value::as_real)
             .ok_or_else(|| TrainError::Runtime(format!("the loss has no float output `{model_output}`")))?;
@@ -624,12 +674,59 @@ impl<T: Real> Trainer<T> {
                 prediction.data.iter().map(|value| value.add(T::from_f64(random.normal()))).collect(),
             )),
         };
-        let mut sampled_inputs = inputs.clone();
-        sampled_inputs.inputs.clear();
-        sampled_inputs.data.insert((source.clone(), field.clone()), sampled);
-        self.backend
-            .outputs(key, function, &sampled_inputs)
-            .map_err(|error| TrainError::Runtime(format!("step {step}: {error}")))
+        self.outputs_with_target(step, inputs, function, key, &field, sampled)
+    }
+
+    /// The passes whose weighted cotangent outer products sum to the exact Fisher, the
+    /// expectation of the sampled-label statistic over the model's predictive distribution: for
+    /// cross-entropy one pass per class `c` with every label `c`, its rows weighted by the
+    /// softmax probability of `c`; for `mse` (unit-variance Gaussian) one pass per output unit
+    /// `o` with the target `prediction + e_o`, weight 1 (the Gaussian noise's covariance is the
+    /// identity, the sum of `e_o e_o^T`).
+    fn exact_fisher_outputs(
+        &self,
+        step: u64,
+        inputs: &Inputs<T>,
+        values: &[(String, Value<T>)],
+        function: &Function,
+    ) -> Result<Vec<(Vec<(String, Value<T>)>, Option<Vec<f64>>)>, TrainError> {
+        let (field, model_output) = self.target_field()?;
+        let prediction = find_output(values, model_output)
+            .and_then(Value::as_real)
+            .ok_or_else(|| TrainError::Runtime(format!("the loss has no float output `{model_output}`")))?;
+        let width = (*prediction.shape.last().unwrap_or(&1)).max(1);
+        let key = keys::GRADIENTS_AND_CAPTURES;
+        let mut passes = Vec::with_capacity(width);
+        for unit in 0..width {
+            let (target, weights) = match self.program.loss_kind {
+                LossKind::CrossEntropy => {
+                    let rows = prediction.len() / width;
+                    let labels =
+                        Tensor::new(prediction.shape[..prediction.shape.len() - 1].to_vec(), vec![unit as i32; rows]);
+                    let probabilities: Vec<f64> = prediction
+                        .data
+                        .chunks(width)
+                        .map(|row| {
+                            let maximum = row.iter().map(|value| value.to_f64()).fold(f64::NEG_INFINITY, f64::max);
+                            let total: f64 = row.iter().map(|value| (value.to_f64() - maximum).exp()).sum();
+                            (row[unit].to_f64() - maximum).exp() / total
+                        })
+                        .collect();
+                    (Value::Int(labels), Some(probabilities))
+                }
+                _ => {
+                    let shifted = prediction
+                        .data
+                        .iter()
+                        .enumerate()
+                        .map(|(index, value)| if index % width == unit { value.add(T::one()) } else { *value })
+                        .collect();
+                    (Value::Real(Tensor::new(prediction.shape.clone(), shifted)), None)
+                }
+            };
+            passes.push((self.outputs_with_target(step, inputs, function, key, &field, target)?, weights));
+        }
+        Ok(passes)
     }
 
     fn metrics_of(
