@@ -661,6 +661,8 @@ impl<'a> Checker<'a> {
                 state.push(state_of("v", &shape));
             }
             StructureKind::Kronecker => {
+                // The runtime's matrix view: higher ranks are `[first dim, product of the others]`.
+                let (rows, cols) = if shape.len() >= 3 { (shape[0], numel / shape[0].max(1)) } else { (rows, cols) };
                 let block = option_number(&line.options, "block").unwrap_or(1024.0) as i64;
                 let blocks = |size: i64| -> Vec<i64> {
                     (0..size).step_by(block as usize).map(|start| (size - start).min(block)).collect()

@@ -245,11 +245,16 @@ pub(crate) fn transpose(matrix: &Matrix) -> Matrix {
     Matrix { rows: matrix.columns, columns: matrix.rows, data }
 }
 
-/// The matrix view of a parameter: `[product of the leading dims, last dim]` (a vector is a row).
+/// The matrix view of a parameter: a matrix as it is, a higher-rank tensor as
+/// `[first dim, product of the others]` (a conv kernel `[O, C, kH, kW]` is `[O, C kH kW]`, the view
+/// of kfac-pytorch, Distributed Shampoo's reshaped blocks and Muon), a vector as one row.
 pub fn matrix_shape(shape: &[usize]) -> (usize, usize) {
-    let columns = *shape.last().unwrap_or(&1);
-    let rows = shape[..shape.len().saturating_sub(1)].iter().product::<usize>();
-    (rows.max(1), columns)
+    match shape {
+        [] => (1, 1),
+        [length] => (1, *length),
+        [rows, columns] => (*rows, *columns),
+        [first, rest @ ..] => (*first, rest.iter().product()),
+    }
 }
 
 /// One tile of a blocked matrix: its first row and column and its size.
@@ -821,8 +826,14 @@ pub fn orthogonalize_direction<T: Real>(
     };
     let (rows, columns) = matrix_shape(shape);
     let orthogonal = newton_schulz(&Matrix { rows, columns, data: update }, steps, coefficients);
-    // `fan_out / fan_in` is PyTorch's `out_features / in_features` for `x @ W`.
-    let scale = (columns as f64 / rows as f64).max(1.0).sqrt();
+    // For `x @ W` (`[in, out]`) the scale is PyTorch's `sqrt(max(1, out_features / in_features))`.
+    // For higher ranks the reference uses the last two dimensions of the tensor as they are
+    // (`kH / kW` for a conv kernel), and so does curv.
+    let scale = match shape {
+        [rows, columns] => (*columns as f64 / *rows as f64).max(1.0).sqrt(),
+        [.., second_last, last] => (*second_last as f64 / *last as f64).max(1.0).sqrt(),
+        _ => 1.0,
+    };
     states.store(state);
     Ok(orthogonal.data.into_iter().map(|value| value * scale).collect())
 }
