@@ -68,3 +68,20 @@ def sampled_labels(seed, step, logits):
         maximum = max(row)
         labels.append(random.categorical([math.exp(value - maximum) for value in row]))
     return labels
+
+
+STREAM_PRECONDITIONER = 6
+
+
+def normal(random):
+    """A standard normal draw from `random` as `Random::normal` makes it (Box-Muller, one value
+    per call, two uniforms consumed)."""
+    u1 = 1.0 - random.uniform()
+    u2 = random.uniform()
+    return math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * u2)
+
+
+def preconditioner_random(seed, step, param_index):
+    """The generator of the `Preconditioner` stream that curv uses for parameter `param_index` at
+    `step` (1-based): PSGD's noise. `param_index = 65535` is PSGD's per-step shared coin."""
+    return Random(seed, STREAM_PRECONDITIONER, step * 65536 + param_index)

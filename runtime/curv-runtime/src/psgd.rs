@@ -560,9 +560,9 @@ mod tests {
         }
         let (values, _) = symmetric_eigen(&covariance).unwrap();
         let (smallest, largest) = (values[0], values[3]);
-        assert!(largest / smallest < 1.6, "whitened eigenvalues {values:?}");
+        assert!(largest / smallest < 1.25, "whitened eigenvalues {values:?}");
         // And the fixed point's scale: E[U U^T] = (numel / rows) I = 3 I.
-        assert!((values.iter().sum::<f64>() / 4.0 - 3.0).abs() < 0.6, "whitened eigenvalues {values:?}");
+        assert!((values.iter().sum::<f64>() / 4.0 - 3.0).abs() < 0.3, "whitened eigenvalues {values:?}");
     }
 
     #[test]
@@ -611,5 +611,63 @@ mod tests {
         let mut large = vec![30.0, -30.0];
         clip(&mut large, 100.0, 10.0);
         assert_eq!(large, vec![10.0, -10.0]);
+    }
+
+    fn plan(options: &[(&str, f64)]) -> ParamPlan {
+        let mut all = vec![
+            ("stats".to_string(), curv_ir::OptionValue::Name("psgd".to_string())),
+            ("function".to_string(), curv_ir::OptionValue::Name("lie_group".to_string())),
+        ];
+        all.extend(options.iter().map(|(name, value)| (name.to_string(), curv_ir::OptionValue::Number(*value))));
+        ParamPlan {
+            param: 0,
+            pattern: "*".to_string(),
+            structure: curv_ir::StructureKind::Kronecker,
+            rule_name: "kronecker".to_string(),
+            options: all,
+            modifiers: Vec::new(),
+            state: Vec::new(),
+            span: Default::default(),
+        }
+    }
+
+    #[test]
+    fn every_shape_and_degenerate_gradient_gives_a_finite_clipped_direction() {
+        for (shape, options) in [
+            (vec![1, 5], vec![]),
+            (vec![5, 1], vec![]),
+            (vec![1, 1], vec![]),
+            (vec![6, 4], vec![("max_skew", 100.0), ("momentum", 0.9)]),
+            (vec![2, 3, 4], vec![("max_size", 3.0)]),
+        ] {
+            let plan = plan(&options);
+            let mut states = States { values: Vec::new() };
+            let count: usize = shape.iter().product();
+            for step in 1..=3u64 {
+                for gradient in [vec![0.0; count], random_matrix(1, count, step).data.iter().map(|v| v * 1e3).collect()]
+                {
+                    let inputs = KroneckerInputs {
+                        step,
+                        learning_rate: 0.1,
+                        gradient: &gradient,
+                        captures: None,
+                        seed: 1,
+                        param: 0,
+                    };
+                    let direction = direction(&plan, &shape, &mut states, &inputs).unwrap().unwrap();
+                    assert_eq!(direction.len(), count);
+                    let rms = (direction.iter().map(|value| value * value).sum::<f64>() / count as f64).sqrt();
+                    assert!(direction.iter().all(|value| value.is_finite() && value.abs() <= 10.0), "{shape:?}");
+                    assert!(rms <= 2.0 + 1e-12, "{shape:?}: rms {rms}");
+                }
+            }
+        }
+        // A state of the wrong size (options changed across a checkpoint) is an error, not a panic.
+        let mut states = States { values: vec![("lipschitz".to_string(), vec![0.0; 2], vec![2])] };
+        states.values.push(("right_preconditioner".to_string(), vec![1.0; 3], vec![3]));
+        let gradient = vec![1.0; 8];
+        let inputs =
+            KroneckerInputs { step: 1, learning_rate: 0.1, gradient: &gradient, captures: None, seed: 1, param: 0 };
+        assert!(direction(&plan(&[]), &[2, 4], &mut states, &inputs).is_err());
     }
 }
