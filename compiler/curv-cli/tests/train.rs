@@ -252,6 +252,43 @@ fn a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint() {
 }
 
 #[test]
+fn a_skipped_update_leaves_parameters_and_state_exactly_as_they_were() {
+    // A learning rate of 1e39 overflows every updated parameter to infinity while the loss and
+    // the gradients stay finite, so each step's update is computed and then undone. The stopping
+    // run keeps the state of step 0 in its checkpoint; the skipping run must end, after 3 skipped
+    // steps, with exactly those parameters. Rules update out of place (their replaced tensors are
+    // put back), structures in place (copies are put back): both are checked.
+    let data = repository_root().join("examples/data/digits.csv");
+    for (name, line) in [("rule", "* : sgd"), ("structure", "* : diagonal(stats = gradient_square)")] {
+        let directory = scratch(&format!("undo-{name}"));
+        let program = directory.join("overflow.curv");
+        let text = format!(
+            "use std.optimizers.sgd\n\ndata digits = csv({:?}, label = \"label\", scale = 0.0625)\n\n\
+             model m(x: f32[B, 64]) -> f32[B, 10] {{\n    param w: f32[64, 10] = glorot_uniform\n    param b: f32[10] = zeros\n    return x @ w + b\n}}\n\n\
+             optimizer huge {{\n    lr 1e39\n    {line}\n}}\n\n\
+             train fit {{\n    loss cross_entropy(m(digits.x), digits.y)\n    optimizer huge\n    batch 64\n    steps 3\n    POLICY\n}}\n",
+            data.to_str().unwrap()
+        );
+        std::fs::write(&program, text.replace("POLICY", "on_nonfinite stop")).unwrap();
+        let stopped = directory.join("stopped");
+        let output = curv(&["run", program.to_str().unwrap(), "--out", stopped.to_str().unwrap(), "--quiet"]);
+        assert_eq!(output.status.code(), Some(2), "{name}: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(String::from_utf8_lossy(&output.stderr).contains("the updated `"), "{name}");
+        std::fs::write(&program, text.replace("POLICY", "on_nonfinite skip")).unwrap();
+        let skipped = directory.join("skipped");
+        let output = curv(&["run", program.to_str().unwrap(), "--out", skipped.to_str().unwrap(), "--quiet"]);
+        assert_eq!(output.status.code(), Some(0), "{name}: {}", String::from_utf8_lossy(&output.stderr));
+        let initial = read_parameters(&stopped.join("checkpoint.safetensors"));
+        let last = read_parameters(&skipped.join("final.safetensors"));
+        let initial: Vec<_> = initial.into_iter().filter(|(key, _)| !key.starts_with("state.")).collect();
+        assert_eq!(initial.len(), 2, "{name}: {initial:?}");
+        for ((key, before), (_, after)) in initial.iter().zip(&last) {
+            assert!(before.iter().zip(after).all(|(x, y)| x.to_bits() == y.to_bits()), "{name}: `{key}` changed");
+        }
+    }
+}
+
+#[test]
 fn run_rejects_what_it_cannot_do_with_clear_errors() {
     let output = curv(&["run", "examples/optimizers/mfac.curv", "--steps", "1"]);
     assert_eq!(output.status.code(), Some(1));

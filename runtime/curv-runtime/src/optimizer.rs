@@ -148,9 +148,70 @@ fn flat<T: Real>(tensor: &Tensor<T>) -> Tensor<T> {
 }
 
 /// Applies one step of `plan` to `param`, updating `state`.
+///
+/// A `rule` computes the new parameter and states out of place: what it replaced is returned
+/// (so the caller can undo the step without having copied anything). The structures update in
+/// place and return `None`: a caller that may undo the step copies the parameter and state first.
 pub fn update_param<T: Real>(
     plan: &ParamPlan,
     rules: &[RuleProgram],
+    param: &mut Tensor<T>,
+    state: &mut ParamState<T>,
+    inputs: &UpdateInputs<T>,
+) -> Result<Option<Displaced<T>>, String> {
+    if plan.structure == StructureKind::Rule {
+        // Weight decay changes the parameter in place before the rule reads it.
+        let original = plan.modifiers.iter().any(|modifier| modifier.name == "weight_decay").then(|| param.clone());
+        apply_weight_decay(plan, param, inputs.learning_rate);
+        let mut displaced = Displaced { param: None, states: Vec::new(), state_was_empty: state.is_empty() };
+        update_with_rule(plan, rules, param, state, inputs, &mut displaced)?;
+        if original.is_some() {
+            displaced.param = original;
+        }
+        return Ok(Some(displaced));
+    }
+    update_in_place(plan, param, state, inputs).map(|()| None)
+}
+
+/// What an out-of-place update replaced: the previous parameter (when it was written), the
+/// previous values of the states it wrote, and whether the state was empty before (first step).
+#[derive(Debug)]
+pub struct Displaced<T> {
+    pub param: Option<Tensor<T>>,
+    pub states: Vec<(String, Tensor<T>)>,
+    pub state_was_empty: bool,
+}
+
+impl<T: Copy> Displaced<T> {
+    /// Puts the replaced values back.
+    pub fn undo(self, param: &mut Tensor<T>, state: &mut ParamState<T>) {
+        if let Some(previous) = self.param {
+            *param = previous;
+        }
+        if self.state_was_empty {
+            state.clear();
+        } else {
+            for (name, tensor) in self.states {
+                state_set(state, &name, tensor);
+            }
+        }
+    }
+}
+
+fn apply_weight_decay<T: Real>(plan: &ParamPlan, param: &mut Tensor<T>, learning_rate: f64) {
+    for modifier in &plan.modifiers {
+        if modifier.name == "weight_decay" {
+            let lambda = option_number(&modifier.options, "lambda").unwrap_or(0.0);
+            let factor = T::from_f64(1.0 - learning_rate * lambda);
+            for value in &mut param.data {
+                *value = value.mul(factor);
+            }
+        }
+    }
+}
+
+fn update_in_place<T: Real>(
+    plan: &ParamPlan,
     param: &mut Tensor<T>,
     state: &mut ParamState<T>,
     inputs: &UpdateInputs<T>,
@@ -168,18 +229,10 @@ pub fn update_param<T: Real>(
         crate::kronecker::kronecker_direction(plan, &param.shape, state, &kronecker_inputs)?;
         return Ok(());
     }
-    let matrix_structure = matches!(plan.structure, StructureKind::Kronecker | StructureKind::Orthogonalize);
-    for modifier in plan.modifiers.iter().filter(|_| !matrix_structure) {
-        if modifier.name == "weight_decay" {
-            let lambda = option_number(&modifier.options, "lambda").unwrap_or(0.0);
-            let factor = T::from_f64(1.0 - learning_rate * lambda);
-            for value in &mut param.data {
-                *value = value.mul(factor);
-            }
-        }
+    if !matches!(plan.structure, StructureKind::Kronecker | StructureKind::Orthogonalize) {
+        apply_weight_decay(plan, param, learning_rate);
     }
     match plan.structure {
-        StructureKind::Rule => update_with_rule(plan, rules, param, state, inputs),
         StructureKind::Diagonal => update_diagonal(plan, param, state, inputs),
         StructureKind::Factored => update_factored(plan, param, state, inputs),
         StructureKind::Kronecker | StructureKind::Orthogonalize => update_matrix(plan, param, state, inputs),
@@ -282,6 +335,7 @@ fn update_with_rule<T: Real>(
     param: &mut Tensor<T>,
     state: &mut ParamState<T>,
     inputs: &UpdateInputs<T>,
+    displaced: &mut Displaced<T>,
 ) -> Result<(), String> {
     let rule = rules
         .iter()
@@ -354,14 +408,24 @@ fn update_with_rule<T: Real>(
                 parameter_written = true;
             }
         }
+        // What was not written goes back; what was written is the caller's undo information
+        // (only its first replacement, when several blocks run at this step).
         let mut moved = update_inputs.inputs.into_iter();
-        if let (Some(Value::Real(tensor)), false) = (moved.next(), parameter_written) {
-            param.data = tensor.data;
+        if let Some(Value::Real(tensor)) = moved.next() {
+            if !parameter_written {
+                param.data = tensor.data;
+            } else if displaced.param.is_none() {
+                displaced.param = Some(Tensor::new(shape.clone(), tensor.data));
+            }
         }
         moved.next(); // the gradient
         for ((name, written), value) in rule.state.iter().zip(&state_written).zip(moved) {
-            if let (Value::Real(tensor), false) = (value, *written) {
-                state_get_mut(state, name).expect("checked above").data = tensor.data;
+            if let Value::Real(tensor) = value {
+                if !*written {
+                    state_get_mut(state, name).expect("checked above").data = tensor.data;
+                } else if !displaced.states.iter().any(|(key, _)| key == name) {
+                    displaced.states.push((name.clone(), tensor));
+                }
             }
         }
     }

@@ -180,6 +180,27 @@ fn rows_matrix<T: Real>(tensor: &Tensor<T>, scale: f64, ones: bool) -> crate::li
     crate::linalg::Matrix { rows, columns: width + usize::from(ones), data }
 }
 
+/// How to put back one parameter and its state after a step that is not kept.
+enum Undo<T> {
+    /// Copies made before an in-place update.
+    Copy(Tensor<T>, ParamState<T>),
+    /// What an out-of-place update replaced.
+    Displaced(crate::optimizer::Displaced<T>),
+}
+
+/// Undoes a step's updates, the latest first.
+fn roll_back<T: Real>(params: &mut [Tensor<T>], states: &mut [ParamState<T>], undo: Vec<(usize, Undo<T>)>) {
+    for (index, entry) in undo.into_iter().rev() {
+        match entry {
+            Undo::Copy(param, state) => {
+                params[index] = param;
+                states[index] = state;
+            }
+            Undo::Displaced(displaced) => displaced.undo(&mut params[index], &mut states[index]),
+        }
+    }
+}
+
 /// `[W; b]`: a matrix with its bias vector appended as one more row.
 fn stack_bias<T: Real>(weight: &Tensor<T>, bias: &Tensor<T>) -> Tensor<T> {
     let mut shape = weight.shape.clone();
@@ -239,15 +260,25 @@ impl<T: Real> Trainer<T> {
         &self.program.params[index].name
     }
 
-    fn batch_inputs(&self, step: u64) -> Inputs<T> {
-        let indices = self.dataset.batch_indices(step, self.program.batch as usize, self.seed);
-        Inputs { params: self.params.clone(), data: self.dataset.gather(&indices), ..Inputs::default() }
-    }
-
     /// Runs one training step.
     pub fn train_step(&mut self) -> Result<StepReport, TrainError> {
         let step = self.step + 1;
-        let mut inputs = self.batch_inputs(step);
+        // The parameters are moved into the inputs of the evaluations, not copied; the step puts
+        // them back (an error before that point leaves them in `inputs`).
+        let indices = self.dataset.batch_indices(step, self.program.batch as usize, self.seed);
+        let mut inputs = Inputs {
+            params: std::mem::take(&mut self.params),
+            data: self.dataset.gather(&indices),
+            ..Inputs::default()
+        };
+        let result = self.train_step_with(step, &mut inputs);
+        if !inputs.params.is_empty() {
+            self.params = std::mem::take(&mut inputs.params);
+        }
+        result
+    }
+
+    fn train_step_with(&mut self, step: u64, inputs: &mut Inputs<T>) -> Result<StepReport, TrainError> {
         let mut needed: BTreeSet<String> = BTreeSet::new();
         for plan in &self.program.optimizer.plans {
             needed.extend(statistics_needed(plan, &self.rules, step));
@@ -256,7 +287,7 @@ impl<T: Real> Trainer<T> {
         let (function, key, probes) = match (&hutchinson, &self.hessian_vector) {
             (Some(kind), Some(hessian_vector)) => {
                 let gaussian = kind.contains("gaussian");
-                let probes: Vec<Tensor<T>> = self
+                let probes: Vec<Tensor<T>> = inputs
                     .params
                     .iter()
                     .enumerate()
@@ -277,10 +308,20 @@ impl<T: Real> Trainer<T> {
             _ => (&self.gradients, keys::GRADIENTS, Vec::new()),
         };
         let main_pass_captures = key == keys::GRADIENTS_AND_CAPTURES;
-        let values = self
+        let mut values = self
             .backend
             .outputs(key, function, &inputs)
             .map_err(|error| TrainError::Runtime(format!("step {step}: {error}")))?;
+        // The gradients are taken out of the outputs, not copied.
+        let mut taken_gradients: Vec<Option<Tensor<T>>> = (0..self.program.params.len())
+            .map(|index| {
+                let name = format!("grad.{}", self.param_name(index));
+                values.iter_mut().find(|(key, _)| *key == name).and_then(|(_, value)| match value {
+                    Value::Real(tensor) => Some(std::mem::replace(tensor, Tensor::new(vec![0], Vec::new()))),
+                    _ => None,
+                })
+            })
+            .collect();
         let output = |name: &str| find_output(&values, name);
         let loss = output("loss").and_then(Value::as_real).map_or(f64::NAN, |tensor| tensor.data[0].to_f64());
         let metrics = self.metrics_of(
@@ -292,11 +333,10 @@ impl<T: Real> Trainer<T> {
         );
         let mut problem: Option<String> = (!loss.is_finite()).then(|| format!("the loss is {loss}"));
         // Every problem reads "X is not finite" once completed below.
-        let mut gradients = Vec::with_capacity(self.params.len());
-        for index in 0..self.params.len() {
-            let gradient = output(&format!("grad.{}", self.param_name(index)))
-                .and_then(Value::as_real)
-                .cloned()
+        let mut gradients = Vec::with_capacity(self.program.params.len());
+        for index in 0..self.program.params.len() {
+            let gradient = taken_gradients[index]
+                .take()
                 .ok_or_else(|| TrainError::Runtime(format!("no gradient for `{}`", self.param_name(index))))?;
             if problem.is_none() {
                 if let Some(position) = first_non_finite(&gradient) {
@@ -323,7 +363,7 @@ impl<T: Real> Trainer<T> {
                 }
             }
         }
-        let mut statistics: Vec<HashMap<String, Tensor<T>>> = vec![HashMap::new(); self.params.len()];
+        let mut statistics: Vec<HashMap<String, Tensor<T>>> = vec![HashMap::new(); self.program.params.len()];
         if let Some(kind) = &hutchinson {
             for (index, probe) in probes.iter().enumerate() {
                 let Some(product) = output(&format!("hvp.{}", self.param_name(index))).and_then(Value::as_real) else {
@@ -343,7 +383,7 @@ impl<T: Real> Trainer<T> {
                 statistic.insert("sampled_grad".to_string(), gradient);
             }
         }
-        let mut kfac: Vec<Option<Captures>> = vec![None; self.params.len()];
+        let mut kfac: Vec<Option<Captures>> = vec![None; self.program.params.len()];
         for fisher in ["empirical", "sampled", "exact"] {
             if !needed.contains(&format!("kfac({fisher})")) {
                 continue;
@@ -450,12 +490,17 @@ impl<T: Real> Trainer<T> {
         }
         let rate =
             learning_rate(self.program.optimizer.lr, self.program.optimizer.schedule.as_ref(), step, self.total_steps);
-        let mut new_params = self.params.clone();
-        let mut new_states = self.states.clone();
+        // The step updates the parameters and states where they are; `undo` keeps what is needed
+        // to put them back when a non-finite value turns up (copies for in-place structures, the
+        // replaced tensors of out-of-place rules), so nothing is copied for a rule-only optimizer.
+        let mut new_params = std::mem::take(&mut inputs.params);
+        let mut new_states = std::mem::take(&mut self.states);
+        let mut undo: Vec<(usize, Undo<T>)> = Vec::new();
         let folded_biases = self.captures.as_ref().map_or(&[][..], |captures| &captures.folded_biases[..]);
         let bias_of = |index: usize| folded_biases.iter().find(|(_, weight)| *weight == index).map(|(bias, _)| *bias);
+        let program_params = &self.program.params;
         let error = |index: usize| {
-            let name = self.param_name(index).to_string();
+            let name = program_params[index].name.clone();
             move |message: String| TrainError::Runtime(format!("step {step}, `{name}`: {message}"))
         };
         macro_rules! update_inputs {
@@ -495,6 +540,10 @@ impl<T: Real> Trainer<T> {
                     Some(bias) => stack_bias(&gradients[index], &gradients[bias]),
                     None => gradients[index].clone(),
                 };
+                undo.push((index, Undo::Copy(new_params[index].clone(), new_states[index].clone())));
+                if let Some(bias) = bias_of(index) {
+                    undo.push((bias, Undo::Copy(new_params[bias].clone(), new_states[bias].clone())));
+                }
                 let direction = crate::optimizer::matrix_direction(
                     plan,
                     &gradient.shape,
@@ -522,6 +571,12 @@ impl<T: Real> Trainer<T> {
                 }
                 let bias = bias_of(index);
                 let precomputed = clipped.remove(&index);
+                if precomputed.is_none() && (bias.is_some() || plan.structure != curv_ir::StructureKind::Rule) {
+                    undo.push((index, Undo::Copy(new_params[index].clone(), new_states[index].clone())));
+                    if let Some(bias) = bias {
+                        undo.push((bias, Undo::Copy(new_params[bias].clone(), new_states[bias].clone())));
+                    }
+                }
                 match (bias, precomputed) {
                     (_, Some(None)) => {}
                     (None, Some(Some(direction))) => crate::optimizer::finish_matrix_update(
@@ -531,14 +586,25 @@ impl<T: Real> Trainer<T> {
                         direction,
                         rate,
                     ),
-                    (None, None) => update_param(
-                        plan,
-                        &self.rules,
-                        &mut new_params[index],
-                        &mut new_states[index],
-                        &update_inputs!(index, &gradients[index]),
-                    )
-                    .map_err(error(index))?,
+                    (None, None) => {
+                        let updated = update_param(
+                            plan,
+                            &self.rules,
+                            &mut new_params[index],
+                            &mut new_states[index],
+                            &update_inputs!(index, &gradients[index]),
+                        );
+                        match updated {
+                            Ok(Some(displaced)) => undo.push((index, Undo::Displaced(displaced))),
+                            Ok(None) => {}
+                            Err(message) => {
+                                roll_back(&mut new_params, &mut new_states, undo);
+                                self.params = new_params;
+                                self.states = new_states;
+                                return Err(error(index)(message));
+                            }
+                        }
+                    }
                     (Some(bias), precomputed) => {
                         // `[W; b]` as one matrix with one more row.
                         let mut joint = stack_bias(&new_params[index], &new_params[bias]);
@@ -552,14 +618,19 @@ impl<T: Real> Trainer<T> {
                             ),
                             _ => {
                                 let joint_gradient = stack_bias(&gradients[index], &gradients[bias]);
-                                update_param(
+                                let updated = update_param(
                                     plan,
                                     &self.rules,
                                     &mut joint,
                                     &mut new_states[index],
                                     &update_inputs!(index, &joint_gradient),
-                                )
-                                .map_err(error(index))?
+                                );
+                                if let Err(message) = updated {
+                                    roll_back(&mut new_params, &mut new_states, undo);
+                                    self.params = new_params;
+                                    self.states = new_states;
+                                    return Err(error(index)(message));
+                                }
                             }
                         }
                         let weight_size = new_params[index].len();
@@ -583,12 +654,13 @@ impl<T: Real> Trainer<T> {
             }
         }
         self.step = step;
+        if problem.is_some() {
+            roll_back(&mut new_params, &mut new_states, undo);
+        }
+        self.params = new_params;
+        self.states = new_states;
         match (problem, self.policy) {
-            (None, _) => {
-                self.params = new_params;
-                self.states = new_states;
-                Ok(StepReport { step, metrics, skipped: None })
-            }
+            (None, _) => Ok(StepReport { step, metrics, skipped: None }),
             (Some(what), NonFinitePolicy::Skip) => Ok(StepReport { step, metrics, skipped: Some(what) }),
             (Some(what), NonFinitePolicy::Stop) => {
                 self.step = step - 1;
