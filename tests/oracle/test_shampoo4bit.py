@@ -1,4 +1,4 @@
-"""Oracle test for 4-bit Shampoo (`kronecker(quantize = 4)`, docs/fragments/shampoo4bit.md):
+"""Oracle test for 4-bit Shampoo (`kronecker(quantize = 4)`, docs/language.md section 12.7):
 20 float64 full-batch steps against a float64 numpy transcription of the authors' code, plus a
 sensitivity check that plausible wrong variants are rejected.
 

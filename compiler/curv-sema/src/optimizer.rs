@@ -671,22 +671,66 @@ impl<'a> Checker<'a> {
                 let left: i64 = row_blocks.iter().map(|size| size * size).sum::<i64>() * col_blocks.len() as i64;
                 let right: i64 = col_blocks.iter().map(|size| size * size).sum::<i64>() * row_blocks.len() as i64;
                 let function = option_name(&line.options, "function").unwrap_or("inverse_root");
-                state.push(state_of("left_factor", &[left]));
-                state.push(state_of("right_factor", &[right]));
-                let (left_name, right_name) = if function == "eigenbasis" {
-                    ("left_basis", "right_basis")
-                } else {
-                    ("left_inverse", "right_inverse")
-                };
-                state.push(state_of(left_name, &[left]));
-                state.push(state_of(right_name, &[right]));
+                let quantized = option_number(&line.options, "quantize").unwrap_or(32.0) < 32.0;
                 let b1 = option_number(&line.options, "b1").unwrap_or(0.9);
-                if function == "eigenbasis" {
-                    state.push(state_of("m", &shape));
-                    state.push(state_of("v", &shape));
-                } else if function == "inverse_root" && b1 > 0.0 {
-                    // Distributed Shampoo's filtered gradient.
-                    state.push(state_of("m", &shape));
+                match function {
+                    // PSGD-Kron: one preconditioner factor per side (dense up to `max_size`).
+                    "lie_group" => {
+                        let max_size = option_number(&line.options, "max_size").unwrap_or(f64::INFINITY);
+                        let side = |size: i64| if (size as f64) <= max_size { size * size } else { size };
+                        state.push(state_of("left_preconditioner", &[side(rows)]));
+                        state.push(state_of("right_preconditioner", &[side(cols)]));
+                        state.push(state_of("lipschitz", &[2]));
+                        if option_number(&line.options, "momentum").unwrap_or(0.0) > 0.0 {
+                            state.push(state_of("momentum", &shape));
+                        }
+                    }
+                    // MKOR keeps the factor inverses only.
+                    "sherman_morrison" => {
+                        state.push(state_of("left_inverse", &[rows * rows]));
+                        state.push(state_of("right_inverse", &[cols * cols]));
+                    }
+                    // AdaFisher keeps the factors' diagonals and a first moment.
+                    "adafisher" => {
+                        state.push(state_of("left_diagonal", &[rows]));
+                        state.push(state_of("right_diagonal", &[cols]));
+                        state.push(state_of("m", &shape));
+                    }
+                    // 4-bit Shampoo: per side and tile, eigenvector and inverse-root codes (one
+                    // element each in the runtime's state, not packed), their block maxima,
+                    // eigenvalues and the inverse root's diagonal; AdamW's moments.
+                    _ if quantized => {
+                        let quantize_block = option_number(&line.options, "quantize_block").unwrap_or(64.0) as i64;
+                        let per_side = |sizes: &[i64], tiles: usize| -> i64 {
+                            let one: i64 = sizes
+                                .iter()
+                                .map(|n| 2 * n * n + 2 * n * ((n + quantize_block - 1) / quantize_block.max(1)) + 2 * n)
+                                .sum();
+                            one * tiles as i64
+                        };
+                        state.push(state_of("left_quantized", &[per_side(&row_blocks, col_blocks.len())]));
+                        state.push(state_of("right_quantized", &[per_side(&col_blocks, row_blocks.len())]));
+                        state.push(state_of("m", &shape));
+                        state.push(state_of("v", &shape));
+                    }
+                    _ => {
+                        state.push(state_of("left_factor", &[left]));
+                        state.push(state_of("right_factor", &[right]));
+                        let (left_name, right_name) = if function == "eigenbasis" {
+                            ("left_basis", "right_basis")
+                        } else {
+                            ("left_inverse", "right_inverse")
+                        };
+                        state.push(state_of(left_name, &[left]));
+                        state.push(state_of(right_name, &[right]));
+                        if function == "eigenbasis" {
+                            state.push(state_of("m", &shape));
+                            state.push(state_of("v", &shape));
+                        } else if matches!(function, "inverse_root" | "newton") && b1 > 0.0 {
+                            // Distributed Shampoo's filtered gradient.
+                            state.push(state_of("m", &shape));
+                        }
+                    }
                 }
             }
             StructureKind::LowRank => {

@@ -9,7 +9,7 @@
 //! `QTensorDiagReal` for the inverse roots), `qtensor/functional.py` (`create_linear_map`,
 //! `compute_power`) and the CUDA kernels of `cudaC_python/csrc/kernels.cu` (`dQuantize`,
 //! `kQuantizeBlockwise4bit`, `kQuantizeBlockwise4bitDiagReal` and their inverses). The update
-//! equations are those of `docs/fragments/shampoo4bit.md`.
+//! equations are those of docs/language.md section 12.7 (`quantize = 4`).
 //!
 //! What is quantised: each factor `A` is kept as its (approximate) eigendecomposition
 //! `A = V diag(s) V^T`; the eigenvector matrix `V^T` (one eigenvector per row) is stored as 4-bit
