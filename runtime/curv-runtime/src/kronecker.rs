@@ -85,11 +85,9 @@ pub(crate) fn trace(matrix: &Matrix) -> f64 {
 pub(crate) fn from_eigen(values: &[f64], vectors: &Matrix, function: impl Fn(f64) -> f64) -> Matrix {
     let n = vectors.rows;
     let mut scaled = vectors.clone();
-    for column in 0..n {
-        let factor = function(values[column]);
-        for row in 0..n {
-            scaled.data[row * n + column] *= factor;
-        }
+    let factors: Vec<f64> = values.iter().map(|value| function(*value)).collect();
+    for row in scaled.data.chunks_mut(n.max(1)) {
+        row.iter_mut().zip(&factors).for_each(|(value, factor)| *value *= factor);
     }
     product(&scaled, false, vectors, true)
 }
@@ -790,10 +788,8 @@ fn kfac(
         let a_values = states.get("left_values", &[rows]).clone();
         let g_values = states.get("right_values", &[columns]).clone();
         let mut rotated = product(&product(&left_inverse, true, &gradient, false), false, &right_inverse, false);
-        for row in 0..rows {
-            for column in 0..columns {
-                rotated.data[row * columns + column] /= a_values[row] * g_values[column] + damping;
-            }
+        for (row, a_value) in rotated.data.chunks_mut(columns.max(1)).zip(&a_values) {
+            row.iter_mut().zip(&g_values).for_each(|(value, g_value)| *value /= a_value * g_value + damping);
         }
         product(&product(&left_inverse, false, &rotated, false), false, &right_inverse, true)
     } else {
@@ -906,7 +902,7 @@ mod tests {
     #[test]
     fn tiles_cover_the_matrix_once_and_their_factors_do_not_overlap() {
         let tiles = tiles(5, 7, 3);
-        let mut covered = vec![0; 35];
+        let mut covered = [0; 35];
         for tile in &tiles {
             for row in tile.row..tile.row + tile.rows {
                 for column in tile.column..tile.column + tile.columns {

@@ -7,16 +7,16 @@
 //! Randomness is counter-based (see [`random`]): batches, probes and sampled labels are pure
 //! functions of the seed and the step, which is what makes `--resume` continue bit for bit.
 
+pub mod adafisher;
 pub mod backend;
 pub mod checkpoint;
 pub mod compiled;
 pub mod dataset;
 pub mod gemm;
-pub mod adafisher;
 pub mod init;
 pub mod kronecker;
-pub mod mkor;
 pub mod linalg;
+pub mod mkor;
 pub mod optimizer;
 pub mod plot;
 pub mod psgd;

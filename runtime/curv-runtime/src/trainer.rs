@@ -180,6 +180,10 @@ fn rows_matrix<T: Real>(tensor: &Tensor<T>, scale: f64, ones: bool) -> crate::li
     crate::linalg::Matrix { rows, columns: width + usize::from(ones), data }
 }
 
+/// One backward pass for K-FAC's statistics: its outputs, and a weight per row for its cotangents
+/// (`None`: 1). An empty output list stands for the step's main pass.
+type FisherPass<T> = (Vec<(String, Value<T>)>, Option<Vec<f64>>);
+
 /// How to put back one parameter and its state after a step that is not kept.
 enum Undo<T> {
     /// Copies made before an in-place update.
@@ -310,7 +314,7 @@ impl<T: Real> Trainer<T> {
         let main_pass_captures = key == keys::GRADIENTS_AND_CAPTURES;
         let mut values = self
             .backend
-            .outputs(key, function, &inputs)
+            .outputs(key, function, inputs)
             .map_err(|error| TrainError::Runtime(format!("step {step}: {error}")))?;
         // The gradients are taken out of the outputs, not copied.
         let mut taken_gradients: Vec<Option<Tensor<T>>> = (0..self.program.params.len())
@@ -334,8 +338,8 @@ impl<T: Real> Trainer<T> {
         let mut problem: Option<String> = (!loss.is_finite()).then(|| format!("the loss is {loss}"));
         // Every problem reads "X is not finite" once completed below.
         let mut gradients = Vec::with_capacity(self.program.params.len());
-        for index in 0..self.program.params.len() {
-            let gradient = taken_gradients[index]
+        for (index, taken) in taken_gradients.iter_mut().enumerate() {
+            let gradient = taken
                 .take()
                 .ok_or_else(|| TrainError::Runtime(format!("no gradient for `{}`", self.param_name(index))))?;
             if problem.is_none() {
@@ -374,7 +378,7 @@ impl<T: Real> Trainer<T> {
             }
         }
         if needed.contains("sampled_grad") {
-            let sampled = self.sampled_outputs(step, &inputs, &values, &self.gradients, keys::GRADIENTS)?;
+            let sampled = self.sampled_outputs(step, inputs, &values, &self.gradients, keys::GRADIENTS)?;
             for (index, statistic) in statistics.iter_mut().enumerate() {
                 let gradient = find_output(&sampled, &format!("grad.{}", self.param_name(index)))
                     .and_then(Value::as_real)
@@ -399,22 +403,22 @@ impl<T: Real> Trainer<T> {
                 }
             };
             // Each pass: its outputs, and a weight per row for its cotangents (`None`: 1).
-            let passes: Vec<(Vec<(String, Value<T>)>, Option<Vec<f64>>)> = match fisher {
+            let passes: Vec<FisherPass<T>> = match fisher {
                 "empirical" if main_pass_captures => Vec::new(),
                 "empirical" => vec![(
                     self.backend
-                        .outputs(keys::GRADIENTS_AND_CAPTURES, &captures.function, &inputs)
+                        .outputs(keys::GRADIENTS_AND_CAPTURES, &captures.function, inputs)
                         .map_err(|error| TrainError::Runtime(format!("step {step}: {error}")))?,
                     None,
                 )],
                 "sampled" => vec![(
-                    self.sampled_outputs(step, &inputs, &values, &captures.function, keys::GRADIENTS_AND_CAPTURES)?,
+                    self.sampled_outputs(step, inputs, &values, &captures.function, keys::GRADIENTS_AND_CAPTURES)?,
                     None,
                 )],
-                _ => self.exact_fisher_outputs(step, &inputs, &values, &captures.function)?,
+                _ => self.exact_fisher_outputs(step, inputs, &values, &captures.function)?,
             };
             let main_pass = [(Vec::new(), None)];
-            let passes: &[(Vec<(String, Value<T>)>, Option<Vec<f64>>)] =
+            let passes: &[FisherPass<T>] =
                 if passes.is_empty() { &main_pass } else { &passes };
             for (param, input_name, cotangent_name) in &captures.layers {
                 let plan_fisher = self
@@ -761,7 +765,7 @@ impl<T: Real> Trainer<T> {
         inputs: &Inputs<T>,
         values: &[(String, Value<T>)],
         function: &Function,
-    ) -> Result<Vec<(Vec<(String, Value<T>)>, Option<Vec<f64>>)>, TrainError> {
+    ) -> Result<Vec<FisherPass<T>>, TrainError> {
         let (field, model_output) = self.target_field()?;
         let prediction = find_output(values, model_output)
             .and_then(Value::as_real)
