@@ -418,8 +418,7 @@ impl<T: Real> Trainer<T> {
                 _ => self.exact_fisher_outputs(step, inputs, &values, &captures.function)?,
             };
             let main_pass = [(Vec::new(), None)];
-            let passes: &[FisherPass<T>] =
-                if passes.is_empty() { &main_pass } else { &passes };
+            let passes: &[FisherPass<T>] = if passes.is_empty() { &main_pass } else { &passes };
             for (param, input_name, cotangent_name) in &captures.layers {
                 let plan_fisher = self
                     .program
