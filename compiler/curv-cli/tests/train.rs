@@ -381,6 +381,36 @@ fn a_target_reports_the_first_step_that_reaches_it_and_can_stop_the_run() {
     }
 }
 
+#[test]
+fn on_the_siren_kronecker_presets_reach_30_db_and_shampoo_in_fewer_steps_than_adam() {
+    // The flagship comparison of issue 5, as a deterministic property (steps, not seconds: timing
+    // belongs to the benchmarks): every Kronecker preset that reaches 30 dB PSNR within 300 steps
+    // is reported with its steps and seconds, and Shampoo needs fewer steps than Adam.
+    let output = curv(&[
+        "compare",
+        "examples/siren.curv",
+        "--optimizers",
+        "adam,shampoo,soap",
+        "--target",
+        "psnr=30",
+        "--stop-at-target",
+        "--steps",
+        "300",
+        "--quiet",
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("steps to psnr=30") && stdout.contains("seconds to psnr=30"), "{stdout}");
+    let steps_to_target = |optimizer: &str| -> u64 {
+        let line = stdout.lines().find(|line| line.starts_with(optimizer)).unwrap_or_else(|| panic!("{stdout}"));
+        let columns: Vec<&str> = line.split_whitespace().collect();
+        columns[columns.len() - 2].parse().unwrap_or_else(|_| panic!("{optimizer} did not reach 30 dB: {stdout}"))
+    };
+    let (adam, shampoo, soap) = (steps_to_target("adam"), steps_to_target("shampoo"), steps_to_target("soap"));
+    assert!(shampoo < adam, "shampoo {shampoo} steps, adam {adam}: {stdout}");
+    assert!(soap <= 300);
+}
+
 /// Writes a little-endian `.npy` file (version 1.0).
 fn write_npy(path: &Path, descr: &str, shape: &[usize], data: &[u8]) {
     let shape_text = match shape {
