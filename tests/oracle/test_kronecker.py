@@ -671,6 +671,50 @@ def test_kfac_matches_the_specified_kfac(tmp_path, case):
     compare(run_curv(tmp_path, MLP2, [line], lr, init), theirs)
 
 
+class KlClippedKfac:
+    """K-FAC as `Kfac` for every layer, then gpauloski/kfac-pytorch's KL clipping
+    (`kfac/base_preconditioner.py`, the `kl_clip` step of `step()`): with the preconditioned
+    gradients `d_l` of all layers, `nu = min(1, sqrt(kappa / |sum_l lr^2 <d_l, g_l>|))`, every
+    `d_l` is multiplied by `nu`, and the wrapped `torch.optim.SGD` with momentum `beta` (no
+    dampening, no Nesterov) steps: `b <- beta b + d`, `W <- W - lr b`."""
+
+    def __init__(self, names, lr, kappa, beta, **hyper):
+        self.lr, self.kappa, self.beta = lr, kappa, beta
+        self.kfac = [Kfac(lr, **hyper) for _ in names]
+        self.buffers = [None for _ in names]
+
+    def step(self, t, weights, grads, layers):
+        directions = []
+        for index, (weight, grad, layer) in enumerate(zip(weights, grads, layers)):
+            # `Kfac.step` returns `W - lr d`; the direction is recovered from it.
+            directions.append((weight - self.kfac[index].step(t, weight, grad, layer)) / self.lr)
+        inner = sum(float(np.sum(d * g)) * self.lr**2 for d, g in zip(directions, grads))
+        nu = min(1.0, np.sqrt(self.kappa / abs(inner))) if inner != 0.0 else 1.0
+        for index, direction in enumerate(directions):
+            buffer = self.buffers[index]
+            self.buffers[index] = nu * direction if buffer is None else self.beta * buffer + nu * direction
+            weights[index] = weights[index] - self.lr * self.buffers[index]
+
+
+def kl_clip_reference(kappa):
+    init = initial_parameters(MLP2)
+    hyper = dict(function="damped_eigen", ema=0.95, damping=1e-3, every=3)
+    return train_reference(MLP2, init, lambda names: KlClippedKfac(names, 0.1, kappa, 0.9, **hyper))
+
+
+def test_kfac_kl_clipping_and_momentum_match_kfac_pytorch(tmp_path):
+    """kfac-pytorch's recipe (EIGEN mode, lr 0.1, KL clipping 1e-3, SGD momentum 0.9) with the
+    spec's factors: the clipping scale couples the layers, so both must match together."""
+    line = ("* : kronecker(stats = kfac, fisher = empirical, ema = 0.95, damping = 1e-3, every = 3, "
+            "function = damped_eigen) kl_clip 0.001 momentum 0.9")
+    theirs, losses = kl_clip_reference(1e-3)
+    assert losses[-1] < losses[0]
+    compare(run_curv(tmp_path, MLP2, [line], 0.1, initial_parameters(MLP2)), theirs)
+    # The clipping is active in this run: a much larger kappa (no clipping) ends elsewhere.
+    unclipped, _ = kl_clip_reference(1e6)
+    assert max(relative_error(unclipped[name], theirs[name]) for name in theirs) > 100 * TOLERANCE
+
+
 # --- The references can fail --------------------------------------------------------------------------
 
 
@@ -837,6 +881,11 @@ MATRIX_FUNCTION_CASES = {
     # Without effective damping (1e-12 against eigenvalues down to 1e-10) the inverse is as
     # ill-conditioned as the matrix: 1e-5 as for the inverse root (here without the 1/r).
     "damped_inverse_undamped_ill_conditioned": ("damped_inverse", lambda: spd_matrix(24, 1e10, 9), dict(damping=1e-12), 1e-4),
+    # Coupled Newton (Distributed Shampoo's `_matrix_inverse_root_newton`) stops once
+    # max |M - I| <= 1e-6; its quadratic convergence leaves the root far closer than that, but the
+    # stopping rule is all it promises, so the tolerance is 1e-6.
+    "inverse_root_newton_4_well_conditioned": ("inverse_root_newton", lambda: spd_matrix(24, 10.0, 14), dict(root=4, eps=1e-12), 1e-6),
+    "inverse_root_newton_2_condition_1e4": ("inverse_root_newton", lambda: spd_matrix(16, 1e4, 15), dict(root=2, eps=1e-6), 1e-6),
     "newton_schulz_wide": ("newton_schulz", lambda: np.random.default_rng(10).normal(size=(12, 30)), dict(steps=5), 1e-8),
     "newton_schulz_tall": ("newton_schulz", lambda: np.random.default_rng(11).normal(size=(30, 12)), dict(steps=5), 1e-8),
     "newton_schulz_square_ten_steps": ("newton_schulz", lambda: np.random.default_rng(12).normal(size=(16, 16)), dict(steps=10), 1e-8),
@@ -850,7 +899,7 @@ def low_rank(n, rank, seed):
 
 
 def numpy_matrix_function(name, matrix, root=4, eps=1e-12, damping=1e-3, steps=5):
-    if name == "inverse_root":
+    if name in ("inverse_root", "inverse_root_newton"):
         return inverse_root(matrix, root, eps)
     if name == "damped_inverse":
         return np.linalg.inv(matrix + damping * np.eye(len(matrix)))
