@@ -25,12 +25,64 @@ pub(crate) fn flag(options: &Options, key: &str, default: bool) -> bool {
     options.iter().find(|(name, _)| name == key).map_or(default, |(_, value)| *value == OptionValue::Bool(true))
 }
 
-/// `C = op(A) op(B)` in double precision, where `op` transposes when asked; `C` is `m x n`.
+thread_local! {
+    /// Whether [`product`] rounds to single precision (see [`ProductPrecision`]).
+    static SINGLE_PRECISION_PRODUCTS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The precision of the per-step matrix products while it lives: the run's precision, as the
+/// references compute them (an `f32` run multiplies in single precision, with `matrixmultiply`'s
+/// SGEMM; an `f64` run, as the oracle tests use, in double precision). Values are always kept in
+/// double precision, and the matrix functions (roots, inverses, bases) always compute in double
+/// precision whatever this says.
+pub struct ProductPrecision {
+    previous: bool,
+}
+
+impl ProductPrecision {
+    pub fn single(single: bool) -> ProductPrecision {
+        ProductPrecision { previous: SINGLE_PRECISION_PRODUCTS.with(|flag| flag.replace(single)) }
+    }
+}
+
+impl Drop for ProductPrecision {
+    fn drop(&mut self) {
+        SINGLE_PRECISION_PRODUCTS.with(|flag| flag.set(self.previous));
+    }
+}
+
+/// `C = op(A) op(B)`, where `op` transposes when asked; `C` is `m x n`. In double precision, or
+/// rounded to single precision inside a [`ProductPrecision::single`] scope.
 pub(crate) fn product(a: &Matrix, transpose_a: bool, b: &Matrix, transpose_b: bool) -> Matrix {
     let (m, k) = if transpose_a { (a.columns, a.rows) } else { (a.rows, a.columns) };
     let n = if transpose_b { b.rows } else { b.columns };
     let (row_stride_a, column_stride_a) = if transpose_a { (1, a.columns as isize) } else { (a.columns as isize, 1) };
     let (row_stride_b, column_stride_b) = if transpose_b { (1, b.columns as isize) } else { (b.columns as isize, 1) };
+    if SINGLE_PRECISION_PRODUCTS.with(|flag| flag.get()) && m > 0 && n > 0 && k > 0 {
+        let a_single: Vec<f32> = a.data.iter().map(|value| *value as f32).collect();
+        let b_single: Vec<f32> = b.data.iter().map(|value| *value as f32).collect();
+        let mut c_single = vec![0.0f32; m * n];
+        // SAFETY: as below, for the single-precision copies.
+        unsafe {
+            matrixmultiply::sgemm(
+                m,
+                k,
+                n,
+                1.0,
+                a_single.as_ptr(),
+                row_stride_a,
+                column_stride_a,
+                b_single.as_ptr(),
+                row_stride_b,
+                column_stride_b,
+                0.0,
+                c_single.as_mut_ptr(),
+                n as isize,
+                1,
+            );
+        }
+        return Matrix { rows: m, columns: n, data: c_single.into_iter().map(f64::from).collect() };
+    }
     let mut data = vec![0.0; m * n];
     if m > 0 && n > 0 && k > 0 {
         // SAFETY: the strides describe the row-major buffers of `a`, `b` and `data` (sizes checked
@@ -95,6 +147,7 @@ pub(crate) fn from_eigen(values: &[f64], vectors: &Matrix, function: impl Fn(f64
 /// Distributed Shampoo's inverse root: `eigh(A + eps I) = Q diag(lambda) Q^T`, eigenvalues below
 /// `eps` shifted up by `eps - min lambda`, and `Q diag(lambda^(-1/root)) Q^T`.
 pub fn inverse_root(matrix: &Matrix, root: f64, eps: f64) -> Result<Matrix, LinalgError> {
+    let _double = ProductPrecision::single(false);
     let (mut values, vectors) = symmetric_eigen(&add_to_diagonal(matrix, eps))?;
     let smallest = values.iter().copied().fold(f64::INFINITY, f64::min);
     if smallest < eps {
@@ -120,6 +173,7 @@ pub const NEWTON_TOLERANCE: f64 = 1e-6;
 /// Needs no eigendecomposition, only products. After 100 iterations the last iterate is used,
 /// as Distributed Shampoo does; non-finite values are an error.
 pub fn inverse_root_newton(matrix: &Matrix, root: f64, eps: f64) -> Result<Matrix, LinalgError> {
+    let _double = ProductPrecision::single(false);
     if matrix.rows != matrix.columns {
         return Err(LinalgError::BadShape(format!("a {}x{} matrix has no inverse root", matrix.rows, matrix.columns)));
     }
@@ -187,6 +241,7 @@ fn lower_triangular_inverse(lower: &Matrix) -> Matrix {
 /// (`A^-1 = L^-T L^-1`), or by the symmetric eigendecomposition (eigenvalues clamped at zero) when
 /// the Cholesky factorisation fails.
 pub fn damped_inverse(matrix: &Matrix, damping: f64) -> Result<Matrix, LinalgError> {
+    let _double = ProductPrecision::single(false);
     let damped = add_to_diagonal(matrix, damping);
     let result = match cholesky(&damped) {
         Ok(lower) => {
@@ -581,6 +636,7 @@ fn shampoo(
 
 /// The eigenvectors of a symmetric matrix, ordered by descending eigenvalue.
 pub(crate) fn descending_eigenvectors(matrix: &Matrix) -> Result<Matrix, LinalgError> {
+    let _double = ProductPrecision::single(false);
     let (_, vectors) = symmetric_eigen(matrix)?;
     let n = vectors.rows;
     let mut flipped = vectors.clone();
@@ -595,6 +651,7 @@ pub(crate) fn descending_eigenvectors(matrix: &Matrix) -> Result<Matrix, LinalgE
 /// One power iteration and QR for a SOAP basis: returns the new basis and the column order the
 /// second moment must follow.
 fn refresh_basis(factor: &Matrix, basis: &Matrix) -> Result<(Matrix, Vec<usize>), LinalgError> {
+    let _double = ProductPrecision::single(false);
     let n = basis.rows;
     let projected = product(&product(basis, true, factor, false), false, basis, false);
     let mut order: Vec<usize> = (0..n).collect();

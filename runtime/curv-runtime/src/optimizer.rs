@@ -271,6 +271,8 @@ pub fn matrix_direction<T: Real>(
         seed: inputs.seed,
         param: inputs.param,
     };
+    // The per-step products in the run's precision; the matrix functions stay in double.
+    let _precision = crate::kronecker::ProductPrecision::single(std::mem::size_of::<T>() == 4);
     if plan.structure == StructureKind::Orthogonalize {
         crate::kronecker::orthogonalize_direction(plan, shape, state, &kronecker_inputs).map(Some)
     } else {
