@@ -4,6 +4,10 @@
 //! JIT registers this function with its execution engine; standalone trainers export it under its
 //! C-interface name `_mlir_ciface_curv_sgemm`.
 
+/// Products below this many multiply-adds run on the calling thread (faer's sequential GEMM);
+/// larger ones use `matrixmultiply`, whose threads would cost more than they save on small ones.
+pub const SEQUENTIAL_GEMM_MULTIPLY_ADDS: usize = 1 << 25;
+
 /// MLIR's descriptor of a rank-2 strided memref.
 #[repr(C)]
 pub struct StridedMemRef2 {
@@ -25,6 +29,31 @@ pub unsafe extern "C" fn curv_sgemm(a: *const StridedMemRef2, b: *const StridedM
     unsafe {
         let (a, b, c) = (&*a, &*b, &*c);
         let (m, k, n) = (a.sizes[0] as usize, a.sizes[1] as usize, b.sizes[1] as usize);
+        if m.saturating_mul(k).saturating_mul(n) < SEQUENTIAL_GEMM_MULTIPLY_ADDS {
+            let lhs = faer::MatRef::<f32>::from_raw_parts(
+                a.aligned.offset(a.offset as isize),
+                m,
+                k,
+                a.strides[0] as isize,
+                a.strides[1] as isize,
+            );
+            let rhs = faer::MatRef::<f32>::from_raw_parts(
+                b.aligned.offset(b.offset as isize),
+                k,
+                n,
+                b.strides[0] as isize,
+                b.strides[1] as isize,
+            );
+            let destination = faer::MatMut::<f32>::from_raw_parts_mut(
+                c.aligned.offset(c.offset as isize),
+                m,
+                n,
+                c.strides[0] as isize,
+                c.strides[1] as isize,
+            );
+            faer::linalg::matmul::matmul(destination, faer::Accum::Replace, lhs, rhs, 1.0f32, faer::Par::Seq);
+            return;
+        }
         matrixmultiply::sgemm(
             m,
             k,

@@ -512,12 +512,27 @@ fn update_diagonal<T: Real>(
     let (correction1, correction2) =
         if bias_correction { (1.0 - b1.powf(inputs.step as f64), 1.0 - ema.powf(refreshes)) } else { (1.0, 1.0) };
     let momentum = plan.modifiers.iter().find(|modifier| modifier.name == "momentum");
-    let mut direction = Vec::with_capacity(count);
-    for index in 0..count {
-        let m_hat = m.data[index].to_f64() / correction1;
-        let v_hat = v.data[index].to_f64() / correction2;
-        direction.push(T::from_f64(m_hat / (v_hat.sqrt().powf(power) + eps)));
-    }
+    // `m_hat / (sqrt(v_hat)^power + eps)`. The usual power 1 gets its own loop, which vectorises;
+    // `powf` would dominate the update.
+    let (inverse1, inverse2) = (1.0 / correction1, 1.0 / correction2);
+    let mut direction: Vec<T> = if power == 1.0 {
+        m.data
+            .iter()
+            .zip(&v.data)
+            .map(|(m_value, v_value)| {
+                T::from_f64(m_value.to_f64() * inverse1 / ((v_value.to_f64() * inverse2).sqrt() + eps))
+            })
+            .collect()
+    } else {
+        m.data
+            .iter()
+            .zip(&v.data)
+            .map(|(m_value, v_value)| {
+                T::from_f64(m_value.to_f64() * inverse1 / ((v_value.to_f64() * inverse2).powf(0.5 * power) + eps))
+            })
+            .collect()
+    };
+    debug_assert_eq!(direction.len(), count);
     if let Some(momentum) = momentum {
         let beta = option_number(&momentum.options, "beta").unwrap_or(0.9);
         let nesterov =
