@@ -8,7 +8,10 @@
 //!   elementwise kernel of that shape (horizontal fusion), so chains of elementwise work become
 //!   one loop nest with several outputs if needed; constants, broadcasts and scalar work are
 //!   recomputed inside their consumers;
-//! - a reduction, a matrix product and every other structured op is a kernel of its own;
+//! - a reduction absorbs the elementwise chain that only it reads (its producers, of the shape of
+//!   its operand, used nowhere else and not function outputs): `reduce_sum(exp(x - m))` is one
+//!   loop nest that never stores `exp(x - m)`;
+//! - a matrix product and every other structured op is a kernel of its own;
 //! - inputs, parameters, data, hyperparameters and statistics are arguments, not kernels.
 
 use crate::types::{Dim, Function, Op, ValueId};
@@ -120,15 +123,62 @@ pub fn effective_operands(function: &Function, inlined: &[bool], id: ValueId) ->
     out
 }
 
+/// For every instruction absorbed into a reduction's kernel, the index of that reduction: the
+/// elementwise instructions (not inlined, of the reduction operand's shape, not function outputs)
+/// whose every user is the reduction or another absorbed instruction of it.
+pub fn reduction_prologues(function: &Function, inlined: &[bool]) -> Vec<Option<usize>> {
+    let count = function.insts.len();
+    let mut users: Vec<Vec<usize>> = vec![Vec::new(); count];
+    for (index, _) in function.insts.iter().enumerate() {
+        if inlined[index] {
+            continue;
+        }
+        for arg in effective_operands(function, inlined, ValueId(index as u32)) {
+            users[arg.0 as usize].push(index);
+        }
+    }
+    let mut is_output = vec![false; count];
+    for (_, value) in &function.outputs {
+        is_output[value.0 as usize] = true;
+    }
+    let mut absorbed: Vec<Option<usize>> = vec![None; count];
+    for (index, inst) in function.insts.iter().enumerate() {
+        if !matches!(inst.op, Op::Reduce { .. }) || inlined[index] {
+            continue;
+        }
+        let operand_shape = &function.ty(inst.args[0]).shape;
+        let mut pending: Vec<ValueId> = effective_operands(function, inlined, ValueId(index as u32));
+        while let Some(candidate) = pending.pop() {
+            let position = candidate.0 as usize;
+            let candidate_inst = function.inst(candidate);
+            let joins = absorbed[position].is_none()
+                && !inlined[position]
+                && !is_output[position]
+                && is_elementwise(&candidate_inst.op)
+                && !matches!(candidate_inst.op, Op::Constant { .. } | Op::Broadcast { .. })
+                && candidate_inst.ty.shape == *operand_shape
+                && users[position].iter().all(|user| *user == index || absorbed[*user] == Some(index));
+            if joins {
+                absorbed[position] = Some(index);
+                pending.extend(effective_operands(function, inlined, candidate));
+            }
+        }
+    }
+    absorbed
+}
+
 /// Groups the instructions of `function` into kernels. Kernels only read kernels with a smaller
 /// index, so running them in index order respects every dependency.
 pub fn plan_kernels(function: &Function) -> KernelPlan {
     let count = function.insts.len();
     let inlined = inlined(function);
+    let prologues = reduction_prologues(function, &inlined);
     let mut kernel_of: Vec<Option<usize>> = vec![None; count];
     let mut kernels: Vec<Kernel> = Vec::new();
     for (index, inst) in function.insts.iter().enumerate() {
-        if is_argument(&inst.op) || inlined[index] {
+        if is_argument(&inst.op) || inlined[index] || prologues[index].is_some() {
+            // Absorbed instructions join their reduction's kernel when the reduction comes: all
+            // of them precede it, and nothing else reads them.
             continue;
         }
         let id = ValueId(index as u32);
@@ -162,6 +212,14 @@ pub fn plan_kernels(function: &Function) -> KernelPlan {
                 kernels.len() - 1
             }
         };
+        if kind == KernelKind::Reduction {
+            for (member, reduction) in prologues.iter().enumerate().take(index) {
+                if *reduction == Some(index) {
+                    kernels[kernel].insts.push(ValueId(member as u32));
+                    kernel_of[member] = Some(kernel);
+                }
+            }
+        }
         kernels[kernel].insts.push(id);
         kernel_of[index] = Some(kernel);
     }

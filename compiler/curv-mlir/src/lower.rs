@@ -495,6 +495,8 @@ pub fn lower_function_with_locations(
                 .any(|id| !matches!(function.inst(*id).op, Op::Constant { .. } | Op::Broadcast { .. }));
         if fused {
             steps.push(Step::Fused(kernel_index));
+        } else if kernel.kind == curv_ir::fusion::KernelKind::Reduction && kernel.insts.len() > 1 {
+            steps.push(Step::FusedReduction(kernel_index));
         } else {
             steps.extend(kernel.insts.iter().map(|id| Step::Instruction(id.0 as usize)));
         }
@@ -507,6 +509,13 @@ pub fn lower_function_with_locations(
                     emitter.locate(*last);
                 }
                 emit_fused(&mut emitter, &plan, &inlined, kernel_index)?;
+                continue;
+            }
+            Step::FusedReduction(kernel_index) => {
+                if let Some(last) = plan.kernels[kernel_index].insts.last() {
+                    emitter.locate(*last);
+                }
+                emit_fused_reduction(&mut emitter, &plan, &inlined, kernel_index)?;
                 continue;
             }
             Step::Instruction(index) => index,
@@ -754,6 +763,98 @@ pub fn lower_function_with_locations(
 enum Step {
     Instruction(usize),
     Fused(usize),
+    FusedReduction(usize),
+}
+
+/// Emits a reduction with the elementwise chain it absorbed (its prologue) as one
+/// `linalg.generic` over the operand's index space: the chain is computed in the body from the
+/// kernel's inputs and combined into the result, whose map keeps the non-reduced dimensions.
+fn emit_fused_reduction(
+    emitter: &mut Emitter,
+    plan: &curv_ir::fusion::KernelPlan,
+    inlined: &[bool],
+    kernel_index: usize,
+) -> Result<(), LowerError> {
+    let function = emitter.function;
+    let kernel = &plan.kernels[kernel_index];
+    let reduction = *kernel.insts.last().expect("a reduction kernel ends with its reduction");
+    let reduction_inst = function.inst(reduction);
+    let Op::Reduce { op, axes } = &reduction_inst.op else {
+        return Err(LowerError { message: "a reduction kernel must end with a reduction".to_string() });
+    };
+    let operand = reduction_inst.args[0];
+    let shape = emitter.shape(operand).to_vec();
+    let rank = shape.len();
+    let mut inputs: Vec<(ValueId, Vec<String>)> = Vec::new();
+    let mut names: std::collections::HashMap<ValueId, String> = std::collections::HashMap::new();
+    let mut lines: Vec<String> = Vec::new();
+    for id in &kernel.insts[..kernel.insts.len() - 1] {
+        let inst = function.inst(*id);
+        let ty = element(inst.ty.dtype).to_string();
+        let mut operands = Vec::new();
+        for arg in &inst.args {
+            operands.push(resolve_operand(
+                emitter,
+                plan,
+                inlined,
+                kernel_index,
+                &shape,
+                *arg,
+                &mut inputs,
+                &mut names,
+                &mut lines,
+            )?);
+        }
+        let result = scalar_instruction(function, *id, &operands, &ty, &mut lines)?;
+        names.insert(*id, result);
+    }
+    let reduced =
+        resolve_operand(emitter, plan, inlined, kernel_index, &shape, operand, &mut inputs, &mut names, &mut lines)?;
+    let dtype = reduction_inst.ty.dtype;
+    let ty = element(dtype);
+    let result_shape = emitter.shape(reduction).to_vec();
+    let result_type = tensor_type(&result_shape, dtype);
+    let initial = match op {
+        ReduceOp::Sum => 0.0,
+        ReduceOp::Max => f64::NEG_INFINITY,
+    };
+    let init = emitter.filled(&result_shape, dtype, initial);
+    let kept: Vec<String> = (0..rank).filter(|axis| !axes.contains(axis)).map(|axis| format!("d{axis}")).collect();
+    let kinds: Vec<&str> = (0..rank).map(|axis| if axes.contains(&axis) { "reduction" } else { "parallel" }).collect();
+    let mut maps: Vec<String> = inputs.iter().map(|(_, results)| map(rank, results)).collect();
+    maps.push(map(rank, &kept));
+    let mut text = format!(
+        "{} = linalg.generic {{indexing_maps = [{}], iterator_types = {}}}",
+        emitter.value(reduction),
+        maps.join(", "),
+        iterators(&kinds)
+    );
+    if !inputs.is_empty() {
+        let values: Vec<String> = inputs.iter().map(|(value, _)| emitter.value(*value)).collect();
+        let types: Vec<String> =
+            inputs.iter().map(|(value, _)| tensor_type(emitter.shape(*value), emitter.dtype(*value))).collect();
+        text.push_str(&format!(" ins({} : {})", values.join(", "), types.join(", ")));
+    }
+    text.push_str(&format!(" outs({init} : {result_type}) {{"));
+    emitter.line(&text);
+    let mut arguments: Vec<String> = inputs
+        .iter()
+        .enumerate()
+        .map(|(position, (value, _))| format!("%a{position}: {}", element(emitter.dtype(*value))))
+        .collect();
+    arguments.push(format!("%out: {ty}"));
+    emitter.line(&format!("^bb0({}):", arguments.join(", ")));
+    for line in lines {
+        emitter.line(&format!("  {line}"));
+    }
+    let combine = match op {
+        ReduceOp::Sum => "arith.addf",
+        ReduceOp::Max => "arith.maximumf",
+    };
+    emitter.line(&format!("  %combined = {combine} {reduced}, %out : {ty}"));
+    emitter.line(&format!("  linalg.yield %combined : {ty}"));
+    emitter.line(&format!("}} -> {result_type}"));
+    Ok(())
 }
 
 /// Emits one fused elementwise kernel as a single `linalg.generic` with one result per kernel
