@@ -587,7 +587,8 @@ fn compare_command(file: &Path, optimizers: &[String], arguments: &RunArguments)
     header.push_str(&format!("{:>14}{:>12}", "ms/step", "seconds"));
     if let Some(target) = &options.target {
         let label = format!("{}={}", target.metric, target.value);
-        header.push_str(&format!("{:>22}{:>22}", format!("steps to {label}"), format!("seconds to {label}")));
+        let width = (label.len() + 14).max(22);
+        header.push_str(&format!("{:>width$}{:>width$}", format!("steps to {label}"), format!("seconds to {label}")));
     }
     println!("{header}");
     for (optimizer, result) in optimizers.iter().zip(&results) {
@@ -604,10 +605,13 @@ fn compare_command(file: &Path, optimizers: &[String], arguments: &RunArguments)
                 }
                 let seconds = summary.records.last().map_or(0.0, |record| record.elapsed_ms / 1000.0);
                 line.push_str(&format!("{:>14.2}{:>12.2}", summary.step_ms_median, seconds));
-                if options.target.is_some() {
+                if let Some(target) = &options.target {
+                    let width = (format!("{}={}", target.metric, target.value).len() + 14).max(22);
                     match summary.target_reached {
-                        Some(reached) => line.push_str(&format!("{:>22}{:>22.2}", reached.step, reached.seconds)),
-                        None => line.push_str(&format!("{:>22}{:>22}", "not reached", "-")),
+                        Some(reached) => {
+                            line.push_str(&format!("{:>width$}{:>width$.2}", reached.step, reached.seconds))
+                        }
+                        None => line.push_str(&format!("{:>width$}{:>width$}", "not reached", "-")),
                     }
                 }
                 println!("{line}");

@@ -8,7 +8,7 @@
 //! the run's element type (checkpointed like every other state); factors of several tiles are
 //! stored one after the other, row-major tile order.
 
-use crate::linalg::{cholesky, symmetric_eigen, thin_qr, LinalgError, Matrix};
+use crate::linalg::{cholesky_inverse, symmetric_eigen, thin_qr, LinalgError, Matrix};
 use crate::optimizer::{state_get, ParamState};
 use curv_interp::{Real, Tensor};
 use curv_ir::{option_name, option_number, OptionValue, Options, ParamPlan};
@@ -221,33 +221,14 @@ pub fn inverse_root_newton(matrix: &Matrix, root: f64, eps: f64) -> Result<Matri
     Ok(x)
 }
 
-/// The inverse of a lower-triangular matrix with a non-zero diagonal, by forward substitution.
-fn lower_triangular_inverse(lower: &Matrix) -> Matrix {
-    let n = lower.rows;
-    let mut inverse = vec![0.0; n * n];
-    for column in 0..n {
-        for row in column..n {
-            let mut sum = if row == column { 1.0 } else { 0.0 };
-            for inner in column..row {
-                sum -= lower.at(row, inner) * inverse[inner * n + column];
-            }
-            inverse[row * n + column] = sum / lower.at(row, row);
-        }
-    }
-    Matrix { rows: n, columns: n, data: inverse }
-}
-
-/// `(A + damping I)^-1` for a symmetric positive semi-definite `A`, by Cholesky
-/// (`A^-1 = L^-T L^-1`), or by the symmetric eigendecomposition (eigenvalues clamped at zero) when
+/// `(A + damping I)^-1` for a symmetric positive semi-definite `A`, by Cholesky (faer's inverse
+/// from the factor), or by the symmetric eigendecomposition (eigenvalues clamped at zero) when
 /// the Cholesky factorisation fails.
 pub fn damped_inverse(matrix: &Matrix, damping: f64) -> Result<Matrix, LinalgError> {
     let _double = ProductPrecision::single(false);
     let damped = add_to_diagonal(matrix, damping);
-    let result = match cholesky(&damped) {
-        Ok(lower) => {
-            let inverse = lower_triangular_inverse(&lower);
-            product(&inverse, true, &inverse, false)
-        }
+    let result = match cholesky_inverse(&damped) {
+        Ok(inverse) => inverse,
         Err(LinalgError::NotPositiveDefinite) => {
             let (values, vectors) = symmetric_eigen(matrix)?;
             from_eigen(&values, &vectors, |value| 1.0 / (value.max(0.0) + damping))

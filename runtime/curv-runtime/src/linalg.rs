@@ -149,6 +149,16 @@ pub fn cholesky(matrix: &Matrix) -> Result<Matrix, LinalgError> {
     Ok(lower)
 }
 
+/// `A^-1` for a symmetric positive definite `A` (of which only the lower triangle is read), from
+/// its Cholesky factorisation.
+pub fn cholesky_inverse(matrix: &Matrix) -> Result<Matrix, LinalgError> {
+    use faer::linalg::solvers::DenseSolveCore;
+    matrix.check_square("the Cholesky inverse")?;
+    matrix.check_finite()?;
+    let factor = matrix.to_faer().llt(Side::Lower).map_err(|_| LinalgError::NotPositiveDefinite)?;
+    Ok(Matrix::from_faer(factor.inverse().as_ref()))
+}
+
 /// The thin QR factorisation `A = Q R` of an `m x n` matrix: `Q` is `m x k` with orthonormal
 /// columns and `R` is `k x n` upper triangular, `k = min(m, n)`, with a non-negative diagonal (which
 /// makes the factorisation unique for a full-rank `A`).
