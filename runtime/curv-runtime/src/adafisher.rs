@@ -163,6 +163,7 @@ mod tests {
         let captures = Captures {
             inputs: Matrix { rows: 2, columns: 2, data: vec![1.0, 2.0, 3.0, 1.0] },
             cotangents: Matrix { rows: 2, columns: 1, data: vec![2.0, -4.0] },
+            inputs_are_columns: false,
         };
         let (a, g) = diagonals(&captures, 2, 1).unwrap();
         assert_eq!(a, vec![5.0, 2.5]);

@@ -416,10 +416,16 @@ impl States {
 /// bias is folded into `W`) and the per-example output cotangents `d = N g` as `[N, out]`, where
 /// `g` is the cotangent with respect to the mean training loss. Several products of the same
 /// parameter are stacked row-wise.
+///
+/// For a convolution kernel `[O, C, kH, kW]` the inputs are the input's patches (`[N S, C kH kW]`,
+/// divided by the number `S` of output positions) and the cotangents one row per example and
+/// position (`[N S, O]`, `N g / S`), and `inputs_are_columns` is set: in the kernel's matrix view
+/// `[O, C kH kW]` the inputs' factor is the right one.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Captures {
     pub inputs: Matrix,
     pub cotangents: Matrix,
+    pub inputs_are_columns: bool,
 }
 
 impl Captures {
@@ -470,6 +476,9 @@ pub fn kronecker_direction<T: Real>(
         "eigenbasis" => soap(plan, shape, &mut states, inputs)?,
         "damped_inverse" | "damped_eigen" => kfac(plan, shape, &mut states, inputs, function == "damped_eigen")?,
         "lie_group" => crate::psgd::direction(plan, shape, &mut states, inputs)?,
+        "sherman_morrison" | "adafisher" if inputs.captures.is_some_and(|captures| captures.inputs_are_columns) => {
+            return Err(format!("`function = {function}` does not support conv2d kernels yet (only `x @ W` products)"))
+        }
         "sherman_morrison" => crate::mkor::direction(plan, shape, &mut states, inputs)?,
         "adafisher" => crate::adafisher::direction(plan, shape, &mut states, inputs)?,
         other => return Err(format!("the `{other}` matrix function is not executable yet")),
@@ -769,13 +778,19 @@ fn kfac(
     let pi_adjusted = flag(options, "pi", true);
     let (rows, columns) = matrix_shape(shape);
     let (left_size, right_size) = (rows * rows, columns * columns);
-    if let Some((a, g)) = inputs.captures.map(Captures::covariances).as_ref() {
+    if let Some(captures) = inputs.captures {
+        let (a, g) = captures.covariances();
+        // The left factor covers the rows of the parameter's matrix view: the inputs' factor `A`
+        // for `x @ W` (`[in, out]`), the outputs' factor `G` for a conv kernel (`[O, C kH kW]`).
+        let inputs_on_the_left = !captures.inputs_are_columns;
+        let (a, g) = if inputs_on_the_left { (a, g) } else { (g, a) };
         if a.rows != rows || g.rows != columns {
             return Err(format!(
                 "the K-FAC statistics are {}x{} and {}x{}, the parameter is {rows}x{columns}",
                 a.rows, a.columns, g.rows, g.columns
             ));
         }
+        let (a, g) = (&a, &g);
         let count = states.scalar("factor_updates") + 1.0;
         states.set_scalar("factor_updates", count);
         let mut left = Matrix { rows, columns: rows, data: std::mem::take(states.get("left_factor", &[left_size])) };
@@ -799,16 +814,16 @@ fn kfac(
             *states.get("left_values", &[rows]) = a_values.iter().map(|value| value.max(0.0)).collect();
             *states.get("right_values", &[columns]) = g_values.iter().map(|value| value.max(0.0)).collect();
         } else {
-            let pi = if pi_adjusted {
-                let (norm_a, norm_g) = (trace(&a_hat) / rows as f64, trace(&g_hat) / columns as f64);
-                if norm_a > 0.0 && norm_g > 0.0 && (norm_a / norm_g).is_finite() {
-                    (norm_a / norm_g).sqrt()
-                } else {
-                    1.0
-                }
+            // `pi = sqrt((tr A / dim A) / (tr G / dim G))` multiplies the inputs' factor's damping.
+            let (norm_left, norm_right) = (trace(&a_hat) / rows as f64, trace(&g_hat) / columns as f64);
+            let (norm_inputs, norm_outputs) =
+                if inputs_on_the_left { (norm_left, norm_right) } else { (norm_right, norm_left) };
+            let pi_inputs = if pi_adjusted && norm_inputs > 0.0 && norm_outputs > 0.0 {
+                Some((norm_inputs / norm_outputs).sqrt()).filter(|pi| pi.is_finite()).unwrap_or(1.0)
             } else {
                 1.0
             };
+            let pi = if inputs_on_the_left { pi_inputs } else { 1.0 / pi_inputs };
             let root = damping.sqrt();
             *states.get("left_inverse", &[left_size]) = damped_inverse(&a_hat, pi * root).map_err(failure)?.data;
             *states.get("right_inverse", &[right_size]) = damped_inverse(&g_hat, root / pi).map_err(failure)?.data;

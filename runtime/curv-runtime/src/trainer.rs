@@ -79,8 +79,8 @@ pub struct Trainer<T> {
 #[derive(Debug, Clone)]
 pub struct CaptureProgram {
     pub function: Function,
-    /// `(parameter index, input output name, cotangent output name)` per captured product.
-    pub layers: Vec<(usize, String, String)>,
+    /// One entry per captured product or convolution.
+    pub layers: Vec<CapturedLayer>,
     /// `(bias, weight)`: a bias updated together with its weight's K-FAC factors.
     pub folded_biases: Vec<(usize, usize)>,
 }
@@ -120,6 +120,16 @@ fn layer_bias(function: &Function, layer: curv_ir::ValueId) -> Option<usize> {
     (uses(bias).len() == 1).then_some(index)
 }
 
+/// One captured layer of a K-FAC parameter: the names of the outputs that hold its input and its
+/// output cotangent, and for a convolution its stride and padding.
+#[derive(Debug, Clone)]
+pub struct CapturedLayer {
+    pub param: usize,
+    pub input: String,
+    pub cotangent: String,
+    pub convolution: Option<(usize, usize)>,
+}
+
 /// The capture program of `program`, when any of its plans uses K-FAC statistics; an error names
 /// a K-FAC parameter that is not used as `x @ W`.
 pub fn capture_program(program: &TrainProgram) -> Result<Option<CaptureProgram>, String> {
@@ -140,28 +150,39 @@ pub fn capture_program(program: &TrainProgram) -> Result<Option<CaptureProgram>,
     let mut folded_biases = Vec::new();
     for &param in &kfac_params {
         let name = &program.params[param].name;
-        let captures: Vec<_> = gradients
-            .layer_captures
-            .iter()
-            .filter(|capture| capture.param == param && capture.kind == curv_ad::LayerKind::Dense)
-            .collect();
+        let captures: Vec<_> = gradients.layer_captures.iter().filter(|capture| capture.param == param).collect();
         if captures.is_empty() {
             return Err(format!(
-                "K-FAC statistics need `{name}` to be used as `x @ {name}` in the loss (conv2d kernels are not supported yet)"
+                "K-FAC statistics need `{name}` to be used as `x @ {name}` or `conv2d(x, {name})` in the loss"
+            ));
+        }
+        let convolutions = captures.iter().filter(|capture| capture.kind != curv_ad::LayerKind::Dense).count();
+        if convolutions != 0 && convolutions != captures.len() {
+            return Err(format!(
+                "K-FAC statistics need every use of `{name}` to be of one kind (products or convolutions)"
             ));
         }
         let plan = program.optimizer.plans.iter().find(|plan| plan.param == param).expect("a K-FAC plan");
         let fold = plan.options.iter().all(|(key, value)| key != "bias" || *value == curv_ir::OptionValue::Bool(true));
         let biases: Vec<Option<usize>> =
             captures.iter().map(|capture| layer_bias(&program.loss, capture.layer)).collect();
-        if let (true, 2, [Some(bias)]) = (fold, program.params[param].ty.shape.len(), biases.as_slice()) {
+        // Convolutions keep their bias on its own rule line (the bias would be a column there).
+        if let (true, 2, [Some(bias)], 0) =
+            (fold, program.params[param].ty.shape.len(), biases.as_slice(), convolutions)
+        {
             folded_biases.push((*bias, param));
         }
         for (number, capture) in captures.into_iter().enumerate() {
             let (input, cotangent) = (format!("kfac.input.{name}.{number}"), format!("kfac.cotangent.{name}.{number}"));
             function.outputs.push((input.clone(), capture.input));
             function.outputs.push((cotangent.clone(), capture.output_cotangent));
-            layers.push((param, input, cotangent));
+            let convolution = match capture.kind {
+                curv_ad::LayerKind::Conv2d { stride, padding } => {
+                    Some((stride.max(1) as usize, padding.max(0) as usize))
+                }
+                curv_ad::LayerKind::Dense => None,
+            };
+            layers.push(CapturedLayer { param, input, cotangent, convolution });
         }
     }
     Ok(Some(CaptureProgram { function, layers, folded_biases }))
@@ -203,6 +224,83 @@ fn roll_back<T: Real>(params: &mut [Tensor<T>], states: &mut [ParamState<T>], un
             Undo::Displaced(displaced) => displaced.undo(&mut params[index], &mut states[index]),
         }
     }
+}
+
+/// The patches of a convolution's input `x: [N, C, H, W]` for a kernel `[O, C, kH, kW]`, as
+/// kfac-pytorch's `Conv2dModuleHelper` extracts them: one row per example and output position
+/// `(n, h', w')`, one column per kernel entry `(c, i, j)` (the kernel's own order), zero where the
+/// padding is, all divided by the number of output positions `S = H' W'`.
+fn convolution_patches<T: Real>(
+    input: &Tensor<T>,
+    kernel: &[i64],
+    stride: usize,
+    padding: usize,
+) -> Result<crate::linalg::Matrix, String> {
+    let &[examples, channels, height, width] = &input.shape[..] else {
+        return Err(format!("K-FAC expects a conv2d input of rank 4, got shape {:?}", input.shape));
+    };
+    let &[_, kernel_channels, kernel_height, kernel_width] = kernel else {
+        return Err(format!("K-FAC expects a conv2d kernel of rank 4, got shape {kernel:?}"));
+    };
+    let (kernel_height, kernel_width) = (kernel_height.max(1) as usize, kernel_width.max(1) as usize);
+    if kernel_channels as usize != channels
+        || height + 2 * padding < kernel_height
+        || width + 2 * padding < kernel_width
+    {
+        return Err(format!("a conv2d input of shape {:?} does not fit the kernel {kernel:?}", input.shape));
+    }
+    let output_height = (height + 2 * padding - kernel_height) / stride + 1;
+    let output_width = (width + 2 * padding - kernel_width) / stride + 1;
+    let positions = output_height * output_width;
+    let columns = channels * kernel_height * kernel_width;
+    let scale = 1.0 / positions as f64;
+    let mut data = vec![0.0; examples * positions * columns];
+    for example in 0..examples {
+        for row in 0..output_height {
+            for column in 0..output_width {
+                let target = ((example * output_height + row) * output_width + column) * columns;
+                for channel in 0..channels {
+                    for i in 0..kernel_height {
+                        let y = (row * stride + i) as isize - padding as isize;
+                        if y < 0 || y as usize >= height {
+                            continue;
+                        }
+                        for j in 0..kernel_width {
+                            let x = (column * stride + j) as isize - padding as isize;
+                            if x < 0 || x as usize >= width {
+                                continue;
+                            }
+                            let source = ((example * channels + channel) * height + y as usize) * width + x as usize;
+                            data[target + (channel * kernel_height + i) * kernel_width + j] =
+                                input.data[source].to_f64() * scale;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(crate::linalg::Matrix { rows: examples * positions, columns, data })
+}
+
+/// A convolution's output cotangent `[N, O, H', W']` as rows `(n, h', w')` of `O` values, times
+/// `N / S`: the per-example cotangents (the loss is a mean over the `N` examples) divided by the
+/// number of output positions `S = H' W'`, as kfac-pytorch's `Conv2dModuleHelper` divides them.
+fn convolution_cotangents<T: Real>(cotangent: &Tensor<T>) -> crate::linalg::Matrix {
+    let &[examples, channels, height, width] = &cotangent.shape[..] else {
+        return rows_matrix(cotangent, 1.0, false);
+    };
+    let positions = height * width;
+    let scale = examples as f64 / positions.max(1) as f64;
+    let mut data = vec![0.0; examples * positions * channels];
+    for example in 0..examples {
+        for channel in 0..channels {
+            for position in 0..positions {
+                data[(example * positions + position) * channels + channel] =
+                    cotangent.data[(example * channels + channel) * positions + position].to_f64() * scale;
+            }
+        }
+    }
+    crate::linalg::Matrix { rows: examples * positions, columns: channels, data }
 }
 
 /// `[W; b]`: a matrix with its bias vector appended as one more row.
@@ -419,7 +517,7 @@ impl<T: Real> Trainer<T> {
             };
             let main_pass = [(Vec::new(), None)];
             let passes: &[FisherPass<T>] = if passes.is_empty() { &main_pass } else { &passes };
-            for (param, input_name, cotangent_name) in &captures.layers {
+            for CapturedLayer { param, input: input_name, cotangent: cotangent_name, convolution } in &captures.layers {
                 let plan_fisher = self
                     .program
                     .optimizer
@@ -442,8 +540,13 @@ impl<T: Real> Trainer<T> {
                     // The loss is a mean over the rows, so each row's cotangent carries a factor
                     // 1/N; multiplying it back by N gives the per-example cotangents.
                     let cotangent = tensor(cotangent_name)?;
-                    let rows = (cotangent.len() / cotangent.shape.last().copied().unwrap_or(1).max(1)) as f64;
-                    let mut cotangents = rows_matrix(cotangent, rows, false);
+                    let mut cotangents = match convolution {
+                        Some(_) => convolution_cotangents(cotangent),
+                        None => {
+                            let rows = (cotangent.len() / cotangent.shape.last().copied().unwrap_or(1).max(1)) as f64;
+                            rows_matrix(cotangent, rows, false)
+                        }
+                    };
                     if let Some(weights) = weights {
                         // The exact Fisher's passes weigh each row by the probability of its label.
                         let width = cotangents.columns;
@@ -455,7 +558,16 @@ impl<T: Real> Trainer<T> {
                         // The layer input does not depend on the labels: it is taken once, and the
                         // passes' cotangents are stacked (G divides by the number of inputs).
                         None => {
-                            fresh = Some(Captures { inputs: rows_matrix(tensor(input_name)?, 1.0, folded), cotangents })
+                            let input = tensor(input_name)?;
+                            let inputs = match convolution {
+                                Some((stride, padding)) => {
+                                    let kernel = &self.program.params[*param].ty.known_shape().unwrap_or_default();
+                                    convolution_patches(input, kernel, *stride, *padding)
+                                        .map_err(|message| TrainError::Runtime(format!("step {step}: {message}")))?
+                                }
+                                None => rows_matrix(input, 1.0, folded),
+                            };
+                            fresh = Some(Captures { inputs, cotangents, inputs_are_columns: convolution.is_some() })
                         }
                         Some(fresh) => {
                             fresh.cotangents.data.extend(cotangents.data);
