@@ -885,6 +885,26 @@ fn build(
             }
         }
     }
+    // Parameters sharing an elementwise rule are updated by one multi-parameter kernel per block.
+    let captures = curv_runtime::trainer::capture_program(train).ok().flatten();
+    for group in curv_runtime::trainer::update_groups(train, &program.rules, captures.as_ref()) {
+        let sizes: Vec<usize> = group
+            .plans
+            .iter()
+            .map(|&plan| train.params[train.optimizer.plans[plan].param].ty.element_count().unwrap_or(0) as usize)
+            .collect();
+        let bindings: std::collections::HashMap<String, i64> = sizes
+            .iter()
+            .enumerate()
+            .map(|(member, &size)| (curv_ir::group::member_symbol(member, "P"), size as i64))
+            .collect();
+        for (block, function) in group.blocks.iter().enumerate() {
+            let key = keys::rule_group_block(&group.rule, block, &sizes);
+            if !kernels.iter().any(|(existing, _, _)| *existing == key) {
+                kernels.push((key, function.clone(), bindings.clone()));
+            }
+        }
+    }
     let work = std::env::temp_dir().join(format!("curv-build-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(|error| (format!("cannot create {}: {error}", work.display()), 2))?;
     let mut registry =

@@ -210,6 +210,11 @@ fn run_train<T: Real>(
     let dataset = Dataset::load(&train.data, directory).map_err(RunError::user)?;
     let mut trainer: Trainer<T> = Trainer::new(train.clone(), program.rules.clone(), dataset, seed, total_steps);
     trainer.policy = if train.skip_nonfinite { NonFinitePolicy::Skip } else { NonFinitePolicy::Stop };
+    // `CURV_GROUPED_UPDATES=off` updates every parameter with its own kernel (for comparisons;
+    // the numbers are the same).
+    if std::env::var("CURV_GROUPED_UPDATES").is_ok_and(|value| value == "off") {
+        trainer.set_grouped_updates(false);
+    }
     if let Some(backend) = backend {
         trainer.backend = backend;
     }

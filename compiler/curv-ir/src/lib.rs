@@ -10,6 +10,7 @@
 pub mod abi;
 mod cost;
 pub mod fusion;
+pub mod group;
 mod print;
 mod types;
 

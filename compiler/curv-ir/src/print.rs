@@ -13,7 +13,7 @@ pub fn print_program(program: &Program, locate: &dyn Fn(Option<&str>, Span) -> S
         out.push('\n');
     }
     for train in &program.trains {
-        print_train(&mut out, train, &|span| locate(None, span));
+        print_train(&mut out, train, &program.rules, &|span| locate(None, span));
         out.push('\n');
     }
     while out.ends_with("\n\n") {
@@ -46,7 +46,7 @@ fn print_rule(out: &mut String, rule: &RuleProgram, locate: &dyn Fn(Option<&str>
     }
 }
 
-fn print_train(out: &mut String, train: &TrainProgram, locate: &dyn Fn(Span) -> String) {
+fn print_train(out: &mut String, train: &TrainProgram, rules: &[RuleProgram], locate: &dyn Fn(Span) -> String) {
     let _ = writeln!(out, "train {}  // {}", train.name, locate(train.span));
     let data = &train.data;
     let _ = writeln!(
@@ -102,6 +102,18 @@ fn print_train(out: &mut String, train: &TrainProgram, locate: &dyn Fn(Span) -> 
         for state in &plan.state {
             let _ = writeln!(out, "      state {}: {}", state.name, state.ty);
         }
+    }
+    // Kernel grouping of the update: parameters sharing an elementwise rule are updated by one
+    // multi-parameter kernel (the runtime also leaves out biases folded into K-FAC factors).
+    for group in crate::group::plan_groups(&optimizer.plans, rules, &[]) {
+        let names: Vec<&str> =
+            group.plans.iter().map(|&plan| train.params[optimizer.plans[plan].param].name.as_str()).collect();
+        let _ = writeln!(
+            out,
+            "    update kernel: {} over {} (one call per step, a loop nest per parameter)",
+            group.rule,
+            names.join(", ")
+        );
     }
     if let Some(log) = &train.log {
         let _ = writeln!(out, "  log {} every {}", log.metrics.join(", "), log.every);

@@ -8,6 +8,8 @@ use curv_ir::{BinaryOp, DType, Dim, Function, Op, ReduceOp, UnaryOp, ValueId};
 use std::collections::HashMap;
 use std::fmt::Write;
 
+mod structured;
+
 /// The strided 2-D memref type the runtime's GEMM takes.
 const GEMM_MEMREF: &str = "memref<?x?xf32, strided<[?, ?], offset: ?>>";
 
@@ -730,7 +732,10 @@ pub fn lower_function_with_locations(
                     _ => args[0].clone(),
                 });
             }
-            other => return Err(unsupported(other)),
+            other => match structured::lower_structured(&mut emitter, id) {
+                Some(result) => result?,
+                None => return Err(unsupported(other)),
+            },
         }
     }
     emitter.location = None;
@@ -1072,6 +1077,65 @@ fn scalar_instruction(
 
 /// `[..., m, k] @ [k, n]` folds the leading dimensions into rows; `[b, m, k] @ [b, k, n]` uses
 /// `linalg.batch_matmul` (higher batch ranks are folded into one batch dimension).
+/// The product of two matrices (`[m, k] @ [k, n]`): in `f32` a call of the runtime's GEMM on the
+/// operands' buffers, in `f64` a `linalg.generic` whose loops run i, k, j (the innermost loop walks
+/// rows of the right operand and of the result contiguously, which LLVM vectorises).
+fn product_2d(emitter: &mut Emitter, dtype: DType, left: (&str, &[i64]), right: (&str, &[i64])) -> (String, Vec<i64>) {
+    let (left_rows, left_rows_shape) = left;
+    let (right_value, right_shape) = right;
+    let out_shape = vec![left_rows_shape[0], right_shape[1]];
+    let name = emitter.fresh();
+    if dtype == DType::F32 {
+        emitter.uses_gemm = true;
+        let out_type = tensor_type(&out_shape, dtype);
+        let mut dynamic = Vec::new();
+        for (value, operand_shape) in [(left_rows, left_rows_shape), (right_value, right_shape)] {
+            let memref = emitter.fresh();
+            emitter.line(&format!(
+                "{memref} = bufferization.to_buffer {value} read_only : {} to {}",
+                tensor_type(operand_shape, dtype),
+                memref_type(operand_shape, dtype)
+            ));
+            let cast = emitter.fresh();
+            emitter.line(&format!(
+                "{cast} = memref.cast {memref} : {} to {GEMM_MEMREF}",
+                memref_type(operand_shape, dtype)
+            ));
+            dynamic.push(cast);
+        }
+        let output = emitter.fresh();
+        emitter.line(&format!("{output} = memref.alloc() : {}", memref_type(&out_shape, dtype)));
+        let output_cast = emitter.fresh();
+        emitter.line(&format!(
+            "{output_cast} = memref.cast {output} : {} to {GEMM_MEMREF}",
+            memref_type(&out_shape, dtype)
+        ));
+        emitter.line(&format!(
+            "func.call @curv_sgemm({}, {}, {output_cast}) : ({GEMM_MEMREF}, {GEMM_MEMREF}, {GEMM_MEMREF}) -> ()",
+            dynamic[0], dynamic[1]
+        ));
+        emitter.line(&format!(
+            "{name} = bufferization.to_tensor {output} restrict writable : {} to {out_type}",
+            memref_type(&out_shape, dtype)
+        ));
+    } else {
+        let init = emitter.filled(&out_shape, dtype, 0.0);
+        let ty = element(dtype);
+        emitter.line(&format!(
+            "{name} = linalg.generic {{indexing_maps = [affine_map<(d0, d1, d2) -> (d0, d1)>, affine_map<(d0, d1, d2) -> (d1, d2)>, affine_map<(d0, d1, d2) -> (d0, d2)>], iterator_types = [\"parallel\", \"reduction\", \"parallel\"]}} ins({left_rows}, {right_value} : {}, {}) outs({init} : {}) {{",
+            tensor_type(left_rows_shape, dtype),
+            tensor_type(right_shape, dtype),
+            tensor_type(&out_shape, dtype)
+        ));
+        emitter.line(&format!("^bb0(%a0: {ty}, %a1: {ty}, %out: {ty}):"));
+        emitter.line(&format!("  %s0 = arith.mulf %a0, %a1 : {ty}"));
+        emitter.line(&format!("  %s1 = arith.addf %out, %s0 : {ty}"));
+        emitter.line(&format!("  linalg.yield %s1 : {ty}"));
+        emitter.line(&format!("}} -> {}", tensor_type(&out_shape, dtype)));
+    }
+    (name, out_shape)
+}
+
 fn lower_matmul(emitter: &mut Emitter, result: ValueId, left: ValueId, right: ValueId) -> Result<(), LowerError> {
     let dtype = emitter.dtype(result);
     let left_shape = emitter.shape(left).to_vec();
@@ -1102,66 +1166,9 @@ fn lower_matmul(emitter: &mut Emitter, result: ValueId, left: ValueId, right: Va
     };
     let (product, product_shape) = if right_shape.len() == 2 {
         let (left_rows, left_rows_shape) = collapse(emitter, emitter.value(left), &left_shape, 1);
-        let rows = left_rows_shape[0];
-        let out_shape = vec![rows, n];
-        let init = emitter.filled(&out_shape, dtype, 0.0);
-        let name = emitter.fresh();
-        if dtype == DType::F32 {
-            // Single-precision products call the runtime's GEMM on the operands' buffers.
-            emitter.uses_gemm = true;
-            let out_type = tensor_type(&out_shape, dtype);
-            let buffers: Vec<(String, Vec<i64>)> =
-                vec![(left_rows.clone(), left_rows_shape.clone()), (emitter.value(right), right_shape.clone())];
-            let mut dynamic = Vec::new();
-            for (value, operand_shape) in buffers {
-                let memref = emitter.fresh();
-                emitter.line(&format!(
-                    "{memref} = bufferization.to_buffer {value} read_only : {} to {}",
-                    tensor_type(&operand_shape, dtype),
-                    memref_type(&operand_shape, dtype)
-                ));
-                let cast = emitter.fresh();
-                emitter.line(&format!(
-                    "{cast} = memref.cast {memref} : {} to {GEMM_MEMREF}",
-                    memref_type(&operand_shape, dtype)
-                ));
-                dynamic.push(cast);
-            }
-            let output = emitter.fresh();
-            emitter.line(&format!("{output} = memref.alloc() : {}", memref_type(&out_shape, dtype)));
-            let output_cast = emitter.fresh();
-            emitter.line(&format!(
-                "{output_cast} = memref.cast {output} : {} to {GEMM_MEMREF}",
-                memref_type(&out_shape, dtype)
-            ));
-            emitter.line(&format!(
-                "func.call @curv_sgemm({}, {}, {output_cast}) : ({GEMM_MEMREF}, {GEMM_MEMREF}, {GEMM_MEMREF}) -> ()",
-                dynamic[0], dynamic[1]
-            ));
-            emitter.line(&format!(
-                "{name} = bufferization.to_tensor {output} restrict writable : {} to {out_type}",
-                memref_type(&out_shape, dtype)
-            ));
-            let _ = init;
-        } else {
-            // A `linalg.generic` whose loops run i, k, j: the innermost loop walks rows of the
-            // right operand and of the result contiguously, which LLVM vectorises.
-            let ty = element(dtype);
-            emitter.line(&format!(
-                "{name} = linalg.generic {{indexing_maps = [affine_map<(d0, d1, d2) -> (d0, d1)>, affine_map<(d0, d1, d2) -> (d1, d2)>, affine_map<(d0, d1, d2) -> (d0, d2)>], iterator_types = [\"parallel\", \"reduction\", \"parallel\"]}} ins({left_rows}, {} : {}, {}) outs({init} : {}) {{",
-                emitter.value(right),
-                tensor_type(&left_rows_shape, dtype),
-                tensor_type(&right_shape, dtype),
-                tensor_type(&out_shape, dtype)
-            ));
-            emitter.line(&format!("^bb0(%a0: {ty}, %a1: {ty}, %out: {ty}):"));
-            emitter.line(&format!("  %s0 = arith.mulf %a0, %a1 : {ty}"));
-            emitter.line(&format!("  %s1 = arith.addf %out, %s0 : {ty}"));
-            emitter.line(&format!("  linalg.yield %s1 : {ty}"));
-            emitter.line(&format!("}} -> {}", tensor_type(&out_shape, dtype)));
-        }
+        let right_value = emitter.value(right);
         let _ = k;
-        (name, out_shape)
+        product_2d(emitter, dtype, (&left_rows, &left_rows_shape), (&right_value, &right_shape))
     } else {
         let (left_batched, left_batched_shape) = collapse(emitter, emitter.value(left), &left_shape, 2);
         let (right_batched, right_batched_shape) = collapse(emitter, emitter.value(right), &right_shape, 2);

@@ -52,6 +52,13 @@ pub mod keys {
         format!("rule {rule} init {size}")
     }
 
+    /// The `block`-th `every` block of `rule` for a group of parameters of `sizes` elements,
+    /// updated by one multi-parameter kernel.
+    pub fn rule_group_block(rule: &str, block: usize, sizes: &[usize]) -> String {
+        let sizes: Vec<String> = sizes.iter().map(usize::to_string).collect();
+        format!("rule {rule} block {block} group {}", sizes.join(","))
+    }
+
     /// The `block`-th `every` block of `rule` for a parameter of `size` elements.
     pub fn rule_block(rule: &str, block: usize, size: usize) -> String {
         format!("rule {rule} block {block} {size}")

@@ -3,7 +3,7 @@
 
 use crate::backend::Backend;
 use curv_interp::{Inputs, Real, Tensor, Value};
-use curv_ir::{option_name, option_number, OptimizerPlan, ParamPlan, RuleProgram, StructureKind};
+use curv_ir::{option_name, option_number, Function, OptimizerPlan, ParamPlan, RuleProgram, StructureKind};
 use std::collections::{BTreeSet, HashMap};
 
 /// The state an optimizer keeps for one parameter, by name (checkpointed as `state.PARAM.NAME`).
@@ -331,18 +331,9 @@ pub fn finish_matrix_update<T: Real>(
     }
 }
 
-fn update_with_rule<T: Real>(
-    plan: &ParamPlan,
-    rules: &[RuleProgram],
-    param: &mut Tensor<T>,
-    state: &mut ParamState<T>,
-    inputs: &UpdateInputs<T>,
-    displaced: &mut Displaced<T>,
-) -> Result<(), String> {
-    let rule = rules
-        .iter()
-        .find(|rule| rule.name == plan.rule_name)
-        .ok_or_else(|| format!("rule `{}` is missing", plan.rule_name))?;
+/// The hyperparameters a rule's functions read: the plan's numeric options, `lr` and `batch`,
+/// and the step.
+fn rule_hyperparameters<T: Real>(plan: &ParamPlan, inputs: &UpdateInputs<T>) -> Inputs<T> {
     let mut base = Inputs::<T>::default();
     for (name, value) in &plan.options {
         if let curv_ir::OptionValue::Number(number) = value {
@@ -352,9 +343,19 @@ fn update_with_rule<T: Real>(
     base.hyperparameters.insert("lr".to_string(), inputs.learning_rate);
     base.hyperparameters.insert("batch".to_string(), inputs.batch as f64);
     base.step = inputs.step as f64;
-    let shape = param.shape.clone();
+    base
+}
+
+/// Initialises a rule's states at the parameter's first update, from the parameter and its first
+/// gradient; nothing when they exist.
+fn initialise_state<T: Real>(
+    rule: &RuleProgram,
+    base: &Inputs<T>,
+    param: &Tensor<T>,
+    state: &mut ParamState<T>,
+    inputs: &UpdateInputs<T>,
+) -> Result<(), String> {
     if state.is_empty() && !rule.state.is_empty() {
-        // States are initialised at the first update, from the parameter and its first gradient.
         let mut init_inputs = base.clone();
         init_inputs.inputs = vec![Value::Real(flat(param)), Value::Real(flat(inputs.gradient))];
         let key = crate::backend::keys::rule_init(&rule.name, param.len());
@@ -367,6 +368,187 @@ fn update_with_rule<T: Real>(
             state.push((name, tensor));
         }
     }
+    Ok(())
+}
+
+/// Parameters whose rule updates run together as one multi-parameter kernel per block
+/// ([`curv_ir::group::plan_groups`]), with each block replicated over the members.
+#[derive(Debug, Clone)]
+pub struct RuleGroup {
+    pub plans: Vec<usize>,
+    pub rule: String,
+    /// The rule's update blocks, each replicated over the group's members.
+    pub blocks: Vec<Function>,
+}
+
+/// The rule groups of an optimizer (groups of two or more parameters), leaving out `excluded`
+/// parameters (biases updated with their weight's K-FAC factors).
+pub fn rule_groups(plans: &[ParamPlan], rules: &[RuleProgram], excluded: &[usize]) -> Vec<RuleGroup> {
+    curv_ir::group::plan_groups(plans, rules, excluded)
+        .into_iter()
+        .filter_map(|group| {
+            let rule = rules.iter().find(|rule| rule.name == group.rule)?;
+            let blocks = rule
+                .updates
+                .iter()
+                .map(|update| curv_ir::group::replicate(&update.function, group.plans.len()))
+                .collect();
+            Some(RuleGroup { plans: group.plans, rule: group.rule, blocks })
+        })
+        .collect()
+}
+
+/// One step of a [`RuleGroup`]: each block that runs at this step is one call of the replicated
+/// function on every member's parameter, gradient and states. Returns what each member's update
+/// replaced (as [`update_param`] does for one parameter), in the group's order.
+pub fn update_rule_group<T: Real>(
+    group: &RuleGroup,
+    plans: &[ParamPlan],
+    rules: &[RuleProgram],
+    params: &mut [Tensor<T>],
+    states: &mut [ParamState<T>],
+    inputs: &[UpdateInputs<T>],
+) -> Result<Vec<Displaced<T>>, String> {
+    let rule =
+        rules.iter().find(|rule| rule.name == group.rule).ok_or_else(|| format!("rule `{}` is missing", group.rule))?;
+    let first = &plans[group.plans[0]];
+    let base = rule_hyperparameters(first, &inputs[0]);
+    let mut displaced: Vec<Displaced<T>> = Vec::with_capacity(group.plans.len());
+    for (member, &plan_index) in group.plans.iter().enumerate() {
+        let plan = &plans[plan_index];
+        let (param, state) = (&mut params[plan.param], &mut states[plan.param]);
+        let original = plan.modifiers.iter().any(|modifier| modifier.name == "weight_decay").then(|| param.clone());
+        apply_weight_decay(plan, param, inputs[member].learning_rate);
+        displaced.push(Displaced { param: original, states: Vec::new(), state_was_empty: state.is_empty() });
+        initialise_state(rule, &base, param, state, &inputs[member])?;
+        if rule.state.iter().any(|name| state_get(state, name).is_none()) {
+            return Err(format!("a state of rule `{}` is missing", rule.name));
+        }
+    }
+    let step = inputs[0].step;
+    for (block, rule_update) in rule.updates.iter().enumerate() {
+        if !rule_update.runs_at(step) {
+            continue;
+        }
+        let function = &group.blocks[block];
+        let sizes: Vec<usize> = group.plans.iter().map(|&plan_index| params[plans[plan_index].param].len()).collect();
+        let key = crate::backend::keys::rule_group_block(&rule.name, block, &sizes);
+        // Every member's parameter and states are moved into the inputs, and moved back below
+        // unless the block writes them (as in the one-parameter update).
+        let mut update_inputs = base.clone();
+        for (member, &plan_index) in group.plans.iter().enumerate() {
+            let index = plans[plan_index].param;
+            let parameter_data = std::mem::take(&mut params[index].data);
+            update_inputs.inputs.push(Value::Real(Tensor::new(vec![parameter_data.len()], parameter_data)));
+            update_inputs.inputs.push(Value::Real(flat(inputs[member].gradient)));
+            for name in &rule.state {
+                let tensor = state_get_mut(&mut states[index], name).expect("checked above");
+                update_inputs
+                    .inputs
+                    .push(Value::Real(Tensor::new(tensor.shape.clone(), std::mem::take(&mut tensor.data))));
+            }
+        }
+        let outputs = inputs[0].backend.outputs(&key, function, &update_inputs);
+        let per_member = 2 + rule.state.len();
+        let mut moved: Vec<Option<Tensor<T>>> = update_inputs
+            .inputs
+            .into_iter()
+            .map(|value| match value {
+                Value::Real(tensor) => Some(tensor),
+                Value::Int(_) => None,
+            })
+            .collect();
+        let mut written = vec![false; moved.len()];
+        let outputs = match outputs {
+            Ok(outputs) => outputs,
+            Err(error) => {
+                // Put everything back before reporting.
+                restore_group(group, plans, rule, params, states, &mut moved, &written);
+                return Err(format!("rule `{}`: {error}", rule.name));
+            }
+        };
+        for (name, value) in outputs {
+            let Value::Real(tensor) = value else {
+                return Err(format!("`{name}` is not a float tensor"));
+            };
+            let (member, output) = name
+                .split_once(':')
+                .and_then(|(member, output)| member.parse::<usize>().ok().map(|member| (member, output)))
+                .ok_or_else(|| format!("unexpected output `{name}` of a grouped update"))?;
+            let index = plans[group.plans[member]].param;
+            if let Some(position) = rule.state.iter().position(|state_name| state_name == output) {
+                *state_get_mut(&mut states[index], output).expect("checked above") = tensor;
+                let slot = member * per_member + 2 + position;
+                written[slot] = true;
+                if !displaced[member].states.iter().any(|(key, _)| key == output) {
+                    if let Some(old) = moved[slot].take() {
+                        displaced[member].states.push((output.to_string(), old));
+                    }
+                }
+            } else {
+                let shape = params[index].shape.clone();
+                params[index] = Tensor::new(shape.clone(), tensor.data);
+                let slot = member * per_member;
+                written[slot] = true;
+                if displaced[member].param.is_none() {
+                    if let Some(old) = moved[slot].take() {
+                        displaced[member].param = Some(Tensor::new(shape, old.data));
+                    }
+                }
+            }
+        }
+        restore_group(group, plans, rule, params, states, &mut moved, &written);
+    }
+    Ok(displaced)
+}
+
+/// Moves the inputs a grouped block did not write back into the parameters and states.
+fn restore_group<T: Real>(
+    group: &RuleGroup,
+    plans: &[ParamPlan],
+    rule: &RuleProgram,
+    params: &mut [Tensor<T>],
+    states: &mut [ParamState<T>],
+    moved: &mut [Option<Tensor<T>>],
+    written: &[bool],
+) {
+    let per_member = 2 + rule.state.len();
+    for (member, &plan_index) in group.plans.iter().enumerate() {
+        let index = plans[plan_index].param;
+        let slot = member * per_member;
+        if !written[slot] {
+            if let Some(tensor) = moved[slot].take() {
+                params[index].data = tensor.data;
+            }
+        }
+        for (position, name) in rule.state.iter().enumerate() {
+            let slot = member * per_member + 2 + position;
+            if !written[slot] {
+                if let Some(tensor) = moved[slot].take() {
+                    if let Some(state) = state_get_mut(&mut states[index], name) {
+                        state.data = tensor.data;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn update_with_rule<T: Real>(
+    plan: &ParamPlan,
+    rules: &[RuleProgram],
+    param: &mut Tensor<T>,
+    state: &mut ParamState<T>,
+    inputs: &UpdateInputs<T>,
+    displaced: &mut Displaced<T>,
+) -> Result<(), String> {
+    let rule = rules
+        .iter()
+        .find(|rule| rule.name == plan.rule_name)
+        .ok_or_else(|| format!("rule `{}` is missing", plan.rule_name))?;
+    let base = rule_hyperparameters(plan, inputs);
+    let shape = param.shape.clone();
+    initialise_state(rule, &base, param, state, inputs)?;
     for (block, rule_update) in rule.updates.iter().enumerate() {
         if !rule_update.runs_at(inputs.step) {
             continue;

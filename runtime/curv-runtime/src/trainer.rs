@@ -72,6 +72,8 @@ pub struct Trainer<T> {
     pub backend: Box<dyn Backend<T>>,
     /// Seconds spent building the derivative programs.
     pub autodiff_seconds: f64,
+    /// Parameters whose rule updates run as one multi-parameter kernel per block.
+    groups: Vec<crate::optimizer::RuleGroup>,
 }
 
 /// The gradient program with one `kfac.input.PARAM.K` and one `kfac.cotangent.PARAM.K` output
@@ -83,6 +85,20 @@ pub struct CaptureProgram {
     pub layers: Vec<CapturedLayer>,
     /// `(bias, weight)`: a bias updated together with its weight's K-FAC factors.
     pub folded_biases: Vec<(usize, usize)>,
+}
+
+/// The multi-parameter rule groups of a train program ([`crate::optimizer::rule_groups`]): the
+/// trainer runs them, and `curv build` compiles their kernels. Parameters updated through K-FAC's
+/// folded `[W; b]` are left out.
+pub fn update_groups(
+    program: &TrainProgram,
+    rules: &[RuleProgram],
+    captures: Option<&CaptureProgram>,
+) -> Vec<crate::optimizer::RuleGroup> {
+    let excluded: Vec<usize> = captures
+        .map(|captures| captures.folded_biases.iter().flat_map(|(bias, weight)| [*bias, *weight]).collect())
+        .unwrap_or_default();
+    crate::optimizer::rule_groups(&program.optimizer.plans, rules, &excluded)
 }
 
 /// The bias `b` of a product `x @ W` when the product's only use is `x @ W + b` with a vector
@@ -340,6 +356,7 @@ impl<T: Real> Trainer<T> {
         let hessian_vector = needs_hessian.then(|| hvp_program(&program.loss, &program.params));
         // A K-FAC parameter that is not captured reports at its first step.
         let captures = capture_program(&program).ok().flatten();
+        let groups = update_groups(&program, &rules, captures.as_ref());
         Trainer {
             program,
             rules,
@@ -355,7 +372,15 @@ impl<T: Real> Trainer<T> {
             captures,
             backend: Box::new(Interpreter),
             autodiff_seconds: autodiff_started.elapsed().as_secs_f64(),
+            groups,
         }
+    }
+
+    /// Whether parameters sharing an elementwise rule are updated by one multi-parameter kernel
+    /// per block (the default) or one kernel per parameter. Both give the same numbers.
+    pub fn set_grouped_updates(&mut self, grouped: bool) {
+        self.groups =
+            if grouped { update_groups(&self.program, &self.rules, self.captures.as_ref()) } else { Vec::new() };
     }
 
     fn param_name(&self, index: usize) -> &str {
@@ -677,9 +702,57 @@ impl<T: Real> Trainer<T> {
                 direction.iter_mut().for_each(|value| *value *= nu);
             }
         }
+        // Parameters sharing an elementwise rule: one multi-parameter kernel per block.
+        let mut grouped = vec![false; self.program.params.len()];
+        if problem.is_none() {
+            for group in &self.groups {
+                let members: Vec<usize> =
+                    group.plans.iter().map(|&plan| self.program.optimizer.plans[plan].param).collect();
+                let member_inputs: Vec<UpdateInputs<T>> =
+                    members.iter().map(|&index| update_inputs!(index, &gradients[index])).collect();
+                let updated = crate::optimizer::update_rule_group(
+                    group,
+                    &self.program.optimizer.plans,
+                    &self.rules,
+                    &mut new_params,
+                    &mut new_states,
+                    &member_inputs,
+                );
+                match updated {
+                    Ok(displaced) => {
+                        for (&index, displaced) in members.iter().zip(displaced) {
+                            undo.push((index, Undo::Displaced(displaced)));
+                            grouped[index] = true;
+                        }
+                    }
+                    Err(message) => {
+                        roll_back(&mut new_params, &mut new_states, undo);
+                        self.params = new_params;
+                        self.states = new_states;
+                        return Err(error(members[0])(message));
+                    }
+                }
+                for &index in &members {
+                    if problem.is_none() {
+                        if let Some(position) = first_non_finite(&new_params[index]) {
+                            problem = Some(format!(
+                                "the updated `{}` is not finite at flat index {position}",
+                                self.param_name(index)
+                            ));
+                        }
+                    }
+                }
+                if problem.is_some() {
+                    break;
+                }
+            }
+        }
         if problem.is_none() {
             for plan in &self.program.optimizer.plans {
                 let index = plan.param;
+                if grouped[index] {
+                    continue;
+                }
                 if folded_biases.iter().any(|(bias, _)| *bias == index) {
                     // Updated with its weight, below.
                     continue;

@@ -1,0 +1,205 @@
+//! The structured ops (`slice`, `pad`, `argmax`, `gather`, `scatter_add`, the 2-D convolution and
+//! its two gradients) lowered through MLIR and JIT-compiled agree with the reference interpreter,
+//! over strides, paddings and non-square kernels that leave rows of the input unvisited.
+
+use curv_interp::{evaluate, Inputs, Tensor, Value};
+use curv_ir::{DType, Function, Op, TensorType, ValueId};
+use curv_mlir::jit::{compile, Buffer};
+use std::collections::HashMap;
+
+/// Deterministic pseudo-random values in [-1, 1].
+fn values(count: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..count)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
+        })
+        .collect()
+}
+
+fn input(function: &mut Function, index: usize, dtype: DType, shape: &[i64]) -> ValueId {
+    function.push(
+        Op::Input { index, name: format!("x{index}") },
+        vec![],
+        TensorType::known(dtype, shape),
+        Default::default(),
+    )
+}
+
+/// Runs `function` through MLIR and the interpreter on `inputs` and compares every output
+/// (floats to a relative 1e-5 of the output's largest magnitude, since summation orders differ;
+/// integers exactly).
+fn check_agree(what: &str, function: &Function, inputs: Vec<Value<f32>>) {
+    let (text, signature) = curv_mlir::lower::lower_function(function, "f", &HashMap::new())
+        .unwrap_or_else(|error| panic!("{what}: {error:?}"));
+    let compiled = compile(&text, "f", signature.clone(), 2).unwrap_or_else(|error| panic!("{what}: {error}\n{text}"));
+    let mut floats: Vec<Vec<f32>> = Vec::new();
+    let mut ints: Vec<Vec<i32>> = Vec::new();
+    let mut order: Vec<(bool, usize)> = Vec::new();
+    for argument in &signature.arguments {
+        let Op::Input { index, .. } = argument.op else { panic!("unexpected argument {:?}", argument.op) };
+        match &inputs[index] {
+            Value::Real(tensor) => {
+                order.push((true, floats.len()));
+                floats.push(tensor.data.clone());
+            }
+            Value::Int(tensor) => {
+                order.push((false, ints.len()));
+                ints.push(tensor.data.clone());
+            }
+        }
+    }
+    for (_, shape, dtype) in &signature.outputs {
+        let count = shape.iter().product::<i64>() as usize;
+        if *dtype == DType::I32 {
+            order.push((false, ints.len()));
+            ints.push(vec![7; count]);
+        } else {
+            order.push((true, floats.len()));
+            floats.push(vec![f32::NAN; count]);
+        }
+    }
+    {
+        let mut float_slices: Vec<Option<&mut [f32]>> = floats.iter_mut().map(|b| Some(b.as_mut_slice())).collect();
+        let mut int_slices: Vec<Option<&mut [i32]>> = ints.iter_mut().map(|b| Some(b.as_mut_slice())).collect();
+        let mut buffers: Vec<Buffer> = order
+            .iter()
+            .map(|(is_float, index)| {
+                if *is_float {
+                    Buffer::F32(float_slices[*index].take().unwrap())
+                } else {
+                    Buffer::I32(int_slices[*index].take().unwrap())
+                }
+            })
+            .collect();
+        compiled.call(&mut buffers).unwrap();
+    }
+    let reference = evaluate(function, &Inputs { inputs, ..Inputs::default() }).unwrap();
+    let first_output = signature.arguments.len();
+    for (position, (name, value)) in function.outputs.iter().enumerate() {
+        let (is_float, index) = order[first_output + position];
+        match &reference[value.0 as usize] {
+            Value::Real(tensor) => {
+                assert!(is_float);
+                let actual = &floats[index];
+                assert_eq!(actual.len(), tensor.data.len());
+                let scale = tensor.data.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
+                for (flat, (a, b)) in actual.iter().zip(&tensor.data).enumerate() {
+                    assert!((a - b).abs() <= 1e-5 * scale, "{what} `{name}`[{flat}]: mlir {a}, interpreter {b}");
+                }
+            }
+            Value::Int(tensor) => assert_eq!(ints[index], tensor.data, "{what} `{name}`"),
+        }
+    }
+}
+
+fn real(shape: &[i64], seed: u64) -> Value<f32> {
+    let shape: Vec<usize> = shape.iter().map(|&size| size as usize).collect();
+    Value::Real(Tensor::new(shape.clone(), values(shape.iter().product(), seed)))
+}
+
+#[test]
+fn slices_and_pads_agree() {
+    let mut function = Function::new("f");
+    let x = input(&mut function, 0, DType::F32, &[5, 7]);
+    let sliced = function.push(
+        Op::Slice { starts: vec![1, 2] },
+        vec![x],
+        TensorType::known(DType::F32, &[3, 4]),
+        Default::default(),
+    );
+    let padded = function.push(
+        Op::Pad { starts: vec![2, 1] },
+        vec![sliced],
+        TensorType::known(DType::F32, &[6, 9]),
+        Default::default(),
+    );
+    function.outputs.push(("sliced".into(), sliced));
+    function.outputs.push(("padded".into(), padded));
+    check_agree("slice and pad", &function, vec![real(&[5, 7], 1)]);
+}
+
+#[test]
+fn argmax_agrees_including_ties() {
+    for axis in [0, 1] {
+        let mut function = Function::new("f");
+        let x = input(&mut function, 0, DType::F32, &[4, 6]);
+        let result_shape: &[i64] = if axis == 0 { &[6] } else { &[4] };
+        let position = function.push(
+            Op::ArgMax { axis },
+            vec![x],
+            TensorType::known(DType::I32, result_shape),
+            Default::default(),
+        );
+        function.outputs.push(("argmax".into(), position));
+        // Rounded values, so that rows and columns have ties; the first maximum wins.
+        let data: Vec<f32> = values(24, 5).iter().map(|v| (v * 2.0).round()).collect();
+        check_agree(&format!("argmax over axis {axis}"), &function, vec![Value::Real(Tensor::new(vec![4, 6], data))]);
+    }
+}
+
+#[test]
+fn gather_and_scatter_add_agree_with_repeated_ids() {
+    let mut function = Function::new("f");
+    let table = input(&mut function, 0, DType::F32, &[7, 3]);
+    let ids = input(&mut function, 1, DType::I32, &[2, 5]);
+    let rows = input(&mut function, 2, DType::F32, &[2, 5, 3]);
+    let gathered =
+        function.push(Op::Gather, vec![table, ids], TensorType::known(DType::F32, &[2, 5, 3]), Default::default());
+    let scattered =
+        function.push(Op::ScatterAdd, vec![ids, rows], TensorType::known(DType::F32, &[7, 3]), Default::default());
+    function.outputs.push(("gathered".into(), gathered));
+    function.outputs.push(("scattered".into(), scattered));
+    let id_values = vec![0, 6, 3, 3, 1, 6, 6, 2, 0, 3];
+    check_agree(
+        "gather and scatter_add",
+        &function,
+        vec![real(&[7, 3], 2), Value::Int(Tensor::new(vec![2, 5], id_values)), real(&[2, 5, 3], 3)],
+    );
+}
+
+#[test]
+fn convolutions_and_their_gradients_agree_over_strides_and_paddings() {
+    let (batch, channels, height, width) = (2i64, 3i64, 7i64, 6i64);
+    let (outputs, kernel_height, kernel_width) = (4i64, 3i64, 2i64);
+    for (stride, padding) in [(1, 0), (1, 1), (2, 0), (2, 1), (3, 2)] {
+        let output_height = (height + 2 * padding - kernel_height) / stride + 1;
+        let output_width = (width + 2 * padding - kernel_width) / stride + 1;
+        let input_shape = [batch, channels, height, width];
+        let kernel_shape = [outputs, channels, kernel_height, kernel_width];
+        let output_shape = [batch, outputs, output_height, output_width];
+        let mut function = Function::new("f");
+        let x = input(&mut function, 0, DType::F32, &input_shape);
+        let k = input(&mut function, 1, DType::F32, &kernel_shape);
+        let dy = input(&mut function, 2, DType::F32, &output_shape);
+        let y = function.push(
+            Op::Conv2d { stride, padding },
+            vec![x, k],
+            TensorType::known(DType::F32, &output_shape),
+            Default::default(),
+        );
+        let dx = function.push(
+            Op::Conv2dInputGradient { stride, padding },
+            vec![dy, k],
+            TensorType::known(DType::F32, &input_shape),
+            Default::default(),
+        );
+        let dk = function.push(
+            Op::Conv2dKernelGradient { stride, padding },
+            vec![x, dy],
+            TensorType::known(DType::F32, &kernel_shape),
+            Default::default(),
+        );
+        function.outputs.push(("y".into(), y));
+        function.outputs.push(("dx".into(), dx));
+        function.outputs.push(("dk".into(), dk));
+        check_agree(
+            &format!("conv2d stride {stride} padding {padding}"),
+            &function,
+            vec![real(&input_shape, 11), real(&kernel_shape, 12), real(&output_shape, 13)],
+        );
+    }
+}
