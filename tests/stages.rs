@@ -84,13 +84,30 @@ fn every_rule_update_of_the_standard_library_is_one_fused_kernel() {
 }
 
 #[test]
-fn the_digits_forward_pass_fuses_each_bias_and_activation_into_one_kernel() {
+fn the_digits_forward_pass_fuses_each_bias_and_activation_into_its_product_as_an_epilogue() {
     let path = repository_root().join("examples/digits_mlp.curv");
     let (compilation, _) = render_file(&path, "example.curv");
     let train = &compilation.analysis.unwrap().program.trains[0];
     let plan = curv_ir::fusion::plan_kernels(&train.loss);
     let kinds: Vec<&str> = plan.kernels.iter().map(|kernel| kernel.kind.name()).collect();
-    // x @ w1, then + b1 and tanh in one kernel; the same for the second layer.
-    assert_eq!(&kinds[..4], ["matmul", "elementwise", "matmul", "elementwise"], "{kinds:?}");
-    assert_eq!(plan.kernels[1].insts.len(), 2, "bias add and tanh");
+    // x @ w1 with + b1 and tanh as its epilogue; the same for the second layer, and the logits'
+    // product with + b3.
+    assert_eq!(&kinds[..3], ["matmul", "matmul", "matmul"], "{kinds:?}");
+    let ops = |kernel: usize| -> Vec<String> {
+        plan.kernels[kernel].insts.iter().map(|id| train.loss.inst(*id).op.name()).collect()
+    };
+    assert_eq!(ops(0), ["matmul", "add", "tanh"]);
+    assert_eq!(ops(1), ["matmul", "add", "tanh"]);
+    assert_eq!(ops(2), ["matmul", "add"]);
+    // In the gradient program the backward products keep no epilogue where their result has
+    // several users, and every kernel still reads only earlier kernels.
+    let gradients = curv_ad::products::gradient_program(&train.loss, &train.params).function;
+    let plan = curv_ir::fusion::plan_kernels(&gradients);
+    for index in 0..plan.kernels.len() {
+        for input in plan.inputs(&gradients, index) {
+            if let Some(source) = plan.kernel_of[input.0 as usize] {
+                assert!(source < index, "kernel k{index} reads the later kernel k{source}");
+            }
+        }
+    }
 }

@@ -11,7 +11,11 @@
 //! - a reduction absorbs the elementwise chain that only it reads (its producers, of the shape of
 //!   its operand, used nowhere else and not function outputs): `reduce_sum(exp(x - m))` is one
 //!   loop nest that never stores `exp(x - m)`;
-//! - a matrix product and every other structured op is a kernel of its own;
+//! - a matrix product absorbs its epilogue (`matmul_epilogues`): the chain of elementwise
+//!   instructions of its result's shape that starts at the product and goes on while each link is
+//!   the only user of the previous one (`tanh(x @ w + b)`), so the chain runs over the product's
+//!   buffer right after the GEMM, in place;
+//! - every other structured op is a kernel of its own;
 //! - inputs, parameters, data, hyperparameters and statistics are arguments, not kernels.
 
 use crate::types::{Dim, Function, Op, ValueId};
@@ -167,15 +171,75 @@ pub fn reduction_prologues(function: &Function, inlined: &[bool]) -> Vec<Option<
     absorbed
 }
 
+/// For every instruction absorbed into a matrix product's kernel as its epilogue, the index of
+/// that product. The chain starts at a product that is not a function output and whose only
+/// user is an elementwise instruction of the product's shape (not a constant or broadcast, not
+/// absorbed by a reduction), and goes on while the last link has exactly one user of that kind
+/// and is not a function output. Every other operand of a link must come before the product, so
+/// the kernel still reads only kernels with a smaller index.
+pub fn matmul_epilogues(function: &Function, inlined: &[bool], prologues: &[Option<usize>]) -> Vec<Option<usize>> {
+    let count = function.insts.len();
+    let mut users: Vec<Vec<usize>> = vec![Vec::new(); count];
+    for index in 0..count {
+        if inlined[index] {
+            continue;
+        }
+        for arg in effective_operands(function, inlined, ValueId(index as u32)) {
+            if !users[arg.0 as usize].contains(&index) {
+                users[arg.0 as usize].push(index);
+            }
+        }
+    }
+    let mut is_output = vec![false; count];
+    for (_, value) in &function.outputs {
+        is_output[value.0 as usize] = true;
+    }
+    let mut absorbed: Vec<Option<usize>> = vec![None; count];
+    for (index, inst) in function.insts.iter().enumerate() {
+        if !matches!(inst.op, Op::MatMul) || inlined[index] {
+            continue;
+        }
+        let shape = &inst.ty.shape;
+        let mut last = index;
+        while !is_output[last] && users[last].len() == 1 {
+            let next = users[last][0];
+            let next_inst = &function.insts[next];
+            let joins = is_elementwise(&next_inst.op)
+                && !matches!(next_inst.op, Op::Constant { .. } | Op::Broadcast { .. })
+                && !inlined[next]
+                && prologues[next].is_none()
+                && next_inst.ty.shape == *shape
+                && next_inst.ty.dtype == inst.ty.dtype
+                && effective_operands(function, inlined, ValueId(next as u32))
+                    .iter()
+                    .all(|arg| arg.0 as usize == last || (arg.0 as usize) < index);
+            if !joins {
+                break;
+            }
+            absorbed[next] = Some(index);
+            last = next;
+        }
+    }
+    absorbed
+}
+
 /// Groups the instructions of `function` into kernels. Kernels only read kernels with a smaller
 /// index, so running them in index order respects every dependency.
 pub fn plan_kernels(function: &Function) -> KernelPlan {
     let count = function.insts.len();
     let inlined = inlined(function);
     let prologues = reduction_prologues(function, &inlined);
+    let epilogues = matmul_epilogues(function, &inlined, &prologues);
     let mut kernel_of: Vec<Option<usize>> = vec![None; count];
     let mut kernels: Vec<Kernel> = Vec::new();
     for (index, inst) in function.insts.iter().enumerate() {
+        if let Some(product) = epilogues[index] {
+            // An epilogue joins its product's kernel, in order.
+            let kernel = kernel_of[product].expect("the product precedes its epilogue");
+            kernels[kernel].insts.push(ValueId(index as u32));
+            kernel_of[index] = Some(kernel);
+            continue;
+        }
         if is_argument(&inst.op) || inlined[index] || prologues[index].is_some() {
             // Absorbed instructions join their reduction's kernel when the reduction comes: all
             // of them precede it, and nothing else reads them.

@@ -164,7 +164,13 @@ pub fn print_function(
             .kernels
             .iter()
             .enumerate()
-            .map(|(index, kernel)| format!("k{index} {} ({})", kernel.kind.name(), kernel.insts.len()))
+            .map(|(index, kernel)| {
+                if kernel.kind == crate::fusion::KernelKind::MatMul && kernel.insts.len() > 1 {
+                    format!("k{index} matmul+epilogue ({})", kernel.insts.len())
+                } else {
+                    format!("k{index} {} ({})", kernel.kind.name(), kernel.insts.len())
+                }
+            })
             .collect();
         let _ = writeln!(out, "{indent}  kernels: {}", described.join(", "));
     }

@@ -499,6 +499,8 @@ pub fn lower_function_with_locations(
             steps.push(Step::Fused(kernel_index));
         } else if kernel.kind == curv_ir::fusion::KernelKind::Reduction && kernel.insts.len() > 1 {
             steps.push(Step::FusedReduction(kernel_index));
+        } else if kernel.kind == curv_ir::fusion::KernelKind::MatMul && kernel.insts.len() > 1 {
+            steps.push(Step::MatMulEpilogue(kernel_index));
         } else {
             steps.extend(kernel.insts.iter().map(|id| Step::Instruction(id.0 as usize)));
         }
@@ -518,6 +520,19 @@ pub fn lower_function_with_locations(
                     emitter.locate(*last);
                 }
                 emit_fused_reduction(&mut emitter, &plan, &inlined, kernel_index)?;
+                continue;
+            }
+            Step::MatMulEpilogue(kernel_index) => {
+                // The product, then its epilogue over the product's buffer (the generic's first
+                // output starts as the product and is written in place).
+                let product = plan.kernels[kernel_index].insts[0];
+                emitter.locate(product);
+                let product_inst = function.inst(product);
+                lower_matmul(&mut emitter, product, product_inst.args[0], product_inst.args[1])?;
+                if let Some(last) = plan.kernels[kernel_index].insts.last() {
+                    emitter.locate(*last);
+                }
+                emit_fused_after(&mut emitter, &plan, &inlined, kernel_index, Some(product))?;
                 continue;
             }
             Step::Instruction(index) => index,
@@ -769,6 +784,7 @@ enum Step {
     Instruction(usize),
     Fused(usize),
     FusedReduction(usize),
+    MatMulEpilogue(usize),
 }
 
 /// Emits a reduction with the elementwise chain it absorbed (its prologue) as one
@@ -871,6 +887,20 @@ fn emit_fused(
     inlined: &[bool],
     kernel_index: usize,
 ) -> Result<(), LowerError> {
+    emit_fused_after(emitter, plan, inlined, kernel_index, None)
+}
+
+/// [`emit_fused`] for the elementwise instructions of a kernel; with `product`, the kernel is a
+/// matrix product and its epilogue: the product (already emitted) is the initial value of the
+/// generic's first output, read through that output's block argument, and the epilogue's first
+/// result overwrites it in place.
+fn emit_fused_after(
+    emitter: &mut Emitter,
+    plan: &curv_ir::fusion::KernelPlan,
+    inlined: &[bool],
+    kernel_index: usize,
+    product: Option<ValueId>,
+) -> Result<(), LowerError> {
     let function = emitter.function;
     let kernel = &plan.kernels[kernel_index];
     let first = kernel.insts[0];
@@ -881,7 +911,10 @@ fn emit_fused(
     let mut inputs: Vec<(ValueId, Vec<String>)> = Vec::new();
     let mut names: std::collections::HashMap<ValueId, String> = std::collections::HashMap::new();
     let mut lines: Vec<String> = Vec::new();
-    for id in &kernel.insts {
+    if let Some(product) = product {
+        names.insert(product, "%o0".to_string());
+    }
+    for id in kernel.insts.iter().filter(|id| Some(**id) != product) {
         let inst = function.inst(*id);
         let ty = element(inst.ty.dtype).to_string();
         let mut operands = Vec::new();
@@ -905,9 +938,12 @@ fn emit_fused(
     // The generic itself.
     let mut maps: Vec<String> = inputs.iter().map(|(_, results)| map(rank, results)).collect();
     let mut inits = Vec::new();
-    for output in &outputs {
+    for (position, output) in outputs.iter().enumerate() {
         maps.push(identity_map(rank));
-        inits.push(emitter.empty(&shape, emitter.dtype(*output)));
+        match product {
+            Some(product) if position == 0 => inits.push(emitter.value(product)),
+            _ => inits.push(emitter.empty(&shape, emitter.dtype(*output))),
+        }
     }
     let result_names: Vec<String> = outputs.iter().map(|output| emitter.value(*output)).collect();
     let result_types: Vec<String> = outputs.iter().map(|output| tensor_type(&shape, emitter.dtype(*output))).collect();
