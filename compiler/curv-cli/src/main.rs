@@ -35,12 +35,15 @@ enum Command {
     Emit {
         /// The .curv file.
         file: PathBuf,
-        /// The stage to print: tokens, ast, ir, grad, mlir or llvm.
+        /// The stage to print: tokens, ast, ir, grad, mlir, llvm or ptx.
         #[arg(long)]
         stage: String,
         /// Write to this path instead of standard output.
         #[arg(short, long)]
         output: Option<PathBuf>,
+        /// The GPU of `--stage ptx`: sm_80 (A100) or sm_90 (H100, H200).
+        #[arg(long, default_value = "sm_90")]
+        gpu: String,
     },
     /// Train: run a file's `train` block and report its metrics.
     Run {
@@ -176,7 +179,7 @@ fn run() -> ExitCode {
     let timings = cli.timings;
     match cli.command {
         Command::Check { file } => check(&file, timings),
-        Command::Emit { file, stage, output } => emit(&file, &stage, output.as_deref(), timings),
+        Command::Emit { file, stage, output, gpu } => emit(&file, &stage, output.as_deref(), &gpu, timings),
         Command::Run { file, run, optimizer, metrics } => run_command(&file, &run, optimizer, metrics, timings),
         Command::Compare { file, optimizers, run } => compare_command(&file, &optimizers, &run),
         Command::Build { file, output, train, device, lib } => {
@@ -271,11 +274,20 @@ fn check(file: &Path, timings: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn emit(file: &Path, stage_name: &str, output: Option<&Path>, timings: bool) -> ExitCode {
-    let compiled_stage = matches!(stage_name, "mlir" | "llvm");
+fn emit(file: &Path, stage_name: &str, output: Option<&Path>, gpu: &str, timings: bool) -> ExitCode {
+    let compiled_stage = matches!(stage_name, "mlir" | "llvm" | "ptx");
     let Some(stage) = Stage::from_name(if compiled_stage { "ir" } else { stage_name }) else {
-        eprintln!("error: unknown stage `{stage_name}`; the stages are tokens, ast, ir, grad, mlir and llvm");
+        eprintln!("error: unknown stage `{stage_name}`; the stages are tokens, ast, ir, grad, mlir, llvm and ptx");
         return ExitCode::from(1);
+    };
+    let Some(target) = curv_mlir::gpu::GpuTarget::parse(gpu) else {
+        eprintln!("error: unknown GPU `{gpu}`; curv generates PTX for sm_80 and sm_90");
+        return ExitCode::from(1);
+    };
+    let mode = match stage_name {
+        "llvm" => CompiledStage::Llvm,
+        "ptx" => CompiledStage::Ptx(target),
+        _ => CompiledStage::Mlir,
     };
     let compilation = match load(file) {
         Ok(compilation) => compilation,
@@ -287,7 +299,7 @@ fn emit(file: &Path, stage_name: &str, output: Option<&Path>, timings: bool) -> 
         return ExitCode::from(1);
     };
     let text = if compiled_stage {
-        match emit_compiled(&compilation, stage_name == "llvm") {
+        match emit_compiled(&compilation, mode) {
             Ok(text) => text,
             Err(message) => {
                 eprintln!("error: {message}");
@@ -638,7 +650,15 @@ fn compare_command(file: &Path, optimizers: &[String], arguments: &RunArguments)
 }
 
 /// The MLIR of every train block, or its lowering to the LLVM dialect.
-fn emit_compiled(compilation: &Compilation, llvm: bool) -> Result<String, String> {
+/// What `emit` prints of the compiled modules.
+#[derive(Clone, Copy)]
+enum CompiledStage {
+    Mlir,
+    Llvm,
+    Ptx(curv_mlir::gpu::GpuTarget),
+}
+
+fn emit_compiled(compilation: &Compilation, mode: CompiledStage) -> Result<String, String> {
     let Some(analysis) = &compilation.analysis else { return Err("the file did not check".to_string()) };
     let mut out = String::new();
     for train in &analysis.program.trains {
@@ -653,16 +673,24 @@ fn emit_compiled(compilation: &Compilation, llvm: bool) -> Result<String, String
         };
         let text = curv_mlir::lower::lower_train_program(train, &analysis.program.rules, &gradients, Some(&locate))
             .map_err(|error| error.message)?;
-        if llvm {
-            // Each module is lowered on its own; the comment lines name them.
-            for module in text.split("// ").filter(|chunk| !chunk.trim().is_empty()) {
-                let (title, body) = module.split_once('\n').unwrap_or((module, ""));
-                let lowered =
-                    curv_mlir::jit::lower_text(body, curv_mlir::jit::CPU_PIPELINE).map_err(|error| error.message)?;
-                out.push_str(&format!("// {title}\n{lowered}\n"));
+        match mode {
+            CompiledStage::Mlir => out.push_str(&text),
+            CompiledStage::Llvm | CompiledStage::Ptx(_) => {
+                // Each module is lowered on its own; the comment lines name them.
+                for module in text.split("// ").filter(|chunk| !chunk.trim().is_empty()) {
+                    let (title, body) = module.split_once('\n').unwrap_or((module, ""));
+                    out.push_str(&format!("// {title}\n"));
+                    if let CompiledStage::Ptx(target) = mode {
+                        for kernel in curv_mlir::gpu::lower_to_ptx(body, target).map_err(|error| error.message)? {
+                            out.push_str(&format!("// gpu module {}\n{}\n", kernel.name, kernel.ptx));
+                        }
+                    } else {
+                        let lowered = curv_mlir::jit::lower_text(body, curv_mlir::jit::CPU_PIPELINE)
+                            .map_err(|error| error.message)?;
+                        out.push_str(&format!("{lowered}\n"));
+                    }
+                }
             }
-        } else {
-            out.push_str(&text);
         }
     }
     Ok(out)

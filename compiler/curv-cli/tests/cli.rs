@@ -180,6 +180,29 @@ fn emit_mlir_carries_source_locations_and_lowers_to_llvm() {
 }
 
 #[test]
+fn emit_ptx_prints_a_kernel_per_gpu_module_for_the_chosen_target_only() {
+    // The grouped Adam update of the digits MLP is one kernel per parameter in the PTX as in the
+    // LLVM code (no GPU is needed to generate PTX).
+    for (gpu, target) in [(None, ".target sm_90"), (Some("sm_80"), ".target sm_80")] {
+        let mut args = vec!["emit", "examples/digits_mlp.curv", "--stage", "ptx"];
+        if let Some(gpu) = gpu {
+            args.extend(["--gpu", gpu]);
+        }
+        let output = curv(&args);
+        assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+        let ptx = text(&output.stdout);
+        assert!(ptx.contains(target), "{gpu:?}");
+        let group = ptx.split("// rule adam").nth(1).expect("the grouped update's section");
+        assert_eq!(group.matches(".entry ").count(), 6, "{group}");
+        assert!(ptx.contains("// gpu module loss_and_gradients_kernel"));
+    }
+    // Targets come from a table, never from the user's text.
+    let output = curv(&["emit", "examples/digits_mlp.curv", "--stage", "ptx", "--gpu", "sm_90 +ptx70"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(text(&output.stderr).contains("unknown GPU"), "{}", text(&output.stderr));
+}
+
+#[test]
 fn a_second_run_of_an_unchanged_file_loads_its_kernels_from_the_cache() {
     let cache = scratch_directory("cache");
     let run = || {

@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod cache;
+pub mod gpu;
 pub mod jit;
 pub mod lower;
 

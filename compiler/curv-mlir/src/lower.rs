@@ -1269,9 +1269,50 @@ pub fn lower_train_program(
     )?;
     let _ = writeln!(out, "// train {}: loss and gradients", train.name);
     out.push_str(&text);
+    // Parameters sharing an elementwise rule: one module per block for the whole group.
+    let groups = curv_ir::group::plan_groups(&train.optimizer.plans, rules, &[]);
+    for (group_index, group) in groups.iter().enumerate() {
+        let Some(rule) = rules.iter().find(|rule| rule.name == group.rule) else { continue };
+        let members: Vec<(String, i64)> = group
+            .plans
+            .iter()
+            .map(|&plan| {
+                let param = &train.params[train.optimizer.plans[plan].param];
+                (param.name.clone(), param.ty.element_count().unwrap_or(0))
+            })
+            .collect();
+        let bindings: HashMap<String, i64> = members
+            .iter()
+            .enumerate()
+            .map(|(member, (_, size))| (curv_ir::group::member_symbol(member, "P"), *size))
+            .collect();
+        for (block, update) in rule.updates.iter().enumerate() {
+            let name = format!("rule_{}_block{block}_group{group_index}", rule.name);
+            let module = rule.module.clone();
+            let rule_locate = locate.map(|locate| move |span: curv_grammar::Span| locate(module.as_deref(), span));
+            let replicated = curv_ir::group::replicate(&update.function, members.len());
+            let (text, _) = lower_function_with_locations(
+                &replicated,
+                &name,
+                &bindings,
+                rule_locate.as_ref().map(|locate| locate as &dyn Fn(curv_grammar::Span) -> String),
+            )?;
+            let described: Vec<String> = members.iter().map(|(name, size)| format!("{name} ({size})")).collect();
+            let _ = writeln!(
+                out,
+                "// rule {} (every {} steps from {}), one kernel for {}",
+                rule.name,
+                update.period,
+                update.from,
+                described.join(", ")
+            );
+            out.push_str(&text);
+        }
+    }
+    let grouped: Vec<usize> = groups.iter().flat_map(|group| group.plans.iter().copied()).collect();
     let mut done: Vec<(String, i64)> = Vec::new();
-    for plan in &train.optimizer.plans {
-        if plan.structure != curv_ir::StructureKind::Rule {
+    for (plan_index, plan) in train.optimizer.plans.iter().enumerate() {
+        if plan.structure != curv_ir::StructureKind::Rule || grouped.contains(&plan_index) {
             continue;
         }
         let Some(rule) = rules.iter().find(|rule| rule.name == plan.rule_name) else { continue };

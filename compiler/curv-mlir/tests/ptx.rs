@@ -1,0 +1,86 @@
+//! PTX from the kernel modules (text only, no GPU needed): every kernel the fusion plan of a
+//! function promises exists as a `.entry` in the PTX, for `sm_80` and `sm_90`.
+
+use curv_mlir::gpu::{lower_to_ptx, GpuTarget};
+use std::collections::HashMap;
+use std::path::Path;
+
+fn program(example: &str) -> curv_ir::Program {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples").join(example);
+    let source = curv_driver::SourceFile::read(&path).unwrap();
+    let compilation = curv_driver::compile(source);
+    assert!(!compilation.has_errors());
+    compilation.analysis.unwrap().program
+}
+
+/// The kernels of a plan that become GPU launches: fused elementwise kernels, reductions and
+/// epilogues (matrix products are library calls on the host side; constants and plain
+/// broadcasts that fold away launch nothing, so at least these must exist).
+fn launched_kernels(function: &curv_ir::Function) -> usize {
+    let plan = curv_ir::fusion::plan_kernels(function);
+    plan.kernels
+        .iter()
+        .filter(|kernel| match kernel.kind {
+            curv_ir::fusion::KernelKind::Elementwise | curv_ir::fusion::KernelKind::Reduction => true,
+            curv_ir::fusion::KernelKind::MatMul => kernel.insts.len() > 1,
+            curv_ir::fusion::KernelKind::Other => false,
+        })
+        .count()
+}
+
+#[test]
+fn the_grouped_adam_update_is_one_kernel_per_parameter_in_ptx_for_both_targets() {
+    let program = program("digits_mlp.curv");
+    let train = &program.trains[0];
+    let group = &curv_ir::group::plan_groups(&train.optimizer.plans, &program.rules, &[])[0];
+    let rule = program.rules.iter().find(|rule| rule.name == group.rule).unwrap();
+    let replicated = curv_ir::group::replicate(&rule.updates[0].function, group.plans.len());
+    let bindings: HashMap<String, i64> = group
+        .plans
+        .iter()
+        .enumerate()
+        .map(|(member, &plan)| {
+            let size = train.params[train.optimizer.plans[plan].param].ty.element_count().unwrap();
+            (curv_ir::group::member_symbol(member, "P"), size)
+        })
+        .collect();
+    let (text, _) = curv_mlir::lower::lower_function(&replicated, "adam_group", &bindings).unwrap();
+    for target in [GpuTarget::Sm80, GpuTarget::Sm90] {
+        let modules = lower_to_ptx(&text, target).unwrap_or_else(|error| panic!("{target:?}: {error}"));
+        let ptx: String = modules.iter().map(|module| module.ptx.as_str()).collect();
+        assert!(ptx.contains(&format!(".target {}", target.chip())), "{ptx}");
+        let entries = ptx.matches(".entry ").count();
+        // One loop nest per member, each one kernel.
+        assert_eq!(entries, group.plans.len(), "{ptx}");
+        // Math without a PTX instruction calls libdevice, declared `.extern` (the powers of the
+        // bias corrections and the square root).
+        let externs: Vec<&str> = ptx.lines().filter(|line| line.starts_with(".extern")).collect();
+        assert!(externs.iter().all(|line| line.contains("__nv_")), "{externs:?}");
+        insta::assert_snapshot!(format!("adam_group_{}", target.chip()), entry_names(&modules));
+    }
+}
+
+#[test]
+fn the_digits_gradient_program_has_an_entry_for_every_launched_kernel() {
+    let program = program("digits_mlp.curv");
+    let train = &program.trains[0];
+    let gradients = curv_ad::products::gradient_program(&train.loss, &train.params).function;
+    let (text, _) = curv_mlir::lower::lower_function(&gradients, "loss_and_gradients", &HashMap::new()).unwrap();
+    let modules = lower_to_ptx(&text, GpuTarget::Sm90).unwrap();
+    let ptx: String = modules.iter().map(|module| module.ptx.as_str()).collect();
+    let entries = ptx.matches(".entry ").count();
+    let expected = launched_kernels(&gradients);
+    assert!(entries >= expected, "{entries} entries for {expected} planned kernels");
+    insta::assert_snapshot!("digits_gradient_entries", entry_names(&modules));
+}
+
+/// `MODULE: .entry NAME(` for every kernel.
+fn entry_names(modules: &[curv_mlir::gpu::PtxModule]) -> String {
+    let mut lines = Vec::new();
+    for module in modules {
+        for line in module.ptx.lines().filter(|line| line.contains(".entry ")) {
+            lines.push(format!("{}: {}", module.name, line.trim()));
+        }
+    }
+    lines.join("\n")
+}
