@@ -23,6 +23,9 @@ echo
 echo "== curv compare examples/siren.curv: Adam against Kronecker-factored curvature, to 30 dB PSNR"
 "$curv" compare examples/siren.curv --optimizers adam,shampoo,kfac,soap,muon --target psnr=30 --stop-at-target --steps 300 --quiet
 echo
+echo "== curv compare examples/digits_cnn.curv: a strided CNN, K-FAC on its convolution kernels against Adam"
+"$curv" compare examples/digits_cnn.curv --optimizers cnn_kfac,adam --quiet
+echo
 echo "== curv build examples/digits_mlp.curv -o out/digits-trainer (a standalone trainer, no LLVM inside)"
 "$curv" build examples/digits_mlp.curv -o out/digits-trainer
 ./out/digits-trainer --steps 300
