@@ -403,11 +403,14 @@ impl States {
         self.get(name, &[])[0] = value;
     }
 
-    pub(crate) fn store<T: Real>(self, state: &mut ParamState<T>) {
-        state.clear();
+    /// Replaces the parameter's state with these values and returns the state it had (moved out,
+    /// not copied: what a caller that may undo the step keeps).
+    pub(crate) fn store<T: Real>(self, state: &mut ParamState<T>) -> ParamState<T> {
+        let previous = std::mem::take(state);
         for (name, values, shape) in self.values {
             state.push((name, Tensor::new(shape, values.into_iter().map(T::from_f64).collect())));
         }
+        previous
     }
 }
 
@@ -461,11 +464,14 @@ pub fn leaves_parameter_unchanged<T>(plan: &ParamPlan, state: &ParamState<T>) ->
 }
 
 /// One step of the `kronecker` structure: returns the direction (the step is `-lr * direction`).
+///
+/// The state the parameter had before is left in `previous`.
 pub fn kronecker_direction<T: Real>(
     plan: &ParamPlan,
     shape: &[usize],
     state: &mut ParamState<T>,
     inputs: &KroneckerInputs,
+    previous: &mut Option<ParamState<T>>,
 ) -> Result<Option<Vec<f64>>, String> {
     let mut states = States::load(state);
     let function = option_name(&plan.options, "function").unwrap_or("inverse_root");
@@ -483,7 +489,7 @@ pub fn kronecker_direction<T: Real>(
         "adafisher" => crate::adafisher::direction(plan, shape, &mut states, inputs)?,
         other => return Err(format!("the `{other}` matrix function is not executable yet")),
     };
-    states.store(state);
+    *previous = Some(states.store(state));
     Ok(direction)
 }
 
@@ -857,6 +863,7 @@ pub fn orthogonalize_direction<T: Real>(
     shape: &[usize],
     state: &mut ParamState<T>,
     inputs: &KroneckerInputs,
+    previous: &mut Option<ParamState<T>>,
 ) -> Result<Vec<f64>, String> {
     let options = &plan.options;
     let steps = number(options, "steps", 5.0) as usize;
@@ -883,7 +890,7 @@ pub fn orthogonalize_direction<T: Real>(
         [.., second_last, last] => (*second_last as f64 / *last as f64).max(1.0).sqrt(),
         _ => 1.0,
     };
-    states.store(state);
+    *previous = Some(states.store(state));
     Ok(orthogonal.data.into_iter().map(|value| value * scale).collect())
 }
 

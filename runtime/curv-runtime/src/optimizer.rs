@@ -163,14 +163,15 @@ pub fn update_param<T: Real>(
         // Weight decay changes the parameter in place before the rule reads it.
         let original = plan.modifiers.iter().any(|modifier| modifier.name == "weight_decay").then(|| param.clone());
         apply_weight_decay(plan, param, inputs.learning_rate);
-        let mut displaced = Displaced { param: None, states: Vec::new(), state_was_empty: state.is_empty() };
+        let mut displaced =
+            Displaced { param: None, states: Vec::new(), state_was_empty: state.is_empty(), whole_state: None };
         update_with_rule(plan, rules, param, state, inputs, &mut displaced)?;
         if original.is_some() {
             displaced.param = original;
         }
         return Ok(Some(displaced));
     }
-    update_in_place(plan, param, state, inputs).map(|()| None)
+    update_in_place(plan, param, state, inputs)
 }
 
 /// What an out-of-place update replaced: the previous parameter (when it was written), the
@@ -180,6 +181,8 @@ pub struct Displaced<T> {
     pub param: Option<Tensor<T>>,
     pub states: Vec<(String, Tensor<T>)>,
     pub state_was_empty: bool,
+    /// The whole previous state, for updates that replace it wholesale (the matrix structures).
+    pub whole_state: Option<ParamState<T>>,
 }
 
 impl<T: Copy> Displaced<T> {
@@ -188,7 +191,9 @@ impl<T: Copy> Displaced<T> {
         if let Some(previous) = self.param {
             *param = previous;
         }
-        if self.state_was_empty {
+        if let Some(whole) = self.whole_state {
+            *state = whole;
+        } else if self.state_was_empty {
             state.clear();
         } else {
             for (name, tensor) in self.states {
@@ -210,12 +215,15 @@ fn apply_weight_decay<T: Real>(plan: &ParamPlan, param: &mut Tensor<T>, learning
     }
 }
 
+/// Updates a structure in place. The matrix structures replace their state wholesale, and
+/// return the previous state and parameter (so a caller need not copy them first); the others
+/// return `None`.
 fn update_in_place<T: Real>(
     plan: &ParamPlan,
     param: &mut Tensor<T>,
     state: &mut ParamState<T>,
     inputs: &UpdateInputs<T>,
-) -> Result<(), String> {
+) -> Result<Option<Displaced<T>>, String> {
     let learning_rate = inputs.learning_rate;
     if crate::kronecker::leaves_parameter_unchanged(plan, state) {
         let kronecker_inputs = crate::kronecker::KroneckerInputs {
@@ -226,16 +234,22 @@ fn update_in_place<T: Real>(
             seed: inputs.seed,
             param: inputs.param,
         };
-        crate::kronecker::kronecker_direction(plan, &param.shape, state, &kronecker_inputs)?;
-        return Ok(());
+        let mut previous = None;
+        crate::kronecker::kronecker_direction(plan, &param.shape, state, &kronecker_inputs, &mut previous)?;
+        return Ok(previous.map(|previous| Displaced {
+            param: None,
+            states: Vec::new(),
+            state_was_empty: false,
+            whole_state: Some(previous),
+        }));
     }
     if !matches!(plan.structure, StructureKind::Kronecker | StructureKind::Orthogonalize) {
         apply_weight_decay(plan, param, learning_rate);
     }
     match plan.structure {
-        StructureKind::Diagonal => update_diagonal(plan, param, state, inputs),
-        StructureKind::Factored => update_factored(plan, param, state, inputs),
-        StructureKind::Kronecker | StructureKind::Orthogonalize => update_matrix(plan, param, state, inputs),
+        StructureKind::Diagonal => update_diagonal(plan, param, state, inputs).map(|()| None),
+        StructureKind::Factored => update_factored(plan, param, state, inputs).map(|()| None),
+        StructureKind::Kronecker | StructureKind::Orthogonalize => update_matrix(plan, param, state, inputs).map(Some),
         other => Err(format!("the `{}` structure is not executable yet", other.name())),
     }
 }
@@ -247,11 +261,15 @@ fn update_matrix<T: Real>(
     param: &mut Tensor<T>,
     state: &mut ParamState<T>,
     inputs: &UpdateInputs<T>,
-) -> Result<(), String> {
-    if let Some(direction) = matrix_direction(plan, &param.shape, state, inputs)? {
+) -> Result<Displaced<T>, String> {
+    let state_was_empty = state.is_empty();
+    let mut previous = None;
+    let direction = matrix_direction(plan, &param.shape, state, inputs, &mut previous)?;
+    let original = direction.as_ref().map(|_| param.clone());
+    if let Some(direction) = direction {
         finish_matrix_update(plan, param, state, direction, inputs.learning_rate);
     }
-    Ok(())
+    Ok(Displaced { param: original, states: Vec::new(), state_was_empty, whole_state: previous })
 }
 
 /// The direction of a `kronecker` or `orthogonalize` update (the step is `-lr * direction`),
@@ -261,6 +279,7 @@ pub fn matrix_direction<T: Real>(
     shape: &[usize],
     state: &mut ParamState<T>,
     inputs: &UpdateInputs<T>,
+    previous: &mut Option<ParamState<T>>,
 ) -> Result<Option<Vec<f64>>, String> {
     let gradient: Vec<f64> = inputs.gradient.data.iter().map(|value| value.to_f64()).collect();
     let kronecker_inputs = crate::kronecker::KroneckerInputs {
@@ -274,9 +293,9 @@ pub fn matrix_direction<T: Real>(
     // The per-step products in the run's precision; the matrix functions stay in double.
     let _precision = crate::kronecker::ProductPrecision::single(std::mem::size_of::<T>() == 4);
     if plan.structure == StructureKind::Orthogonalize {
-        crate::kronecker::orthogonalize_direction(plan, shape, state, &kronecker_inputs).map(Some)
+        crate::kronecker::orthogonalize_direction(plan, shape, state, &kronecker_inputs, previous).map(Some)
     } else {
-        crate::kronecker::kronecker_direction(plan, shape, state, &kronecker_inputs)
+        crate::kronecker::kronecker_direction(plan, shape, state, &kronecker_inputs, previous)
     }
 }
 
@@ -419,7 +438,12 @@ pub fn update_rule_group<T: Real>(
         let (param, state) = (&mut params[plan.param], &mut states[plan.param]);
         let original = plan.modifiers.iter().any(|modifier| modifier.name == "weight_decay").then(|| param.clone());
         apply_weight_decay(plan, param, inputs[member].learning_rate);
-        displaced.push(Displaced { param: original, states: Vec::new(), state_was_empty: state.is_empty() });
+        displaced.push(Displaced {
+            param: original,
+            states: Vec::new(),
+            state_was_empty: state.is_empty(),
+            whole_state: None,
+        });
         initialise_state(rule, &base, param, state, &inputs[member])?;
         if rule.state.iter().any(|name| state_get(state, name).is_none()) {
             return Err(format!("a state of rule `{}` is missing", rule.name));
@@ -819,5 +843,70 @@ pub fn check_executable(plan: &OptimizerPlan, param_names: &[String]) -> Result<
         Ok(())
     } else {
         Err(format!("optimizer `{}` cannot run on this backend yet:\n  {}", plan.name, problems.join("\n  ")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use curv_ir::OptionValue;
+
+    fn matrix_plan(structure: StructureKind, options: &[(&str, OptionValue)]) -> ParamPlan {
+        ParamPlan {
+            param: 0,
+            pattern: "*".to_string(),
+            structure,
+            rule_name: structure.name().to_string(),
+            options: options.iter().map(|(name, value)| (name.to_string(), value.clone())).collect(),
+            modifiers: Vec::new(),
+            state: Vec::new(),
+            span: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_matrix_update_undone_leaves_parameter_and_state_bit_for_bit_as_they_were() {
+        // The matrix structures replace their state wholesale and hand back the previous one (no
+        // copy is made before the step); undoing must restore both exactly, on the first step
+        // (empty state) and on later ones.
+        let shampoo = matrix_plan(
+            StructureKind::Kronecker,
+            &[
+                ("stats", OptionValue::Name("gradient_outer".into())),
+                ("every", OptionValue::Number(2.0)),
+                ("b1", OptionValue::Number(0.9)),
+            ],
+        );
+        let muon = matrix_plan(StructureKind::Orthogonalize, &[("momentum", OptionValue::Number(0.95))]);
+        let statistics = HashMap::new();
+        for plan in [shampoo, muon] {
+            let mut param = Tensor::new(vec![4, 3], (0..12).map(|index| index as f32 * 0.1 - 0.5).collect());
+            let mut state: ParamState<f32> = Vec::new();
+            for step in 1..=4u64 {
+                let gradient = Tensor::new(
+                    vec![4, 3],
+                    (0..12).map(|index| ((index * 7 + step as usize) % 5) as f32 - 2.0).collect(),
+                );
+                let inputs = UpdateInputs {
+                    backend: &crate::backend::Interpreter,
+                    step,
+                    learning_rate: 0.1,
+                    batch: 8,
+                    gradient: &gradient,
+                    statistics: &statistics,
+                    captures: None,
+                    seed: 0,
+                    param: 0,
+                };
+                let (param_before, state_before) = (param.clone(), state.clone());
+                let displaced = update_param(&plan, &[], &mut param, &mut state, &inputs).unwrap().unwrap();
+                assert!(param.data != param_before.data || step == 1, "{:?} step {step} did not move", plan.structure);
+                displaced.undo(&mut param, &mut state);
+                assert_eq!(param.data, param_before.data);
+                assert_eq!(state, state_before, "{:?} step {step}", plan.structure);
+                // Take the step for real before the next one.
+                update_param(&plan, &[], &mut param, &mut state, &inputs).unwrap();
+            }
+        }
     }
 }

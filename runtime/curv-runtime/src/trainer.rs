@@ -689,6 +689,7 @@ impl<T: Real> Trainer<T> {
                     &gradient.shape,
                     &mut new_states[index],
                     &update_inputs!(index, &gradient),
+                    &mut None,
                 )
                 .map_err(error(index))?;
                 if let Some(direction) = &direction {
@@ -759,7 +760,15 @@ impl<T: Real> Trainer<T> {
                 }
                 let bias = bias_of(index);
                 let precomputed = clipped.remove(&index);
-                if precomputed.is_none() && (bias.is_some() || plan.structure != curv_ir::StructureKind::Rule) {
+                // Copies for the structures that update in place; rules and the matrix structures
+                // (which replace their state and keep the previous one) report what they replaced.
+                let reports_displaced = matches!(
+                    plan.structure,
+                    curv_ir::StructureKind::Rule
+                        | curv_ir::StructureKind::Kronecker
+                        | curv_ir::StructureKind::Orthogonalize
+                );
+                if precomputed.is_none() && (bias.is_some() || !reports_displaced) {
                     undo.push((index, Undo::Copy(new_params[index].clone(), new_states[index].clone())));
                     if let Some(bias) = bias {
                         undo.push((bias, Undo::Copy(new_params[bias].clone(), new_states[bias].clone())));
