@@ -809,26 +809,8 @@ fn emit_fused_reduction(
     let mut inputs: Vec<(ValueId, Vec<String>)> = Vec::new();
     let mut names: std::collections::HashMap<ValueId, String> = std::collections::HashMap::new();
     let mut lines: Vec<String> = Vec::new();
-    for id in &kernel.insts[..kernel.insts.len() - 1] {
-        let inst = function.inst(*id);
-        let ty = element(inst.ty.dtype).to_string();
-        let mut operands = Vec::new();
-        for arg in &inst.args {
-            operands.push(resolve_operand(
-                emitter,
-                plan,
-                inlined,
-                kernel_index,
-                &shape,
-                *arg,
-                &mut inputs,
-                &mut names,
-                &mut lines,
-            )?);
-        }
-        let result = scalar_instruction(function, *id, &operands, &ty, &mut lines)?;
-        names.insert(*id, result);
-    }
+    let prologue = &kernel.insts[..kernel.insts.len() - 1];
+    emit_body(emitter, plan, inlined, kernel_index, &shape, prologue, &mut inputs, &mut names, &mut lines)?;
     let reduced =
         resolve_operand(emitter, plan, inlined, kernel_index, &shape, operand, &mut inputs, &mut names, &mut lines)?;
     let dtype = reduction_inst.ty.dtype;
@@ -914,26 +896,8 @@ fn emit_fused_after(
     if let Some(product) = product {
         names.insert(product, "%o0".to_string());
     }
-    for id in kernel.insts.iter().filter(|id| Some(**id) != product) {
-        let inst = function.inst(*id);
-        let ty = element(inst.ty.dtype).to_string();
-        let mut operands = Vec::new();
-        for arg in &inst.args {
-            operands.push(resolve_operand(
-                emitter,
-                plan,
-                inlined,
-                kernel_index,
-                &shape,
-                *arg,
-                &mut inputs,
-                &mut names,
-                &mut lines,
-            )?);
-        }
-        let result = scalar_instruction(function, *id, &operands, &ty, &mut lines)?;
-        names.insert(*id, result);
-    }
+    let body: Vec<ValueId> = kernel.insts.iter().copied().filter(|id| Some(*id) != product).collect();
+    emit_body(emitter, plan, inlined, kernel_index, &shape, &body, &mut inputs, &mut names, &mut lines)?;
     let block_args: Vec<String> = (0..inputs.len()).map(|index| format!("%a{index}")).collect();
     // The generic itself.
     let mut maps: Vec<String> = inputs.iter().map(|(_, results)| map(rank, results)).collect();
@@ -979,6 +943,34 @@ fn emit_fused_after(
     let closing =
         if result_types.len() == 1 { result_types[0].clone() } else { format!("({})", result_types.join(", ")) };
     emitter.line(&format!("}} -> {closing}"));
+    Ok(())
+}
+
+/// The scalar code of a kernel's instructions `insts` inside a `linalg.generic` body over
+/// `shape`: operands are resolved (inputs registered in `inputs`), results named in `names`.
+#[allow(clippy::too_many_arguments)]
+fn emit_body(
+    emitter: &Emitter,
+    plan: &curv_ir::fusion::KernelPlan,
+    inlined: &[bool],
+    kernel_index: usize,
+    shape: &[i64],
+    insts: &[ValueId],
+    inputs: &mut Vec<(ValueId, Vec<String>)>,
+    names: &mut std::collections::HashMap<ValueId, String>,
+    lines: &mut Vec<String>,
+) -> Result<(), LowerError> {
+    let function = emitter.function;
+    for id in insts {
+        let inst = function.inst(*id);
+        let ty = element(inst.ty.dtype).to_string();
+        let mut operands = Vec::new();
+        for arg in &inst.args {
+            operands.push(resolve_operand(emitter, plan, inlined, kernel_index, shape, *arg, inputs, names, lines)?);
+        }
+        let result = scalar_instruction(function, *id, &operands, &ty, lines)?;
+        names.insert(*id, result);
+    }
     Ok(())
 }
 
@@ -1111,8 +1103,6 @@ fn scalar_instruction(
     })
 }
 
-/// `[..., m, k] @ [k, n]` folds the leading dimensions into rows; `[b, m, k] @ [b, k, n]` uses
-/// `linalg.batch_matmul` (higher batch ranks are folded into one batch dimension).
 /// The product of two matrices (`[m, k] @ [k, n]`): in `f32` a call of the runtime's GEMM on the
 /// operands' buffers, in `f64` a `linalg.generic` whose loops run i, k, j (the innermost loop walks
 /// rows of the right operand and of the result contiguously, which LLVM vectorises).
@@ -1172,12 +1162,14 @@ fn product_2d(emitter: &mut Emitter, dtype: DType, left: (&str, &[i64]), right: 
     (name, out_shape)
 }
 
+/// `[..., m, k] @ [k, n]` folds the leading dimensions into rows; `[b, m, k] @ [b, k, n]` uses
+/// `linalg.batch_matmul` (higher batch ranks are folded into one batch dimension).
 fn lower_matmul(emitter: &mut Emitter, result: ValueId, left: ValueId, right: ValueId) -> Result<(), LowerError> {
     let dtype = emitter.dtype(result);
     let left_shape = emitter.shape(left).to_vec();
     let right_shape = emitter.shape(right).to_vec();
     let result_shape = emitter.shape(result).to_vec();
-    let (k, n) = (right_shape[right_shape.len() - 2], right_shape[right_shape.len() - 1]);
+    let n = right_shape[right_shape.len() - 1];
     let collapse = |emitter: &mut Emitter, value: String, shape: &[i64], keep_last: usize| -> (String, Vec<i64>) {
         // Folds all but the last `keep_last` dimensions into one.
         let leading = shape.len() - keep_last;
@@ -1203,7 +1195,6 @@ fn lower_matmul(emitter: &mut Emitter, result: ValueId, left: ValueId, right: Va
     let (product, product_shape) = if right_shape.len() == 2 {
         let (left_rows, left_rows_shape) = collapse(emitter, emitter.value(left), &left_shape, 1);
         let right_value = emitter.value(right);
-        let _ = k;
         product_2d(emitter, dtype, (&left_rows, &left_rows_shape), (&right_value, &right_shape))
     } else {
         let (left_batched, left_batched_shape) = collapse(emitter, emitter.value(left), &left_shape, 2);

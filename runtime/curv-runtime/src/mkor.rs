@@ -173,10 +173,10 @@ fn update_inverse(
     settings: &Settings,
 ) -> Result<(), String> {
     let (inverse_name, ready_name) = (format!("{side}_inverse"), format!("{side}_ready"));
-    let ready = existing(states, &ready_name).is_some_and(|flag| flag[0] == 1.0)
-        && existing(states, &inverse_name).is_some_and(|values| values.len() == size * size);
-    let inverse = if ready {
-        let mut blended = Matrix { rows: size, columns: size, data: existing(states, &inverse_name).unwrap().clone() };
+    let ready = existing(states, &ready_name).is_some_and(|flag| flag[0] == 1.0);
+    let previous = existing(states, &inverse_name).filter(|values| ready && values.len() == size * size).cloned();
+    let inverse = if let Some(previous) = previous {
+        let mut blended = Matrix { rows: size, columns: size, data: previous };
         let decay = settings.inverse_decay;
         blended.data.iter_mut().for_each(|value| *value *= decay);
         for index in 0..size {

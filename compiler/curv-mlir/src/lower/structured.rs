@@ -14,10 +14,10 @@ use super::{element, iterators, map, tensor_type, Emitter, LowerError};
 use curv_ir::{DType, Op, ValueId};
 
 impl Emitter<'_> {
-    /// `operand` placed at `offsets` (with `strides`) inside zeros of `shape`: one
-    /// `linalg.generic` over the result whose body reads the operand where a position holds one
-    /// of its elements and yields zero elsewhere. (A `tensor.insert_slice` would bufferise to a
-    /// `memref.copy`, which the CPU pipeline lowers to a library call.)
+    /// `operand` placed at `offsets` inside zeros of `shape`: a generic over the result whose
+    /// body reads the operand where a position holds one of its elements and yields zero
+    /// elsewhere. (A `tensor.insert_slice` would bufferise to a `memref.copy`, which the CPU
+    /// pipeline lowers to a library call.)
     fn placed_in_zeros(
         &mut self,
         dtype: DType,
@@ -25,64 +25,37 @@ impl Emitter<'_> {
         operand_shape: &[i64],
         shape: &[i64],
         offsets: &[i64],
-        strides: &[i64],
     ) -> String {
         let ty = element(dtype);
-        let rank = shape.len();
-        let name = self.fresh();
-        let init = self.empty(shape, dtype);
-        let result_type = tensor_type(shape, dtype);
-        self.line(&format!(
-            "{name} = linalg.generic {{indexing_maps = [{}], iterator_types = {}}} outs({init} : {result_type}) {{",
-            super::identity_map(rank),
-            iterators(&vec!["parallel"; rank])
-        ));
-        self.line(&format!("^bb0(%out: {ty}):"));
-        self.line("  %pad_true = arith.constant true");
-        let mut valid = "%pad_true".to_string();
+        let mut body =
+            vec!["%cv_0 = arith.constant 0 : index".to_string(), "%cv_ok_0 = arith.constant true".to_string()];
         let mut sources = Vec::new();
-        for axis in 0..rank {
-            self.line(&format!("  %pad_i{axis} = linalg.index {axis} : index"));
-            if offsets[axis] == 0 && strides[axis] == 1 && operand_shape[axis] == shape[axis] {
-                sources.push(format!("%pad_i{axis}"));
-                continue;
-            }
-            // source = (i - offset) / stride, valid when i - offset >= 0, divisible by the stride
-            // and below the operand's size; read at a clamped index either way.
-            let lines = [
-                format!("%pad_o{axis} = arith.constant {} : index", offsets[axis]),
-                format!("%pad_s{axis} = arith.constant {} : index", strides[axis]),
-                format!("%pad_n{axis} = arith.constant {} : index", operand_shape[axis]),
-                "%pad_z{axis} = arith.constant 0 : index".to_string(),
-                format!("%pad_t{axis} = arith.subi %pad_i{axis}, %pad_o{axis} : index"),
-                format!("%pad_q{axis} = arith.divsi %pad_t{axis}, %pad_s{axis} : index"),
-                format!("%pad_r{axis} = arith.remsi %pad_t{axis}, %pad_s{axis} : index"),
-                format!("%pad_ge{axis} = arith.cmpi sge, %pad_t{axis}, %pad_z{axis} : index"),
-                format!("%pad_ex{axis} = arith.cmpi eq, %pad_r{axis}, %pad_z{axis} : index"),
-                format!("%pad_lt{axis} = arith.cmpi slt, %pad_q{axis}, %pad_n{axis} : index"),
-                format!("%pad_v{axis}a = arith.andi %pad_ge{axis}, %pad_ex{axis} : i1"),
-                format!("%pad_v{axis}b = arith.andi %pad_v{axis}a, %pad_lt{axis} : i1"),
-                format!("%pad_v{axis}c = arith.andi {valid}, %pad_v{axis}b : i1"),
-                format!("%pad_m{axis} = arith.constant {} : index", operand_shape[axis] - 1),
-                format!("%pad_c{axis}a = arith.maxsi %pad_q{axis}, %pad_z{axis} : index"),
-                format!("%pad_c{axis} = arith.minsi %pad_c{axis}a, %pad_m{axis} : index"),
-            ];
-            for line in lines {
-                self.line(&format!("  {}", line.replace("{axis}", &axis.to_string())));
-            }
-            valid = format!("%pad_v{axis}c");
-            sources.push(format!("%pad_c{axis}"));
+        for axis in 0..shape.len() {
+            body.extend([
+                format!("%cv_off{axis} = arith.constant {} : index", offsets[axis]),
+                format!("%cv_size{axis} = arith.constant {} : index", operand_shape[axis]),
+                format!("%cv_last{axis} = arith.constant {} : index", operand_shape[axis] - 1),
+                format!("%cv_src{axis} = arith.subi %cv_d{axis}, %cv_off{axis} : index"),
+            ]);
+            body.extend(bounds_check(
+                &format!("a{axis}"),
+                &format!("%cv_src{axis}"),
+                &format!("%cv_size{axis}"),
+                &format!("%cv_last{axis}"),
+            ));
+            body.push(format!("%cv_ok_{} = arith.andi %cv_ok_{axis}, %cv_a{axis}_ok : i1", axis + 1));
+            sources.push(format!("%cv_a{axis}_at"));
         }
-        self.line(&format!(
-            "  %pad_read = tensor.extract {operand}[{}] : {}",
-            sources.join(", "),
-            tensor_type(operand_shape, dtype)
-        ));
-        self.line(&format!("  %pad_zero = arith.constant 0.0 : {ty}"));
-        self.line(&format!("  %pad_value = arith.select {valid}, %pad_read, %pad_zero : {ty}"));
-        self.line(&format!("  linalg.yield %pad_value : {ty}"));
-        self.line(&format!("}} -> {result_type}"));
-        name
+        body.extend([
+            format!(
+                "%cv_read = tensor.extract {operand}[{}] : {}",
+                sources.join(", "),
+                tensor_type(operand_shape, dtype)
+            ),
+            format!("%cv_zero = arith.constant 0.0 : {ty}"),
+            format!("%cv_value = arith.select %cv_ok_{}, %cv_read, %cv_zero : {ty}", shape.len()),
+        ]);
+        self.computed(dtype, shape, 0, &body, false)
     }
 
     /// The window of `operand` at `offsets` of `shape`, named `result`: a `linalg.generic` whose
@@ -298,14 +271,7 @@ pub(super) fn lower_structured(emitter: &mut Emitter, id: ValueId) -> Option<Res
         Op::Pad { starts } => {
             let operand = inst.args[0];
             let operand_shape = emitter.shape(operand).to_vec();
-            let placed = emitter.placed_in_zeros(
-                dtype,
-                &emitter.value(operand),
-                &operand_shape,
-                &shape,
-                starts,
-                &vec![1; shape.len()],
-            );
+            let placed = emitter.placed_in_zeros(dtype, &emitter.value(operand), &operand_shape, &shape, starts);
             emitter.line(&format!("{value} = tensor.cast {placed} : {result_type} to {result_type}"));
         }
         Op::ArgMax { axis } => {
@@ -390,8 +356,16 @@ pub(super) fn lower_structured(emitter: &mut Emitter, id: ValueId) -> Option<Res
             let flat_ids_type = tensor_type(&[count], DType::I32);
             let flat_rows_type = tensor_type(&[count, width], dtype);
             let row_type = tensor_type(&[1, width], dtype);
-            let flat_ids = collapsed(emitter, &emitter.value(ids), &ids_shape, DType::I32, &[count]);
-            let flat_rows = collapsed(emitter, &emitter.value(rows), &rows_shape, dtype, &[count, width]);
+            // The ids as one vector and the rows as one matrix (views, when not already so).
+            let leading: Vec<usize> = (0..ids_shape.len()).collect();
+            let (flat_ids, flat_rows) = if ids_shape.len() == 1 {
+                (emitter.value(ids), emitter.value(rows))
+            } else {
+                let (flat_ids, _) = emitter.collapse_groups(DType::I32, &emitter.value(ids), &ids_shape, &[&leading]);
+                let (flat_rows, _) =
+                    emitter.collapse_groups(dtype, &emitter.value(rows), &rows_shape, &[&leading, &[ids_shape.len()]]);
+                (flat_ids, flat_rows)
+            };
             let zeros = emitter.filled(&shape, dtype, 0.0);
             let (start, end, step, low, high) =
                 (emitter.fresh(), emitter.fresh(), emitter.fresh(), emitter.fresh(), emitter.fresh());
@@ -547,24 +521,4 @@ pub(super) fn lower_structured(emitter: &mut Emitter, id: ValueId) -> Option<Res
         _ => return None,
     }
     Some(Ok(()))
-}
-
-/// `value` of `shape` viewed as `target` (a rank-1 or rank-2 collapse of its leading axes).
-fn collapsed(emitter: &mut Emitter, value: &str, shape: &[i64], dtype: DType, target: &[i64]) -> String {
-    if shape == target {
-        return value.to_string();
-    }
-    let name = emitter.fresh();
-    let groups = if target.len() == 1 {
-        format!("[[{}]]", (0..shape.len()).map(|axis| axis.to_string()).collect::<Vec<_>>().join(", "))
-    } else {
-        let leading: Vec<String> = (0..shape.len() - 1).map(|axis| axis.to_string()).collect();
-        format!("[[{}], [{}]]", leading.join(", "), shape.len() - 1)
-    };
-    emitter.line(&format!(
-        "{name} = tensor.collapse_shape {value} {groups} : {} into {}",
-        tensor_type(shape, dtype),
-        tensor_type(target, dtype)
-    ));
-    name
 }
