@@ -154,7 +154,15 @@ pub enum Buffer<'a> {
     I32(&'a mut [i32]),
 }
 
-impl Buffer<'_> {
+impl<'a> Buffer<'a> {
+    /// The data of an interpreter value, float or integer.
+    pub fn of(value: &'a mut curv_interp::Value<f32>) -> Buffer<'a> {
+        match value {
+            curv_interp::Value::Real(tensor) => Buffer::F32(&mut tensor.data),
+            curv_interp::Value::Int(tensor) => Buffer::I32(&mut tensor.data),
+        }
+    }
+
     fn pointer(&mut self) -> *mut u8 {
         match self {
             Buffer::F32(data) => data.as_mut_ptr() as *mut u8,

@@ -49,104 +49,69 @@ fn check_gradients_agree(example: &str, tolerance: f32) {
         curv_mlir::lower::lower_function(&gradients, "loss_and_gradients", &HashMap::new()).unwrap();
     let compiled =
         compile(&text, "loss_and_gradients", signature.clone(), 2).unwrap_or_else(|error| panic!("{error}\n{text}"));
-    // Inputs for both sides.
+    // Inputs for both sides: `buffers` holds the arguments then the outputs, in signature order.
     let mut inputs = Inputs::<f32>::default();
-    let mut buffers_f32: Vec<Vec<f32>> = Vec::new();
-    let mut buffers_i32: Vec<Vec<i32>> = Vec::new();
-    let mut order: Vec<(bool, usize)> = Vec::new();
+    let mut buffers: Vec<Value<f32>> = Vec::new();
     for (index, argument) in signature.arguments.iter().enumerate() {
-        let count: i64 = argument.shape.iter().product();
-        match &argument.op {
+        let count = argument.shape.iter().product::<i64>() as usize;
+        let argument_shape: Vec<usize> = argument.shape.iter().map(|&s| s as usize).collect();
+        let value = match &argument.op {
             Op::Param { index: param } => {
-                let data = values(count as usize, 10 + index as u64, 0.3);
+                let data = values(count, 10 + index as u64, 0.3);
                 while inputs.params.len() <= *param {
                     inputs.params.push(Tensor::scalar(0.0));
                 }
                 inputs.params[*param] = Tensor::new(shape(&train.params[*param].ty), data.clone());
-                order.push((true, buffers_f32.len()));
-                buffers_f32.push(data);
-            }
-            Op::Data { source, field } if argument.dtype == curv_ir::DType::I32 => {
-                let data: Vec<i32> =
-                    values(count as usize, 99, 1.0).iter().map(|value| ((value + 1.0) * 4.99) as i32).collect();
-                inputs.data.insert(
-                    (source.clone(), field.clone()),
-                    Value::Int(Tensor::new(argument.shape.iter().map(|&s| s as usize).collect(), data.clone())),
-                );
-                order.push((false, buffers_i32.len()));
-                buffers_i32.push(data);
+                Value::Real(Tensor::new(argument_shape, data))
             }
             Op::Data { source, field } => {
-                let data = values(count as usize, 7, 1.0);
-                inputs.data.insert(
-                    (source.clone(), field.clone()),
-                    Value::Real(Tensor::new(argument.shape.iter().map(|&s| s as usize).collect(), data.clone())),
-                );
-                order.push((true, buffers_f32.len()));
-                buffers_f32.push(data);
+                let value = if argument.dtype == curv_ir::DType::I32 {
+                    let labels = values(count, 99, 1.0).iter().map(|value| ((value + 1.0) * 4.99) as i32).collect();
+                    Value::Int(Tensor::new(argument_shape, labels))
+                } else {
+                    Value::Real(Tensor::new(argument_shape, values(count, 7, 1.0)))
+                };
+                inputs.data.insert((source.clone(), field.clone()), value.clone());
+                value
             }
             other => panic!("unexpected argument {other:?}"),
-        }
+        };
+        buffers.push(value);
     }
     for (_, output_shape, dtype) in &signature.outputs {
-        let count: i64 = output_shape.iter().product();
-        if *dtype == curv_ir::DType::I32 {
-            order.push((false, buffers_i32.len()));
-            buffers_i32.push(vec![0; count as usize]);
+        let output_shape: Vec<usize> = output_shape.iter().map(|&s| s as usize).collect();
+        let count = output_shape.iter().product();
+        buffers.push(if *dtype == curv_ir::DType::I32 {
+            Value::Int(Tensor::new(output_shape, vec![0; count]))
         } else {
-            order.push((true, buffers_f32.len()));
-            buffers_f32.push(vec![0.0; count as usize]);
-        }
+            Value::Real(Tensor::new(output_shape, vec![0.0; count]))
+        });
     }
-    {
-        let mut f32_slices: Vec<Option<&mut [f32]>> =
-            buffers_f32.iter_mut().map(|buffer| Some(buffer.as_mut_slice())).collect();
-        let mut i32_slices: Vec<Option<&mut [i32]>> =
-            buffers_i32.iter_mut().map(|buffer| Some(buffer.as_mut_slice())).collect();
-        let mut buffers: Vec<Buffer> = order
-            .iter()
-            .map(|(is_float, index)| {
-                if *is_float {
-                    Buffer::F32(f32_slices[*index].take().unwrap())
-                } else {
-                    Buffer::I32(i32_slices[*index].take().unwrap())
-                }
-            })
-            .collect();
-        compiled.call(&mut buffers).unwrap();
-    }
+    compiled.call(&mut buffers.iter_mut().map(Buffer::of).collect::<Vec<_>>()).unwrap();
     // Generated code never writes its arguments: the runtime passes parameters and data in place.
     for (position, argument) in signature.arguments.iter().enumerate() {
-        let (is_float, index) = order[position];
-        match (&argument.op, is_float) {
-            (Op::Param { index: param }, _) => {
-                assert_eq!(buffers_f32[index], inputs.params[*param].data, "{example}: parameter #{param} was written")
-            }
-            (Op::Data { source, field }, _) => match &inputs.data[&(source.clone(), field.clone())] {
-                Value::Real(tensor) => assert_eq!(buffers_f32[index], tensor.data, "{example}: data was written"),
-                Value::Int(tensor) => assert_eq!(buffers_i32[index], tensor.data, "{example}: labels were written"),
-            },
-            (other, _) => panic!("unexpected argument {other:?}"),
-        }
+        let expected = match &argument.op {
+            Op::Param { index: param } => Value::Real(inputs.params[*param].clone()),
+            Op::Data { source, field } => inputs.data[&(source.clone(), field.clone())].clone(),
+            other => panic!("unexpected argument {other:?}"),
+        };
+        assert!(buffers[position] == expected, "{example}: argument {position} ({:?}) was written", argument.op);
     }
     let reference = evaluate(&gradients, &inputs).unwrap();
     let first_output = signature.arguments.len();
     for (position, (name, value)) in gradients.outputs.iter().enumerate() {
-        let expected = &reference[value.0 as usize];
-        let (is_float, index) = order[first_output + position];
-        match expected {
-            Value::Real(tensor) => {
-                assert!(is_float);
-                let actual = &buffers_f32[index];
+        match (&reference[value.0 as usize], &buffers[first_output + position]) {
+            (Value::Real(tensor), Value::Real(actual)) => {
                 let scale = tensor.data.iter().fold(0.0f32, |maximum, value| maximum.max(value.abs())).max(1e-6);
-                for (a, b) in actual.iter().zip(&tensor.data) {
+                for (a, b) in actual.data.iter().zip(&tensor.data) {
                     assert!(
                         (a - b).abs() <= tolerance * scale,
                         "{example} `{name}`: mlir {a} vs interpreter {b} (scale {scale})"
                     );
                 }
             }
-            Value::Int(tensor) => assert_eq!(buffers_i32[index], tensor.data, "{example} `{name}`"),
+            (Value::Int(tensor), Value::Int(actual)) => assert_eq!(actual.data, tensor.data, "{example} `{name}`"),
+            _ => panic!("{example} `{name}`: the output's type differs"),
         }
     }
 }

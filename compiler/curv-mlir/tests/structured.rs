@@ -36,62 +36,38 @@ fn check_agree(what: &str, function: &Function, inputs: Vec<Value<f32>>) {
     let (text, signature) = curv_mlir::lower::lower_function(function, "f", &HashMap::new())
         .unwrap_or_else(|error| panic!("{what}: {error:?}"));
     let compiled = compile(&text, "f", signature.clone(), 2).unwrap_or_else(|error| panic!("{what}: {error}\n{text}"));
-    let mut floats: Vec<Vec<f32>> = Vec::new();
-    let mut ints: Vec<Vec<i32>> = Vec::new();
-    let mut order: Vec<(bool, usize)> = Vec::new();
-    for argument in &signature.arguments {
-        let Op::Input { index, .. } = argument.op else { panic!("unexpected argument {:?}", argument.op) };
-        match &inputs[index] {
-            Value::Real(tensor) => {
-                order.push((true, floats.len()));
-                floats.push(tensor.data.clone());
-            }
-            Value::Int(tensor) => {
-                order.push((false, ints.len()));
-                ints.push(tensor.data.clone());
-            }
-        }
-    }
+    // The arguments then the outputs (poisoned, so an unwritten element shows), in signature order.
+    let mut buffers: Vec<Value<f32>> = signature
+        .arguments
+        .iter()
+        .map(|argument| match argument.op {
+            Op::Input { index, .. } => inputs[index].clone(),
+            ref other => panic!("unexpected argument {other:?}"),
+        })
+        .collect();
     for (_, shape, dtype) in &signature.outputs {
-        let count = shape.iter().product::<i64>() as usize;
-        if *dtype == DType::I32 {
-            order.push((false, ints.len()));
-            ints.push(vec![7; count]);
+        let shape: Vec<usize> = shape.iter().map(|&size| size as usize).collect();
+        let count = shape.iter().product();
+        buffers.push(if *dtype == DType::I32 {
+            Value::Int(Tensor::new(shape, vec![7; count]))
         } else {
-            order.push((true, floats.len()));
-            floats.push(vec![f32::NAN; count]);
-        }
+            Value::Real(Tensor::new(shape, vec![f32::NAN; count]))
+        });
     }
-    {
-        let mut float_slices: Vec<Option<&mut [f32]>> = floats.iter_mut().map(|b| Some(b.as_mut_slice())).collect();
-        let mut int_slices: Vec<Option<&mut [i32]>> = ints.iter_mut().map(|b| Some(b.as_mut_slice())).collect();
-        let mut buffers: Vec<Buffer> = order
-            .iter()
-            .map(|(is_float, index)| {
-                if *is_float {
-                    Buffer::F32(float_slices[*index].take().unwrap())
-                } else {
-                    Buffer::I32(int_slices[*index].take().unwrap())
-                }
-            })
-            .collect();
-        compiled.call(&mut buffers).unwrap();
-    }
+    compiled.call(&mut buffers.iter_mut().map(Buffer::of).collect::<Vec<_>>()).unwrap();
     let reference = evaluate(function, &Inputs { inputs, ..Inputs::default() }).unwrap();
     let first_output = signature.arguments.len();
     for (position, (name, value)) in function.outputs.iter().enumerate() {
-        let (is_float, index) = order[first_output + position];
-        match &reference[value.0 as usize] {
-            Value::Real(tensor) => {
-                assert!(is_float);
-                let actual = &floats[index];
-                assert_eq!(actual.len(), tensor.data.len());
+        match (&reference[value.0 as usize], &buffers[first_output + position]) {
+            (Value::Real(tensor), Value::Real(actual)) => {
+                assert_eq!(actual.data.len(), tensor.data.len());
                 let scale = tensor.data.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
-                for (flat, (a, b)) in actual.iter().zip(&tensor.data).enumerate() {
+                for (flat, (a, b)) in actual.data.iter().zip(&tensor.data).enumerate() {
                     assert!((a - b).abs() <= 1e-5 * scale, "{what} `{name}`[{flat}]: mlir {a}, interpreter {b}");
                 }
             }
-            Value::Int(tensor) => assert_eq!(ints[index], tensor.data, "{what} `{name}`"),
+            (Value::Int(tensor), Value::Int(actual)) => assert_eq!(actual.data, tensor.data, "{what} `{name}`"),
+            _ => panic!("{what} `{name}`: the output's type differs"),
         }
     }
 }
