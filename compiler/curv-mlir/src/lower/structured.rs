@@ -2,13 +2,12 @@
 //! their transpose (`pad`), `argmax`, the embedding `gather` and its transpose (`scatter_add`),
 //! and the 2-D convolution with its two gradients. Each is one kernel of the fusion plan.
 //!
-//! The convolutions are `linalg.generic` contractions whose input maps carry the stride
-//! (`y * s + ky`), over an input padded once with `tensor.insert_slice` into zeros. The input
-//! gradient is the transposed convolution: the output gradient is dilated by the stride (a
-//! strided `tensor.insert_slice`), padded by the kernel size less one, and correlated with the
-//! kernel reversed in space (the map reads `p - ky + kH - 1`); the padding rows are cut off at
-//! the end. Indices read from data (`gather`, `scatter_add`) are clamped to the table, so a bad
-//! index cannot address memory outside it (the interpreter reports it as an error instead).
+//! The convolutions go through im2col: a patch matrix `[N OH OW, C kH kW]`, built by a generic
+//! that pads on the fly, times the kernel as a matrix through the runtime's GEMM; the kernel
+//! gradient is `dout^T @ patches`, and the input gradient is `dout @ kernel` folded back by
+//! col2im (a generic that sums, for every input position, the patch entries that read it).
+//! Indices read from data (`gather`, `scatter_add`) are clamped to the table, so a bad index
+//! cannot address memory outside it (the interpreter reports it as an error instead).
 
 use super::{element, iterators, map, tensor_type, Emitter, LowerError};
 use curv_ir::{DType, Op, ValueId};
