@@ -35,7 +35,8 @@ enum Command {
     Emit {
         /// The .curv file.
         file: PathBuf,
-        /// The stage to print: tokens, ast, ir, grad, mlir, llvm or ptx.
+        /// The stage to print: tokens, ast, ir, grad, mlir, tiled (the modules after tiling and
+        /// vectorisation), llvm or ptx.
         #[arg(long)]
         stage: String,
         /// Write to this path instead of standard output.
@@ -275,9 +276,11 @@ fn check(file: &Path, timings: bool) -> ExitCode {
 }
 
 fn emit(file: &Path, stage_name: &str, output: Option<&Path>, gpu: &str, timings: bool) -> ExitCode {
-    let compiled_stage = matches!(stage_name, "mlir" | "llvm" | "ptx");
+    let compiled_stage = matches!(stage_name, "mlir" | "tiled" | "llvm" | "ptx");
     let Some(stage) = Stage::from_name(if compiled_stage { "ir" } else { stage_name }) else {
-        eprintln!("error: unknown stage `{stage_name}`; the stages are tokens, ast, ir, grad, mlir, llvm and ptx");
+        eprintln!(
+            "error: unknown stage `{stage_name}`; the stages are tokens, ast, ir, grad, mlir, tiled, llvm and ptx"
+        );
         return ExitCode::from(1);
     };
     let Some(target) = curv_mlir::gpu::GpuTarget::parse(gpu) else {
@@ -285,6 +288,7 @@ fn emit(file: &Path, stage_name: &str, output: Option<&Path>, gpu: &str, timings
         return ExitCode::from(1);
     };
     let mode = match stage_name {
+        "tiled" => CompiledStage::Tiled,
         "llvm" => CompiledStage::Llvm,
         "ptx" => CompiledStage::Ptx(target),
         _ => CompiledStage::Mlir,
@@ -654,6 +658,8 @@ fn compare_command(file: &Path, optimizers: &[String], arguments: &RunArguments)
 #[derive(Clone, Copy)]
 enum CompiledStage {
     Mlir,
+    /// The modules after the CPU pipeline's tiling and vectorisation schedule.
+    Tiled,
     Llvm,
     Ptx(curv_mlir::gpu::GpuTarget),
 }
@@ -675,7 +681,7 @@ fn emit_compiled(compilation: &Compilation, mode: CompiledStage) -> Result<Strin
             .map_err(|error| error.message)?;
         match mode {
             CompiledStage::Mlir => out.push_str(&text),
-            CompiledStage::Llvm | CompiledStage::Ptx(_) => {
+            CompiledStage::Tiled | CompiledStage::Llvm | CompiledStage::Ptx(_) => {
                 // Each module is lowered on its own; the comment lines name them.
                 for module in text.split("// ").filter(|chunk| !chunk.trim().is_empty()) {
                     let (title, body) = module.split_once('\n').unwrap_or((module, ""));
@@ -684,9 +690,11 @@ fn emit_compiled(compilation: &Compilation, mode: CompiledStage) -> Result<Strin
                         for kernel in curv_mlir::gpu::lower_to_ptx(body, target).map_err(|error| error.message)? {
                             out.push_str(&format!("// gpu module {}\n{}\n", kernel.name, kernel.ptx));
                         }
+                    } else if let CompiledStage::Tiled = mode {
+                        let tiled = curv_mlir::jit::schedule_text(body).map_err(|error| error.message)?;
+                        out.push_str(&format!("{tiled}\n"));
                     } else {
-                        let lowered = curv_mlir::jit::lower_text(body, curv_mlir::jit::CPU_PIPELINE)
-                            .map_err(|error| error.message)?;
+                        let lowered = curv_mlir::jit::lower_text_for_cpu(body).map_err(|error| error.message)?;
                         out.push_str(&format!("{lowered}\n"));
                     }
                 }

@@ -77,7 +77,8 @@ impl KernelCache {
         hasher.update(std::env::consts::ARCH);
         hasher.update(std::env::consts::OS);
         hasher.update(optimization_level.to_le_bytes());
-        hasher.update(crate::jit::CPU_PIPELINE);
+        hasher.update(crate::jit::CPU_SCHEDULE_PIPELINE);
+        hasher.update(crate::jit::CPU_LOWERING_PIPELINE);
         hasher.update(trampoline_source());
         hasher.update(text);
         hasher.finalize().iter().map(|byte| format!("{byte:02x}")).collect()

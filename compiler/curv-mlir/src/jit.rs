@@ -11,25 +11,94 @@ use melior::{
     ExecutionEngine,
 };
 
-/// The CPU pipeline: fuse elementwise producers into their consumers (a rule's whole update
-/// becomes one loop), bufferise (writing results straight into the destination buffers), lower
-/// linalg to loops, and everything to the LLVM dialect.
-pub const CPU_PIPELINE: &str = "builtin.module(\
+/// The first part of the CPU pipeline, on tensors: MLIR's elementwise fusion (a rule's whole
+/// update becomes one op), then the module's schedule (see `lower::schedule`): the marked
+/// generics are tiled and their tiles become vector code.
+pub const CPU_SCHEDULE_PIPELINE: &str = "builtin.module(\
 canonicalize,\
 func.func(linalg-fuse-elementwise-ops),\
+canonicalize,\
+transform-interpreter,\
+canonicalize)";
+
+/// The rest of the CPU pipeline, after the schedule is erased: masked vector ops made explicit,
+/// bufferisation (writing results straight into the destination buffers), the remaining linalg
+/// ops to loops, and everything to the LLVM dialect.
+pub const CPU_LOWERING_PIPELINE: &str = "builtin.module(\
+func.func(lower-vector-mask),\
 canonicalize,\
 eliminate-empty-tensors,\
 one-shot-bufferize{bufferize-function-boundaries=false},\
 buffer-deallocation-pipeline,\
 func.func(convert-linalg-to-loops),\
+convert-vector-to-scf,\
 convert-scf-to-cf,\
 expand-strided-metadata,\
 lower-affine,\
 finalize-memref-to-llvm,\
 convert-math-to-llvm,\
 convert-math-to-libm,\
+convert-vector-to-llvm,\
 convert-to-llvm,\
 reconcile-unrealized-casts)";
+
+/// Runs `pipeline` on `module`.
+fn run_passes(context: &melior::Context, module: &mut Module, pipeline: &str, stage: &str) -> Result<(), MlirError> {
+    let pass_manager = PassManager::new(context);
+    parse_pass_pipeline(pass_manager.as_operation_pass_manager(), pipeline)
+        .map_err(|error| MlirError { message: format!("bad pass pipeline: {error}") })?;
+    pass_manager.run(module).map_err(|error| MlirError { message: format!("the {stage} failed: {error}") })?;
+    if !module.as_operation().verify() {
+        return Err(MlirError { message: format!("the module does not verify after the {stage}") });
+    }
+    Ok(())
+}
+
+/// The CPU pipeline on a parsed module: the schedule stage (its interpreter only when the module
+/// has a schedule), the schedule erased, then the lowering stage.
+pub fn run_cpu_pipeline(context: &melior::Context, module: &mut Module) -> Result<(), MlirError> {
+    run_schedule_stage(context, module)?;
+    run_passes(context, module, CPU_LOWERING_PIPELINE, "CPU pipeline")
+}
+
+/// The schedule stage of the CPU pipeline, then the schedule erased.
+fn run_schedule_stage(context: &melior::Context, module: &mut Module) -> Result<(), MlirError> {
+    let has_schedule = crate::has_schedule(module);
+    let schedule_pipeline = if has_schedule {
+        CPU_SCHEDULE_PIPELINE.to_string()
+    } else {
+        CPU_SCHEDULE_PIPELINE.replace("transform-interpreter,", "")
+    };
+    run_passes(context, module, &schedule_pipeline, "tiling and vectorisation schedule")?;
+    crate::erase_schedule(module);
+    Ok(())
+}
+
+/// Runs the schedule stage of the CPU pipeline on MLIR text and returns the module with its
+/// marked generics tiled into `scf.for` loops over vector code (`curv emit --stage tiled`).
+pub fn schedule_text(source: &str) -> Result<String, MlirError> {
+    let context = new_context();
+    let mut module = Module::parse(&context, source)
+        .ok_or_else(|| MlirError { message: "MLIR could not parse the module".to_string() })?;
+    if !module.as_operation().verify() {
+        return Err(MlirError { message: "the parsed module does not verify".to_string() });
+    }
+    run_schedule_stage(&context, &mut module)?;
+    Ok(module.as_operation().to_string())
+}
+
+/// Lowers MLIR text (a module `lower` wrote, schedule included) through the CPU pipeline to the
+/// LLVM dialect and returns the result's text (`curv emit --stage llvm`, snapshot tests).
+pub fn lower_text_for_cpu(source: &str) -> Result<String, MlirError> {
+    let context = new_context();
+    let mut module = Module::parse(&context, source)
+        .ok_or_else(|| MlirError { message: "MLIR could not parse the module".to_string() })?;
+    if !module.as_operation().verify() {
+        return Err(MlirError { message: "the parsed module does not verify".to_string() });
+    }
+    run_cpu_pipeline(&context, &mut module)?;
+    Ok(module.as_operation().to_string())
+}
 
 /// Dialect prefixes that must not survive lowering.
 const UNLOWERED: &[&str] = &[
@@ -75,15 +144,7 @@ fn lower_to_llvm<'c>(context: &'c melior::Context, source: &str) -> Result<Modul
     if !module.as_operation().verify() {
         return Err(MlirError { message: "the lowered module does not verify".to_string() });
     }
-    let pass_manager = PassManager::new(context);
-    parse_pass_pipeline(pass_manager.as_operation_pass_manager(), CPU_PIPELINE)
-        .map_err(|error| MlirError { message: format!("bad pass pipeline: {error}") })?;
-    pass_manager
-        .run(&mut module)
-        .map_err(|error| MlirError { message: format!("the CPU pipeline failed: {error}") })?;
-    if !module.as_operation().verify() {
-        return Err(MlirError { message: "the module does not verify after the CPU pipeline".to_string() });
-    }
+    run_cpu_pipeline(context, &mut module)?;
     let text = module.as_operation().to_string();
     if let Some(prefix) = UNLOWERED.iter().find(|prefix| text.contains(&format!(" {prefix}"))) {
         return Err(MlirError {

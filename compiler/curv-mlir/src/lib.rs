@@ -13,7 +13,11 @@ pub mod lower;
 
 use melior::{
     dialect::DialectRegistry,
-    ir::{operation::OperationLike, Module},
+    ir::{
+        block::BlockLike,
+        operation::{OperationLike, OperationMutLike},
+        Module,
+    },
     pass::PassManager,
     utility::{parse_pass_pipeline, register_all_dialects, register_all_llvm_translations, register_all_passes},
     Context,
@@ -46,13 +50,18 @@ pub fn new_context() -> Context {
 }
 
 /// Parses `source` as an MLIR module, verifies it, runs `pipeline` on it and returns the printed
-/// result. Used by the toolchain self-check (`curv version --mlir`) and by tests.
+/// result. A pipeline that does not interpret the module's schedule (the GPU one) runs on the
+/// module with its schedule erased. Used by the GPU path, the toolchain self-check
+/// (`curv version --mlir`) and tests.
 pub fn run_pipeline_on_text(source: &str, pipeline: &str) -> Result<String, MlirError> {
     let context = new_context();
     let mut module = Module::parse(&context, source)
         .ok_or_else(|| MlirError { message: "MLIR could not parse the module".to_string() })?;
     if !module.as_operation().verify() {
         return Err(MlirError { message: "the parsed module does not verify".to_string() });
+    }
+    if !pipeline.contains("transform-interpreter") {
+        erase_schedule(&mut module);
     }
     let pass_manager = PassManager::new(&context);
     parse_pass_pipeline(pass_manager.as_operation_pass_manager(), pipeline)
@@ -62,6 +71,37 @@ pub fn run_pipeline_on_text(source: &str, pipeline: &str) -> Result<String, Mlir
         return Err(MlirError { message: "the lowered module does not verify".to_string() });
     }
     Ok(module.as_operation().to_string())
+}
+
+/// Whether the module holds a transform-dialect schedule (`@__transform_main`, which the lowering
+/// appends to every module it writes).
+pub fn has_schedule(module: &Module) -> bool {
+    let mut operation = module.body().first_operation();
+    while let Some(current) = operation {
+        if current.name().as_string_ref().as_str() == Ok("transform.named_sequence") {
+            return true;
+        }
+        operation = current.next_in_block();
+    }
+    false
+}
+
+/// Removes the module's transform-dialect schedule once it has been interpreted (or when a
+/// pipeline does not use it, as the GPU one does not): no later pass lowers transform ops.
+pub fn erase_schedule(module: &mut Module) {
+    let body = module.body();
+    let mut operation = body.first_operation_mut();
+    while let Some(mut current) = operation {
+        let next = current.next_in_block_mut();
+        if current.name().as_string_ref().as_str() == Ok("transform.named_sequence") {
+            current.remove_from_parent();
+            // Removed from its block, the operation is owned by nothing; destroy it.
+            unsafe { melior::ir::Operation::from_raw(current.to_raw()) };
+        }
+        operation = next;
+    }
+    // A module without the attribute is fine too; there is nothing to report.
+    let _ = module.as_operation_mut().remove_attribute("transform.with_named_sequence");
 }
 
 /// A fixed element-wise `linalg.generic` kernel (`y = a * x + y`) lowered all the way to the LLVM

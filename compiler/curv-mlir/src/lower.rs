@@ -103,6 +103,9 @@ struct Emitter<'a> {
     locate: Option<&'a dyn Fn(curv_grammar::Span) -> String>,
     /// The location of the instruction or kernel being emitted.
     location: Option<String>,
+    /// The vector tiles the module's generics are marked with (`curv.tile`), each once: the
+    /// schedule at the end of the module tiles and vectorises the generics of each.
+    vector_tiles: Vec<Vec<i64>>,
 }
 
 impl Emitter<'_> {
@@ -466,8 +469,16 @@ pub fn lower_function_with_locations(
             .collect();
         shapes.push(shape?);
     }
-    let mut emitter =
-        Emitter { function, shapes, body: String::new(), counter: 0, uses_gemm: false, locate, location: None };
+    let mut emitter = Emitter {
+        function,
+        shapes,
+        body: String::new(),
+        counter: 0,
+        uses_gemm: false,
+        locate,
+        location: None,
+        vector_tiles: Vec::new(),
+    };
     let mut arguments = Vec::new();
     let mut parameters = Vec::new();
     for (index, inst) in function.insts.iter().enumerate() {
@@ -772,11 +783,69 @@ pub fn lower_function_with_locations(
     emitter.line("return");
     let declarations = if emitter.uses_gemm { format!("  {GEMM_DECLARATION}\n") } else { String::new() };
     let text = format!(
-        "module {{\n{declarations}  func.func @{name}({}) attributes {{ llvm.emit_c_interface }} {{\n{}  }}\n}}\n",
+        "module attributes {{transform.with_named_sequence}} {{\n{declarations}  func.func @{name}({}) attributes {{ llvm.emit_c_interface }} {{\n{}  }}\n{}}}\n",
         parameters.join(", "),
-        emitter.body
+        emitter.body,
+        schedule(&emitter.vector_tiles)
     );
     Ok((text, Signature { arguments, outputs }))
+}
+
+/// The vector width of the CPU code: eight `f32` lanes (AVX2) or four `f64` lanes.
+fn vector_lanes(dtype: DType) -> i64 {
+    match dtype {
+        DType::F64 => 4,
+        _ => 8,
+    }
+}
+
+/// The tile an elementwise generic over `shape` is cut into and vectorised by: one element of
+/// every outer dimension and a vector along the innermost, contiguous one. None when the
+/// innermost dimension is shorter than a vector (the loop stays scalar) or the op is rank 0.
+fn vector_tile(shape: &[i64], dtype: DType) -> Option<Vec<i64>> {
+    let lanes = vector_lanes(dtype);
+    let (&innermost, outer) = shape.split_last()?;
+    if innermost < lanes {
+        return None;
+    }
+    let mut tile = vec![1; outer.len()];
+    tile.push(lanes);
+    Some(tile)
+}
+
+fn tile_attribute_text(tile: &[i64]) -> String {
+    let sizes: Vec<String> = tile.iter().map(i64::to_string).collect();
+    format!("array<i64: {}>", sizes.join(", "))
+}
+
+/// The module's tiling and vectorisation schedule, a transform-dialect sequence the CPU pipeline
+/// interprets (and then erases): the generics marked `curv.tile = T` are tiled by `T` with
+/// `scf.for` loops and each tile becomes vector code of shape `T` (masked where a tile is cut
+/// short by the end of a dimension). Marks lost when MLIR's elementwise fusion rebuilds an op
+/// leave that op to the scalar loops LLVM vectorises.
+fn schedule(tiles: &[Vec<i64>]) -> String {
+    let mut text =
+        String::from("  transform.named_sequence @__transform_main(%root: !transform.any_op {transform.readonly}) {\n");
+    for (index, tile) in tiles.iter().enumerate() {
+        let sizes: Vec<String> = tile.iter().map(i64::to_string).collect();
+        let sizes = sizes.join(", ");
+        text.push_str(&format!(
+            "    %generics{index} = transform.structured.match ops{{[\"linalg.generic\"]}} attributes {{curv.tile = {}}} in %root : (!transform.any_op) -> !transform.any_op\n",
+            tile_attribute_text(tile)
+        ));
+        // One loop handle per tiled dimension.
+        let loops: Vec<String> = (0..tile.len()).map(|axis| format!("%loops{index}_{axis}")).collect();
+        let loop_types = vec!["!transform.any_op"; tile.len() + 1].join(", ");
+        text.push_str(&format!(
+            "    %tiles{index}, {} = transform.structured.tile_using_for %generics{index} tile_sizes [{sizes}] : (!transform.any_op) -> ({loop_types})\n",
+            loops.join(", ")
+        ));
+        text.push_str(&format!(
+            "    transform.structured.vectorize %tiles{index} vector_sizes [{sizes}] : !transform.any_op\n"
+        ));
+    }
+    text.push_str("    transform.yield\n  }\n");
+    text
 }
 
 /// What the lowering emits next.
@@ -898,6 +967,9 @@ fn emit_fused_after(
     }
     let body: Vec<ValueId> = kernel.insts.iter().copied().filter(|id| Some(*id) != product).collect();
     emit_body(emitter, plan, inlined, kernel_index, &shape, &body, &mut inputs, &mut names, &mut lines)?;
+    if rank > 0 {
+        lines = hoist_invariant_lines(emitter, &inputs, lines, &mut names);
+    }
     let block_args: Vec<String> = (0..inputs.len()).map(|index| format!("%a{index}")).collect();
     // The generic itself.
     let mut maps: Vec<String> = inputs.iter().map(|(_, results)| map(rank, results)).collect();
@@ -911,8 +983,18 @@ fn emit_fused_after(
     }
     let result_names: Vec<String> = outputs.iter().map(|output| emitter.value(*output)).collect();
     let result_types: Vec<String> = outputs.iter().map(|output| tensor_type(&shape, emitter.dtype(*output))).collect();
+    let tile = vector_tile(&shape, emitter.dtype(first));
+    let tile_attribute = match &tile {
+        Some(tile) => {
+            if !emitter.vector_tiles.contains(tile) {
+                emitter.vector_tiles.push(tile.clone());
+            }
+            format!(", curv.tile = {}", tile_attribute_text(tile))
+        }
+        None => String::new(),
+    };
     let mut text = format!(
-        "{} = linalg.generic {{indexing_maps = [{}], iterator_types = {}}}",
+        "{} = linalg.generic {{indexing_maps = [{}], iterator_types = {}{tile_attribute}}}",
         result_names.join(", "),
         maps.join(", "),
         iterators(&vec!["parallel"; rank])
@@ -944,6 +1026,133 @@ fn emit_fused_after(
         if result_types.len() == 1 { result_types[0].clone() } else { format!("({})", result_types.join(", ")) };
     emitter.line(&format!("}} -> {closing}"));
     Ok(())
+}
+
+/// The `%name` tokens of a line of MLIR text, with their byte ranges.
+fn value_tokens(line: &str) -> Vec<(usize, usize)> {
+    let bytes = line.as_bytes();
+    let mut tokens = Vec::new();
+    let mut index = 0;
+    while index < bytes.len() {
+        if bytes[index] == b'%' {
+            let start = index;
+            index += 1;
+            while index < bytes.len() && (bytes[index].is_ascii_alphanumeric() || bytes[index] == b'_') {
+                index += 1;
+            }
+            tokens.push((start, index));
+        } else {
+            index += 1;
+        }
+    }
+    tokens
+}
+
+/// Moves the body lines of an elementwise kernel that depend only on its rank-0 inputs and on
+/// constants (Adam's bias corrections `1 - beta^t`, a learning rate times a constant) out of the
+/// `linalg.generic`, in front of it: they are computed once per call instead of once per element,
+/// and the vectoriser sees a broadcast scalar instead of a vector `powf`. The rank-0 inputs they
+/// read are extracted from their tensors there; `names` follows the moved results.
+fn hoist_invariant_lines(
+    emitter: &mut Emitter,
+    inputs: &[(ValueId, Vec<String>)],
+    lines: Vec<String>,
+    names: &mut std::collections::HashMap<ValueId, String>,
+) -> Vec<String> {
+    // Renaming of the body's names that are invariant: block arguments of rank-0 inputs (extracted
+    // on first use) and the results of moved lines.
+    let mut renamed: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    // Constants stay in the body (where the vectoriser makes them splats); a moved line that
+    // reads one gets a copy in front of the generic.
+    let mut constants: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    let mut kept = Vec::new();
+    for line in lines {
+        let tokens = value_tokens(&line);
+        let Some(&(result_start, result_end)) = tokens.first() else {
+            kept.push(line);
+            continue;
+        };
+        let defines = line[result_end..].trim_start().starts_with('=') && result_start == 0;
+        let operands = &tokens[1..];
+        if defines && operands.is_empty() {
+            constants.insert(line[result_start..result_end].to_string(), line[result_end..].to_string());
+            kept.push(line);
+            continue;
+        }
+        let invariant = defines
+            && operands.iter().all(|&(start, end)| {
+                let token = &line[start..end];
+                renamed.contains_key(token)
+                    || constants.contains_key(token)
+                    || rank_zero_argument(inputs, token).is_some()
+            });
+        if !invariant {
+            kept.push(line);
+            continue;
+        }
+        // The operands' names outside the generic (extracting rank-0 inputs and copying
+        // constants on first use), then the result's.
+        let mut replacements = Vec::new();
+        for &(start, end) in operands {
+            let token = &line[start..end];
+            let name = if let Some(name) = renamed.get(token) {
+                name.clone()
+            } else if let Some(definition) = constants.get(token) {
+                let name = emitter.fresh();
+                emitter.line(&format!("{name}{definition}"));
+                name
+            } else {
+                let index = rank_zero_argument(inputs, token).unwrap_or_default();
+                let (source, _) = &inputs[index];
+                let name = emitter.fresh();
+                let source_name = emitter.value(*source);
+                let ty = tensor_type(&[], emitter.dtype(*source));
+                emitter.line(&format!("{name} = tensor.extract {source_name}[] : {ty}"));
+                renamed.insert(token.to_string(), name.clone());
+                name
+            };
+            replacements.push(name);
+        }
+        let result = emitter.fresh();
+        renamed.insert(line[result_start..result_end].to_string(), result.clone());
+        replacements.insert(0, result);
+        let mut moved = String::new();
+        let mut last = 0;
+        for (&(start, end), replacement) in tokens.iter().zip(&replacements) {
+            moved.push_str(&line[last..start]);
+            moved.push_str(replacement);
+            last = end;
+        }
+        moved.push_str(&line[last..]);
+        emitter.line(&moved);
+    }
+    // The remaining lines read moved values by their new names.
+    let kept: Vec<String> = kept
+        .into_iter()
+        .map(|line| {
+            let mut out = String::new();
+            let mut last = 0;
+            for (start, end) in value_tokens(&line) {
+                out.push_str(&line[last..start]);
+                out.push_str(renamed.get(&line[start..end]).map(String::as_str).unwrap_or(&line[start..end]));
+                last = end;
+            }
+            out.push_str(&line[last..]);
+            out
+        })
+        .collect();
+    for name in names.values_mut() {
+        if let Some(new_name) = renamed.get(name.as_str()) {
+            *name = new_name.clone();
+        }
+    }
+    kept
+}
+
+/// The input index of `token` when it is the block argument (`%aK`) of a rank-0 input.
+fn rank_zero_argument(inputs: &[(ValueId, Vec<String>)], token: &str) -> Option<usize> {
+    let index: usize = token.strip_prefix("%a")?.parse().ok()?;
+    inputs.get(index).filter(|(_, results)| results.is_empty()).map(|_| index)
 }
 
 /// The scalar code of a kernel's instructions `insts` inside a `linalg.generic` body over

@@ -4,9 +4,11 @@
 //! JIT registers this function with its execution engine; standalone trainers export it under its
 //! C-interface name `_mlir_ciface_curv_sgemm`.
 
-/// Products below this many multiply-adds run on the calling thread (faer's sequential GEMM);
-/// larger ones use `matrixmultiply`, whose threads would cost more than they save on small ones.
-pub const SEQUENTIAL_GEMM_MULTIPLY_ADDS: usize = 1 << 25;
+/// Products below this many multiply-adds (a 256-cube) run on the calling thread (faer's
+/// sequential GEMM); larger ones use `matrixmultiply`'s threads. Measured on a 2-core machine
+/// (`curv bench-kernels`): a 256-cube runs at 145 GFLOP/s threaded against 88 on one thread,
+/// while the digits MLP's 128x256x256 products were slower threaded than not.
+pub const SEQUENTIAL_GEMM_MULTIPLY_ADDS: usize = 1 << 24;
 
 /// MLIR's descriptor of a rank-2 strided memref.
 #[repr(C)]
