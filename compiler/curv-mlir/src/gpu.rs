@@ -8,11 +8,9 @@
 //! threads, outlines every launch into a `gpu.func` kernel, and runs `gpu-lower-to-nvvm-pipeline` with `cubin-format=isa`,
 //! which gives PTX text without a CUDA toolkit. The chip and PTX version come from [`GpuTarget`],
 //! never from a user's string (an `sm_90` target without `+ptx80` aborts LLVM). Matrix products
-//! stay calls on the host side of the module (on a GPU they will be cuBLAS calls). `powf`,
-//! `sqrtf` and the other math functions that have no PTX instruction are calls of libdevice
-//! (`__nv_*`), declared `.extern` in the PTX: the runtime that loads and launches this PTX (not
-//! written yet) must link libdevice, or the lowering must write them out as it does `exp` and
-//! `tanh`.
+//! stay calls on the host side of the module (on a GPU they will be cuBLAS calls). The math
+//! functions MLIR's NVVM lowering leaves to libdevice (`__nv_*`) are defined in every GPU module
+//! with PTX instructions ([`DEVICE_MATH`]), so the PTX needs nothing at load time.
 
 use crate::MlirError;
 
@@ -51,22 +49,114 @@ impl GpuTarget {
     }
 }
 
-/// The pass pipeline from a kernel module to one with PTX in `gpu.binary` ops.
-pub fn gpu_pipeline(target: GpuTarget) -> String {
-    format!(
-        "builtin.module(\
+/// The first part of the GPU pipeline: a kernel module bufferised, its `linalg` ops turned into
+/// parallel loops, tiled, mapped to blocks and threads and outlined into `gpu.func` kernels, each
+/// in its own `gpu.module`.
+pub const GPU_OUTLINING_PIPELINE: &str = "builtin.module(\
 canonicalize,\
 func.func(linalg-fuse-elementwise-ops),\
 canonicalize,\
 eliminate-empty-tensors,\
-one-shot-bufferize{{bufferize-function-boundaries=false}},\
-func.func(convert-linalg-to-parallel-loops,scf-parallel-loop-tiling{{parallel-loop-tile-sizes=32,8 no-min-max-bounds=true}},gpu-map-parallel-loops,convert-parallel-loops-to-gpu),\
+one-shot-bufferize{bufferize-function-boundaries=false},\
+func.func(convert-linalg-to-parallel-loops,scf-parallel-loop-tiling{parallel-loop-tile-sizes=32,8 no-min-max-bounds=true},gpu-map-parallel-loops,convert-parallel-loops-to-gpu),\
 gpu-kernel-outlining,\
-canonicalize,\
-gpu-lower-to-nvvm-pipeline{{cubin-format=isa cubin-chip={} cubin-features={}}})",
+canonicalize)";
+
+/// The second part: the kernels (with [`DEVICE_MATH`] in every GPU module) through NVVM to PTX
+/// in `gpu.binary` ops, for `target`.
+pub fn gpu_codegen_pipeline(target: GpuTarget) -> String {
+    format!(
+        "builtin.module(gpu-lower-to-nvvm-pipeline{{cubin-format=isa cubin-chip={} cubin-features={}}})",
         target.chip(),
         target.features()
     )
+}
+
+/// Definitions of the libdevice functions (`__nv_*`) that MLIR's NVVM lowering calls for math
+/// without a PTX instruction of its own, written with PTX instructions, so the PTX is complete
+/// and the CUDA driver can load it without libdevice (which only a CUDA toolkit has). The lowering
+/// finds these definitions instead of declaring the functions external. `sqrt`, `fabs`, `fma`,
+/// `copysign` and `rint` are exact PTX instructions; `log`, `exp` and `pow` go through the
+/// hardware's base-2 approximations (`lg2.approx`, `ex2.approx`, relative error about 2^-22),
+/// with `pow` following C's rules for a negative base (an odd integer exponent keeps the sign,
+/// a fractional one gives NaN) and `pow(x, 0) = pow(1, y) = 1`. They are internal, so the ones
+/// a kernel does not call are dropped.
+pub const DEVICE_MATH: &str = r#"
+    llvm.func internal @__nv_sqrtf(%x: f32) -> f32 {
+      %r = llvm.inline_asm "sqrt.rn.f32 $0, $1;", "=f,f" %x : (f32) -> f32
+      llvm.return %r : f32
+    }
+    llvm.func internal @__nv_fabsf(%x: f32) -> f32 {
+      %r = llvm.inline_asm "abs.f32 $0, $1;", "=f,f" %x : (f32) -> f32
+      llvm.return %r : f32
+    }
+    llvm.func internal @__nv_fmaf(%a: f32, %b: f32, %c: f32) -> f32 {
+      %r = llvm.inline_asm "fma.rn.f32 $0, $1, $2, $3;", "=f,f,f,f" %a, %b, %c : (f32, f32, f32) -> f32
+      llvm.return %r : f32
+    }
+    llvm.func internal @__nv_copysignf(%magnitude: f32, %sign: f32) -> f32 {
+      %r = llvm.inline_asm "copysign.f32 $0, $2, $1;", "=f,f,f" %magnitude, %sign : (f32, f32) -> f32
+      llvm.return %r : f32
+    }
+    llvm.func internal @__nv_rintf(%x: f32) -> f32 {
+      %r = llvm.inline_asm "cvt.rni.f32.f32 $0, $1;", "=f,f" %x : (f32) -> f32
+      llvm.return %r : f32
+    }
+    llvm.func internal @__nv_logf(%x: f32) -> f32 {
+      %l = llvm.inline_asm "lg2.approx.f32 $0, $1;", "=f,f" %x : (f32) -> f32
+      %ln2 = llvm.mlir.constant(0.693147182 : f32) : f32
+      %r = llvm.fmul %l, %ln2 : f32
+      llvm.return %r : f32
+    }
+    llvm.func internal @__nv_expf(%x: f32) -> f32 {
+      %log2e = llvm.mlir.constant(1.44269502 : f32) : f32
+      %s = llvm.fmul %x, %log2e : f32
+      %r = llvm.inline_asm "ex2.approx.f32 $0, $1;", "=f,f" %s : (f32) -> f32
+      llvm.return %r : f32
+    }
+    llvm.func internal @__nv_powf(%a: f32, %b: f32) -> f32 {
+      %magnitude = llvm.inline_asm "abs.f32 $0, $1;", "=f,f" %a : (f32) -> f32
+      %l = llvm.inline_asm "lg2.approx.f32 $0, $1;", "=f,f" %magnitude : (f32) -> f32
+      %bl = llvm.fmul %b, %l : f32
+      %p = llvm.inline_asm "ex2.approx.f32 $0, $1;", "=f,f" %bl : (f32) -> f32
+      %rounded = llvm.inline_asm "cvt.rni.f32.f32 $0, $1;", "=f,f" %b : (f32) -> f32
+      %integer = llvm.fcmp "oeq" %rounded, %b : f32
+      %half_constant = llvm.mlir.constant(5.000000e-01 : f32) : f32
+      %half = llvm.fmul %b, %half_constant : f32
+      %half_rounded = llvm.inline_asm "cvt.rni.f32.f32 $0, $1;", "=f,f" %half : (f32) -> f32
+      %even = llvm.fcmp "oeq" %half_rounded, %half : f32
+      %zero = llvm.mlir.constant(0.000000e+00 : f32) : f32
+      %negative = llvm.fcmp "olt" %a, %zero : f32
+      %true = llvm.mlir.constant(true) : i1
+      %not_even = llvm.xor %even, %true : i1
+      %odd = llvm.and %integer, %not_even : i1
+      %flip = llvm.and %negative, %odd : i1
+      %minus = llvm.fneg %p : f32
+      %signed = llvm.select %flip, %minus, %p : i1, f32
+      %fractional = llvm.xor %integer, %true : i1
+      %undefined = llvm.and %negative, %fractional : i1
+      %nan = llvm.mlir.constant(0x7FC00000 : f32) : f32
+      %defined = llvm.select %undefined, %nan, %signed : i1, f32
+      %one = llvm.mlir.constant(1.000000e+00 : f32) : f32
+      %zero_exponent = llvm.fcmp "oeq" %b, %zero : f32
+      %unit_base = llvm.fcmp "oeq" %a, %one : f32
+      %unit = llvm.or %zero_exponent, %unit_base : i1
+      %r = llvm.select %unit, %one, %defined : i1, f32
+      llvm.return %r : f32
+    }
+"#;
+
+/// Adds [`DEVICE_MATH`] at the start of every `gpu.module` of a printed module.
+pub fn add_device_math(module: &str) -> String {
+    let mut out = String::with_capacity(module.len());
+    for line in module.split_inclusive('\n') {
+        out.push_str(line);
+        let trimmed = line.trim();
+        if trimmed.starts_with("gpu.module @") && trimmed.ends_with('{') {
+            out.push_str(DEVICE_MATH.trim_start_matches('\n'));
+        }
+    }
+    out
 }
 
 unsafe extern "C" {
@@ -98,7 +188,8 @@ pub struct PtxModule {
 /// per outlined kernel module, in the order of the module.
 pub fn lower_to_ptx(text: &str, target: GpuTarget) -> Result<Vec<PtxModule>, MlirError> {
     initialise_nvptx();
-    let lowered = crate::run_pipeline_on_text(text, &gpu_pipeline(target))?;
+    let outlined = crate::run_pipeline_on_text(text, GPU_OUTLINING_PIPELINE)?;
+    let lowered = crate::run_pipeline_on_text(&add_device_math(&outlined), &gpu_codegen_pipeline(target))?;
     let modules = extract_ptx(&lowered);
     if modules.is_empty() && lowered.contains("gpu.launch_func") {
         return Err(MlirError { message: "the GPU pipeline produced launches but no PTX".to_string() });
