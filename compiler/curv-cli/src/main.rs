@@ -128,7 +128,8 @@ struct RunArguments {
     /// `--precision f64` the interpreter runs.
     #[arg(long, default_value = "mlir")]
     backend: String,
-    /// Device to train on.
+    /// Device to train on: `cpu`, or `cuda` (the first NVIDIA GPU; kernels compiled to PTX and
+    /// launched through the CUDA driver, matrix products on cuBLAS).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Element type the interpreter computes in: f32 or f64.
@@ -377,10 +378,46 @@ fn run_options(arguments: &RunArguments, metrics: Option<PathBuf>) -> Result<cur
             return Err(ExitCode::from(1));
         }
     };
-    if arguments.device != "cpu" {
-        eprintln!("error: device `{}` is not available yet; training runs on `cpu`", arguments.device);
-        return Err(ExitCode::from(1));
-    }
+    let backend = match arguments.device.as_str() {
+        "cpu" => backend,
+        "cuda" => {
+            if arguments.backend != "mlir" || arguments.precision != "f32" {
+                eprintln!(
+                    "error: `--device cuda` runs the `mlir` backend in f32; the interpreter runs on the CPU only"
+                );
+                return Err(ExitCode::from(1));
+            }
+            match curv_cuda::probe()
+                .map_err(|error| error.to_string())
+                .and_then(|device| curv_mlir::backend::gpu_target(&device).map(|target| (device, target)))
+            {
+                Ok((device, target)) => eprintln!(
+                    "device: {} ({}, {} MiB), PTX for {}",
+                    device.name,
+                    device.chip(),
+                    device.memory_bytes >> 20,
+                    target.chip()
+                ),
+                Err(message) => {
+                    eprintln!("error: {message} (`--device cuda` needs an NVIDIA GPU and its driver)");
+                    return Err(ExitCode::from(1));
+                }
+            }
+            let factory: curv_driver::run::BackendFactory = || match curv_mlir::backend::MlirBackend::for_cuda(2) {
+                Ok(backend) => Box::new(backend),
+                // The device was found a moment ago; if it is gone now, the CPU backend runs.
+                Err(message) => {
+                    eprintln!("warning: {message}; training on the CPU");
+                    Box::new(curv_mlir::backend::MlirBackend::new(2))
+                }
+            };
+            Some(factory)
+        }
+        other => {
+            eprintln!("error: unknown device `{other}`; the devices are `cpu` and `cuda`");
+            return Err(ExitCode::from(1));
+        }
+    };
     let precision = match arguments.precision.as_str() {
         "f32" => curv_driver::run::Precision::F32,
         "f64" => curv_driver::run::Precision::F64,

@@ -725,3 +725,72 @@ fn grouped_rule_updates_give_the_per_parameter_results_bit_for_bit() {
         }
     }
 }
+
+/// `--device cuda`: on a machine with a GPU, 20 steps of every example and preset agree with the
+/// CPU run (the MLIR backend on both; the GPU's `log`/`exp`/`pow` are the hardware's
+/// approximations and cuBLAS sums in another order, so the tolerance is the CPU test's: 1e-3
+/// relative); without one, the run stops before training with the "no CUDA device" error.
+#[test]
+fn the_cuda_device_trains_like_the_cpu_or_says_there_is_no_gpu() {
+    let probe = curv(&["run", "examples/digits_mlp.curv", "--device", "cuda", "--steps", "1", "--quiet"]);
+    let stderr = String::from_utf8_lossy(&probe.stderr).into_owned();
+    if stderr.contains("no CUDA device") {
+        println!("skipped: no CUDA device");
+        assert_eq!(probe.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("`--device cuda` needs an NVIDIA GPU and its driver"), "{stderr}");
+        return;
+    }
+    assert_eq!(probe.status.code(), Some(0), "{stderr}");
+    let mut examples: Vec<PathBuf> = std::fs::read_dir(repository_root().join("examples/optimizers"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|extension| extension == "curv"))
+        .collect();
+    examples.extend(
+        ["digits_mlp.curv", "siren.curv", "digits_cnn.curv"].map(|name| repository_root().join("examples").join(name)),
+    );
+    examples.sort();
+    for example in examples {
+        let name = example.file_stem().unwrap().to_string_lossy().into_owned();
+        let mut runs = Vec::new();
+        for device in ["cpu", "cuda"] {
+            let directory = scratch(&format!("device-{name}-{device}"));
+            let metrics_path = directory.join("metrics.jsonl");
+            let output = curv(&[
+                "run",
+                example.to_str().unwrap(),
+                "--device",
+                device,
+                "--steps",
+                "20",
+                "--metrics",
+                metrics_path.to_str().unwrap(),
+                "--out",
+                directory.to_str().unwrap(),
+                "--quiet",
+            ]);
+            let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+            if stderr.contains("is not executable yet") {
+                break;
+            }
+            assert_eq!(output.status.code(), Some(0), "{name} on {device}: {stderr}");
+            let loss = value(metrics(&metrics_path).last().unwrap(), "loss");
+            runs.push((loss, read_parameters(&directory.join("final.safetensors"))));
+        }
+        if runs.len() < 2 {
+            continue;
+        }
+        let ((cpu_loss, cpu_params), (gpu_loss, gpu_params)) = (&runs[0], &runs[1]);
+        assert!(
+            (gpu_loss - cpu_loss).abs() <= 1e-3 * cpu_loss.abs().max(1e-6),
+            "{name}: loss {cpu_loss} vs {gpu_loss}"
+        );
+        for ((param, expected), (_, actual)) in cpu_params.iter().zip(gpu_params) {
+            let difference: f64 =
+                expected.iter().zip(actual).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
+            let norm = expected.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt().max(1e-12);
+            assert!(difference / norm < 1e-3, "{name} `{param}`: relative difference {:e}", difference / norm);
+        }
+    }
+}

@@ -1,7 +1,8 @@
-//! The MLIR CPU backend of the training runtime: each IR function the trainer evaluates is
-//! lowered, compiled once per key (and parameter size) and then called on the trainer's buffers.
+//! The MLIR backend of the training runtime: each IR function the trainer evaluates is lowered,
+//! compiled once per key (and parameter size) for the CPU or a CUDA GPU, and then called on the
+//! trainer's buffers.
 
-use crate::jit::{compile, CompiledFunction};
+use crate::jit::{compile, compile_for_cuda, CompiledFunction};
 use crate::lower::lower_function;
 use curv_interp::{Inputs, Value};
 use curv_ir::Function;
@@ -25,6 +26,8 @@ pub struct MlirBackend {
     compile_seconds: std::cell::Cell<f64>,
     /// The artifact cache, when the environment allows one (see `crate::cache`).
     cache: Option<crate::cache::KernelCache>,
+    /// The GPU the functions run on; none for the CPU.
+    gpu: Option<crate::gpu::GpuTarget>,
 }
 
 impl MlirBackend {
@@ -35,7 +38,33 @@ impl MlirBackend {
             compiled: RefCell::new(HashMap::new()),
             compile_seconds: std::cell::Cell::new(0.0),
             cache: crate::cache::KernelCache::from_environment(),
+            gpu: None,
         }
+    }
+
+    /// A backend whose functions run on the CUDA GPU `curv_cuda::probe` finds, with PTX for its
+    /// chip (`sm_90` from compute capability 9.0 on, `sm_80` for 8.x, which the driver's JIT
+    /// also runs on 8.6 and 8.9). Without a usable GPU, the reason.
+    pub fn for_cuda(optimization_level: usize) -> Result<MlirBackend, String> {
+        let target = gpu_target(&curv_cuda::probe().map_err(|error| error.to_string())?)?;
+        let mut backend = MlirBackend::new(optimization_level);
+        // Kernels for the GPU are compiled in the process each run (the cache holds CPU code).
+        backend.cache = None;
+        backend.gpu = Some(target);
+        Ok(backend)
+    }
+}
+
+/// The PTX target for a device.
+pub fn gpu_target(device: &curv_cuda::DeviceInfo) -> Result<crate::gpu::GpuTarget, String> {
+    match device.compute_capability {
+        (major, _) if major >= 9 => Ok(crate::gpu::GpuTarget::Sm90),
+        (8, _) => Ok(crate::gpu::GpuTarget::Sm80),
+        _ => Err(format!(
+            "the GPU {} ({}) is older than curv supports: it generates PTX for sm_80 and sm_90",
+            device.name,
+            device.chip()
+        )),
     }
 }
 
@@ -66,6 +95,16 @@ impl Backend<f32> for MlirBackend {
                 format!("kernel_{}", compiled.len())
             };
             let entry = match lower_function(function, &name, &bindings) {
+                Ok((text, signature)) if self.gpu.is_some() => Entry::Compiled(
+                    compile_for_cuda(
+                        &text,
+                        &name,
+                        signature,
+                        self.gpu.unwrap_or(crate::gpu::GpuTarget::Sm90),
+                        self.optimization_level,
+                    )
+                    .map_err(|error| error.message)?,
+                ),
                 Ok((text, signature)) => {
                     let cached =
                         self.cache.as_ref().and_then(|cache| cache.load_or_build(&text, self.optimization_level).ok());

@@ -49,7 +49,8 @@ impl GpuTarget {
     }
 }
 
-/// The first part of the GPU pipeline: a kernel module bufferised, its `linalg` ops turned into
+/// The first part of the GPU pipeline: a kernel module bufferised (with the deallocations of its
+/// intermediate buffers), its `linalg` ops turned into
 /// parallel loops, tiled, mapped to blocks and threads and outlined into `gpu.func` kernels, each
 /// in its own `gpu.module`.
 pub const GPU_OUTLINING_PIPELINE: &str = "builtin.module(\
@@ -58,6 +59,7 @@ func.func(linalg-fuse-elementwise-ops),\
 canonicalize,\
 eliminate-empty-tensors,\
 one-shot-bufferize{bufferize-function-boundaries=false},\
+buffer-deallocation-pipeline,\
 func.func(convert-linalg-to-parallel-loops,scf-parallel-loop-tiling{parallel-loop-tile-sizes=32,8 no-min-max-bounds=true},gpu-map-parallel-loops,convert-parallel-loops-to-gpu),\
 gpu-kernel-outlining,\
 canonicalize)";
@@ -248,6 +250,71 @@ fn unescape_mlir_string(body: &str) -> (String, usize) {
         }
     }
     (String::from_utf8_lossy(&out).into_owned(), bytes.len())
+}
+
+/// The host side's allocations of an outlined module made GPU allocations: `memref.alloc` becomes
+/// `gpu.alloc host_shared` (the runtime gives managed memory, which kernels and the host side
+/// both reach) and `memref.dealloc` a call of the runtime's `curv_cuda_free` on the buffer's
+/// address. A stack allocation (`memref.alloca`),
+/// which a kernel could not reach, is an error.
+pub fn device_allocations(module: &str) -> Result<String, MlirError> {
+    let unexpected =
+        |line: &str| MlirError { message: format!("unexpected allocation on the host side: {}", line.trim()) };
+    let mut out = String::with_capacity(module.len());
+    // Inside a `gpu.module` (printed at an indentation of two, closed by `  }`), nothing changes.
+    let mut in_gpu_module = false;
+    let mut freed = 0;
+    for line in module.split_inclusive('\n') {
+        if in_gpu_module {
+            in_gpu_module = line.trim_end() != "  }";
+            out.push_str(line);
+            continue;
+        }
+        if line.trim_start().starts_with("gpu.module @") {
+            in_gpu_module = true;
+            out.push_str(line);
+        } else if line.contains("memref.alloca") {
+            return Err(MlirError {
+                message: format!("a stack allocation on the host side, which kernels cannot reach: {}", line.trim()),
+            });
+        } else if let Some(start) = line.find("memref.alloc(") {
+            // `memref.alloc(SIZES) {alignment = 64 : i64} : TYPE`
+            let rest = &line[start + "memref.alloc(".len()..];
+            let close = rest.find(')').ok_or_else(|| unexpected(line))?;
+            let colon = rest.rfind(" : ").ok_or_else(|| unexpected(line))?;
+            out.push_str(&line[..start]);
+            out.push_str(&format!("gpu.alloc host_shared ({}){}", &rest[..close], &rest[colon..]));
+        } else if let Some(start) = line.find("memref.dealloc ") {
+            // `memref.dealloc %x : TYPE` (MLIR's lowering drops a synchronous `gpu.dealloc`).
+            let operand = &line[start + "memref.dealloc ".len()..];
+            let (value, ty) = operand.split_once(" : ").ok_or_else(|| unexpected(line))?;
+            let ty = ty.split(" loc(").next().unwrap_or(ty).trim();
+            let indentation = &line[..start];
+            freed += 1;
+            out.push_str(&format!(
+                "{indentation}%curv_freed{freed} = memref.extract_aligned_pointer_as_index {value} : {ty} -> index\n"
+            ));
+            out.push_str(&format!("{indentation}func.call @curv_cuda_free(%curv_freed{freed}) : (index) -> ()\n"));
+        } else {
+            out.push_str(line);
+        }
+    }
+    if freed > 0 {
+        // Declare the runtime's free at the top of the module.
+        let start = out.find("{\n").ok_or_else(|| MlirError { message: "a module without a body".to_string() })? + 2;
+        out.insert_str(start, "  func.func private @curv_cuda_free(index)\n");
+    }
+    Ok(out)
+}
+
+/// Lowers a kernel module (the text `crate::lower` produces) for the GPU to the LLVM dialect, host
+/// side included: kernels as PTX in `gpu.binary` ops, launches, allocations in managed memory and
+/// matrix products (cuBLAS through the runtime) as calls into `curv-cuda`.
+pub fn lower_for_cuda(text: &str, target: GpuTarget) -> Result<String, MlirError> {
+    initialise_nvptx();
+    let outlined = crate::run_pipeline_on_text(text, GPU_OUTLINING_PIPELINE)?;
+    let allocated = device_allocations(&outlined)?;
+    crate::run_pipeline_on_text(&add_device_math(&allocated), &gpu_codegen_pipeline(target))
 }
 
 #[cfg(test)]

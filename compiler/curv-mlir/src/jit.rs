@@ -120,6 +120,14 @@ pub fn lower_text(source: &str, pipeline: &str) -> Result<String, MlirError> {
     crate::run_pipeline_on_text(source, pipeline)
 }
 
+/// Where a compiled function runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    /// A CUDA GPU: kernels launched through `curv-cuda`, buffers staged in managed memory.
+    Cuda,
+}
+
 /// A function compiled by the execution engine.
 pub struct CompiledFunction {
     // The engine is declared first so it is dropped before the context it was built in.
@@ -127,6 +135,7 @@ pub struct CompiledFunction {
     _context: melior::Context,
     name: String,
     pub signature: Signature,
+    pub device: Device,
 }
 
 impl std::fmt::Debug for CompiledFunction {
@@ -196,7 +205,61 @@ pub fn compile(
         register_runtime_functions(&engine);
         engine
     };
-    Ok(CompiledFunction { engine, _context: context, name: name.to_string(), signature })
+    Ok(CompiledFunction { engine, _context: context, name: name.to_string(), signature, device: Device::Cpu })
+}
+
+/// Lowers `source` for a CUDA GPU of `target` (kernels as PTX, launched from the host side) and
+/// creates an execution engine whose GPU runtime functions are `curv-cuda`'s. No GPU is needed to
+/// compile; calling the function without one returns the "no CUDA device" error.
+pub fn compile_for_cuda(
+    source: &str,
+    name: &str,
+    signature: Signature,
+    target: crate::gpu::GpuTarget,
+    optimization_level: usize,
+) -> Result<CompiledFunction, MlirError> {
+    let context = new_context();
+    let engine = {
+        let lowered = crate::gpu::lower_for_cuda(source, target)?;
+        let module = Module::parse(&context, &lowered)
+            .ok_or_else(|| MlirError { message: "MLIR could not parse the GPU-lowered module".to_string() })?;
+        if !module.as_operation().verify() {
+            return Err(MlirError { message: "the GPU-lowered module does not verify".to_string() });
+        }
+        check_fully_lowered(&module.as_operation().to_string(), &["gpu.launch_func", "gpu.binary"])?;
+        let engine = ExecutionEngine::new(&module, optimization_level, &[], false, false);
+        // The GPU module's constructor loads its PTX at the first call, through these.
+        for function in curv_runtime::linalg::runtime_functions() {
+            if function.name != "curv_sgemm" {
+                unsafe {
+                    engine.register_symbol(&format!("_mlir_ciface_{}", function.name), function.address as *mut ())
+                };
+            }
+        }
+        for (symbol, address) in curv_cuda::runtime_symbols() {
+            unsafe { engine.register_symbol(symbol, address) };
+        }
+        engine
+    };
+    Ok(CompiledFunction { engine, _context: context, name: name.to_string(), signature, device: Device::Cuda })
+}
+
+/// Fails when the printed module still has operations of a dialect other than LLVM, except the
+/// `allowed` ones (the GPU launches and binaries the translation to LLVM IR handles).
+fn check_fully_lowered(text: &str, allowed: &[&str]) -> Result<(), MlirError> {
+    for line in text.lines() {
+        let trimmed = line.trim_start();
+        let operation = trimmed.split_once(" = ").map(|(_, rest)| rest).unwrap_or(trimmed);
+        if allowed.iter().any(|name| operation.starts_with(name)) {
+            continue;
+        }
+        if let Some(prefix) = UNLOWERED.iter().find(|prefix| operation.starts_with(*prefix)) {
+            return Err(MlirError {
+                message: format!("the module is not fully lowered to the LLVM dialect (`{prefix}` remains)"),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Makes the runtime functions generated code may call (the GEMM and the matrix decompositions of
@@ -249,8 +312,78 @@ impl CompiledFunction {
                 message: format!("`{}` takes {expected} arguments, got {}", self.name, slots.len()),
             });
         }
+        if self.device == Device::Cuda {
+            return self.call_packed_on_gpu(slots);
+        }
         unsafe { self.engine.invoke_packed(&self.name, slots) }
             .map_err(|error| MlirError { message: format!("calling `{}`: {error}", self.name) })
+    }
+
+    /// The shapes and element sizes of the arguments then the outputs.
+    fn buffer_layouts(&self) -> Vec<(Vec<i64>, usize)> {
+        let size = |dtype: curv_ir::DType| if dtype == curv_ir::DType::F64 { 8 } else { 4 };
+        self.signature
+            .arguments
+            .iter()
+            .map(|argument| (argument.shape.clone(), size(argument.dtype)))
+            .chain(self.signature.outputs.iter().map(|(_, shape, dtype)| (shape.clone(), size(*dtype))))
+            .collect()
+    }
+
+    /// A call on the GPU: every buffer is copied into managed memory (which the kernels reach),
+    /// the descriptors are pointed at the copies for the call, the outputs are copied back after
+    /// the device has finished, and the first error of the runtime is the call's error.
+    fn call_packed_on_gpu(&self, slots: &mut [*mut ()]) -> Result<(), MlirError> {
+        let error = |message: String| MlirError { message: format!("calling `{}` on the GPU: {message}", self.name) };
+        let layouts = self.buffer_layouts();
+        let mut staged = Vec::with_capacity(slots.len());
+        let mut originals = Vec::with_capacity(slots.len());
+        for (slot, (shape, element_bytes)) in slots.iter().zip(&layouts) {
+            // SAFETY: each slot points at the pointer to a memref descriptor of this rank, as
+            // `curv_runtime::compiled` and `call` build them: [allocated, aligned, offset, ...].
+            let descriptor = unsafe { *(*slot as *mut *mut i64) };
+            let (aligned, offset) = unsafe { (*descriptor.add(1) as *mut u8, *descriptor.add(2)) };
+            let bytes = shape.iter().product::<i64>().max(0) as usize * element_bytes;
+            let host = unsafe { std::slice::from_raw_parts(aligned.add(offset as usize * element_bytes), bytes) };
+            let buffer = curv_cuda::ManagedBuffer::copy_of(host).map_err(|cause| error(cause.to_string()))?;
+            originals.push((descriptor, unsafe { (*descriptor, *descriptor.add(1), *descriptor.add(2)) }));
+            unsafe {
+                *descriptor = buffer.as_mut_ptr() as i64;
+                *descriptor.add(1) = buffer.as_mut_ptr() as i64;
+                *descriptor.add(2) = 0;
+            }
+            staged.push(buffer);
+        }
+        curv_cuda::take_error();
+        let result = unsafe { self.engine.invoke_packed(&self.name, slots) };
+        let synchronised = curv_cuda::synchronize();
+        // The descriptors point at the caller's buffers again, whatever happened.
+        for (descriptor, (allocated, aligned, offset)) in &originals {
+            unsafe {
+                **descriptor = *allocated;
+                *descriptor.add(1) = *aligned;
+                *descriptor.add(2) = *offset;
+            }
+        }
+        result.map_err(|cause| error(cause.to_string()))?;
+        if let Some(message) = curv_cuda::take_error() {
+            return Err(error(message));
+        }
+        synchronised.map_err(|cause| error(cause.to_string()))?;
+        let first_output = self.signature.arguments.len();
+        for (((descriptor, _), buffer), (_, element_bytes)) in
+            originals.iter().zip(&staged).zip(&layouts).skip(first_output)
+        {
+            let (aligned, offset) = unsafe { (*descriptor.add(1) as *mut u8, *descriptor.add(2) as usize) };
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    buffer.as_slice().as_ptr(),
+                    aligned.add(offset * element_bytes),
+                    buffer.len(),
+                )
+            };
+        }
+        Ok(())
     }
 
     /// Calls the function with its arguments then its outputs, in signature order. Buffer sizes
@@ -284,6 +417,9 @@ impl CompiledFunction {
             descriptor_pointers.iter_mut().map(|pointer| pointer as *mut *mut i64 as *mut ()).collect();
         // The C interface takes a pointer to each memref descriptor; `invoke_packed` takes a
         // pointer to each argument, hence a pointer to the descriptor pointer.
+        if self.device == Device::Cuda {
+            return self.call_packed_on_gpu(&mut slots);
+        }
         unsafe { self.engine.invoke_packed(&self.name, &mut slots) }
             .map_err(|error| MlirError { message: format!("calling `{}`: {error}", self.name) })
     }

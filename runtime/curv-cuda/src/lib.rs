@@ -1,0 +1,667 @@
+//! `curv-cuda` owns curv's CUDA runtime: finding the GPU, the functions the host side of the
+//! generated GPU code calls, and the memory it runs on.
+//!
+//! MLIR's GPU lowering turns every kernel launch of a module into calls of `mgpu*` functions
+//! (load the module's embedded PTX through the driver's JIT, look a kernel up, create a stream,
+//! launch, synchronise) and curv's matrix products into calls of `_mlir_ciface_curv_sgemm`. This
+//! crate defines those functions over the CUDA driver API and cuBLAS ([`runtime_symbols`] lists
+//! them for an execution engine; a standalone trainer links them by name). Both libraries are
+//! loaded at run time through `cudarc`'s dynamic loading, so curv builds and runs (on the CPU) on
+//! a machine with neither, and [`probe`] says why there is no GPU.
+//!
+//! Memory is CUDA managed memory ([`ManagedBuffer`]): the host side of the generated code and
+//! the runtime read and write it as ordinary memory, kernels reach it on the device, and the
+//! driver migrates the pages. Errors never abort the process: the first one is kept, with the name
+//! of the kernel concerned, and the caller takes it after the call ([`take_error`]).
+
+use cudarc::driver::sys as cu;
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::sync::{Mutex, OnceLock};
+
+/// Why there is no GPU to run on, or what failed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CudaError {
+    /// The CUDA driver library (`libcuda.so`) could not be loaded.
+    NoDriver,
+    /// The driver loaded but found no device.
+    NoDevice,
+    /// A driver or cuBLAS call failed.
+    Failed(String),
+}
+
+impl std::fmt::Display for CudaError {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CudaError::NoDriver => {
+                formatter.write_str("no CUDA device: the CUDA driver (libcuda.so) could not be loaded on this machine")
+            }
+            CudaError::NoDevice => formatter.write_str("no CUDA device: the CUDA driver found no GPU"),
+            CudaError::Failed(message) => formatter.write_str(message),
+        }
+    }
+}
+
+impl std::error::Error for CudaError {}
+
+/// The GPU curv runs on (the first device).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceInfo {
+    pub name: String,
+    /// Major and minor compute capability (9.0 for H100 and H200, 8.0 for A100).
+    pub compute_capability: (i32, i32),
+    pub memory_bytes: usize,
+}
+
+impl DeviceInfo {
+    /// The PTX target name of the device (`sm_90`, `sm_80`).
+    pub fn chip(&self) -> String {
+        format!("sm_{}{}", self.compute_capability.0, self.compute_capability.1)
+    }
+}
+
+struct Context {
+    context: cu::CUcontext,
+    info: DeviceInfo,
+}
+
+// The primary context of a device may be made current on any thread.
+unsafe impl Send for Context {}
+unsafe impl Sync for Context {}
+
+static CONTEXT: OnceLock<Result<Context, CudaError>> = OnceLock::new();
+
+/// The name of a driver result (`CUDA_ERROR_OUT_OF_MEMORY`).
+fn result_name(result: cu::CUresult) -> String {
+    let mut name: *const c_char = std::ptr::null();
+    // SAFETY: only called once the driver is loaded; the name is a static string or null.
+    unsafe {
+        if cu::cuGetErrorName(result, &mut name) == cu::CUresult::CUDA_SUCCESS && !name.is_null() {
+            return CStr::from_ptr(name).to_string_lossy().into_owned();
+        }
+    }
+    format!("{result:?}")
+}
+
+fn check(result: cu::CUresult, what: &str) -> Result<(), CudaError> {
+    if result == cu::CUresult::CUDA_SUCCESS {
+        Ok(())
+    } else {
+        Err(CudaError::Failed(format!("{what} failed: {}", result_name(result))))
+    }
+}
+
+fn open() -> Result<Context, CudaError> {
+    // SAFETY: `is_culib_present` only tries to load the library; every other call below is made
+    // once it is loaded, with pointers to live locals.
+    unsafe {
+        if !cu::is_culib_present() {
+            return Err(CudaError::NoDriver);
+        }
+        match cu::cuInit(0) {
+            cu::CUresult::CUDA_SUCCESS => {}
+            cu::CUresult::CUDA_ERROR_NO_DEVICE => return Err(CudaError::NoDevice),
+            other => check(other, "cuInit")?,
+        }
+        let mut count = 0;
+        check(cu::cuDeviceGetCount(&mut count), "cuDeviceGetCount")?;
+        if count == 0 {
+            return Err(CudaError::NoDevice);
+        }
+        let mut device = 0;
+        check(cu::cuDeviceGet(&mut device, 0), "cuDeviceGet")?;
+        let mut context = std::ptr::null_mut();
+        check(cu::cuDevicePrimaryCtxRetain(&mut context, device), "cuDevicePrimaryCtxRetain")?;
+        let mut name = [0 as c_char; 256];
+        check(cu::cuDeviceGetName(name.as_mut_ptr(), name.len() as c_int, device), "cuDeviceGetName")?;
+        let mut major = 0;
+        let mut minor = 0;
+        check(
+            cu::cuDeviceGetAttribute(
+                &mut major,
+                cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+                device,
+            ),
+            "cuDeviceGetAttribute",
+        )?;
+        check(
+            cu::cuDeviceGetAttribute(
+                &mut minor,
+                cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+                device,
+            ),
+            "cuDeviceGetAttribute",
+        )?;
+        let mut memory = 0usize;
+        check(cu::cuDeviceTotalMem_v2(&mut memory, device), "cuDeviceTotalMem")?;
+        let info = DeviceInfo {
+            name: CStr::from_ptr(name.as_ptr()).to_string_lossy().into_owned(),
+            compute_capability: (major, minor),
+            memory_bytes: memory,
+        };
+        Ok(Context { context, info })
+    }
+}
+
+/// The device's context made current on the calling thread.
+fn current() -> Result<&'static Context, CudaError> {
+    let context = CONTEXT.get_or_init(open).as_ref().map_err(Clone::clone)?;
+    // SAFETY: the context is the device's retained primary context.
+    check(unsafe { cu::cuCtxSetCurrent(context.context) }, "cuCtxSetCurrent")?;
+    Ok(context)
+}
+
+/// The GPU curv would run on, or why there is none. Loads the driver on first use.
+pub fn probe() -> Result<DeviceInfo, CudaError> {
+    current().map(|context| context.info.clone())
+}
+
+/// Waits for all work on the device.
+pub fn synchronize() -> Result<(), CudaError> {
+    current()?;
+    check(unsafe { cu::cuCtxSynchronize() }, "cuCtxSynchronize")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors of the functions generated code calls.
+
+static FIRST_ERROR: Mutex<Option<String>> = Mutex::new(None);
+
+fn record(message: String) {
+    let mut first = FIRST_ERROR.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if first.is_none() {
+        *first = Some(message);
+    }
+}
+
+/// The first error a function called by generated code met since the last call, if any.
+pub fn take_error() -> Option<String> {
+    FIRST_ERROR.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take()
+}
+
+/// Kernel names by function handle, for messages.
+static KERNEL_NAMES: Mutex<Vec<(usize, String)>> = Mutex::new(Vec::new());
+/// The kernel launched last: an error that surfaces at synchronisation names it.
+static LAST_KERNEL: Mutex<String> = Mutex::new(String::new());
+
+fn kernel_name(function: *mut c_void) -> String {
+    let names = KERNEL_NAMES.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    names
+        .iter()
+        .find(|(handle, _)| *handle == function as usize)
+        .map(|(_, name)| name.clone())
+        .unwrap_or_else(|| "(unknown kernel)".to_string())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The `mgpu*` functions MLIR's `gpu-to-llvm` lowering and the `gpu.binary` translation call.
+
+/// Loads a module's PTX through the driver's JIT (the constructor of a generated module calls it
+/// once). Returns null, with the JIT's log kept as the error, when it fails.
+///
+/// # Safety
+///
+/// `data` is a NUL-terminated PTX string (the module's embedded binary).
+#[no_mangle]
+pub unsafe extern "C" fn mgpuModuleLoadJIT(data: *mut c_void, optimization_level: c_int) -> *mut c_void {
+    if let Err(error) = current() {
+        record(error.to_string());
+        return std::ptr::null_mut();
+    }
+    let mut log = vec![0u8; 16 * 1024];
+    let mut options = [
+        cu::CUjit_option::CU_JIT_ERROR_LOG_BUFFER,
+        cu::CUjit_option::CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES,
+        cu::CUjit_option::CU_JIT_OPTIMIZATION_LEVEL,
+    ];
+    // Option values are passed in pointer-sized slots.
+    let mut values: [*mut c_void; 3] = [
+        log.as_mut_ptr() as *mut c_void,
+        log.len() as *mut c_void,
+        optimization_level.clamp(0, 4) as usize as *mut c_void,
+    ];
+    let mut module = std::ptr::null_mut();
+    let result =
+        cu::cuModuleLoadDataEx(&mut module, data, options.len() as u32, options.as_mut_ptr(), values.as_mut_ptr());
+    if result != cu::CUresult::CUDA_SUCCESS {
+        let end = log.iter().position(|byte| *byte == 0).unwrap_or(log.len());
+        record(format!(
+            "the CUDA driver could not load the generated PTX ({}): {}",
+            result_name(result),
+            String::from_utf8_lossy(&log[..end]).trim()
+        ));
+        return std::ptr::null_mut();
+    }
+    module as *mut c_void
+}
+
+/// [`mgpuModuleLoadJIT`] for a binary given with its size (a cubin or PTX).
+///
+/// # Safety
+///
+/// `data` points at the module's image.
+#[no_mangle]
+pub unsafe extern "C" fn mgpuModuleLoad(data: *mut c_void, _size: usize) -> *mut c_void {
+    mgpuModuleLoadJIT(data, 4)
+}
+
+/// # Safety
+///
+/// `module` is null or a module [`mgpuModuleLoadJIT`] returned.
+#[no_mangle]
+pub unsafe extern "C" fn mgpuModuleUnload(module: *mut c_void) {
+    if !module.is_null() && current().is_ok() {
+        // Unloading at exit may fail once the context is gone; nothing is left to report to.
+        let _ = cu::cuModuleUnload(module as cu::CUmodule);
+    }
+}
+
+/// # Safety
+///
+/// `module` is null or a loaded module; `name` is a NUL-terminated kernel name.
+#[no_mangle]
+pub unsafe extern "C" fn mgpuModuleGetFunction(module: *mut c_void, name: *const c_char) -> *mut c_void {
+    let name_text = if name.is_null() { String::new() } else { CStr::from_ptr(name).to_string_lossy().into_owned() };
+    if module.is_null() {
+        record(format!("kernel `{name_text}`: its module was not loaded"));
+        return std::ptr::null_mut();
+    }
+    if let Err(error) = current() {
+        record(error.to_string());
+        return std::ptr::null_mut();
+    }
+    let mut function = std::ptr::null_mut();
+    let result = cu::cuModuleGetFunction(&mut function, module as cu::CUmodule, name);
+    if result != cu::CUresult::CUDA_SUCCESS {
+        record(format!("kernel `{name_text}`: not found in its module ({})", result_name(result)));
+        return std::ptr::null_mut();
+    }
+    let mut names = KERNEL_NAMES.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if !names.iter().any(|(handle, _)| *handle == function as usize) {
+        names.push((function as usize, name_text));
+    }
+    function as *mut c_void
+}
+
+/// Launches a kernel; the launch does nothing but keep the error when the kernel is missing, a
+/// dimension does not fit the driver's types, or the driver refuses.
+///
+/// # Safety
+///
+/// `params` holds one pointer per kernel parameter, as the generated code builds it.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn mgpuLaunchKernel(
+    function: *mut c_void,
+    grid_x: isize,
+    grid_y: isize,
+    grid_z: isize,
+    block_x: isize,
+    block_y: isize,
+    block_z: isize,
+    shared_memory: i32,
+    stream: *mut c_void,
+    params: *mut *mut c_void,
+    extra: *mut *mut c_void,
+    _parameter_count: usize,
+) {
+    if function.is_null() {
+        record("a kernel launch without its kernel (the module did not load)".to_string());
+        return;
+    }
+    let name = kernel_name(function);
+    *LAST_KERNEL.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = name.clone();
+    let dimensions = [grid_x, grid_y, grid_z, block_x, block_y, block_z];
+    if dimensions.iter().any(|&dimension| dimension < 1 || dimension > u32::MAX as isize) || shared_memory < 0 {
+        record(format!("kernel `{name}`: launch dimensions {dimensions:?} out of range"));
+        return;
+    }
+    if let Err(error) = current() {
+        record(error.to_string());
+        return;
+    }
+    let result = cu::cuLaunchKernel(
+        function as cu::CUfunction,
+        grid_x as u32,
+        grid_y as u32,
+        grid_z as u32,
+        block_x as u32,
+        block_y as u32,
+        block_z as u32,
+        shared_memory as u32,
+        stream as cu::CUstream,
+        params,
+        extra,
+    );
+    if result != cu::CUresult::CUDA_SUCCESS {
+        record(format!("kernel `{name}` failed to launch: {}", result_name(result)));
+    }
+}
+
+/// # Safety
+///
+/// Called by generated code.
+#[no_mangle]
+pub unsafe extern "C" fn mgpuStreamCreate() -> *mut c_void {
+    if let Err(error) = current() {
+        record(error.to_string());
+        return std::ptr::null_mut();
+    }
+    let mut stream = std::ptr::null_mut();
+    let result = cu::cuStreamCreate(&mut stream, cu::CUstream_flags::CU_STREAM_NON_BLOCKING as u32);
+    if result != cu::CUresult::CUDA_SUCCESS {
+        record(format!("cuStreamCreate failed: {}", result_name(result)));
+        return std::ptr::null_mut();
+    }
+    stream as *mut c_void
+}
+
+/// # Safety
+///
+/// `stream` is null or a stream [`mgpuStreamCreate`] returned.
+#[no_mangle]
+pub unsafe extern "C" fn mgpuStreamSynchronize(stream: *mut c_void) {
+    if stream.is_null() || current().is_err() {
+        return;
+    }
+    let result = cu::cuStreamSynchronize(stream as cu::CUstream);
+    if result != cu::CUresult::CUDA_SUCCESS {
+        let name = LAST_KERNEL.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        record(format!("kernel `{name}` failed while running: {}", result_name(result)));
+    }
+}
+
+/// # Safety
+///
+/// `stream` is null or a stream [`mgpuStreamCreate`] returned.
+#[no_mangle]
+pub unsafe extern "C" fn mgpuStreamDestroy(stream: *mut c_void) {
+    if !stream.is_null() && current().is_ok() {
+        let _ = cu::cuStreamDestroy_v2(stream as cu::CUstream);
+    }
+}
+
+/// Allocations of generated code (`gpu.alloc`) are managed memory whatever they ask for, so the
+/// host side may touch them too.
+///
+/// # Safety
+///
+/// Called by generated code.
+#[no_mangle]
+pub unsafe extern "C" fn mgpuMemAlloc(bytes: u64, _stream: *mut c_void, _host_shared: bool) -> *mut c_void {
+    match allocate_managed(bytes as usize) {
+        Ok(pointer) => pointer as *mut c_void,
+        Err(error) => {
+            record(format!("allocating {bytes} bytes of GPU memory: {error}"));
+            std::ptr::null_mut()
+        }
+    }
+}
+
+/// # Safety
+///
+/// `pointer` is null or came from [`mgpuMemAlloc`].
+#[no_mangle]
+pub unsafe extern "C" fn mgpuMemFree(pointer: *mut c_void, _stream: *mut c_void) {
+    free_managed(pointer as *mut u8);
+}
+
+/// Frees a buffer generated code allocated with [`mgpuMemAlloc`], given its address (the
+/// lowering's replacement for `memref.dealloc`, which would call the C library's `free`).
+///
+/// # Safety
+///
+/// `address` is zero or came from [`mgpuMemAlloc`] and is not used again.
+#[no_mangle]
+pub unsafe extern "C" fn curv_cuda_free(address: usize) {
+    free_managed(address as *mut u8);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Managed memory.
+
+fn allocate_managed(bytes: usize) -> Result<*mut u8, CudaError> {
+    current()?;
+    let mut pointer: cu::CUdeviceptr = 0;
+    // A zero-byte request still gets a distinct allocation.
+    check(
+        unsafe {
+            cu::cuMemAllocManaged(&mut pointer, bytes.max(4), cu::CUmemAttach_flags::CU_MEM_ATTACH_GLOBAL as u32)
+        },
+        "cuMemAllocManaged",
+    )?;
+    Ok(pointer as usize as *mut u8)
+}
+
+fn free_managed(pointer: *mut u8) {
+    if !pointer.is_null() && current().is_ok() {
+        // The device may still be using it: wait first.
+        unsafe {
+            let _ = cu::cuCtxSynchronize();
+            let _ = cu::cuMemFree_v2(pointer as usize as cu::CUdeviceptr);
+        }
+    }
+}
+
+/// A block of managed memory, freed on drop.
+#[derive(Debug)]
+pub struct ManagedBuffer {
+    pointer: *mut u8,
+    bytes: usize,
+}
+
+impl ManagedBuffer {
+    pub fn new(bytes: usize) -> Result<ManagedBuffer, CudaError> {
+        Ok(ManagedBuffer { pointer: allocate_managed(bytes)?, bytes })
+    }
+
+    /// A buffer holding a copy of `data`.
+    pub fn copy_of(data: &[u8]) -> Result<ManagedBuffer, CudaError> {
+        let buffer = ManagedBuffer::new(data.len())?;
+        // SAFETY: the buffer has room for `data` and is host-accessible managed memory.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), buffer.pointer, data.len()) };
+        Ok(buffer)
+    }
+
+    pub fn as_mut_ptr(&self) -> *mut u8 {
+        self.pointer
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+
+    /// The contents, read on the host (after [`synchronize`]).
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: the allocation holds `bytes` bytes of host-accessible memory.
+        unsafe { std::slice::from_raw_parts(self.pointer, self.bytes) }
+    }
+}
+
+impl Drop for ManagedBuffer {
+    fn drop(&mut self) {
+        free_managed(self.pointer);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Matrix products on cuBLAS.
+
+struct Blas(cudarc::cublas::sys::cublasHandle_t);
+unsafe impl Send for Blas {}
+unsafe impl Sync for Blas {}
+
+static BLAS: OnceLock<Result<Blas, CudaError>> = OnceLock::new();
+
+fn blas() -> Result<&'static Blas, CudaError> {
+    current()?;
+    BLAS.get_or_init(|| {
+        use cudarc::cublas::sys as blas;
+        // SAFETY: the library is only called once it is known to load.
+        unsafe {
+            if !blas::is_culib_present() {
+                return Err(CudaError::Failed("cuBLAS (libcublas.so) could not be loaded".to_string()));
+            }
+            let mut handle = std::ptr::null_mut();
+            let status = blas::cublasCreate_v2(&mut handle);
+            if status != blas::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                return Err(CudaError::Failed(format!("cublasCreate failed: {status:?}")));
+            }
+            Ok(Blas(handle))
+        }
+    })
+    .as_ref()
+    .map_err(Clone::clone)
+}
+
+/// How a row-major `[rows, columns]` view with `strides` is handed to column-major cuBLAS: its
+/// transpose stored with leading dimension `ld` (`false`), or itself stored column-major with
+/// leading dimension `ld` (`true`, a transposed view). None for any other layout.
+fn blas_layout(rows: i64, columns: i64, strides: [i64; 2]) -> Option<(bool, i64)> {
+    if strides[1] == 1 && (strides[0] >= columns || rows == 1) {
+        Some((false, strides[0].max(columns).max(1)))
+    } else if strides[0] == 1 && (strides[1] >= rows || columns == 1) {
+        Some((true, strides[1].max(rows).max(1)))
+    } else {
+        None
+    }
+}
+
+/// `C = A B` on cuBLAS for generated code running on the GPU (registered under the C-interface
+/// name `_mlir_ciface_curv_sgemm`): the row-major product is the column-major `C^T = B^T A^T`.
+/// Waits for the product before returning, as the kernels around it do.
+///
+/// # Safety
+///
+/// The descriptors describe managed (or device) buffers of the stated sizes and strides.
+pub unsafe extern "C" fn curv_cuda_sgemm(
+    a: *const curv_runtime::gemm::StridedMemRef2,
+    b: *const curv_runtime::gemm::StridedMemRef2,
+    c: *mut curv_runtime::gemm::StridedMemRef2,
+) {
+    use cudarc::cublas::sys as blas_sys;
+    let (a, b, c) = (&*a, &*b, &*c);
+    let (m, k, n) = (a.sizes[0], a.sizes[1], b.sizes[1]);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let handle = match blas() {
+        Ok(handle) => handle,
+        Err(error) => return record(format!("matrix product: {error}")),
+    };
+    let (Some((a_transposed, lda)), Some((b_transposed, ldb)), Some((false, ldc))) =
+        (blas_layout(m, k, a.strides), blas_layout(k, n, b.strides), blas_layout(m, n, c.strides))
+    else {
+        return record(format!(
+            "matrix product {m}x{k} @ {k}x{n}: strides {:?}, {:?}, {:?} are not a layout cuBLAS takes",
+            a.strides, b.strides, c.strides
+        ));
+    };
+    let operation = |transposed: bool| {
+        if transposed {
+            blas_sys::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            blas_sys::cublasOperation_t::CUBLAS_OP_N
+        }
+    };
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    let status = blas_sys::cublasSgemm_v2_64(
+        handle.0,
+        operation(b_transposed),
+        operation(a_transposed),
+        n,
+        m,
+        k,
+        &alpha,
+        b.aligned.offset(b.offset as isize),
+        ldb,
+        a.aligned.offset(a.offset as isize),
+        lda,
+        &beta,
+        c.aligned.offset(c.offset as isize),
+        ldc,
+    );
+    if status != blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        return record(format!("matrix product {m}x{k} @ {k}x{n}: cublasSgemm failed: {status:?}"));
+    }
+    let result = cu::cuCtxSynchronize();
+    if result != cu::CUresult::CUDA_SUCCESS {
+        record(format!("matrix product {m}x{k} @ {k}x{n} failed while running: {}", result_name(result)));
+    }
+}
+
+/// The functions generated GPU code calls, by the names it calls them, for an execution engine.
+pub fn runtime_symbols() -> Vec<(&'static str, *mut ())> {
+    vec![
+        ("mgpuModuleLoadJIT", mgpuModuleLoadJIT as *mut ()),
+        ("mgpuModuleLoad", mgpuModuleLoad as *mut ()),
+        ("mgpuModuleUnload", mgpuModuleUnload as *mut ()),
+        ("mgpuModuleGetFunction", mgpuModuleGetFunction as *mut ()),
+        ("mgpuLaunchKernel", mgpuLaunchKernel as *mut ()),
+        ("mgpuStreamCreate", mgpuStreamCreate as *mut ()),
+        ("mgpuStreamSynchronize", mgpuStreamSynchronize as *mut ()),
+        ("mgpuStreamDestroy", mgpuStreamDestroy as *mut ()),
+        ("mgpuMemAlloc", mgpuMemAlloc as *mut ()),
+        ("mgpuMemFree", mgpuMemFree as *mut ()),
+        ("curv_cuda_free", curv_cuda_free as *mut ()),
+        ("_mlir_ciface_curv_sgemm", curv_cuda_sgemm as *mut ()),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_gpu_every_entry_point_reports_instead_of_crashing() {
+        match probe() {
+            Ok(device) => {
+                println!("CUDA device: {} ({}, {} MiB)", device.name, device.chip(), device.memory_bytes >> 20);
+                return;
+            }
+            Err(error) => println!("skipped: no CUDA device ({error})"),
+        }
+        let error = ManagedBuffer::new(64).unwrap_err();
+        assert!(error.to_string().starts_with("no CUDA device"), "{error}");
+        take_error();
+        unsafe {
+            let module = mgpuModuleLoadJIT(c".version 8.0".as_ptr() as *mut c_void, 2);
+            assert!(module.is_null());
+            let function = mgpuModuleGetFunction(module, c"kernel".as_ptr());
+            assert!(function.is_null());
+            mgpuLaunchKernel(
+                function,
+                1,
+                1,
+                1,
+                32,
+                1,
+                1,
+                0,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                0,
+            );
+            assert!(mgpuMemAlloc(16, std::ptr::null_mut(), true).is_null());
+        }
+        let first = take_error().expect("an error was kept");
+        assert!(first.starts_with("no CUDA device"), "{first}");
+        assert_eq!(take_error(), None);
+    }
+
+    #[test]
+    fn matrix_layouts_map_to_cublas_operations() {
+        // A row-major 3x4 matrix: its transpose stored column-major with ld 4.
+        assert_eq!(blas_layout(3, 4, [4, 1]), Some((false, 4)));
+        // A transposed view of a row-major 4x3 matrix: itself, column-major, ld 3.
+        assert_eq!(blas_layout(3, 4, [1, 3]), Some((true, 3)));
+        // A row of a wider matrix.
+        assert_eq!(blas_layout(1, 4, [10, 1]), Some((false, 10)));
+        // Strided in both dimensions: no layout.
+        assert_eq!(blas_layout(3, 4, [8, 2]), None);
+    }
+}
