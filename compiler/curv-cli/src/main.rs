@@ -80,9 +80,14 @@ enum Command {
         /// The train block to build (default: the first).
         #[arg(long)]
         train: Option<String>,
-        /// Device: only `cpu` so far.
+        /// Device: `cpu`, or `cuda` (kernels as PTX embedded in the trainer, launched through the
+        /// CUDA driver, which the trainer loads at run time; matrix products on cuBLAS).
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// The GPU a `--device cuda` trainer generates PTX for: sm_90 (H100, H200) or sm_80
+        /// (A100; also runs on later GPUs through the driver's JIT).
+        #[arg(long, default_value = "sm_90")]
+        gpu: String,
         /// Build a shared library with a C ABI instead (not available yet).
         #[arg(long)]
         lib: bool,
@@ -184,8 +189,8 @@ fn run() -> ExitCode {
         Command::Emit { file, stage, output, gpu } => emit(&file, &stage, output.as_deref(), &gpu, timings),
         Command::Run { file, run, optimizer, metrics } => run_command(&file, &run, optimizer, metrics, timings),
         Command::Compare { file, optimizers, run } => compare_command(&file, &optimizers, &run),
-        Command::Build { file, output, train, device, lib } => {
-            build_command(&file, &output, train.as_deref(), &device, lib)
+        Command::Build { file, output, train, device, gpu, lib } => {
+            build_command(&file, &output, train.as_deref(), &device, &gpu, lib)
         }
         Command::Version => version(),
         Command::BenchKernels => bench_kernels(),
@@ -864,15 +869,25 @@ fn bench_kernels() -> ExitCode {
 /// `curv build`: compiles every kernel the train block's trainer evaluates to an object file,
 /// writes the registry that names them and embeds the source, and links both with the standalone
 /// runtime library (`libcurv_standalone.a`, found next to the `curv` executable).
-fn build_command(file: &Path, output: &Path, train_name: Option<&str>, device: &str, lib: bool) -> ExitCode {
+fn build_command(file: &Path, output: &Path, train_name: Option<&str>, device: &str, gpu: &str, lib: bool) -> ExitCode {
     if lib {
         eprintln!("error: `curv build --lib` is not available yet");
         return ExitCode::from(1);
     }
-    if device != "cpu" {
-        eprintln!("error: device `{device}` is not available yet; `curv build` targets the CPU");
-        return ExitCode::from(1);
-    }
+    let gpu = match device {
+        "cpu" => None,
+        "cuda" => match curv_mlir::gpu::GpuTarget::parse(gpu) {
+            Some(target) => Some(target),
+            None => {
+                eprintln!("error: unknown GPU `{gpu}`; curv generates PTX for sm_80 and sm_90");
+                return ExitCode::from(1);
+            }
+        },
+        other => {
+            eprintln!("error: unknown device `{other}`; the devices are `cpu` and `cuda`");
+            return ExitCode::from(1);
+        }
+    };
     let compilation = match load(file) {
         Ok(compilation) => compilation,
         Err(code) => return code,
@@ -882,7 +897,7 @@ fn build_command(file: &Path, output: &Path, train_name: Option<&str>, device: &
         return ExitCode::from(1);
     }
     let Some(analysis) = &compilation.analysis else { return ExitCode::from(1) };
-    match build(&compilation, &analysis.program, train_name, output) {
+    match build(&compilation, &analysis.program, train_name, output, gpu) {
         Ok(kernels) => {
             println!("wrote {} ({kernels} compiled kernels)", output.display());
             ExitCode::SUCCESS
@@ -914,6 +929,7 @@ fn build(
     program: &curv_ir::Program,
     train_name: Option<&str>,
     output: &Path,
+    gpu: Option<curv_mlir::gpu::GpuTarget>,
 ) -> Result<usize, (String, u8)> {
     use curv_runtime::backend::keys;
     let train = curv_driver::run::select_train(program, train_name).map_err(|error| (error.message, 1))?;
@@ -986,19 +1002,38 @@ fn build(
     let mut objects = Vec::new();
     for (index, (key, function, bindings)) in kernels.iter().enumerate() {
         let name = format!("curv_kernel_{index}");
-        let text = match curv_mlir::lower::lower_function(function, &name, bindings) {
-            Ok((text, _)) => text,
+        let (text, signature) = match curv_mlir::lower::lower_function(function, &name, bindings) {
+            Ok(lowered) => lowered,
             // Functions with ops the lowering does not handle run on the interpreter.
             Err(_) => continue,
         };
         let object = work.join(format!("{name}.o"));
-        curv_mlir::jit::compile_to_object(&text, &name, &object, 2)
-            .map_err(|error| (format!("compiling `{key}`: {error}"), 2))?;
+        let key_text = c_string(&curv_ir::abi::kernel_key(key, bindings));
+        match gpu {
+            None => {
+                curv_mlir::jit::compile_to_object(&text, &name, &object, 2)
+                    .map_err(|error| (format!("compiling `{key}`: {error}"), 2))?;
+                registry.push_str(&format!("extern void _mlir__mlir_ciface_{name}(void **);\n"));
+                entries.push(format!("  {{{key_text}, _mlir__mlir_ciface_{name}}}"));
+            }
+            Some(target) => {
+                curv_mlir::jit::compile_to_object_for_cuda(&text, &object, target)
+                    .map_err(|error| (format!("compiling `{key}` for {}: {error}", target.chip()), 2))?;
+                // The object has the C interface (a pointer to each descriptor); the registry
+                // holds packed entry points, as the CPU objects have them.
+                let count = signature.arguments.len() + signature.outputs.len();
+                let parameters = vec!["void *"; count].join(", ");
+                let unpacked: Vec<String> = (0..count).map(|index| format!("*(void **)args[{index}]")).collect();
+                registry.push_str(&format!(
+                    "extern void _mlir_ciface_{name}({parameters});\nstatic void packed_{name}(void **args) {{ _mlir_ciface_{name}({}); }}\n",
+                    unpacked.join(", ")
+                ));
+                entries.push(format!("  {{{key_text}, packed_{name}}}"));
+            }
+        }
         objects.push(object);
-        registry.push_str(&format!("extern void _mlir__mlir_ciface_{name}(void **);\n"));
-        entries
-            .push(format!("  {{{}, _mlir__mlir_ciface_{name}}}", c_string(&curv_ir::abi::kernel_key(key, bindings))));
     }
+    registry.push_str(&format!("const int curv_device_cuda = {};\n", i32::from(gpu.is_some())));
     let directory = compilation.source.directory().canonicalize().unwrap_or_else(|_| compilation.source.directory());
     let file_name =
         compilation.source.path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();

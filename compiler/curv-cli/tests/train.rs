@@ -794,3 +794,37 @@ fn the_cuda_device_trains_like_the_cpu_or_says_there_is_no_gpu() {
         }
     }
 }
+
+/// `curv build --device cuda` writes a trainer with its kernels' PTX embedded and no LLVM inside.
+/// Without a GPU it stops with the "no CUDA device" error (exit code 1) and `--interpret` still
+/// trains on the CPU; with one, it trains like the CPU trainer (the GPU check compares every
+/// preset).
+#[test]
+fn curv_build_for_cuda_writes_a_trainer_that_runs_on_the_gpu_or_says_there_is_none() {
+    let directory = scratch("build-cuda");
+    let trainer = directory.join("digits-cuda");
+    let output = curv(&["build", "examples/digits_mlp.curv", "--device", "cuda", "-o", trainer.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let binary = std::fs::read(&trainer).unwrap();
+    let contains = |needle: &[u8]| binary.windows(needle.len()).any(|window| window == needle);
+    assert!(contains(b".target sm_90"), "no PTX in the trainer");
+    assert!(!contains(b"mlirExecutionEngine"), "LLVM linked into the trainer");
+    let output = curv(&["build", "examples/digits_mlp.curv", "--device", "cuda", "--gpu", "sm_75", "-o", "/dev/null"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown GPU `sm_75`"));
+    let run = Command::new(&trainer)
+        .args(["--steps", "5", "--quiet", "--data-dir"])
+        .arg(repository_root().join("examples"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+    if stderr.contains("no CUDA device") {
+        println!("skipped: no CUDA device");
+        assert_eq!(run.status.code(), Some(1), "{stderr}");
+        let interpreted = Command::new(&trainer).args(["--steps", "5", "--interpret"]).output().unwrap();
+        assert_eq!(interpreted.status.code(), Some(0), "{}", String::from_utf8_lossy(&interpreted.stderr));
+        assert!(String::from_utf8_lossy(&interpreted.stdout).contains("done: 5 steps"));
+    } else {
+        assert_eq!(run.status.code(), Some(0), "{stderr}");
+    }
+}

@@ -312,7 +312,9 @@ pub fn device_allocations(module: &str) -> Result<String, MlirError> {
 /// matrix products (cuBLAS through the runtime) as calls into `curv-cuda`.
 pub fn lower_for_cuda(text: &str, target: GpuTarget) -> Result<String, MlirError> {
     initialise_nvptx();
-    let outlined = crate::run_pipeline_on_text(text, GPU_OUTLINING_PIPELINE)?;
+    // Matrix products call cuBLAS (`curv_cuda_sgemm`) instead of the CPU GEMM.
+    let text = text.replace("@curv_sgemm(", "@curv_cuda_sgemm(");
+    let outlined = crate::run_pipeline_on_text(&text, GPU_OUTLINING_PIPELINE)?;
     let allocated = device_allocations(&outlined)?;
     crate::run_pipeline_on_text(&add_device_math(&allocated), &gpu_codegen_pipeline(target))
 }

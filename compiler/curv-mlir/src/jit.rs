@@ -190,6 +190,28 @@ pub fn compile_to_object(
     Ok(())
 }
 
+/// [`compile_to_object`] for a CUDA GPU of `target`: the host side of the module as machine code
+/// for this machine, with its kernels' PTX embedded and a static initialiser (`.init_array`) that
+/// loads it through `mgpuModuleLoadJIT` when the program starts. An execution engine would turn
+/// the initialiser into a function of its own, so this object comes from translating the module
+/// to LLVM IR and running LLVM's code generator directly. The object defines the C interface
+/// `_mlir_ciface_NAME` (a pointer to each memref descriptor).
+pub fn compile_to_object_for_cuda(
+    source: &str,
+    path: &std::path::Path,
+    target: crate::gpu::GpuTarget,
+) -> Result<(), MlirError> {
+    let context = new_context();
+    let lowered = crate::gpu::lower_for_cuda(source, target)?;
+    let module = Module::parse(&context, &lowered)
+        .ok_or_else(|| MlirError { message: "MLIR could not parse the GPU-lowered module".to_string() })?;
+    if !module.as_operation().verify() {
+        return Err(MlirError { message: "the GPU-lowered module does not verify".to_string() });
+    }
+    check_fully_lowered(&module.as_operation().to_string(), &["gpu.launch_func", "gpu.binary"])?;
+    crate::object::emit_object(&module, path)
+}
+
 /// Lowers `source` (a module with function `name`) for the CPU and creates an execution engine.
 pub fn compile(
     source: &str,
@@ -330,60 +352,17 @@ impl CompiledFunction {
             .collect()
     }
 
-    /// A call on the GPU: every buffer is copied into managed memory (which the kernels reach),
-    /// the descriptors are pointed at the copies for the call, the outputs are copied back after
-    /// the device has finished, and the first error of the runtime is the call's error.
+    /// A call on the GPU, through `curv_cuda::call_staged`.
     fn call_packed_on_gpu(&self, slots: &mut [*mut ()]) -> Result<(), MlirError> {
-        let error = |message: String| MlirError { message: format!("calling `{}` on the GPU: {message}", self.name) };
         let layouts = self.buffer_layouts();
-        let mut staged = Vec::with_capacity(slots.len());
-        let mut originals = Vec::with_capacity(slots.len());
-        for (slot, (shape, element_bytes)) in slots.iter().zip(&layouts) {
-            // SAFETY: each slot points at the pointer to a memref descriptor of this rank, as
-            // `curv_runtime::compiled` and `call` build them: [allocated, aligned, offset, ...].
-            let descriptor = unsafe { *(*slot as *mut *mut i64) };
-            let (aligned, offset) = unsafe { (*descriptor.add(1) as *mut u8, *descriptor.add(2)) };
-            let bytes = shape.iter().product::<i64>().max(0) as usize * element_bytes;
-            let host = unsafe { std::slice::from_raw_parts(aligned.add(offset as usize * element_bytes), bytes) };
-            let buffer = curv_cuda::ManagedBuffer::copy_of(host).map_err(|cause| error(cause.to_string()))?;
-            originals.push((descriptor, unsafe { (*descriptor, *descriptor.add(1), *descriptor.add(2)) }));
-            unsafe {
-                *descriptor = buffer.as_mut_ptr() as i64;
-                *descriptor.add(1) = buffer.as_mut_ptr() as i64;
-                *descriptor.add(2) = 0;
-            }
-            staged.push(buffer);
-        }
-        curv_cuda::take_error();
-        let result = unsafe { self.engine.invoke_packed(&self.name, slots) };
-        let synchronised = curv_cuda::synchronize();
-        // The descriptors point at the caller's buffers again, whatever happened.
-        for (descriptor, (allocated, aligned, offset)) in &originals {
-            unsafe {
-                **descriptor = *allocated;
-                *descriptor.add(1) = *aligned;
-                *descriptor.add(2) = *offset;
-            }
-        }
-        result.map_err(|cause| error(cause.to_string()))?;
-        if let Some(message) = curv_cuda::take_error() {
-            return Err(error(message));
-        }
-        synchronised.map_err(|cause| error(cause.to_string()))?;
         let first_output = self.signature.arguments.len();
-        for (((descriptor, _), buffer), (_, element_bytes)) in
-            originals.iter().zip(&staged).zip(&layouts).skip(first_output)
-        {
-            let (aligned, offset) = unsafe { (*descriptor.add(1) as *mut u8, *descriptor.add(2) as usize) };
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    buffer.as_slice().as_ptr(),
-                    aligned.add(offset * element_bytes),
-                    buffer.len(),
-                )
-            };
+        // SAFETY: the slots are packed memref descriptors of the signature's shapes.
+        unsafe {
+            curv_cuda::call_staged(&layouts, first_output, slots, &mut |slots| {
+                self.engine.invoke_packed(&self.name, slots).map_err(|error| error.to_string())
+            })
         }
-        Ok(())
+        .map_err(|message| MlirError { message: format!("calling `{}` on the GPU: {message}", self.name) })
     }
 
     /// Calls the function with its arguments then its outputs, in signature order. Buffer sizes

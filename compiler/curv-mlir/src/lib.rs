@@ -10,6 +10,7 @@ pub mod cache;
 pub mod gpu;
 pub mod jit;
 pub mod lower;
+pub mod object;
 
 use melior::{
     dialect::DialectRegistry,

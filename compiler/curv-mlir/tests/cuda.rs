@@ -31,7 +31,7 @@ fn the_host_side_lowers_with_launches_managed_allocations_and_no_other_dialect()
         lowered.matches("llvm.call @curv_cuda_free").count(),
         "every intermediate buffer is freed"
     );
-    assert!(lowered.contains("@_mlir_ciface_curv_sgemm"), "the matrix products are not runtime calls");
+    assert!(lowered.contains("@_mlir_ciface_curv_cuda_sgemm"), "the matrix products are not cuBLAS calls");
     assert!(!lowered.contains("@malloc("), "a host allocation the kernels cannot reach");
     // Every function the module declares without defining it is one the engine is given (an
     // unresolved symbol would abort the process when the engine initialises).
@@ -44,7 +44,6 @@ fn the_host_side_lowers_with_launches_managed_allocations_and_no_other_dialect()
             }
             let name = rest.split('(').next().unwrap();
             let known = registered.contains(&name)
-                || name == "_mlir_ciface_curv_sgemm"
                 || curv_runtime::linalg::runtime_functions()
                     .iter()
                     .any(|function| format!("_mlir_ciface_{}", function.name) == name);
@@ -125,4 +124,57 @@ fn a_gpu_call_agrees_with_the_cpu_or_reports_that_there_is_no_gpu() {
             }
         }
     }
+}
+
+/// `curv build --device cuda` objects: machine code for the host side with the PTX embedded and
+/// a static initialiser that loads it when the trainer starts.
+#[test]
+fn a_gpu_object_file_has_the_entry_point_the_embedded_ptx_and_an_initialiser() {
+    let program = program("digits_mlp.curv");
+    let train = &program.trains[0];
+    let gradients = curv_ad::products::gradient_program(&train.loss, &train.params).function;
+    let (text, _) = curv_mlir::lower::lower_function(&gradients, "kernel_7", &HashMap::new()).unwrap();
+    let directory = std::env::temp_dir().join(format!("curv-gpu-object-{}", std::process::id()));
+    std::fs::create_dir_all(&directory).unwrap();
+    let path = directory.join("kernel_7.o");
+    curv_mlir::jit::compile_to_object_for_cuda(&text, &path, GpuTarget::Sm90).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    assert_eq!(&bytes[..4], b"\x7fELF", "not an ELF object");
+    let contains = |needle: &[u8]| bytes.windows(needle.len()).any(|window| window == needle);
+    assert!(contains(b"_mlir_ciface_kernel_7"), "no entry point");
+    assert!(contains(b"mgpuModuleLoadJIT"), "nothing loads the PTX");
+    assert!(contains(b".target sm_90"), "no embedded PTX");
+    // Linked into a program whose GPU runtime only counts, the initialisers run before `main`
+    // and hand the driver the PTX, once per kernel module.
+    let stub = directory.join("stub.c");
+    std::fs::write(
+        &stub,
+        r#"#include <stdio.h>
+#include <string.h>
+static int loads = 0, ptx = 0;
+void *mgpuModuleLoadJIT(void *data, int level) { loads++; if (strstr((const char *)data, ".entry")) ptx++; return (void *)1; }
+void mgpuModuleUnload(void *module) {}
+void *mgpuModuleGetFunction(void *module, const char *name) { return 0; }
+void mgpuLaunchKernel(void *f, long gx, long gy, long gz, long bx, long by, long bz, int smem, void *s, void **p, void **e, long n) {}
+void *mgpuStreamCreate(void) { return 0; }
+void mgpuStreamSynchronize(void *s) {}
+void mgpuStreamDestroy(void *s) {}
+void *mgpuMemAlloc(unsigned long bytes, void *s, _Bool shared) { return 0; }
+void curv_cuda_free(unsigned long address) {}
+void _mlir_ciface_curv_cuda_sgemm(void *a, void *b, void *c) {}
+int main(void) { printf("%d %d\n", loads, ptx); return 0; }
+"#,
+    )
+    .unwrap();
+    let program = directory.join("program");
+    let status = std::process::Command::new("cc").arg("-o").arg(&program).arg(&stub).arg(&path).status().unwrap();
+    assert!(status.success(), "linking the object failed");
+    let output = std::process::Command::new(&program).output().unwrap();
+    let counts = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (loads, with_ptx) = counts.trim().split_once(' ').unwrap();
+    let (loads, with_ptx): (usize, usize) = (loads.parse().unwrap(), with_ptx.parse().unwrap());
+    let modules = curv_mlir::gpu::lower_for_cuda(&text, GpuTarget::Sm90).unwrap().matches("gpu.binary @").count();
+    assert!(loads >= 1 && loads == with_ptx, "{loads} modules loaded, {with_ptx} with PTX entries");
+    assert_eq!(loads, modules, "every GPU module is loaded once");
+    std::fs::remove_dir_all(&directory).unwrap();
 }

@@ -487,6 +487,62 @@ impl Drop for ManagedBuffer {
     }
 }
 
+/// Calls generated GPU code whose packed arguments (`slots`: one pointer per argument then per
+/// output, each pointing at the pointer to a contiguous memref descriptor
+/// `[allocated, aligned, offset, sizes..., strides...]`) point at host memory: every buffer is
+/// copied into managed memory, the descriptors point at the copies during `invoke`, the outputs
+/// (from `first_output` on) are copied back once the device has finished, and the first error of
+/// the runtime functions is the call's error. `layouts` gives each buffer's shape and element
+/// size.
+///
+/// # Safety
+///
+/// The slots must be packed descriptors of the stated layouts over live buffers.
+pub unsafe fn call_staged(
+    layouts: &[(Vec<i64>, usize)],
+    first_output: usize,
+    slots: &mut [*mut ()],
+    invoke: &mut dyn FnMut(&mut [*mut ()]) -> Result<(), String>,
+) -> Result<(), String> {
+    if layouts.len() != slots.len() {
+        return Err(format!("{} buffers for {} layouts", slots.len(), layouts.len()));
+    }
+    let mut staged = Vec::with_capacity(slots.len());
+    let mut originals = Vec::with_capacity(slots.len());
+    for (slot, (shape, element_bytes)) in slots.iter().zip(layouts) {
+        let descriptor = *(*slot as *mut *mut i64);
+        let (aligned, offset) = (*descriptor.add(1) as *mut u8, *descriptor.add(2));
+        let bytes = shape.iter().product::<i64>().max(0) as usize * element_bytes;
+        let host = std::slice::from_raw_parts(aligned.add(offset as usize * element_bytes), bytes);
+        let buffer = ManagedBuffer::copy_of(host).map_err(|error| error.to_string())?;
+        originals.push((descriptor, (*descriptor, *descriptor.add(1), *descriptor.add(2))));
+        *descriptor = buffer.as_mut_ptr() as i64;
+        *descriptor.add(1) = buffer.as_mut_ptr() as i64;
+        *descriptor.add(2) = 0;
+        staged.push(buffer);
+    }
+    take_error();
+    let result = invoke(slots);
+    let synchronised = synchronize();
+    // The descriptors point at the caller's buffers again, whatever happened.
+    for (descriptor, (allocated, aligned, offset)) in &originals {
+        **descriptor = *allocated;
+        *descriptor.add(1) = *aligned;
+        *descriptor.add(2) = *offset;
+    }
+    result?;
+    if let Some(message) = take_error() {
+        return Err(message);
+    }
+    synchronised.map_err(|error| error.to_string())?;
+    for (((descriptor, _), buffer), (_, element_bytes)) in originals.iter().zip(&staged).zip(layouts).skip(first_output)
+    {
+        let (aligned, offset) = (*descriptor.add(1) as *mut u8, *descriptor.add(2) as usize);
+        std::ptr::copy_nonoverlapping(buffer.as_slice().as_ptr(), aligned.add(offset * element_bytes), buffer.len());
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Matrix products on cuBLAS.
 
@@ -530,14 +586,16 @@ fn blas_layout(rows: i64, columns: i64, strides: [i64; 2]) -> Option<(bool, i64)
     }
 }
 
-/// `C = A B` on cuBLAS for generated code running on the GPU (registered under the C-interface
-/// name `_mlir_ciface_curv_sgemm`): the row-major product is the column-major `C^T = B^T A^T`.
+/// `C = A B` on cuBLAS for generated code running on the GPU (its C-interface name: the GPU
+/// lowering calls `curv_cuda_sgemm` where the CPU code calls `curv_sgemm`): the row-major product
+/// is the column-major `C^T = B^T A^T`.
 /// Waits for the product before returning, as the kernels around it do.
 ///
 /// # Safety
 ///
 /// The descriptors describe managed (or device) buffers of the stated sizes and strides.
-pub unsafe extern "C" fn curv_cuda_sgemm(
+#[no_mangle]
+pub unsafe extern "C" fn _mlir_ciface_curv_cuda_sgemm(
     a: *const curv_runtime::gemm::StridedMemRef2,
     b: *const curv_runtime::gemm::StridedMemRef2,
     c: *mut curv_runtime::gemm::StridedMemRef2,
@@ -607,7 +665,7 @@ pub fn runtime_symbols() -> Vec<(&'static str, *mut ())> {
         ("mgpuMemAlloc", mgpuMemAlloc as *mut ()),
         ("mgpuMemFree", mgpuMemFree as *mut ()),
         ("curv_cuda_free", curv_cuda_free as *mut ()),
-        ("_mlir_ciface_curv_sgemm", curv_cuda_sgemm as *mut ()),
+        ("_mlir_ciface_curv_cuda_sgemm", _mlir_ciface_curv_cuda_sgemm as *mut ()),
     ]
 }
 

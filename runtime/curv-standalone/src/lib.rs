@@ -3,7 +3,9 @@
 //! a small generated C file that holds the `.curv` source and a registry of the kernels. At start
 //! the trainer checks its source again (the front end is plain Rust), then trains with the same
 //! flags as `curv run`, calling the registered kernels and the interpreter for anything not
-//! compiled. It needs neither LLVM nor MLIR.
+//! compiled. It needs neither LLVM nor MLIR. A trainer built with `--device cuda` has kernels
+//! whose host side launches PTX (embedded in their objects, loaded by static initialisers through
+//! `curv-cuda`) and calls them with buffers staged in managed memory.
 
 use clap::Parser;
 use curv_interp::{Inputs, Value};
@@ -26,6 +28,12 @@ extern "C" {
     static curv_program_source: [c_char; 0];
     static curv_program_file: [c_char; 0];
     static curv_program_directory: [c_char; 0];
+    /// 1 for a trainer built with `--device cuda`.
+    static curv_device_cuda: c_int;
+}
+
+fn built_for_cuda() -> bool {
+    unsafe { curv_device_cuda == 1 }
 }
 
 /// The C-interface name generated code calls for matrix products.
@@ -115,6 +123,26 @@ impl Backend<f32> for Precompiled {
             return curv_runtime::Interpreter.outputs(key, function, inputs);
         };
         let signature = curv_ir::abi::kernel_signature(function, &bindings)?;
+        if built_for_cuda() {
+            let size = |dtype: curv_ir::DType| if dtype == curv_ir::DType::F64 { 8 } else { 4 };
+            let layouts: Vec<(Vec<i64>, usize)> = signature
+                .arguments
+                .iter()
+                .map(|argument| (argument.shape.clone(), size(argument.dtype)))
+                .chain(signature.outputs.iter().map(|(_, shape, dtype)| (shape.clone(), size(*dtype))))
+                .collect();
+            let first_output = signature.arguments.len();
+            return call_compiled(&signature, inputs, &mut |slots| {
+                // SAFETY: `call_compiled` packs descriptors of the signature's shapes.
+                unsafe {
+                    curv_cuda::call_staged(&layouts, first_output, slots, &mut |slots| {
+                        kernel(slots.as_mut_ptr());
+                        Ok(())
+                    })
+                }
+                .map_err(|message| format!("`{key}` on the GPU: {message}"))
+            });
+        }
         call_compiled(&signature, inputs, &mut |slots| {
             unsafe { kernel(slots.as_mut_ptr()) };
             Ok(())
@@ -199,6 +227,26 @@ fn run(arguments: Vec<String>) -> c_int {
         return 1;
     }
     let Some(analysis) = &compilation.analysis else { return 1 };
+    if built_for_cuda() && !arguments.interpret {
+        match curv_cuda::probe() {
+            Ok(device) => {
+                if !arguments.quiet {
+                    eprintln!("device: {} ({}, {} MiB)", device.name, device.chip(), device.memory_bytes >> 20);
+                }
+            }
+            Err(error) => {
+                eprintln!(
+                    "error: {error} (this trainer was built with `--device cuda`; `--interpret` runs it on the CPU)"
+                );
+                return 1;
+            }
+        }
+        // The kernels' PTX was loaded before `main`; a module the driver refused is reported now.
+        if let Some(message) = curv_cuda::take_error() {
+            eprintln!("error: {message}");
+            return 2;
+        }
+    }
     curv_runtime::compiled::keep_large_allocations_in_the_heap();
     let options = curv_driver::run::RunOptions {
         train: arguments.train.clone(),
