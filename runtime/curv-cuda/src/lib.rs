@@ -337,22 +337,44 @@ pub unsafe extern "C" fn mgpuLaunchKernel(
     }
 }
 
+struct Stream(cu::CUstream);
+unsafe impl Send for Stream {}
+unsafe impl Sync for Stream {}
+
+static STREAM: OnceLock<Result<Stream, CudaError>> = OnceLock::new();
+
+/// The one stream all of curv's GPU work goes to (launches and cuBLAS), created on first use.
+fn stream() -> Result<cu::CUstream, CudaError> {
+    current()?;
+    STREAM
+        .get_or_init(|| {
+            let mut stream = std::ptr::null_mut();
+            check(
+                unsafe { cu::cuStreamCreate(&mut stream, cu::CUstream_flags::CU_STREAM_NON_BLOCKING as u32) },
+                "cuStreamCreate",
+            )?;
+            Ok(Stream(stream))
+        })
+        .as_ref()
+        .map(|stream| stream.0)
+        .map_err(Clone::clone)
+}
+
+/// The generated code asks for a stream around every launch; it gets the one stream, so work is
+/// ordered without extra streams.
+///
 /// # Safety
 ///
 /// Called by generated code.
 #[no_mangle]
 pub unsafe extern "C" fn mgpuStreamCreate() -> *mut c_void {
-    if let Err(error) = current() {
-        record(error.to_string());
-        return std::ptr::null_mut();
+    match stream() {
+        Ok(stream) => stream as *mut c_void,
+        Err(error) => {
+            record(error.to_string());
+            std::ptr::null_mut()
+        }
     }
-    let mut stream = std::ptr::null_mut();
-    let result = cu::cuStreamCreate(&mut stream, cu::CUstream_flags::CU_STREAM_NON_BLOCKING as u32);
-    if result != cu::CUresult::CUDA_SUCCESS {
-        record(format!("cuStreamCreate failed: {}", result_name(result)));
-        return std::ptr::null_mut();
-    }
-    stream as *mut c_void
 }
 
 /// # Safety
@@ -370,15 +392,13 @@ pub unsafe extern "C" fn mgpuStreamSynchronize(stream: *mut c_void) {
     }
 }
 
+/// The one stream outlives every call: nothing to destroy.
+///
 /// # Safety
 ///
-/// `stream` is null or a stream [`mgpuStreamCreate`] returned.
+/// Called by generated code.
 #[no_mangle]
-pub unsafe extern "C" fn mgpuStreamDestroy(stream: *mut c_void) {
-    if !stream.is_null() && current().is_ok() {
-        let _ = cu::cuStreamDestroy_v2(stream as cu::CUstream);
-    }
-}
+pub unsafe extern "C" fn mgpuStreamDestroy(_stream: *mut c_void) {}
 
 /// Allocations of generated code (`gpu.alloc`) are managed memory whatever they ask for, so the
 /// host side may touch them too.
@@ -566,6 +586,10 @@ fn blas() -> Result<&'static Blas, CudaError> {
             if status != blas::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
                 return Err(CudaError::Failed(format!("cublasCreate failed: {status:?}")));
             }
+            let status = blas::cublasSetStream_v2(handle, stream()? as blas::cudaStream_t);
+            if status != blas::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                return Err(CudaError::Failed(format!("cublasSetStream failed: {status:?}")));
+            }
             Ok(Blas(handle))
         }
     })
@@ -589,7 +613,7 @@ fn blas_layout(rows: i64, columns: i64, strides: [i64; 2]) -> Option<(bool, i64)
 /// `C = A B` on cuBLAS for generated code running on the GPU (its C-interface name: the GPU
 /// lowering calls `curv_cuda_sgemm` where the CPU code calls `curv_sgemm`): the row-major product
 /// is the column-major `C^T = B^T A^T`.
-/// Waits for the product before returning, as the kernels around it do.
+/// It runs on the one stream and is waited for before returning, as the kernels around it are.
 ///
 /// # Safety
 ///
@@ -645,7 +669,10 @@ pub unsafe extern "C" fn _mlir_ciface_curv_cuda_sgemm(
     if status != blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
         return record(format!("matrix product {m}x{k} @ {k}x{n}: cublasSgemm failed: {status:?}"));
     }
-    let result = cu::cuCtxSynchronize();
+    let result = match stream() {
+        Ok(stream) => cu::cuStreamSynchronize(stream),
+        Err(_) => cu::cuCtxSynchronize(),
+    };
     if result != cu::CUresult::CUDA_SUCCESS {
         record(format!("matrix product {m}x{k} @ {k}x{n} failed while running: {}", result_name(result)));
     }

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The GPU check, in one short call on a machine with an NVIDIA GPU, its driver, Python with numpy
+# and PyTorch, and no Rust or LLVM. Its inputs come from scripts/gpu-prepare.sh, run beforehand on
+# the development machine and carried in gpu-check/ (ignored by git):
+#
+#   ./scripts/gpu-prepare.sh                       # here: trainers, manifest, tolerances
+#   run(command="./scripts/gpu-check.sh", carry=["gpu-check"], timeout_s=540)
+#
+# 1. every example and optimizer preset, 20 steps on the GPU (the trainer's default) and on the
+#    CPU (the same trainer with --interpret), final loss and parameters compared within the
+#    tolerance gpu-prepare measured;
+# 2. train-step time of the digits MLP and the SIREN with Adam against PyTorch CUDA eager and
+#    torch.compile, and the device-to-device copy bandwidth, in the same run;
+# 3. a short table last. Exit status 1 when a comparison fails.
+#
+# DRY_RUN=1 runs the "GPU" side with --interpret too: a check of the script itself on a machine
+# without a GPU (every comparison must then pass).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+STEPS=${STEPS:-20}
+gpu_flag=()
+[ "${DRY_RUN:-0}" = 1 ] && gpu_flag=(--interpret)
+if [ ! -f gpu-check/trainers.tar.xz ]; then
+    echo "gpu-check/trainers.tar.xz is missing: run scripts/gpu-prepare.sh first and carry gpu-check" >&2
+    exit 2
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+# cuBLAS from the Python `nvidia-*` packages, when the system has none on the loader path.
+libraries=$("$PYTHON" - <<'PY'
+import importlib, os
+paths = []
+for name in ("nvidia.cublas", "nvidia.cuda_runtime"):
+    try:
+        module = importlib.import_module(name)
+        paths += [os.path.join(path, "lib") for path in module.__path__]
+    except Exception:
+        pass
+print(":".join(path for path in paths if os.path.isdir(path)))
+PY
+)
+export LD_LIBRARY_PATH="${libraries}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+work=$(mktemp -d)
+tar -C "$work" -xJf gpu-check/trainers.tar.xz
+results="$work/results.txt"
+: > "$results"
+failures=0
+while IFS=$'\t' read -r name data_dir; do
+    trainer="$work/bin/$name"
+    gpu_out="$work/$name-gpu"
+    cpu_out="$work/$name-cpu"
+    started=$(date +%s%N)
+    if ! timeout 120 "$trainer" "${gpu_flag[@]}" --steps "$STEPS" --quiet --data-dir "$data_dir" --out "$gpu_out" \
+            --metrics "$gpu_out/metrics.jsonl" > "$work/$name-gpu.log" 2>&1; then
+        printf '%-14s FAILED on the GPU: %s\n' "$name" "$(tail -2 "$work/$name-gpu.log" | tr '\n' ' ')" | tee -a "$results"
+        failures=$((failures + 1))
+        continue
+    fi
+    gpu_seconds=$(( ($(date +%s%N) - started) / 1000000000 ))
+    if ! timeout 300 "$trainer" --steps "$STEPS" --quiet --interpret --data-dir "$data_dir" --out "$cpu_out" \
+            --metrics "$cpu_out/metrics.jsonl" > "$work/$name-cpu.log" 2>&1; then
+        printf '%-14s FAILED on the CPU: %s\n' "$name" "$(tail -2 "$work/$name-cpu.log" | tr '\n' ' ')" | tee -a "$results"
+        failures=$((failures + 1))
+        continue
+    fi
+    if ! line=$("$PYTHON" scripts/gpu_check.py compare "$name" "$gpu_out" "$cpu_out" gpu-check/tolerances.json 2>&1); then
+        failures=$((failures + 1))
+    fi
+    printf '%s (gpu run %s s)\n' "$(echo "$line" | tail -1)" "$gpu_seconds" | tee -a "$results"
+done < gpu-check/manifest.tsv
+grep -q MISMATCH "$results" && failures=$((failures + 1))
+
+# Train-step time: curv's trainers (their median step) against PyTorch, same run.
+step_ms() {
+    "$work/bin/$1" "${gpu_flag[@]}" --steps "$2" --data-dir "$3" --out "$work/bench-$1" 2>/dev/null | sed -n 's/.*median step \([0-9.]*\) ms.*/\1/p'
+}
+digits_ms=$(step_ms adam 200 examples/optimizers)
+siren_ms=$(step_ms siren 60 examples)
+peers=$("$PYTHON" scripts/gpu_check.py bench 2>"$work/bench.log" || echo '{}')
+echo
+echo "=== GPU check: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1) ==="
+echo "correctness ($STEPS steps, GPU against the same trainer on the CPU):"
+cat "$results"
+"$PYTHON" - "$digits_ms" "$siren_ms" "$peers" <<'PY'
+import json, sys
+digits, siren, peers = sys.argv[1], sys.argv[2], json.loads(sys.argv[3] or "{}")
+def number(text):
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")
+print()
+print(f"{'problem':<8}{'curv ms':>10}{'eager ms':>10}{'compile ms':>12}{'curv/eager':>12}{'curv/compile':>14}")
+for problem, ours in (("digits", number(digits)), ("siren", number(siren))):
+    eager = peers.get(f"{problem}_eager_ms") or float("nan")
+    compiled = peers.get(f"{problem}_compile_ms") or float("nan")
+    print(f"{problem:<8}{ours:>10.3f}{eager:>10.3f}{compiled:>12.3f}{ours / eager:>12.2f}{ours / compiled:>14.2f}")
+copy = peers.get("copy_gbytes_per_second")
+print(f"device-to-device copy: {copy:.0f} GB/s" if copy else "device-to-device copy: not measured")
+print("fused update bandwidth: not measured (curv stages every call's buffers through managed memory)")
+PY
+rm -rf "$work"
+[ "$failures" -eq 0 ]

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Builds the inputs of scripts/gpu-check.sh on the development machine (which has Rust and LLVM;
+# the GPU machine has neither): a `curv build --device cuda` trainer for every example and every
+# optimizer preset that executes (PTX for sm_90 embedded, stripped, about 10 MB each, packed with
+# xz), a manifest naming each trainer's data directory, and the tolerance of each comparison
+# (1e-3 relative, or three times the distance between the f32 and f64 interpreter runs when that
+# is larger: the f32 rounding noise of the optimizer itself, as the CPU differential test
+# measures it). Everything goes to gpu-check/ (ignored by git), which the GPU call carries.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STEPS=${STEPS:-20}
+cargo build --release -p curv-cli -p curv-standalone
+CURV="$PWD/target/release/curv"
+rm -rf gpu-check
+mkdir -p gpu-check/bin gpu-check/reference
+manifest=gpu-check/manifest.tsv
+: > "$manifest"
+for file in examples/*.curv examples/optimizers/*.curv; do
+    name=$(basename "$file" .curv)
+    [ -e "gpu-check/bin/$name" ] && name="$(basename "$(dirname "$file")")_$name"
+    if ! "$CURV" build "$file" --device cuda --gpu sm_90 -o "gpu-check/bin/$name" > /dev/null 2> "gpu-check/$name.build.log"; then
+        echo "[gpu-prepare] $name: not built ($(tail -1 "gpu-check/$name.build.log"))"
+        continue
+    fi
+    strip "gpu-check/bin/$name"
+    # The f32 and f64 interpreter runs that set the tolerance.
+    for precision in f32 f64; do
+        "$CURV" run "$file" --backend interp --precision "$precision" --steps "$STEPS" --quiet \
+            --out "gpu-check/reference/$name-$precision" --metrics "gpu-check/reference/$name-$precision/metrics.jsonl"
+    done
+    printf '%s\t%s\n' "$name" "$(dirname "$file")" >> "$manifest"
+    echo "[gpu-prepare] $name: built"
+done
+.venv/bin/python scripts/gpu_check.py tolerances gpu-check
+rm -rf gpu-check/reference gpu-check/*.build.log
+tar -C gpu-check -cJf gpu-check/trainers.tar.xz bin
+rm -rf gpu-check/bin
+du -sh gpu-check
+size=$(du -sm gpu-check | cut -f1)
+if [ "$size" -gt 60 ]; then
+    echo "[gpu-prepare] gpu-check/ is ${size} MiB, more than the 64 MiB a GPU call carries" >&2
+    exit 1
+fi
