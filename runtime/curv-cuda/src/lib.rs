@@ -61,6 +61,7 @@ impl DeviceInfo {
 
 struct Context {
     context: cu::CUcontext,
+    device: cu::CUdevice,
     info: DeviceInfo,
 }
 
@@ -138,7 +139,7 @@ fn open() -> Result<Context, CudaError> {
             compute_capability: (major, minor),
             memory_bytes: memory,
         };
-        Ok(Context { context, info })
+        Ok(Context { context, device, info })
     }
 }
 
@@ -469,6 +470,9 @@ pub struct ManagedBuffer {
     bytes: usize,
 }
 
+// Managed memory belongs to the context, not to a thread.
+unsafe impl Send for ManagedBuffer {}
+
 impl ManagedBuffer {
     pub fn new(bytes: usize) -> Result<ManagedBuffer, CudaError> {
         Ok(ManagedBuffer { pointer: allocate_managed(bytes)?, bytes })
@@ -513,7 +517,8 @@ impl Drop for ManagedBuffer {
 /// copied into managed memory, the descriptors point at the copies during `invoke`, the outputs
 /// (from `first_output` on) are copied back once the device has finished, and the first error of
 /// the runtime functions is the call's error. `layouts` gives each buffer's shape and element
-/// size.
+/// size. Staging buffers are prefetched to the device before the call and the outputs back to
+/// the host after it, and are kept for the next call of the same sizes.
 ///
 /// # Safety
 ///
@@ -534,13 +539,15 @@ pub unsafe fn call_staged(
         let (aligned, offset) = (*descriptor.add(1) as *mut u8, *descriptor.add(2));
         let bytes = shape.iter().product::<i64>().max(0) as usize * element_bytes;
         let host = std::slice::from_raw_parts(aligned.add(offset as usize * element_bytes), bytes);
-        let buffer = ManagedBuffer::copy_of(host).map_err(|error| error.to_string())?;
+        let buffer = take_buffer(bytes).map_err(|error| error.to_string())?;
+        std::ptr::copy_nonoverlapping(host.as_ptr(), buffer.as_mut_ptr(), bytes);
         originals.push((descriptor, (*descriptor, *descriptor.add(1), *descriptor.add(2))));
         *descriptor = buffer.as_mut_ptr() as i64;
         *descriptor.add(1) = buffer.as_mut_ptr() as i64;
         *descriptor.add(2) = 0;
         staged.push(buffer);
     }
+    prefetch(&staged, Destination::Device);
     take_error();
     let result = invoke(slots);
     let synchronised = synchronize();
@@ -555,12 +562,62 @@ pub unsafe fn call_staged(
         return Err(message);
     }
     synchronised.map_err(|error| error.to_string())?;
+    prefetch(&staged[first_output.min(staged.len())..], Destination::Host);
+    synchronize().map_err(|error| error.to_string())?;
     for (((descriptor, _), buffer), (_, element_bytes)) in originals.iter().zip(&staged).zip(layouts).skip(first_output)
     {
         let (aligned, offset) = (*descriptor.add(1) as *mut u8, *descriptor.add(2) as usize);
         std::ptr::copy_nonoverlapping(buffer.as_slice().as_ptr(), aligned.add(offset * element_bytes), buffer.len());
     }
+    for buffer in staged {
+        give_back(buffer);
+    }
     Ok(())
+}
+
+enum Destination {
+    Device,
+    Host,
+}
+
+/// Moves the pages of managed buffers in bulk (one prefetch each, on the stream) instead of page
+/// by page on first touch. A device without prefetching (no concurrent managed access) still
+/// works by faults, so a refused prefetch is not an error.
+fn prefetch(buffers: &[ManagedBuffer], destination: Destination) {
+    let (Ok(context), Ok(stream)) = (current(), stream()) else { return };
+    let target = match destination {
+        Destination::Device => context.device,
+        Destination::Host => -1, // CU_DEVICE_CPU
+    };
+    for buffer in buffers.iter().filter(|buffer| !buffer.is_empty()) {
+        let _ = unsafe {
+            cu::cuMemPrefetchAsync(buffer.as_mut_ptr() as usize as cu::CUdeviceptr, buffer.len(), target, stream)
+        };
+    }
+}
+
+/// Staging buffers kept for the next call, by size (a training step calls the same functions
+/// with the same shapes every time), up to [`POOL_LIMIT_BYTES`] in all.
+static POOL: Mutex<Vec<ManagedBuffer>> = Mutex::new(Vec::new());
+const POOL_LIMIT_BYTES: usize = 4 << 30;
+
+fn take_buffer(bytes: usize) -> Result<ManagedBuffer, CudaError> {
+    let mut pool = POOL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    match pool.iter().position(|buffer| buffer.len() == bytes) {
+        Some(index) => Ok(pool.swap_remove(index)),
+        None => {
+            drop(pool);
+            ManagedBuffer::new(bytes)
+        }
+    }
+}
+
+fn give_back(buffer: ManagedBuffer) {
+    let mut pool = POOL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let held: usize = pool.iter().map(ManagedBuffer::len).sum();
+    if held + buffer.len() <= POOL_LIMIT_BYTES {
+        pool.push(buffer);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
