@@ -871,8 +871,20 @@ fn bench_kernels() -> ExitCode {
 /// runtime library (`libcurv_standalone.a`, found next to the `curv` executable).
 fn build_command(file: &Path, output: &Path, train_name: Option<&str>, device: &str, gpu: &str, lib: bool) -> ExitCode {
     if lib {
-        eprintln!("error: `curv build --lib` is not available yet");
-        return ExitCode::from(1);
+        if device != "cpu" {
+            eprintln!("error: `curv build --lib` builds for the CPU only so far");
+            return ExitCode::from(1);
+        }
+        return match build_library(file, output) {
+            Ok(message) => {
+                println!("{message}");
+                ExitCode::SUCCESS
+            }
+            Err((message, code)) => {
+                eprintln!("error: {message}");
+                ExitCode::from(code)
+            }
+        };
     }
     let gpu = match device {
         "cpu" => None,
@@ -906,6 +918,244 @@ fn build_command(file: &Path, output: &Path, train_name: Option<&str>, device: &
             eprintln!("error: {message}");
             ExitCode::from(code)
         }
+    }
+}
+
+/// A data probe that reads the files as `curv check` does and records what it answered, for a
+/// library to answer the same without the files.
+struct RecordingProbe {
+    inner: curv_driver::FileProbe,
+    records: Vec<(String, curv_sema::ProbedData)>,
+}
+
+impl curv_sema::DataProbe for RecordingProbe {
+    fn probe(&mut self, request: &curv_sema::DataRequest) -> Result<curv_sema::ProbedData, curv_sema::DataProbeError> {
+        let answer = self.inner.probe(request)?;
+        self.records.push((request.name.clone(), answer.clone()));
+        Ok(answer)
+    }
+}
+
+/// The C header of a library: the C ABI of `curv_standalone::abi`.
+const LIBRARY_HEADER: &str = r#"/* The C ABI of a curv library (`curv build --lib`), in the style of Futhark's generated API:
+ * configuration -> context -> entry points; every entry point returns an error code (CURV_OK, ...)
+ * and curv_context_error() gives the message. Tensors are DLPack DLManagedTensors (float32 or
+ * float64, contiguous, on the CPU, with the shapes of the .curv file's parameters); they are
+ * updated in place and never freed by the library. */
+#ifndef CURV_@NAME@_H
+#define CURV_@NAME@_H
+#include <stdint.h>
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define CURV_OK 0
+#define CURV_INVALID_ARGUMENT 1
+#define CURV_RUNTIME_ERROR 2
+#define CURV_CONTEXT_ERROR 3
+
+#ifndef DLPACK_VERSION
+/* DLPack 0.8, as in dlpack/dlpack.h. */
+typedef struct { int32_t device_type; int32_t device_id; } DLDevice;
+typedef struct { uint8_t code; uint8_t bits; uint16_t lanes; } DLDataType;
+typedef struct {
+  void *data; DLDevice device; int32_t ndim; DLDataType dtype;
+  int64_t *shape; int64_t *strides; uint64_t byte_offset;
+} DLTensor;
+typedef struct DLManagedTensor {
+  DLTensor dl_tensor; void *manager_ctx; void (*deleter)(struct DLManagedTensor *self);
+} DLManagedTensor;
+#endif
+
+struct curv_config;
+struct curv_context;
+
+struct curv_config *curv_config_new(void);
+void curv_config_free(struct curv_config *config);
+/* Options: "lr", the base learning rate (finite, positive). */
+int curv_config_set(struct curv_config *config, const char *name, double value);
+
+/* Never NULL; when the program cannot be used, entry points return CURV_CONTEXT_ERROR. */
+struct curv_context *curv_context_new(const struct curv_config *config);
+void curv_context_free(struct curv_context *context);
+/* The last error's message, or NULL; valid until the next call on the context. */
+const char *curv_context_error(const struct curv_context *context);
+
+int64_t curv_param_count(const struct curv_context *context);
+const char *curv_param_name(const struct curv_context *context, int64_t index);
+/* Writes up to `capacity` dimensions of parameter `index`; returns its rank (-1: bad argument). */
+int64_t curv_param_shape(const struct curv_context *context, int64_t index, int64_t *dims, int64_t capacity);
+
+/* One optimizer step: params[i] updated in place from grads[i], for every parameter in order.
+ * On an error nothing is written. */
+int curv_optimizer_step(struct curv_context *context, int64_t count,
+                        DLManagedTensor *const *params, DLManagedTensor *const *grads);
+int64_t curv_optimizer_steps(const struct curv_context *context);
+/* The optimizer state (safetensors, written atomically) and the step count. */
+int curv_state_save(struct curv_context *context, const char *path);
+int curv_state_load(struct curv_context *context, const char *path);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
+"#;
+
+/// The symbols a library exports (everything else is local).
+const LIBRARY_EXPORTS: &[&str] = &[
+    "curv_config_new",
+    "curv_config_free",
+    "curv_config_set",
+    "curv_context_new",
+    "curv_context_free",
+    "curv_context_error",
+    "curv_param_count",
+    "curv_param_name",
+    "curv_param_shape",
+    "curv_optimizer_step",
+    "curv_optimizer_steps",
+    "curv_state_save",
+    "curv_state_load",
+];
+
+/// `curv build --lib FILE -o DIR`: `DIR/libNAME.so` (the optimizer of the file's first train
+/// block, its rule kernels compiled for the block's parameter shapes, behind the C ABI of
+/// `curv_standalone::abi`), `DIR/NAME.h` and `DIR/NAME.py`, NAME being the file's stem.
+fn build_library(file: &Path, directory: &Path) -> Result<String, (String, u8)> {
+    use curv_runtime::backend::keys;
+    let source = SourceFile::read(file).map_err(|message| (message, 1))?;
+    let mut probe =
+        RecordingProbe { inner: curv_driver::FileProbe { directory: source.directory() }, records: Vec::new() };
+    let compilation = curv_driver::compile_with_probe(source, &mut probe);
+    print_diagnostics(&compilation);
+    if compilation.has_errors() {
+        return Err(("the file has errors".to_string(), 1));
+    }
+    let analysis = compilation.analysis.as_ref().ok_or(("the file did not check".to_string(), 1))?;
+    let program = &analysis.program;
+    let train = program.trains.first().ok_or(("the file has no train block".to_string(), 1))?;
+    let names: Vec<String> = train.params.iter().map(|param| param.name.clone()).collect();
+    curv_runtime::optimizer::check_executable(&train.optimizer, &names).map_err(|message| (message, 1))?;
+    let stem = file.file_stem().map(|stem| stem.to_string_lossy().into_owned()).unwrap_or_default();
+    let name: String = stem.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    if name.is_empty() || name.starts_with(|c: char| c.is_ascii_digit()) {
+        return Err((format!("`{stem}` cannot name a library (a letter or `_` must come first)"), 1));
+    }
+    let library = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|parent| parent.join("libcurv_standalone.a")))
+        .filter(|path| path.is_file())
+        .ok_or_else(|| ("the runtime library libcurv_standalone.a is not next to the curv executable; build it with `cargo build -p curv-standalone`".to_string(), 2))?;
+    // The rule kernels the optimizer step calls, for each parameter's size.
+    let mut kernels: Vec<(String, curv_ir::Function, std::collections::HashMap<String, i64>)> = Vec::new();
+    for plan in &train.optimizer.plans {
+        if plan.structure != curv_ir::StructureKind::Rule {
+            continue;
+        }
+        let Some(rule) = program.rules.iter().find(|rule| rule.name == plan.rule_name) else { continue };
+        let size = train.params[plan.param].ty.element_count().unwrap_or(0) as usize;
+        let bindings = std::collections::HashMap::from([("P".to_string(), size as i64)]);
+        let init_key = keys::rule_init(&rule.name, size);
+        if !kernels.iter().any(|(key, _, _)| *key == init_key) {
+            kernels.push((init_key, rule.init.clone(), bindings.clone()));
+            for (block, update) in rule.updates.iter().enumerate() {
+                kernels.push((keys::rule_block(&rule.name, block, size), update.function.clone(), bindings.clone()));
+            }
+        }
+    }
+    std::fs::create_dir_all(directory)
+        .map_err(|error| (format!("cannot create {}: {error}", directory.display()), 1))?;
+    let work = std::env::temp_dir().join(format!("curv-build-lib-{}", std::process::id()));
+    std::fs::create_dir_all(&work).map_err(|error| (format!("cannot create {}: {error}", work.display()), 2))?;
+    let mut registry =
+        String::from("#include <stddef.h>\n\nstruct curv_kernel { const char *key; void (*function)(void **); };\n\n");
+    let mut entries = Vec::new();
+    let mut objects = Vec::new();
+    for (index, (key, function, bindings)) in kernels.iter().enumerate() {
+        let kernel = format!("curv_kernel_{index}");
+        let Ok((text, _)) = curv_mlir::lower::lower_function(function, &kernel, bindings) else { continue };
+        let object = work.join(format!("{kernel}.o"));
+        curv_mlir::jit::compile_to_object(&text, &kernel, &object, 2)
+            .map_err(|error| (format!("compiling `{key}`: {error}"), 2))?;
+        objects.push(object);
+        registry.push_str(&format!("extern void _mlir__mlir_ciface_{kernel}(void **);\n"));
+        entries
+            .push(format!("  {{{}, _mlir__mlir_ciface_{kernel}}}", c_string(&curv_ir::abi::kernel_key(key, bindings))));
+    }
+    let file_name = file.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+    if entries.is_empty() {
+        registry
+            .push_str("const struct curv_kernel curv_kernels[1] = {{0, 0}};\nconst size_t curv_kernel_count = 0;\n");
+    } else {
+        registry.push_str(&format!("\nconst struct curv_kernel curv_kernels[] = {{\n{}\n}};\n", entries.join(",\n")));
+        registry.push_str(&format!("const size_t curv_kernel_count = {};\n", entries.len()));
+    }
+    registry.push_str(&format!("const char curv_program_source[] = {};\n", c_string(&compilation.source.text)));
+    registry.push_str(&format!("const char curv_program_file[] = {};\n", c_string(&file_name)));
+    registry.push_str("const char curv_program_directory[] = \".\";\nconst int curv_device_cuda = 0;\n");
+    let recording = curv_standalone_recording(&probe.records);
+    registry.push_str(&format!("const char curv_probed_data[] = {};\n", c_string(&recording)));
+    let registry_path = work.join("registry.c");
+    let exports_path = work.join("exports.map");
+    let exports: Vec<String> = LIBRARY_EXPORTS.iter().map(|symbol| format!("{symbol};")).collect();
+    let write = |path: &Path, text: &str| {
+        std::fs::write(path, text).map_err(|error| (format!("cannot write {}: {error}", path.display()), 2))
+    };
+    write(&registry_path, &registry)?;
+    write(&exports_path, &format!("{{ global: {} local: *; }};\n", exports.join(" ")))?;
+    let library_path = directory.join(format!("lib{name}.so"));
+    let temporary = directory.join(format!(".lib{name}.so.{}.tmp", std::process::id()));
+    let mut command = std::process::Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".to_string()));
+    command.args(["-shared", "-fPIC", "-o"]).arg(&temporary).arg(&registry_path).args(&objects);
+    for symbol in LIBRARY_EXPORTS {
+        command.arg(format!("-Wl,-u,{symbol}"));
+    }
+    command.arg(&library).arg(format!("-Wl,--version-script={}", exports_path.display())).args([
+        "-lm",
+        "-lpthread",
+        "-ldl",
+        "-lgcc_s",
+        "-lutil",
+        "-lrt",
+        "-lc",
+    ]);
+    let status = command.status().map_err(|error| (format!("cannot run the C compiler to link: {error}"), 2))?;
+    let _ = std::fs::remove_dir_all(&work);
+    if !status.success() {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(("linking the library failed".to_string(), 2));
+    }
+    std::fs::rename(&temporary, &library_path)
+        .map_err(|error| (format!("cannot write {}: {error}", library_path.display()), 1))?;
+    let header = LIBRARY_HEADER.replace("@NAME@", &name.to_uppercase());
+    write(&directory.join(format!("{name}.h")), &header).map_err(|(message, _)| (message, 1))?;
+    let python = include_str!("../../../python/curv_library.py").replace("@NAME@", &name);
+    write(&directory.join(format!("{name}.py")), &python).map_err(|(message, _)| (message, 1))?;
+    Ok(format!("wrote {} ({} compiled kernels), {name}.h and {name}.py", library_path.display(), entries.len()))
+}
+
+/// The data-schema recording a library embeds (the format `curv_standalone::abi` reads).
+fn curv_standalone_recording(records: &[(String, curv_sema::ProbedData)]) -> String {
+    let mut out = String::new();
+    for (name, data) in records {
+        let fields: Vec<String> = data
+            .fields
+            .iter()
+            .map(|(field, dtype, dims)| {
+                let dims: Vec<String> = dims.iter().map(i64::to_string).collect();
+                format!("{field}:{}:{}", dtype_name(*dtype), dims.join(","))
+            })
+            .collect();
+        out.push_str(&format!("{name}\t{}\t{}\n", data.examples, fields.join(";")));
+    }
+    out
+}
+
+fn dtype_name(dtype: curv_ir::DType) -> &'static str {
+    match dtype {
+        curv_ir::DType::F32 => "f32",
+        curv_ir::DType::F64 => "f64",
+        curv_ir::DType::I32 => "i32",
     }
 }
 

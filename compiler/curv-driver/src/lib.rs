@@ -4,6 +4,7 @@
 
 pub mod fuzzing;
 mod probe;
+pub use probe::FileProbe;
 mod render;
 pub mod run;
 mod summary;

@@ -197,3 +197,28 @@ pub fn read_all<T: Real>(
 }
 
 pub use safetensors::SafeTensors;
+
+/// The tensors of a safetensors file by name, and its `key=value` metadata.
+pub type TensorsAndMetadata<T> = (HashMap<String, Tensor<T>>, HashMap<String, String>);
+
+/// Every tensor of a safetensors file curv wrote (converted to `T`) and its `key=value` metadata.
+pub fn read_file<T: Real>(path: &Path) -> Result<TensorsAndMetadata<T>, String> {
+    let bytes = std::fs::read(path).map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|error| format!("{}: not a safetensors file ({error})", path.display()))?;
+    let metadata: HashMap<String, String> = header
+        .metadata()
+        .as_ref()
+        .and_then(|entries| entries.get(METADATA_KEY))
+        .map(|joined| {
+            joined
+                .split(';')
+                .filter_map(|pair| pair.split_once('='))
+                .map(|(key, value)| (key.to_string(), value.to_string()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|error| format!("{}: not a safetensors file ({error})", path.display()))?;
+    Ok((read_all(&tensors, path)?, metadata))
+}

@@ -7,6 +7,8 @@
 //! whose host side launches PTX (embedded in their objects, loaded by static initialisers through
 //! `curv-cuda`) and calls them with buffers staged in managed memory.
 
+pub mod abi;
+
 use clap::Parser;
 use curv_interp::{Inputs, Value};
 use curv_ir::Function;

@@ -1,0 +1,158 @@
+"""The Python side of a library `curv build --lib` wrote (`lib@NAME@.so` next to this file): a
+thin ctypes binding of its C ABI (`@NAME@.h`) and a `torch.optim.Optimizer` whose step is the
+optimizer of the `.curv` file, compiled.
+
+    import @NAME@
+    optimizer = @NAME@.Optimizer(model_parameters, lr=1e-3)   # in the .curv file's order
+    loss.backward(); optimizer.step()
+
+Parameters are passed to the library as DLPack tensors and updated in place (float32 tensors run
+the compiled kernels, float64 tensors the interpreter); the library checks every tensor (device,
+dtype, shape, contiguity) and raises `CurvError` with its message instead of crashing.
+"""
+
+import ctypes
+import os
+
+_LIBRARY = ctypes.CDLL(os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib@NAME@.so"))
+
+OK, INVALID_ARGUMENT, RUNTIME_ERROR, CONTEXT_ERROR = 0, 1, 2, 3
+
+_LIBRARY.curv_config_new.restype = ctypes.c_void_p
+_LIBRARY.curv_config_free.argtypes = [ctypes.c_void_p]
+_LIBRARY.curv_config_set.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_double]
+_LIBRARY.curv_config_set.restype = ctypes.c_int
+_LIBRARY.curv_context_new.argtypes = [ctypes.c_void_p]
+_LIBRARY.curv_context_new.restype = ctypes.c_void_p
+_LIBRARY.curv_context_free.argtypes = [ctypes.c_void_p]
+_LIBRARY.curv_context_error.argtypes = [ctypes.c_void_p]
+_LIBRARY.curv_context_error.restype = ctypes.c_char_p
+_LIBRARY.curv_param_count.argtypes = [ctypes.c_void_p]
+_LIBRARY.curv_param_count.restype = ctypes.c_int64
+_LIBRARY.curv_param_name.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+_LIBRARY.curv_param_name.restype = ctypes.c_char_p
+_LIBRARY.curv_param_shape.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), ctypes.c_int64]
+_LIBRARY.curv_param_shape.restype = ctypes.c_int64
+_LIBRARY.curv_optimizer_steps.argtypes = [ctypes.c_void_p]
+_LIBRARY.curv_optimizer_steps.restype = ctypes.c_int64
+_LIBRARY.curv_optimizer_step.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p)]
+_LIBRARY.curv_optimizer_step.restype = ctypes.c_int
+_LIBRARY.curv_state_save.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+_LIBRARY.curv_state_save.restype = ctypes.c_int
+_LIBRARY.curv_state_load.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+_LIBRARY.curv_state_load.restype = ctypes.c_int
+
+_PyCapsule_GetPointer = ctypes.pythonapi.PyCapsule_GetPointer
+_PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+_PyCapsule_GetPointer.restype = ctypes.c_void_p
+
+
+class CurvError(RuntimeError):
+    """A call of the library failed; `code` is its error code."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
+class Context:
+    """A context of the library (the C ABI's `curv_context`), with its optimizer state."""
+
+    def __init__(self, lr=None):
+        config = _LIBRARY.curv_config_new()
+        try:
+            if lr is not None and _LIBRARY.curv_config_set(config, b"lr", float(lr)) != OK:
+                raise CurvError(INVALID_ARGUMENT, f"lr must be finite and positive, not {lr!r}")
+            self._context = _LIBRARY.curv_context_new(config)
+        finally:
+            _LIBRARY.curv_config_free(config)
+        count = _LIBRARY.curv_param_count(self._context)
+        message = _LIBRARY.curv_context_error(self._context)
+        if message is not None:
+            raise CurvError(CONTEXT_ERROR, message.decode())
+        self.names = [_LIBRARY.curv_param_name(self._context, index).decode() for index in range(count)]
+        self.shapes = []
+        for index in range(count):
+            dims = (ctypes.c_int64 * 8)()
+            rank = _LIBRARY.curv_param_shape(self._context, index, dims, 8)
+            self.shapes.append(tuple(dims[axis] for axis in range(rank)))
+
+    def __del__(self):
+        context = getattr(self, "_context", None)
+        if context:
+            _LIBRARY.curv_context_free(context)
+            self._context = None
+
+    def _check(self, code):
+        if code != OK:
+            message = _LIBRARY.curv_context_error(self._context)
+            raise CurvError(code, message.decode() if message else f"error code {code}")
+
+    @property
+    def steps(self):
+        return _LIBRARY.curv_optimizer_steps(self._context)
+
+    def step_dlpack(self, params, grads):
+        """One step over DLPack capsules (or None, passed as a null pointer)."""
+        keep = list(params) + list(grads)
+
+        def pointer(capsule):
+            return None if capsule is None else _PyCapsule_GetPointer(capsule, b"dltensor")
+
+        param_pointers = (ctypes.c_void_p * len(params))(*[pointer(capsule) for capsule in params])
+        grad_pointers = (ctypes.c_void_p * len(grads))(*[pointer(capsule) for capsule in grads])
+        count = len(params)
+        code = _LIBRARY.curv_optimizer_step(self._context, count, param_pointers, grad_pointers)
+        del keep
+        self._check(code)
+
+    def save(self, path):
+        self._check(_LIBRARY.curv_state_save(self._context, os.fsencode(path)))
+
+    def load(self, path):
+        self._check(_LIBRARY.curv_state_load(self._context, os.fsencode(path)))
+
+
+try:
+    import torch
+
+    class Optimizer(torch.optim.Optimizer):
+        """The `.curv` file's optimizer over `params` (in the file's parameter order, with its
+        shapes): `step()` updates them in place through the library."""
+
+        def __init__(self, params, lr=None):
+            params = list(params)
+            self.context = Context(lr=lr)
+            super().__init__(params, {"lr": lr})
+            if len(params) != len(self.context.names):
+                raise CurvError(
+                    INVALID_ARGUMENT,
+                    f"{len(params)} parameters given where the optimizer has {len(self.context.names)} ({', '.join(self.context.names)})",
+                )
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            params = [param for group in self.param_groups for param in group["params"]]
+            grads = []
+            for param, name in zip(params, self.context.names):
+                if param.grad is None:
+                    raise CurvError(INVALID_ARGUMENT, f"`{name}` has no gradient")
+                grads.append(param.grad)
+            self.context.step_dlpack(
+                [torch.utils.dlpack.to_dlpack(param.detach()) for param in params],
+                [torch.utils.dlpack.to_dlpack(grad.detach()) for grad in grads],
+            )
+            return loss
+
+        def state_dict_path(self, path):
+            self.context.save(path)
+
+        def load_state_path(self, path):
+            self.context.load(path)
+
+except ImportError:  # the C binding works without PyTorch
+    pass

@@ -1,0 +1,698 @@
+//! The C ABI of a library `curv build --lib` writes, in the style of Futhark's generated C API:
+//! a configuration, a context made from it, entry points that return an integer error code
+//! ([`CURV_OK`], ...) with the context's error string for the details, tensors passed as DLPack
+//! `DLManagedTensor`s. The context holds the program (the `.curv` source embedded in the library,
+//! checked again, with the data schemas recorded at build time) and each parameter's optimizer
+//! state; `curv_optimizer_step` applies one step of the file's optimizer to the caller's
+//! parameters, in place, given their gradients. `f32` tensors run the kernels compiled into the
+//! library, `f64` tensors the interpreter. Every argument is validated (null pointers, count,
+//! device, dtype, shape, strides, alignment) before anything is read or written, and no Rust
+//! panic crosses the boundary.
+
+use crate::{embedded_text, make_backend};
+use curv_interp::Tensor;
+use curv_ir::{DType, Program};
+use curv_runtime::optimizer::{update_param, ParamState, UpdateInputs};
+use std::collections::HashMap;
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+
+/// Success.
+pub const CURV_OK: c_int = 0;
+/// An argument was refused (null, count, device, dtype, shape, strides, alignment, name).
+pub const CURV_INVALID_ARGUMENT: c_int = 1;
+/// The step itself failed (a non-finite value, a failed decomposition, ...).
+pub const CURV_RUNTIME_ERROR: c_int = 2;
+/// The context could not be made (the embedded program does not check, or its optimizer needs
+/// the model, which the optimizer step does not have).
+pub const CURV_CONTEXT_ERROR: c_int = 3;
+
+extern "C" {
+    /// The data schemas recorded when the library was built (`name\texamples\tfield:dtype:d0,d1;...`).
+    static curv_probed_data: [c_char; 0];
+}
+
+// DLPack (v0.8 layout), the part the ABI reads.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DLDevice {
+    pub device_type: i32,
+    pub device_id: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DLDataType {
+    pub code: u8,
+    pub bits: u8,
+    pub lanes: u16,
+}
+
+#[repr(C)]
+pub struct DLTensor {
+    pub data: *mut c_void,
+    pub device: DLDevice,
+    pub ndim: i32,
+    pub dtype: DLDataType,
+    pub shape: *mut i64,
+    pub strides: *mut i64,
+    pub byte_offset: u64,
+}
+
+#[repr(C)]
+pub struct DLManagedTensor {
+    pub dl_tensor: DLTensor,
+    pub manager_ctx: *mut c_void,
+    pub deleter: Option<unsafe extern "C" fn(*mut DLManagedTensor)>,
+}
+
+const DL_CPU: i32 = 1;
+const DL_FLOAT: u8 = 2;
+
+/// Options a context is made with.
+#[derive(Default)]
+pub struct Config {
+    learning_rate: Option<f64>,
+}
+
+enum States {
+    Empty,
+    F32(Vec<ParamState<f32>>),
+    F64(Vec<ParamState<f64>>),
+    /// Read by `curv_state_load` into a context that has not stepped: it takes the element type
+    /// of the first step's tensors.
+    Loaded(Vec<ParamState<f64>>),
+}
+
+fn convert<A: curv_interp::Real, B: curv_interp::Real>(states: &[ParamState<A>]) -> Vec<ParamState<B>> {
+    states
+        .iter()
+        .map(|state| {
+            state
+                .iter()
+                .map(|(name, tensor)| {
+                    let data = tensor.data.iter().map(|value| B::from_f64(value.to_f64())).collect();
+                    (name.clone(), Tensor::new(tensor.shape.clone(), data))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+pub struct Context {
+    program: Option<Program>,
+    train: usize,
+    learning_rate: Option<f64>,
+    step: u64,
+    states: States,
+    error: Option<CString>,
+    names: Vec<CString>,
+}
+
+/// A schema probe answering from the recording embedded at build time.
+struct RecordedProbe(HashMap<String, curv_sema::ProbedData>);
+
+impl curv_sema::DataProbe for RecordedProbe {
+    fn probe(&mut self, request: &curv_sema::DataRequest) -> Result<curv_sema::ProbedData, curv_sema::DataProbeError> {
+        self.0.get(&request.name).cloned().ok_or_else(|| curv_sema::DataProbeError {
+            path_key: request.paths.first().map(|(key, _)| key.clone()).unwrap_or_default(),
+            not_found: true,
+            message: format!("the data set `{}` was not recorded when the library was built", request.name),
+        })
+    }
+}
+
+/// Parses the recording `curv build --lib` embeds (see [`curv_probed_data`]; the CLI writes it).
+pub fn parse_recording(text: &str) -> HashMap<String, curv_sema::ProbedData> {
+    let mut out = HashMap::new();
+    for line in text.lines().filter(|line| !line.is_empty()) {
+        let mut parts = line.split('\t');
+        let (Some(name), Some(examples), fields) = (parts.next(), parts.next(), parts.next().unwrap_or("")) else {
+            continue;
+        };
+        let fields = fields
+            .split(';')
+            .filter(|field| !field.is_empty())
+            .filter_map(|field| {
+                let mut pieces = field.split(':');
+                let (name, dtype, dims) = (pieces.next()?, pieces.next()?, pieces.next().unwrap_or(""));
+                let dtype = match dtype {
+                    "f32" => DType::F32,
+                    "f64" => DType::F64,
+                    "i32" => DType::I32,
+                    _ => return None,
+                };
+                let dims = dims.split(',').filter(|dim| !dim.is_empty()).filter_map(|dim| dim.parse().ok()).collect();
+                Some((name.to_string(), dtype, dims))
+            })
+            .collect();
+        out.insert(name.to_string(), curv_sema::ProbedData { fields, examples: examples.parse().unwrap_or(0) });
+    }
+    out
+}
+
+impl Context {
+    fn new(config: &Config) -> Context {
+        let mut context = Context {
+            program: None,
+            train: 0,
+            learning_rate: config.learning_rate,
+            step: 0,
+            states: States::Empty,
+            error: None,
+            names: Vec::new(),
+        };
+        match load_program() {
+            Ok(program) => {
+                context.names = program.trains[0]
+                    .params
+                    .iter()
+                    .map(|param| CString::new(param.name.clone()).unwrap_or_default())
+                    .collect();
+                context.program = Some(program);
+            }
+            Err(message) => context.fail(message),
+        }
+        context
+    }
+
+    fn fail(&mut self, message: String) {
+        self.error = Some(CString::new(message.replace('\0', " ")).unwrap_or_default());
+    }
+}
+
+/// The embedded program, checked again, whose first train block's optimizer can run without the
+/// model.
+fn load_program() -> Result<Program, String> {
+    let text = embedded_text(unsafe { crate::curv_program_source.as_ptr() });
+    let file = embedded_text(unsafe { crate::curv_program_file.as_ptr() });
+    let recording = parse_recording(&embedded_text(unsafe { curv_probed_data.as_ptr() }));
+    let source = curv_driver::SourceFile::in_memory(&file, &text, std::path::Path::new("."));
+    let compilation = curv_driver::compile_with_probe(source, &mut RecordedProbe(recording));
+    if compilation.has_errors() {
+        return Err(format!(
+            "the embedded program does not check:\n{}",
+            curv_driver::render_diagnostics(&compilation, false)
+        ));
+    }
+    let program = compilation.analysis.ok_or("the embedded program has no analysis")?.program;
+    let train = program.trains.first().ok_or("the embedded program has no train block")?;
+    let names: Vec<String> = train.params.iter().map(|param| param.name.clone()).collect();
+    curv_runtime::optimizer::check_executable(&train.optimizer, &names)?;
+    for plan in &train.optimizer.plans {
+        let needs_model = !curv_runtime::optimizer::statistics_needed(plan, &program.rules, 1).is_empty()
+            || curv_runtime::optimizer::kfac_statistic(plan).is_some()
+            || curv_runtime::optimizer::uses_hutchinson(plan, &program.rules);
+        if needs_model {
+            return Err(format!(
+                "the optimizer of `{}` needs curvature statistics of the model (Hessian-vector products, sampled labels or layer captures), which the optimizer step does not have; a train-step entry point is not available yet",
+                names[plan.param]
+            ));
+        }
+    }
+    Ok(program)
+}
+
+fn known_size(dim: &curv_ir::Dim) -> i64 {
+    match dim {
+        curv_ir::Dim::Known(size) => *size,
+        curv_ir::Dim::Symbol(_) => 0,
+    }
+}
+
+/// A validated view of one DLPack tensor.
+struct View {
+    data: *mut u8,
+    count: usize,
+    dtype: DType,
+}
+
+/// Checks one tensor against the parameter's shape and the call's dtype; `what` names it.
+unsafe fn validate(tensor: *const DLManagedTensor, shape: &[usize], what: &str) -> Result<View, String> {
+    if tensor.is_null() {
+        return Err(format!("{what} is a null pointer"));
+    }
+    let tensor = &(*tensor).dl_tensor;
+    if tensor.device.device_type != DL_CPU {
+        return Err(format!("{what} is on device type {} (this library runs on the CPU)", tensor.device.device_type));
+    }
+    let dtype = match (tensor.dtype.code, tensor.dtype.bits, tensor.dtype.lanes) {
+        (DL_FLOAT, 32, 1) => DType::F32,
+        (DL_FLOAT, 64, 1) => DType::F64,
+        (code, bits, lanes) => {
+            return Err(format!(
+                "{what} has dtype code {code}, {bits} bits, {lanes} lanes; float32 or float64 is needed"
+            ))
+        }
+    };
+    if tensor.ndim < 0 || tensor.ndim as usize != shape.len() || (tensor.ndim > 0 && tensor.shape.is_null()) {
+        return Err(format!("{what} has {} dimensions where {} are needed", tensor.ndim, shape.len()));
+    }
+    let dims: Vec<i64> = if tensor.ndim == 0 {
+        Vec::new()
+    } else {
+        std::slice::from_raw_parts(tensor.shape, tensor.ndim as usize).to_vec()
+    };
+    if dims.iter().map(|&dim| dim as usize).ne(shape.iter().copied()) || dims.iter().any(|&dim| dim < 0) {
+        return Err(format!("{what} has shape {dims:?} where {shape:?} is needed"));
+    }
+    if !tensor.strides.is_null() && tensor.ndim > 0 {
+        let strides = std::slice::from_raw_parts(tensor.strides, tensor.ndim as usize);
+        let mut expected = 1i64;
+        for (axis, &dim) in dims.iter().enumerate().rev() {
+            if dim > 1 && strides[axis] != expected {
+                return Err(format!("{what} is not contiguous (strides {strides:?} for shape {dims:?})"));
+            }
+            expected *= dim;
+        }
+    }
+    let count: usize = shape.iter().product();
+    let element = if dtype == DType::F64 { 8 } else { 4 };
+    if count > 0 && tensor.data.is_null() {
+        return Err(format!("{what} has no data (a null data pointer)"));
+    }
+    let data = (tensor.data as *mut u8).wrapping_add(tensor.byte_offset as usize);
+    if count > 0 && !(data as usize).is_multiple_of(element) {
+        return Err(format!("{what}'s data is not aligned to its {element}-byte elements"));
+    }
+    Ok(View { data, count, dtype })
+}
+
+trait Element: curv_interp::Real {
+    fn states(states: &mut States, count: usize) -> Result<&mut Vec<ParamState<Self>>, String>;
+    /// `f32`: the kernels compiled into the library; `f64`: the interpreter.
+    fn backend() -> Box<dyn curv_runtime::Backend<Self>>;
+}
+
+impl Element for f32 {
+    fn backend() -> Box<dyn curv_runtime::Backend<f32>> {
+        make_backend()
+    }
+
+    fn states(states: &mut States, count: usize) -> Result<&mut Vec<ParamState<f32>>, String> {
+        match states {
+            States::Empty => *states = States::F32(vec![Vec::new(); count]),
+            States::Loaded(loaded) => *states = States::F32(convert(loaded)),
+            _ => {}
+        }
+        match states {
+            States::F32(states) => Ok(states),
+            _ => Err("this context's state is float64; its tensors must stay float64".to_string()),
+        }
+    }
+}
+
+impl Element for f64 {
+    fn backend() -> Box<dyn curv_runtime::Backend<f64>> {
+        Box::new(curv_runtime::Interpreter)
+    }
+
+    fn states(states: &mut States, count: usize) -> Result<&mut Vec<ParamState<f64>>, String> {
+        match states {
+            States::Empty => *states = States::F64(vec![Vec::new(); count]),
+            States::Loaded(loaded) => *states = States::F64(std::mem::take(loaded)),
+            _ => {}
+        }
+        match states {
+            States::F64(states) => Ok(states),
+            _ => Err("this context's state is float32; its tensors must stay float32".to_string()),
+        }
+    }
+}
+
+/// One optimizer step over validated views, in element type `T`.
+fn step_with<T: Element>(context: &mut Context, params: &[View], grads: &[View]) -> Result<(), (c_int, String)> {
+    let program = context.program.as_ref().ok_or((CURV_CONTEXT_ERROR, "no program".to_string()))?;
+    let train = &program.trains[context.train];
+    let step = context.step + 1;
+    let rate = curv_runtime::schedule::learning_rate(
+        context.learning_rate.unwrap_or(train.optimizer.lr),
+        train.optimizer.schedule.as_ref(),
+        step,
+        train.steps.max(1) as u64,
+    );
+    let backend = T::backend();
+    let states =
+        T::states(&mut context.states, train.params.len()).map_err(|message| (CURV_INVALID_ARGUMENT, message))?;
+    // Every parameter is updated from copies; the caller's tensors are written only when every
+    // update succeeded, so a failed step leaves parameters and state as they were.
+    let mut new_params = Vec::with_capacity(params.len());
+    let mut new_states = states.clone();
+    let statistics = HashMap::new();
+    for (index, (param, grad)) in params.iter().zip(grads).enumerate() {
+        let shape: Vec<usize> = train.params[index].ty.shape.iter().map(|dim| known_size(dim) as usize).collect();
+        let read = |view: &View| unsafe { std::slice::from_raw_parts(view.data as *const T, view.count) }.to_vec();
+        let mut tensor = Tensor::new(shape.clone(), read(param));
+        let gradient = Tensor::new(shape, read(grad));
+        let plan = train
+            .optimizer
+            .plans
+            .iter()
+            .find(|plan| plan.param == index)
+            .ok_or((CURV_CONTEXT_ERROR, format!("`{}` has no optimizer plan", train.params[index].name)))?;
+        let inputs = UpdateInputs {
+            backend: backend.as_ref(),
+            step,
+            learning_rate: rate,
+            batch: train.batch.max(1) as usize,
+            gradient: &gradient,
+            statistics: &statistics,
+            captures: None,
+            seed: train.seed as u64,
+            param: index,
+        };
+        update_param(plan, &program.rules, &mut tensor, &mut new_states[index], &inputs).map_err(|message| {
+            (CURV_RUNTIME_ERROR, format!("step {step}, `{}`: {message}", train.params[index].name))
+        })?;
+        if let Some(position) = tensor.data.iter().position(|value| !value.to_f64().is_finite()) {
+            return Err((
+                CURV_RUNTIME_ERROR,
+                format!(
+                    "step {step}, `{}`: the update made element {position} non-finite; nothing was changed",
+                    train.params[index].name
+                ),
+            ));
+        }
+        new_params.push(tensor);
+    }
+    for (param, tensor) in params.iter().zip(&new_params) {
+        unsafe { std::ptr::copy_nonoverlapping(tensor.data.as_ptr(), param.data as *mut T, param.count) };
+    }
+    *states = new_states;
+    context.step = step;
+    Ok(())
+}
+
+fn guarded(context: *mut Context, body: impl FnOnce(&mut Context) -> Result<(), (c_int, String)>) -> c_int {
+    if context.is_null() {
+        return CURV_INVALID_ARGUMENT;
+    }
+    let context = unsafe { &mut *context };
+    context.error = None;
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(context)));
+    match outcome {
+        Ok(Ok(())) => CURV_OK,
+        Ok(Err((code, message))) => {
+            context.fail(message);
+            code
+        }
+        Err(_) => {
+            context.fail("internal error in curv (a bug): the call was abandoned".to_string());
+            CURV_RUNTIME_ERROR
+        }
+    }
+}
+
+/// A configuration with the defaults of the embedded `.curv` file.
+#[no_mangle]
+pub extern "C" fn curv_config_new() -> *mut Config {
+    Box::into_raw(Box::default())
+}
+
+/// # Safety
+///
+/// `config` is null or came from [`curv_config_new`] and is not used again.
+#[no_mangle]
+pub unsafe extern "C" fn curv_config_free(config: *mut Config) {
+    if !config.is_null() {
+        drop(Box::from_raw(config));
+    }
+}
+
+/// Sets an option: `lr` (the base learning rate, in place of the file's). Returns
+/// [`CURV_INVALID_ARGUMENT`] for a null pointer, an unknown name or a value that is not finite and
+/// positive.
+///
+/// # Safety
+///
+/// `config` is null or a live configuration; `name` is null or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn curv_config_set(config: *mut Config, name: *const c_char, value: f64) -> c_int {
+    if config.is_null() || name.is_null() {
+        return CURV_INVALID_ARGUMENT;
+    }
+    match CStr::from_ptr(name).to_str() {
+        Ok("lr") if value.is_finite() && value > 0.0 => {
+            (*config).learning_rate = Some(value);
+            CURV_OK
+        }
+        _ => CURV_INVALID_ARGUMENT,
+    }
+}
+
+/// A context for the embedded program. Never null: when the program cannot be used, every entry
+/// point returns [`CURV_CONTEXT_ERROR`] and [`curv_context_error`] says why.
+///
+/// # Safety
+///
+/// `config` is null (the defaults) or a live configuration.
+#[no_mangle]
+pub unsafe extern "C" fn curv_context_new(config: *const Config) -> *mut Context {
+    let default = Config::default();
+    let config = if config.is_null() { &default } else { &*config };
+    let context = std::panic::catch_unwind(|| Context::new(config)).unwrap_or_else(|_| {
+        let mut context = Context::new(&Config::default());
+        context.fail("internal error in curv (a bug) while making the context".to_string());
+        context
+    });
+    Box::into_raw(Box::new(context))
+}
+
+/// # Safety
+///
+/// `context` is null or came from [`curv_context_new`] and is not used again.
+#[no_mangle]
+pub unsafe extern "C" fn curv_context_free(context: *mut Context) {
+    if !context.is_null() {
+        drop(Box::from_raw(context));
+    }
+}
+
+/// The message of the last failed call (or of a context that could not be made), or null. It
+/// stays valid until the next call on the context.
+///
+/// # Safety
+///
+/// `context` is null or a live context.
+#[no_mangle]
+pub unsafe extern "C" fn curv_context_error(context: *const Context) -> *const c_char {
+    if context.is_null() {
+        return c"a null context".as_ptr();
+    }
+    let context = &*context;
+    context.error.as_ref().map_or(std::ptr::null(), |message| message.as_ptr())
+}
+
+/// The number of parameters the optimizer takes (those of the file's first train block).
+///
+/// # Safety
+///
+/// `context` is null or a live context.
+#[no_mangle]
+pub unsafe extern "C" fn curv_param_count(context: *const Context) -> i64 {
+    if context.is_null() {
+        return -1;
+    }
+    let context = &*context;
+    context.names.len() as i64
+}
+
+/// The name of parameter `index` as the `.curv` file writes it, or null.
+///
+/// # Safety
+///
+/// `context` is null or a live context.
+#[no_mangle]
+pub unsafe extern "C" fn curv_param_name(context: *const Context, index: i64) -> *const c_char {
+    if context.is_null() || index < 0 {
+        return std::ptr::null();
+    }
+    let context = &*context;
+    context.names.get(index as usize).map_or(std::ptr::null(), |name| name.as_ptr())
+}
+
+/// Writes the shape of parameter `index` into `dims` (room for `capacity` dimensions) and returns
+/// its rank, or -1 for a bad argument.
+///
+/// # Safety
+///
+/// `context` is null or a live context; `dims` is null or has room for `capacity` values.
+#[no_mangle]
+pub unsafe extern "C" fn curv_param_shape(context: *const Context, index: i64, dims: *mut i64, capacity: i64) -> i64 {
+    if context.is_null() || index < 0 {
+        return -1;
+    }
+    let context = &*context;
+    let Some(program) = &context.program else { return -1 };
+    let Some(param) = program.trains[context.train].params.get(index as usize) else { return -1 };
+    let shape: Vec<i64> = param.ty.shape.iter().map(known_size).collect();
+    if !dims.is_null() {
+        for (position, &size) in shape.iter().enumerate().take(capacity.max(0) as usize) {
+            *dims.add(position) = size;
+        }
+    }
+    shape.len() as i64
+}
+
+/// The number of steps taken.
+///
+/// # Safety
+///
+/// `context` is null or a live context.
+#[no_mangle]
+pub unsafe extern "C" fn curv_optimizer_steps(context: *const Context) -> i64 {
+    if context.is_null() {
+        return -1;
+    }
+    let context = &*context;
+    context.step as i64
+}
+
+/// One optimizer step: `params[i]` is updated in place from `grads[i]`, for the `count`
+/// parameters of the file in order (all float32, or all float64, contiguous, on the CPU, with the
+/// declared shapes). On any error nothing is written.
+///
+/// # Safety
+///
+/// `context` is null or a live context; `params` and `grads` are null or hold `count` pointers,
+/// each null or a DLPack tensor whose data is valid for its shape.
+#[no_mangle]
+pub unsafe extern "C" fn curv_optimizer_step(
+    context: *mut Context,
+    count: i64,
+    params: *const *const DLManagedTensor,
+    grads: *const *const DLManagedTensor,
+) -> c_int {
+    guarded(context, |context| {
+        let Some(program) = &context.program else {
+            let message = context.error.as_ref().map(|error| error.to_string_lossy().into_owned()).unwrap_or_default();
+            return Err((CURV_CONTEXT_ERROR, message));
+        };
+        let train = &program.trains[context.train];
+        if params.is_null() || grads.is_null() {
+            return Err((CURV_INVALID_ARGUMENT, "the parameter or gradient list is a null pointer".to_string()));
+        }
+        if count != train.params.len() as i64 {
+            return Err((
+                CURV_INVALID_ARGUMENT,
+                format!("{count} tensors given where the optimizer has {} parameters", train.params.len()),
+            ));
+        }
+        let mut param_views = Vec::new();
+        let mut grad_views = Vec::new();
+        for (index, param) in train.params.iter().enumerate() {
+            let shape: Vec<usize> = param.ty.shape.iter().map(|dim| known_size(dim) as usize).collect();
+            let p = validate(*params.add(index), &shape, &format!("parameter {index} (`{}`)", param.name))
+                .map_err(|message| (CURV_INVALID_ARGUMENT, message))?;
+            let g = validate(*grads.add(index), &shape, &format!("gradient {index} (`{}`)", param.name))
+                .map_err(|message| (CURV_INVALID_ARGUMENT, message))?;
+            if g.dtype != p.dtype
+                || (index > 0 && p.dtype != param_views.first().map_or(p.dtype, |first: &View| first.dtype))
+            {
+                return Err((
+                    CURV_INVALID_ARGUMENT,
+                    format!("`{}`: every tensor of a step must have one dtype", param.name),
+                ));
+            }
+            let overlaps = |a: &View, b: &View| {
+                let bytes = if a.dtype == DType::F64 { 8 } else { 4 };
+                (a.data as usize) < (b.data as usize) + b.count * bytes
+                    && (b.data as usize) < (a.data as usize) + a.count * bytes
+            };
+            if p.count > 0 && overlaps(&p, &g) {
+                return Err((
+                    CURV_INVALID_ARGUMENT,
+                    format!("`{}`: the parameter and its gradient overlap", param.name),
+                ));
+            }
+            param_views.push(p);
+            grad_views.push(g);
+        }
+        match param_views.first().map(|view| view.dtype) {
+            Some(DType::F64) => step_with::<f64>(context, &param_views, &grad_views),
+            _ => step_with::<f32>(context, &param_views, &grad_views),
+        }
+    })
+}
+
+/// Writes the optimizer's state (every parameter's state tensors and the step) to a safetensors
+/// file, atomically.
+///
+/// # Safety
+///
+/// `context` is null or a live context; `path` is null or a NUL-terminated path.
+#[no_mangle]
+pub unsafe extern "C" fn curv_state_save(context: *mut Context, path: *const c_char) -> c_int {
+    guarded(context, |context| {
+        if path.is_null() {
+            return Err((CURV_INVALID_ARGUMENT, "the path is a null pointer".to_string()));
+        }
+        let path = std::path::PathBuf::from(CStr::from_ptr(path).to_string_lossy().into_owned());
+        let names = context.names.iter().map(|name| name.to_string_lossy().into_owned()).collect::<Vec<_>>();
+        let metadata = [("step", context.step.to_string())];
+        let bytes = match &context.states {
+            States::F64(states) => serialize_states(&names, states, &metadata),
+            States::F32(states) => serialize_states(&names, states, &metadata),
+            States::Loaded(states) => serialize_states(&names, states, &metadata),
+            States::Empty => serialize_states::<f32>(&names, &vec![Vec::new(); names.len()], &metadata),
+        }
+        .map_err(|message| (CURV_RUNTIME_ERROR, message))?;
+        curv_runtime::checkpoint::write_atomically(&path, &bytes).map_err(|message| (CURV_RUNTIME_ERROR, message))
+    })
+}
+
+fn serialize_states<T: curv_interp::Real>(
+    names: &[String],
+    states: &[ParamState<T>],
+    metadata: &[(&str, String)],
+) -> Result<Vec<u8>, String> {
+    let mut tensors = Vec::new();
+    for (name, state) in names.iter().zip(states) {
+        for (state_name, tensor) in state {
+            tensors.push((format!("{name}/{state_name}"), tensor));
+        }
+    }
+    curv_runtime::checkpoint::serialize(&tensors, metadata)
+}
+
+/// Reads a state [`curv_state_save`] wrote; the context continues from its step. The file's
+/// tensors must name this program's parameters.
+///
+/// # Safety
+///
+/// `context` is null or a live context; `path` is null or a NUL-terminated path.
+#[no_mangle]
+pub unsafe extern "C" fn curv_state_load(context: *mut Context, path: *const c_char) -> c_int {
+    guarded(context, |context| {
+        if path.is_null() {
+            return Err((CURV_INVALID_ARGUMENT, "the path is a null pointer".to_string()));
+        }
+        let path = std::path::PathBuf::from(CStr::from_ptr(path).to_string_lossy().into_owned());
+        let (tensors, metadata) =
+            curv_runtime::checkpoint::read_file::<f64>(&path).map_err(|message| (CURV_INVALID_ARGUMENT, message))?;
+        let step = metadata
+            .get("step")
+            .and_then(|value| value.parse::<u64>().ok())
+            .ok_or((CURV_INVALID_ARGUMENT, format!("{}: no step in the metadata", path.display())))?;
+        let names = context.names.iter().map(|name| name.to_string_lossy().into_owned()).collect::<Vec<_>>();
+        let mut states: Vec<ParamState<f64>> = vec![Vec::new(); names.len()];
+        let mut tensors: Vec<(String, Tensor<f64>)> = tensors.into_iter().collect();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        for (key, tensor) in tensors {
+            let (param, state) = key
+                .split_once('/')
+                .ok_or((CURV_INVALID_ARGUMENT, format!("{}: `{key}` is not PARAM/STATE", path.display())))?;
+            let index = names.iter().position(|name| name == param).ok_or((
+                CURV_INVALID_ARGUMENT,
+                format!("{}: no parameter `{param}` in this program", path.display()),
+            ))?;
+            states[index].push((state.to_string(), tensor));
+        }
+        context.states = match &context.states {
+            States::F64(_) => States::F64(states),
+            States::F32(_) => States::F32(convert(&states)),
+            States::Empty | States::Loaded(_) => States::Loaded(states),
+        };
+        context.step = step;
+        Ok(())
+    })
+}

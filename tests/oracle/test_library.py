@@ -1,0 +1,175 @@
+"""`curv build --lib`: the C ABI and the PyTorch optimizer over it (issue 7's first part).
+
+A library is built from examples/optimizers/adam.curv and examples/optimizers/shampoo.curv; a
+PyTorch model with the same parameters is trained 20 steps with the library's optimizer and with
+torch.optim.Adam (float32 through the compiled kernels, float64 through the interpreter), the
+optimizer state survives a save and load, and every kind of ABI misuse returns an error code with
+a message instead of crashing."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+CURV = os.environ.get("CURV", str(ROOT / "target" / "debug" / "curv"))
+
+
+def build(example, directory):
+    result = subprocess.run(
+        [CURV, "build", "--lib", str(ROOT / "examples" / "optimizers" / f"{example}.curv"), "-o", str(directory)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    for name in (f"lib{example}.so", f"{example}.h", f"{example}.py"):
+        assert (directory / name).is_file(), name
+    spec = importlib.util.spec_from_file_location(f"curv_{example}_{id(directory)}", directory / f"{example}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def adam(tmp_path_factory):
+    return build("adam", tmp_path_factory.mktemp("adam"))
+
+
+class Mlp(torch.nn.Module):
+    """The model of examples/optimizers/adam.curv, written in PyTorch with the same parameters."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.w1 = torch.nn.Parameter(torch.randn(64, 64, generator=generator, dtype=dtype) / 8)
+        self.b1 = torch.nn.Parameter(torch.zeros(64, dtype=dtype))
+        self.w2 = torch.nn.Parameter(torch.randn(64, 10, generator=generator, dtype=dtype) / 8)
+        self.b2 = torch.nn.Parameter(torch.zeros(10, dtype=dtype))
+
+    def forward(self, x):
+        return torch.tanh(x @ self.w1 + self.b1) @ self.w2 + self.b2
+
+
+def train(model, optimizer, dtype, steps=20):
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(32, 64, generator=generator, dtype=dtype)
+        y = torch.randint(0, 10, (32,), generator=generator)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return [parameter.detach().clone() for parameter in model.parameters()]
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-6), (torch.float32, 1e-5)])
+def test_a_pytorch_model_trains_with_the_generated_adam_as_with_torch_adam(adam, dtype, tolerance):
+    ours = Mlp(dtype)
+    reference = Mlp(dtype)
+    ours_final = train(ours, adam.Optimizer(ours.parameters()), dtype)
+    reference_final = train(reference, torch.optim.Adam(reference.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8), dtype)
+    for mine, theirs in zip(ours_final, reference_final):
+        error = ((mine - theirs).norm() / theirs.norm()).item()
+        assert error <= tolerance, error
+
+
+def test_the_state_survives_save_and_load(adam, tmp_path):
+    straight = Mlp(torch.float64)
+    straight_final = train(straight, adam.Optimizer(straight.parameters()), torch.float64, steps=20)
+    resumed = Mlp(torch.float64)
+    optimizer = adam.Optimizer(resumed.parameters())
+    generator = torch.Generator().manual_seed(1)
+    for step in range(20):
+        if step == 10:
+            optimizer.state_dict_path(tmp_path / "state.safetensors")
+            optimizer = adam.Optimizer(resumed.parameters())
+            optimizer.load_state_path(tmp_path / "state.safetensors")
+            assert optimizer.context.steps == 10
+        x = torch.randn(32, 64, generator=generator, dtype=torch.float64)
+        y = torch.randint(0, 10, (32,), generator=generator)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(resumed(x), y).backward()
+        optimizer.step()
+    for mine, theirs in zip(resumed.parameters(), straight_final):
+        assert torch.equal(mine.detach(), theirs)
+
+
+def capsules(tensors):
+    return [None if tensor is None else torch.utils.dlpack.to_dlpack(tensor) for tensor in tensors]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda params, grads: (params[:2], grads[:2]), "2 tensors given where the optimizer has 4 parameters"),
+        (lambda params, grads: (params, grads[:1] + [torch.zeros(63)] + grads[2:]), "has shape [63] where [64] is needed"),
+        (lambda params, grads: ([p.to(torch.int32) for p in params], grads), "float32 or float64 is needed"),
+        (lambda params, grads: ([torch.zeros(128, 64)[::2]] + params[1:], grads), "is not contiguous"),
+        (lambda params, grads: (params, [None] + grads[1:]), "gradient 0 (`w1`) is a null pointer"),
+        (lambda params, grads: (params, [g.double() for g in grads]), "one dtype"),
+        (lambda params, grads: ([params[0]] + params[1:], [params[0]] + grads[1:]), "overlap"),
+    ],
+)
+def test_abi_misuse_is_an_error_code_with_a_message(adam, change, message):
+    context = adam.Context()
+    params = [torch.zeros(*shape) for shape in context.shapes]
+    grads = [torch.ones(*shape) for shape in context.shapes]
+    before = [p.clone() for p in params]
+    bad_params, bad_grads = change(params, grads)
+    with pytest.raises(adam.CurvError) as error:
+        context.step_dlpack(capsules(bad_params), capsules(bad_grads))
+    assert error.value.code == adam.INVALID_ARGUMENT
+    assert message in str(error.value)
+    # Nothing was written and no step was counted.
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert context.steps == 0
+
+
+def test_null_lists_contexts_and_options_are_errors(adam):
+    library = adam._LIBRARY
+    context = adam.Context()
+    assert library.curv_optimizer_step(context._context, 4, None, None) == adam.INVALID_ARGUMENT
+    assert b"null pointer" in library.curv_context_error(context._context)
+    assert library.curv_optimizer_step(None, 0, None, None) == adam.INVALID_ARGUMENT
+    config = library.curv_config_new()
+    assert library.curv_config_set(config, b"lr", -1.0) == adam.INVALID_ARGUMENT
+    assert library.curv_config_set(config, b"momentum", 0.9) == adam.INVALID_ARGUMENT
+    assert library.curv_config_set(config, None, 0.9) == adam.INVALID_ARGUMENT
+    library.curv_config_free(config)
+    with pytest.raises(adam.CurvError):
+        adam.Context(lr=float("nan"))
+
+
+def test_a_kronecker_optimizer_runs_behind_the_same_abi(tmp_path):
+    shampoo = build("shampoo", tmp_path)
+    context = shampoo.Context()
+    generator = torch.Generator().manual_seed(2)
+    params = [torch.randn(*shape, generator=generator, dtype=torch.float64) for shape in context.shapes]
+    start = [p.clone() for p in params]
+    for _ in range(5):
+        grads = [torch.randn(*shape, generator=generator, dtype=torch.float64) for shape in context.shapes]
+        context.step_dlpack(capsules(params), capsules(grads))
+    assert context.steps == 5
+    assert all(torch.isfinite(p).all() and not torch.equal(p, s) for p, s in zip(params, start))
+
+
+def test_the_c_example_links_and_steps(tmp_path):
+    build("adam", tmp_path)
+    program = tmp_path / "step"
+    compiled = subprocess.run(
+        ["cc", "-I", str(tmp_path), str(ROOT / "examples" / "integration" / "step.c"), "-L", str(tmp_path), "-ladam",
+         f"-Wl,-rpath,{tmp_path}", "-o", str(program)],
+        capture_output=True,
+        text=True,
+    )
+    assert compiled.returncode == 0, compiled.stderr
+    result = subprocess.run([str(program)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    # Adam with lr 0.01 from 0 towards 1: after 300 steps the parameter is close to 1.
+    value = float(lines[0].split(": ")[1])
+    assert lines[0].startswith("w1[0] after 300 steps") and abs(value - 1.0) < 0.05, lines[0]
+    assert lines[1].startswith("a short list: code 1 (3 tensors given where the optimizer has 4 parameters)"), lines[1]
