@@ -41,6 +41,16 @@ _LIBRARY.curv_state_save.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
 _LIBRARY.curv_state_save.restype = ctypes.c_int
 _LIBRARY.curv_state_load.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
 _LIBRARY.curv_state_load.restype = ctypes.c_int
+_LIBRARY.curv_input_count.argtypes = [ctypes.c_void_p]
+_LIBRARY.curv_input_count.restype = ctypes.c_int64
+_LIBRARY.curv_input_name.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+_LIBRARY.curv_input_name.restype = ctypes.c_char_p
+_LIBRARY.curv_input_shape.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), ctypes.c_int64, ctypes.POINTER(ctypes.c_int)]
+_LIBRARY.curv_input_shape.restype = ctypes.c_int64
+_LIBRARY.curv_train_step.argtypes = [
+    ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_double)
+]
+_LIBRARY.curv_train_step.restype = ctypes.c_int
 
 _PyCapsule_GetPointer = ctypes.pythonapi.PyCapsule_GetPointer
 _PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
@@ -76,6 +86,14 @@ class Context:
             dims = (ctypes.c_int64 * 8)()
             rank = _LIBRARY.curv_param_shape(self._context, index, dims, 8)
             self.shapes.append(tuple(dims[axis] for axis in range(rank)))
+        # The train step's inputs: name, batch shape, whether int32 (labels).
+        self.inputs = []
+        for index in range(_LIBRARY.curv_input_count(self._context)):
+            dims = (ctypes.c_int64 * 8)()
+            integer = ctypes.c_int(0)
+            rank = _LIBRARY.curv_input_shape(self._context, index, dims, 8, ctypes.byref(integer))
+            name = _LIBRARY.curv_input_name(self._context, index).decode()
+            self.inputs.append((name, tuple(dims[axis] for axis in range(rank)), bool(integer.value)))
 
     def __del__(self):
         context = getattr(self, "_context", None)
@@ -105,6 +123,21 @@ class Context:
         code = _LIBRARY.curv_optimizer_step(self._context, count, param_pointers, grad_pointers)
         del keep
         self._check(code)
+
+    def train_step_dlpack(self, params, inputs):
+        """One train step over DLPack capsules; returns the batch's loss."""
+        keep = list(params) + list(inputs)
+
+        def pointer(capsule):
+            return None if capsule is None else _PyCapsule_GetPointer(capsule, b"dltensor")
+
+        param_pointers = (ctypes.c_void_p * len(params))(*[pointer(capsule) for capsule in params])
+        input_pointers = (ctypes.c_void_p * len(inputs))(*[pointer(capsule) for capsule in inputs])
+        loss = ctypes.c_double(float("nan"))
+        code = _LIBRARY.curv_train_step(self._context, len(params), param_pointers, len(inputs), input_pointers, ctypes.byref(loss))
+        del keep
+        self._check(code)
+        return loss.value
 
     def save(self, path):
         self._check(_LIBRARY.curv_state_save(self._context, os.fsencode(path)))
@@ -153,6 +186,29 @@ try:
 
         def load_state_path(self, path):
             self.context.load(path)
+
+    class TrainStep:
+        """The `.curv` file's whole train step (forward, backward, curvature statistics, update)
+        on batches from PyTorch: `loss = step(params, x, y)` updates `params` in place. Labels
+        are converted to int32; float inputs to the parameters' dtype."""
+
+        def __init__(self, lr=None):
+            self.context = Context(lr=lr)
+
+        @torch.no_grad()
+        def __call__(self, params, *inputs):
+            params = [param.detach() for param in params]
+            converted = []
+            for tensor, (name, shape, integer) in zip(inputs, self.context.inputs):
+                tensor = tensor.detach()
+                tensor = tensor.to(torch.int32) if integer else tensor.to(params[0].dtype)
+                converted.append(tensor.contiguous())
+            if len(inputs) != len(self.context.inputs):
+                raise CurvError(INVALID_ARGUMENT, f"{len(inputs)} inputs given where the step reads {len(self.context.inputs)}")
+            return self.context.train_step_dlpack(
+                [torch.utils.dlpack.to_dlpack(param) for param in params],
+                [torch.utils.dlpack.to_dlpack(tensor) for tensor in converted],
+            )
 
 except ImportError:  # the C binding works without PyTorch
     pass

@@ -173,3 +173,52 @@ def test_the_c_example_links_and_steps(tmp_path):
     value = float(lines[0].split(": ")[1])
     assert lines[0].startswith("w1[0] after 300 steps") and abs(value - 1.0) < 0.05, lines[0]
     assert lines[1].startswith("a short list: code 1 (3 tensors given where the optimizer has 4 parameters)"), lines[1]
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-6), (torch.float32, 1e-4)])
+def test_the_train_step_computes_gradients_and_updates_as_pytorch_does(adam, dtype, tolerance):
+    """The whole step in the library (curv's forward and backward of the .curv model, then Adam)
+    against PyTorch's autograd and torch.optim.Adam on the same batches."""
+    step = adam.TrainStep()
+    assert [name for name, _, _ in step.context.inputs] == ["digits.x", "digits.y"]
+    batch = step.context.inputs[0][1][0]
+    ours = Mlp(dtype)
+    reference = Mlp(dtype)
+    optimizer = torch.optim.Adam(reference.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        x = torch.rand(batch, 64, generator=generator, dtype=dtype)
+        y = torch.randint(0, 10, (batch,), generator=generator)
+        loss = step(list(ours.parameters()), x, y)
+        optimizer.zero_grad()
+        reference_loss = torch.nn.functional.cross_entropy(reference(x), y)
+        reference_loss.backward()
+        optimizer.step()
+        assert abs(loss - reference_loss.item()) <= tolerance * abs(reference_loss.item()), (loss, reference_loss.item())
+    for mine, theirs in zip(ours.parameters(), reference.parameters()):
+        error = ((mine - theirs).norm() / theirs.norm()).item()
+        assert error <= tolerance, error
+
+
+def test_k_fac_needs_the_train_step_and_trains_through_it(tmp_path):
+    kfac = build("kfac", tmp_path)
+    context = kfac.Context()
+    params = [torch.zeros(*shape) for shape in context.shapes]
+    with pytest.raises(kfac.CurvError) as error:
+        context.step_dlpack(capsules(params), capsules(params))
+    assert error.value.code == kfac.CONTEXT_ERROR and "use the train step" in str(error.value)
+    step = kfac.TrainStep()
+    generator = torch.Generator().manual_seed(4)
+    params = [torch.randn(*shape, generator=generator, dtype=torch.float64) * 0.1 for shape in step.context.shapes]
+    shapes = {name: shape for name, shape, _ in step.context.inputs}
+    x = torch.rand(*shapes["digits.x"], generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 10, shapes["digits.y"], generator=generator)
+    losses = [step(params, x, y) for _ in range(20)]
+    assert all(torch.isfinite(p).all() for p in params)
+    assert losses[-1] < 0.5 * losses[0], losses
+    # A batch of the wrong size is refused before anything changes.
+    before = [p.clone() for p in params]
+    with pytest.raises(kfac.CurvError) as error:
+        step(params, x[:-1], y[:-1])
+    assert error.value.code == kfac.INVALID_ARGUMENT and "input 0 (`digits.x`) has shape" in str(error.value)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))

@@ -995,6 +995,18 @@ int64_t curv_optimizer_steps(const struct curv_context *context);
 int curv_state_save(struct curv_context *context, const char *path);
 int curv_state_load(struct curv_context *context, const char *path);
 
+/* The train step: the data fields the loss reads (SOURCE.FIELD), their batch shapes, and whether
+ * each is int32 (labels) rather than float. */
+int64_t curv_input_count(const struct curv_context *context);
+const char *curv_input_name(const struct curv_context *context, int64_t index);
+int64_t curv_input_shape(const struct curv_context *context, int64_t index, int64_t *dims, int64_t capacity,
+                         int *is_integer);
+/* One train step of the file's train block on the caller's batch: forward, backward, the
+ * curvature statistics the optimizer needs, and the update of params (in place). `loss` (may be
+ * NULL) receives the batch's loss. A context runs optimizer steps or train steps, not both. */
+int curv_train_step(struct curv_context *context, int64_t param_count, DLManagedTensor *const *params,
+                    int64_t input_count, DLManagedTensor *const *inputs, double *loss);
+
 #ifdef __cplusplus
 }
 #endif
@@ -1016,10 +1028,14 @@ const LIBRARY_EXPORTS: &[&str] = &[
     "curv_optimizer_steps",
     "curv_state_save",
     "curv_state_load",
+    "curv_input_count",
+    "curv_input_name",
+    "curv_input_shape",
+    "curv_train_step",
 ];
 
-/// `curv build --lib FILE -o DIR`: `DIR/libNAME.so` (the optimizer of the file's first train
-/// block, its rule kernels compiled for the block's parameter shapes, behind the C ABI of
+/// `curv build --lib FILE -o DIR`: `DIR/libNAME.so` (the optimizer step and the train step of the
+/// file's first train block, its kernels compiled for the block's shapes, behind the C ABI of
 /// `curv_standalone::abi`), `DIR/NAME.h` and `DIR/NAME.py`, NAME being the file's stem.
 fn build_library(file: &Path, directory: &Path) -> Result<String, (String, u8)> {
     use curv_runtime::backend::keys;
@@ -1046,8 +1062,23 @@ fn build_library(file: &Path, directory: &Path) -> Result<String, (String, u8)> 
         .and_then(|exe| exe.parent().map(|parent| parent.join("libcurv_standalone.a")))
         .filter(|path| path.is_file())
         .ok_or_else(|| ("the runtime library libcurv_standalone.a is not next to the curv executable; build it with `cargo build -p curv-standalone`".to_string(), 2))?;
-    // The rule kernels the optimizer step calls, for each parameter's size.
+    // The functions a train step evaluates (gradients, Hessian-vector products and layer
+    // captures when the optimizer needs them), then the rule kernels of both steps, for each
+    // parameter's size.
+    let no_bindings = std::collections::HashMap::new();
     let mut kernels: Vec<(String, curv_ir::Function, std::collections::HashMap<String, i64>)> = Vec::new();
+    let gradients = curv_ad::products::gradient_program(&train.loss, &train.params).function;
+    kernels.push((keys::GRADIENTS.to_string(), gradients, no_bindings.clone()));
+    if train.optimizer.plans.iter().any(|plan| curv_runtime::optimizer::uses_hutchinson(plan, &program.rules)) {
+        kernels.push((
+            keys::HESSIAN_VECTOR.to_string(),
+            curv_ad::products::hvp_program(&train.loss, &train.params),
+            no_bindings.clone(),
+        ));
+    }
+    if let Ok(Some(captures)) = curv_runtime::trainer::capture_program(train) {
+        kernels.push((keys::GRADIENTS_AND_CAPTURES.to_string(), captures.function, no_bindings.clone()));
+    }
     for plan in &train.optimizer.plans {
         if plan.structure != curv_ir::StructureKind::Rule {
             continue;
@@ -1284,6 +1315,8 @@ fn build(
         objects.push(object);
     }
     registry.push_str(&format!("const int curv_device_cuda = {};\n", i32::from(gpu.is_some())));
+    // Read by the library ABI only (a trainer checks its source against the data files).
+    registry.push_str("const char curv_probed_data[] = \"\";\n");
     let directory = compilation.source.directory().canonicalize().unwrap_or_else(|_| compilation.source.directory());
     let file_name =
         compilation.source.path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();

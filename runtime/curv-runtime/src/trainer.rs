@@ -405,6 +405,19 @@ impl<T: Real> Trainer<T> {
         result
     }
 
+    /// Runs one training step on a batch the caller gives (`Op::Data` values by source and field,
+    /// with the shapes of the loss function) instead of one drawn from the data set: the train
+    /// step of a library (`curv build --lib`).
+    pub fn train_step_on(&mut self, data: HashMap<(String, String), Value<T>>) -> Result<StepReport, TrainError> {
+        let step = self.step + 1;
+        let mut inputs = Inputs { params: std::mem::take(&mut self.params), data, ..Inputs::default() };
+        let result = self.train_step_with(step, &mut inputs);
+        if !inputs.params.is_empty() {
+            self.params = std::mem::take(&mut inputs.params);
+        }
+        result
+    }
+
     fn train_step_with(&mut self, step: u64, inputs: &mut Inputs<T>) -> Result<StepReport, TrainError> {
         let mut needed: BTreeSet<String> = BTreeSet::new();
         for plan in &self.program.optimizer.plans {

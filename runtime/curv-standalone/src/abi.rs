@@ -66,6 +66,7 @@ pub struct DLManagedTensor {
 }
 
 const DL_CPU: i32 = 1;
+const DL_INT: u8 = 0;
 const DL_FLOAT: u8 = 2;
 
 /// Options a context is made with.
@@ -98,6 +99,22 @@ fn convert<A: curv_interp::Real, B: curv_interp::Real>(states: &[ParamState<A>])
         .collect()
 }
 
+/// The trainer of a context's train steps, in the element type of its first step.
+enum TrainerSlot {
+    None,
+    F32(Box<curv_runtime::trainer::Trainer<f32>>),
+    F64(Box<curv_runtime::trainer::Trainer<f64>>),
+}
+
+/// One data field the loss reads: `(source, field)`, its dtype and its batch shape.
+struct InputField {
+    source: String,
+    field: String,
+    dtype: DType,
+    shape: Vec<usize>,
+    name: CString,
+}
+
 pub struct Context {
     program: Option<Program>,
     train: usize,
@@ -106,6 +123,10 @@ pub struct Context {
     states: States,
     error: Option<CString>,
     names: Vec<CString>,
+    inputs: Vec<InputField>,
+    trainer: TrainerSlot,
+    /// Why the optimizer step cannot run this program (it needs the model), if so.
+    needs_model: Option<String>,
 }
 
 /// A schema probe answering from the recording embedded at build time.
@@ -160,14 +181,29 @@ impl Context {
             states: States::Empty,
             error: None,
             names: Vec::new(),
+            inputs: Vec::new(),
+            trainer: TrainerSlot::None,
+            needs_model: None,
         };
         match load_program() {
             Ok(program) => {
-                context.names = program.trains[0]
-                    .params
-                    .iter()
-                    .map(|param| CString::new(param.name.clone()).unwrap_or_default())
-                    .collect();
+                let train = &program.trains[0];
+                context.names =
+                    train.params.iter().map(|param| CString::new(param.name.clone()).unwrap_or_default()).collect();
+                for inst in &train.loss.insts {
+                    if let curv_ir::Op::Data { source, field } = &inst.op {
+                        if !context.inputs.iter().any(|input| input.source == *source && input.field == *field) {
+                            context.inputs.push(InputField {
+                                source: source.clone(),
+                                field: field.clone(),
+                                dtype: inst.ty.dtype,
+                                shape: inst.ty.shape.iter().map(|dim| known_size(dim) as usize).collect(),
+                                name: CString::new(format!("{source}.{field}")).unwrap_or_default(),
+                            });
+                        }
+                    }
+                }
+                context.needs_model = needs_model(&program);
                 context.program = Some(program);
             }
             Err(message) => context.fail(message),
@@ -180,8 +216,7 @@ impl Context {
     }
 }
 
-/// The embedded program, checked again, whose first train block's optimizer can run without the
-/// model.
+/// The embedded program, checked again, whose first train block's optimizer executes.
 fn load_program() -> Result<Program, String> {
     let text = embedded_text(unsafe { crate::curv_program_source.as_ptr() });
     let file = embedded_text(unsafe { crate::curv_program_file.as_ptr() });
@@ -198,17 +233,6 @@ fn load_program() -> Result<Program, String> {
     let train = program.trains.first().ok_or("the embedded program has no train block")?;
     let names: Vec<String> = train.params.iter().map(|param| param.name.clone()).collect();
     curv_runtime::optimizer::check_executable(&train.optimizer, &names)?;
-    for plan in &train.optimizer.plans {
-        let needs_model = !curv_runtime::optimizer::statistics_needed(plan, &program.rules, 1).is_empty()
-            || curv_runtime::optimizer::kfac_statistic(plan).is_some()
-            || curv_runtime::optimizer::uses_hutchinson(plan, &program.rules);
-        if needs_model {
-            return Err(format!(
-                "the optimizer of `{}` needs curvature statistics of the model (Hessian-vector products, sampled labels or layer captures), which the optimizer step does not have; a train-step entry point is not available yet",
-                names[plan.param]
-            ));
-        }
-    }
     Ok(program)
 }
 
@@ -219,6 +243,23 @@ fn known_size(dim: &curv_ir::Dim) -> i64 {
     }
 }
 
+/// Why the optimizer step cannot run the program's optimizer (it needs curvature statistics of the
+/// model), or None.
+fn needs_model(program: &Program) -> Option<String> {
+    let train = &program.trains[0];
+    train.optimizer.plans.iter().find_map(|plan| {
+        let needs = !curv_runtime::optimizer::statistics_needed(plan, &program.rules, 1).is_empty()
+            || curv_runtime::optimizer::kfac_statistic(plan).is_some()
+            || curv_runtime::optimizer::uses_hutchinson(plan, &program.rules);
+        needs.then(|| {
+            format!(
+                "the optimizer of `{}` needs curvature statistics of the model (Hessian-vector products, sampled labels or layer captures), which the optimizer step does not have: use the train step (curv_train_step)",
+                train.params[plan.param].name
+            )
+        })
+    })
+}
+
 /// A validated view of one DLPack tensor.
 struct View {
     data: *mut u8,
@@ -227,7 +268,12 @@ struct View {
 }
 
 /// Checks one tensor against the parameter's shape and the call's dtype; `what` names it.
-unsafe fn validate(tensor: *const DLManagedTensor, shape: &[usize], what: &str) -> Result<View, String> {
+unsafe fn validate(
+    tensor: *const DLManagedTensor,
+    shape: &[usize],
+    what: &str,
+    integers: bool,
+) -> Result<View, String> {
     if tensor.is_null() {
         return Err(format!("{what} is a null pointer"));
     }
@@ -238,10 +284,10 @@ unsafe fn validate(tensor: *const DLManagedTensor, shape: &[usize], what: &str) 
     let dtype = match (tensor.dtype.code, tensor.dtype.bits, tensor.dtype.lanes) {
         (DL_FLOAT, 32, 1) => DType::F32,
         (DL_FLOAT, 64, 1) => DType::F64,
+        (DL_INT, 32, 1) if integers => DType::I32,
         (code, bits, lanes) => {
-            return Err(format!(
-                "{what} has dtype code {code}, {bits} bits, {lanes} lanes; float32 or float64 is needed"
-            ))
+            let needed = if integers { "int32" } else { "float32 or float64" };
+            return Err(format!("{what} has dtype code {code}, {bits} bits, {lanes} lanes; {needed} is needed"));
         }
     };
     if tensor.ndim < 0 || tensor.ndim as usize != shape.len() || (tensor.ndim > 0 && tensor.shape.is_null()) {
@@ -568,6 +614,15 @@ pub unsafe extern "C" fn curv_optimizer_step(
             return Err((CURV_CONTEXT_ERROR, message));
         };
         let train = &program.trains[context.train];
+        if let Some(message) = &context.needs_model {
+            return Err((CURV_CONTEXT_ERROR, message.clone()));
+        }
+        if !matches!(context.trainer, TrainerSlot::None) {
+            return Err((
+                CURV_CONTEXT_ERROR,
+                "this context runs train steps; an optimizer step needs a context of its own".to_string(),
+            ));
+        }
         if params.is_null() || grads.is_null() {
             return Err((CURV_INVALID_ARGUMENT, "the parameter or gradient list is a null pointer".to_string()));
         }
@@ -581,9 +636,9 @@ pub unsafe extern "C" fn curv_optimizer_step(
         let mut grad_views = Vec::new();
         for (index, param) in train.params.iter().enumerate() {
             let shape: Vec<usize> = param.ty.shape.iter().map(|dim| known_size(dim) as usize).collect();
-            let p = validate(*params.add(index), &shape, &format!("parameter {index} (`{}`)", param.name))
+            let p = validate(*params.add(index), &shape, &format!("parameter {index} (`{}`)", param.name), false)
                 .map_err(|message| (CURV_INVALID_ARGUMENT, message))?;
-            let g = validate(*grads.add(index), &shape, &format!("gradient {index} (`{}`)", param.name))
+            let g = validate(*grads.add(index), &shape, &format!("gradient {index} (`{}`)", param.name), false)
                 .map_err(|message| (CURV_INVALID_ARGUMENT, message))?;
             if g.dtype != p.dtype
                 || (index > 0 && p.dtype != param_views.first().map_or(p.dtype, |first: &View| first.dtype))
@@ -694,5 +749,278 @@ pub unsafe extern "C" fn curv_state_load(context: *mut Context, path: *const c_c
         };
         context.step = step;
         Ok(())
+    })
+}
+
+/// The number of data fields a train step takes (those the loss reads).
+///
+/// # Safety
+///
+/// `context` is null or a live context.
+#[no_mangle]
+pub unsafe extern "C" fn curv_input_count(context: *const Context) -> i64 {
+    if context.is_null() {
+        return -1;
+    }
+    let context = &*context;
+    context.inputs.len() as i64
+}
+
+/// The name of input `index` (`SOURCE.FIELD`, as the `.curv` file reads it), or null.
+///
+/// # Safety
+///
+/// `context` is null or a live context.
+#[no_mangle]
+pub unsafe extern "C" fn curv_input_name(context: *const Context, index: i64) -> *const c_char {
+    if context.is_null() || index < 0 {
+        return std::ptr::null();
+    }
+    let context = &*context;
+    context.inputs.get(index as usize).map_or(std::ptr::null(), |input| input.name.as_ptr())
+}
+
+/// Writes up to `capacity` dimensions of input `index` (the batch first) and returns its rank;
+/// `is_integer` (when not null) is set to 1 for an int32 field (labels), 0 for a float one.
+///
+/// # Safety
+///
+/// `context` is null or a live context; `dims` is null or has room for `capacity` values;
+/// `is_integer` is null or writable.
+#[no_mangle]
+pub unsafe extern "C" fn curv_input_shape(
+    context: *const Context,
+    index: i64,
+    dims: *mut i64,
+    capacity: i64,
+    is_integer: *mut c_int,
+) -> i64 {
+    if context.is_null() || index < 0 {
+        return -1;
+    }
+    let context = &*context;
+    let Some(input) = context.inputs.get(index as usize) else { return -1 };
+    if !dims.is_null() {
+        for (position, &size) in input.shape.iter().enumerate().take(capacity.max(0) as usize) {
+            *dims.add(position) = size as i64;
+        }
+    }
+    if !is_integer.is_null() {
+        *is_integer = c_int::from(input.dtype == DType::I32);
+    }
+    input.shape.len() as i64
+}
+
+trait TrainElement: Element {
+    fn trainer<'a>(
+        slot: &'a mut TrainerSlot,
+        program: &Program,
+    ) -> Result<&'a mut curv_runtime::trainer::Trainer<Self>, String>;
+    fn value(view: &View, shape: &[usize]) -> curv_interp::Value<Self>;
+}
+
+fn new_trainer<T: Element>(program: &Program) -> Box<curv_runtime::trainer::Trainer<T>> {
+    let train = program.trains[0].clone();
+    let dataset = curv_runtime::dataset::Dataset {
+        name: train.data.name.clone(),
+        fields: Vec::new(),
+        examples: 0,
+        train: Vec::new(),
+        test: Vec::new(),
+    };
+    let seed = train.seed as u64;
+    let total = train.steps.max(1) as u64;
+    let mut trainer = curv_runtime::trainer::Trainer::new(train, program.rules.clone(), dataset, seed, total);
+    trainer.backend = T::backend();
+    Box::new(trainer)
+}
+
+impl TrainElement for f32 {
+    fn trainer<'a>(
+        slot: &'a mut TrainerSlot,
+        program: &Program,
+    ) -> Result<&'a mut curv_runtime::trainer::Trainer<f32>, String> {
+        if let TrainerSlot::None = slot {
+            *slot = TrainerSlot::F32(new_trainer(program));
+        }
+        match slot {
+            TrainerSlot::F32(trainer) => Ok(trainer),
+            _ => Err("this context trains in float64; its tensors must stay float64".to_string()),
+        }
+    }
+
+    fn value(view: &View, shape: &[usize]) -> curv_interp::Value<f32> {
+        values_of(view, shape)
+    }
+}
+
+impl TrainElement for f64 {
+    fn trainer<'a>(
+        slot: &'a mut TrainerSlot,
+        program: &Program,
+    ) -> Result<&'a mut curv_runtime::trainer::Trainer<f64>, String> {
+        if let TrainerSlot::None = slot {
+            *slot = TrainerSlot::F64(new_trainer(program));
+        }
+        match slot {
+            TrainerSlot::F64(trainer) => Ok(trainer),
+            _ => Err("this context trains in float32; its tensors must stay float32".to_string()),
+        }
+    }
+
+    fn value(view: &View, shape: &[usize]) -> curv_interp::Value<f64> {
+        values_of(view, shape)
+    }
+}
+
+/// The value of an input view: int32 labels as integers, floats converted to `T`.
+fn values_of<T: curv_interp::Real>(view: &View, shape: &[usize]) -> curv_interp::Value<T> {
+    unsafe {
+        match view.dtype {
+            DType::I32 => curv_interp::Value::Int(Tensor::new(
+                shape.to_vec(),
+                std::slice::from_raw_parts(view.data as *const i32, view.count).to_vec(),
+            )),
+            DType::F32 => curv_interp::Value::Real(Tensor::new(
+                shape.to_vec(),
+                std::slice::from_raw_parts(view.data as *const f32, view.count)
+                    .iter()
+                    .map(|&x| T::from_f64(x as f64))
+                    .collect(),
+            )),
+            DType::F64 => curv_interp::Value::Real(Tensor::new(
+                shape.to_vec(),
+                std::slice::from_raw_parts(view.data as *const f64, view.count)
+                    .iter()
+                    .map(|&x| T::from_f64(x))
+                    .collect(),
+            )),
+        }
+    }
+}
+
+/// One train step over validated views: the caller's parameters go into the trainer, the trainer
+/// runs forward, backward, statistics and update on the caller's batch, and the new parameters
+/// are written back (only when the step succeeded).
+fn train_with<T: TrainElement>(
+    context: &mut Context,
+    params: &[View],
+    inputs: &[View],
+    loss: *mut f64,
+) -> Result<(), (c_int, String)> {
+    let program = context.program.as_ref().ok_or((CURV_CONTEXT_ERROR, "no program".to_string()))?;
+    let trainer = T::trainer(&mut context.trainer, program).map_err(|message| (CURV_INVALID_ARGUMENT, message))?;
+    let train = &program.trains[0];
+    let mut new_params = Vec::with_capacity(params.len());
+    for (view, param) in params.iter().zip(&train.params) {
+        let shape: Vec<usize> = param.ty.shape.iter().map(|dim| known_size(dim) as usize).collect();
+        new_params.push(Tensor::new(
+            shape,
+            unsafe { std::slice::from_raw_parts(view.data as *const T, view.count) }.to_vec(),
+        ));
+    }
+    let previous = std::mem::replace(&mut trainer.params, new_params);
+    let mut data = HashMap::new();
+    for (view, input) in inputs.iter().zip(&context.inputs) {
+        data.insert((input.source.clone(), input.field.clone()), T::value(view, &input.shape));
+    }
+    if let Some(rate) = context.learning_rate {
+        trainer.program.optimizer.lr = rate;
+    }
+    match trainer.train_step_on(data) {
+        Ok(report) => {
+            if let Some(reason) = report.skipped {
+                trainer.params = previous;
+                return Err((CURV_RUNTIME_ERROR, format!("step {}: {reason}; nothing was changed", report.step)));
+            }
+            for (view, tensor) in params.iter().zip(&trainer.params) {
+                unsafe { std::ptr::copy_nonoverlapping(tensor.data.as_ptr(), view.data as *mut T, view.count) };
+            }
+            if !loss.is_null() {
+                unsafe { *loss = report.metrics.loss };
+            }
+            context.step = trainer.step;
+            Ok(())
+        }
+        Err(error) => {
+            trainer.params = previous;
+            Err((CURV_RUNTIME_ERROR, format!("{error}; nothing was changed")))
+        }
+    }
+}
+
+/// One train step of the file's train block on a batch the caller gives: forward, backward, the
+/// curvature statistics the optimizer asks for (Hessian-vector products, sampled labels, K-FAC's
+/// layer captures) and the update, with `params[i]` updated in place. `inputs` are the data
+/// fields in the order of `curv_input_name` (the batch first in each: float32 or float64 like the
+/// parameters, int32 for labels). `loss` (when not null) receives the batch's loss. On any error
+/// nothing is written.
+///
+/// # Safety
+///
+/// `context` is null or a live context; the lists are null or hold their counts of pointers, each
+/// null or a DLPack tensor whose data is valid for its shape; `loss` is null or writable.
+#[no_mangle]
+pub unsafe extern "C" fn curv_train_step(
+    context: *mut Context,
+    param_count: i64,
+    params: *const *const DLManagedTensor,
+    input_count: i64,
+    inputs: *const *const DLManagedTensor,
+    loss: *mut f64,
+) -> c_int {
+    guarded(context, |context| {
+        let Some(program) = &context.program else {
+            let message = context.error.as_ref().map(|error| error.to_string_lossy().into_owned()).unwrap_or_default();
+            return Err((CURV_CONTEXT_ERROR, message));
+        };
+        if !matches!(context.states, States::Empty) {
+            return Err((
+                CURV_CONTEXT_ERROR,
+                "this context runs optimizer steps; a train step needs a context of its own".to_string(),
+            ));
+        }
+        let train = &program.trains[0];
+        if params.is_null() || inputs.is_null() {
+            return Err((CURV_INVALID_ARGUMENT, "the parameter or input list is a null pointer".to_string()));
+        }
+        if param_count != train.params.len() as i64 {
+            return Err((
+                CURV_INVALID_ARGUMENT,
+                format!("{param_count} parameters given where the train step has {}", train.params.len()),
+            ));
+        }
+        if input_count != context.inputs.len() as i64 {
+            return Err((
+                CURV_INVALID_ARGUMENT,
+                format!("{input_count} inputs given where the train step reads {}", context.inputs.len()),
+            ));
+        }
+        let mut param_views: Vec<View> = Vec::new();
+        for (index, param) in train.params.iter().enumerate() {
+            let shape: Vec<usize> = param.ty.shape.iter().map(|dim| known_size(dim) as usize).collect();
+            let view = validate(*params.add(index), &shape, &format!("parameter {index} (`{}`)", param.name), false)
+                .map_err(|message| (CURV_INVALID_ARGUMENT, message))?;
+            if param_views.first().is_some_and(|first| first.dtype != view.dtype) {
+                return Err((CURV_INVALID_ARGUMENT, format!("`{}`: every parameter must have one dtype", param.name)));
+            }
+            param_views.push(view);
+        }
+        let float = param_views.first().map_or(DType::F32, |view| view.dtype);
+        let mut input_views = Vec::new();
+        for (index, input) in context.inputs.iter().enumerate() {
+            let what = format!("input {index} (`{}`)", input.name.to_string_lossy());
+            let view = validate(*inputs.add(index), &input.shape, &what, input.dtype == DType::I32)
+                .map_err(|message| (CURV_INVALID_ARGUMENT, message))?;
+            let expected = if input.dtype == DType::I32 { DType::I32 } else { float };
+            if view.dtype != expected {
+                return Err((CURV_INVALID_ARGUMENT, format!("{what} must be {expected:?} like the parameters")));
+            }
+            input_views.push(view);
+        }
+        match float {
+            DType::F64 => train_with::<f64>(context, &param_views, &input_views, loss),
+            _ => train_with::<f32>(context, &param_views, &input_views, loss),
+        }
     })
 }
