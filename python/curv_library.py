@@ -52,9 +52,33 @@ _LIBRARY.curv_train_step.argtypes = [
 ]
 _LIBRARY.curv_train_step.restype = ctypes.c_int
 
+_LIBRARY.curv_model_input_count.argtypes = [ctypes.c_void_p]
+_LIBRARY.curv_model_input_count.restype = ctypes.c_int64
+_LIBRARY.curv_model_input_name.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+_LIBRARY.curv_model_input_name.restype = ctypes.c_char_p
+_LIBRARY.curv_model_output_shape.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.c_int64]
+_LIBRARY.curv_model_output_shape.restype = ctypes.c_int64
+_LIBRARY.curv_model_forward.argtypes = [
+    ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p
+]
+_LIBRARY.curv_model_forward.restype = ctypes.c_int
+_LIBRARY.curv_model_backward.argtypes = [
+    ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p),
+]
+_LIBRARY.curv_model_backward.restype = ctypes.c_int
+
 _PyCapsule_GetPointer = ctypes.pythonapi.PyCapsule_GetPointer
 _PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
 _PyCapsule_GetPointer.restype = ctypes.c_void_p
+
+
+def _pointer(capsule):
+    return None if capsule is None else _PyCapsule_GetPointer(capsule, b"dltensor")
+
+
+def _pointers(capsules):
+    return (ctypes.c_void_p * max(len(capsules), 1))(*[_pointer(capsule) for capsule in capsules])
 
 
 class CurvError(RuntimeError):
@@ -94,6 +118,12 @@ class Context:
             rank = _LIBRARY.curv_input_shape(self._context, index, dims, 8, ctypes.byref(integer))
             name = _LIBRARY.curv_input_name(self._context, index).decode()
             self.inputs.append((name, tuple(dims[axis] for axis in range(rank)), bool(integer.value)))
+        # The model on its own: its inputs (by name, shapes as above) and output shape, if any.
+        count = _LIBRARY.curv_model_input_count(self._context)
+        self.model_inputs = [_LIBRARY.curv_model_input_name(self._context, index).decode() for index in range(max(count, 0))]
+        dims = (ctypes.c_int64 * 8)()
+        rank = _LIBRARY.curv_model_output_shape(self._context, dims, 8)
+        self.model_output_shape = tuple(dims[axis] for axis in range(rank)) if rank >= 0 else None
 
     def __del__(self):
         context = getattr(self, "_context", None)
@@ -138,6 +168,23 @@ class Context:
         del keep
         self._check(code)
         return loss.value
+
+    def model_forward_dlpack(self, params, inputs, output):
+        keep = list(params) + list(inputs) + [output]
+        code = _LIBRARY.curv_model_forward(
+            self._context, len(params), _pointers(params), len(inputs), _pointers(inputs), _pointer(output)
+        )
+        del keep
+        self._check(code)
+
+    def model_backward_dlpack(self, params, inputs, cotangent, param_grads, input_grads):
+        keep = list(params) + list(inputs) + [cotangent] + list(param_grads) + list(input_grads)
+        code = _LIBRARY.curv_model_backward(
+            self._context, len(params), _pointers(params), len(inputs), _pointers(inputs), _pointer(cotangent),
+            _pointers(param_grads), _pointers(input_grads),
+        )
+        del keep
+        self._check(code)
 
     def save(self, path):
         self._check(_LIBRARY.curv_state_save(self._context, os.fsencode(path)))
@@ -209,6 +256,72 @@ try:
                 [torch.utils.dlpack.to_dlpack(param) for param in params],
                 [torch.utils.dlpack.to_dlpack(tensor) for tensor in converted],
             )
+
+    _MODEL_CONTEXT = None
+
+    def _model_context():
+        global _MODEL_CONTEXT
+        if _MODEL_CONTEXT is None:
+            _MODEL_CONTEXT = Context()
+        return _MODEL_CONTEXT
+
+    @torch.library.custom_op("curv_@NAME@::model", mutates_args=())
+    def model(params: list[torch.Tensor], inputs: list[torch.Tensor]) -> torch.Tensor:
+        """The `.curv` model's forward pass as a PyTorch operator (its backward is the library's
+        generated vector-Jacobian product): `model(list(params), [x])`."""
+        context = _model_context()
+        if context.model_output_shape is None:
+            raise CurvError(CONTEXT_ERROR, "the loss has no `logits` or `prediction` output: there is no model on its own")
+        params = [param.detach().contiguous() for param in params]
+        inputs = [tensor.detach().contiguous() for tensor in inputs]
+        output = torch.empty(context.model_output_shape, dtype=params[0].dtype)
+        context.model_forward_dlpack(
+            [torch.utils.dlpack.to_dlpack(param) for param in params],
+            [torch.utils.dlpack.to_dlpack(tensor) for tensor in inputs],
+            torch.utils.dlpack.to_dlpack(output),
+        )
+        return output
+
+    @model.register_fake
+    def _model_fake(params, inputs):
+        shape = _model_context().model_output_shape
+        return params[0].new_empty(shape)
+
+    @torch.library.custom_op("curv_@NAME@::model_backward", mutates_args=())
+    def model_backward(params: list[torch.Tensor], inputs: list[torch.Tensor], cotangent: torch.Tensor) -> list[torch.Tensor]:
+        context = _model_context()
+        params = [param.detach().contiguous() for param in params]
+        inputs = [tensor.detach().contiguous() for tensor in inputs]
+        param_grads = [torch.empty_like(param) for param in params]
+        input_grads = [torch.zeros_like(tensor) if tensor.is_floating_point() else torch.zeros(0) for tensor in inputs]
+        context.model_backward_dlpack(
+            [torch.utils.dlpack.to_dlpack(param) for param in params],
+            [torch.utils.dlpack.to_dlpack(tensor) for tensor in inputs],
+            torch.utils.dlpack.to_dlpack(cotangent.detach().contiguous()),
+            [torch.utils.dlpack.to_dlpack(grad) for grad in param_grads],
+            [torch.utils.dlpack.to_dlpack(grad) if tensor.is_floating_point() else None for grad, tensor in zip(input_grads, inputs)],
+        )
+        return param_grads + input_grads
+
+    @model_backward.register_fake
+    def _model_backward_fake(params, inputs, cotangent):
+        return [param.new_empty(param.shape) for param in params] + [
+            tensor.new_empty(tensor.shape) if tensor.is_floating_point() else tensor.new_empty(0, dtype=params[0].dtype) for tensor in inputs
+        ]
+
+    def _setup_context(ctx, inputs, output):
+        params, model_inputs = inputs
+        ctx.count = len(params)
+        ctx.save_for_backward(*params, *model_inputs)
+
+    def _backward(ctx, grad):
+        saved = ctx.saved_tensors
+        params, inputs = list(saved[: ctx.count]), list(saved[ctx.count :])
+        grads = model_backward(params, inputs, grad)
+        input_grads = [g if tensor.is_floating_point() else None for g, tensor in zip(grads[ctx.count :], inputs)]
+        return list(grads[: ctx.count]), input_grads
+
+    model.register_autograd(_backward, setup_context=_setup_context)
 
 except ImportError:  # the C binding works without PyTorch
     pass

@@ -222,3 +222,28 @@ def test_k_fac_needs_the_train_step_and_trains_through_it(tmp_path):
         step(params, x[:-1], y[:-1])
     assert error.value.code == kfac.INVALID_ARGUMENT and "input 0 (`digits.x`) has shape" in str(error.value)
     assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+def test_the_model_is_a_pytorch_operator_with_the_generated_backward(adam):
+    """`NAME.model` runs the .curv model's forward and its generated vector-Jacobian product; it
+    agrees with the same model in PyTorch, passes torch.library.opcheck and gradcheck."""
+    context = adam.Context()
+    assert context.model_inputs == ["digits.x"] and context.model_output_shape == (64, 10)
+    generator = torch.Generator().manual_seed(5)
+    for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        params = [torch.randn(*shape, generator=generator, dtype=dtype).requires_grad_() for shape in context.shapes]
+        x = torch.rand(64, 64, generator=generator, dtype=dtype).requires_grad_()
+        output = adam.model(params, [x])
+        w1, b1, w2, b2 = params
+        reference = torch.tanh(x @ w1 + b1) @ w2 + b2
+        assert ((output - reference).norm() / reference.norm()).item() <= tolerance
+        cotangent = torch.randn(output.shape, generator=generator, dtype=dtype)
+        ours = torch.autograd.grad(output, params + [x], cotangent)
+        theirs = torch.autograd.grad(reference, params + [x], cotangent)
+        for mine, expected in zip(ours, theirs):
+            assert ((mine - expected).norm() / expected.norm()).item() <= tolerance
+    params = [torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_() for shape in context.shapes]
+    x = torch.rand(64, 64, generator=generator, dtype=torch.float64).requires_grad_()
+    result = torch.library.opcheck(adam.model, (params, [x]))
+    assert all(outcome == "SUCCESS" for outcome in result.values()), result
+    assert torch.autograd.gradcheck(lambda *tensors: adam.model(list(tensors[:4]), [tensors[4]]), (*params, x), fast_mode=True)

@@ -126,3 +126,66 @@ pub fn ggn_program(loss_function: &Function, params: &[ParamInfo], prediction_ou
     }
     Some(function)
 }
+
+/// The model of a loss function on its own: its prediction output (`logits` for a classification
+/// loss, `prediction` for a regression one) as the output `output`, and only what it depends on
+/// (the labels drop out). None when the loss has no prediction output.
+pub fn model_program(loss_function: &Function) -> Option<Function> {
+    let prediction = loss_function.output("logits").or_else(|| loss_function.output("prediction"))?;
+    let mut function = loss_function.clone();
+    function.name = "model".to_string();
+    function.outputs = vec![("output".to_string(), prediction)];
+    Some(function.pruned())
+}
+
+/// The vector-Jacobian product of a [`model_program`]: one input `cotangent` (the output's shape)
+/// and the gradients of `<cotangent, output>` with respect to every parameter (`grad.NAME`) and
+/// every float data field the model reads (`grad.SOURCE.FIELD`), zeros where nothing depends.
+pub fn model_vjp_program(model: &Function, params: &[ParamInfo]) -> Option<Function> {
+    let output = model.output("output")?;
+    let mut function = model.clone();
+    let cotangent = function.push(
+        Op::Input { index: 0, name: "cotangent".to_string() },
+        Vec::new(),
+        model.ty(output).clone(),
+        model.inst(output).span,
+    );
+    let param_ids = param_values(&function, params.len());
+    let data: Vec<(ValueId, String)> = function
+        .insts
+        .iter()
+        .enumerate()
+        .filter_map(|(index, inst)| match &inst.op {
+            Op::Data { source, field } if inst.ty.dtype != curv_ir::DType::I32 => {
+                Some((ValueId(index as u32), format!("{source}.{field}")))
+            }
+            _ => None,
+        })
+        .collect();
+    let wrt: Vec<ValueId> = param_ids.iter().flatten().copied().chain(data.iter().map(|(id, _)| *id)).collect();
+    let backward = vjp(&function, output, &wrt, Seed::Value(cotangent));
+    let mut result = backward.function;
+    result.name = "model_vjp".to_string();
+    result.outputs = Vec::new();
+    let mut position = 0;
+    for (param, id) in params.iter().zip(&param_ids) {
+        let gradient = match id {
+            Some(_) => {
+                let gradient = backward.cotangents[position];
+                position += 1;
+                gradient
+            }
+            None => None,
+        };
+        let gradient = gradient.unwrap_or_else(|| zeros(&mut result, &param.ty));
+        result.outputs.push((format!("grad.{}", param.name), gradient));
+    }
+    for (id, name) in &data {
+        let ty = model.ty(*id).clone();
+        let gradient = backward.cotangents[position].unwrap_or_else(|| zeros(&mut result, &ty));
+        position += 1;
+        result.outputs.push((format!("grad.{name}"), gradient));
+    }
+    // The forward output itself is not needed (the cotangent stands in for what follows it).
+    Some(result.pruned())
+}

@@ -1007,6 +1007,19 @@ int64_t curv_input_shape(const struct curv_context *context, int64_t index, int6
 int curv_train_step(struct curv_context *context, int64_t param_count, DLManagedTensor *const *params,
                     int64_t input_count, DLManagedTensor *const *inputs, double *loss);
 
+/* The model on its own (the loss's `logits` or `prediction`), for frameworks that differentiate
+ * it: its data inputs (a subset of the train step's, same shapes), its output shape (-1: the loss
+ * has no prediction), the forward pass into `output`, and the vector-Jacobian product of a
+ * cotangent into the parameters' and float inputs' gradients (NULL entries skipped). */
+int64_t curv_model_input_count(const struct curv_context *context);
+const char *curv_model_input_name(const struct curv_context *context, int64_t index);
+int64_t curv_model_output_shape(const struct curv_context *context, int64_t *dims, int64_t capacity);
+int curv_model_forward(struct curv_context *context, int64_t param_count, DLManagedTensor *const *params,
+                       int64_t input_count, DLManagedTensor *const *inputs, DLManagedTensor *output);
+int curv_model_backward(struct curv_context *context, int64_t param_count, DLManagedTensor *const *params,
+                        int64_t input_count, DLManagedTensor *const *inputs, DLManagedTensor *cotangent,
+                        DLManagedTensor *const *param_grads, DLManagedTensor *const *input_grads);
+
 #ifdef __cplusplus
 }
 #endif
@@ -1032,6 +1045,11 @@ const LIBRARY_EXPORTS: &[&str] = &[
     "curv_input_name",
     "curv_input_shape",
     "curv_train_step",
+    "curv_model_input_count",
+    "curv_model_input_name",
+    "curv_model_output_shape",
+    "curv_model_forward",
+    "curv_model_backward",
 ];
 
 /// `curv build --lib FILE -o DIR`: `DIR/libNAME.so` (the optimizer step and the train step of the
@@ -1078,6 +1096,12 @@ fn build_library(file: &Path, directory: &Path) -> Result<String, (String, u8)> 
     }
     if let Ok(Some(captures)) = curv_runtime::trainer::capture_program(train) {
         kernels.push((keys::GRADIENTS_AND_CAPTURES.to_string(), captures.function, no_bindings.clone()));
+    }
+    if let Some(model) = curv_ad::products::model_program(&train.loss) {
+        if let Some(backward) = curv_ad::products::model_vjp_program(&model, &train.params) {
+            kernels.push(("model.backward".to_string(), backward, no_bindings.clone()));
+        }
+        kernels.push(("model.forward".to_string(), model, no_bindings.clone()));
     }
     for plan in &train.optimizer.plans {
         if plan.structure != curv_ir::StructureKind::Rule {

@@ -378,6 +378,33 @@ impl Function {
     pub fn output(&self, name: &str) -> Option<ValueId> {
         self.outputs.iter().find(|(output_name, _)| output_name == name).map(|(_, value)| *value)
     }
+
+    /// The function without the instructions its outputs do not depend on (the values renumbered,
+    /// in the same order).
+    pub fn pruned(&self) -> Function {
+        let mut live = vec![false; self.insts.len()];
+        for (_, value) in &self.outputs {
+            live[value.0 as usize] = true;
+        }
+        for index in (0..self.insts.len()).rev() {
+            if live[index] {
+                for arg in &self.insts[index].args {
+                    live[arg.0 as usize] = true;
+                }
+            }
+        }
+        let mut renumbered = vec![ValueId(0); self.insts.len()];
+        let mut function = Function::new(self.name.clone());
+        for (index, inst) in self.insts.iter().enumerate() {
+            if live[index] {
+                let args = inst.args.iter().map(|arg| renumbered[arg.0 as usize]).collect();
+                renumbered[index] = function.push(inst.op.clone(), args, inst.ty.clone(), inst.span);
+            }
+        }
+        function.outputs =
+            self.outputs.iter().map(|(name, value)| (name.clone(), renumbered[value.0 as usize])).collect();
+        function
+    }
 }
 
 /// How a parameter is initialised.
@@ -656,4 +683,25 @@ pub struct RuleProgram {
 pub struct Program {
     pub rules: Vec<RuleProgram>,
     pub trains: Vec<TrainProgram>,
+}
+
+#[cfg(test)]
+mod pruning_tests {
+    use super::*;
+
+    #[test]
+    fn pruning_keeps_what_the_outputs_depend_on_in_order() {
+        let ty = TensorType::known(DType::F32, &[2]);
+        let mut function = Function::new("f");
+        let x = function.push(Op::Input { index: 0, name: "x".into() }, vec![], ty.clone(), Span::default());
+        let unused = function.push(Op::Unary(UnaryOp::Exp), vec![x], ty.clone(), Span::default());
+        let y = function.push(Op::Unary(UnaryOp::Neg), vec![x], ty.clone(), Span::default());
+        function.push(Op::Unary(UnaryOp::Tanh), vec![unused], ty, Span::default());
+        function.outputs.push(("y".into(), y));
+        let pruned = function.pruned();
+        assert_eq!(pruned.insts.len(), 2);
+        assert_eq!(pruned.insts[1].op, Op::Unary(UnaryOp::Neg));
+        assert_eq!(pruned.insts[1].args, vec![ValueId(0)]);
+        assert_eq!(pruned.outputs, vec![("y".to_string(), ValueId(1))]);
+    }
 }

@@ -958,6 +958,10 @@ fn emit_fused_after(
     let shape = emitter.shape(first).to_vec();
     let rank = shape.len();
     let outputs = plan.outputs(function, kernel_index);
+    if outputs.is_empty() {
+        // Nothing reads what the kernel computes (a pruned function has no such kernel).
+        return Ok(());
+    }
     // Inputs: (source value, indexing results), unique; block argument `%a{k}` reads input k.
     let mut inputs: Vec<(ValueId, Vec<String>)> = Vec::new();
     let mut names: std::collections::HashMap<ValueId, String> = std::collections::HashMap::new();
