@@ -325,3 +325,60 @@ try:
 
 except ImportError:  # the C binding works without PyTorch
     pass
+
+
+try:
+    import jax
+    import jax.numpy as jnp
+
+    # One name per loaded copy of the library (XLA refuses a name registered twice).
+    _XLA_FORWARD = f"curv_@NAME@_{id(_LIBRARY):x}_model_forward"
+    _XLA_BACKWARD = f"curv_@NAME@_{id(_LIBRARY):x}_model_backward"
+    _XLA_REGISTERED = False
+
+    def _model_layout():
+        global _XLA_REGISTERED
+        if not _XLA_REGISTERED:
+            jax.ffi.register_ffi_target(_XLA_FORWARD, jax.ffi.pycapsule(_LIBRARY.curv_xla_model_forward), platform="cpu")
+            jax.ffi.register_ffi_target(_XLA_BACKWARD, jax.ffi.pycapsule(_LIBRARY.curv_xla_model_backward), platform="cpu")
+            _XLA_REGISTERED = True
+        context = _jax_context()
+        if context.model_output_shape is None:
+            raise CurvError(CONTEXT_ERROR, "the loss has no `logits` or `prediction` output: there is no model on its own")
+        return context
+
+    _JAX_CONTEXT = None
+
+    def _jax_context():
+        global _JAX_CONTEXT
+        if _JAX_CONTEXT is None:
+            _JAX_CONTEXT = Context()
+        return _JAX_CONTEXT
+
+    @jax.custom_vjp
+    def jax_model(params, inputs):
+        """The `.curv` model's forward pass in JAX (a `jax.ffi` call of the library), differentiable
+        through the library's generated vector-Jacobian product: `jax_model(tuple(params), (x,))`."""
+        context = _model_layout()
+        result = jax.ShapeDtypeStruct(context.model_output_shape, params[0].dtype)
+        return jax.ffi.ffi_call(_XLA_FORWARD, result)(*params, *inputs)
+
+    def _jax_forward(params, inputs):
+        return jax_model(params, inputs), (params, inputs)
+
+    def _jax_backward(saved, cotangent):
+        params, inputs = saved
+        float_inputs = [x for x in inputs if jnp.issubdtype(x.dtype, jnp.floating)]
+        results = [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in params] + [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in float_inputs]
+        grads = jax.ffi.ffi_call(_XLA_BACKWARD, results)(*params, *inputs, cotangent)
+        param_grads = tuple(grads[: len(params)])
+        rest = iter(grads[len(params) :])
+        input_grads = tuple(
+            next(rest) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.zeros(x.shape, dtype=jax.dtypes.float0) for x in inputs
+        )
+        return param_grads, input_grads
+
+    jax_model.defvjp(_jax_forward, _jax_backward)
+
+except ImportError:  # the C binding works without JAX
+    pass

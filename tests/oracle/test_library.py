@@ -247,3 +247,40 @@ def test_the_model_is_a_pytorch_operator_with_the_generated_backward(adam):
     result = torch.library.opcheck(adam.model, (params, [x]))
     assert all(outcome == "SUCCESS" for outcome in result.values()), result
     assert torch.autograd.gradcheck(lambda *tensors: adam.model(list(tensors[:4]), [tensors[4]]), (*params, x), fast_mode=True)
+
+
+def test_the_model_is_a_jax_ffi_target_with_a_custom_vjp(adam):
+    """`NAME.jax_model` calls the library's XLA FFI handlers (jax.ffi), under jit too, and its
+    gradients are the generated vector-Jacobian product: jax.test_util.check_grads passes and it
+    agrees with the same model in jax.numpy; a wrong shape is an XLA error with curv's message."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.test_util import check_grads
+
+    x64 = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        check_the_jax_model(adam, jax, jnp, np, check_grads)
+    finally:
+        jax.config.update("jax_enable_x64", x64)
+
+
+def check_the_jax_model(adam, jax, jnp, np, check_grads):
+    context = adam.Context()
+    rng = np.random.default_rng(6)
+    params = tuple(jnp.asarray(rng.standard_normal(shape)) for shape in context.shapes)
+    x = jnp.asarray(rng.random((64, 64)))
+
+    def reference(p, x):
+        return jnp.tanh(x @ p[0] + p[1]) @ p[2] + p[3]
+
+    output = jax.jit(lambda p, x: adam.jax_model(p, (x,)))(params, x)
+    assert float(jnp.linalg.norm(output - reference(params, x)) / jnp.linalg.norm(reference(params, x))) < 1e-12
+    ours = jax.grad(lambda p, x: jnp.sum(jnp.sin(adam.jax_model(p, (x,)))), argnums=(0, 1))(params, x)
+    theirs = jax.grad(lambda p, x: jnp.sum(jnp.sin(reference(p, x))), argnums=(0, 1))(params, x)
+    for mine, expected in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs)):
+        assert float(jnp.linalg.norm(mine - expected) / jnp.linalg.norm(expected)) < 1e-12
+    check_grads(lambda p, x: adam.jax_model(p, (x,)), (params, x), order=1, modes=["rev"])
+    with pytest.raises(Exception, match=r"input `digits.x` has shape \[32, 64\] where \[64, 64\] is needed"):
+        adam.jax_model(params, (x[:32],))

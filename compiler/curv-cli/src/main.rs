@@ -1020,6 +1020,13 @@ int curv_model_backward(struct curv_context *context, int64_t param_count, DLMan
                         int64_t input_count, DLManagedTensor *const *inputs, DLManagedTensor *cotangent,
                         DLManagedTensor *const *param_grads, DLManagedTensor *const *input_grads);
 
+/* The same as XLA FFI handlers (xla/ffi/api/c_api.h, API 0.3), for jax.ffi: arguments the
+ * parameters, the model's inputs (and, backward, the cotangent); results the output (backward:
+ * the parameters' then the float inputs' gradients). */
+struct XLA_FFI_CallFrame;
+void *curv_xla_model_forward(struct XLA_FFI_CallFrame *frame);
+void *curv_xla_model_backward(struct XLA_FFI_CallFrame *frame);
+
 #ifdef __cplusplus
 }
 #endif
@@ -1050,6 +1057,8 @@ const LIBRARY_EXPORTS: &[&str] = &[
     "curv_model_output_shape",
     "curv_model_forward",
     "curv_model_backward",
+    "curv_xla_model_forward",
+    "curv_xla_model_backward",
 ];
 
 /// `curv build --lib FILE -o DIR`: `DIR/libNAME.so` (the optimizer step and the train step of the

@@ -283,11 +283,74 @@ fn needs_model(program: &Program) -> Option<String> {
     })
 }
 
-/// A validated view of one DLPack tensor.
-struct View {
+/// A validated view of one tensor (from DLPack, or from an XLA buffer).
+pub struct View {
     data: *mut u8,
     count: usize,
-    dtype: DType,
+    pub dtype: DType,
+}
+
+impl View {
+    pub fn new(data: *mut u8, count: usize, dtype: DType) -> View {
+        View { data, count, dtype }
+    }
+}
+
+/// The shapes of the model's arguments and output (for the XLA handlers).
+pub struct ModelLayout {
+    pub params: Vec<(String, Vec<usize>)>,
+    /// Name, shape, and whether the input is int32.
+    pub inputs: Vec<(String, Vec<usize>, bool)>,
+    pub output: Vec<usize>,
+}
+
+impl Context {
+    /// The model's layout, or why the library has no model on its own.
+    pub fn model_layout(&self) -> Result<ModelLayout, String> {
+        let program = self
+            .program
+            .as_ref()
+            .ok_or_else(|| self.error.as_ref().map(|error| error.to_string_lossy().into_owned()).unwrap_or_default())?;
+        let model = self
+            .model
+            .as_ref()
+            .ok_or("the loss has no `logits` or `prediction` output: there is no model on its own")?;
+        Ok(ModelLayout {
+            params: program.trains[0]
+                .params
+                .iter()
+                .map(|param| (param.name.clone(), param.ty.shape.iter().map(|dim| known_size(dim) as usize).collect()))
+                .collect(),
+            inputs: model
+                .inputs
+                .iter()
+                .map(|input| {
+                    (input.name.to_string_lossy().into_owned(), input.shape.clone(), input.dtype == DType::I32)
+                })
+                .collect(),
+            output: model.output_shape.clone(),
+        })
+    }
+
+    /// Runs the model's forward pass or its vector-Jacobian product on checked views, writing the
+    /// named outputs into `destinations`; errors as `(XLA error code, message)`.
+    pub fn run_model(
+        &self,
+        backward: bool,
+        params: &[View],
+        inputs: &[View],
+        cotangent: Option<&View>,
+        destinations: &[(String, View)],
+    ) -> Result<(), (i32, String)> {
+        let destinations: Vec<(&str, &View)> = destinations.iter().map(|(name, view)| (name.as_str(), view)).collect();
+        let float = params.first().map_or(DType::F32, |view| view.dtype);
+        let result = match float {
+            DType::F64 => evaluate_model::<f64>(self, backward, params, inputs, cotangent, &destinations),
+            _ => evaluate_model::<f32>(self, backward, params, inputs, cotangent, &destinations),
+        };
+        // XLA's codes: 3 invalid argument, 13 internal.
+        result.map_err(|(code, message)| (if code == CURV_INVALID_ARGUMENT { 3 } else { 13 }, message))
+    }
 }
 
 /// Checks one tensor against the parameter's shape and the call's dtype; `what` names it.

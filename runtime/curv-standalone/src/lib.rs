@@ -8,6 +8,7 @@
 //! `curv-cuda`) and calls them with buffers staged in managed memory.
 
 pub mod abi;
+pub mod xla;
 
 use clap::Parser;
 use curv_interp::{Inputs, Value};
