@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -284,3 +285,62 @@ def check_the_jax_model(adam, jax, jnp, np, check_grads):
     check_grads(lambda p, x: adam.jax_model(p, (x,)), (params, x), order=1, modes=["rev"])
     with pytest.raises(Exception, match=r"input `digits.x` has shape \[32, 64\] where \[64, 64\] is needed"):
         adam.jax_model(params, (x[:32],))
+
+
+def library_for_program(tmp_path, name, text):
+    """Builds a library from .curv text and imports its Python module."""
+    source = tmp_path / f"{name}.curv"
+    source.write_text(text)
+    result = subprocess.run([CURV, "build", "--lib", str(source), "-o", str(tmp_path / "lib")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    spec = importlib.util.spec_from_file_location(f"curv_{name}_{id(tmp_path)}", tmp_path / "lib" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def kronecker_cases():
+    import test_kronecker as k
+
+    shampoo_shapes, shampoo_line, shampoo_lr, _ = k.SHAMPOO_CASES["adagrad"]
+    muon_line, muon_lr, _ = k.MUON_CASES["nesterov"]
+    return {
+        "shampoo": (shampoo_shapes, [shampoo_line], shampoo_lr, (), lambda: k.shampoo_reference("adagrad")),
+        "soap": (k.SOAP_LAYERS, ["w1 : adam", k.SOAP_LINE], k.SOAP_LR, ["std.optimizers.adam"], k.soap_reference),
+        "muon": (k.MLP3, [muon_line], muon_lr, (), lambda: k.muon_reference("nesterov")),
+    }
+
+
+@pytest.mark.parametrize("case", ["shampoo", "soap", "muon"])
+def test_the_library_optimizer_step_matches_the_kronecker_references(tmp_path, case):
+    """Shampoo, SOAP and Muon through the library's optimizer step, fed the gradients of the
+    float64 numpy model of test_kronecker.py, against the float64 transcriptions of Distributed
+    Shampoo, nikhilvyas/SOAP and KellerJordan/Muon on the same gradients: 20 steps, 1e-6."""
+    import test_kronecker as k
+
+    shapes, lines, lr, uses, reference = kronecker_cases()[case]
+    library = library_for_program(tmp_path, f"oracle_{case}", k.program_text(shapes, lines, lr, uses))
+    context = library.Context()
+    assert context.names == list(shapes)
+    init = k.initial_parameters(shapes)
+    weights = [np.array(init[name], dtype=np.float64) for name in shapes]
+    data = k.Digits()
+    for _ in range(k.STEPS):
+        _, grads, _ = k.forward_backward(weights, data)
+        tensors = [torch.from_numpy(weight) for weight in weights]
+        context.step_dlpack(capsules(tensors), capsules([torch.from_numpy(np.ascontiguousarray(g)) for g in grads]))
+    theirs, _ = reference()
+    k.compare(dict(zip(shapes, weights)), theirs)
+
+
+@pytest.mark.parametrize("script, example, steps", [("torch_shampoo.py", "shampoo", 100), ("jax_mlp.py", "adam", 100)])
+def test_the_integration_examples_train(tmp_path, script, example, steps):
+    build(example, tmp_path / example)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "integration" / script), str(tmp_path / example), str(steps)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    losses = [float(line.split("loss ")[1].split()[0]) for line in result.stdout.splitlines() if "loss " in line]
+    assert losses and losses[-1] < 1.0, result.stdout
