@@ -1065,7 +1065,6 @@ const LIBRARY_EXPORTS: &[&str] = &[
 /// file's first train block, its kernels compiled for the block's shapes, behind the C ABI of
 /// `curv_standalone::abi`), `DIR/NAME.h` and `DIR/NAME.py`, NAME being the file's stem.
 fn build_library(file: &Path, directory: &Path) -> Result<String, (String, u8)> {
-    use curv_runtime::backend::keys;
     let source = SourceFile::read(file).map_err(|message| (message, 1))?;
     let mut probe =
         RecordingProbe { inner: curv_driver::FileProbe { directory: source.directory() }, records: Vec::new() };
@@ -1089,44 +1088,7 @@ fn build_library(file: &Path, directory: &Path) -> Result<String, (String, u8)> 
         .and_then(|exe| exe.parent().map(|parent| parent.join("libcurv_standalone.a")))
         .filter(|path| path.is_file())
         .ok_or_else(|| ("the runtime library libcurv_standalone.a is not next to the curv executable; build it with `cargo build -p curv-standalone`".to_string(), 2))?;
-    // The functions a train step evaluates (gradients, Hessian-vector products and layer
-    // captures when the optimizer needs them), then the rule kernels of both steps, for each
-    // parameter's size.
-    let no_bindings = std::collections::HashMap::new();
-    let mut kernels: Vec<(String, curv_ir::Function, std::collections::HashMap<String, i64>)> = Vec::new();
-    let gradients = curv_ad::products::gradient_program(&train.loss, &train.params).function;
-    kernels.push((keys::GRADIENTS.to_string(), gradients, no_bindings.clone()));
-    if train.optimizer.plans.iter().any(|plan| curv_runtime::optimizer::uses_hutchinson(plan, &program.rules)) {
-        kernels.push((
-            keys::HESSIAN_VECTOR.to_string(),
-            curv_ad::products::hvp_program(&train.loss, &train.params),
-            no_bindings.clone(),
-        ));
-    }
-    if let Ok(Some(captures)) = curv_runtime::trainer::capture_program(train) {
-        kernels.push((keys::GRADIENTS_AND_CAPTURES.to_string(), captures.function, no_bindings.clone()));
-    }
-    if let Some(model) = curv_ad::products::model_program(&train.loss) {
-        if let Some(backward) = curv_ad::products::model_vjp_program(&model, &train.params) {
-            kernels.push(("model.backward".to_string(), backward, no_bindings.clone()));
-        }
-        kernels.push(("model.forward".to_string(), model, no_bindings.clone()));
-    }
-    for plan in &train.optimizer.plans {
-        if plan.structure != curv_ir::StructureKind::Rule {
-            continue;
-        }
-        let Some(rule) = program.rules.iter().find(|rule| rule.name == plan.rule_name) else { continue };
-        let size = train.params[plan.param].ty.element_count().unwrap_or(0) as usize;
-        let bindings = std::collections::HashMap::from([("P".to_string(), size as i64)]);
-        let init_key = keys::rule_init(&rule.name, size);
-        if !kernels.iter().any(|(key, _, _)| *key == init_key) {
-            kernels.push((init_key, rule.init.clone(), bindings.clone()));
-            for (block, update) in rule.updates.iter().enumerate() {
-                kernels.push((keys::rule_block(&rule.name, block, size), update.function.clone(), bindings.clone()));
-            }
-        }
-    }
+    let kernels = build_kernels(program, train, KernelSet::Library);
     std::fs::create_dir_all(directory)
         .map_err(|error| (format!("cannot create {}: {error}", directory.display()), 1))?;
     let work = std::env::temp_dir().join(format!("curv-build-lib-{}", std::process::id()));
@@ -1223,6 +1185,94 @@ fn dtype_name(dtype: curv_ir::DType) -> &'static str {
     }
 }
 
+/// Which functions `curv build` compiles ahead of time.
+#[derive(Clone, Copy, PartialEq)]
+enum KernelSet {
+    /// A trainer's: the training step's functions, the losses it logs, the grouped rule updates.
+    Trainer,
+    /// A library's: the training step's functions, the model's forward and backward passes, the
+    /// per-parameter rule updates of the optimizer step.
+    Library,
+}
+
+/// The functions of `train` to compile, under the keys the runtime looks them up by, with the
+/// bindings of their symbolic sizes.
+fn build_kernels(
+    program: &curv_ir::Program,
+    train: &curv_ir::TrainProgram,
+    set: KernelSet,
+) -> Vec<(String, curv_ir::Function, std::collections::HashMap<String, i64>)> {
+    use curv_runtime::backend::keys;
+    let no_bindings = std::collections::HashMap::new();
+    let mut kernels: Vec<(String, curv_ir::Function, std::collections::HashMap<String, i64>)> = Vec::new();
+    let gradients = curv_ad::products::gradient_program(&train.loss, &train.params).function;
+    kernels.push((keys::GRADIENTS.to_string(), gradients, no_bindings.clone()));
+    if train.optimizer.plans.iter().any(|plan| curv_runtime::optimizer::uses_hutchinson(plan, &program.rules)) {
+        kernels.push((
+            keys::HESSIAN_VECTOR.to_string(),
+            curv_ad::products::hvp_program(&train.loss, &train.params),
+            no_bindings.clone(),
+        ));
+    }
+    if let Ok(Some(captures)) = curv_runtime::trainer::capture_program(train) {
+        kernels.push((keys::GRADIENTS_AND_CAPTURES.to_string(), captures.function, no_bindings.clone()));
+    }
+    match set {
+        KernelSet::Trainer => {
+            if let Some(test_loss) = &train.test_loss {
+                kernels.push((keys::TEST_LOSS.to_string(), test_loss.clone(), no_bindings.clone()));
+            }
+            kernels.push((keys::LOSS.to_string(), train.loss.clone(), no_bindings.clone()));
+        }
+        KernelSet::Library => {
+            if let Some(model) = curv_ad::products::model_program(&train.loss) {
+                if let Some(backward) = curv_ad::products::model_vjp_program(&model, &train.params) {
+                    kernels.push(("model.backward".to_string(), backward, no_bindings.clone()));
+                }
+                kernels.push(("model.forward".to_string(), model, no_bindings.clone()));
+            }
+        }
+    }
+    for plan in &train.optimizer.plans {
+        if plan.structure != curv_ir::StructureKind::Rule {
+            continue;
+        }
+        let Some(rule) = program.rules.iter().find(|rule| rule.name == plan.rule_name) else { continue };
+        let size = train.params[plan.param].ty.element_count().unwrap_or(0) as usize;
+        let bindings = std::collections::HashMap::from([("P".to_string(), size as i64)]);
+        let init_key = keys::rule_init(&rule.name, size);
+        if !kernels.iter().any(|(key, _, _)| *key == init_key) {
+            kernels.push((init_key, rule.init.clone(), bindings.clone()));
+            for (block, update) in rule.updates.iter().enumerate() {
+                kernels.push((keys::rule_block(&rule.name, block, size), update.function.clone(), bindings.clone()));
+            }
+        }
+    }
+    if set == KernelSet::Trainer {
+        // Parameters sharing an elementwise rule are updated by one multi-parameter kernel per block.
+        let captures = curv_runtime::trainer::capture_program(train).ok().flatten();
+        for group in curv_runtime::trainer::update_groups(train, &program.rules, captures.as_ref()) {
+            let sizes: Vec<usize> = group
+                .plans
+                .iter()
+                .map(|&plan| train.params[train.optimizer.plans[plan].param].ty.element_count().unwrap_or(0) as usize)
+                .collect();
+            let bindings: std::collections::HashMap<String, i64> = sizes
+                .iter()
+                .enumerate()
+                .map(|(member, &size)| (curv_ir::group::member_symbol(member, "P"), size as i64))
+                .collect();
+            for (block, function) in group.blocks.iter().enumerate() {
+                let key = keys::rule_group_block(&group.rule, block, &sizes);
+                if !kernels.iter().any(|(existing, _, _)| *existing == key) {
+                    kernels.push((key, function.clone(), bindings.clone()));
+                }
+            }
+        }
+    }
+    kernels
+}
+
 /// Escapes bytes as a C string literal.
 fn c_string(text: &str) -> String {
     let mut out = String::from("\"");
@@ -1245,7 +1295,6 @@ fn build(
     output: &Path,
     gpu: Option<curv_mlir::gpu::GpuTarget>,
 ) -> Result<usize, (String, u8)> {
-    use curv_runtime::backend::keys;
     let train = curv_driver::run::select_train(program, train_name).map_err(|error| (error.message, 1))?;
     let names: Vec<String> = train.params.iter().map(|param| param.name.clone()).collect();
     curv_runtime::optimizer::check_executable(&train.optimizer, &names).map_err(|message| (message, 1))?;
@@ -1254,60 +1303,7 @@ fn build(
         .and_then(|exe| exe.parent().map(|directory| directory.join("libcurv_standalone.a")))
         .filter(|path| path.is_file())
         .ok_or_else(|| ("the runtime library libcurv_standalone.a is not next to the curv executable; build it with `cargo build -p curv-standalone`".to_string(), 2))?;
-    // The functions the trainer evaluates, under the keys it uses.
-    let no_bindings = std::collections::HashMap::new();
-    let mut kernels: Vec<(String, curv_ir::Function, std::collections::HashMap<String, i64>)> = Vec::new();
-    let gradients = curv_ad::products::gradient_program(&train.loss, &train.params).function;
-    kernels.push((keys::GRADIENTS.to_string(), gradients, no_bindings.clone()));
-    if train.optimizer.plans.iter().any(|plan| curv_runtime::optimizer::uses_hutchinson(plan, &program.rules)) {
-        kernels.push((
-            keys::HESSIAN_VECTOR.to_string(),
-            curv_ad::products::hvp_program(&train.loss, &train.params),
-            no_bindings.clone(),
-        ));
-    }
-    if let Ok(Some(captures)) = curv_runtime::trainer::capture_program(train) {
-        kernels.push((keys::GRADIENTS_AND_CAPTURES.to_string(), captures.function, no_bindings.clone()));
-    }
-    if let Some(test_loss) = &train.test_loss {
-        kernels.push((keys::TEST_LOSS.to_string(), test_loss.clone(), no_bindings.clone()));
-    }
-    kernels.push((keys::LOSS.to_string(), train.loss.clone(), no_bindings.clone()));
-    for plan in &train.optimizer.plans {
-        if plan.structure != curv_ir::StructureKind::Rule {
-            continue;
-        }
-        let Some(rule) = program.rules.iter().find(|rule| rule.name == plan.rule_name) else { continue };
-        let size = train.params[plan.param].ty.element_count().unwrap_or(0) as usize;
-        let bindings = std::collections::HashMap::from([("P".to_string(), size as i64)]);
-        let init_key = keys::rule_init(&rule.name, size);
-        if !kernels.iter().any(|(key, _, _)| *key == init_key) {
-            kernels.push((init_key, rule.init.clone(), bindings.clone()));
-            for (block, update) in rule.updates.iter().enumerate() {
-                kernels.push((keys::rule_block(&rule.name, block, size), update.function.clone(), bindings.clone()));
-            }
-        }
-    }
-    // Parameters sharing an elementwise rule are updated by one multi-parameter kernel per block.
-    let captures = curv_runtime::trainer::capture_program(train).ok().flatten();
-    for group in curv_runtime::trainer::update_groups(train, &program.rules, captures.as_ref()) {
-        let sizes: Vec<usize> = group
-            .plans
-            .iter()
-            .map(|&plan| train.params[train.optimizer.plans[plan].param].ty.element_count().unwrap_or(0) as usize)
-            .collect();
-        let bindings: std::collections::HashMap<String, i64> = sizes
-            .iter()
-            .enumerate()
-            .map(|(member, &size)| (curv_ir::group::member_symbol(member, "P"), size as i64))
-            .collect();
-        for (block, function) in group.blocks.iter().enumerate() {
-            let key = keys::rule_group_block(&group.rule, block, &sizes);
-            if !kernels.iter().any(|(existing, _, _)| *existing == key) {
-                kernels.push((key, function.clone(), bindings.clone()));
-            }
-        }
-    }
+    let kernels = build_kernels(program, train, KernelSet::Trainer);
     let work = std::env::temp_dir().join(format!("curv-build-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(|error| (format!("cannot create {}: {error}", work.display()), 2))?;
     let mut registry =

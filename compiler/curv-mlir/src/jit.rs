@@ -78,11 +78,7 @@ fn run_schedule_stage(context: &melior::Context, module: &mut Module) -> Result<
 /// marked generics tiled into `scf.for` loops over vector code (`curv emit --stage tiled`).
 pub fn schedule_text(source: &str) -> Result<String, MlirError> {
     let context = new_context();
-    let mut module = Module::parse(&context, source)
-        .ok_or_else(|| MlirError { message: "MLIR could not parse the module".to_string() })?;
-    if !module.as_operation().verify() {
-        return Err(MlirError { message: "the parsed module does not verify".to_string() });
-    }
+    let mut module = crate::parse_verified(&context, source)?;
     run_schedule_stage(&context, &mut module)?;
     Ok(module.as_operation().to_string())
 }
@@ -91,11 +87,7 @@ pub fn schedule_text(source: &str) -> Result<String, MlirError> {
 /// LLVM dialect and returns the result's text (`curv emit --stage llvm`, snapshot tests).
 pub fn lower_text_for_cpu(source: &str) -> Result<String, MlirError> {
     let context = new_context();
-    let mut module = Module::parse(&context, source)
-        .ok_or_else(|| MlirError { message: "MLIR could not parse the module".to_string() })?;
-    if !module.as_operation().verify() {
-        return Err(MlirError { message: "the parsed module does not verify".to_string() });
-    }
+    let mut module = crate::parse_verified(&context, source)?;
     run_cpu_pipeline(&context, &mut module)?;
     Ok(module.as_operation().to_string())
 }
@@ -203,11 +195,7 @@ pub fn compile_to_object_for_cuda(
 ) -> Result<(), MlirError> {
     let context = new_context();
     let lowered = crate::gpu::lower_for_cuda(source, target)?;
-    let module = Module::parse(&context, &lowered)
-        .ok_or_else(|| MlirError { message: "MLIR could not parse the GPU-lowered module".to_string() })?;
-    if !module.as_operation().verify() {
-        return Err(MlirError { message: "the GPU-lowered module does not verify".to_string() });
-    }
+    let module = crate::parse_verified(&context, &lowered)?;
     check_fully_lowered(&module.as_operation().to_string(), &["gpu.launch_func", "gpu.binary"])?;
     crate::object::emit_object(&module, path)
 }
@@ -243,11 +231,7 @@ pub fn compile_for_cuda(
     let context = new_context();
     let engine = {
         let lowered = crate::gpu::lower_for_cuda(source, target)?;
-        let module = Module::parse(&context, &lowered)
-            .ok_or_else(|| MlirError { message: "MLIR could not parse the GPU-lowered module".to_string() })?;
-        if !module.as_operation().verify() {
-            return Err(MlirError { message: "the GPU-lowered module does not verify".to_string() });
-        }
+        let module = crate::parse_verified(&context, &lowered)?;
         check_fully_lowered(&module.as_operation().to_string(), &["gpu.launch_func", "gpu.binary"])?;
         let engine = ExecutionEngine::new(&module, optimization_level, &[], false, false);
         // The GPU module's constructor loads its PTX at the first call, through these.

@@ -56,11 +56,7 @@ pub fn new_context() -> Context {
 /// (`curv version --mlir`) and tests.
 pub fn run_pipeline_on_text(source: &str, pipeline: &str) -> Result<String, MlirError> {
     let context = new_context();
-    let mut module = Module::parse(&context, source)
-        .ok_or_else(|| MlirError { message: "MLIR could not parse the module".to_string() })?;
-    if !module.as_operation().verify() {
-        return Err(MlirError { message: "the parsed module does not verify".to_string() });
-    }
+    let mut module = parse_verified(&context, source)?;
     if !pipeline.contains("transform-interpreter") {
         erase_schedule(&mut module);
     }
@@ -72,6 +68,16 @@ pub fn run_pipeline_on_text(source: &str, pipeline: &str) -> Result<String, Mlir
         return Err(MlirError { message: "the lowered module does not verify".to_string() });
     }
     Ok(module.as_operation().to_string())
+}
+
+/// Parses MLIR text into a module and verifies it.
+pub fn parse_verified<'c>(context: &'c Context, source: &str) -> Result<Module<'c>, MlirError> {
+    let module = Module::parse(context, source)
+        .ok_or_else(|| MlirError { message: "MLIR could not parse the module".to_string() })?;
+    if !module.as_operation().verify() {
+        return Err(MlirError { message: "the parsed module does not verify".to_string() });
+    }
+    Ok(module)
 }
 
 /// Whether the module holds a transform-dialect schedule (`@__transform_main`, which the lowering

@@ -105,20 +105,7 @@ impl<T: Real> Checkpoint<T> {
     /// Loads a checkpoint, checking it against the expected parameters `(name, shape)`.
     pub fn load(path: &Path, expected: &[(String, Vec<usize>)]) -> Result<Checkpoint<T>, String> {
         let bytes = std::fs::read(path).map_err(|error| format!("cannot read {}: {error}", path.display()))?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|error| format!("{}: not a safetensors file ({error})", path.display()))?;
-        let metadata: HashMap<String, String> = header
-            .metadata()
-            .as_ref()
-            .and_then(|entries| entries.get(METADATA_KEY))
-            .map(|joined| {
-                joined
-                    .split(';')
-                    .filter_map(|pair| pair.split_once('='))
-                    .map(|(key, value)| (key.to_string(), value.to_string()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let metadata = read_metadata(&bytes, path)?;
         if metadata.get("format").map(String::as_str) != Some(FORMAT) {
             return Err(format!("{}: not a curv checkpoint (no `format: {FORMAT}` metadata)", path.display()));
         }
@@ -204,9 +191,17 @@ pub type TensorsAndMetadata<T> = (HashMap<String, Tensor<T>>, HashMap<String, St
 /// Every tensor of a safetensors file curv wrote (converted to `T`) and its `key=value` metadata.
 pub fn read_file<T: Real>(path: &Path) -> Result<TensorsAndMetadata<T>, String> {
     let bytes = std::fs::read(path).map_err(|error| format!("cannot read {}: {error}", path.display()))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+    let metadata = read_metadata(&bytes, path)?;
+    let tensors = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|error| format!("{}: not a safetensors file ({error})", path.display()))?;
-    let metadata: HashMap<String, String> = header
+    Ok((read_all(&tensors, path)?, metadata))
+}
+
+/// The `key=value` fields curv stores under [`METADATA_KEY`] in a safetensors header.
+fn read_metadata(bytes: &[u8], path: &Path) -> Result<HashMap<String, String>, String> {
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|error| format!("{}: not a safetensors file ({error})", path.display()))?;
+    Ok(header
         .metadata()
         .as_ref()
         .and_then(|entries| entries.get(METADATA_KEY))
@@ -217,8 +212,5 @@ pub fn read_file<T: Real>(path: &Path) -> Result<TensorsAndMetadata<T>, String> 
                 .map(|(key, value)| (key.to_string(), value.to_string()))
                 .collect()
         })
-        .unwrap_or_default();
-    let tensors = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|error| format!("{}: not a safetensors file ({error})", path.display()))?;
-    Ok((read_all(&tensors, path)?, metadata))
+        .unwrap_or_default())
 }

@@ -1082,28 +1082,7 @@ pub unsafe extern "C" fn curv_train_step(
                 format!("{input_count} inputs given where the train step reads {}", context.inputs.len()),
             ));
         }
-        let mut param_views: Vec<View> = Vec::new();
-        for (index, param) in train.params.iter().enumerate() {
-            let shape: Vec<usize> = param.ty.shape.iter().map(|dim| known_size(dim) as usize).collect();
-            let view = validate(*params.add(index), &shape, &format!("parameter {index} (`{}`)", param.name), false)
-                .map_err(|message| (CURV_INVALID_ARGUMENT, message))?;
-            if param_views.first().is_some_and(|first| first.dtype != view.dtype) {
-                return Err((CURV_INVALID_ARGUMENT, format!("`{}`: every parameter must have one dtype", param.name)));
-            }
-            param_views.push(view);
-        }
-        let float = param_views.first().map_or(DType::F32, |view| view.dtype);
-        let mut input_views = Vec::new();
-        for (index, input) in context.inputs.iter().enumerate() {
-            let what = format!("input {index} (`{}`)", input.name.to_string_lossy());
-            let view = validate(*inputs.add(index), &input.shape, &what, input.dtype == DType::I32)
-                .map_err(|message| (CURV_INVALID_ARGUMENT, message))?;
-            let expected = if input.dtype == DType::I32 { DType::I32 } else { float };
-            if view.dtype != expected {
-                return Err((CURV_INVALID_ARGUMENT, format!("{what} must be {expected:?} like the parameters")));
-            }
-            input_views.push(view);
-        }
+        let (param_views, input_views, float) = parameter_and_input_views(train, params, &context.inputs, inputs)?;
         match float {
             DType::F64 => train_with::<f64>(context, &param_views, &input_views, loss),
             _ => train_with::<f32>(context, &param_views, &input_views, loss),
@@ -1162,7 +1141,7 @@ pub unsafe extern "C" fn curv_model_output_shape(context: *const Context, dims: 
     model.output_shape.len() as i64
 }
 
-/// The validated parameters and model inputs of a model call, and their float dtype.
+/// Validated parameters and inputs of a call, and their float dtype.
 type ModelViews = (Vec<View>, Vec<View>, DType);
 
 /// Validates the parameter and model-input lists of a model call.
@@ -1192,6 +1171,18 @@ unsafe fn model_views(
             ),
         ));
     }
+    parameter_and_input_views(train, params, &model.inputs, inputs)
+}
+
+/// Checks the parameter list (the train block's shapes, one float dtype) and the input list (the
+/// fields' shapes; int32 labels, floats in the parameters' dtype); the lists' lengths are checked
+/// by the caller.
+unsafe fn parameter_and_input_views(
+    train: &curv_ir::TrainProgram,
+    params: *const *const DLManagedTensor,
+    fields: &[InputField],
+    inputs: *const *const DLManagedTensor,
+) -> Result<ModelViews, (c_int, String)> {
     let mut param_views: Vec<View> = Vec::new();
     for (index, param) in train.params.iter().enumerate() {
         let shape: Vec<usize> = param.ty.shape.iter().map(|dim| known_size(dim) as usize).collect();
@@ -1204,7 +1195,7 @@ unsafe fn model_views(
     }
     let float = param_views.first().map_or(DType::F32, |view| view.dtype);
     let mut input_views = Vec::new();
-    for (index, input) in model.inputs.iter().enumerate() {
+    for (index, input) in fields.iter().enumerate() {
         let what = format!("input {index} (`{}`)", input.name.to_string_lossy());
         let view = validate(*inputs.add(index), &input.shape, &what, input.dtype == DType::I32)
             .map_err(|message| (CURV_INVALID_ARGUMENT, message))?;
