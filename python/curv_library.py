@@ -35,6 +35,8 @@ _LIBRARY.curv_param_shape.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.PO
 _LIBRARY.curv_param_shape.restype = ctypes.c_int64
 _LIBRARY.curv_optimizer_steps.argtypes = [ctypes.c_void_p]
 _LIBRARY.curv_optimizer_steps.restype = ctypes.c_int64
+_LIBRARY.curv_optimizer_reset.argtypes = [ctypes.c_void_p]
+_LIBRARY.curv_optimizer_reset.restype = ctypes.c_int
 _LIBRARY.curv_optimizer_step.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p)]
 _LIBRARY.curv_optimizer_step.restype = ctypes.c_int
 _LIBRARY.curv_state_save.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
@@ -185,6 +187,10 @@ class Context:
         )
         del keep
         self._check(code)
+
+    def reset(self):
+        """No state and step 0 again."""
+        self._check(_LIBRARY.curv_optimizer_reset(self._context))
 
     def save(self, path):
         self._check(_LIBRARY.curv_state_save(self._context, os.fsencode(path)))

@@ -96,6 +96,17 @@ def test_the_state_survives_save_and_load(adam, tmp_path):
         optimizer.step()
     for mine, theirs in zip(resumed.parameters(), straight_final):
         assert torch.equal(mine.detach(), theirs)
+    # After a reset the optimizer starts over: the same 20 steps from the same start end equal.
+    again = Mlp(torch.float64)
+    optimizer = adam.Optimizer(again.parameters())
+    train(again, optimizer, torch.float64, steps=7)
+    optimizer.context.reset()
+    assert optimizer.context.steps == 0
+    with torch.no_grad():
+        for parameter, initial in zip(again.parameters(), Mlp(torch.float64).parameters()):
+            parameter.copy_(initial)
+    for mine, theirs in zip(train(again, optimizer, torch.float64, steps=20), straight_final):
+        assert torch.equal(mine, theirs)
 
 
 def capsules(tensors):

@@ -991,6 +991,8 @@ int64_t curv_param_shape(const struct curv_context *context, int64_t index, int6
 int curv_optimizer_step(struct curv_context *context, int64_t count,
                         DLManagedTensor *const *params, DLManagedTensor *const *grads);
 int64_t curv_optimizer_steps(const struct curv_context *context);
+/* Starts afresh: no state, step 0 (the state is initialised at the next step). */
+int curv_optimizer_reset(struct curv_context *context);
 /* The optimizer state (safetensors, written atomically) and the step count. */
 int curv_state_save(struct curv_context *context, const char *path);
 int curv_state_load(struct curv_context *context, const char *path);
@@ -1046,6 +1048,7 @@ const LIBRARY_EXPORTS: &[&str] = &[
     "curv_param_shape",
     "curv_optimizer_step",
     "curv_optimizer_steps",
+    "curv_optimizer_reset",
     "curv_state_save",
     "curv_state_load",
     "curv_input_count",

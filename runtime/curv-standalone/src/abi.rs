@@ -755,6 +755,23 @@ pub unsafe extern "C" fn curv_optimizer_step(
     })
 }
 
+/// Starts the optimizer afresh: no state and no step (each rule's state is initialised at the
+/// next step from the parameters and gradients, as at the first). The train step's trainer is
+/// dropped too.
+///
+/// # Safety
+///
+/// `context` is null or a live context.
+#[no_mangle]
+pub unsafe extern "C" fn curv_optimizer_reset(context: *mut Context) -> c_int {
+    guarded(context, |context| {
+        context.states = States::Empty;
+        context.trainer = TrainerSlot::None;
+        context.step = 0;
+        Ok(())
+    })
+}
+
 /// Writes the optimizer's state (every parameter's state tensors and the step) to a safetensors
 /// file, atomically.
 ///
