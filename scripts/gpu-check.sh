@@ -9,8 +9,9 @@
 # 1. every example and optimizer preset, 20 steps on the GPU (the trainer's default) and on the
 #    CPU (the same trainer with --interpret), final loss and parameters compared within the
 #    tolerance gpu-prepare measured;
-# 2. train-step time of the digits MLP and the SIREN with Adam against PyTorch CUDA eager and
-#    torch.compile, and the device-to-device copy bandwidth, in the same run;
+# 2. the fused Adam update's achieved bandwidth on a 4.2M-element parameter against a
+#    device-to-device copy, and train-step time of the digits MLP and the SIREN with Adam against
+#    PyTorch CUDA eager and torch.compile, in the same run;
 # 3. a short table last. Exit status 1 when a comparison fails.
 #
 # DRY_RUN=1 runs the "GPU" side with --interpret too: a check of the script itself on a machine
@@ -74,6 +75,10 @@ grep -q MISMATCH "$results" && failures=$((failures + 1))
 step_ms() {
     "$work/bin/$1" "${gpu_flag[@]}" --steps "$2" --data-dir "$3" --out "$work/bench-$1" 2>/dev/null | sed -n 's/.*median step \([0-9.]*\) ms.*/\1/p'
 }
+# The fused Adam update of a 4.2M-element parameter on buffers already on the GPU, against a
+# device-to-device copy of the same size.
+update=$("$work/bin/update_4m" "${gpu_flag[@]}" --bench-update 50 --data-dir examples/bench 2>"$work/update.log" || echo '{}')
+[ "$update" = '{}' ] && echo "update_4m: $(tail -1 "$work/update.log")"
 digits_ms=$(step_ms adam 200 examples/optimizers)
 siren_ms=$(step_ms siren 60 examples)
 peers=$("$PYTHON" scripts/gpu_check.py bench 2>"$work/bench.log" || echo '{}')
@@ -81,9 +86,10 @@ echo
 echo "=== GPU check: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1) ==="
 echo "correctness ($STEPS steps, GPU against the same trainer on the CPU):"
 cat "$results"
-"$PYTHON" - "$digits_ms" "$siren_ms" "$peers" <<'PY'
+"$PYTHON" - "$digits_ms" "$siren_ms" "$peers" "$update" <<'PY'
 import json, sys
 digits, siren, peers = sys.argv[1], sys.argv[2], json.loads(sys.argv[3] or "{}")
+update = json.loads(sys.argv[4] or "{}")
 def number(text):
     try:
         return float(text)
@@ -96,8 +102,13 @@ for problem, ours in (("digits", number(digits)), ("siren", number(siren))):
     compiled = peers.get(f"{problem}_compile_ms") or float("nan")
     print(f"{problem:<8}{ours:>10.3f}{eager:>10.3f}{compiled:>12.3f}{ours / eager:>12.2f}{ours / compiled:>14.2f}")
 copy = peers.get("copy_gbytes_per_second")
-print(f"device-to-device copy: {copy:.0f} GB/s" if copy else "device-to-device copy: not measured")
-print("fused update bandwidth: not measured (curv stages every call's buffers through managed memory)")
+print(f"device-to-device copy (PyTorch): {copy:.0f} GB/s" if copy else "device-to-device copy (PyTorch): not measured")
+if update.get("update_gbytes_per_second"):
+    ratio = update["update_gbytes_per_second"] / update["copy_gbytes_per_second"]
+    print(f"fused {update['rule']} update of {update['elements']} elements on {update['device']}: "
+          f"{update['update_gbytes_per_second']:.0f} GB/s, copy {update['copy_gbytes_per_second']:.0f} GB/s, ratio {ratio:.2f} (target >= 0.80)")
+else:
+    print("fused update bandwidth: not measured (see the update_4m trainer's error above)")
 PY
 rm -rf "$work"
 [ "$failures" -eq 0 ]

@@ -2,7 +2,8 @@
 # Builds the inputs of scripts/gpu-check.sh on the development machine (which has Rust and LLVM;
 # the GPU machine has neither): a `curv build --device cuda` trainer for every example and every
 # optimizer preset that executes (PTX for sm_90 embedded, stripped, about 10 MB each, packed with
-# xz), a manifest naming each trainer's data directory, and the tolerance of each comparison
+# xz), the trainer of examples/bench/update_4m.curv for the update-bandwidth benchmark, a manifest
+# naming each trainer's data directory, and the tolerance of each comparison
 # (1e-3 relative, or three times the distance between the f32 and f64 interpreter runs when that
 # is larger: the f32 rounding noise of the optimizer itself, as the CPU differential test
 # measures it). Everything goes to gpu-check/ (ignored by git), which the GPU call carries.
@@ -31,6 +32,9 @@ for file in examples/*.curv examples/optimizers/*.curv; do
     printf '%s\t%s\n' "$name" "$(dirname "$file")" >> "$manifest"
     echo "[gpu-prepare] $name: built"
 done
+# The update-bandwidth benchmark's trainer (a 4.2M-element parameter under Adam); not compared.
+"$CURV" build examples/bench/update_4m.curv --device cuda --gpu sm_90 -o gpu-check/bin/update_4m > /dev/null
+strip gpu-check/bin/update_4m
 .venv/bin/python scripts/gpu_check.py tolerances gpu-check
 rm -rf gpu-check/reference gpu-check/*.build.log
 tar -C gpu-check -cJf gpu-check/trainers.tar.xz bin

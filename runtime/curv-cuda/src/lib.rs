@@ -596,6 +596,43 @@ fn prefetch(buffers: &[ManagedBuffer], destination: Destination) {
     }
 }
 
+/// Moves managed buffers to the device (a benchmark's inputs, before timing).
+pub fn prefetch_to_device(buffers: &[ManagedBuffer]) {
+    prefetch(buffers, Destination::Device);
+    let _ = synchronize();
+}
+
+/// The median time of a device-to-device copy of `bytes` (of `calls` copies), on buffers of device
+/// memory.
+pub fn copy_seconds(bytes: usize, calls: usize) -> Result<f64, CudaError> {
+    current()?;
+    let stream = stream()?;
+    let (mut source, mut destination): (cu::CUdeviceptr, cu::CUdeviceptr) = (0, 0);
+    unsafe {
+        check(cu::cuMemAlloc_v2(&mut source, bytes.max(4)), "cuMemAlloc")?;
+        check(cu::cuMemAlloc_v2(&mut destination, bytes.max(4)), "cuMemAlloc")?;
+    }
+    let mut times = Vec::with_capacity(calls);
+    let mut outcome = Ok(());
+    for _ in 0..calls + 3 {
+        let started = std::time::Instant::now();
+        outcome = unsafe { check(cu::cuMemcpyDtoDAsync_v2(destination, source, bytes, stream), "cuMemcpyDtoD") }
+            .and_then(|()| check(unsafe { cu::cuStreamSynchronize(stream) }, "cuStreamSynchronize"));
+        if outcome.is_err() {
+            break;
+        }
+        times.push(started.elapsed().as_secs_f64());
+    }
+    unsafe {
+        let _ = cu::cuMemFree_v2(source);
+        let _ = cu::cuMemFree_v2(destination);
+    }
+    outcome?;
+    times.drain(..3);
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
 /// Staging buffers kept for the next call, by size (a training step calls the same functions
 /// with the same shapes every time), up to [`POOL_LIMIT_BYTES`] in all.
 static POOL: Mutex<Vec<ManagedBuffer>> = Mutex::new(Vec::new());

@@ -181,6 +181,11 @@ struct Arguments {
     /// Run on the interpreter instead of the compiled kernels.
     #[arg(long)]
     interpret: bool,
+    /// Time the compiled update of the largest rule-governed parameter (this many calls, on
+    /// buffers allocated once: on the GPU for a `--device cuda` trainer) against a memory copy
+    /// of the same size, print both rates as JSON and exit (scripts/gpu-check.sh).
+    #[arg(long, hide = true)]
+    bench_update: Option<usize>,
     #[arg(long)]
     quiet: bool,
 }
@@ -251,6 +256,18 @@ fn run(arguments: Vec<String>) -> c_int {
         }
     }
     curv_runtime::compiled::keep_large_allocations_in_the_heap();
+    if let Some(calls) = arguments.bench_update {
+        return match bench_update(&analysis.program, calls.max(1)) {
+            Ok(report) => {
+                println!("{report}");
+                0
+            }
+            Err(message) => {
+                eprintln!("error: {message}");
+                2
+            }
+        };
+    }
     let options = curv_driver::run::RunOptions {
         train: arguments.train.clone(),
         steps: arguments.steps,
@@ -288,6 +305,107 @@ fn run(arguments: Vec<String>) -> c_int {
             }
         }
     }
+}
+
+/// The achieved bandwidth of the compiled rule update of the largest rule-governed parameter
+/// (bytes of every tensor argument read once and every output written once, per second) and of a
+/// plain copy of the parameter's size, as JSON. A `--device cuda` trainer times the kernel on
+/// managed buffers moved to the GPU once, against a device-to-device copy; a CPU trainer on host
+/// buffers against `memcpy`.
+fn bench_update(program: &curv_ir::Program, calls: usize) -> Result<String, String> {
+    let train = program.trains.first().ok_or("no train block")?;
+    let (plan, size) = train
+        .optimizer
+        .plans
+        .iter()
+        .filter(|plan| plan.structure == curv_ir::StructureKind::Rule)
+        .map(|plan| (plan, train.params[plan.param].ty.element_count().unwrap_or(0) as usize))
+        .max_by_key(|(_, size)| *size)
+        .ok_or("the optimizer has no rule-governed parameter")?;
+    let rule = program.rules.iter().find(|rule| rule.name == plan.rule_name).ok_or("the rule is missing")?;
+    let bindings = std::collections::HashMap::from([("P".to_string(), size as i64)]);
+    let key = curv_runtime::backend::keys::rule_block(&rule.name, 0, size);
+    let kernel = registered(&curv_ir::abi::kernel_key(&key, &bindings)).ok_or(format!("no compiled kernel `{key}`"))?;
+    let signature = curv_ir::abi::kernel_signature(&rule.updates[0].function, &bindings)?;
+    let shapes: Vec<Vec<i64>> = signature
+        .arguments
+        .iter()
+        .map(|argument| argument.shape.clone())
+        .chain(signature.outputs.iter().map(|(_, shape, _)| shape.clone()))
+        .collect();
+    let bytes_of = |shape: &[i64]| shape.iter().product::<i64>().max(1) as usize * 4;
+    let tensors = shapes.iter().filter(|shape| !shape.is_empty()).count();
+    let moved = (tensors * size * 4) as f64;
+    let cuda = built_for_cuda();
+    // Buffers: managed memory on the GPU, vectors on the CPU; small positive values.
+    let mut host: Vec<Vec<f32>> = Vec::new();
+    let mut managed: Vec<curv_cuda::ManagedBuffer> = Vec::new();
+    let mut pointers = Vec::new();
+    for shape in &shapes {
+        let count = bytes_of(shape) / 4;
+        let values = vec![0.5f32; count];
+        if cuda {
+            let bytes: Vec<u8> = values.iter().flat_map(|value| value.to_ne_bytes()).collect();
+            let buffer = curv_cuda::ManagedBuffer::copy_of(&bytes).map_err(|error| error.to_string())?;
+            pointers.push(buffer.as_mut_ptr());
+            managed.push(buffer);
+        } else {
+            host.push(values);
+            pointers.push(host.last_mut().map_or(std::ptr::null_mut(), |values| values.as_mut_ptr() as *mut u8));
+        }
+    }
+    if cuda {
+        curv_cuda::prefetch_to_device(&managed);
+    }
+    let mut descriptors: Vec<Vec<i64>> = pointers
+        .iter()
+        .zip(&shapes)
+        .map(|(pointer, shape)| curv_runtime::compiled::descriptor(*pointer, shape))
+        .collect();
+    let mut descriptor_pointers: Vec<*mut i64> = descriptors.iter_mut().map(|words| words.as_mut_ptr()).collect();
+    let mut slots: Vec<*mut ()> =
+        descriptor_pointers.iter_mut().map(|pointer| pointer as *mut *mut i64 as *mut ()).collect();
+    let time_calls = |slots: &mut [*mut ()]| -> Result<f64, String> {
+        let mut times = Vec::with_capacity(calls);
+        for _ in 0..calls + 3 {
+            let started = std::time::Instant::now();
+            unsafe { kernel(slots.as_mut_ptr()) };
+            if cuda {
+                curv_cuda::synchronize().map_err(|error| error.to_string())?;
+                if let Some(message) = curv_cuda::take_error() {
+                    return Err(message);
+                }
+            }
+            times.push(started.elapsed().as_secs_f64());
+        }
+        times.drain(..3);
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
+    };
+    let update_seconds = time_calls(&mut slots)?;
+    let copy_seconds = if cuda {
+        curv_cuda::copy_seconds(size * 4, calls).map_err(|error| error.to_string())?
+    } else {
+        let source = vec![1.0f32; size];
+        let mut destination = vec![0.0f32; size];
+        let mut times = Vec::with_capacity(calls);
+        for _ in 0..calls {
+            let started = std::time::Instant::now();
+            destination.copy_from_slice(&source);
+            times.push(started.elapsed().as_secs_f64());
+        }
+        std::hint::black_box(&destination);
+        times.sort_by(f64::total_cmp);
+        times[times.len() / 2]
+    };
+    Ok(format!(
+        "{{\"rule\": \"{}\", \"parameter\": \"{}\", \"elements\": {size}, \"device\": \"{}\", \"update_gbytes_per_second\": {:.3}, \"copy_gbytes_per_second\": {:.3}}}",
+        rule.name,
+        train.params[plan.param].name,
+        if cuda { "cuda" } else { "cpu" },
+        moved / update_seconds / 1e9,
+        (2 * size * 4) as f64 / copy_seconds / 1e9
+    ))
 }
 
 /// The trainer's entry point, called by the generated `main`.
