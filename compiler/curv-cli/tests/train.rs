@@ -828,3 +828,24 @@ fn curv_build_for_cuda_writes_a_trainer_that_runs_on_the_gpu_or_says_there_is_no
         assert_eq!(run.status.code(), Some(0), "{stderr}");
     }
 }
+
+/// The update benchmark of scripts/gpu-check.sh on a CPU trainer: `--bench-update` times the
+/// compiled Adam update of the largest parameter (4.2M elements) and a copy, as JSON.
+#[test]
+fn a_trainer_times_its_fused_update_against_a_copy() {
+    let directory = scratch("bench-update");
+    let trainer = directory.join("update-trainer");
+    let output = curv(&["build", "examples/bench/update_4m.curv", "-o", trainer.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let output = Command::new(&trainer).args(["--bench-update", "3"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    for field in ["\"rule\": \"adam\"", "\"parameter\": \"w\"", "\"elements\": 4194304", "\"device\": \"cpu\""] {
+        assert!(report.contains(field), "{report}");
+    }
+    let rate = |key: &str| -> f64 {
+        let start = report.find(key).unwrap() + key.len() + 3;
+        report[start..].split([',', '}']).next().unwrap().trim().parse().unwrap()
+    };
+    assert!(rate("update_gbytes_per_second") > 0.0 && rate("copy_gbytes_per_second") > 0.0, "{report}");
+}
