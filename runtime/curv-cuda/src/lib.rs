@@ -513,9 +513,9 @@ impl Drop for ManagedBuffer {
 
 /// Calls generated GPU code whose packed arguments (`slots`: one pointer per argument then per
 /// output, each pointing at the pointer to a contiguous memref descriptor
-/// `[allocated, aligned, offset, sizes..., strides...]`) point at host memory: every buffer is
-/// copied into managed memory, the descriptors point at the copies during `invoke`, the outputs
-/// (from `first_output` on) are copied back once the device has finished, and the first error of
+/// `[allocated, aligned, offset, sizes..., strides...]`) point at host memory: every buffer gets a
+/// managed staging buffer (the arguments copied in), the descriptors point at them during
+/// `invoke`, the outputs (from `first_output` on) are copied back once the device has finished, and the first error of
 /// the runtime functions is the call's error. `layouts` gives each buffer's shape and element
 /// size. Staging buffers are prefetched to the device before the call and the outputs back to
 /// the host after it, and are kept for the next call of the same sizes.
@@ -532,20 +532,32 @@ pub unsafe fn call_staged(
     if layouts.len() != slots.len() {
         return Err(format!("{} buffers for {} layouts", slots.len(), layouts.len()));
     }
+    // Every staging buffer first, so that a failed allocation leaves the descriptors untouched.
     let mut staged = Vec::with_capacity(slots.len());
+    for (shape, element_bytes) in layouts {
+        let bytes = shape.iter().product::<i64>().max(0) as usize * element_bytes;
+        match take_buffer(bytes) {
+            Ok(buffer) => staged.push(buffer),
+            Err(error) => {
+                staged.into_iter().for_each(give_back);
+                return Err(error.to_string());
+            }
+        }
+    }
+    // The arguments are copied in (the outputs are written whole by the call), and every
+    // descriptor points at its staging buffer.
     let mut originals = Vec::with_capacity(slots.len());
-    for (slot, (shape, element_bytes)) in slots.iter().zip(layouts) {
+    for (position, ((slot, (_, element_bytes)), buffer)) in slots.iter().zip(layouts).zip(&staged).enumerate() {
         let descriptor = *(*slot as *mut *mut i64);
         let (aligned, offset) = (*descriptor.add(1) as *mut u8, *descriptor.add(2));
-        let bytes = shape.iter().product::<i64>().max(0) as usize * element_bytes;
-        let host = std::slice::from_raw_parts(aligned.add(offset as usize * element_bytes), bytes);
-        let buffer = take_buffer(bytes).map_err(|error| error.to_string())?;
-        std::ptr::copy_nonoverlapping(host.as_ptr(), buffer.as_mut_ptr(), bytes);
+        if position < first_output {
+            let host = aligned.add(offset as usize * element_bytes);
+            std::ptr::copy_nonoverlapping(host, buffer.as_mut_ptr(), buffer.len());
+        }
         originals.push((descriptor, (*descriptor, *descriptor.add(1), *descriptor.add(2))));
         *descriptor = buffer.as_mut_ptr() as i64;
         *descriptor.add(1) = buffer.as_mut_ptr() as i64;
         *descriptor.add(2) = 0;
-        staged.push(buffer);
     }
     prefetch(&staged, Destination::Device);
     take_error();
