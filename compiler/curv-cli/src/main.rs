@@ -1086,11 +1086,7 @@ fn build_library(file: &Path, directory: &Path) -> Result<String, (String, u8)> 
     if name.is_empty() || name.starts_with(|c: char| c.is_ascii_digit()) {
         return Err((format!("`{stem}` cannot name a library (a letter or `_` must come first)"), 1));
     }
-    let library = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|parent| parent.join("libcurv_standalone.a")))
-        .filter(|path| path.is_file())
-        .ok_or_else(|| ("the runtime library libcurv_standalone.a is not next to the curv executable; build it with `cargo build -p curv-standalone`".to_string(), 2))?;
+    let library = runtime_library()?;
     let kernels = build_kernels(program, train, KernelSet::Library);
     std::fs::create_dir_all(directory)
         .map_err(|error| (format!("cannot create {}: {error}", directory.display()), 1))?;
@@ -1186,6 +1182,15 @@ fn dtype_name(dtype: curv_ir::DType) -> &'static str {
         curv_ir::DType::F64 => "f64",
         curv_ir::DType::I32 => "i32",
     }
+}
+
+/// The runtime library trainers and libraries link (`libcurv_standalone.a`, next to `curv`).
+fn runtime_library() -> Result<PathBuf, (String, u8)> {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|directory| directory.join("libcurv_standalone.a")))
+        .filter(|path| path.is_file())
+        .ok_or_else(|| ("the runtime library libcurv_standalone.a is not next to the curv executable; build it with `cargo build -p curv-standalone`".to_string(), 2))
 }
 
 /// Which functions `curv build` compiles ahead of time.
@@ -1301,11 +1306,7 @@ fn build(
     let train = curv_driver::run::select_train(program, train_name).map_err(|error| (error.message, 1))?;
     let names: Vec<String> = train.params.iter().map(|param| param.name.clone()).collect();
     curv_runtime::optimizer::check_executable(&train.optimizer, &names).map_err(|message| (message, 1))?;
-    let library = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|directory| directory.join("libcurv_standalone.a")))
-        .filter(|path| path.is_file())
-        .ok_or_else(|| ("the runtime library libcurv_standalone.a is not next to the curv executable; build it with `cargo build -p curv-standalone`".to_string(), 2))?;
+    let library = runtime_library()?;
     let kernels = build_kernels(program, train, KernelSet::Trainer);
     let work = std::env::temp_dir().join(format!("curv-build-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(|error| (format!("cannot create {}: {error}", work.display()), 2))?;

@@ -6,15 +6,9 @@
 use curv_mlir::gpu::GpuTarget;
 use curv_mlir::jit::{compile, compile_for_cuda, Buffer};
 use std::collections::HashMap;
-use std::path::Path;
 
-fn program(example: &str) -> curv_ir::Program {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples").join(example);
-    let source = curv_driver::SourceFile::read(&path).unwrap();
-    let compilation = curv_driver::compile(source);
-    assert!(!compilation.has_errors());
-    compilation.analysis.unwrap().program
-}
+mod common;
+use common::program;
 
 #[test]
 fn the_host_side_lowers_with_launches_managed_allocations_and_no_other_dialect() {

@@ -5,13 +5,8 @@ use curv_mlir::gpu::{lower_to_ptx, GpuTarget};
 use std::collections::HashMap;
 use std::path::Path;
 
-fn program(example: &str) -> curv_ir::Program {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples").join(example);
-    let source = curv_driver::SourceFile::read(&path).unwrap();
-    let compilation = curv_driver::compile(source);
-    assert!(!compilation.has_errors());
-    compilation.analysis.unwrap().program
-}
+mod common;
+use common::program;
 
 /// The kernels of a plan that become GPU launches: fused elementwise kernels, reductions and
 /// epilogues (matrix products are library calls on the host side; constants and plain
