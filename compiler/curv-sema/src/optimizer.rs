@@ -399,21 +399,35 @@ impl<'a> Checker<'a> {
             if kind == StructureKind::LowRank {
                 let has_rank = spans.contains_key("rank");
                 let has_window = spans.contains_key("window");
-                if has_rank == has_window {
+                let stats = options
+                    .iter()
+                    .find_map(|(key, value)| match value {
+                        OptionValue::Name(name) if key == "stats" => Some(name.as_str()),
+                        _ => None,
+                    })
+                    .unwrap_or("gradient_window");
+                // What each estimator keeps: M-FAC a window of gradients, Natural GaLore a
+                // projection and a window of projected gradients, PSGD low-rank factors.
+                let (wants_rank, wants_window, label, help) = match stats {
+                    "fisher" => (true, true, "Natural GaLore needs `rank` and `window`", "give `rank = r, window = m`"),
+                    "psgd" => (true, false, "PSGD's low-rank preconditioner needs `rank` and no `window`", "give `rank = r`"),
+                    _ => (false, true, "M-FAC's gradient window needs `window` and no `rank`", "give `window = m`"),
+                };
+                if has_rank != wants_rank || has_window != wants_window {
                     self.emit(
                         Diagnostic::error(
                             "E0306",
                             line.structure.span,
-                            "`lowrank` needs exactly one of `rank` and `window`",
-                            "give `rank = r` or `window = m`",
+                            format!("`lowrank(stats = {stats})`: {label}"),
+                            help,
                         )
                         .with_note(
-                            "`rank` keeps low-rank factors of a matrix; `window` keeps the last m gradients (M-FAC)",
+                            "`stats = gradient_window` keeps the last m gradients (M-FAC); `stats = fisher` projects a matrix's gradient on its top r singular vectors and keeps the last m projections (Natural GaLore); `stats = psgd` fits (I + U V^T) diag(d) of rank r (PSGD LRA)",
                         ),
                     );
                     return None;
                 }
-                needs_matrix = has_rank;
+                needs_matrix = stats == "fisher";
             }
             (kind, needs_matrix, options, spans, structure_name.to_string())
         } else if let Some(rule) = self.rules.get(structure_name).copied() {
@@ -734,32 +748,70 @@ impl<'a> Checker<'a> {
                 }
             }
             StructureKind::LowRank => {
-                if let Some(rank) = option_number(&line.options, "rank") {
-                    let rank = rank as i64;
-                    let smallest = rows.min(cols);
-                    if rank > smallest {
-                        let span = line.option_spans.get("rank").copied().unwrap_or(line.line.structure.span);
-                        let mut diagnostic = Diagnostic::error(
-                            "E0303",
-                            param.span,
-                            format!(
-                                "rank {rank} is larger than the smallest dimension of `{}` ({})",
-                                param.name, param.ty
-                            ),
-                            format!("the smallest dimension is {smallest}"),
-                        )
-                        .with_help(format!("use a rank of at most {smallest}"));
-                        diagnostic.labels.push(label_in(source, span, "rank set here"));
-                        self.emit(diagnostic);
-                        return None;
+                let stats = option_name(&line.options, "stats").unwrap_or("gradient_window");
+                let window = option_number(&line.options, "window").unwrap_or(1.0) as i64;
+                let rank = option_number(&line.options, "rank").unwrap_or(1.0) as i64;
+                let momentum = option_number(&line.options, "momentum").unwrap_or(0.0) > 0.0;
+                match stats {
+                    "fisher" => {
+                        let smallest = rows.min(cols);
+                        if rank > smallest {
+                            let span = line.option_spans.get("rank").copied().unwrap_or(line.line.structure.span);
+                            let mut diagnostic = Diagnostic::error(
+                                "E0303",
+                                param.span,
+                                format!(
+                                    "rank {rank} is larger than the smallest dimension of `{}` ({})",
+                                    param.name, param.ty
+                                ),
+                                format!("the smallest dimension is {smallest}"),
+                            )
+                            .with_help(format!("use a rank of at most {smallest}"));
+                            diagnostic.labels.push(label_in(source, span, "rank set here"));
+                            self.emit(diagnostic);
+                            return None;
+                        }
+                        state.push(state_of("projection", &[rows, rank]));
+                        state.push(state_of("gradient_window", &[window, rank * cols]));
+                        state.push(state_of("gram", &[window, window]));
+                        state.push(state_of("position", &[1]));
+                        state.push(state_of("m", &[rank, cols]));
+                        state.push(state_of("v", &[rank, cols]));
                     }
-                    state.push(state_of("projection", &[rows, rank]));
-                    state.push(state_of("m", &[rank, cols]));
-                    state.push(state_of("v", &[rank, cols]));
-                } else {
-                    let window = option_number(&line.options, "window").unwrap_or(1.0) as i64;
-                    state.push(state_of("gradient_window", &[window, numel]));
-                    state.push(state_of("gram", &[window, window]));
+                    "psgd" => {
+                        if rank >= numel {
+                            let span = line.option_spans.get("rank").copied().unwrap_or(line.line.structure.span);
+                            let mut diagnostic = Diagnostic::error(
+                                "E0303",
+                                param.span,
+                                format!(
+                                    "rank {rank} is not smaller than the size of `{}` ({}, {numel} elements)",
+                                    param.name, param.ty
+                                ),
+                                format!("PSGD's low-rank factors need a rank below {numel}"),
+                            )
+                            .with_help(format!("use a rank of at most {}", numel - 1));
+                            diagnostic.labels.push(label_in(source, span, "rank set here"));
+                            self.emit(diagnostic);
+                            return None;
+                        }
+                        state.push(state_of("u", &[numel, rank]));
+                        state.push(state_of("v", &[numel, rank]));
+                        state.push(state_of("d", &[numel]));
+                        state.push(state_of("lipschitz", &[3]));
+                        if momentum {
+                            state.push(state_of("momentum", &shape));
+                            state.push(state_of("momentum_count", &[1]));
+                        }
+                    }
+                    _ => {
+                        state.push(state_of("gradient_window", &[window, numel]));
+                        state.push(state_of("gram", &[window, window]));
+                        state.push(state_of("position", &[1]));
+                        if momentum {
+                            state.push(state_of("momentum", &shape));
+                        }
+                    }
                 }
             }
             StructureKind::Orthogonalize => state.push(state_of("momentum", &shape)),

@@ -16,6 +16,7 @@ pub mod gemm;
 pub mod init;
 pub mod kronecker;
 pub mod linalg;
+pub mod lowrank;
 pub mod mkor;
 pub mod optimizer;
 pub mod plot;

@@ -28,7 +28,11 @@ fn state_set<T>(state: &mut ParamState<T>, name: &str, tensor: Tensor<T>) {
 pub fn unsupported(plan: &ParamPlan) -> Option<String> {
     let function = option_name(&plan.options, "function").unwrap_or("inverse_root");
     match plan.structure {
-        StructureKind::Rule | StructureKind::Diagonal | StructureKind::Factored | StructureKind::Orthogonalize => {}
+        StructureKind::Rule
+        | StructureKind::Diagonal
+        | StructureKind::Factored
+        | StructureKind::Orthogonalize
+        | StructureKind::LowRank => {}
         StructureKind::Kronecker => {
             let stats = option_name(&plan.options, "stats").unwrap_or("gradient_outer");
             let fits = match stats {
@@ -45,9 +49,13 @@ pub fn unsupported(plan: &ParamPlan) -> Option<String> {
     for modifier in &plan.modifiers {
         let supported = match modifier.name.as_str() {
             "weight_decay" => true,
-            "momentum" => matches!(plan.structure, StructureKind::Diagonal | StructureKind::Kronecker),
+            "momentum" => {
+                matches!(plan.structure, StructureKind::Diagonal | StructureKind::Kronecker | StructureKind::LowRank)
+            }
             "graft" => plan.structure == StructureKind::Kronecker && matches!(function, "inverse_root" | "newton"),
-            "rms_clip" => matches!(plan.structure, StructureKind::Kronecker | StructureKind::Orthogonalize),
+            "rms_clip" => {
+                matches!(plan.structure, StructureKind::Kronecker | StructureKind::Orthogonalize | StructureKind::LowRank)
+            }
             "kl_clip" => plan.structure == StructureKind::Kronecker,
             _ => false,
         };
@@ -243,13 +251,15 @@ fn update_in_place<T: Real>(
             whole_state: Some(previous),
         }));
     }
-    if !matches!(plan.structure, StructureKind::Kronecker | StructureKind::Orthogonalize) {
+    if !matches!(plan.structure, StructureKind::Kronecker | StructureKind::Orthogonalize | StructureKind::LowRank) {
         apply_weight_decay(plan, param, learning_rate);
     }
     match plan.structure {
         StructureKind::Diagonal => update_diagonal(plan, param, state, inputs).map(|()| None),
         StructureKind::Factored => update_factored(plan, param, state, inputs).map(|()| None),
-        StructureKind::Kronecker | StructureKind::Orthogonalize => update_matrix(plan, param, state, inputs).map(Some),
+        StructureKind::Kronecker | StructureKind::Orthogonalize | StructureKind::LowRank => {
+            update_matrix(plan, param, state, inputs).map(Some)
+        }
         other => Err(format!("the `{}` structure is not executable yet", other.name())),
     }
 }
@@ -292,6 +302,12 @@ pub fn matrix_direction<T: Real>(
     };
     // The per-step products in the run's precision; the matrix functions stay in double.
     let _precision = crate::kronecker::ProductPrecision::single(std::mem::size_of::<T>() == 4);
+    if plan.structure == StructureKind::LowRank {
+        let mut states = crate::kronecker::States::load(state);
+        let direction = crate::lowrank::direction(plan, shape, &mut states, &kronecker_inputs)?;
+        *previous = Some(states.store(state));
+        return Ok(Some(direction));
+    }
     if plan.structure == StructureKind::Orthogonalize {
         crate::kronecker::orthogonalize_direction(plan, shape, state, &kronecker_inputs, previous).map(Some)
     } else {
