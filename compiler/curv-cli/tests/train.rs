@@ -118,6 +118,40 @@ fn the_digits_mlp_reaches_ninety_five_percent_test_accuracy() {
     }
 }
 
+/// The low-rank presets (docs/language.md section 12.9) on `examples/digits_mlp.curv`, each for
+/// 500 of its 2000 steps: every logged loss is finite and the test accuracy reaches the stated
+/// level (measured: mfac 0.955, natural_galore 0.975, psgd_lra 0.972).
+#[test]
+fn the_low_rank_presets_train_the_digits_mlp() {
+    for (preset, accuracy) in [("mfac", 0.93), ("natural_galore", 0.95), ("psgd_lra", 0.95)] {
+        let directory = scratch(&format!("lowrank-{preset}"));
+        let program = directory.join("digits.curv");
+        let text = std::fs::read_to_string(repository_root().join("examples/digits_mlp.curv"))
+            .unwrap()
+            .replace("data/digits.csv", repository_root().join("examples/data/digits.csv").to_str().unwrap())
+            .replace("use std.optimizers.adam", &format!("use std.optimizers.{preset}"))
+            .replace("optimizer adam", &format!("optimizer {preset}"));
+        std::fs::write(&program, text).unwrap();
+        let metrics_path = directory.join("metrics.jsonl");
+        let output = curv(&[
+            "run",
+            program.to_str().unwrap(),
+            "--steps",
+            "500",
+            "--metrics",
+            metrics_path.to_str().unwrap(),
+            "--out",
+            directory.to_str().unwrap(),
+            "--quiet",
+        ]);
+        assert_eq!(output.status.code(), Some(0), "{preset}: {}", String::from_utf8_lossy(&output.stderr));
+        let records = metrics(&metrics_path);
+        assert!(records.iter().all(|record| value(record, "loss").is_finite()), "{preset}: a non-finite loss");
+        let reached = value(records.last().unwrap(), "test_accuracy");
+        assert!(reached >= accuracy, "{preset}: test accuracy {reached} < {accuracy}");
+    }
+}
+
 /// PSNR values of a SIREN run with the given optimizer, logged every 5 steps.
 fn siren_psnr(optimizer: &str, steps: u32) -> Vec<f64> {
     let directory = scratch(&format!("siren-{optimizer}"));
@@ -290,9 +324,17 @@ fn a_skipped_update_leaves_parameters_and_state_exactly_as_they_were() {
 
 #[test]
 fn run_rejects_what_it_cannot_do_with_clear_errors() {
-    let output = curv(&["run", "examples/optimizers/mfac.curv", "--steps", "1"]);
-    assert_eq!(output.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("the `lowrank` structure is not executable yet"));
+    let directory = scratch("not-executable");
+    let program = directory.join("dense.curv");
+    let text = std::fs::read_to_string(repository_root().join("examples/optimizers/mfac.curv"))
+        .unwrap()
+        .replace("../data/digits.csv", repository_root().join("examples/data/digits.csv").to_str().unwrap())
+        .replace("use std.optimizers.mfac\n", "optimizer full {\n    lr 1e-3\n    * : dense(stats = gradient_outer)\n}\n")
+        .replace("optimizer mfac", "optimizer full");
+    std::fs::write(&program, text).unwrap();
+    let output = curv(&["run", program.to_str().unwrap(), "--steps", "1"]);
+    assert_eq!(output.status.code(), Some(1), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("the `dense` structure is not executable yet"));
     let output = curv(&["run", "examples/digits_mlp.curv", "--backend", "cranelift"]);
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("unknown backend `cranelift`"));

@@ -669,6 +669,7 @@ impl<'a> Checker<'a> {
             ty: TensorType::known(param.ty.dtype, dims),
         };
         let mut state = Vec::new();
+        let mut effective_rank = None;
         match line.structure {
             StructureKind::Diagonal => {
                 state.push(state_of("m", &shape));
@@ -750,11 +751,19 @@ impl<'a> Checker<'a> {
             StructureKind::LowRank => {
                 let stats = option_name(&line.options, "stats").unwrap_or("gradient_window");
                 let window = option_number(&line.options, "window").unwrap_or(1.0) as i64;
-                let rank = option_number(&line.options, "rank").unwrap_or(1.0) as i64;
+                let mut rank = option_number(&line.options, "rank").unwrap_or(1.0) as i64;
                 let momentum = option_number(&line.options, "momentum").unwrap_or(0.0) > 0.0;
+                // A preset's rank is an upper bound: a smaller parameter gets the largest rank it
+                // admits (a user's own rank is checked below).
+                let limit = if stats == "fisher" { rows.min(cols) } else { numel - 1 };
+                if source != SourceId::User && rank > limit {
+                    rank = limit.max(0);
+                    effective_rank = Some(rank);
+                }
                 match stats {
                     "fisher" => {
                         let smallest = rows.min(cols);
+                        let largest = rows.max(cols);
                         if rank > smallest {
                             let span = line.option_spans.get("rank").copied().unwrap_or(line.line.structure.span);
                             let mut diagnostic = Diagnostic::error(
@@ -771,12 +780,13 @@ impl<'a> Checker<'a> {
                             self.emit(diagnostic);
                             return None;
                         }
-                        state.push(state_of("projection", &[rows, rank]));
-                        state.push(state_of("gradient_window", &[window, rank * cols]));
+                        // The projection acts on the smaller side (GaLore's choice).
+                        state.push(state_of("projection", &[smallest, rank]));
+                        state.push(state_of("gradient_window", &[window, rank * largest]));
                         state.push(state_of("gram", &[window, window]));
                         state.push(state_of("position", &[1]));
-                        state.push(state_of("m", &[rank, cols]));
-                        state.push(state_of("v", &[rank, cols]));
+                        state.push(state_of("m", &[rank, largest]));
+                        state.push(state_of("v", &[rank, largest]));
                     }
                     "psgd" => {
                         if rank >= numel {
@@ -843,12 +853,20 @@ impl<'a> Checker<'a> {
                 _ => {}
             }
         }
+        let mut options = line.options.clone();
+        if let Some(rank) = effective_rank {
+            for (key, value) in options.iter_mut() {
+                if key == "rank" {
+                    *value = OptionValue::Number(rank as f64);
+                }
+            }
+        }
         Some(ParamPlan {
             param: param_index,
             pattern: line.line.pattern.text.clone(),
             structure: line.structure,
             rule_name: line.rule_name.clone(),
-            options: line.options.clone(),
+            options,
             modifiers: line.modifiers.clone(),
             state,
             span: line.line.span,

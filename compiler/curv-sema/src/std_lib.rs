@@ -18,6 +18,8 @@ pub const MODULES: &[(&str, &str)] = &[
     ("std.optimizers.adafisher", include_str!("../std/optimizers/adafisher.curv")),
     ("std.optimizers.shampoo4bit", include_str!("../std/optimizers/shampoo4bit.curv")),
     ("std.optimizers.mfac", include_str!("../std/optimizers/mfac.curv")),
+    ("std.optimizers.natural_galore", include_str!("../std/optimizers/natural_galore.curv")),
+    ("std.optimizers.psgd_lra", include_str!("../std/optimizers/psgd_lra.curv")),
     ("std.optimizers.adalomo", include_str!("../std/optimizers/adalomo.curv")),
     ("std.optimizers.innaprop", include_str!("../std/optimizers/innaprop.curv")),
 ];

@@ -19,7 +19,9 @@
 //! matrix and the ring position are states, so a checkpoint holds them and `--resume` continues
 //! bit for bit. Everything is computed in double precision, as the other matrix structures.
 
-use crate::kronecker::{descending_eigenvectors, matrix_shape, number, product, KroneckerInputs, States};
+use crate::kronecker::{
+    descending_eigenvectors, matrix_shape, number, product, KroneckerInputs, ProductPrecision, States,
+};
 use crate::linalg::{cholesky, Matrix};
 use crate::random::{Random, Stream};
 use curv_ir::{option_name, ParamPlan};
@@ -34,6 +36,8 @@ pub(crate) fn direction(
     states: &mut States,
     inputs: &KroneckerInputs,
 ) -> Result<Vec<f64>, String> {
+    // Double-precision products throughout, whatever the run's precision.
+    let _double = ProductPrecision::single(false);
     match option_name(&plan.options, "stats").unwrap_or("gradient_window") {
         "fisher" => natural_galore(plan, shape, states, inputs),
         "psgd" => psgd_lra(plan, shape, states, inputs),
@@ -215,14 +219,24 @@ fn natural_galore(
     states: &mut States,
     inputs: &KroneckerInputs,
 ) -> Result<Vec<f64>, String> {
-    let (rows, columns) = matrix_shape(shape);
+    // The projection acts on the smaller side (GaLore's choice): a matrix with more rows than
+    // columns is handled as its transpose, and the direction transposed back.
+    let (matrix_rows, matrix_columns) = matrix_shape(shape);
+    let transposed = matrix_rows > matrix_columns;
+    let (rows, columns) = if transposed { (matrix_columns, matrix_rows) } else { (matrix_rows, matrix_columns) };
+    let gradient_values = if transposed {
+        crate::kronecker::transpose(&Matrix { rows: matrix_rows, columns: matrix_columns, data: inputs.gradient.to_vec() })
+            .data
+    } else {
+        inputs.gradient.to_vec()
+    };
     let rank = number(&plan.options, "rank", 1.0) as usize;
     let window_size = number(&plan.options, "window", 1.0) as usize;
     let damping = number(&plan.options, "damping", 1e-5);
     let (b1, b2) = (number(&plan.options, "b1", 0.9), number(&plan.options, "b2", 0.999));
     let eps = number(&plan.options, "eps", 1e-8);
     let scale = number(&plan.options, "scale", 1.0);
-    let gradient = Matrix { rows, columns, data: inputs.gradient.to_vec() };
+    let gradient = Matrix { rows, columns, data: gradient_values };
     let length = rank * columns;
     let mut window = Window::load(states, window_size, length)?;
     let stored = std::mem::take(states.get("projection", &[rows, rank]));
@@ -268,15 +282,45 @@ fn natural_galore(
     }
     let update = product(&projection, false, &Matrix { rows: rank, columns, data: adam }, false);
     *states.get("projection", &[rows, rank]) = projection.data;
+    let update = if transposed { crate::kronecker::transpose(&update) } else { update };
     Ok(update.data.into_iter().map(|value| scale * value).collect())
+}
+
+/// `A^T x` for a tall `n x r` matrix `A` (PSGD's factors are tall and thin: these loops beat a
+/// general matrix product, which would pack and thread a product of one column).
+fn tall_transpose_times(a: &Matrix, x: &[f64]) -> Vec<f64> {
+    let r = a.columns;
+    let mut result = vec![0.0; r];
+    for (row, value) in a.data.chunks_exact(r.max(1)).zip(x) {
+        for (out, entry) in result.iter_mut().zip(row) {
+            *out += entry * value;
+        }
+    }
+    result
+}
+
+/// `A y` for a tall `n x r` matrix `A` and an `r`-vector `y`.
+fn tall_times(a: &Matrix, y: &[f64]) -> Vec<f64> {
+    if a.columns == 0 {
+        return vec![0.0; a.rows];
+    }
+    a.data.chunks_exact(a.columns).map(|row| row.iter().zip(y).map(|(entry, value)| entry * value).sum()).collect()
+}
+
+/// `A^T B` for tall `n x r` matrices: an `r x r` matrix.
+fn tall_inner(a: &Matrix, b: &Matrix) -> Matrix {
+    product(a, true, b, false)
+}
+
+/// `A S` for a tall `n x r` matrix `A` and an `r x r` matrix `S`.
+fn tall_times_small(a: &Matrix, small: &Matrix) -> Matrix {
+    product(a, false, small, false)
 }
 
 /// `(I + U V^T) x` for `n x r` matrices `U`, `V`.
 fn identity_plus_low_rank(u: &Matrix, v: &Matrix, x: &[f64]) -> Vec<f64> {
-    let column = Matrix { rows: x.len(), columns: 1, data: x.to_vec() };
-    let inner = product(v, true, &column, false);
-    let low = product(u, false, &inner, false);
-    x.iter().zip(&low.data).map(|(a, b)| a + b).collect()
+    let low = tall_times(u, &tall_transpose_times(v, x));
+    x.iter().zip(&low).map(|(a, b)| a + b).collect()
 }
 
 /// Solves `A x = b` (or `A^T x = b`) for a small square `A` by Gaussian elimination with partial
@@ -343,14 +387,13 @@ impl LowRankPreconditioner {
         self.d.iter().zip(&second).map(|(d, value)| d * value).collect()
     }
 
-    /// One fit of `Q` to the pair `(v, h)` (psgd.py `update_precond_lra`): balance `U` and `V`,
-    /// then a normalised Lie-group step on `d` and on `U` (if `update_u`) or `V`, with the
-    /// Lipschitz estimates `lipschitz = [Lu, Lv, Ld]` as step sizes.
-    fn fit(&mut self, lipschitz: &mut [f64], v: &[f64], h: &[f64], lr: f64, beta: f64, update_u: bool) -> Result<(), String> {
-        let (n, r) = (self.u.rows, self.u.columns);
-        // Approximate balancing towards U^T U = V^T V.
-        let utu = product(&self.u, true, &self.u, false);
-        let vtv = product(&self.v, true, &self.v, false);
+    /// Approximate balancing towards `U^T U = V^T V` (exact balancing would need three
+    /// eigendecompositions): `U <- U / rho`, `V <- V rho` with `rho = (tr U^T U / tr V^T V)^(1/4)`,
+    /// then a rotation by `I - E + E^2/2` and `I + E + E^2/2`.
+    fn balance(&mut self) {
+        let r = self.u.columns;
+        let utu = tall_inner(&self.u, &self.u);
+        let vtv = tall_inner(&self.v, &self.v);
         let trace_u: f64 = (0..r).map(|index| utu.at(index, index)).sum();
         let trace_v: f64 = (0..r).map(|index| vtv.at(index, index)).sum();
         let rho = (trace_u / trace_v).powf(0.25);
@@ -365,28 +408,36 @@ impl LowRankPreconditioner {
         self.v.data.iter_mut().for_each(|value| *value *= rho);
         let minus = Matrix { rows: r, columns: r, data: e.data.iter().zip(&e2.data).map(|(a, b)| a - b).collect() };
         let plus = Matrix { rows: r, columns: r, data: e.data.iter().zip(&e2.data).map(|(a, b)| a + b).collect() };
-        let u_change = product(&self.u, false, &minus, false);
-        let v_change = product(&self.v, false, &plus, false);
+        let u_change = tall_times_small(&self.u, &minus);
+        let v_change = tall_times_small(&self.v, &plus);
         self.u.data.iter_mut().zip(&u_change.data).for_each(|(value, change)| *value -= change);
         self.v.data.iter_mut().zip(&v_change.data).for_each(|(value, change)| *value += change);
+    }
 
+    /// One fit of `Q` to the pair `(v, h)` (psgd.py `update_precond_lra`): balance `U` and `V`,
+    /// then a normalised Lie-group step on `d` and on `U` (if `update_u`) or `V`, with the
+    /// Lipschitz estimates `lipschitz = [Lu, Lv, Ld]` as step sizes. With a rank of 0 only the
+    /// diagonal is fitted.
+    fn fit(&mut self, lipschitz: &mut [f64], v: &[f64], h: &[f64], lr: f64, beta: f64, update_u: bool) -> Result<(), String> {
+        let r = self.u.columns;
+        if r > 0 {
+            self.balance();
+        }
         let dh: Vec<f64> = self.d.iter().zip(h).map(|(d, h)| d * h).collect();
         let qh = identity_plus_low_rank(&self.u, &self.v, &dh);
         let ph: Vec<f64> =
             identity_plus_low_rank(&self.v, &self.u, &qh).iter().zip(&self.d).map(|(value, d)| value * d).collect();
-        let mut ipvtu = product(&self.v, true, &self.u, false);
+        let mut ipvtu = tall_inner(&self.v, &self.u);
         (0..r).for_each(|index| ipvtu.data[index * r + index] += 1.0);
         // Q^-T v and P^-1 v through the r x r system I + V^T U.
         let mut inv_qt_v: Vec<f64> = v.iter().zip(&self.d).map(|(v, d)| v / d).collect();
-        let ut_x = product(&self.u, true, &Matrix { rows: n, columns: 1, data: inv_qt_v.clone() }, false);
-        let solved = solve_small(&ipvtu, &ut_x.data, true)?;
-        let correction = product(&self.v, false, &Matrix { rows: r, columns: 1, data: solved }, false);
-        inv_qt_v.iter_mut().zip(&correction.data).for_each(|(value, c)| *value -= c);
-        let vt_x = product(&self.v, true, &Matrix { rows: n, columns: 1, data: inv_qt_v.clone() }, false);
-        let solved = solve_small(&ipvtu, &vt_x.data, false)?;
-        let correction = product(&self.u, false, &Matrix { rows: r, columns: 1, data: solved }, false);
+        let solved = solve_small(&ipvtu, &tall_transpose_times(&self.u, &inv_qt_v), true)?;
+        let correction = tall_times(&self.v, &solved);
+        inv_qt_v.iter_mut().zip(&correction).for_each(|(value, c)| *value -= c);
+        let solved = solve_small(&ipvtu, &tall_transpose_times(&self.v, &inv_qt_v), false)?;
+        let correction = tall_times(&self.u, &solved);
         let inv_p_v: Vec<f64> =
-            inv_qt_v.iter().zip(&correction.data).zip(&self.d).map(|((value, c), d)| (value - c) / d).collect();
+            inv_qt_v.iter().zip(&correction).zip(&self.d).map(|((value, c), d)| (value - c) / d).collect();
 
         // The diagonal.
         let phh: Vec<f64> = ph.iter().zip(h).map(|(p, h)| p * h).collect();
@@ -398,39 +449,36 @@ impl LowRankPreconditioner {
             *d -= lr / lipschitz[2] * (p - q) * *d;
         }
 
-        // U or V.
-        let a = Matrix { rows: n, columns: 1, data: qh };
-        let b = Matrix { rows: n, columns: 1, data: inv_qt_v };
+        // U or V, by rank-one corrections `x c^T`.
+        let (a, b) = (qh, inv_qt_v);
+        let rank_one_update = |factor: &mut Matrix, step: f64, terms: [(&[f64], &[f64]); 2]| {
+            let r = factor.columns;
+            if r == 0 {
+                return;
+            }
+            for (row, out) in factor.data.chunks_exact_mut(r).enumerate() {
+                for (j, value) in out.iter_mut().enumerate() {
+                    *value -= step * (terms[0].0[row] * terms[0].1[j] - terms[1].0[row] * terms[1].1[j]);
+                }
+            }
+        };
         if update_u {
-            let at_v = product(&a, true, &self.v, false);
-            let bt_v = product(&b, true, &self.v, false);
-            let at_vvt = product(&at_v, false, &self.v, true);
-            let bt_vvt = product(&bt_v, false, &self.v, true);
-            let ell = norm(&a.data) * norm(&at_vvt.data) + norm(&b.data) * norm(&bt_vvt.data);
+            let at_v = tall_transpose_times(&self.v, &a);
+            let bt_v = tall_transpose_times(&self.v, &b);
+            let ell = norm(&a) * norm(&tall_times(&self.v, &at_v)) + norm(&b) * norm(&tall_times(&self.v, &bt_v));
             lipschitz[0] = (beta * lipschitz[0] + (1.0 - beta) * ell).max(ell);
-            let left = product(&a, false, &product(&at_v, false, &ipvtu, false), false);
-            let right = product(&b, false, &product(&bt_v, false, &ipvtu, false), false);
-            let step = lr / lipschitz[0];
-            for ((value, l), r) in self.u.data.iter_mut().zip(&left.data).zip(&right.data) {
-                *value -= step * (l - r);
-            }
+            // (a^T V)(I + V^T U) as a row: (I + V^T U)^T (V^T a).
+            let left = (0..r).map(|k| (0..r).map(|j| at_v[j] * ipvtu.at(j, k)).sum()).collect::<Vec<f64>>();
+            let right = (0..r).map(|k| (0..r).map(|j| bt_v[j] * ipvtu.at(j, k)).sum()).collect::<Vec<f64>>();
+            rank_one_update(&mut self.u, lr / lipschitz[0], [(&a, &left), (&b, &right)]);
         } else {
-            let at_u = product(&a, true, &self.u, false);
-            let bt_u = product(&b, true, &self.u, false);
-            let uuta = product(&self.u, false, &at_u, true);
-            let uutb = product(&self.u, false, &bt_u, true);
-            let ell = norm(&a.data) * norm(&uuta.data) + norm(&b.data) * norm(&uutb.data);
+            let at_u = tall_transpose_times(&self.u, &a);
+            let bt_u = tall_transpose_times(&self.u, &b);
+            let ell = norm(&a) * norm(&tall_times(&self.u, &at_u)) + norm(&b) * norm(&tall_times(&self.u, &bt_u));
             lipschitz[1] = (beta * lipschitz[1] + (1.0 - beta) * ell).max(ell);
-            let a_plus = product(&self.v, false, &at_u, true);
-            let a_plus = Matrix { rows: n, columns: 1, data: a.data.iter().zip(&a_plus.data).map(|(x, y)| x + y).collect() };
-            let b_plus = product(&self.v, false, &bt_u, true);
-            let b_plus = Matrix { rows: n, columns: 1, data: b.data.iter().zip(&b_plus.data).map(|(x, y)| x + y).collect() };
-            let left = product(&a_plus, false, &at_u, false);
-            let right = product(&b_plus, false, &bt_u, false);
-            let step = lr / lipschitz[1];
-            for ((value, l), r) in self.v.data.iter_mut().zip(&left.data).zip(&right.data) {
-                *value -= step * (l - r);
-            }
+            let a_plus: Vec<f64> = a.iter().zip(tall_times(&self.v, &at_u)).map(|(x, y)| x + y).collect();
+            let b_plus: Vec<f64> = b.iter().zip(tall_times(&self.v, &bt_u)).map(|(x, y)| x + y).collect();
+            rank_one_update(&mut self.v, lr / lipschitz[1], [(&a_plus, &at_u), (&b_plus, &bt_u)]);
         }
         Ok(())
     }
