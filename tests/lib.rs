@@ -15,7 +15,9 @@ pub fn repository_root() -> PathBuf {
 pub fn render_file(path: &Path, display: &str) -> (curv_driver::Compilation, String) {
     let mut source = curv_driver::SourceFile::read(path).expect("test inputs are readable");
     source.display_name = display.to_string();
-    let compilation = curv_driver::compile(source);
+    // A fixed 16 GiB machine, so that snapshots do not depend on the one running them.
+    let options = curv_sema::AnalysisOptions { memory_limit: Some(16 << 30), ..Default::default() };
+    let compilation = curv_driver::compile_file_with_options(source, &options);
     let rendered = curv_driver::render_diagnostics(&compilation, false);
     (compilation, rendered)
 }

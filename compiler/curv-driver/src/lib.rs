@@ -88,10 +88,36 @@ impl Compilation {
     }
 }
 
-/// Parses and checks a source file, probing its data files on disk.
+/// Parses and checks a source file, probing its data files on disk and checking that its
+/// optimizer state fits in the machine's memory ([`memory_limit`]).
 pub fn compile(source: SourceFile) -> Compilation {
-    let mut probe = probe::FileProbe { directory: source.directory() };
-    compile_with_probe(source, &mut probe)
+    compile_file_with_options(source, &curv_sema::AnalysisOptions::default())
+}
+
+/// The memory a run may use, in bytes: `CURV_MEMORY_LIMIT` (bytes, or with a binary `K`, `M`, `G`
+/// or `T` suffix) when set and valid, otherwise `MemAvailable` of `/proc/meminfo`; `None` where
+/// neither is known (the check is then skipped).
+pub fn memory_limit() -> Option<u64> {
+    if let Some(limit) = std::env::var("CURV_MEMORY_LIMIT").ok().and_then(|text| parse_bytes(&text)) {
+        return Some(limit);
+    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|line| line.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// `"16G"` -> 16 GiB; a plain number is bytes.
+pub fn parse_bytes(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let (digits, shift) = match text.char_indices().last()? {
+        (index, 'K' | 'k') => (&text[..index], 10),
+        (index, 'M' | 'm') => (&text[..index], 20),
+        (index, 'G' | 'g') => (&text[..index], 30),
+        (index, 'T' | 't') => (&text[..index], 40),
+        _ => (text, 0),
+    };
+    digits.trim().parse::<u64>().ok()?.checked_mul(1u64 << shift)
 }
 
 /// Parses and checks with a caller-supplied data probe (tests and the fuzzer use an in-memory one).
@@ -115,10 +141,15 @@ pub fn compile_with_options(
     Compilation { source, parsed, analysis, timings: vec![("parse", parse_ms), ("check", check_ms)] }
 }
 
-/// Parses and checks a file on disk with command-line choices.
+/// Parses and checks a file on disk with command-line choices; without a memory limit in
+/// `options`, the machine's ([`memory_limit`]).
 pub fn compile_file_with_options(source: SourceFile, options: &curv_sema::AnalysisOptions) -> Compilation {
     let mut probe = probe::FileProbe { directory: source.directory() };
-    compile_with_options(source, &mut probe, options)
+    let mut options = options.clone();
+    if options.memory_limit.is_none() {
+        options.memory_limit = memory_limit();
+    }
+    compile_with_options(source, &mut probe, &options)
 }
 
 /// A stage `curv emit` can print.
@@ -203,6 +234,19 @@ pub fn line_column(text: &str, offset: usize) -> String {
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map_or(0, |tail| tail.chars().count()) + 1;
     format!("{line}:{column}")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn byte_counts_parse_with_binary_suffixes() {
+        assert_eq!(super::parse_bytes("123"), Some(123));
+        assert_eq!(super::parse_bytes("16G"), Some(16 << 30));
+        assert_eq!(super::parse_bytes("2k"), Some(2048));
+        assert_eq!(super::parse_bytes(" 1 T "), Some(1 << 40));
+        assert_eq!(super::parse_bytes("lots"), None);
+        assert_eq!(super::parse_bytes(""), None);
+    }
 }
 
 /// The stable list of diagnostic codes.

@@ -97,6 +97,7 @@ pub struct Checker<'a> {
     pub(crate) used_optimizers: HashSet<String>,
     /// The optimizer every train block uses instead of its own, when given.
     pub(crate) optimizer_override: Option<String>,
+    pub(crate) memory_limit: Option<u64>,
     /// The value each expression lowered to, by span (the latest function only).
     pub(crate) expression_values: HashMap<Span, ValueId>,
     /// The last segments of `use` paths that name no module (`adam` for `use std.optimisers.adam`):
@@ -112,6 +113,10 @@ pub struct AnalysisOptions {
     /// Train every block with this optimizer instead of its own (`curv run --optimizer NAME`).
     /// A standard-library preset of that name is imported when the file does not define one.
     pub optimizer_override: Option<String>,
+    /// The memory a run may use, in bytes (the driver reads what the machine has available): a
+    /// train block whose parameters, gradients and optimizer state exceed it is an error (E0308).
+    /// `None` skips the check.
+    pub memory_limit: Option<u64>,
 }
 
 /// Analyses a parsed file. Never fails: problems are diagnostics.
@@ -192,6 +197,7 @@ pub fn analyze_with(file: &ast::File, probe: &mut dyn DataProbe, options: &Analy
         used_optimizers: HashSet::new(),
         expression_values: HashMap::new(),
         optimizer_override: options.optimizer_override.clone(),
+        memory_limit: options.memory_limit,
         unresolved_uses,
         invalid_dims: HashSet::new(),
     };

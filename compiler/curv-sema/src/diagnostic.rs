@@ -130,6 +130,7 @@ pub const CODES: &[(&str, &str)] = &[
     ("E0305", "value out of range"),
     ("E0306", "missing required item or option"),
     ("E0307", "unknown metric"),
+    ("E0308", "optimizer state does not fit in memory"),
     ("E0400", "data file not found"),
     ("E0401", "data file unreadable or corrupt"),
     ("E0402", "invalid data declaration"),

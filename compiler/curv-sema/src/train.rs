@@ -579,7 +579,67 @@ impl<'a> Checker<'a> {
         self.used_optimizers.insert(optimizer_ident.name.clone());
         let _ = SourceId::User;
         program.optimizer = self.plan_optimizer(optimizer, &program.params, optimizer_ident.span)?;
+        if let Some(limit) = self.memory_limit {
+            self.check_memory(&program, optimizer_ident.span, limit);
+        }
         Some(program)
+    }
+
+    /// E0308: the parameters, their gradients and the optimizer state of a train block must fit in
+    /// `limit` bytes. The error names the parameters with the largest states and, for the
+    /// structures whose state grows with an option (a `lowrank` window or rank, a `dense`
+    /// matrix), which option to lower.
+    fn check_memory(&mut self, program: &TrainProgram, span: Span, limit: u64) {
+        let bytes_of = |ty: &curv_ir::TensorType| ty.element_count().unwrap_or(0) as u64 * ty.dtype.size_in_bytes();
+        let weights: u64 = program.params.iter().map(|param| 2 * bytes_of(&param.ty)).sum();
+        let mut states: Vec<(u64, &curv_ir::ParamPlan)> = program
+            .optimizer
+            .plans
+            .iter()
+            .map(|plan| (plan.state.iter().map(|state| bytes_of(&state.ty)).sum(), plan))
+            .collect();
+        let state: u64 = states.iter().map(|(bytes, _)| bytes).sum();
+        if weights.saturating_add(state) <= limit {
+            return;
+        }
+        states.sort_by(|first, second| second.0.cmp(&first.0));
+        let (largest_bytes, largest) = states[0];
+        let name = &program.params[largest.param].name;
+        let detail = largest
+            .state
+            .iter()
+            .map(|state| format!("{} {}", state.name, state.ty))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut diagnostic = Diagnostic::error(
+            "E0308",
+            span,
+            format!(
+                "the optimizer state of train `{}` does not fit in memory: {} of state and {} of parameters and \
+                 gradients, {} available",
+                program.name,
+                format_bytes(state),
+                format_bytes(weights),
+                format_bytes(limit)
+            ),
+            format!("`{name}` alone keeps {} under `{}`", format_bytes(largest_bytes), largest.rule_name),
+        )
+        .with_note(format!("the state of `{name}`: {detail}"));
+        for (bytes, plan) in states.iter().skip(1).take(2) {
+            if *bytes > 0 {
+                diagnostic =
+                    diagnostic.with_note(format!("`{}` keeps {}", program.params[plan.param].name, format_bytes(*bytes)));
+            }
+        }
+        let help = match largest.structure {
+            curv_ir::StructureKind::LowRank if curv_ir::option_number(&largest.options, "window").is_some() => {
+                "a smaller `window` (the state grows with window x elements)"
+            }
+            curv_ir::StructureKind::LowRank => "a smaller `rank` (the state grows with rank x elements)",
+            curv_ir::StructureKind::Dense => "a structure that does not keep an n x n matrix, such as `kronecker`",
+            _ => "a structure with less state, or a smaller model",
+        };
+        self.emit(diagnostic.with_help(format!("use {help}")));
     }
 
     /// Adds the outputs metrics read: the model's output and the target of a standard loss.
@@ -758,4 +818,16 @@ impl<'a> Checker<'a> {
         let every = self.every_of(setting)?;
         Some(Logging { metrics, every })
     }
+}
+
+/// A byte count in binary units (`24.4 GiB`).
+pub(crate) fn format_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
 }
