@@ -46,7 +46,9 @@ use OptionKind as K;
 
 pub const STATISTICS_DIAGONAL: &[&str] = &["gradient_square", "hutchinson", "gnb", "sampled_fisher"];
 pub const STATISTICS_KRONECKER: &[&str] = &["gradient_outer", "kfac", "psgd"];
-pub const STATISTICS_LOWRANK: &[&str] = &["gradient_window", "fisher", "psgd"];
+pub const STATISTICS_LOWRANK: &[&str] = &["gradient_window", "fisher", "psgd", "lanczos"];
+pub const FOSI_BASES: &[&str] = &["adam", "momentum", "sgd"];
+pub const NEWTON_REGULARIZATIONS: &[&str] = &["cubic", "quadratic"];
 
 /// A curvature structure and its options.
 pub struct StructureSpec {
@@ -146,6 +148,11 @@ pub const STRUCTURES: &[StructureSpec] = &[
             option("noise_damping", K::NonNegative, D::Number(1e-9)),
             option("update_probability", K::UnitInterval, D::Number(1.0)),
             option("max_rms", K::Positive, D::Absent),
+            option("warmup", K::PositiveInt, D::Absent),
+            option("base", K::Choice(FOSI_BASES), D::Name("adam")),
+            option("decay", K::Fraction, D::Number(0.9)),
+            option("alpha", K::Positive, D::Number(0.1)),
+            option("lr_clip", K::Positive, D::Absent),
         ],
     },
     StructureSpec {
@@ -177,8 +184,12 @@ pub const STRUCTURES: &[StructureSpec] = &[
         options: &[
             option("stats", K::Choice(&["gradient_outer", "hessian", "ggn"]), D::Name("gradient_outer")),
             option("ema", K::UnitInterval, D::Number(0.95)),
-            option("damping", K::Positive, D::Number(1e-3)),
+            option("damping", K::NonNegative, D::Number(1e-3)),
             option("every", K::PositiveInt, D::Number(1.0)),
+            option("regularization", K::Choice(NEWTON_REGULARIZATIONS), D::Name("cubic")),
+            option("hessian_lipschitz", K::Positive, D::Number(1.0)),
+            option("step_size", K::Positive, D::Number(1.0)),
+            option("max_size", K::PositiveInt, D::Absent),
         ],
     },
 ];

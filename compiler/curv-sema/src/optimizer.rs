@@ -411,6 +411,7 @@ impl<'a> Checker<'a> {
                 let (wants_rank, wants_window, label, help) = match stats {
                     "fisher" => (true, true, "Natural GaLore needs `rank` and `window`", "give `rank = r, window = m`"),
                     "psgd" => (true, false, "PSGD's low-rank preconditioner needs `rank` and no `window`", "give `rank = r`"),
+                    "lanczos" => (true, false, "FOSI needs `rank` (the number of eigenpairs) and no `window`", "give `rank = k`"),
                     _ => (false, true, "M-FAC's gradient window needs `window` and no `rank`", "give `window = m`"),
                 };
                 if has_rank != wants_rank || has_window != wants_window {
@@ -422,7 +423,7 @@ impl<'a> Checker<'a> {
                             help,
                         )
                         .with_note(
-                            "`stats = gradient_window` keeps the last m gradients (M-FAC); `stats = fisher` projects a matrix's gradient on its top r singular vectors and keeps the last m projections (Natural GaLore); `stats = psgd` fits (I + U V^T) diag(d) of rank r (PSGD LRA)",
+                            "`stats = gradient_window` keeps the last m gradients (M-FAC); `stats = fisher` projects a matrix's gradient on its top r singular vectors and keeps the last m projections (Natural GaLore); `stats = psgd` fits (I + U V^T) diag(d) of rank r (PSGD LRA); `stats = lanczos` keeps the top k Hessian eigenpairs (FOSI)",
                         ),
                     );
                     return None;
@@ -577,7 +578,15 @@ impl<'a> Checker<'a> {
             let by_name: Vec<usize> = (0..lines.len())
                 .filter(|&index| pattern_matches(&lines[index].line.pattern.text, &param.name))
                 .collect();
-            let chosen = by_name.iter().copied().find(|&index| !lines[index].needs_matrix || rank >= 2);
+            let numel: i64 = param.ty.known_shape().unwrap_or_default().iter().product();
+            // A line with `max_size` governs only parameters of at most that many elements; larger
+            // ones fall through to a later line (as vectors fall through matrix-only lines).
+            let fits = |index: usize| {
+                lines[index].structure != StructureKind::Dense
+                    || option_number(&lines[index].options, "max_size").is_none_or(|limit| numel as f64 <= limit)
+            };
+            let chosen =
+                by_name.iter().copied().find(|&index| (!lines[index].needs_matrix || rank >= 2) && fits(index));
             match chosen {
                 Some(index) => {
                     used[index] = true;
@@ -585,6 +594,23 @@ impl<'a> Checker<'a> {
                         Some(plan) => plans.push(plan),
                         None => ok = false,
                     }
+                }
+                None if !by_name.is_empty() && !fits(by_name[0]) => {
+                    let line = &lines[by_name[0]];
+                    let limit = option_number(&line.options, "max_size").unwrap_or(0.0);
+                    let mut diagnostic = Diagnostic::error(
+                        "E0302",
+                        param.span,
+                        format!(
+                            "`{}` governs parameters of at most {limit} elements, but `{}` ({}) has {numel}",
+                            line.rule_name, param.name, param.ty
+                        ),
+                        format!("`{}` has {numel} elements", param.name),
+                    )
+                    .with_help("add a later rule for larger parameters, such as `* : diagonal(stats = gradient_square)`");
+                    diagnostic.labels.push(label_in(optimizer.source, line.line.span, "`max_size` set in this rule"));
+                    self.emit(diagnostic);
+                    ok = false;
                 }
                 None if !by_name.is_empty() => {
                     let line = &lines[by_name[0]];
@@ -755,7 +781,11 @@ impl<'a> Checker<'a> {
                 let momentum = option_number(&line.options, "momentum").unwrap_or(0.0) > 0.0;
                 // A preset's rank is an upper bound: a smaller parameter gets the largest rank it
                 // admits (a user's own rank is checked below).
-                let limit = if stats == "fisher" { rows.min(cols) } else { numel - 1 };
+                let limit = match stats {
+                    "fisher" => rows.min(cols),
+                    "lanczos" => numel,
+                    _ => numel - 1,
+                };
                 if source != SourceId::User && rank > limit {
                     rank = limit.max(0);
                     effective_rank = Some(rank);
@@ -787,6 +817,36 @@ impl<'a> Checker<'a> {
                         state.push(state_of("position", &[1]));
                         state.push(state_of("m", &[rank, largest]));
                         state.push(state_of("v", &[rank, largest]));
+                    }
+                    "lanczos" => {
+                        if rank > numel {
+                            let span = line.option_spans.get("rank").copied().unwrap_or(line.line.structure.span);
+                            let mut diagnostic = Diagnostic::error(
+                                "E0303",
+                                param.span,
+                                format!(
+                                    "rank {rank} is larger than the size of `{}` ({}, {numel} elements)",
+                                    param.name, param.ty
+                                ),
+                                format!("FOSI keeps at most {numel} eigenpairs of this parameter"),
+                            )
+                            .with_help(format!("use a rank of at most {numel}"));
+                            diagnostic.labels.push(label_in(source, span, "rank set here"));
+                            self.emit(diagnostic);
+                            return None;
+                        }
+                        state.push(state_of("eigenvectors", &[rank, numel]));
+                        state.push(state_of("learning_rates", &[rank]));
+                        state.push(state_of("scaling", &[1]));
+                        state.push(state_of("velocity", &shape));
+                        match option_name(&line.options, "base").unwrap_or("adam") {
+                            "adam" => {
+                                state.push(state_of("m", &shape));
+                                state.push(state_of("v", &shape));
+                            }
+                            "momentum" => state.push(state_of("momentum", &shape)),
+                            _ => {}
+                        }
                     }
                     "psgd" => {
                         if rank >= numel {
@@ -834,8 +894,14 @@ impl<'a> Checker<'a> {
                 }
             }
             StructureKind::Dense => {
-                state.push(state_of("curvature", &[numel, numel]));
-                state.push(state_of("inverse", &[numel, numel]));
+                if option_name(&line.options, "stats") == Some("hessian") {
+                    // Lazy Newton keeps the Hessian's eigendecomposition.
+                    state.push(state_of("eigenvalues", &[numel]));
+                    state.push(state_of("eigenvectors", &[numel, numel]));
+                } else {
+                    state.push(state_of("curvature", &[numel, numel]));
+                    state.push(state_of("inverse", &[numel, numel]));
+                }
             }
             StructureKind::Rule => {
                 if let Some(program) = self.rule_programs.get(&line.rule_name) {

@@ -18,6 +18,7 @@ pub mod kronecker;
 pub mod linalg;
 pub mod lowrank;
 pub mod mkor;
+pub mod newton;
 pub mod optimizer;
 pub mod plot;
 pub mod psgd;

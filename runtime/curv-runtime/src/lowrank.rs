@@ -13,6 +13,10 @@
 //! - `stats = psgd, rank = r` is PSGD's low-rank-approximation preconditioner (Li, 2018), following
 //!   lixilinx/psgd_torch `psgd.py` (`LRAWhiten`): `Q = (I + U V^T) diag(d)`, fitted on the Lie
 //!   group to whiten the gradient, and the direction is `Q^T Q g`.
+//! - `stats = lanczos, rank = k` is FOSI (Sivan, Gabel and Schuster, 2024), following hsivan/fosi
+//!   `torch_optim/fosi_optimizer.py`: every `every` steps (from `warmup`) the trainer runs Lanczos
+//!   with Hessian-vector products of the parameter's block ([`lanczos`]); the gradient's part in
+//!   the top `k` eigenvectors takes a Newton step (scaled by `alpha`), the rest a base optimizer.
 //!
 //! Every inverse is a Woodbury product: an `m x m` Cholesky solve and two products with the
 //! window, `O(n m + m^3)` per step for `n` elements, never an `n x n` matrix. The window, its Gram
@@ -35,12 +39,14 @@ pub(crate) fn direction(
     shape: &[usize],
     states: &mut States,
     inputs: &KroneckerInputs,
+    eigenpairs: Option<&[f64]>,
 ) -> Result<Vec<f64>, String> {
     // Double-precision products throughout, whatever the run's precision.
     let _double = ProductPrecision::single(false);
     match option_name(&plan.options, "stats").unwrap_or("gradient_window") {
         "fisher" => natural_galore(plan, shape, states, inputs),
         "psgd" => psgd_lra(plan, shape, states, inputs),
+        "lanczos" => fosi(plan, shape, states, inputs, eigenpairs),
         _ => mfac(plan, shape, states, inputs),
     }
 }
@@ -315,6 +321,180 @@ fn tall_inner(a: &Matrix, b: &Matrix) -> Matrix {
 /// `A S` for a tall `n x r` matrix `A` and an `r x r` matrix `S`.
 fn tall_times_small(a: &Matrix, small: &Matrix) -> Matrix {
     product(a, false, small, false)
+}
+
+/// The Lanczos algorithm with full reorthogonalisation (twice per iteration), as hsivan/fosi
+/// `lanczos_algorithm.py`: `order` iterations of the symmetric operator `hvp` on vectors of length
+/// `n` from the unit vector along `start`, the tridiagonal matrix's eigendecomposition, and its top
+/// `k` eigenpairs as Ritz pairs. Returns `k` eigenvalues in ascending order followed by the `k`
+/// eigenvectors (rows of length `n`), in one vector. The iteration stops early when the Krylov
+/// space is exhausted (a zero residual), which the reference would divide by.
+pub fn lanczos(
+    n: usize,
+    order: usize,
+    k: usize,
+    start: &[f64],
+    mut hvp: impl FnMut(&[f64]) -> Result<Vec<f64>, String>,
+) -> Result<Vec<f64>, String> {
+    let _double = ProductPrecision::single(false);
+    let order = order.min(n).max(k);
+    let mut vectors: Vec<Vec<f64>> = Vec::with_capacity(order);
+    let start_norm = norm(start);
+    if start_norm == 0.0 || !start_norm.is_finite() {
+        return Err("Lanczos: the start vector is zero or not finite".to_string());
+    }
+    vectors.push(start.iter().map(|value| value / start_norm).collect());
+    let mut alphas: Vec<f64> = Vec::with_capacity(order);
+    let mut betas: Vec<f64> = Vec::with_capacity(order);
+    for i in 0..order {
+        let mut w = hvp(&vectors[i])?;
+        if w.len() != n {
+            return Err(format!("Lanczos: a Hessian-vector product has {} values where {n} were expected", w.len()));
+        }
+        alphas.push(w.iter().zip(&vectors[i]).map(|(a, b)| a * b).sum());
+        if i + 1 == order {
+            break;
+        }
+        for _ in 0..2 {
+            let coefficients: Vec<f64> =
+                vectors.iter().map(|vector| vector.iter().zip(&w).map(|(a, b)| a * b).sum()).collect();
+            for (vector, coefficient) in vectors.iter().zip(&coefficients) {
+                w.iter_mut().zip(vector).for_each(|(value, entry)| *value -= coefficient * entry);
+            }
+        }
+        let beta = norm(&w);
+        if !beta.is_finite() {
+            return Err("Lanczos: a Hessian-vector product is not finite".to_string());
+        }
+        if beta <= 1e-300 {
+            break;
+        }
+        betas.push(beta);
+        vectors.push(w.into_iter().map(|value| value / beta).collect());
+    }
+    let size = alphas.len();
+    if size < k {
+        return Err(format!("Lanczos: the Krylov space has dimension {size}, fewer than the {k} eigenpairs asked for"));
+    }
+    let mut tridiagonal = Matrix { rows: size, columns: size, data: vec![0.0; size * size] };
+    for (index, alpha) in alphas.iter().enumerate() {
+        tridiagonal.data[index * size + index] = *alpha;
+    }
+    for (index, beta) in betas.iter().take(size - 1).enumerate() {
+        tridiagonal.data[index * size + index + 1] = *beta;
+        tridiagonal.data[(index + 1) * size + index] = *beta;
+    }
+    let (values, ritz) = crate::linalg::symmetric_eigen(&tridiagonal).map_err(|error| format!("Lanczos: {error}"))?;
+    let mut result: Vec<f64> = values[size - k..].to_vec();
+    for column in size - k..size {
+        let mut vector = vec![0.0; n];
+        for (row, basis) in vectors.iter().take(size).enumerate() {
+            let weight = ritz.at(row, column);
+            vector.iter_mut().zip(basis).for_each(|(value, entry)| *value += weight * entry);
+        }
+        result.extend(vector);
+    }
+    Ok(result)
+}
+
+/// FOSI (hsivan/fosi `scale_by_fosi` with `approx_l = 0`) for one parameter. At a refresh the
+/// eigenpairs `(lambda_i, v_i)` become `V` and the learning rates `|1 / lambda_i|`, and the
+/// scaling of the base optimizer `clip(lr_1 / lr_k, 1, lr_clip)` (the ratio of the largest to
+/// the smallest of the k eigenvalues). Each step: `g1 = V^T V g`, `g2 = g - g1`; the velocity
+/// in the subspace is `(1 - decay) g1 + decay velocity` (base `adam`), `g1 + decay velocity`
+/// (`momentum`) or `g1` (`sgd`); the Newton part `V^T (lr_i (V velocity))`; the base optimizer
+/// (Adam with `b1`, `b2`, `eps`; heavy ball `b <- momentum b + g2`; or SGD) on `g2`, its direction
+/// orthogonalised against `V`. The reference's step `scaling * base_deltas - alpha * newton`, with
+/// `base_deltas` already scaled by `-lr`, is the direction `scaling * base + (alpha / lr) newton`.
+/// Before the first refresh `V` is empty and FOSI is its base optimizer.
+fn fosi(
+    plan: &ParamPlan,
+    shape: &[usize],
+    states: &mut States,
+    inputs: &KroneckerInputs,
+    eigenpairs: Option<&[f64]>,
+) -> Result<Vec<f64>, String> {
+    let g = inputs.gradient;
+    let n = g.len();
+    let k = (number(&plan.options, "rank", 1.0) as usize).max(1);
+    let base = option_name(&plan.options, "base").unwrap_or("adam");
+    let decay = number(&plan.options, "decay", 0.9);
+    let alpha = number(&plan.options, "alpha", 0.1);
+    let lr_clip = number(&plan.options, "lr_clip", if base == "adam" { 1.0 } else { 3.0 });
+    if let Some(pairs) = eigenpairs {
+        if pairs.len() != k * (n + 1) {
+            return Err(format!("FOSI: {} eigenpair values where {} were expected", pairs.len(), k * (n + 1)));
+        }
+        let rates: Vec<f64> = pairs[..k].iter().map(|value| (1.0 / value).abs()).collect();
+        let scaling = (rates[0] / rates[k - 1]).clamp(1.0, lr_clip.max(1.0));
+        *states.get("eigenvectors", &[k, n]) = pairs[k..].to_vec();
+        *states.get("learning_rates", &[k]) = rates;
+        states.get("scaling", &[1])[0] = scaling;
+    }
+    let vectors = Matrix { rows: k, columns: n, data: std::mem::take(states.get("eigenvectors", &[k, n])) };
+    if vectors.data.len() != k * n {
+        return Err("FOSI: the state `eigenvectors` does not match `rank` (was it changed since the checkpoint?)".to_string());
+    }
+    let rates = states.get("learning_rates", &[k]).clone();
+    let scaling = {
+        let stored = states.get("scaling", &[1])[0];
+        if stored == 0.0 { 1.0 } else { stored }
+    };
+    let coordinates_of = |x: &[f64]| -> Vec<f64> {
+        vectors.data.chunks_exact(n.max(1)).map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum()).collect()
+    };
+    let combine = |coefficients: &[f64]| -> Vec<f64> {
+        let mut result = vec![0.0; n];
+        for (row, coefficient) in vectors.data.chunks_exact(n.max(1)).zip(coefficients) {
+            result.iter_mut().zip(row).for_each(|(value, entry)| *value += coefficient * entry);
+        }
+        result
+    };
+    let project = |x: &[f64]| -> Vec<f64> { combine(&coordinates_of(x)) };
+    let g1 = project(g);
+    let g2: Vec<f64> = g.iter().zip(&g1).map(|(a, b)| a - b).collect();
+    let velocity = states.get("velocity", shape);
+    for (value, part) in velocity.iter_mut().zip(&g1) {
+        *value = match base {
+            "adam" => (1.0 - decay) * part + decay * *value,
+            "momentum" => part + decay * *value,
+            _ => *part,
+        };
+    }
+    let velocity = velocity.clone();
+    let scaled: Vec<f64> = coordinates_of(&velocity).iter().zip(&rates).map(|(c, rate)| c * rate).collect();
+    let newton = combine(&scaled);
+    let mut base_direction = match base {
+        "adam" => {
+            let (b1, b2) = (number(&plan.options, "b1", 0.9), number(&plan.options, "b2", 0.999));
+            let eps = number(&plan.options, "eps", 1e-8);
+            let t = inputs.step as i32;
+            let m = states.get("m", shape);
+            m.iter_mut().zip(&g2).for_each(|(value, x)| *value = b1 * *value + (1.0 - b1) * x);
+            let m = m.clone();
+            let v = states.get("v", shape);
+            v.iter_mut().zip(&g2).for_each(|(value, x)| *value = b2 * *value + (1.0 - b2) * x * x);
+            m.iter()
+                .zip(v.iter())
+                .map(|(m, v)| (m / (1.0 - b1.powi(t))) / ((v / (1.0 - b2.powi(t))).sqrt() + eps))
+                .collect::<Vec<f64>>()
+        }
+        "momentum" => {
+            let beta = number(&plan.options, "momentum", 0.9);
+            let buffer = states.get("momentum", shape);
+            buffer.iter_mut().zip(&g2).for_each(|(value, x)| *value = beta * *value + x);
+            buffer.clone()
+        }
+        _ => g2.clone(),
+    };
+    let along = project(&base_direction);
+    base_direction.iter_mut().zip(&along).for_each(|(value, part)| *value -= part);
+    let rate = inputs.learning_rate;
+    if rate == 0.0 {
+        return Err("FOSI: the learning rate is zero, so the Newton part cannot be expressed as a direction".to_string());
+    }
+    *states.get("eigenvectors", &[k, n]) = vectors.data;
+    Ok(base_direction.iter().zip(&newton).map(|(b, d)| scaling * b + alpha / rate * d).collect())
 }
 
 /// `(I + U V^T) x` for `n x r` matrices `U`, `V`.

@@ -44,18 +44,23 @@ pub fn unsupported(plan: &ParamPlan) -> Option<String> {
                 return Some(format!("`function = {function}` does not go with `stats = {stats}`: use inverse_root, newton or eigenbasis with gradient_outer; damped_inverse, damped_eigen, sherman_morrison or adafisher with kfac; lie_group with psgd"));
             }
         }
-        other => return Some(format!("the `{}` structure is not executable yet", other.name())),
+        StructureKind::Dense if option_name(&plan.options, "stats") == Some("hessian") => {}
+        StructureKind::Dense => {
+            return Some("the `dense` structure is not executable yet with this `stats` (only `stats = hessian`, lazy Newton)".to_string())
+        }
     }
     for modifier in &plan.modifiers {
         let supported = match modifier.name.as_str() {
             "weight_decay" => true,
-            "momentum" => {
-                matches!(plan.structure, StructureKind::Diagonal | StructureKind::Kronecker | StructureKind::LowRank)
-            }
+            "momentum" => matches!(
+                plan.structure,
+                StructureKind::Diagonal | StructureKind::Kronecker | StructureKind::LowRank | StructureKind::Dense
+            ),
             "graft" => plan.structure == StructureKind::Kronecker && matches!(function, "inverse_root" | "newton"),
-            "rms_clip" => {
-                matches!(plan.structure, StructureKind::Kronecker | StructureKind::Orthogonalize | StructureKind::LowRank)
-            }
+            "rms_clip" => matches!(
+                plan.structure,
+                StructureKind::Kronecker | StructureKind::Orthogonalize | StructureKind::LowRank | StructureKind::Dense
+            ),
             "kl_clip" => plan.structure == StructureKind::Kronecker,
             _ => false,
         };
@@ -100,6 +105,11 @@ pub fn statistics_needed(plan: &ParamPlan, rules: &[RuleProgram], step: u64) -> 
                 }
             }
         }
+        StructureKind::LowRank | StructureKind::Dense => {
+            if let Some(kind) = block_hessian_statistic(plan, step) {
+                needed.insert(kind.to_string());
+            }
+        }
         StructureKind::Kronecker => {
             if let Some(kind) = kfac_statistic(plan) {
                 let every = option_number(&plan.options, "every").unwrap_or(1.0) as u64;
@@ -111,6 +121,29 @@ pub fn statistics_needed(plan: &ParamPlan, rules: &[RuleProgram], step: u64) -> 
         _ => {}
     }
     needed
+}
+
+/// The statistic a plan computes from Hessian-vector products of its own parameter's block at
+/// `step`, if any: `lanczos` (FOSI's top eigenpairs, at steps `warmup`, `warmup + every`, ...)
+/// or `hessian` (lazy Newton's whole block, at steps 1, 1 + `every`, ...).
+pub fn block_hessian_statistic(plan: &ParamPlan, step: u64) -> Option<&'static str> {
+    let every = (option_number(&plan.options, "every").unwrap_or(1.0) as u64).max(1);
+    match (plan.structure, option_name(&plan.options, "stats")) {
+        (StructureKind::LowRank, Some("lanczos")) => {
+            let warmup = option_number(&plan.options, "warmup").map_or(every, |value| value as u64).max(1);
+            (step >= warmup && (step - warmup).is_multiple_of(every)).then_some("lanczos")
+        }
+        (StructureKind::Dense, Some("hessian")) => (step.max(1) - 1).is_multiple_of(every).then_some("hessian"),
+        _ => None,
+    }
+}
+
+/// Whether a plan ever needs Hessian-vector products of its parameter's block.
+pub fn uses_block_hessian(plan: &ParamPlan) -> bool {
+    matches!(
+        (plan.structure, option_name(&plan.options, "stats")),
+        (StructureKind::LowRank, Some("lanczos")) | (StructureKind::Dense, Some("hessian"))
+    )
 }
 
 /// The statistic (`kfac(empirical)` or `kfac(sampled)`) a K-FAC plan refreshes its factors from.
@@ -251,13 +284,16 @@ fn update_in_place<T: Real>(
             whole_state: Some(previous),
         }));
     }
-    if !matches!(plan.structure, StructureKind::Kronecker | StructureKind::Orthogonalize | StructureKind::LowRank) {
+    if !matches!(
+        plan.structure,
+        StructureKind::Kronecker | StructureKind::Orthogonalize | StructureKind::LowRank | StructureKind::Dense
+    ) {
         apply_weight_decay(plan, param, learning_rate);
     }
     match plan.structure {
         StructureKind::Diagonal => update_diagonal(plan, param, state, inputs).map(|()| None),
         StructureKind::Factored => update_factored(plan, param, state, inputs).map(|()| None),
-        StructureKind::Kronecker | StructureKind::Orthogonalize | StructureKind::LowRank => {
+        StructureKind::Kronecker | StructureKind::Orthogonalize | StructureKind::LowRank | StructureKind::Dense => {
             update_matrix(plan, param, state, inputs).map(Some)
         }
         other => Err(format!("the `{}` structure is not executable yet", other.name())),
@@ -302,9 +338,17 @@ pub fn matrix_direction<T: Real>(
     };
     // The per-step products in the run's precision; the matrix functions stay in double.
     let _precision = crate::kronecker::ProductPrecision::single(std::mem::size_of::<T>() == 4);
-    if plan.structure == StructureKind::LowRank {
+    if matches!(plan.structure, StructureKind::LowRank | StructureKind::Dense) {
+        // FOSI's eigenpairs and lazy Newton's Hessian, at the steps that refresh them.
+        let statistic = block_hessian_statistic(plan, inputs.step)
+            .and_then(|kind| inputs.statistics.get(kind))
+            .map(|tensor| tensor.data.iter().map(|value| value.to_f64()).collect::<Vec<f64>>());
         let mut states = crate::kronecker::States::load(state);
-        let direction = crate::lowrank::direction(plan, shape, &mut states, &kronecker_inputs)?;
+        let direction = if plan.structure == StructureKind::Dense {
+            crate::newton::direction(plan, &mut states, &kronecker_inputs, statistic.as_deref())?
+        } else {
+            crate::lowrank::direction(plan, shape, &mut states, &kronecker_inputs, statistic.as_deref())?
+        };
         *previous = Some(states.store(state));
         return Ok(Some(direction));
     }

@@ -352,7 +352,9 @@ impl<T: Real> Trainer<T> {
         let states = vec![Vec::new(); program.params.len()];
         let autodiff_started = std::time::Instant::now();
         let gradients = gradient_program(&program.loss, &program.params).function;
-        let needs_hessian = program.optimizer.plans.iter().any(|plan| crate::optimizer::uses_hutchinson(plan, &rules));
+        let needs_hessian = program.optimizer.plans.iter().any(|plan| {
+            crate::optimizer::uses_hutchinson(plan, &rules) || crate::optimizer::uses_block_hessian(plan)
+        });
         let hessian_vector = needs_hessian.then(|| hvp_program(&program.loss, &program.params));
         // A K-FAC parameter that is not captured reports at its first step.
         let captures = capture_program(&program).ok().flatten();
@@ -374,6 +376,77 @@ impl<T: Real> Trainer<T> {
             autodiff_seconds: autodiff_started.elapsed().as_secs_f64(),
             groups,
         }
+    }
+
+    /// Curvature of one parameter's Hessian block from Hessian-vector products at the step's
+    /// parameters and batch (the probe is zero on every other parameter, and only the parameter's
+    /// own part of each product is kept): `lanczos`, FOSI's top eigenpairs (Lanczos of order
+    /// `4 rank` from a normal start vector drawn from the `Preconditioner` stream with the key
+    /// `step * 65536 + param`), or `hessian`, the whole `n x n` block from the `n` unit vectors.
+    fn block_hessian(
+        &self,
+        step: u64,
+        inputs: &mut Inputs<T>,
+        plan: &curv_ir::ParamPlan,
+        kind: &str,
+    ) -> Result<Tensor<T>, TrainError> {
+        let function = self
+            .hessian_vector
+            .as_ref()
+            .ok_or_else(|| TrainError::Runtime("the Hessian-vector program is missing".to_string()))?;
+        let index = plan.param;
+        let name = format!("hvp.{}", self.param_name(index));
+        let saved = std::mem::take(&mut inputs.inputs);
+        let zeros: Vec<Value<T>> =
+            inputs.params.iter().map(|param| Value::Real(Tensor::new(param.shape.clone(), vec![T::from_f64(0.0); param.len()]))).collect();
+        let shape = inputs.params[index].shape.clone();
+        let n = inputs.params[index].len();
+        let backend = &self.backend;
+        let mut hvp = |vector: &[f64]| -> Result<Vec<f64>, String> {
+            let mut probes = zeros.clone();
+            probes[index] = Value::Real(Tensor::new(shape.clone(), vector.iter().map(|value| T::from_f64(*value)).collect()));
+            inputs.inputs = probes;
+            let values = backend.outputs(keys::HESSIAN_VECTOR, function, inputs).map_err(|error| error.to_string())?;
+            let product = find_output(&values, &name)
+                .and_then(Value::as_real)
+                .ok_or_else(|| format!("the Hessian-vector product `{name}` is missing"))?;
+            Ok(product.data.iter().map(|value| value.to_f64()).collect())
+        };
+        let result = match kind {
+            "lanczos" => {
+                let k = curv_ir::option_number(&plan.options, "rank").unwrap_or(1.0) as usize;
+                let mut random = Random::new(self.seed, Stream::Preconditioner, step * 65_536 + index as u64);
+                let start: Vec<f64> = (0..n).map(|_| random.normal()).collect();
+                crate::lowrank::lanczos(n, 4 * k, k, &start, &mut hvp)
+            }
+            _ => {
+                let mut hessian = vec![0.0; n * n];
+                let mut unit = vec![0.0; n];
+                let mut outcome = Ok(());
+                for column in 0..n {
+                    unit[column] = 1.0;
+                    match hvp(&unit) {
+                        Ok(product) => {
+                            for (row, value) in product.into_iter().enumerate() {
+                                hessian[row * n + column] = value;
+                            }
+                        }
+                        Err(error) => {
+                            outcome = Err(error);
+                            break;
+                        }
+                    }
+                    unit[column] = 0.0;
+                }
+                outcome.map(|()| hessian)
+            }
+        };
+        inputs.inputs = saved;
+        let values = result.map_err(|message| {
+            TrainError::Runtime(format!("step {step}, `{}`: {message}", self.param_name(index)))
+        })?;
+        let length = values.len();
+        Ok(Tensor::new(vec![length], values.into_iter().map(T::from_f64).collect()))
     }
 
     /// Whether parameters sharing an elementwise rule are updated by one multi-parameter kernel
@@ -625,6 +698,14 @@ impl<T: Real> Trainer<T> {
                         stacked
                     }
                 });
+            }
+        }
+        if problem.is_none() {
+            for plan in &self.program.optimizer.plans {
+                if let Some(kind) = crate::optimizer::block_hessian_statistic(plan, step) {
+                    let tensor = self.block_hessian(step, inputs, plan, kind)?;
+                    statistics[plan.param].insert(kind.to_string(), tensor);
+                }
             }
         }
         for (index, factors) in kfac.iter().enumerate() {
