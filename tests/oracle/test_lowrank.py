@@ -14,12 +14,16 @@ against the reference optimizer class itself; the two-layer cases compare agains
 instance per parameter.
 """
 
+import functools
+
 import numpy as np
 import pytest
+import torch
 
 from curv_random import normal, preconditioner_random
 from test_kronecker import (
-    MLP2, SEED, STEPS, PerParameter, compare, initial_parameters, relative_error, run_curv, train_reference,
+    MLP2, SEED, Digits, PerParameter, compare, forward_backward, initial_parameters, relative_error, run_curv,
+    train_reference,
 )
 
 LINEAR = {"w": (64, 10)}
@@ -334,3 +338,231 @@ def test_psgd_lra_reference_detects_the_u_or_v_coin():
 
     wrong, _ = train_reference(shapes, init, lambda names: PerParameter(names, lambda name: Swapped(0, lr=lr, **options)))
     assert relative_error(wrong["w"], right["w"]) > 1e-4
+
+
+# --- FOSI: hsivan/fosi torch_optim --------------------------------------------------------------------
+
+
+@functools.cache
+def full_batch():
+    data = Digits()
+    return torch.tensor(data.x), torch.tensor(data.labels)
+
+
+def block_hvp(weights, index, vector):
+    """The Hessian-vector product of the full-batch mean cross-entropy of the tanh MLP with respect
+    to weight `index` alone (the other weights fixed), in float64, by double backward in torch."""
+    x, y = full_batch()
+    params = [torch.tensor(weight, requires_grad=(i == index)) for i, weight in enumerate(weights)]
+    h = x
+    for weight in params[:-1]:
+        h = torch.tanh(h @ weight)
+    loss = torch.nn.functional.cross_entropy(h @ params[-1], y)
+    (grad,) = torch.autograd.grad(loss, params[index], create_graph=True)
+    (product,) = torch.autograd.grad(grad, params[index], grad_outputs=torch.tensor(vector.reshape(grad.shape)))
+    return product.detach().numpy().reshape(-1)
+
+
+def lanczos(hvp, n, order, k, start):
+    """`lanczos_alg` of hsivan/fosi `torch_optim/lanczos_algorithm.py`: `order` iterations with full
+    reorthogonalisation (twice, against all stored vectors), `eigh` of the tridiagonal matrix, the
+    top `k` Ritz pairs (eigenvalues ascending). Deviations: the start vector is curv's draw (the
+    reference draws `torch.normal`); the Hessian-vector products are float64 (the reference casts
+    the vector to float32 by default)."""
+    vecs = np.zeros((order, n))
+    tridiag = np.zeros((order, order))
+    vecs[0] = start / np.linalg.norm(start)
+    for i in range(order):
+        w = hvp(vecs[i])
+        tridiag[i, i] = w @ vecs[i]
+        if i + 1 < order:
+            w = w - vecs.T @ (vecs @ w)
+            w = w - vecs.T @ (vecs @ w)
+            beta = np.linalg.norm(w)
+            tridiag[i, i + 1] = tridiag[i + 1, i] = beta
+            vecs[i + 1] = w / beta
+    values, vectors = np.linalg.eigh(tridiag)
+    return values[order - k:], vectors.T[order - k:] @ vecs
+
+
+class Fosi:
+    """`scale_by_fosi` of hsivan/fosi `torch_optim/fosi_optimizer.py` with `approx_l = 0` for one
+    parameter, through `fosi_adam` (velocity `(1 - decay) g1 + decay v`, `learning_rate_clip = 1`,
+    base `torchopt.adam`) or `fosi_momentum` (velocity `g1 + decay v`, clip 3, base `torchopt.sgd`
+    with momentum). At steps `count + 1 >= warmup` with `(count + 1 - warmup) % every == 0` the
+    extreme spectrum estimation (Lanczos of order 4k on this parameter's Hessian block at the
+    current weights, on the full batch, as the reference's static batch) gives the eigenvectors,
+    `lr_i = |1 / lambda_i|` and `scaling = clip(lr_0 / lr_{k-1}, 1, clip)`; each step `g1 = V^T V g`,
+    `g2 = g - g1`, `newton = V^T (lr * (V velocity))`, base deltas of `g2` orthogonalised against V,
+    and `w <- w + scaling * deltas - alpha * newton`."""
+
+    def __init__(self, index, names, lr, k, every, base="adam", decay=0.9, alpha=0.1, momentum=0.9,
+                 b1=0.9, b2=0.999, eps=1e-8, warmup=None):
+        self.index, self.lr, self.k, self.every, self.base = index, lr, k, every, base
+        self.decay, self.alpha, self.momentum, self.b1, self.b2, self.eps = decay, alpha, momentum, b1, b2, eps
+        self.warmup = every if warmup is None else warmup
+        self.clip = 1.0 if base == "adam" else 3.0
+        self.vectors = self.rates = None
+        self.scaling = 1.0
+        self.state = None
+
+    def step_all(self, t, weights, grad):
+        g = grad.reshape(-1)
+        n = g.size
+        if self.state is None:
+            self.state = dict(velocity=np.zeros(n), m=np.zeros(n), v=np.zeros(n), buffer=np.zeros(n))
+            self.vectors = np.zeros((self.k, n))
+            self.rates = np.zeros(self.k)
+        if t >= self.warmup and (t - self.warmup) % self.every == 0:
+            random = preconditioner_random(SEED, t, self.index)
+            start = np.array([normal(random) for _ in range(n)])
+            values, self.vectors = lanczos(lambda v: block_hvp(weights, self.index, v), n, 4 * self.k, self.k, start)
+            self.rates = np.abs(1.0 / values)
+            self.scaling = float(np.clip(self.rates[0] / self.rates[-1], 1.0, self.clip))
+        V, s = self.vectors, self.state
+        g1 = V.T @ (V @ g)
+        g2 = g - g1
+        if self.base == "adam":
+            s["velocity"] = (1 - self.decay) * g1 + self.decay * s["velocity"]
+        else:
+            s["velocity"] = g1 + self.decay * s["velocity"]
+        newton = V.T @ (self.rates * (V @ s["velocity"]))
+        if self.base == "adam":
+            s["m"] = self.b1 * s["m"] + (1 - self.b1) * g2
+            s["v"] = self.b2 * s["v"] + (1 - self.b2) * g2 * g2
+            m_hat, v_hat = s["m"] / (1 - self.b1**t), s["v"] / (1 - self.b2**t)
+            deltas = -self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
+        else:
+            s["buffer"] = self.momentum * s["buffer"] + g2
+            deltas = -self.lr * s["buffer"]
+        deltas = deltas - V.T @ (V @ deltas)
+        return (self.scaling * deltas - self.alpha * newton).reshape(grad.shape)
+
+
+class FosiAll:
+    """One `Fosi` per weight, all of them reading the weights before this step's updates."""
+
+    def __init__(self, names, factory):
+        self.states = [factory(index) for index in range(len(names))]
+
+    def step(self, t, weights, grads, layers):
+        current = [weight.copy() for weight in weights]
+        for index, state in enumerate(self.states):
+            weights[index] = weights[index] + state.step_all(t, current, grads[index])
+
+
+FOSI_CASES = {
+    # One parameter: the reference on the whole model. Four eigenpairs refreshed at steps 5, 10,
+    # 15 and 20, Adam as the base.
+    "linear_adam": (LINEAR, "w : lowrank(stats = lanczos, rank = 4, every = 5)", 0.01, dict(k=4, every=5)),
+    # Two layers, heavy-ball base with its learning-rate clip of 3, eigenpairs from step 3 every 4.
+    "mlp_momentum": (
+        MLP2,
+        "* : lowrank(stats = lanczos, rank = 3, every = 4, warmup = 3, base = momentum, momentum = 0.8, decay = 0.7, alpha = 0.2)",
+        0.05,
+        dict(k=3, every=4, warmup=3, base="momentum", momentum=0.8, decay=0.7, alpha=0.2),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FOSI_CASES))
+def test_fosi_matches_hsivan_fosi(tmp_path, case):
+    shapes, line, lr, options = FOSI_CASES[case]
+    init = initial_parameters(shapes)
+    ours = run_curv(tmp_path, shapes, [line], lr, init)
+    names = list(shapes)
+    reference, losses = train_reference(
+        shapes, init, lambda names: FosiAll(names, lambda index: Fosi(index, names, lr, **options)),
+    )
+    assert losses[-1] < losses[0]
+    compare(ours, reference)
+
+
+def test_block_hvp_matches_finite_differences():
+    """The reference's Hessian-vector products (torch double backward) agree with central
+    differences of the gradient, so the FOSI and Newton references use the right Hessian."""
+    init = initial_parameters(MLP2)
+    weights = [init[name] for name in MLP2]
+    generator = np.random.default_rng(3)
+    vector = generator.normal(size=weights[1].size)
+    product = block_hvp(weights, 1, vector)
+    step = 1e-5
+    plus = [w.copy() for w in weights]
+    minus = [w.copy() for w in weights]
+    plus[1] = plus[1] + step * vector.reshape(weights[1].shape)
+    minus[1] = minus[1] - step * vector.reshape(weights[1].shape)
+    data = Digits()
+    difference = (forward_backward(plus, data)[1][1] - forward_backward(minus, data)[1][1]).reshape(-1) / (2 * step)
+    assert relative_error(product, difference) < 1e-6
+
+
+# --- Lazy Newton: Doikov, Chayti and Jaggi (2023) -------------------------------------------------------
+
+
+class LazyNewton:
+    """Newton's method with lazy Hessians (Doikov, Chayti and Jaggi, ICML 2023, Algorithm 1 with
+    the cubic step of Nesterov and Polyak, or the gradient-regularised step of Mishchenko 2023),
+    for one parameter: every `every` steps from step 1 the block Hessian (columns from
+    Hessian-vector products with unit vectors), otherwise the stale one; the step
+    `h = -(H + tau I)^-1 g` with, for `cubic`, `tau >= max(0, -lambda_min) + damping` solving
+    `tau = M |h| / 2` (scipy's root finder on the monotone residual), for `quadratic`,
+    `tau = sqrt(M |g|) + max(0, -lambda_min) + damping`; `w <- w + step_size h`."""
+
+    def __init__(self, index, every, lipschitz, damping, regularization="cubic", step_size=1.0):
+        self.index, self.every, self.lipschitz, self.damping = index, every, lipschitz, damping
+        self.regularization, self.step_size = regularization, step_size
+        self.hessian = None
+
+    def step_all(self, t, weights, grad):
+        g = grad.reshape(-1)
+        n = g.size
+        if (t - 1) % self.every == 0:
+            columns = [block_hvp(weights, self.index, np.eye(n)[j]) for j in range(n)]
+            hessian = np.stack(columns, axis=1)
+            self.hessian = 0.5 * (hessian + hessian.T)
+        values, vectors = np.linalg.eigh(self.hessian)
+        coordinates = vectors.T @ g
+        shift = max(0.0, -values.min())
+
+        def norm_of_step(tau):
+            return np.linalg.norm(coordinates / (values + tau))
+
+        if self.regularization == "quadratic":
+            tau = np.sqrt(self.lipschitz * np.linalg.norm(g)) + shift + self.damping
+        else:
+            from scipy.optimize import brentq
+            low = shift + self.damping
+            residual = lambda tau: tau - 0.5 * self.lipschitz * norm_of_step(tau)
+            if residual(low) >= 0:
+                tau = low
+            else:
+                high = max(low, 1e-12)
+                while residual(high) < 0:
+                    high *= 2
+                tau = brentq(residual, low, high, xtol=1e-300, rtol=4 * np.finfo(float).eps, maxiter=500)
+        h = -vectors @ (coordinates / (values + tau))
+        return (self.step_size * h).reshape(grad.shape)
+
+
+NEWTON_CASES = {
+    # A small two-layer model (64 x 4 and 4 x 10 weights: Hessian blocks of 256 and 40), its
+    # Hessians refreshed at steps 1, 6, 11 and 16.
+    "cubic": ({"w1": (64, 4), "w2": (4, 10)},
+              "* : dense(stats = hessian, every = 5, regularization = cubic, hessian_lipschitz = 2, damping = 1e-4)",
+              dict(every=5, lipschitz=2.0, damping=1e-4)),
+    "quadratic": ({"w1": (64, 4), "w2": (4, 10)},
+                  "* : dense(stats = hessian, every = 6, regularization = quadratic, hessian_lipschitz = 0.5, damping = 1e-3, step_size = 0.5)",
+                  dict(every=6, lipschitz=0.5, damping=1e-3, regularization="quadratic", step_size=0.5)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NEWTON_CASES))
+def test_lazy_newton_matches_the_algorithm(tmp_path, case):
+    shapes, line, options = NEWTON_CASES[case]
+    init = initial_parameters(shapes)
+    ours = run_curv(tmp_path, shapes, [line], 1.0, init)
+    reference, losses = train_reference(
+        shapes, init, lambda names: FosiAll(names, lambda index: LazyNewton(index, **options)),
+    )
+    assert losses[-1] < losses[0]
+    compare(ours, reference)
