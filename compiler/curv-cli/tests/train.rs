@@ -120,10 +120,13 @@ fn the_digits_mlp_reaches_ninety_five_percent_test_accuracy() {
 
 /// The low-rank presets (docs/language.md section 12.9) on `examples/digits_mlp.curv`, each for
 /// 500 of its 2000 steps: every logged loss is finite and the test accuracy reaches the stated
-/// level (measured: mfac 0.955, natural_galore 0.975, psgd_lra 0.972).
+/// level (measured: mfac 0.955, natural_galore 0.975, psgd_lra 0.972, fosi 0.975, lazy_newton
+/// 0.978).
 #[test]
 fn the_low_rank_presets_train_the_digits_mlp() {
-    for (preset, accuracy) in [("mfac", 0.93), ("natural_galore", 0.95), ("psgd_lra", 0.95)] {
+    for (preset, accuracy) in
+        [("mfac", 0.93), ("natural_galore", 0.95), ("psgd_lra", 0.95), ("fosi", 0.95), ("lazy_newton", 0.95)]
+    {
         let directory = scratch(&format!("lowrank-{preset}"));
         let program = directory.join("digits.curv");
         let text = std::fs::read_to_string(repository_root().join("examples/digits_mlp.curv"))

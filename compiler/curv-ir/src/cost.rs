@@ -106,12 +106,39 @@ impl CostModel<'_> {
                 cost.update_flops = 2.0 * rows * rows * cols + 2.0 * rows * cols * cols + 6.0 * numel;
             }
             StructureKind::LowRank => {
-                let rank = option_number(&plan.options, "rank")
-                    .or_else(|| option_number(&plan.options, "window"))
-                    .unwrap_or(1.0);
-                cost.statistics_flops = 2.0 * numel * rank;
-                cost.inverse_flops = rank.powi(3) / every;
-                cost.update_flops = 4.0 * numel * rank + 2.0 * rank * rank;
+                let rank = option_number(&plan.options, "rank").unwrap_or(1.0);
+                let window = option_number(&plan.options, "window").unwrap_or(1.0);
+                let hessian_vector = 2.0 * 3.0 * forward;
+                match stats {
+                    // Natural GaLore: the projection's eigendecomposition every `every` steps,
+                    // the projected gradient, the window's Gram row and Woodbury solve, Adam.
+                    "fisher" => {
+                        let (small, large) = (rows.min(cols), rows.max(cols));
+                        cost.statistics_flops = 2.0 * small * large * rank + 2.0 * rank * large * window;
+                        cost.inverse_flops = (2.0 * small * small * large + 9.0 * small.powi(3)) / every
+                            + window.powi(3) / 3.0;
+                        cost.update_flops = 4.0 * rank * large * window + 2.0 * small * rank * large + 10.0 * rank * large;
+                    }
+                    // PSGD LRA: balancing (r x r products over n) and the fit, O(n r^2 + n r).
+                    "psgd" => {
+                        cost.statistics_flops = 4.0 * numel * rank * rank + 24.0 * numel * rank;
+                        cost.update_flops = 8.0 * numel * rank + 4.0 * numel;
+                    }
+                    // FOSI: Lanczos of order 4k (that many Hessian-vector products of the model,
+                    // and full reorthogonalisation) every `every` steps.
+                    "lanczos" => {
+                        let order = 4.0 * rank;
+                        cost.statistics_flops = (order * hessian_vector + 4.0 * order * order * numel) / every;
+                        cost.inverse_flops = 9.0 * order.powi(3) / every;
+                        cost.update_flops = 8.0 * numel * rank + 12.0 * numel;
+                    }
+                    // M-FAC: the Gram row, the Cholesky solve and two products with the window.
+                    _ => {
+                        cost.statistics_flops = 2.0 * numel * window / every;
+                        cost.inverse_flops = window.powi(3) / 3.0;
+                        cost.update_flops = 4.0 * numel * window + 2.0 * window * window;
+                    }
+                }
             }
             StructureKind::Orthogonalize => {
                 let small = rows.min(cols);
@@ -122,6 +149,14 @@ impl CostModel<'_> {
             StructureKind::Factored => {
                 cost.statistics_flops = 3.0 * numel;
                 cost.update_flops = 10.0 * numel;
+            }
+            StructureKind::Dense if stats == "hessian" => {
+                // Lazy Newton: n Hessian-vector products of the model and an eigendecomposition
+                // every `every` steps, then two products with the eigenvectors per step.
+                extra = 0.0;
+                cost.statistics_flops = numel * 2.0 * 3.0 * forward / every;
+                cost.inverse_flops = 9.0 * numel.powi(3) / every;
+                cost.update_flops = 4.0 * numel * numel;
             }
             StructureKind::Dense => {
                 cost.statistics_flops = 2.0 * numel * numel;
