@@ -615,7 +615,8 @@ fn compare_command(file: &Path, optimizers: &[String], arguments: &RunArguments)
         Err(_) => {
             // Show the diagnostics of the failing variant.
             for optimizer in optimizers {
-                let analysis_options = curv_sema::AnalysisOptions { optimizer_override: Some(optimizer.clone()), ..Default::default() };
+                let analysis_options =
+                    curv_sema::AnalysisOptions { optimizer_override: Some(optimizer.clone()), ..Default::default() };
                 let compilation = curv_driver::compile_file_with_options(source.clone(), &analysis_options);
                 if compilation.has_errors() {
                     eprintln!("with --optimizer {optimizer}:");

@@ -121,12 +121,17 @@ fn the_digits_mlp_reaches_ninety_five_percent_test_accuracy() {
 /// The low-rank presets (docs/language.md section 12.9) on `examples/digits_mlp.curv`, each for
 /// 500 of its 2000 steps: every logged loss is finite and the test accuracy reaches the stated
 /// level (measured: mfac 0.955, natural_galore 0.975, psgd_lra 0.972, fosi 0.975, lazy_newton
-/// 0.978).
+/// 0.978, singd 0.947).
 #[test]
 fn the_low_rank_presets_train_the_digits_mlp() {
-    for (preset, accuracy) in
-        [("mfac", 0.93), ("natural_galore", 0.95), ("psgd_lra", 0.95), ("fosi", 0.95), ("lazy_newton", 0.95)]
-    {
+    for (preset, accuracy) in [
+        ("mfac", 0.93),
+        ("natural_galore", 0.95),
+        ("psgd_lra", 0.95),
+        ("fosi", 0.95),
+        ("lazy_newton", 0.95),
+        ("singd", 0.93),
+    ] {
         let directory = scratch(&format!("lowrank-{preset}"));
         let program = directory.join("digits.curv");
         let text = std::fs::read_to_string(repository_root().join("examples/digits_mlp.curv"))
@@ -332,7 +337,10 @@ fn run_rejects_what_it_cannot_do_with_clear_errors() {
     let text = std::fs::read_to_string(repository_root().join("examples/optimizers/mfac.curv"))
         .unwrap()
         .replace("../data/digits.csv", repository_root().join("examples/data/digits.csv").to_str().unwrap())
-        .replace("use std.optimizers.mfac\n", "optimizer full {\n    lr 1e-3\n    * : dense(stats = gradient_outer)\n}\n")
+        .replace(
+            "use std.optimizers.mfac\n",
+            "optimizer full {\n    lr 1e-3\n    * : dense(stats = gradient_outer)\n}\n",
+        )
         .replace("optimizer mfac", "optimizer full");
     std::fs::write(&program, text).unwrap();
     let output = curv(&["run", program.to_str().unwrap(), "--steps", "1"]);

@@ -514,7 +514,8 @@ pub fn compare(
     // Every variant is checked before any of them runs, so a mistake costs no training time.
     let mut programs = Vec::new();
     for optimizer in optimizers {
-        let analysis_options = curv_sema::AnalysisOptions { optimizer_override: Some(optimizer.clone()), ..Default::default() };
+        let analysis_options =
+            curv_sema::AnalysisOptions { optimizer_override: Some(optimizer.clone()), ..Default::default() };
         let compilation = crate::compile_file_with_options(source.clone(), &analysis_options);
         match compilation.analysis {
             Some(analysis) if !compilation.parsed.errors.is_empty() || analysis.has_errors() => {

@@ -115,9 +115,10 @@ impl CostModel<'_> {
                     "fisher" => {
                         let (small, large) = (rows.min(cols), rows.max(cols));
                         cost.statistics_flops = 2.0 * small * large * rank + 2.0 * rank * large * window;
-                        cost.inverse_flops = (2.0 * small * small * large + 9.0 * small.powi(3)) / every
-                            + window.powi(3) / 3.0;
-                        cost.update_flops = 4.0 * rank * large * window + 2.0 * small * rank * large + 10.0 * rank * large;
+                        cost.inverse_flops =
+                            (2.0 * small * small * large + 9.0 * small.powi(3)) / every + window.powi(3) / 3.0;
+                        cost.update_flops =
+                            4.0 * rank * large * window + 2.0 * small * rank * large + 10.0 * rank * large;
                     }
                     // PSGD LRA: balancing (r x r products over n) and the fit, O(n r^2 + n r).
                     "psgd" => {

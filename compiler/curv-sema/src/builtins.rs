@@ -91,6 +91,7 @@ pub const STRUCTURES: &[StructureSpec] = &[
                     "lie_group",
                     "sherman_morrison",
                     "adafisher",
+                    "singd",
                 ]),
                 D::Name("inverse_root"),
             ),
@@ -126,6 +127,9 @@ pub const STRUCTURES: &[StructureSpec] = &[
             option("reset_threshold", K::Positive, D::Absent),
             option("factor_decay", K::UnitInterval, D::Absent),
             option("factor_weight", K::UnitInterval, D::Absent),
+            option("riemannian_momentum", K::Fraction, D::Absent),
+            option("factor_structure", K::Choice(&["dense", "block_diagonal"]), D::Absent),
+            option("factor_block", K::PositiveInt, D::Absent),
         ],
     },
     StructureSpec {

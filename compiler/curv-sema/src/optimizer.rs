@@ -380,7 +380,7 @@ impl<'a> Checker<'a> {
         let (structure, needs_matrix, options, option_spans, rule_name) = if let Some(spec) =
             builtins::structure(structure_name)
         {
-            let (options, spans) = resolve_options_with_spans(
+            let (mut options, spans) = resolve_options_with_spans(
                 self,
                 structure_name,
                 spec.options,
@@ -410,8 +410,12 @@ impl<'a> Checker<'a> {
                 // projection and a window of projected gradients, PSGD low-rank factors.
                 let (wants_rank, wants_window, label, help) = match stats {
                     "fisher" => (true, true, "Natural GaLore needs `rank` and `window`", "give `rank = r, window = m`"),
-                    "psgd" => (true, false, "PSGD's low-rank preconditioner needs `rank` and no `window`", "give `rank = r`"),
-                    "lanczos" => (true, false, "FOSI needs `rank` (the number of eigenpairs) and no `window`", "give `rank = k`"),
+                    "psgd" => {
+                        (true, false, "PSGD's low-rank preconditioner needs `rank` and no `window`", "give `rank = r`")
+                    }
+                    "lanczos" => {
+                        (true, false, "FOSI needs `rank` (the number of eigenpairs) and no `window`", "give `rank = k`")
+                    }
                     _ => (false, true, "M-FAC's gradient window needs `window` and no `rank`", "give `window = m`"),
                 };
                 if has_rank != wants_rank || has_window != wants_window {
@@ -429,6 +433,45 @@ impl<'a> Checker<'a> {
                     return None;
                 }
                 needs_matrix = stats == "fisher";
+                // Each estimator reads its own options: a default that does not apply is dropped
+                // from the plan, and one given explicitly is an error.
+                let applies: &[&str] = match stats {
+                    "fisher" => &["stats", "rank", "window", "damping", "every", "b1", "b2", "eps", "scale"],
+                    "psgd" => &[
+                        "stats",
+                        "rank",
+                        "lr_precond",
+                        "init_scale",
+                        "lipschitz_ema",
+                        "noise_damping",
+                        "update_probability",
+                        "max_rms",
+                        "momentum",
+                    ],
+                    "lanczos" => &[
+                        "stats", "rank", "every", "warmup", "base", "decay", "alpha", "lr_clip", "b1", "b2", "eps",
+                        "momentum",
+                    ],
+                    _ => &["stats", "window", "damping", "every", "momentum"],
+                };
+                for (name, span) in &spans {
+                    if !applies.contains(&name.as_str()) {
+                        self.emit(
+                            Diagnostic::error(
+                                "E0103",
+                                *span,
+                                format!("`lowrank(stats = {stats})` has no option `{name}`"),
+                                "not an option of this estimator",
+                            )
+                            .with_help(format!(
+                                "the options of `lowrank(stats = {stats})` are: {}",
+                                applies.join(", ")
+                            )),
+                        );
+                        return None;
+                    }
+                }
+                options.retain(|(key, _)| applies.contains(&key.as_str()));
             }
             (kind, needs_matrix, options, spans, structure_name.to_string())
         } else if let Some(rule) = self.rules.get(structure_name).copied() {
@@ -607,7 +650,9 @@ impl<'a> Checker<'a> {
                         ),
                         format!("`{}` has {numel} elements", param.name),
                     )
-                    .with_help("add a later rule for larger parameters, such as `* : diagonal(stats = gradient_square)`");
+                    .with_help(
+                        "add a later rule for larger parameters, such as `* : diagonal(stats = gradient_square)`",
+                    );
                     diagnostic.labels.push(label_in(optimizer.source, line.line.span, "`max_size` set in this rule"));
                     self.emit(diagnostic);
                     ok = false;
@@ -730,6 +775,17 @@ impl<'a> Checker<'a> {
                     "sherman_morrison" => {
                         state.push(state_of("left_inverse", &[rows * rows]));
                         state.push(state_of("right_inverse", &[cols * cols]));
+                    }
+                    // SINGD keeps the factors K and C of the inverses, their Riemannian momenta
+                    // and the momentum of the updates.
+                    "singd" => {
+                        state.push(state_of("left_preconditioner", &[rows * rows]));
+                        state.push(state_of("right_preconditioner", &[cols * cols]));
+                        if option_number(&line.options, "riemannian_momentum").unwrap_or(0.5) != 0.0 {
+                            state.push(state_of("left_momentum", &[rows * rows]));
+                            state.push(state_of("right_momentum", &[cols * cols]));
+                        }
+                        state.push(state_of("update_momentum", &shape));
                     }
                     // AdaFisher keeps the factors' diagonals and a first moment.
                     "adafisher" => {

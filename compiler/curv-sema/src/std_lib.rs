@@ -22,6 +22,7 @@ pub const MODULES: &[(&str, &str)] = &[
     ("std.optimizers.psgd_lra", include_str!("../std/optimizers/psgd_lra.curv")),
     ("std.optimizers.fosi", include_str!("../std/optimizers/fosi.curv")),
     ("std.optimizers.lazy_newton", include_str!("../std/optimizers/lazy_newton.curv")),
+    ("std.optimizers.singd", include_str!("../std/optimizers/singd.curv")),
     ("std.optimizers.adalomo", include_str!("../std/optimizers/adalomo.curv")),
     ("std.optimizers.innaprop", include_str!("../std/optimizers/innaprop.curv")),
 ];

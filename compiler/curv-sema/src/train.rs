@@ -605,12 +605,8 @@ impl<'a> Checker<'a> {
         states.sort_by(|first, second| second.0.cmp(&first.0));
         let (largest_bytes, largest) = states[0];
         let name = &program.params[largest.param].name;
-        let detail = largest
-            .state
-            .iter()
-            .map(|state| format!("{} {}", state.name, state.ty))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let detail =
+            largest.state.iter().map(|state| format!("{} {}", state.name, state.ty)).collect::<Vec<_>>().join(", ");
         let mut diagnostic = Diagnostic::error(
             "E0308",
             span,
@@ -627,8 +623,11 @@ impl<'a> Checker<'a> {
         .with_note(format!("the state of `{name}`: {detail}"));
         for (bytes, plan) in states.iter().skip(1).take(2) {
             if *bytes > 0 {
-                diagnostic =
-                    diagnostic.with_note(format!("`{}` keeps {}", program.params[plan.param].name, format_bytes(*bytes)));
+                diagnostic = diagnostic.with_note(format!(
+                    "`{}` keeps {}",
+                    program.params[plan.param].name,
+                    format_bytes(*bytes)
+                ));
             }
         }
         let help = match largest.structure {
@@ -829,5 +828,9 @@ pub(crate) fn format_bytes(bytes: u64) -> String {
         value /= 1024.0;
         unit += 1;
     }
-    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }

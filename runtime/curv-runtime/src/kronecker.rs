@@ -487,6 +487,7 @@ pub fn kronecker_direction<T: Real>(
         }
         "sherman_morrison" => crate::mkor::direction(plan, shape, &mut states, inputs)?,
         "adafisher" => crate::adafisher::direction(plan, shape, &mut states, inputs)?,
+        "singd" => crate::singd::direction(plan, shape, &mut states, inputs)?,
         other => return Err(format!("the `{other}` matrix function is not executable yet")),
     };
     *previous = Some(states.store(state));

@@ -25,6 +25,7 @@ pub mod psgd;
 pub mod random;
 pub mod schedule;
 pub mod shampoo4bit;
+pub mod singd;
 pub mod trainer;
 
 pub use backend::{Backend, Interpreter};

@@ -125,7 +125,8 @@ pub fn woodbury(vectors: &Matrix, gram: &Matrix, damping: f64, weight: f64, x: &
     for index in 0..window {
         system.data[index * window + index] += damping / weight;
     }
-    let lower = cholesky(&system).map_err(|error| format!("lowrank: the window's {window}x{window} system: {error}"))?;
+    let lower =
+        cholesky(&system).map_err(|error| format!("lowrank: the window's {window}x{window} system: {error}"))?;
     let dots: Vec<f64> = (0..window)
         .map(|row| vectors.data[row * length..(row + 1) * length].iter().zip(x).map(|(a, b)| a * b).sum())
         .collect();
@@ -196,7 +197,8 @@ fn mfac(plan: &ParamPlan, shape: &[usize], states: &mut States, inputs: &Kroneck
 /// its largest entry in absolute value is positive (a deterministic choice).
 fn left_singular_vectors(gradient: &Matrix, rank: usize) -> Result<Matrix, String> {
     let outer = product(gradient, false, gradient, true);
-    let vectors = descending_eigenvectors(&outer).map_err(|error| format!("Natural GaLore: the projection: {error}"))?;
+    let vectors =
+        descending_eigenvectors(&outer).map_err(|error| format!("Natural GaLore: the projection: {error}"))?;
     let rows = gradient.rows;
     let mut projection = Matrix { rows, columns: rank, data: vec![0.0; rows * rank] };
     for column in 0..rank {
@@ -231,8 +233,12 @@ fn natural_galore(
     let transposed = matrix_rows > matrix_columns;
     let (rows, columns) = if transposed { (matrix_columns, matrix_rows) } else { (matrix_rows, matrix_columns) };
     let gradient_values = if transposed {
-        crate::kronecker::transpose(&Matrix { rows: matrix_rows, columns: matrix_columns, data: inputs.gradient.to_vec() })
-            .data
+        crate::kronecker::transpose(&Matrix {
+            rows: matrix_rows,
+            columns: matrix_columns,
+            data: inputs.gradient.to_vec(),
+        })
+        .data
     } else {
         inputs.gradient.to_vec()
     };
@@ -433,12 +439,18 @@ fn fosi(
     }
     let vectors = Matrix { rows: k, columns: n, data: std::mem::take(states.get("eigenvectors", &[k, n])) };
     if vectors.data.len() != k * n {
-        return Err("FOSI: the state `eigenvectors` does not match `rank` (was it changed since the checkpoint?)".to_string());
+        return Err(
+            "FOSI: the state `eigenvectors` does not match `rank` (was it changed since the checkpoint?)".to_string()
+        );
     }
     let rates = states.get("learning_rates", &[k]).clone();
     let scaling = {
         let stored = states.get("scaling", &[1])[0];
-        if stored == 0.0 { 1.0 } else { stored }
+        if stored == 0.0 {
+            1.0
+        } else {
+            stored
+        }
     };
     let coordinates_of = |x: &[f64]| -> Vec<f64> {
         vectors.data.chunks_exact(n.max(1)).map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum()).collect()
@@ -491,7 +503,9 @@ fn fosi(
     base_direction.iter_mut().zip(&along).for_each(|(value, part)| *value -= part);
     let rate = inputs.learning_rate;
     if rate == 0.0 {
-        return Err("FOSI: the learning rate is zero, so the Newton part cannot be expressed as a direction".to_string());
+        return Err(
+            "FOSI: the learning rate is zero, so the Newton part cannot be expressed as a direction".to_string()
+        );
     }
     *states.get("eigenvectors", &[k, n]) = vectors.data;
     Ok(base_direction.iter().zip(&newton).map(|(b, d)| scaling * b + alpha / rate * d).collect())
@@ -510,7 +524,11 @@ fn solve_small(a: &Matrix, b: &[f64], transpose: bool) -> Result<Vec<f64>, Strin
     let mut m: Vec<f64> = (0..n * n)
         .map(|index| {
             let (row, column) = (index / n, index % n);
-            if transpose { a.at(column, row) } else { a.at(row, column) }
+            if transpose {
+                a.at(column, row)
+            } else {
+                a.at(row, column)
+            }
         })
         .collect();
     let mut x = b.to_vec();
@@ -598,7 +616,15 @@ impl LowRankPreconditioner {
     /// then a normalised Lie-group step on `d` and on `U` (if `update_u`) or `V`, with the
     /// Lipschitz estimates `lipschitz = [Lu, Lv, Ld]` as step sizes. With a rank of 0 only the
     /// diagonal is fitted.
-    fn fit(&mut self, lipschitz: &mut [f64], v: &[f64], h: &[f64], lr: f64, beta: f64, update_u: bool) -> Result<(), String> {
+    fn fit(
+        &mut self,
+        lipschitz: &mut [f64],
+        v: &[f64],
+        h: &[f64],
+        lr: f64,
+        beta: f64,
+        update_u: bool,
+    ) -> Result<(), String> {
         let r = self.u.columns;
         if r > 0 {
             self.balance();
@@ -674,7 +700,12 @@ impl LowRankPreconditioner {
 /// Random numbers come from the `Preconditioner` stream: `U` then `V` from the key `param` (step
 /// 0), the step's coin from `step * 65536 + 65535` (shared by all parameters), then per parameter
 /// from `step * 65536 + param` the `n` normals of `v` and the coin that picks `U` (below 0.5) or `V`.
-fn psgd_lra(plan: &ParamPlan, shape: &[usize], states: &mut States, inputs: &KroneckerInputs) -> Result<Vec<f64>, String> {
+fn psgd_lra(
+    plan: &ParamPlan,
+    shape: &[usize],
+    states: &mut States,
+    inputs: &KroneckerInputs,
+) -> Result<Vec<f64>, String> {
     let gradient = inputs.gradient;
     let n = gradient.len();
     let rank = number(&plan.options, "rank", 1.0) as usize;
@@ -754,7 +785,9 @@ fn psgd_lra(plan: &ParamPlan, shape: &[usize], states: &mut States, inputs: &Kro
         }
     }
     let mut direction = preconditioner.precondition(&target);
-    if let Some(limit) = plan.options.iter().any(|(key, _)| key == "max_rms").then(|| number(&plan.options, "max_rms", 1.0)) {
+    if let Some(limit) =
+        plan.options.iter().any(|(key, _)| key == "max_rms").then(|| number(&plan.options, "max_rms", 1.0))
+    {
         let rms = (direction.iter().map(|value| value * value).sum::<f64>() / n.max(1) as f64).sqrt();
         if rms > limit {
             direction.iter_mut().for_each(|value| *value *= limit / rms);
@@ -855,12 +888,8 @@ mod tests {
             }
         }
         let g = random_values(n, 23);
-        let dense = product(
-            &product(&q, true, &q, false),
-            false,
-            &Matrix { rows: n, columns: 1, data: g.clone() },
-            false,
-        );
+        let dense =
+            product(&product(&q, true, &q, false), false, &Matrix { rows: n, columns: 1, data: g.clone() }, false);
         assert!(relative_error(&preconditioner.precondition(&g), &dense.data) < 1e-12);
     }
 }

@@ -41,8 +41,8 @@ pub(crate) fn direction(
                 symmetric.data[column * n + row] = mean;
             }
         }
-        let (values, vectors) =
-            symmetric_eigen(&symmetric).map_err(|error| format!("lazy Newton: the Hessian's eigendecomposition: {error}"))?;
+        let (values, vectors) = symmetric_eigen(&symmetric)
+            .map_err(|error| format!("lazy Newton: the Hessian's eigendecomposition: {error}"))?;
         *states.get("eigenvalues", &[n]) = values;
         *states.get("eigenvectors", &[n, n]) = vectors.data;
     }
@@ -109,7 +109,9 @@ pub(crate) fn direction(
     *states.get("eigenvectors", &[n, n]) = vectors.data;
     let rate = inputs.learning_rate;
     if rate == 0.0 {
-        return Err("lazy Newton: the learning rate is zero, so the step cannot be expressed as a direction".to_string());
+        return Err(
+            "lazy Newton: the learning rate is zero, so the step cannot be expressed as a direction".to_string()
+        );
     }
     let factor = number(&plan.options, "step_size", 1.0) / rate;
     direction.iter_mut().for_each(|value| *value *= factor);

@@ -36,17 +36,22 @@ pub fn unsupported(plan: &ParamPlan) -> Option<String> {
         StructureKind::Kronecker => {
             let stats = option_name(&plan.options, "stats").unwrap_or("gradient_outer");
             let fits = match stats {
-                "kfac" => matches!(function, "damped_inverse" | "damped_eigen" | "sherman_morrison" | "adafisher"),
+                "kfac" => {
+                    matches!(function, "damped_inverse" | "damped_eigen" | "sherman_morrison" | "adafisher" | "singd")
+                }
                 "psgd" => function == "lie_group",
                 _ => matches!(function, "inverse_root" | "newton" | "eigenbasis"),
             };
             if !fits {
-                return Some(format!("`function = {function}` does not go with `stats = {stats}`: use inverse_root, newton or eigenbasis with gradient_outer; damped_inverse, damped_eigen, sherman_morrison or adafisher with kfac; lie_group with psgd"));
+                return Some(format!("`function = {function}` does not go with `stats = {stats}`: use inverse_root, newton or eigenbasis with gradient_outer; damped_inverse, damped_eigen, sherman_morrison, adafisher or singd with kfac; lie_group with psgd"));
             }
         }
         StructureKind::Dense if option_name(&plan.options, "stats") == Some("hessian") => {}
         StructureKind::Dense => {
-            return Some("the `dense` structure is not executable yet with this `stats` (only `stats = hessian`, lazy Newton)".to_string())
+            return Some(
+                "the `dense` structure is not executable yet with this `stats` (only `stats = hessian`, lazy Newton)"
+                    .to_string(),
+            )
         }
     }
     for modifier in &plan.modifiers {

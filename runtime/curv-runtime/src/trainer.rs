@@ -352,9 +352,10 @@ impl<T: Real> Trainer<T> {
         let states = vec![Vec::new(); program.params.len()];
         let autodiff_started = std::time::Instant::now();
         let gradients = gradient_program(&program.loss, &program.params).function;
-        let needs_hessian = program.optimizer.plans.iter().any(|plan| {
-            crate::optimizer::uses_hutchinson(plan, &rules) || crate::optimizer::uses_block_hessian(plan)
-        });
+        let needs_hessian =
+            program.optimizer.plans.iter().any(|plan| {
+                crate::optimizer::uses_hutchinson(plan, &rules) || crate::optimizer::uses_block_hessian(plan)
+            });
         let hessian_vector = needs_hessian.then(|| hvp_program(&program.loss, &program.params));
         // A K-FAC parameter that is not captured reports at its first step.
         let captures = capture_program(&program).ok().flatten();
@@ -397,14 +398,18 @@ impl<T: Real> Trainer<T> {
         let index = plan.param;
         let name = format!("hvp.{}", self.param_name(index));
         let saved = std::mem::take(&mut inputs.inputs);
-        let zeros: Vec<Value<T>> =
-            inputs.params.iter().map(|param| Value::Real(Tensor::new(param.shape.clone(), vec![T::from_f64(0.0); param.len()]))).collect();
+        let zeros: Vec<Value<T>> = inputs
+            .params
+            .iter()
+            .map(|param| Value::Real(Tensor::new(param.shape.clone(), vec![T::from_f64(0.0); param.len()])))
+            .collect();
         let shape = inputs.params[index].shape.clone();
         let n = inputs.params[index].len();
         let backend = &self.backend;
         let mut hvp = |vector: &[f64]| -> Result<Vec<f64>, String> {
             let mut probes = zeros.clone();
-            probes[index] = Value::Real(Tensor::new(shape.clone(), vector.iter().map(|value| T::from_f64(*value)).collect()));
+            probes[index] =
+                Value::Real(Tensor::new(shape.clone(), vector.iter().map(|value| T::from_f64(*value)).collect()));
             inputs.inputs = probes;
             let values = backend.outputs(keys::HESSIAN_VECTOR, function, inputs).map_err(|error| error.to_string())?;
             let product = find_output(&values, &name)
@@ -442,9 +447,8 @@ impl<T: Real> Trainer<T> {
             }
         };
         inputs.inputs = saved;
-        let values = result.map_err(|message| {
-            TrainError::Runtime(format!("step {step}, `{}`: {message}", self.param_name(index)))
-        })?;
+        let values = result
+            .map_err(|message| TrainError::Runtime(format!("step {step}, `{}`: {message}", self.param_name(index))))?;
         let length = values.len();
         Ok(Tensor::new(vec![length], values.into_iter().map(T::from_f64).collect()))
     }
