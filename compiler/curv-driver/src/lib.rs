@@ -236,6 +236,11 @@ pub fn line_column(text: &str, offset: usize) -> String {
     format!("{line}:{column}")
 }
 
+/// The stable list of diagnostic codes.
+pub fn diagnostic_codes() -> &'static [(&'static str, &'static str)] {
+    curv_sema::CODES
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -247,9 +252,4 @@ mod tests {
         assert_eq!(super::parse_bytes("lots"), None);
         assert_eq!(super::parse_bytes(""), None);
     }
-}
-
-/// The stable list of diagnostic codes.
-pub fn diagnostic_codes() -> &'static [(&'static str, &'static str)] {
-    curv_sema::CODES
 }

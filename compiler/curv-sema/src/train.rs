@@ -602,7 +602,7 @@ impl<'a> Checker<'a> {
         if weights.saturating_add(state) <= limit {
             return;
         }
-        states.sort_by(|first, second| second.0.cmp(&first.0));
+        states.sort_by_key(|entry| std::cmp::Reverse(entry.0));
         let (largest_bytes, largest) = states[0];
         let name = &program.params[largest.param].name;
         let detail =

@@ -146,17 +146,11 @@ fn cholesky_solve(lower: &Matrix, b: &[f64]) -> Vec<f64> {
     let n = lower.rows;
     let mut y = b.to_vec();
     for row in 0..n {
-        let mut sum = y[row];
-        for column in 0..row {
-            sum -= lower.at(row, column) * y[column];
-        }
+        let sum: f64 = y[row] - (0..row).map(|column| lower.at(row, column) * y[column]).sum::<f64>();
         y[row] = sum / lower.at(row, row);
     }
     for row in (0..n).rev() {
-        let mut sum = y[row];
-        for column in row + 1..n {
-            sum -= lower.at(column, row) * y[column];
-        }
+        let sum: f64 = y[row] - (row + 1..n).map(|column| lower.at(column, row) * y[column]).sum::<f64>();
         y[row] = sum / lower.at(row, row);
     }
     y
