@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from curv_random import normal, preconditioner_random
+from test_optimizers import load_digits, train_with_curv
 from test_kronecker import (
     MLP2, SEED, Digits, PerParameter, compare, forward_backward, initial_parameters, relative_error, run_curv,
     train_reference,
@@ -668,3 +669,138 @@ def test_singd_reference_detects_the_block_structure():
     dense_options = dict(options, block=None)
     dense, _ = train_reference(MLP2, init, lambda names: PerParameter(names, lambda name: Singd(0.05, **dense_options)))
     assert relative_error(dense["w1"], blocked["w1"]) > 1e-4
+
+
+# --- EGN: cor3bit/somax -----------------------------------------------------------------------------------
+
+EGN_EXAMPLES = 16
+
+EGN_PROGRAM = """\
+data digits = csv("{data}", label = "label", scale = 0.0625)
+
+model mlp(x: f32[B, 64]) -> f32[B, 10] {{
+    param w1: f32[64, 16] = glorot_uniform
+    param w2: f32[16, 10] = glorot_uniform
+    return tanh(x @ w1) @ w2
+}}
+
+optimizer egn {{
+    lr {lr}
+    * : dense(stats = ggn, damping = {damping}{momentum})
+}}
+
+train fit {{
+    loss cross_entropy(mlp(digits.x), digits.y)
+    optimizer egn
+    batch all
+    steps {steps}
+    seed {seed}
+}}
+"""
+
+
+class Egn:
+    """`EGN` of cor3bit/somax `somax/gn/egn.py` for cross-entropy (`calculate_direction_ce`) with a
+    constant step (`line_search = False`, the default) and `adaptive_lambda = False` (its adaptive
+    regularisation is not implemented there), over all parameters as one vector, in float64:
+    `J` the Jacobian of the batch's logits (`b c` rows, `jax.jacrev` there, torch's here),
+    `Q = blockdiag(diag(p_i) - p_i p_i^T)`, `r = onehot - p`, the direction
+    `J^T solve(b lambda I + Q J J^T, r)`; with `momentum > 0`, `m <- momentum m + (1 - momentum) d`
+    and `d = m / (1 - momentum^t)`; `params <- params + lr d`."""
+
+    def __init__(self, x, labels, lr, damping, momentum=0.0, line_search=False):
+        self.x, self.labels, self.lr, self.damping, self.momentum = x, labels, lr, damping, momentum
+        self.line_search = line_search
+        self.velocity = None
+        self.stepsize = lr
+
+    def step(self, t, weights):
+        shapes = [w.shape for w in weights]
+        flat = np.concatenate([w.reshape(-1) for w in weights])
+
+        def logits_of(vector):
+            w1 = vector[: shapes[0][0] * shapes[0][1]].reshape(shapes[0])
+            w2 = vector[shapes[0][0] * shapes[0][1]:].reshape(shapes[1])
+            return torch.tanh(torch.tensor(self.x) @ w1) @ w2
+
+        vector = torch.tensor(flat)
+        logits = logits_of(vector).detach().numpy()
+        jacobian = torch.autograd.functional.jacobian(logits_of, vector).numpy()
+        b, c = logits.shape
+        J = jacobian.reshape(b * c, -1)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        probs = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
+        Q = np.zeros((b * c, b * c))
+        for i in range(b):
+            Q[i * c:(i + 1) * c, i * c:(i + 1) * c] = np.diag(probs[i]) - np.outer(probs[i], probs[i])
+        r = (np.eye(c)[self.labels] - probs).reshape(-1)
+        direction = J.T @ np.linalg.solve(b * self.damping * np.eye(b * c) + Q @ (J @ J.T), r)
+        if self.momentum > 0:
+            self.velocity = np.zeros_like(direction) if self.velocity is None else self.velocity
+            self.velocity = self.momentum * self.velocity + (1 - self.momentum) * direction
+            direction = self.velocity / (1 - self.momentum**t)
+        first = shapes[0][0] * shapes[0][1]
+        split = lambda vector: [vector[:first].reshape(shapes[0]), vector[first:].reshape(shapes[1])]
+        if not self.line_search:
+            return split(flat + self.lr * direction)
+        # `armijo_line_search` with `reset_option = "increase"`: coef 1 - 0.9, decrease 0.8,
+        # increase 1.5, maxls 15, the loop of jaxopt's `while_loop` (check, then shrink).
+        stepsize = min(self.stepsize * 1.5, self.lr)
+        f_cur = self.loss(split(flat))
+        grad_loss = -J.T @ r / b
+        slope = grad_loss @ direction
+        f_next = self.loss(split(flat + stepsize * direction))
+        violated, trials = True, 0
+        while violated and trials < 15:
+            violated = -stepsize * 0.1 * slope > f_cur - f_next + np.finfo(np.float64).eps
+            if violated:
+                stepsize = min(stepsize * 0.8, self.lr)
+                f_next = self.loss(split(flat + stepsize * direction))
+            trials += 1
+        self.stepsize = stepsize
+        return split(flat + stepsize * direction)
+
+    def loss(self, weights):
+        logits = np.tanh(self.x @ weights[0]) @ weights[1]
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        return -float(np.mean(log_probs[np.arange(len(self.labels)), self.labels]))
+
+
+EGN_CASES = {
+    "constant_step": dict(lr=0.5, damping=1.0),
+    "momentum_small_damping": dict(lr=0.2, damping=0.1, momentum=0.9),
+    # The preset's settings: a large maximal step that the Armijo search must shrink.
+    "line_search": dict(lr=40.0, damping=0.1, momentum=0.9, line_search=True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EGN_CASES))
+def test_egn_matches_cor3bit_somax(tmp_path, case):
+    options = EGN_CASES[case]
+    steps = 10
+    features, labels = load_digits()
+    features, labels = features[:EGN_EXAMPLES], labels[:EGN_EXAMPLES]
+    data = tmp_path / "digits16.csv"
+    header = ",".join([f"p{index}" for index in range(64)] + ["label"])
+    rows = [",".join(str(int(round(value * 16))) for value in row) + f",{label}" for row, label in zip(features, labels)]
+    data.write_text(header + "\n" + "\n".join(rows) + "\n")
+    momentum = f", momentum = {options['momentum']}" if "momentum" in options else ""
+    if options.get("line_search"):
+        momentum += ", line_search = true"
+    program = EGN_PROGRAM.format(data=data, lr=options["lr"], damping=options["damping"], momentum=momentum,
+                                 steps=steps, seed=SEED)
+    init = initial_parameters({"w1": (64, 16), "w2": (16, 10)})
+    ours = train_with_curv(tmp_path, program, init, steps)
+    reference = Egn(features, labels, **options)
+    weights = [init["w1"], init["w2"]]
+    first = reference.loss(weights)
+    steps_taken = []
+    for t in range(1, steps + 1):
+        weights = reference.step(t, weights)
+        steps_taken.append(reference.stepsize)
+    assert reference.loss(weights) < first
+    if options.get("line_search"):
+        # The search did shrink some steps below the maximum.
+        assert min(steps_taken) < options["lr"], steps_taken
+    compare(ours, {"w1": weights[0], "w2": weights[1]})

@@ -189,3 +189,22 @@ pub fn model_vjp_program(model: &Function, params: &[ParamInfo]) -> Option<Funct
     // The forward output itself is not needed (the cotangent stands in for what follows it).
     Some(result.pruned())
 }
+
+/// The Jacobian-vector product of a [`model_program`]: one input `tangent.NAME` per parameter (in
+/// order, the parameter's shape) and the output `tangent`, the derivative of the model's output
+/// along those tangents (zeros when nothing depends on them).
+pub fn model_jvp_program(model: &Function, params: &[ParamInfo]) -> Option<Function> {
+    let output = model.output("output")?;
+    let mut function = model.clone();
+    let tangent_inputs = add_tangent_inputs(&mut function, params);
+    let param_ids = param_values(model, params.len());
+    let seeds: Vec<(ValueId, ValueId)> =
+        param_ids.iter().zip(&tangent_inputs).filter_map(|(id, tangent)| id.map(|id| (id, *tangent))).collect();
+    let forward = jvp(&function, &seeds);
+    let mut result = forward.function;
+    result.name = "model_jvp".to_string();
+    let ty = model.ty(output).clone();
+    let tangent = forward.tangents.get(&output).copied().unwrap_or_else(|| zeros(&mut result, &ty));
+    result.outputs = vec![("tangent".to_string(), tangent)];
+    Some(result.pruned())
+}

@@ -193,6 +193,8 @@ pub const STRUCTURES: &[StructureSpec] = &[
             option("regularization", K::Choice(NEWTON_REGULARIZATIONS), D::Name("cubic")),
             option("hessian_lipschitz", K::Positive, D::Number(1.0)),
             option("step_size", K::Positive, D::Number(1.0)),
+            option("momentum", K::Fraction, D::Absent),
+            option("line_search", K::Bool, D::Absent),
             option("max_size", K::PositiveInt, D::Absent),
         ],
     },

@@ -954,6 +954,16 @@ impl<'a> Checker<'a> {
                     // Lazy Newton keeps the Hessian's eigendecomposition.
                     state.push(state_of("eigenvalues", &[numel]));
                     state.push(state_of("eigenvectors", &[numel, numel]));
+                } else if option_name(&line.options, "stats") == Some("ggn") {
+                    // EGN solves its batch-sized system afresh each step; it keeps only momentum
+                    // and the line search's last step.
+                    if option_number(&line.options, "momentum").unwrap_or(0.0) > 0.0 {
+                        state.push(state_of("velocity", &[numel]));
+                    }
+                    if line.options.iter().any(|(key, value)| key == "line_search" && *value == OptionValue::Bool(true))
+                    {
+                        state.push(state_of("stepsize", &[1]));
+                    }
                 } else {
                     state.push(state_of("curvature", &[numel, numel]));
                     state.push(state_of("inverse", &[numel, numel]));

@@ -23,6 +23,7 @@ pub const MODULES: &[(&str, &str)] = &[
     ("std.optimizers.fosi", include_str!("../std/optimizers/fosi.curv")),
     ("std.optimizers.lazy_newton", include_str!("../std/optimizers/lazy_newton.curv")),
     ("std.optimizers.singd", include_str!("../std/optimizers/singd.curv")),
+    ("std.optimizers.egn", include_str!("../std/optimizers/egn.curv")),
     ("std.optimizers.adalomo", include_str!("../std/optimizers/adalomo.curv")),
     ("std.optimizers.innaprop", include_str!("../std/optimizers/innaprop.curv")),
 ];

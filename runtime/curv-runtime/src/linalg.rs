@@ -149,6 +149,29 @@ pub fn cholesky(matrix: &Matrix) -> Result<Matrix, LinalgError> {
     Ok(lower)
 }
 
+/// The solution of `A x = b` for a square, non-singular `A` (LU with partial pivoting).
+pub fn solve(matrix: &Matrix, b: &[f64]) -> Result<Vec<f64>, LinalgError> {
+    use faer::linalg::solvers::Solve;
+    matrix.check_square("the linear solve")?;
+    matrix.check_finite()?;
+    if b.len() != matrix.rows || b.iter().any(|value| !value.is_finite()) {
+        return Err(LinalgError::BadShape(format!(
+            "the right-hand side has {} values for a {}x{} matrix (or is not finite)",
+            b.len(),
+            matrix.rows,
+            matrix.columns
+        )));
+    }
+    let lu = matrix.to_faer().partial_piv_lu();
+    let rhs = Mat::<f64>::from_fn(b.len(), 1, |row, _| b[row]);
+    let x = lu.solve(&rhs);
+    let result: Vec<f64> = (0..b.len()).map(|row| x[(row, 0)]).collect();
+    if result.iter().any(|value| !value.is_finite()) {
+        return Err(LinalgError::BadShape("the matrix is singular".to_string()));
+    }
+    Ok(result)
+}
+
 /// `A^-1` for a symmetric positive definite `A` (of which only the lower triangle is read), from
 /// its Cholesky factorisation.
 pub fn cholesky_inverse(matrix: &Matrix) -> Result<Matrix, LinalgError> {

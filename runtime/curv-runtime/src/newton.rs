@@ -120,3 +120,43 @@ pub(crate) fn direction(
     }
     Ok(direction)
 }
+
+/// EGN's step for one parameter (cor3bit/somax `EGN.update` without line search): `d` is this
+/// parameter's part of the Gauss-Newton direction of the trainer's system; with `momentum = mu > 0`,
+/// `v <- mu v + (1 - mu) d` and `d = v / (1 - mu^t)`; then `p <- p + lr d` (or `p <- p + a d` with
+/// the step `a` of the trainer's line search), so the direction is `-d` (or `-(a / lr) d`).
+pub(crate) fn egn_direction<T: curv_interp::Real>(
+    plan: &ParamPlan,
+    states: &mut States,
+    inputs: &KroneckerInputs,
+    direction: &curv_interp::Tensor<T>,
+    stepsize: Option<f64>,
+) -> Result<Vec<f64>, String> {
+    let mut d: Vec<f64> = direction.data.iter().map(|value| value.to_f64()).collect();
+    if d.len() != inputs.gradient.len() {
+        return Err(format!("EGN: a direction of {} values for a parameter of {}", d.len(), inputs.gradient.len()));
+    }
+    let momentum = number(&plan.options, "momentum", 0.0);
+    if momentum > 0.0 {
+        let velocity = states.get("velocity", &[d.len()]);
+        let correction = 1.0 - momentum.powi(inputs.step as i32);
+        for (value, x) in velocity.iter_mut().zip(d.iter_mut()) {
+            *value = momentum * *value + (1.0 - momentum) * *x;
+            *x = *value / correction;
+        }
+    }
+    // With a line search, the step it chose replaces the learning rate (and is kept for the next
+    // step's search).
+    let scale = match stepsize {
+        Some(stepsize) => {
+            states.get("stepsize", &[1])[0] = stepsize;
+            if inputs.learning_rate == 0.0 {
+                return Err("EGN: the learning rate is zero".to_string());
+            }
+            stepsize / inputs.learning_rate
+        }
+        None => 1.0,
+    };
+    d.iter_mut().for_each(|value| *value *= -scale);
+    Ok(d)
+}

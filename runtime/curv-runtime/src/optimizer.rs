@@ -46,10 +46,11 @@ pub fn unsupported(plan: &ParamPlan) -> Option<String> {
                 return Some(format!("`function = {function}` does not go with `stats = {stats}`: use inverse_root, newton or eigenbasis with gradient_outer; damped_inverse, damped_eigen, sherman_morrison, adafisher or singd with kfac; lie_group with psgd"));
             }
         }
-        StructureKind::Dense if option_name(&plan.options, "stats") == Some("hessian") => {}
+        StructureKind::Dense if matches!(option_name(&plan.options, "stats"), Some("hessian" | "ggn")) => {}
         StructureKind::Dense => {
             return Some(
-                "the `dense` structure is not executable yet with this `stats` (only `stats = hessian`, lazy Newton)"
+                "the `dense` structure is not executable yet with `stats = gradient_outer` (only `hessian`, lazy \
+                 Newton, and `ggn`, EGN)"
                     .to_string(),
             )
         }
@@ -141,6 +142,12 @@ pub fn block_hessian_statistic(plan: &ParamPlan, step: u64) -> Option<&'static s
         (StructureKind::Dense, Some("hessian")) => (step.max(1) - 1).is_multiple_of(every).then_some("hessian"),
         _ => None,
     }
+}
+
+/// Whether a plan is EGN's (`dense(stats = ggn)`): its parameters share one Gauss-Newton system
+/// per step, solved by the trainer.
+pub fn is_egn(plan: &ParamPlan) -> bool {
+    plan.structure == StructureKind::Dense && option_name(&plan.options, "stats") == Some("ggn")
 }
 
 /// Whether a plan ever needs Hessian-vector products of its parameter's block.
@@ -343,6 +350,19 @@ pub fn matrix_direction<T: Real>(
     };
     // The per-step products in the run's precision; the matrix functions stay in double.
     let _precision = crate::kronecker::ProductPrecision::single(std::mem::size_of::<T>() == 4);
+    if is_egn(plan) {
+        // EGN's direction comes from the trainer's Gauss-Newton system over all its parameters.
+        let direction = inputs
+            .statistics
+            .get("egn")
+            .ok_or_else(|| "EGN: the step's Gauss-Newton direction is missing".to_string())?;
+        let mut states = crate::kronecker::States::load(state);
+        let stepsize =
+            inputs.statistics.get("egn_step").and_then(|tensor| tensor.data.first()).map(|value| value.to_f64());
+        let direction = crate::newton::egn_direction(plan, &mut states, &kronecker_inputs, direction, stepsize)?;
+        *previous = Some(states.store(state));
+        return Ok(Some(direction));
+    }
     if matches!(plan.structure, StructureKind::LowRank | StructureKind::Dense) {
         // FOSI's eigenpairs and lazy Newton's Hessian, at the steps that refresh them.
         let statistic = block_hessian_statistic(plan, inputs.step)
