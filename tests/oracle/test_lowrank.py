@@ -708,9 +708,9 @@ class Egn:
     `J^T solve(b lambda I + Q J J^T, r)`; with `momentum > 0`, `m <- momentum m + (1 - momentum) d`
     and `d = m / (1 - momentum^t)`; `params <- params + lr d`."""
 
-    def __init__(self, x, labels, lr, damping, momentum=0.0, line_search=False):
+    def __init__(self, x, labels, lr, damping, momentum=0.0, line_search=False, adaptive_damping=False):
         self.x, self.labels, self.lr, self.damping, self.momentum = x, labels, lr, damping, momentum
-        self.line_search = line_search
+        self.line_search, self.adaptive_damping = line_search, adaptive_damping
         self.velocity = None
         self.stepsize = lr
 
@@ -741,8 +741,18 @@ class Egn:
             direction = self.velocity / (1 - self.momentum**t)
         first = shapes[0][0] * shapes[0][1]
         split = lambda vector: [vector[:first].reshape(shapes[0]), vector[first:].reshape(shapes[1])]
-        if not self.line_search:
-            return split(flat + self.lr * direction)
+        stepsize = self.search(flat, direction, J, r, b, split) if self.line_search else self.lr
+        if self.adaptive_damping:
+            # The Levenberg-Marquardt rule as the disabled code of `EGN.update` writes it.
+            f_cur, f_next = self.loss(split(flat)), self.loss(split(flat + stepsize * direction))
+            delta_w = stepsize * direction
+            mvp = J @ delta_w
+            denom = (-J.T @ r / b) @ delta_w + 0.5 * mvp @ Q @ mvp / b
+            rho = (f_next - f_cur) / denom
+            self.damping = 1.01 * self.damping if rho < 0.25 else (0.99 * self.damping if rho > 0.75 else self.damping)
+        return split(flat + stepsize * direction)
+
+    def search(self, flat, direction, J, r, b, split):
         # `armijo_line_search` with `reset_option = "increase"`: coef 1 - 0.9, decrease 0.8,
         # increase 1.5, maxls 15, the loop of jaxopt's `while_loop` (check, then shrink).
         stepsize = min(self.stepsize * 1.5, self.lr)
@@ -758,7 +768,7 @@ class Egn:
                 f_next = self.loss(split(flat + stepsize * direction))
             trials += 1
         self.stepsize = stepsize
-        return split(flat + stepsize * direction)
+        return stepsize
 
     def loss(self, weights):
         logits = np.tanh(self.x @ weights[0]) @ weights[1]
@@ -772,6 +782,9 @@ EGN_CASES = {
     "momentum_small_damping": dict(lr=0.2, damping=0.1, momentum=0.9),
     # The preset's settings: a large maximal step that the Armijo search must shrink.
     "line_search": dict(lr=40.0, damping=0.1, momentum=0.9, line_search=True),
+    # The adaptive regularisation, with and without the search.
+    "adaptive": dict(lr=0.5, damping=0.5, adaptive_damping=True),
+    "adaptive_line_search": dict(lr=40.0, damping=0.1, momentum=0.9, line_search=True, adaptive_damping=True),
 }
 
 
@@ -788,6 +801,8 @@ def test_egn_matches_cor3bit_somax(tmp_path, case):
     momentum = f", momentum = {options['momentum']}" if "momentum" in options else ""
     if options.get("line_search"):
         momentum += ", line_search = true"
+    if options.get("adaptive_damping"):
+        momentum += ", adaptive_damping = true"
     program = EGN_PROGRAM.format(data=data, lr=options["lr"], damping=options["damping"], momentum=momentum,
                                  steps=steps, seed=SEED)
     init = initial_parameters({"w1": (64, 16), "w2": (16, 10)})
@@ -803,4 +818,7 @@ def test_egn_matches_cor3bit_somax(tmp_path, case):
     if options.get("line_search"):
         # The search did shrink some steps below the maximum.
         assert min(steps_taken) < options["lr"], steps_taken
+    if options.get("adaptive_damping"):
+        # The regularisation did move.
+        assert reference.damping != options["damping"]
     compare(ours, {"w1": weights[0], "w2": weights[1]})

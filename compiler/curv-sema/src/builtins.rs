@@ -195,6 +195,7 @@ pub const STRUCTURES: &[StructureSpec] = &[
             option("step_size", K::Positive, D::Number(1.0)),
             option("momentum", K::Fraction, D::Absent),
             option("line_search", K::Bool, D::Absent),
+            option("adaptive_damping", K::Bool, D::Absent),
             option("max_size", K::PositiveInt, D::Absent),
         ],
     },

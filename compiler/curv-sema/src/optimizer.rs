@@ -964,6 +964,13 @@ impl<'a> Checker<'a> {
                     {
                         state.push(state_of("stepsize", &[1]));
                     }
+                    if line
+                        .options
+                        .iter()
+                        .any(|(key, value)| key == "adaptive_damping" && *value == OptionValue::Bool(true))
+                    {
+                        state.push(state_of("damping", &[1]));
+                    }
                 } else {
                     state.push(state_of("curvature", &[numel, numel]));
                     state.push(state_of("inverse", &[numel, numel]));

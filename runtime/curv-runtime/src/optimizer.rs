@@ -359,6 +359,9 @@ pub fn matrix_direction<T: Real>(
         let mut states = crate::kronecker::States::load(state);
         let stepsize =
             inputs.statistics.get("egn_step").and_then(|tensor| tensor.data.first()).map(|value| value.to_f64());
+        if let Some(damping) = inputs.statistics.get("egn_damping").and_then(|tensor| tensor.data.first()) {
+            states.get("damping", &[1])[0] = damping.to_f64();
+        }
         let direction = crate::newton::egn_direction(plan, &mut states, &kronecker_inputs, direction, stepsize)?;
         *previous = Some(states.store(state));
         return Ok(Some(direction));

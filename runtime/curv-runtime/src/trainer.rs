@@ -437,7 +437,7 @@ impl<T: Real> Trainer<T> {
                 (if labels.data[row] as usize == class { 1.0 } else { 0.0 }) - probabilities[index]
             })
             .collect();
-        let damping = curv_ir::option_number(&plans[0].options, "damping").unwrap_or(1.0);
+        let damping = self.egn_damping(plans);
         let members: Vec<usize> = plans.iter().map(|plan| plan.param).collect();
         let saved = std::mem::take(&mut inputs.inputs);
         let shape = logits.shape.clone();
@@ -518,6 +518,129 @@ impl<T: Real> Trainer<T> {
             .collect())
     }
 
+    /// EGN's current regularisation: the state `damping` of the first EGN parameter when the
+    /// regularisation adapts (`adaptive_damping`), the option `damping` otherwise.
+    fn egn_damping(&self, plans: &[&curv_ir::ParamPlan]) -> f64 {
+        let option = curv_ir::option_number(&plans[0].options, "damping").unwrap_or(1.0);
+        crate::optimizer::state_get(&self.states[plans[0].param], "damping")
+            .map_or(option, |tensor| tensor.data[0].to_f64())
+    }
+
+    /// EGN's directions with its bias-corrected momentum, as each parameter's update computes them
+    /// (`newton::egn_direction`).
+    fn egn_moved_directions(
+        &self,
+        step: u64,
+        plans: &[&curv_ir::ParamPlan],
+        directions: &[Tensor<T>],
+    ) -> Vec<Vec<f64>> {
+        let mut moved: Vec<Vec<f64>> = Vec::with_capacity(plans.len());
+        for (plan, direction) in plans.iter().zip(directions) {
+            let momentum = curv_ir::option_number(&plan.options, "momentum").unwrap_or(0.0);
+            let mut d: Vec<f64> = direction.data.iter().map(|value| value.to_f64()).collect();
+            if momentum > 0.0 {
+                let velocity = crate::optimizer::state_get(&self.states[plan.param], "velocity");
+                let correction = 1.0 - momentum.powi(step as i32);
+                for (index, x) in d.iter_mut().enumerate() {
+                    let previous = velocity.map_or(0.0, |tensor| tensor.data[index].to_f64());
+                    *x = (momentum * previous + (1.0 - momentum) * *x) / correction;
+                }
+            }
+            moved.push(d);
+        }
+        moved
+    }
+
+    /// EGN's adaptive regularisation for the next step (the Levenberg-Marquardt rule of the EGN
+    /// paper, as the disabled code of cor3bit/somax `EGN.update` writes it): with the step
+    /// `dw = a d`, the ratio `rho = (f(theta + dw) - f(theta)) / (<grad, dw> + (J dw)^T Q (J dw) / (2 b))`
+    /// of the actual to the predicted decrease; `lambda <- 1.01 lambda` when `rho < 0.25`,
+    /// `0.99 lambda` when `rho > 0.75`. `J dw` is one Jacobian-vector product of the model.
+    #[allow(clippy::too_many_arguments)]
+    fn egn_next_damping(
+        &self,
+        step: u64,
+        inputs: &mut Inputs<T>,
+        values: &[(String, Value<T>)],
+        loss: f64,
+        gradients: &[Tensor<T>],
+        plans: &[&curv_ir::ParamPlan],
+        moved: &[Vec<f64>],
+        stepsize: f64,
+    ) -> Result<f64, TrainError> {
+        let failure = |message: String| TrainError::Runtime(format!("step {step}: EGN regularisation: {message}"));
+        let damping = self.egn_damping(plans);
+        let (_, forward) = self.egn.as_ref().ok_or_else(|| failure("the model programs are missing".to_string()))?;
+        let Some(Value::Real(logits)) = find_output(values, "logits") else {
+            return Err(failure("the step's logits are missing".to_string()));
+        };
+        let classes = logits.shape.last().copied().unwrap_or(1).max(1);
+        let batch = logits.len() / classes;
+        let saved = std::mem::take(&mut inputs.inputs);
+        let mut tangents: Vec<Value<T>> = inputs
+            .params
+            .iter()
+            .map(|param| Value::Real(Tensor::new(param.shape.clone(), vec![T::from_f64(0.0); param.len()])))
+            .collect();
+        for (plan, d) in plans.iter().zip(moved) {
+            let shape = inputs.params[plan.param].shape.clone();
+            tangents[plan.param] =
+                Value::Real(Tensor::new(shape, d.iter().map(|x| T::from_f64(stepsize * x)).collect()));
+        }
+        inputs.inputs = tangents;
+        let product = self.backend.outputs("egn_model_jvp", forward, inputs).map_err(|error| error.to_string());
+        inputs.inputs = saved;
+        let product = product.map_err(failure)?;
+        let mvp: Vec<f64> = find_output(&product, "tangent")
+            .and_then(Value::as_real)
+            .ok_or_else(|| failure("the output `tangent` is missing".to_string()))?
+            .data
+            .iter()
+            .map(|value| value.to_f64())
+            .collect();
+        let mut curvature = 0.0;
+        for (row, chunk) in logits.data.chunks(classes).enumerate() {
+            let largest = chunk.iter().map(|value| value.to_f64()).fold(f64::NEG_INFINITY, f64::max);
+            let exps: Vec<f64> = chunk.iter().map(|value| (value.to_f64() - largest).exp()).collect();
+            let total: f64 = exps.iter().sum();
+            let p: Vec<f64> = exps.iter().map(|value| value / total).collect();
+            let m = &mvp[row * classes..(row + 1) * classes];
+            let mean: f64 = p.iter().zip(m).map(|(p, m)| p * m).sum();
+            curvature += p.iter().zip(m).map(|(p, m)| p * m * m).sum::<f64>() - mean * mean;
+        }
+        let slope: f64 = plans
+            .iter()
+            .zip(moved)
+            .map(|(plan, d)| {
+                gradients[plan.param].data.iter().zip(d).map(|(g, x)| g.to_f64() * stepsize * x).sum::<f64>()
+            })
+            .sum();
+        let predicted = slope + 0.5 * curvature / batch as f64;
+        let originals: Vec<Tensor<T>> = plans.iter().map(|plan| inputs.params[plan.param].clone()).collect();
+        for (plan, d) in plans.iter().zip(moved) {
+            let param = &mut inputs.params[plan.param];
+            for (value, x) in param.data.iter_mut().zip(d) {
+                *value = T::from_f64(value.to_f64() + stepsize * x);
+            }
+        }
+        let next = self.backend.outputs("egn_loss", &self.program.loss, inputs).map_err(|error| error.to_string());
+        for (plan, original) in plans.iter().zip(originals) {
+            inputs.params[plan.param] = original;
+        }
+        let next = find_output(&next.map_err(failure)?, "loss")
+            .and_then(Value::as_real)
+            .map(|tensor| tensor.data[0].to_f64())
+            .ok_or_else(|| failure("the loss is missing".to_string()))?;
+        let rho = (next - loss) / predicted;
+        Ok(if rho < 0.25 {
+            1.01 * damping
+        } else if rho > 0.75 {
+            0.99 * damping
+        } else {
+            damping
+        })
+    }
+
     /// EGN's step size by Armijo's backtracking line search, as cor3bit/somax `armijo_line_search`
     /// with `reset_option = "increase"` and its defaults (aggressiveness 0.9, decrease 0.8,
     /// increase 1.5, at most 15 trials): the previous step times 1.5, at most the learning rate;
@@ -533,28 +656,13 @@ impl<T: Real> Trainer<T> {
         loss: f64,
         gradients: &[Tensor<T>],
         plans: &[&curv_ir::ParamPlan],
-        directions: &[Tensor<T>],
+        moved: &[Vec<f64>],
         rate: f64,
     ) -> Result<f64, TrainError> {
         let failure = |message: String| TrainError::Runtime(format!("step {step}: EGN line search: {message}"));
-        // The directions with momentum, as the update will compute them.
-        let mut moved: Vec<Vec<f64>> = Vec::with_capacity(plans.len());
-        for (plan, direction) in plans.iter().zip(directions) {
-            let momentum = curv_ir::option_number(&plan.options, "momentum").unwrap_or(0.0);
-            let mut d: Vec<f64> = direction.data.iter().map(|value| value.to_f64()).collect();
-            if momentum > 0.0 {
-                let velocity = crate::optimizer::state_get(&self.states[plan.param], "velocity");
-                let correction = 1.0 - momentum.powi(step as i32);
-                for (index, x) in d.iter_mut().enumerate() {
-                    let previous = velocity.map_or(0.0, |tensor| tensor.data[index].to_f64());
-                    *x = (momentum * previous + (1.0 - momentum) * *x) / correction;
-                }
-            }
-            moved.push(d);
-        }
         let slope: f64 = plans
             .iter()
-            .zip(&moved)
+            .zip(moved)
             .map(|(plan, d)| gradients[plan.param].data.iter().zip(d).map(|(g, x)| g.to_f64() * x).sum::<f64>())
             .sum();
         let previous = crate::optimizer::state_get(&self.states[plans[0].param], "stepsize")
@@ -563,7 +671,7 @@ impl<T: Real> Trainer<T> {
         let epsilon = if std::mem::size_of::<T>() == 4 { f32::EPSILON as f64 } else { f64::EPSILON };
         let originals: Vec<Tensor<T>> = plans.iter().map(|plan| inputs.params[plan.param].clone()).collect();
         let loss_at = |inputs: &mut Inputs<T>, stepsize: f64| -> Result<f64, String> {
-            for ((plan, original), d) in plans.iter().zip(&originals).zip(&moved) {
+            for ((plan, original), d) in plans.iter().zip(&originals).zip(moved) {
                 let param = &mut inputs.params[plan.param];
                 for ((value, start), x) in param.data.iter_mut().zip(&original.data).zip(d) {
                     *value = T::from_f64(start.to_f64() + stepsize * x);
@@ -939,8 +1047,20 @@ impl<T: Real> Trainer<T> {
                     step,
                     self.total_steps,
                 );
+                let moved = self.egn_moved_directions(step, &egn, &directions);
                 let chosen = if line_search {
-                    Some(self.egn_line_search(step, inputs, loss, &gradients, &egn, &directions, rate)?)
+                    Some(self.egn_line_search(step, inputs, loss, &gradients, &egn, &moved, rate)?)
+                } else {
+                    None
+                };
+                let adaptive = egn.iter().any(|plan| {
+                    plan.options
+                        .iter()
+                        .any(|(key, value)| key == "adaptive_damping" && *value == curv_ir::OptionValue::Bool(true))
+                });
+                let next_damping = if adaptive {
+                    let stepsize = chosen.unwrap_or(rate);
+                    Some(self.egn_next_damping(step, inputs, &values, loss, &gradients, &egn, &moved, stepsize)?)
                 } else {
                     None
                 };
@@ -949,6 +1069,10 @@ impl<T: Real> Trainer<T> {
                     if let Some(stepsize) = chosen {
                         statistics[plan.param]
                             .insert("egn_step".to_string(), Tensor::new(vec![1], vec![T::from_f64(stepsize)]));
+                    }
+                    if let Some(damping) = next_damping {
+                        statistics[plan.param]
+                            .insert("egn_damping".to_string(), Tensor::new(vec![1], vec![T::from_f64(damping)]));
                     }
                 }
             }
