@@ -263,6 +263,47 @@ fn a_killed_run_resumed_from_its_checkpoint_ends_bit_exactly_like_an_uninterrupt
     assert!(expected == resumed, "the resumed run's parameters differ from the uninterrupted run's");
 }
 
+/// The low-rank and matrix-free structures keep their curvature in the checkpoint (M-FAC's window
+/// and ring position, Natural GaLore's projection, PSGD's factors, lazy Newton's eigenbasis,
+/// SINGD's factors, EGN's momentum, step and regularisation): a run stopped at step 20 and resumed
+/// from its checkpoint ends bit for bit like the uninterrupted 40-step run.
+#[test]
+fn low_rank_runs_resume_bit_exactly_from_their_checkpoints() {
+    for preset in ["mfac", "natural_galore", "psgd_lra", "lazy_newton", "singd", "egn"] {
+        let directory = scratch(&format!("resume-{preset}"));
+        let program = directory.join("program.curv");
+        let text = std::fs::read_to_string(repository_root().join(format!("examples/optimizers/{preset}.curv")))
+            .unwrap()
+            .replace("../data/digits.csv", repository_root().join("examples/data/digits.csv").to_str().unwrap())
+            .replace("steps 500", "steps 40\n    checkpoint every 20");
+        std::fs::write(&program, text).unwrap();
+        let whole = directory.join("whole");
+        let output = curv(&["run", program.to_str().unwrap(), "--out", whole.to_str().unwrap(), "--quiet"]);
+        assert_eq!(output.status.code(), Some(0), "{preset}: {}", String::from_utf8_lossy(&output.stderr));
+        let half = directory.join("half");
+        let output =
+            curv(&["run", program.to_str().unwrap(), "--steps", "20", "--out", half.to_str().unwrap(), "--quiet"]);
+        assert_eq!(output.status.code(), Some(0), "{preset}: {}", String::from_utf8_lossy(&output.stderr));
+        let checkpoint = half.join("checkpoint.safetensors");
+        let states = read_parameters(&checkpoint).into_iter().filter(|(key, _)| key.starts_with("state.")).count();
+        assert!(states > 0, "{preset}: the checkpoint has no optimizer state");
+        let resumed = directory.join("resumed");
+        let output = curv(&[
+            "run",
+            program.to_str().unwrap(),
+            "--resume",
+            checkpoint.to_str().unwrap(),
+            "--out",
+            resumed.to_str().unwrap(),
+            "--quiet",
+        ]);
+        assert_eq!(output.status.code(), Some(0), "{preset}: {}", String::from_utf8_lossy(&output.stderr));
+        let expected = std::fs::read(whole.join("final.safetensors")).unwrap();
+        let actual = std::fs::read(resumed.join("final.safetensors")).unwrap();
+        assert!(expected == actual, "{preset}: the resumed run's parameters differ from the uninterrupted run's");
+    }
+}
+
 #[test]
 fn a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint() {
     let directory = scratch("nonfinite");
