@@ -328,7 +328,9 @@ fn tall_times_small(a: &Matrix, small: &Matrix) -> Matrix {
 /// `n` from the unit vector along `start`, the tridiagonal matrix's eigendecomposition, and its top
 /// `k` eigenpairs as Ritz pairs. Returns `k` eigenvalues in ascending order followed by the `k`
 /// eigenvectors (rows of length `n`), in one vector. The iteration stops early when the Krylov
-/// space is exhausted (a zero residual), which the reference would divide by.
+/// space is exhausted (a zero residual, which the reference would divide by, as when the Hessian
+/// vanishes late in training); the pairs it could not find come first, as zero eigenvalues with
+/// zero vectors, which FOSI leaves out of its Newton part.
 pub fn lanczos(
     n: usize,
     order: usize,
@@ -373,9 +375,6 @@ pub fn lanczos(
         vectors.push(w.into_iter().map(|value| value / beta).collect());
     }
     let size = alphas.len();
-    if size < k {
-        return Err(format!("Lanczos: the Krylov space has dimension {size}, fewer than the {k} eigenpairs asked for"));
-    }
     let mut tridiagonal = Matrix { rows: size, columns: size, data: vec![0.0; size * size] };
     for (index, alpha) in alphas.iter().enumerate() {
         tridiagonal.data[index * size + index] = *alpha;
@@ -385,8 +384,12 @@ pub fn lanczos(
         tridiagonal.data[(index + 1) * size + index] = *beta;
     }
     let (values, ritz) = crate::linalg::symmetric_eigen(&tridiagonal).map_err(|error| format!("Lanczos: {error}"))?;
-    let mut result: Vec<f64> = values[size - k..].to_vec();
-    for column in size - k..size {
+    let found = k.min(size);
+    let missing = k - found;
+    let mut result: Vec<f64> = vec![0.0; missing];
+    result.extend_from_slice(&values[size - found..]);
+    result.extend(std::iter::repeat_n(0.0, missing * n));
+    for column in size - found..size {
         let mut vector = vec![0.0; n];
         for (row, basis) in vectors.iter().take(size).enumerate() {
             let weight = ritz.at(row, column);
@@ -425,8 +428,23 @@ fn fosi(
         if pairs.len() != k * (n + 1) {
             return Err(format!("FOSI: {} eigenpair values where {} were expected", pairs.len(), k * (n + 1)));
         }
-        let rates: Vec<f64> = pairs[..k].iter().map(|value| (1.0 / value).abs()).collect();
-        let scaling = (rates[0] / rates[k - 1]).clamp(1.0, lr_clip.max(1.0));
+        // A pair Lanczos could not find (a zero vector) or a zero eigenvalue gets no Newton step.
+        let rates: Vec<f64> = (0..k)
+            .map(|index| {
+                let vector = &pairs[k + index * n..k + (index + 1) * n];
+                let rate = (1.0 / pairs[index]).abs();
+                if rate.is_finite() && vector.iter().any(|value| *value != 0.0) {
+                    rate
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let valid: Vec<f64> = rates.iter().copied().filter(|rate| *rate > 0.0).collect();
+        let scaling = match (valid.first(), valid.last()) {
+            (Some(first), Some(last)) => (first / last).clamp(1.0, lr_clip.max(1.0)),
+            _ => 1.0,
+        };
         *states.get("eigenvectors", &[k, n]) = pairs[k..].to_vec();
         *states.get("learning_rates", &[k]) = rates;
         states.get("scaling", &[1])[0] = scaling;
@@ -852,6 +870,36 @@ mod tests {
         assert_eq!(window.position, 2);
         let gram = product(&window.vectors, false, &window.vectors, true);
         assert!(relative_error(&window.gram.data, &gram.data) < 1e-14);
+    }
+
+    #[test]
+    fn lanczos_finds_the_top_eigenpairs_and_survives_an_exhausted_krylov_space() {
+        let n = 30;
+        let a = Matrix { rows: n, columns: n, data: random_values(n * n, 40) };
+        let mut spd = product(&a, true, &a, false);
+        // A clear gap after the top 3 eigenvalues.
+        for index in 0..3 {
+            spd.data[index * n + index] += 200.0 * (index + 1) as f64;
+        }
+        let apply = |matrix: &Matrix, v: &[f64]| {
+            product(matrix, false, &Matrix { rows: v.len(), columns: 1, data: v.to_vec() }, false).data
+        };
+        let start = random_values(n, 41);
+        let pairs = lanczos(n, n, 3, &start, |v| Ok(apply(&spd, v))).unwrap();
+        let (values, _) = crate::linalg::symmetric_eigen(&spd).unwrap();
+        for index in 0..3 {
+            let ours = pairs[index];
+            let theirs = values[n - 3 + index];
+            assert!((ours - theirs).abs() < 1e-8 * theirs.abs(), "eigenvalue {index}: {ours} vs {theirs}");
+            let vector = &pairs[3 + index * n..3 + (index + 1) * n];
+            let residual: Vec<f64> = apply(&spd, vector).iter().zip(vector).map(|(hv, v)| hv - ours * v).collect();
+            assert!(norm(&residual) < 1e-6 * theirs.abs(), "eigenvector {index}: residual {}", norm(&residual));
+        }
+        // A vanishing operator: one Krylov vector; the missing pairs come back as zeros.
+        let pairs = lanczos(n, 12, 3, &start, |v| Ok(vec![0.0; v.len()])).unwrap();
+        assert_eq!(pairs.len(), 3 * (n + 1));
+        assert!(pairs.iter().all(|value| value.is_finite()));
+        assert_eq!(&pairs[..2], &[0.0, 0.0]);
     }
 
     #[test]
