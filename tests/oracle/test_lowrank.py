@@ -398,11 +398,13 @@ class Fosi:
     and `w <- w + scaling * deltas - alpha * newton`."""
 
     def __init__(self, index, names, lr, k, every, base="adam", decay=0.9, alpha=0.1, momentum=0.9,
-                 b1=0.9, b2=0.999, eps=1e-8, warmup=None):
+                 b1=0.9, b2=0.999, eps=1e-8, warmup=None, damping=0.0):
         self.index, self.lr, self.k, self.every, self.base = index, lr, k, every, base
         self.decay, self.alpha, self.momentum, self.b1, self.b2, self.eps = decay, alpha, momentum, b1, b2, eps
         self.warmup = every if warmup is None else warmup
         self.clip = 1.0 if base == "adam" else 3.0
+        # curv's addition (0, the reference's behaviour, unless given): lr_i = 1 / (|lambda_i| + damping).
+        self.damping = damping
         self.vectors = self.rates = None
         self.scaling = 1.0
         self.state = None
@@ -418,7 +420,7 @@ class Fosi:
             random = preconditioner_random(SEED, t, self.index)
             start = np.array([normal(random) for _ in range(n)])
             values, self.vectors = lanczos(lambda v: block_hvp(weights, self.index, v), n, 4 * self.k, self.k, start)
-            self.rates = np.abs(1.0 / values)
+            self.rates = 1.0 / (np.abs(values) + self.damping)
             self.scaling = float(np.clip(self.rates[0] / self.rates[-1], 1.0, self.clip))
         V, s = self.vectors, self.state
         g1 = V.T @ (V @ g)
@@ -459,9 +461,9 @@ FOSI_CASES = {
     # Two layers, heavy-ball base with its learning-rate clip of 3, eigenpairs from step 3 every 4.
     "mlp_momentum": (
         MLP2,
-        "* : lowrank(stats = lanczos, rank = 3, every = 4, warmup = 3, base = momentum, momentum = 0.8, decay = 0.7, alpha = 0.2)",
+        "* : lowrank(stats = lanczos, rank = 3, every = 4, warmup = 3, base = momentum, momentum = 0.8, decay = 0.7, alpha = 0.2, damping = 0.05)",
         0.05,
-        dict(k=3, every=4, warmup=3, base="momentum", momentum=0.8, decay=0.7, alpha=0.2),
+        dict(k=3, every=4, warmup=3, base="momentum", momentum=0.8, decay=0.7, alpha=0.2, damping=0.05),
     ),
 }
 

@@ -402,10 +402,11 @@ impl<'a> Checker<'a> {
                 let stats = options
                     .iter()
                     .find_map(|(key, value)| match value {
-                        OptionValue::Name(name) if key == "stats" => Some(name.as_str()),
+                        OptionValue::Name(name) if key == "stats" => Some(name.clone()),
                         _ => None,
                     })
-                    .unwrap_or("gradient_window");
+                    .unwrap_or_else(|| "gradient_window".to_string());
+                let stats = stats.as_str();
                 // What each estimator keeps: M-FAC a window of gradients, Natural GaLore a
                 // projection and a window of projected gradients, PSGD low-rank factors.
                 let (wants_rank, wants_window, label, help) = match stats {
@@ -450,7 +451,7 @@ impl<'a> Checker<'a> {
                     ],
                     "lanczos" => &[
                         "stats", "rank", "every", "warmup", "base", "decay", "alpha", "lr_clip", "b1", "b2", "eps",
-                        "momentum",
+                        "momentum", "damping",
                     ],
                     _ => &["stats", "window", "damping", "every", "momentum"],
                 };
@@ -472,6 +473,10 @@ impl<'a> Checker<'a> {
                     }
                 }
                 options.retain(|(key, _)| applies.contains(&key.as_str()));
+                // FOSI's damping is an addition to the reference (0 unless given), not M-FAC's 1e-5.
+                if stats == "lanczos" && !spans.contains_key("damping") {
+                    options.retain(|(key, _)| key != "damping");
+                }
             }
             (kind, needs_matrix, options, spans, structure_name.to_string())
         } else if let Some(rule) = self.rules.get(structure_name).copied() {

@@ -401,7 +401,8 @@ pub fn lanczos(
 }
 
 /// FOSI (hsivan/fosi `scale_by_fosi` with `approx_l = 0`) for one parameter. At a refresh the
-/// eigenpairs `(lambda_i, v_i)` become `V` and the learning rates `|1 / lambda_i|`, and the
+/// eigenpairs `(lambda_i, v_i)` become `V` and the learning rates `1 / (|lambda_i| + damping)`
+/// (`damping` is curv's addition, 0 by default as the reference), and the
 /// scaling of the base optimizer `clip(lr_1 / lr_k, 1, lr_clip)` (the ratio of the largest to
 /// the smallest of the k eigenvalues). Each step: `g1 = V^T V g`, `g2 = g - g1`; the velocity
 /// in the subspace is `(1 - decay) g1 + decay velocity` (base `adam`), `g1 + decay velocity`
@@ -424,6 +425,7 @@ fn fosi(
     let decay = number(&plan.options, "decay", 0.9);
     let alpha = number(&plan.options, "alpha", 0.1);
     let lr_clip = number(&plan.options, "lr_clip", if base == "adam" { 1.0 } else { 3.0 });
+    let damping = number(&plan.options, "damping", 0.0);
     if let Some(pairs) = eigenpairs {
         if pairs.len() != k * (n + 1) {
             return Err(format!("FOSI: {} eigenpair values where {} were expected", pairs.len(), k * (n + 1)));
@@ -432,7 +434,7 @@ fn fosi(
         let rates: Vec<f64> = (0..k)
             .map(|index| {
                 let vector = &pairs[k + index * n..k + (index + 1) * n];
-                let rate = (1.0 / pairs[index]).abs();
+                let rate = 1.0 / (pairs[index].abs() + damping);
                 if rate.is_finite() && vector.iter().any(|value| *value != 0.0) {
                     rate
                 } else {
