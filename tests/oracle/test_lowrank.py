@@ -207,11 +207,14 @@ class LraWhiten:
       - on the first step, `d = (mean g^4 + damping^4)^(-1/8)` (`preconditioner_init_scale = None`),
         or `init_scale`;
       - momentum `m <- beta m + (1 - beta) g`, `beta = min(k / (1 + k), momentum)`, k counted from 0;
-      - with probability `update_probability`: `v` normal, `h = g + damping v`; balance U and V
+      - with probability `update_probability`: `v` normal, `h = g + (damping + eps |g|) v`; balance U and V
         (`rho = (tr U^T U / tr V^T V)^(1/4)`, `E = 0.1 (U^T U / rho^2 - V^T V rho^2) / (...)`,
         `U <- U/rho - U/rho (E - E^2/2)`, `V <- V rho + V rho (E + E^2/2)`), then the Lie-group
         steps on `d` and, by a fair coin, on U or V, normalised by the Lipschitz estimates;
-      - `pre = Q^T Q m` (or `Q^T Q g`), its RMS clipped at `grad_clip_max_amp`; `p <- p - lr pre`.
+      - `pre = Q^T Q m` (or `Q^T Q g`), its RMS clipped at `max_amp` and its elements at
+        `max_element` (`grad_clip_max_amps`); `p <- p - lr pre`.
+    The reference is psgd.py at lixilinx/psgd_torch commit a8616f1, as for PSGD-Kron, with
+    `update_preconditioner_first = True` (its default).
     U and V start as normal matrices scaled to a Frobenius norm of sqrt(0.1).
     Random numbers: the reference calls `torch.randn` for U and V at construction, `torch.rand` for
     the update coin, `torch.randn_like` for v and `torch.rand` for the U-or-V coin; here they come
@@ -221,9 +224,9 @@ class LraWhiten:
     Deviation: `lift2single` and `lu_factor`/`lu_solve` become `np.linalg.solve` in float64."""
 
     def __init__(self, index, rank, lr, lr_precond=0.1, beta=0.9, damping=1e-9, momentum=0.0,
-                 max_amp=float("inf"), update_probability=1.0, init_scale=None):
+                 max_amp=float("inf"), max_element=float("inf"), update_probability=1.0, init_scale=None):
         self.index, self.rank, self.lr, self.lr_precond, self.beta = index, rank, lr, lr_precond, beta
-        self.damping, self.momentum, self.max_amp = damping, momentum, max_amp
+        self.damping, self.momentum, self.max_amp, self.max_element = damping, momentum, max_amp, max_element
         self.update_probability, self.init_scale = update_probability, init_scale
         self.u = self.v = self.d = self.m = None
         self.lipschitz = [0.0, 0.0, 0.0]
@@ -290,13 +293,13 @@ class LraWhiten:
             random = preconditioner_random(SEED, t, self.index)
             v = self.normals(random, n)
             update_u = random.uniform() < 0.5
-            self.fit(v, g + self.damping * v, update_u)
+            self.fit(v, g + (self.damping + np.finfo(np.float64).eps * np.abs(g)) * v, update_u)
         pre = self.precondition(self.m if self.momentum > 0 else g)
-        lr = self.lr
         amp = np.sqrt(np.mean(pre * pre))
         if amp > self.max_amp:
-            lr = lr * self.max_amp / amp
-        return weight - lr * pre.reshape(weight.shape)
+            pre = pre * (self.max_amp / amp)
+        pre = np.clip(pre, -self.max_element, self.max_element)
+        return weight - self.lr * pre.reshape(weight.shape)
 
 
 PSGD_CASES = {
@@ -307,9 +310,10 @@ PSGD_CASES = {
     # fitted with probability 1/2, a given initial scale and a non-default step size.
     "mlp_momentum_clip": (
         MLP2,
-        "* : lowrank(stats = psgd, rank = 3, momentum = 0.9, max_rms = 1, update_probability = 0.5, init_scale = 2, lr_precond = 0.2, lipschitz_ema = 0.95)",
+        "* : lowrank(stats = psgd, rank = 3, momentum = 0.9, max_rms = 1, max_abs = 0.05, update_probability = 0.5, init_scale = 2, lr_precond = 0.2, lipschitz_ema = 0.95)",
         0.005,
-        dict(rank=3, momentum=0.9, max_amp=1.0, update_probability=0.5, init_scale=2.0, lr_precond=0.2, beta=0.95),
+        dict(rank=3, momentum=0.9, max_amp=1.0, max_element=0.05, update_probability=0.5, init_scale=2.0,
+             lr_precond=0.2, beta=0.95),
     ),
 }
 
@@ -824,3 +828,73 @@ def test_egn_matches_cor3bit_somax(tmp_path, case):
         # The regularisation did move.
         assert reference.damping != options["damping"]
     compare(ours, {"w1": weights[0], "w2": weights[1]})
+
+
+# --- By hand: the PSGD LRA transcription against psgd.py itself ----------------------------------------
+
+
+def lra_transcription_matches_psgd_torch(case):
+    """The numpy `LraWhiten` against `psgd.LRAWhiten` itself (lixilinx/psgd_torch `psgd.py`), in
+    float64, on one parameter, fed the same draws: `torch.randn` at construction (U, then V) from
+    the key of step 0, then per step the shared coin (`torch.rand([])`), `randn_like` (v) and the
+    U-or-V coin from the parameter's generator. Not part of the test run, because that file is not
+    on PyPI in this version and the project does not copy reference code: run it by hand with
+    `PSGD_TORCH=/path/to/psgd.py .venv/bin/python tests/oracle/test_lowrank.py`."""
+    import importlib.util
+    import os
+    import types
+
+    spec = importlib.util.spec_from_file_location("psgd_reference_module", os.environ["PSGD_TORCH"])
+    psgd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(psgd)
+
+    class Draws(types.SimpleNamespace):
+        def __init__(self):
+            super().__init__()
+            self.step, self.random = 0, preconditioner_random(SEED, 0, 0)
+
+        def start_step(self, step):
+            self.step, self.random = step, None
+
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        def rand(self, *args, **kwargs):
+            if self.random is None:
+                return torch.tensor(preconditioner_random(SEED, self.step, SHARED_COIN_INDEX).uniform())
+            return torch.tensor(self.random.uniform())
+
+        def randn(self, *shape, dtype=None, device=None):
+            count = int(np.prod(shape))
+            return torch.tensor(np.array([normal(self.random) for _ in range(count)]).reshape(shape), dtype=dtype)
+
+        def randn_like(self, tensor):
+            self.random = preconditioner_random(SEED, self.step, 0)
+            values = np.array([normal(self.random) for _ in range(tensor.numel())])
+            return torch.tensor(values.reshape(tensor.shape), dtype=tensor.dtype)
+
+    draws = Draws()
+    psgd.torch = draws
+    shapes, _, lr, options = PSGD_CASES[case]
+    shapes = LINEAR
+    init = initial_parameters(shapes)
+    param = torch.tensor(init["w"], dtype=torch.float64, requires_grad=True)
+    optimizer = psgd.LRAWhiten(
+        [param], rank_of_approximation=options["rank"], preconditioner_init_scale=options.get("init_scale"),
+        lr_params=lr, lr_preconditioner=options.get("lr_precond", 0.1), betaL=options.get("beta", 0.9),
+        damping=1e-9, momentum=options.get("momentum", 0.0),
+        grad_clip_max_amps=(options.get("max_amp", float("inf")), options.get("max_element", float("inf"))),
+        preconditioner_update_probability=options.get("update_probability", 1.0))
+    data = Digits()
+    x, labels = torch.tensor(data.x), torch.tensor(data.labels)
+    for t in range(1, 21):
+        draws.start_step(t)
+        optimizer.step(lambda: torch.nn.functional.cross_entropy(x @ param, labels))
+    ours, _ = train_reference(shapes, init, lambda names: PerParameter(names, lambda name: LraWhiten(0, lr=lr, **options)))
+    return compare(ours, {"w": param.detach().numpy()}, tolerance=1e-10)
+
+
+if __name__ == "__main__":
+    for case in sorted(PSGD_CASES):
+        errors = lra_transcription_matches_psgd_torch(case)
+        print(f"{case}: the transcription matches psgd.py ({errors})")

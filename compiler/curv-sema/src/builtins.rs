@@ -152,6 +152,7 @@ pub const STRUCTURES: &[StructureSpec] = &[
             option("noise_damping", K::NonNegative, D::Number(1e-9)),
             option("update_probability", K::UnitInterval, D::Number(1.0)),
             option("max_rms", K::Positive, D::Absent),
+            option("max_abs", K::Positive, D::Absent),
             option("warmup", K::PositiveInt, D::Absent),
             option("base", K::Choice(FOSI_BASES), D::Name("adam")),
             option("decay", K::Fraction, D::Number(0.9)),

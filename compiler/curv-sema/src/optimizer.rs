@@ -447,6 +447,7 @@ impl<'a> Checker<'a> {
                         "noise_damping",
                         "update_probability",
                         "max_rms",
+                        "max_abs",
                         "momentum",
                     ],
                     "lanczos" => &[

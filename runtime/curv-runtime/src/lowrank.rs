@@ -704,12 +704,13 @@ impl LowRankPreconditioner {
     }
 }
 
-/// PSGD LRA (psgd.py `LRAWhiten.step`, whitening the gradient): on the first step `U` and `V` are
-/// drawn normal and scaled to a Frobenius norm of `sqrt(0.1)`, and `d = init_scale` (or
-/// `(mean g^4 + noise_damping^4)^(-1/8)`); the momentum `m <- beta m + (1 - beta) g` with
-/// `beta = min(k / (k + 1), momentum)`; with probability `update_probability` the preconditioner is
-/// fitted to `(v, g + noise_damping v)` for a normal `v`; the direction is `P m` (or `P g`), its
-/// RMS clipped at `max_rms`.
+/// PSGD LRA (psgd.py `LRAWhiten.step`, whitening the gradient, the preconditioner updated first):
+/// on the first step `U` and `V` are drawn normal and scaled to a Frobenius norm of `sqrt(0.1)`,
+/// and `d = init_scale` (or `(mean g^4 + noise_damping^4)^(-1/8)`); the momentum
+/// `m <- beta m + (1 - beta) g` with `beta = min(k / (k + 1), momentum)`; with probability
+/// `update_probability` the preconditioner is fitted to `(v, g + (noise_damping + eps |g|) v)` for
+/// a normal `v`; the direction is `P m` (or `P g`), its RMS clipped at `max_rms` and its elements
+/// at `max_abs`.
 ///
 /// Random numbers come from the `Preconditioner` stream: `U` then `V` from the key `param` (step
 /// 0), the step's coin from `step * 65536 + 65535` (shared by all parameters), then per parameter
@@ -778,7 +779,9 @@ fn psgd_lra(
         let mut random = Random::new(inputs.seed, Stream::Preconditioner, inputs.step * 65_536 + inputs.param as u64);
         let probe: Vec<f64> = (0..n).map(|_| random.normal()).collect();
         let update_u = random.uniform() < 0.5;
-        let h: Vec<f64> = gradient.iter().zip(&probe).map(|(g, v)| g + noise_damping * v).collect();
+        // psgd.py's `update_precond_lra_whiten`: the damping grows with the gradient's magnitude.
+        let h: Vec<f64> =
+            gradient.iter().zip(&probe).map(|(g, v)| g + (noise_damping + f64::EPSILON * g.abs()) * v).collect();
         preconditioner.fit(
             &mut lipschitz,
             &probe,
@@ -806,6 +809,11 @@ fn psgd_lra(
         if rms > limit {
             direction.iter_mut().for_each(|value| *value *= limit / rms);
         }
+    }
+    if let Some(limit) =
+        plan.options.iter().any(|(key, _)| key == "max_abs").then(|| number(&plan.options, "max_abs", 1.0))
+    {
+        direction.iter_mut().for_each(|value| *value = value.clamp(-limit, limit));
     }
     *states.get("u", &[n, rank]) = preconditioner.u.data;
     *states.get("v", &[n, rank]) = preconditioner.v.data;
