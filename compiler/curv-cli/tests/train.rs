@@ -344,7 +344,11 @@ fn a_skipped_update_leaves_parameters_and_state_exactly_as_they_were() {
     // steps, with exactly those parameters. Rules update out of place (their replaced tensors are
     // put back), structures in place (copies are put back): both are checked.
     let data = repository_root().join("examples/data/digits.csv");
-    for (name, line) in [("rule", "* : sgd"), ("structure", "* : diagonal(stats = gradient_square)")] {
+    for (name, line) in [
+        ("rule", "* : sgd"),
+        ("structure", "* : diagonal(stats = gradient_square)"),
+        ("window", "* : lowrank(stats = gradient_window, window = 4, momentum = 0.5)"),
+    ] {
         let directory = scratch(&format!("undo-{name}"));
         let program = directory.join("overflow.curv");
         let text = format!(

@@ -27,7 +27,9 @@ use crate::kronecker::{
     descending_eigenvectors, matrix_shape, number, product, KroneckerInputs, ProductPrecision, States,
 };
 use crate::linalg::{cholesky, Matrix};
+use crate::optimizer::ParamState;
 use crate::random::{Random, Stream};
+use curv_interp::{Real, Tensor};
 use curv_ir::{option_name, ParamPlan};
 
 /// The key of the coin PSGD draws once per step for all parameters (as the `kronecker` PSGD).
@@ -181,6 +183,91 @@ fn mfac(plan: &ParamPlan, shape: &[usize], states: &mut States, inputs: &Kroneck
         for (value, d) in buffer.iter_mut().zip(direction.iter_mut()) {
             *value = momentum * *value + (1.0 - momentum) * *d;
             *d = *value;
+        }
+    }
+    Ok(direction)
+}
+
+/// [`mfac`] on the parameter's state tensors themselves, in the run's precision, without a
+/// double-precision copy of the window (the products accumulate in double): the same arithmetic,
+/// for the trainer's steps, where copying a window of `m` gradients each step costs more than the
+/// Woodbury product. The caller keeps what it needs to undo the step.
+pub(crate) fn mfac_on_state<T: Real>(
+    plan: &ParamPlan,
+    shape: &[usize],
+    state: &mut ParamState<T>,
+    inputs: &KroneckerInputs,
+) -> Result<Vec<f64>, String> {
+    let size = inputs.gradient.len();
+    let window_size = number(&plan.options, "window", 1.0) as usize;
+    let damping = number(&plan.options, "damping", 1e-5);
+    let momentum = number(&plan.options, "momentum", 0.0);
+    let mut ensure = |name: &str, dims: Vec<usize>| {
+        let count: usize = dims.iter().product();
+        match state.iter().position(|(key, _)| key == name) {
+            Some(index) if state[index].1.len() == count => Ok(index),
+            Some(index) => Err(format!(
+                "lowrank: the state `{name}` has {} values where {count} were expected (was `window` changed since \
+                 the checkpoint?)",
+                state[index].1.len()
+            )),
+            None => {
+                state.push((name.to_string(), Tensor::new(dims, vec![T::from_f64(0.0); count])));
+                Ok(state.len() - 1)
+            }
+        }
+    };
+    let window_index = ensure("gradient_window", vec![window_size, size])?;
+    let gram_index = ensure("gram", vec![window_size, window_size])?;
+    let position_index = ensure("position", vec![1])?;
+    let momentum_index = if momentum > 0.0 { Some(ensure("momentum", shape.to_vec())?) } else { None };
+    let position = state[position_index].1.data[0].to_f64();
+    if !(position >= 0.0 && (position as usize) < window_size) {
+        return Err(format!("lowrank: the window position {position} is outside the window of {window_size}"));
+    }
+    let mut position = position as usize;
+    let gradient = inputs.gradient;
+    let dot = |row: &[T], x: &[f64]| -> f64 { row.iter().zip(x).map(|(a, b)| a.to_f64() * b).sum() };
+    let mut gram: Vec<f64> = state[gram_index].1.data.iter().map(|value| value.to_f64()).collect();
+    if refreshes(inputs.step, number(&plan.options, "every", 1.0)) {
+        let window = &mut state[window_index].1.data;
+        window[position * size..(position + 1) * size]
+            .iter_mut()
+            .zip(gradient)
+            .for_each(|(slot, value)| *slot = T::from_f64(*value));
+        // The stored row (rounded to the run's precision) against every row.
+        let stored: Vec<f64> =
+            window[position * size..(position + 1) * size].iter().map(|value| value.to_f64()).collect();
+        for other in 0..window_size {
+            let value = dot(&window[other * size..(other + 1) * size], &stored);
+            gram[position * window_size + other] = value;
+            gram[other * window_size + position] = value;
+        }
+        position = (position + 1) % window_size;
+    }
+    let window = &state[window_index].1.data;
+    let mut system = Matrix { rows: window_size, columns: window_size, data: gram.clone() };
+    for index in 0..window_size {
+        system.data[index * window_size + index] += damping * window_size as f64;
+    }
+    let lower = cholesky(&system)
+        .map_err(|error| format!("lowrank: the window's {window_size}x{window_size} system: {error}"))?;
+    let dots: Vec<f64> = (0..window_size).map(|row| dot(&window[row * size..(row + 1) * size], gradient)).collect();
+    let coefficients = cholesky_solve(&lower, &dots);
+    let mut direction: Vec<f64> = gradient.to_vec();
+    for (row, coefficient) in coefficients.iter().enumerate() {
+        for (value, g) in direction.iter_mut().zip(&window[row * size..(row + 1) * size]) {
+            *value -= coefficient * g.to_f64();
+        }
+    }
+    direction.iter_mut().for_each(|value| *value /= damping);
+    state[gram_index].1.data = gram.into_iter().map(T::from_f64).collect();
+    state[position_index].1.data[0] = T::from_f64(position as f64);
+    if let Some(index) = momentum_index {
+        for (value, d) in state[index].1.data.iter_mut().zip(direction.iter_mut()) {
+            let next = momentum * value.to_f64() + (1.0 - momentum) * *d;
+            *value = T::from_f64(next);
+            *d = next;
         }
     }
     Ok(direction)

@@ -366,6 +366,17 @@ pub fn matrix_direction<T: Real>(
         *previous = Some(states.store(state));
         return Ok(Some(direction));
     }
+    if plan.structure == StructureKind::LowRank
+        && option_name(&plan.options, "stats").unwrap_or("gradient_window") == "gradient_window"
+    {
+        // M-FAC works on its window where it is (a copy of the state is kept for undoing).
+        *previous = Some(state.clone());
+        return crate::lowrank::mfac_on_state(plan, shape, state, &kronecker_inputs).map(Some).inspect_err(|_| {
+            if let Some(old) = previous.take() {
+                *state = old;
+            }
+        });
+    }
     if matches!(plan.structure, StructureKind::LowRank | StructureKind::Dense) {
         // FOSI's eigenpairs and lazy Newton's Hessian, at the steps that refresh them.
         let statistic = block_hessian_statistic(plan, inputs.step)
