@@ -24,7 +24,7 @@
 //! bit for bit. Everything is computed in double precision, as the other matrix structures.
 
 use crate::kronecker::{
-    descending_eigenvectors, matrix_shape, number, product, KroneckerInputs, ProductPrecision, States,
+    descending_eigenvectors, frobenius, matrix_shape, number, product, KroneckerInputs, ProductPrecision, States,
 };
 use crate::linalg::{cholesky, Matrix};
 use crate::optimizer::ParamState;
@@ -49,7 +49,8 @@ pub(crate) fn direction(
         "fisher" => natural_galore(plan, shape, states, inputs),
         "psgd" => psgd_lra(plan, shape, states, inputs),
         "lanczos" => fosi(plan, shape, states, inputs, eigenpairs),
-        _ => mfac(plan, shape, states, inputs),
+        // M-FAC runs on the state where it is (`mfac_on_state`), not on a double-precision copy.
+        other => Err(format!("lowrank: `stats = {other}` has no double-precision path")),
     }
 }
 
@@ -167,31 +168,11 @@ fn refreshes(step: u64, every: f64) -> bool {
 /// gradient replaces the oldest row of the window (every `every` steps), then
 /// `d = (damping I + G^T G / m)^-1 g`; with `momentum = mu > 0`, `v <- mu v + (1 - mu) d` and the
 /// direction is `v`.
-fn mfac(plan: &ParamPlan, shape: &[usize], states: &mut States, inputs: &KroneckerInputs) -> Result<Vec<f64>, String> {
-    let size = inputs.gradient.len();
-    let window_size = number(&plan.options, "window", 1.0) as usize;
-    let damping = number(&plan.options, "damping", 1e-5);
-    let mut window = Window::load(states, window_size, size)?;
-    if refreshes(inputs.step, number(&plan.options, "every", 1.0)) {
-        window.insert(inputs.gradient);
-    }
-    let mut direction = window.inverse_product(damping, 1.0 / window_size as f64, inputs.gradient)?;
-    window.store(states);
-    let momentum = number(&plan.options, "momentum", 0.0);
-    if momentum > 0.0 {
-        let buffer = states.get("momentum", shape);
-        for (value, d) in buffer.iter_mut().zip(direction.iter_mut()) {
-            *value = momentum * *value + (1.0 - momentum) * *d;
-            *d = *value;
-        }
-    }
-    Ok(direction)
-}
-
-/// [`mfac`] on the parameter's state tensors themselves, in the run's precision, without a
-/// double-precision copy of the window (the products accumulate in double): the same arithmetic,
-/// for the trainer's steps, where copying a window of `m` gradients each step costs more than the
-/// Woodbury product. The caller keeps what it needs to undo the step.
+///
+/// It works on the parameter's state tensors themselves, in the run's precision, without a
+/// double-precision copy of the window (the products accumulate in double): copying a window of
+/// `m` gradients each step would cost more than the Woodbury product. The caller keeps what it
+/// needs to undo the step.
 pub(crate) fn mfac_on_state<T: Real>(
     plan: &ParamPlan,
     shape: &[usize],
@@ -428,7 +409,7 @@ pub fn lanczos(
     let _double = ProductPrecision::single(false);
     let order = order.min(n).max(k);
     let mut vectors: Vec<Vec<f64>> = Vec::with_capacity(order);
-    let start_norm = norm(start);
+    let start_norm = frobenius(start);
     if start_norm == 0.0 || !start_norm.is_finite() {
         return Err("Lanczos: the start vector is zero or not finite".to_string());
     }
@@ -451,7 +432,7 @@ pub fn lanczos(
                 w.iter_mut().zip(vector).for_each(|(value, entry)| *value -= coefficient * entry);
             }
         }
-        let beta = norm(&w);
+        let beta = frobenius(&w);
         if !beta.is_finite() {
             return Err("Lanczos: a Hessian-vector product is not finite".to_string());
         }
@@ -666,10 +647,6 @@ fn solve_small(a: &Matrix, b: &[f64], transpose: bool) -> Result<Vec<f64>, Strin
     Ok(x)
 }
 
-fn norm(values: &[f64]) -> f64 {
-    values.iter().map(|value| value * value).sum::<f64>().sqrt()
-}
-
 /// PSGD LRA's preconditioner `Q = (I + U V^T) diag(d)` for one parameter.
 struct LowRankPreconditioner {
     u: Matrix,
@@ -772,7 +749,8 @@ impl LowRankPreconditioner {
         if update_u {
             let at_v = tall_transpose_times(&self.v, &a);
             let bt_v = tall_transpose_times(&self.v, &b);
-            let ell = norm(&a) * norm(&tall_times(&self.v, &at_v)) + norm(&b) * norm(&tall_times(&self.v, &bt_v));
+            let ell = frobenius(&a) * frobenius(&tall_times(&self.v, &at_v))
+                + frobenius(&b) * frobenius(&tall_times(&self.v, &bt_v));
             lipschitz[0] = (beta * lipschitz[0] + (1.0 - beta) * ell).max(ell);
             // (a^T V)(I + V^T U) as a row: (I + V^T U)^T (V^T a).
             let left = (0..r).map(|k| (0..r).map(|j| at_v[j] * ipvtu.at(j, k)).sum()).collect::<Vec<f64>>();
@@ -781,7 +759,8 @@ impl LowRankPreconditioner {
         } else {
             let at_u = tall_transpose_times(&self.u, &a);
             let bt_u = tall_transpose_times(&self.u, &b);
-            let ell = norm(&a) * norm(&tall_times(&self.u, &at_u)) + norm(&b) * norm(&tall_times(&self.u, &bt_u));
+            let ell = frobenius(&a) * frobenius(&tall_times(&self.u, &at_u))
+                + frobenius(&b) * frobenius(&tall_times(&self.u, &bt_u));
             lipschitz[1] = (beta * lipschitz[1] + (1.0 - beta) * ell).max(ell);
             let a_plus: Vec<f64> = a.iter().zip(tall_times(&self.v, &at_u)).map(|(x, y)| x + y).collect();
             let b_plus: Vec<f64> = b.iter().zip(tall_times(&self.v, &bt_u)).map(|(x, y)| x + y).collect();
@@ -818,7 +797,7 @@ fn psgd_lra(
         let mut random = Random::new(inputs.seed, Stream::Preconditioner, inputs.param as u64);
         for name in ["u", "v"] {
             let mut values: Vec<f64> = (0..n * rank).map(|_| random.normal()).collect();
-            let scale = 0.1f64.sqrt() / norm(&values);
+            let scale = 0.1f64.sqrt() / frobenius(&values);
             values.iter_mut().for_each(|value| *value *= scale);
             *states.get(name, &[n, rank]) = values;
         }
@@ -930,7 +909,7 @@ mod tests {
 
     fn relative_error(ours: &[f64], theirs: &[f64]) -> f64 {
         let difference: Vec<f64> = ours.iter().zip(theirs).map(|(a, b)| a - b).collect();
-        norm(&difference) / norm(theirs)
+        frobenius(&difference) / frobenius(theirs)
     }
 
     #[test]
@@ -990,7 +969,11 @@ mod tests {
             assert!((ours - theirs).abs() < 1e-8 * theirs.abs(), "eigenvalue {index}: {ours} vs {theirs}");
             let vector = &pairs[3 + index * n..3 + (index + 1) * n];
             let residual: Vec<f64> = apply(&spd, vector).iter().zip(vector).map(|(hv, v)| hv - ours * v).collect();
-            assert!(norm(&residual) < 1e-6 * theirs.abs(), "eigenvector {index}: residual {}", norm(&residual));
+            assert!(
+                frobenius(&residual) < 1e-6 * theirs.abs(),
+                "eigenvector {index}: residual {}",
+                frobenius(&residual)
+            );
         }
         // A vanishing operator: one Krylov vector; the missing pairs come back as zeros.
         let pairs = lanczos(n, 12, 3, &start, |v| Ok(vec![0.0; v.len()])).unwrap();

@@ -22,7 +22,7 @@
 //! updates). The factors start as identities and their momenta as zeros. The factors are stored
 //! densely (a block-diagonal one keeps zeros outside its blocks).
 
-use crate::kronecker::{number, product, KroneckerInputs, States};
+use crate::kronecker::{identity, number, product, trace, KroneckerInputs, States};
 use crate::linalg::Matrix;
 use curv_ir::{option_name, ParamPlan};
 
@@ -41,8 +41,7 @@ fn project(matrix: &mut Matrix, block: Option<usize>) {
 }
 
 fn average_trace(matrix: &Matrix) -> f64 {
-    let n = matrix.rows.max(1);
-    (0..matrix.rows).map(|index| matrix.data[index * matrix.columns + index]).sum::<f64>() / n as f64
+    trace(matrix) / matrix.rows.max(1) as f64
 }
 
 /// `X^T` as the structure computes it: the transpose for a dense factor, the factor itself for a
@@ -86,11 +85,6 @@ pub(crate) fn direction(
     let alpha1 = number(options, "riemannian_momentum", 0.5);
     let lr_precond = number(options, "lr_precond", 1e-2);
     let momentum = number(options, "momentum", 0.9);
-    let identity = |n: usize| {
-        let mut matrix = Matrix { rows: n, columns: n, data: vec![0.0; n * n] };
-        (0..n).for_each(|index| matrix.data[index * n + index] = 1.0);
-        matrix
-    };
     let load = |states: &mut States, name: &str, n: usize, start: Matrix| -> Result<Matrix, String> {
         let first = !states.values.iter().any(|(key, _, _)| key == name);
         if first {

@@ -422,15 +422,7 @@ impl<T: Real> Trainer<T> {
         let classes = logits.shape.last().copied().unwrap_or(1);
         let batch = logits.len() / classes.max(1);
         let size = batch * classes;
-        let mut probabilities = vec![0.0; size];
-        for (row, chunk) in logits.data.chunks(classes).enumerate() {
-            let largest = chunk.iter().map(|value| value.to_f64()).fold(f64::NEG_INFINITY, f64::max);
-            let exps: Vec<f64> = chunk.iter().map(|value| (value.to_f64() - largest).exp()).collect();
-            let total: f64 = exps.iter().sum();
-            for (class, value) in exps.into_iter().enumerate() {
-                probabilities[row * classes + class] = value / total;
-            }
-        }
+        let probabilities = softmax_rows(logits, classes);
         let residuals: Vec<f64> = (0..size)
             .map(|index| {
                 let (row, class) = (index / classes, index % classes);
@@ -598,12 +590,9 @@ impl<T: Real> Trainer<T> {
             .iter()
             .map(|value| value.to_f64())
             .collect();
+        let probabilities = softmax_rows(logits, classes);
         let mut curvature = 0.0;
-        for (row, chunk) in logits.data.chunks(classes).enumerate() {
-            let largest = chunk.iter().map(|value| value.to_f64()).fold(f64::NEG_INFINITY, f64::max);
-            let exps: Vec<f64> = chunk.iter().map(|value| (value.to_f64() - largest).exp()).collect();
-            let total: f64 = exps.iter().sum();
-            let p: Vec<f64> = exps.iter().map(|value| value / total).collect();
+        for (row, p) in probabilities.chunks(classes).enumerate() {
             let m = &mvp[row * classes..(row + 1) * classes];
             let mean: f64 = p.iter().zip(m).map(|(p, m)| p * m).sum();
             curvature += p.iter().zip(m).map(|(p, m)| p * m * m).sum::<f64>() - mean * mean;
@@ -1524,4 +1513,16 @@ impl<T: Real> Trainer<T> {
             .map_err(|error| TrainError::Runtime(format!("prediction: {error}")))?;
         Ok(find_output(&values, "prediction").and_then(Value::as_real).cloned())
     }
+}
+
+/// The softmax of each row of `logits` (`[rows, classes]`), in double precision, flattened.
+fn softmax_rows<T: Real>(logits: &Tensor<T>, classes: usize) -> Vec<f64> {
+    let mut probabilities = Vec::with_capacity(logits.len());
+    for chunk in logits.data.chunks(classes.max(1)) {
+        let largest = chunk.iter().map(|value| value.to_f64()).fold(f64::NEG_INFINITY, f64::max);
+        let exps: Vec<f64> = chunk.iter().map(|value| (value.to_f64() - largest).exp()).collect();
+        let total: f64 = exps.iter().sum();
+        probabilities.extend(exps.into_iter().map(|value| value / total));
+    }
+    probabilities
 }
