@@ -1,10 +1,14 @@
 """The Python side of a library `curv build --lib` wrote (`lib@NAME@.so` next to this file): a
 thin ctypes binding of its C ABI (`@NAME@.h`) and a `torch.optim.Optimizer` whose step is the
-optimizer of the `.curv` file, compiled.
+optimizer of the `.curv` file, compiled; for JAX the same optimizer and train step as `jax.ffi`
+calls.
 
     import @NAME@
     optimizer = @NAME@.Optimizer(model_parameters, lr=1e-3)   # in the .curv file's order
     loss.backward(); optimizer.step()
+
+    optimizer = @NAME@.JaxOptimizer(lr=1e-3)                   # JAX: new parameters returned
+    params = optimizer.step(params, grads)
 
 Parameters are passed to the library as DLPack tensors and updated in place (float32 tensors run
 the compiled kernels, float64 tensors the interpreter); the library checks every tensor (device,
@@ -337,17 +341,29 @@ try:
     import jax
     import jax.numpy as jnp
 
+    import numpy as _np
+
     # One name per loaded copy of the library (XLA refuses a name registered twice).
     _XLA_FORWARD = f"curv_@NAME@_{id(_LIBRARY):x}_model_forward"
     _XLA_BACKWARD = f"curv_@NAME@_{id(_LIBRARY):x}_model_backward"
+    _XLA_OPTIMIZER_STEP = f"curv_@NAME@_{id(_LIBRARY):x}_optimizer_step"
+    _XLA_TRAIN_STEP = f"curv_@NAME@_{id(_LIBRARY):x}_train_step"
     _XLA_REGISTERED = False
 
-    def _model_layout():
+    def _register_xla_targets():
         global _XLA_REGISTERED
         if not _XLA_REGISTERED:
-            jax.ffi.register_ffi_target(_XLA_FORWARD, jax.ffi.pycapsule(_LIBRARY.curv_xla_model_forward), platform="cpu")
-            jax.ffi.register_ffi_target(_XLA_BACKWARD, jax.ffi.pycapsule(_LIBRARY.curv_xla_model_backward), platform="cpu")
+            for name, handler in (
+                (_XLA_FORWARD, _LIBRARY.curv_xla_model_forward),
+                (_XLA_BACKWARD, _LIBRARY.curv_xla_model_backward),
+                (_XLA_OPTIMIZER_STEP, _LIBRARY.curv_xla_optimizer_step),
+                (_XLA_TRAIN_STEP, _LIBRARY.curv_xla_train_step),
+            ):
+                jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
             _XLA_REGISTERED = True
+
+    def _model_layout():
+        _register_xla_targets()
         context = _jax_context()
         if context.model_output_shape is None:
             raise CurvError(CONTEXT_ERROR, "the loss has no `logits` or `prediction` output: there is no model on its own")
@@ -385,6 +401,78 @@ try:
         return param_grads, input_grads
 
     jax_model.defvjp(_jax_forward, _jax_backward)
+
+    class JaxOptimizer:
+        """The `.curv` file's optimizer for JAX: `params = optimizer.step(params, grads)` returns
+        the new parameters (a tuple, in the file's parameter order) and keeps the optimizer's
+        state in the library. The step is a `jax.ffi` call of the library (side-effecting, so
+        `jax.jit` keeps every call and its order); the new parameters alias the old ones, so
+        under `jax.jit(..., donate_argnums=...)` XLA updates them in place. Float32 parameters run
+        the compiled kernels, float64 ones (with `jax_enable_x64`) the interpreter."""
+
+        def __init__(self, lr=None):
+            _register_xla_targets()
+            self.context = Context(lr=lr)
+
+        @property
+        def steps(self):
+            return self.context.steps
+
+        def step(self, params, grads):
+            params, grads = tuple(params), tuple(grads)
+            names = self.context.names
+            if len(params) != len(names) or len(grads) != len(names):
+                raise CurvError(
+                    INVALID_ARGUMENT,
+                    f"{len(params)} parameters and {len(grads)} gradients given where the optimizer has {len(names)} ({', '.join(names)})",
+                )
+            count = len(params)
+            call = jax.ffi.ffi_call(
+                _XLA_OPTIMIZER_STEP,
+                tuple(jax.ShapeDtypeStruct(p.shape, p.dtype) for p in params),
+                has_side_effect=True,
+                input_output_aliases={index: index for index in range(count)},
+            )
+            return tuple(call(*params, *grads, context=_np.uint64(self.context._context)))
+
+        def reset(self):
+            self.context.reset()
+
+        def save(self, path):
+            self.context.save(path)
+
+        def load(self, path):
+            self.context.load(path)
+
+    class JaxTrainStep:
+        """The `.curv` file's whole train step (forward, backward, curvature statistics, update)
+        for JAX: `params, loss = step(params, *inputs)`, the inputs in the order of
+        `step.context.inputs` (labels int32, the rest in the parameters' dtype). A side-effecting
+        `jax.ffi` call, usable under `jax.jit`; the state stays in the library."""
+
+        def __init__(self, lr=None):
+            _register_xla_targets()
+            self.context = Context(lr=lr)
+
+        def __call__(self, params, *inputs):
+            params = tuple(params)
+            if len(params) != len(self.context.names):
+                raise CurvError(INVALID_ARGUMENT, f"{len(params)} parameters given where the train step has {len(self.context.names)}")
+            if len(inputs) != len(self.context.inputs):
+                raise CurvError(INVALID_ARGUMENT, f"{len(inputs)} inputs given where the step reads {len(self.context.inputs)}")
+            dtype = params[0].dtype
+            inputs = tuple(
+                jnp.asarray(x, dtype=jnp.int32 if integer else dtype) for x, (_, _, integer) in zip(inputs, self.context.inputs)
+            )
+            count = len(params)
+            call = jax.ffi.ffi_call(
+                _XLA_TRAIN_STEP,
+                tuple(jax.ShapeDtypeStruct(p.shape, p.dtype) for p in params) + (jax.ShapeDtypeStruct((), dtype),),
+                has_side_effect=True,
+                input_output_aliases={index: index for index in range(count)},
+            )
+            results = call(*params, *inputs, context=_np.uint64(self.context._context))
+            return tuple(results[:count]), results[count]
 
 except ImportError:  # the C binding works without JAX
     pass

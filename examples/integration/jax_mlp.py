@@ -1,15 +1,16 @@
-"""A JAX training loop around curv's compiled model.
+"""A JAX training loop around curv's compiled model and optimizer.
 
     curv build --lib examples/optimizers/adam.curv -o build/adam
     python examples/integration/jax_mlp.py build/adam [steps]
 
 `adam.jax_model` is the model of examples/optimizers/adam.curv (a tanh MLP) as a `jax.ffi` call of
 the library, differentiable through curv's generated backward pass (a `jax.custom_vjp`). JAX
-computes the loss around it and takes gradients; the update here is plain gradient descent in
-jax.numpy, to show that curv's model composes with JAX code (curv's own Adam would be
-`adam.Optimizer` in PyTorch or `curv_optimizer_step` from C).
+computes the loss around it and takes gradients; the update is curv's Adam, `adam.JaxOptimizer`
+(another `jax.ffi` call, which keeps the optimizer's state in the library), inside the same
+`jax.jit` with the parameters donated, so XLA updates them in place.
 """
 
+import functools
 import importlib.util
 import pathlib
 import sys
@@ -47,10 +48,12 @@ def main():
         logits = adam.jax_model(params, (x,))
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
 
-    @jax.jit
+    optimizer = adam.JaxOptimizer(lr=1e-2)
+
+    @functools.partial(jax.jit, donate_argnums=0)
     def step(params, x, y):
         value, grads = jax.value_and_grad(loss)(params, x, y)
-        return tuple(p - 0.5 * g for p, g in zip(params, grads)), value
+        return optimizer.step(params, grads), value
 
     for index in range(1, steps + 1):
         rows = rng.integers(0, x_all.shape[0], batch)

@@ -355,3 +355,137 @@ def test_the_integration_examples_train(tmp_path, script, example, steps):
     assert result.returncode == 0, result.stderr
     losses = [float(line.split("loss ")[1].split()[0]) for line in result.stdout.splitlines() if "loss " in line]
     assert losses and losses[-1] < 1.0, result.stdout
+
+
+@pytest.fixture
+def jax_x64():
+    """JAX with float64 enabled for the test (restored afterwards)."""
+    jax = pytest.importorskip("jax")
+    x64 = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield jax
+    jax.config.update("jax_enable_x64", x64)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float64", 1e-6), ("float32", 1e-5)])
+def test_a_jax_model_trains_with_the_generated_adam_as_with_optax_adam(adam, jax_x64, dtype, tolerance):
+    """`NAME.JaxOptimizer` under `jax.jit` with the parameters donated, fed the gradients of a JAX
+    model, against optax.adam on the same model and batches: 20 steps."""
+    jax = jax_x64
+    import jax.numpy as jnp
+    import optax
+
+    optimizer = adam.JaxOptimizer()
+    rng = np.random.default_rng(7)
+    initial = [rng.standard_normal(shape) / 8 for shape in optimizer.context.shapes]
+    ours = tuple(jnp.asarray(value, dtype=dtype) for value in initial)
+    theirs = tuple(jnp.asarray(value, dtype=dtype) for value in initial)
+    transform = optax.adam(1e-3, b1=0.9, b2=0.999, eps=1e-8)
+    state = transform.init(theirs)
+
+    def loss(p, x, y):
+        logits = jnp.tanh(x @ p[0] + p[1]) @ p[2] + p[3]
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
+
+    gradient = jax.jit(jax.grad(loss))
+    step = jax.jit(optimizer.step, donate_argnums=0)
+    for _ in range(20):
+        x = jnp.asarray(rng.standard_normal((32, 64)), dtype=dtype)
+        y = jnp.asarray(rng.integers(0, 10, 32), dtype=jnp.int32)
+        ours = step(ours, gradient(ours, x, y))
+        updates, state = transform.update(gradient(theirs, x, y), state, theirs)
+        theirs = optax.apply_updates(theirs, updates)
+    assert optimizer.steps == 20
+    for mine, expected in zip(ours, theirs):
+        assert mine.dtype == expected.dtype
+        error = float(jnp.linalg.norm(mine - expected) / jnp.linalg.norm(expected))
+        assert error <= tolerance, error
+
+
+@pytest.mark.parametrize("case", ["shampoo", "soap", "muon"])
+def test_the_jax_optimizer_step_matches_the_kronecker_references(tmp_path, jax_x64, case):
+    """Shampoo, SOAP and Muon through `NAME.JaxOptimizer` (jit, float64), fed the gradients of the
+    float64 numpy model of test_kronecker.py, against the float64 transcriptions of Distributed
+    Shampoo, nikhilvyas/SOAP and KellerJordan/Muon: 20 steps, 1e-6."""
+    import jax.numpy as jnp
+    import test_kronecker as k
+
+    shapes, lines, lr, uses, reference = kronecker_cases()[case]
+    library = library_for_program(tmp_path, f"jax_{case}", k.program_text(shapes, lines, lr, uses))
+    optimizer = library.JaxOptimizer()
+    step = jax_x64.jit(optimizer.step)
+    init = k.initial_parameters(shapes)
+    weights = [np.array(init[name], dtype=np.float64) for name in shapes]
+    data = k.Digits()
+    for _ in range(k.STEPS):
+        _, grads, _ = k.forward_backward(weights, data)
+        new = step(tuple(jnp.asarray(w) for w in weights), tuple(jnp.asarray(g) for g in grads))
+        weights = [np.array(w) for w in new]
+    theirs, _ = reference()
+    k.compare(dict(zip(shapes, weights)), theirs)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float64", 1e-6), ("float32", 1e-4)])
+def test_the_jax_train_step_computes_gradients_and_updates_as_jax_and_optax_do(adam, jax_x64, dtype, tolerance):
+    """`NAME.JaxTrainStep` (curv's forward, backward and Adam in one XLA call, under jit) against
+    jax.grad of the same model and optax.adam on the same batches: losses and parameters."""
+    jax = jax_x64
+    import jax.numpy as jnp
+    import optax
+
+    step = adam.JaxTrainStep()
+    assert [name for name, _, _ in step.context.inputs] == ["digits.x", "digits.y"]
+    batch = step.context.inputs[0][1][0]
+    rng = np.random.default_rng(8)
+    initial = [rng.standard_normal(shape) / 8 for shape in step.context.shapes]
+    ours = tuple(jnp.asarray(value, dtype=dtype) for value in initial)
+    theirs = tuple(jnp.asarray(value, dtype=dtype) for value in initial)
+    transform = optax.adam(1e-3, b1=0.9, b2=0.999, eps=1e-8)
+    state = transform.init(theirs)
+
+    def loss(p, x, y):
+        logits = jnp.tanh(x @ p[0] + p[1]) @ p[2] + p[3]
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
+
+    run = jax.jit(step)
+    for _ in range(20):
+        x = jnp.asarray(rng.random((batch, 64)), dtype=dtype)
+        y = jnp.asarray(rng.integers(0, 10, batch), dtype=jnp.int32)
+        ours, our_loss = run(ours, x, y)
+        their_loss, grads = jax.value_and_grad(loss)(theirs, x, y)
+        updates, state = transform.update(grads, state, theirs)
+        theirs = optax.apply_updates(theirs, updates)
+        assert abs(float(our_loss) - float(their_loss)) <= tolerance * abs(float(their_loss))
+    for mine, expected in zip(ours, theirs):
+        error = float(jnp.linalg.norm(mine - expected) / jnp.linalg.norm(expected))
+        assert error <= tolerance, error
+
+
+def test_jax_step_misuse_is_an_xla_error_with_curvs_message(adam, tmp_path, jax_x64):
+    """Wrong shapes, mixed dtypes, a freed context and a K-FAC optimizer step: each is an XLA
+    error carrying curv's message, and nothing is stepped."""
+    import jax.numpy as jnp
+
+    optimizer = adam.JaxOptimizer()
+    params = tuple(jnp.zeros(shape) for shape in optimizer.context.shapes)
+    grads = tuple(jnp.ones(shape) for shape in optimizer.context.shapes)
+    with pytest.raises(Exception, match=r"the gradient of `w2` has shape \[10, 64\] where \[64, 10\] is needed"):
+        optimizer.step(params, grads[:2] + (jnp.ones((10, 64)),) + grads[3:])
+    with pytest.raises(Exception, match=r"the gradient of `w1` is F32 where F64 is needed"):
+        optimizer.step(params, (grads[0].astype(jnp.float32),) + grads[1:])
+    with pytest.raises(adam.CurvError, match="3 parameters and 4 gradients given"):
+        optimizer.step(params[:3], grads)
+    assert optimizer.steps == 0
+    new = optimizer.step(params, grads)
+    assert optimizer.steps == 1 and all(not bool(jnp.array_equal(a, b)) for a, b in zip(new, params))
+    address = optimizer.context._context
+    optimizer.context.__del__()
+    optimizer.context._context = address
+    with pytest.raises(Exception, match="is not a live curv context"):
+        optimizer.step(params, grads)
+    optimizer.context._context = None
+    kfac = build("kfac", tmp_path)
+    kfac_optimizer = kfac.JaxOptimizer()
+    params = tuple(jnp.zeros(shape) for shape in kfac_optimizer.context.shapes)
+    with pytest.raises(Exception, match="use the train step"):
+        kfac_optimizer.step(params, params)

@@ -1029,6 +1029,12 @@ int curv_model_backward(struct curv_context *context, int64_t param_count, DLMan
 struct XLA_FFI_CallFrame;
 void *curv_xla_model_forward(struct XLA_FFI_CallFrame *frame);
 void *curv_xla_model_backward(struct XLA_FFI_CallFrame *frame);
+/* The optimizer step and the train step as XLA FFI handlers, on the context named by the call's
+ * 64-bit integer attribute `context` (checked to be a live context): arguments the parameters
+ * then the gradients (train step: then the step's inputs); results the new parameters (train
+ * step: then the loss, a scalar of the parameters' type). */
+void *curv_xla_optimizer_step(struct XLA_FFI_CallFrame *frame);
+void *curv_xla_train_step(struct XLA_FFI_CallFrame *frame);
 
 #ifdef __cplusplus
 }
@@ -1063,6 +1069,8 @@ const LIBRARY_EXPORTS: &[&str] = &[
     "curv_model_backward",
     "curv_xla_model_forward",
     "curv_xla_model_backward",
+    "curv_xla_optimizer_step",
+    "curv_xla_train_step",
 ];
 
 /// `curv build --lib FILE -o DIR`: `DIR/libNAME.so` (the optimizer step and the train step of the

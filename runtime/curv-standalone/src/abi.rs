@@ -294,6 +294,44 @@ impl View {
     pub fn new(data: *mut u8, count: usize, dtype: DType) -> View {
         View { data, count, dtype }
     }
+
+    fn bytes(&self) -> usize {
+        self.count * if self.dtype == DType::F64 { 8 } else { 4 }
+    }
+
+    /// Writes a scalar view's one element.
+    ///
+    /// # Safety
+    ///
+    /// The view describes valid, writable memory of at least one element.
+    pub unsafe fn write_scalar(&self, value: f64) {
+        if self.count == 0 {
+            return;
+        }
+        match self.dtype {
+            DType::F64 => *(self.data as *mut f64) = value,
+            DType::F32 => *(self.data as *mut f32) = value as f32,
+            _ => {}
+        }
+    }
+
+    /// Whether the two views share memory.
+    pub fn overlaps(&self, other: &View) -> bool {
+        (self.data as usize) < (other.data as usize) + other.bytes()
+            && (other.data as usize) < (self.data as usize) + self.bytes()
+    }
+
+    /// Copies `source`'s elements here (same dtype and count; nothing when they are the same
+    /// memory).
+    ///
+    /// # Safety
+    ///
+    /// Both views describe valid memory of their counts, and this one is writable.
+    pub unsafe fn copy_from(&self, source: &View) {
+        if self.data != source.data && self.dtype == source.dtype && self.count == source.count {
+            std::ptr::copy(source.data as *const u8, self.data, self.bytes());
+        }
+    }
 }
 
 /// The shapes of the model's arguments and output (for the XLA handlers).
@@ -351,6 +389,114 @@ impl Context {
         // XLA's codes: 3 invalid argument, 13 internal.
         result.map_err(|(code, message)| (if code == CURV_INVALID_ARGUMENT { 3 } else { 13 }, message))
     }
+}
+
+impl Context {
+    /// The train block whose optimizer and train step the library runs, or the context's error.
+    fn program(&self) -> Result<&curv_ir::TrainProgram, (c_int, String)> {
+        match &self.program {
+            Some(program) => Ok(&program.trains[self.train]),
+            None => {
+                let message = self.error.as_ref().map(|error| error.to_string_lossy().into_owned()).unwrap_or_default();
+                Err((CURV_CONTEXT_ERROR, message))
+            }
+        }
+    }
+
+    /// The parameters' names and shapes, and the train step's inputs (name, shape, whether int32),
+    /// or the context's error (for the XLA handlers).
+    pub fn step_layout(&self) -> Result<StepLayout, String> {
+        let train = self.program().map_err(|(_, message)| message)?;
+        Ok(StepLayout {
+            params: train
+                .params
+                .iter()
+                .map(|param| (param.name.clone(), param.ty.shape.iter().map(|dim| known_size(dim) as usize).collect()))
+                .collect(),
+            inputs: self
+                .inputs
+                .iter()
+                .map(|input| {
+                    (input.name.to_string_lossy().into_owned(), input.shape.clone(), input.dtype == DType::I32)
+                })
+                .collect(),
+        })
+    }
+
+    /// One optimizer step on views already checked against the parameters' shapes (updated in
+    /// place; on any error nothing is written): checks that the context runs optimizer steps, that
+    /// every tensor has one float dtype and that no parameter overlaps its gradient.
+    pub fn optimizer_step_on_views(&mut self, params: &[View], grads: &[View]) -> Result<(), (c_int, String)> {
+        let train = self.program()?;
+        if let Some(message) = &self.needs_model {
+            return Err((CURV_CONTEXT_ERROR, message.clone()));
+        }
+        if !matches!(self.trainer, TrainerSlot::None) {
+            return Err((
+                CURV_CONTEXT_ERROR,
+                "this context runs train steps; an optimizer step needs a context of its own".to_string(),
+            ));
+        }
+        if params.len() != train.params.len() || grads.len() != train.params.len() {
+            return Err((
+                CURV_INVALID_ARGUMENT,
+                format!(
+                    "{} parameters and {} gradients given where the optimizer has {} parameters",
+                    params.len(),
+                    grads.len(),
+                    train.params.len()
+                ),
+            ));
+        }
+        let float = params.first().map_or(DType::F32, |view| view.dtype);
+        for ((param, grad), declared) in params.iter().zip(grads).zip(&train.params) {
+            if param.dtype == DType::I32 || param.dtype != float || grad.dtype != float {
+                return Err((
+                    CURV_INVALID_ARGUMENT,
+                    format!("`{}`: every tensor of a step must have one dtype, float32 or float64", declared.name),
+                ));
+            }
+            if param.count > 0 && param.overlaps(grad) {
+                return Err((
+                    CURV_INVALID_ARGUMENT,
+                    format!("`{}`: the parameter and its gradient overlap", declared.name),
+                ));
+            }
+        }
+        match float {
+            DType::F64 => step_with::<f64>(self, params, grads),
+            _ => step_with::<f32>(self, params, grads),
+        }
+    }
+
+    /// One train step on views already checked against the parameters' and inputs' shapes and
+    /// dtypes (parameters updated in place, the batch's loss in `loss`; on any error nothing is
+    /// written): checks that the context runs train steps.
+    pub fn train_step_on_views(
+        &mut self,
+        params: &[View],
+        inputs: &[View],
+        loss: &mut f64,
+    ) -> Result<(), (c_int, String)> {
+        self.program()?;
+        if !matches!(self.states, States::Empty) {
+            return Err((
+                CURV_CONTEXT_ERROR,
+                "this context runs optimizer steps; a train step needs a context of its own".to_string(),
+            ));
+        }
+        match params.first().map_or(DType::F32, |view| view.dtype) {
+            DType::F64 => train_with::<f64>(self, params, inputs, loss),
+            _ => train_with::<f32>(self, params, inputs, loss),
+        }
+    }
+}
+
+/// The parameters and train-step inputs of a library (for the XLA handlers).
+pub struct StepLayout {
+    pub params: Vec<(String, Vec<usize>)>,
+    /// Name, shape, and whether the input is int32.
+    pub inputs: Vec<(String, Vec<usize>, bool)>,
 }
 
 /// Checks one tensor against the parameter's shape and the call's dtype; `what` names it.
@@ -586,7 +732,29 @@ pub unsafe extern "C" fn curv_context_new(config: *const Config) -> *mut Context
         context.fail("internal error in curv (a bug) while making the context".to_string());
         context
     });
-    Box::into_raw(Box::new(context))
+    let context = Box::into_raw(Box::new(context));
+    live_contexts().push(context as usize);
+    context
+}
+
+/// The addresses of the contexts made and not yet freed, so that a context named by a number
+/// (the XLA handlers' `context` attribute) is checked before use.
+static LIVE_CONTEXTS: std::sync::Mutex<Vec<usize>> = std::sync::Mutex::new(Vec::new());
+
+fn live_contexts() -> std::sync::MutexGuard<'static, Vec<usize>> {
+    LIVE_CONTEXTS.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Runs `body` on the live context at `address` (holding the registry's lock, so it cannot be
+/// freed meanwhile); `None` when no live context is there.
+pub fn with_live_context<R>(address: u64, body: impl FnOnce(&mut Context) -> R) -> Option<R> {
+    let live = live_contexts();
+    if address == 0 || !live.contains(&(address as usize)) {
+        return None;
+    }
+    // SAFETY: the address came from `curv_context_new` and has not been freed (it is still in the
+    // registry, whose lock is held).
+    Some(body(unsafe { &mut *(address as usize as *mut Context) }))
 }
 
 /// # Safety
@@ -595,6 +763,8 @@ pub unsafe extern "C" fn curv_context_new(config: *const Config) -> *mut Context
 #[no_mangle]
 pub unsafe extern "C" fn curv_context_free(context: *mut Context) {
     if !context.is_null() {
+        let mut live = live_contexts();
+        live.retain(|&address| address != context as usize);
         drop(Box::from_raw(context));
     }
 }
@@ -695,20 +865,7 @@ pub unsafe extern "C" fn curv_optimizer_step(
     grads: *const *const DLManagedTensor,
 ) -> c_int {
     guarded(context, |context| {
-        let Some(program) = &context.program else {
-            let message = context.error.as_ref().map(|error| error.to_string_lossy().into_owned()).unwrap_or_default();
-            return Err((CURV_CONTEXT_ERROR, message));
-        };
-        let train = &program.trains[context.train];
-        if let Some(message) = &context.needs_model {
-            return Err((CURV_CONTEXT_ERROR, message.clone()));
-        }
-        if !matches!(context.trainer, TrainerSlot::None) {
-            return Err((
-                CURV_CONTEXT_ERROR,
-                "this context runs train steps; an optimizer step needs a context of its own".to_string(),
-            ));
-        }
+        let train = context.program()?;
         if params.is_null() || grads.is_null() {
             return Err((CURV_INVALID_ARGUMENT, "the parameter or gradient list is a null pointer".to_string()));
         }
@@ -726,32 +883,10 @@ pub unsafe extern "C" fn curv_optimizer_step(
                 .map_err(|message| (CURV_INVALID_ARGUMENT, message))?;
             let g = validate(*grads.add(index), &shape, &format!("gradient {index} (`{}`)", param.name), false)
                 .map_err(|message| (CURV_INVALID_ARGUMENT, message))?;
-            if g.dtype != p.dtype
-                || (index > 0 && p.dtype != param_views.first().map_or(p.dtype, |first: &View| first.dtype))
-            {
-                return Err((
-                    CURV_INVALID_ARGUMENT,
-                    format!("`{}`: every tensor of a step must have one dtype", param.name),
-                ));
-            }
-            let overlaps = |a: &View, b: &View| {
-                let bytes = if a.dtype == DType::F64 { 8 } else { 4 };
-                (a.data as usize) < (b.data as usize) + b.count * bytes
-                    && (b.data as usize) < (a.data as usize) + a.count * bytes
-            };
-            if p.count > 0 && overlaps(&p, &g) {
-                return Err((
-                    CURV_INVALID_ARGUMENT,
-                    format!("`{}`: the parameter and its gradient overlap", param.name),
-                ));
-            }
             param_views.push(p);
             grad_views.push(g);
         }
-        match param_views.first().map(|view| view.dtype) {
-            Some(DType::F64) => step_with::<f64>(context, &param_views, &grad_views),
-            _ => step_with::<f32>(context, &param_views, &grad_views),
-        }
+        context.optimizer_step_on_views(&param_views, &grad_views)
     })
 }
 
@@ -1009,7 +1144,7 @@ fn train_with<T: TrainElement>(
     context: &mut Context,
     params: &[View],
     inputs: &[View],
-    loss: *mut f64,
+    loss: &mut f64,
 ) -> Result<(), (c_int, String)> {
     let program = context.program.as_ref().ok_or((CURV_CONTEXT_ERROR, "no program".to_string()))?;
     let trainer = T::trainer(&mut context.trainer, program).map_err(|message| (CURV_INVALID_ARGUMENT, message))?;
@@ -1039,9 +1174,7 @@ fn train_with<T: TrainElement>(
             for (view, tensor) in params.iter().zip(&trainer.params) {
                 unsafe { std::ptr::copy_nonoverlapping(tensor.data.as_ptr(), view.data as *mut T, view.count) };
             }
-            if !loss.is_null() {
-                unsafe { *loss = report.metrics.loss };
-            }
+            *loss = report.metrics.loss;
             context.step = trainer.step;
             Ok(())
         }
@@ -1073,17 +1206,7 @@ pub unsafe extern "C" fn curv_train_step(
     loss: *mut f64,
 ) -> c_int {
     guarded(context, |context| {
-        let Some(program) = &context.program else {
-            let message = context.error.as_ref().map(|error| error.to_string_lossy().into_owned()).unwrap_or_default();
-            return Err((CURV_CONTEXT_ERROR, message));
-        };
-        if !matches!(context.states, States::Empty) {
-            return Err((
-                CURV_CONTEXT_ERROR,
-                "this context runs optimizer steps; a train step needs a context of its own".to_string(),
-            ));
-        }
-        let train = &program.trains[0];
+        let train = context.program()?;
         if params.is_null() || inputs.is_null() {
             return Err((CURV_INVALID_ARGUMENT, "the parameter or input list is a null pointer".to_string()));
         }
@@ -1099,11 +1222,13 @@ pub unsafe extern "C" fn curv_train_step(
                 format!("{input_count} inputs given where the train step reads {}", context.inputs.len()),
             ));
         }
-        let (param_views, input_views, float) = parameter_and_input_views(train, params, &context.inputs, inputs)?;
-        match float {
-            DType::F64 => train_with::<f64>(context, &param_views, &input_views, loss),
-            _ => train_with::<f32>(context, &param_views, &input_views, loss),
+        let (param_views, input_views, _) = parameter_and_input_views(train, params, &context.inputs, inputs)?;
+        let mut value = f64::NAN;
+        context.train_step_on_views(&param_views, &input_views, &mut value)?;
+        if !loss.is_null() {
+            *loss = value;
         }
+        Ok(())
     })
 }
 

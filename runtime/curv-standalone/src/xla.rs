@@ -1,11 +1,12 @@
 //! XLA FFI handlers of a library (`curv build --lib`), for JAX: the model's forward pass and its
 //! vector-Jacobian product as `jax.ffi` targets (`curv_xla_model_forward`,
 //! `curv_xla_model_backward`), which the generated Python module registers and wraps in a
-//! `jax.custom_vjp`. They follow XLA's FFI C API (`xla/ffi/api/c_api.h`, API version 0.3): answer
-//! the metadata query, do nothing before the execute stage, read the argument buffers (the
-//! parameters, then the model's inputs, then, for the backward pass, the cotangent) and write the
-//! result buffers, reporting problems as XLA FFI errors. They use one context of the library,
-//! made on first use.
+//! `jax.custom_vjp`, and the optimizer step and the train step (`curv_xla_optimizer_step`,
+//! `curv_xla_train_step`), which return the new parameters and keep the optimizer's state in a
+//! context of the library named by the call's `context` attribute. They follow XLA's FFI C API
+//! (`xla/ffi/api/c_api.h`, API version 0.3): answer the metadata query, do nothing before the
+//! execute stage, read the argument buffers and write the result buffers, reporting problems as
+//! XLA FFI errors. The model handlers use one context of the library, made on first use.
 
 use crate::abi::{self, Context, View};
 use curv_ir::DType;
@@ -79,6 +80,18 @@ struct Attrs {
 }
 
 #[repr(C)]
+struct ByteSpan {
+    pointer: *const c_char,
+    length: usize,
+}
+
+#[repr(C)]
+struct Scalar {
+    dtype: i32,
+    value: *mut c_void,
+}
+
+#[repr(C)]
 pub struct CallFrame {
     struct_size: usize,
     extension_start: *mut ExtensionBase,
@@ -104,10 +117,14 @@ struct Buffer {
 const EXTENSION_METADATA: i32 = 1;
 const STAGE_EXECUTE: i32 = 3;
 const ARG_BUFFER: i32 = 1;
+const ATTR_SCALAR: i32 = 3;
 const DTYPE_S32: i32 = 4;
+const DTYPE_S64: i32 = 5;
+const DTYPE_U64: i32 = 9;
 const DTYPE_F32: i32 = 11;
 const DTYPE_F64: i32 = 12;
 const ERROR_INVALID_ARGUMENT: i32 = 3;
+const ERROR_FAILED_PRECONDITION: i32 = 9;
 const ERROR_INTERNAL: i32 = 13;
 
 static CONTEXT: OnceLock<Mutex<usize>> = OnceLock::new();
@@ -279,4 +296,138 @@ pub unsafe extern "C" fn curv_xla_model_forward(frame: *mut CallFrame) -> *mut c
 #[no_mangle]
 pub unsafe extern "C" fn curv_xla_model_backward(frame: *mut CallFrame) -> *mut c_void {
     run(frame, true)
+}
+
+/// The value of the call's `context` attribute (a 64-bit integer scalar: the address of a context
+/// of this library).
+unsafe fn context_attribute(attrs: &Attrs) -> Result<u64, String> {
+    for index in 0..attrs.size.max(0) as usize {
+        let name = &*(*attrs.names.add(index) as *const ByteSpan);
+        if std::slice::from_raw_parts(name.pointer as *const u8, name.length) != b"context" {
+            continue;
+        }
+        if *attrs.types.add(index) != ATTR_SCALAR {
+            return Err("the `context` attribute is not a scalar".to_string());
+        }
+        let scalar = &*(*attrs.attrs.add(index) as *const Scalar);
+        return match scalar.dtype {
+            DTYPE_U64 | DTYPE_S64 => Ok(*(scalar.value as *const u64)),
+            other => Err(format!("the `context` attribute has XLA element type {other}; a 64-bit integer is needed")),
+        };
+    }
+    Err("the call has no `context` attribute (the library context whose optimizer state it updates)".to_string())
+}
+
+/// Runs the optimizer step (`train` false) or the train step of the context the call names.
+unsafe fn run_step(frame: *mut CallFrame, train: bool) -> *mut c_void {
+    if frame.is_null() {
+        return std::ptr::null_mut();
+    }
+    let frame = &*frame;
+    if answered_metadata(frame) || frame.stage != STAGE_EXECUTE {
+        return std::ptr::null_mut();
+    }
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let address = context_attribute(&frame.attrs).map_err(|message| (ERROR_INVALID_ARGUMENT, message))?;
+        abi::with_live_context(address, |context| step(context, frame, train)).unwrap_or_else(|| {
+            Err((ERROR_INVALID_ARGUMENT, format!("the `context` attribute ({address:#x}) is not a live curv context")))
+        })
+    }));
+    match outcome {
+        Ok(Ok(())) => std::ptr::null_mut(),
+        Ok(Err((code, message))) => error(frame, code, &message),
+        Err(_) => error(frame, ERROR_INTERNAL, "internal error in curv (a bug): the call was abandoned"),
+    }
+}
+
+/// One step: the arguments are the parameters then the gradients (optimizer step) or the train
+/// step's inputs; the results are the new parameters (then, for the train step, the batch's loss
+/// as a scalar of the parameters' type). The parameters are copied into the results (nothing is
+/// copied where XLA aliased them) and updated there in place.
+unsafe fn step(context: &mut Context, frame: &CallFrame, train: bool) -> Result<(), (i32, String)> {
+    let invalid = |message: String| (ERROR_INVALID_ARGUMENT, message);
+    let layout = context.step_layout().map_err(|message| (ERROR_FAILED_PRECONDITION, message))?;
+    let arguments = buffers(&frame.args, "argument").map_err(invalid)?;
+    let results = buffers(&frame.rets, "result").map_err(invalid)?;
+    let count = layout.params.len();
+    let expected_arguments = count + if train { layout.inputs.len() } else { count };
+    if arguments.len() != expected_arguments {
+        return Err(invalid(format!("{} arguments where {expected_arguments} are needed", arguments.len())));
+    }
+    let expected_results = count + usize::from(train);
+    if results.len() != expected_results {
+        return Err(invalid(format!("{} results where {expected_results} are needed", results.len())));
+    }
+    let mut params = Vec::new();
+    let mut float = None;
+    for (index, (name, shape)) in layout.params.iter().enumerate() {
+        let source = view(arguments[index], shape, float, &format!("parameter `{name}`")).map_err(invalid)?;
+        if source.dtype == DType::I32 {
+            return Err(invalid("the parameters must be float32 or float64".to_string()));
+        }
+        float = Some(source.dtype);
+        let destination = view(results[index], shape, float, &format!("the new value of `{name}`")).map_err(invalid)?;
+        params.push((source, destination));
+    }
+    let float = float.unwrap_or(DType::F32);
+    let code = |(code, message): (std::ffi::c_int, String)| {
+        let code = match code {
+            abi::CURV_INVALID_ARGUMENT => ERROR_INVALID_ARGUMENT,
+            abi::CURV_CONTEXT_ERROR => ERROR_FAILED_PRECONDITION,
+            _ => ERROR_INTERNAL,
+        };
+        (code, message)
+    };
+    if !train {
+        let mut grads = Vec::new();
+        for (index, (name, shape)) in layout.params.iter().enumerate() {
+            grads.push(
+                view(arguments[count + index], shape, Some(float), &format!("the gradient of `{name}`"))
+                    .map_err(invalid)?,
+            );
+        }
+        for (source, destination) in &params {
+            destination.copy_from(source);
+        }
+        let destinations: Vec<View> = params.into_iter().map(|(_, destination)| destination).collect();
+        return context.optimizer_step_on_views(&destinations, &grads).map_err(code);
+    }
+    let mut inputs = Vec::new();
+    for (offset, (name, shape, integer)) in layout.inputs.iter().enumerate() {
+        let dtype = if *integer { DType::I32 } else { float };
+        inputs.push(view(arguments[count + offset], shape, Some(dtype), &format!("input `{name}`")).map_err(invalid)?);
+    }
+    let loss_view = view(results[count], &[], Some(float), "the loss").map_err(invalid)?;
+    for (source, destination) in &params {
+        destination.copy_from(source);
+    }
+    let destinations: Vec<View> = params.into_iter().map(|(_, destination)| destination).collect();
+    let mut loss = f64::NAN;
+    context.train_step_on_views(&destinations, &inputs, &mut loss).map_err(code)?;
+    loss_view.write_scalar(loss);
+    Ok(())
+}
+
+/// One optimizer step as an XLA FFI handler: arguments the parameters then their gradients, the
+/// attribute `context` the library context that keeps the optimizer's state; results the new
+/// parameters.
+///
+/// # Safety
+///
+/// Called by XLA with a valid call frame.
+#[no_mangle]
+pub unsafe extern "C" fn curv_xla_optimizer_step(frame: *mut CallFrame) -> *mut c_void {
+    run_step(frame, false)
+}
+
+/// One train step as an XLA FFI handler: arguments the parameters then the train step's inputs,
+/// the attribute `context` the library context that keeps the optimizer's state; results the new
+/// parameters then the batch's loss.
+///
+/// # Safety
+///
+/// Called by XLA with a valid call frame.
+#[no_mangle]
+pub unsafe extern "C" fn curv_xla_train_step(frame: *mut CallFrame) -> *mut c_void {
+    run_step(frame, true)
 }
