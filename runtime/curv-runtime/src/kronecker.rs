@@ -473,12 +473,15 @@ pub fn kronecker_direction<T: Real>(
     inputs: &KroneckerInputs,
     previous: &mut Option<ParamState<T>>,
 ) -> Result<Option<Vec<f64>>, String> {
-    let mut states = States::load(state);
     let function = option_name(&plan.options, "function").unwrap_or("inverse_root");
     let quantized = number(&plan.options, "quantize", 32.0) < 32.0;
+    if matches!(function, "inverse_root" | "newton") && !quantized {
+        // Shampoo works on its state where it is, in the run's precision.
+        return shampoo_on_state(plan, shape, state, inputs, previous);
+    }
+    let mut states = States::load(state);
     let direction = match function {
         "inverse_root" | "newton" if quantized => crate::shampoo4bit::direction(plan, shape, &mut states, inputs)?,
-        "inverse_root" | "newton" => shampoo(plan, shape, &mut states, inputs)?,
         "eigenbasis" => soap(plan, shape, &mut states, inputs)?,
         "damped_inverse" | "damped_eigen" => kfac(plan, shape, &mut states, inputs, function == "damped_eigen")?,
         "lie_group" => crate::psgd::direction(plan, shape, &mut states, inputs)?,
@@ -502,10 +505,150 @@ pub(crate) fn accumulate(factor: &mut Matrix, fresh: &Matrix, ema: f64) {
     }
 }
 
-fn shampoo(
+/// `C = alpha op(A) op(B) + beta C` in the element type `T` (SGEMM for `f32`, DGEMM for `f64`),
+/// on row-major slices: `op(A)` is `m x k` with strides `a_strides` (row, column) into `a`,
+/// `op(B)` is `k x n` with `b_strides`, and `C` is `m x n` with row stride `c_row_stride`. A
+/// transposed operand is the same slice with its strides swapped.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm<T: Real>(
+    (m, k, n): (usize, usize, usize),
+    alpha: f64,
+    (a, a_strides): (&[T], (usize, usize)),
+    (b, b_strides): (&[T], (usize, usize)),
+    beta: f64,
+    c: &mut [T],
+    c_row_stride: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |rows: usize, columns: usize, (row_stride, column_stride): (usize, usize)| {
+        (rows.max(1) - 1) * row_stride + (columns.max(1) - 1) * column_stride
+    };
+    assert!(
+        k == 0
+            || (last(m, k, a_strides) < a.len()
+                && last(k, n, b_strides) < b.len()
+                && last(m, n, (c_row_stride, 1)) < c.len()),
+        "gemm: an operand is smaller than its shape and strides"
+    );
+    if k == 0 {
+        for row in 0..m {
+            c[row * c_row_stride..row * c_row_stride + n].iter_mut().for_each(|value| {
+                *value = T::from_f64(beta * value.to_f64());
+            });
+        }
+        return;
+    }
+    let stride = |value: usize| value as isize;
+    let any = std::any::TypeId::of::<T>();
+    // SAFETY: `T` is the type the branch names (so the casts are the identity), and the bounds
+    // were checked above against the slices, which do not alias (`c` is borrowed mutably).
+    unsafe {
+        if any == std::any::TypeId::of::<f32>() {
+            matrixmultiply::sgemm(
+                m,
+                k,
+                n,
+                alpha as f32,
+                a.as_ptr() as *const f32,
+                stride(a_strides.0),
+                stride(a_strides.1),
+                b.as_ptr() as *const f32,
+                stride(b_strides.0),
+                stride(b_strides.1),
+                beta as f32,
+                c.as_mut_ptr() as *mut f32,
+                stride(c_row_stride),
+                1,
+            );
+            return;
+        }
+        if any == std::any::TypeId::of::<f64>() {
+            matrixmultiply::dgemm(
+                m,
+                k,
+                n,
+                alpha,
+                a.as_ptr() as *const f64,
+                stride(a_strides.0),
+                stride(a_strides.1),
+                b.as_ptr() as *const f64,
+                stride(b_strides.0),
+                stride(b_strides.1),
+                beta,
+                c.as_mut_ptr() as *mut f64,
+                stride(c_row_stride),
+                1,
+            );
+            return;
+        }
+    }
+    for row in 0..m {
+        for column in 0..n {
+            let sum: f64 = (0..k)
+                .map(|inner| {
+                    a[row * a_strides.0 + inner * a_strides.1].to_f64()
+                        * b[inner * b_strides.0 + column * b_strides.1].to_f64()
+                })
+                .sum();
+            let slot = &mut c[row * c_row_stride + column];
+            *slot = T::from_f64(alpha * sum + if beta == 0.0 { 0.0 } else { beta * slot.to_f64() });
+        }
+    }
+}
+
+/// The state `name` of a parameter as a vector, taken out of the state (zeros of `shape` when it
+/// does not exist yet; put it back with [`put_state`]).
+fn take_state<T: Real>(state: &mut ParamState<T>, name: &str, shape: &[usize]) -> Vec<T> {
+    match state.iter_mut().find(|(key, _)| key == name) {
+        Some((_, tensor)) => std::mem::take(&mut tensor.data),
+        None => {
+            state.push((name.to_string(), Tensor::new(shape.to_vec(), Vec::new())));
+            vec![T::zero(); shape.iter().product()]
+        }
+    }
+}
+
+fn put_state<T: Real>(state: &mut ParamState<T>, name: &str, data: Vec<T>) {
+    if let Some((_, tensor)) = state.iter_mut().find(|(key, _)| key == name) {
+        tensor.data = data;
+    }
+}
+
+/// Shampoo with Distributed Shampoo's numerics: the gradient filtered by `b1` (bias-corrected),
+/// factors `L = sum G G^T` and `R = sum G^T G` (EMA with `ema < 1`, per tile of at most `block`
+/// rows and columns), their inverse `root`-th roots recomputed every `every` steps (by
+/// [`inverse_root`], or [`inverse_root_newton`] with `function = newton`; up to
+/// `TOLERATED_ROOT_FAILURES` failures in a row keep the last good roots), the direction
+/// `L^(-1/p) G R^(-1/p)` from step `start` on, scaled per tile to the norm of the grafting
+/// direction (Adam, AdaGrad or SGD) when there is one, and the grafting direction before.
+///
+/// It runs on the parameter's state where it is, in the run's element
+/// type: the filtered gradient, the grafting moments, the factors and their roots stay in `T` (as
+/// Distributed Shampoo keeps them in its factor dtype), the factors are updated by GEMMs that
+/// accumulate into the state, and the preconditioned gradient is two GEMMs; the roots are
+/// computed in double precision at their refresh steps. A copy of the state is left in
+/// `previous` for undoing (and put back if the step fails).
+fn shampoo_on_state<T: Real>(
     plan: &ParamPlan,
     shape: &[usize],
-    states: &mut States,
+    state: &mut ParamState<T>,
+    inputs: &KroneckerInputs,
+    previous: &mut Option<ParamState<T>>,
+) -> Result<Option<Vec<f64>>, String> {
+    *previous = Some(state.clone());
+    shampoo_native(plan, shape, state, inputs).inspect_err(|_| {
+        if let Some(old) = previous.take() {
+            *state = old;
+        }
+    })
+}
+
+fn shampoo_native<T: Real>(
+    plan: &ParamPlan,
+    shape: &[usize],
+    state: &mut ParamState<T>,
     inputs: &KroneckerInputs,
 ) -> Result<Option<Vec<f64>>, String> {
     let options = &plan.options;
@@ -522,19 +665,22 @@ fn shampoo(
     let tiles = tiles(rows, columns, block);
     let left_size = tiles.iter().map(|tile| tile.rows * tile.rows).sum::<usize>();
     let right_size = tiles.iter().map(|tile| tile.columns * tile.columns).sum::<usize>();
-    let gradient = inputs.gradient;
+    let gradient: Vec<T> = inputs.gradient.iter().map(|value| T::from_f64(*value)).collect();
     // The filtered gradient.
-    let filtered: Vec<f64> = if b1 > 0.0 {
-        let m = states.get("m", shape);
-        for (value, g) in m.iter_mut().zip(gradient) {
-            *value = b1 * *value + (1.0 - b1) * g;
+    let filtered: Vec<T> = if b1 > 0.0 {
+        let mut m = take_state(state, "m", shape);
+        let (keep, take) = (T::from_f64(b1), T::from_f64(1.0 - b1));
+        for (value, g) in m.iter_mut().zip(&gradient) {
+            *value = keep.mul(*value).add(take.mul(*g));
         }
-        let correction = 1.0 - b1.powf(step as f64);
-        m.iter().map(|value| value / correction).collect()
+        let correction = T::from_f64(1.0 / (1.0 - b1.powf(step as f64)));
+        let filtered = m.iter().map(|value| value.mul(correction)).collect();
+        put_state(state, "m", m);
+        filtered
     } else {
-        gradient.to_vec()
+        gradient.clone()
     };
-    // The grafting direction, for the whole parameter.
+    // The grafting direction, for the whole parameter (in double precision: it is returned).
     let graft = plan.modifiers.iter().find(|modifier| modifier.name == "graft");
     let grafted: Option<Vec<f64>> = match graft {
         None => None,
@@ -543,91 +689,155 @@ fn shampoo(
             let b2 = number(&modifier.options, "b2", 0.999);
             let graft_eps = number(&modifier.options, "eps", 1e-8);
             Some(match kind {
-                "sgd" => filtered.clone(),
+                "sgd" => filtered.iter().map(|value| value.to_f64()).collect(),
                 _ => {
-                    let v = states.get("graft_v", shape);
-                    for (value, g) in v.iter_mut().zip(gradient) {
+                    let mut v = take_state(state, "graft_v", shape);
+                    let (keep, take) = (T::from_f64(b2), T::from_f64(1.0 - b2));
+                    for (value, g) in v.iter_mut().zip(&gradient) {
                         *value = match kind {
-                            "adagrad" => *value + g * g,
-                            _ => b2 * *value + (1.0 - b2) * g * g,
+                            "adagrad" => value.add(g.mul(*g)),
+                            _ => keep.mul(*value).add(take.mul(g.mul(*g))),
                         };
                     }
                     let correction = if kind == "adam" { 1.0 - b2.powf(step as f64) } else { 1.0 };
-                    filtered.iter().zip(v.iter()).map(|(g, v)| g / ((v / correction).sqrt() + graft_eps)).collect()
+                    let grafted = filtered
+                        .iter()
+                        .zip(&v)
+                        .map(|(g, v)| g.to_f64() / ((v.to_f64() / correction).sqrt() + graft_eps))
+                        .collect();
+                    put_state(state, "graft_v", v);
+                    grafted
                 }
             })
         }
     };
-    // The factors take the current gradient.
-    let mut left = std::mem::take(states.get("left_factor", &[left_size]));
-    let mut right = std::mem::take(states.get("right_factor", &[right_size]));
+    // The factors take the current gradient: L <- decay L + weight G G^T, R <- decay R + weight G^T G.
+    let (decay, weight) = if ema >= 1.0 { (1.0, 1.0) } else { (ema, 1.0 - ema) };
+    let mut left = take_state(state, "left_factor", &[left_size]);
+    let mut right = take_state(state, "right_factor", &[right_size]);
     for tile in &tiles {
-        let g = tile.extract(gradient, columns);
-        let mut l = tile.left(&left);
-        accumulate(&mut l, &product(&g, false, &g, true), ema);
-        tile.store_left(&l, &mut left);
-        let mut r = tile.right(&right);
-        accumulate(&mut r, &product(&g, true, &g, false), ema);
-        tile.store_right(&r, &mut right);
+        let g = &gradient[tile.row * columns + tile.column..];
+        gemm(
+            (tile.rows, tile.columns, tile.rows),
+            weight,
+            (g, (columns, 1)),
+            (g, (1, columns)),
+            decay,
+            &mut left[tile.left_offset..tile.left_offset + tile.rows * tile.rows],
+            tile.rows,
+        );
+        gemm(
+            (tile.columns, tile.rows, tile.columns),
+            weight,
+            (g, (1, columns)),
+            (g, (columns, 1)),
+            decay,
+            &mut right[tile.right_offset..tile.right_offset + tile.columns * tile.columns],
+            tile.columns,
+        );
     }
-    let mut left_inverse = std::mem::take(states.get("left_inverse", &[left_size]));
-    let mut right_inverse = std::mem::take(states.get("right_inverse", &[right_size]));
+    let mut left_inverse = take_state(state, "left_inverse", &[left_size]);
+    let mut right_inverse = take_state(state, "right_inverse", &[right_size]);
     if step.is_multiple_of(every) {
         let correction = if ema < 1.0 { 1.0 - ema.powf(step as f64) } else { 1.0 };
+        let matrix = |values: &[T], size: usize| Matrix {
+            rows: size,
+            columns: size,
+            data: values[..size * size].iter().map(|value| value.to_f64() / correction).collect(),
+        };
+        let function = |matrix: &Matrix| {
+            if newton {
+                inverse_root_newton(matrix, root, eps)
+            } else {
+                inverse_root(matrix, root, eps)
+            }
+        };
         let mut failed = None;
         for tile in &tiles {
-            let mut l = tile.left(&left);
-            let mut r = tile.right(&right);
-            l.data.iter_mut().chain(r.data.iter_mut()).for_each(|value| *value /= correction);
-            let function = |matrix: &Matrix| {
-                if newton {
-                    inverse_root_newton(matrix, root, eps)
-                } else {
-                    inverse_root(matrix, root, eps)
-                }
-            };
+            let l = matrix(&left[tile.left_offset..], tile.rows);
+            let r = matrix(&right[tile.right_offset..], tile.columns);
             match (function(&l), function(&r)) {
                 (Ok(l_root), Ok(r_root)) => {
-                    tile.store_left(&l_root, &mut left_inverse);
-                    tile.store_right(&r_root, &mut right_inverse);
+                    for (slot, value) in left_inverse[tile.left_offset..].iter_mut().zip(&l_root.data) {
+                        *slot = T::from_f64(*value);
+                    }
+                    for (slot, value) in right_inverse[tile.right_offset..].iter_mut().zip(&r_root.data) {
+                        *slot = T::from_f64(*value);
+                    }
                 }
                 (Err(error), _) | (_, Err(error)) => failed = Some(error),
             }
         }
-        let failures = if failed.is_some() { states.scalar("failures") + 1.0 } else { 0.0 };
-        states.set_scalar("failures", failures);
-        if let (Some(error), true) = (failed, failures > TOLERATED_ROOT_FAILURES) {
+        let mut failures = take_state(state, "failures", &[]);
+        let count = if failed.is_some() { failures[0].to_f64() + 1.0 } else { 0.0 };
+        failures[0] = T::from_f64(count);
+        put_state(state, "failures", failures);
+        if let (Some(error), true) = (failed, count > TOLERATED_ROOT_FAILURES) {
             return Err(format!(
-                "the inverse root of a Shampoo factor failed {failures} times in a row (step {step}: {error}); \
+                "the inverse root of a Shampoo factor failed {count} times in a row (step {step}: {error}); \
                  a larger `eps` may help"
             ));
         }
     }
-    let mut direction = vec![0.0; gradient.len()];
-    if step < start {
-        direction = grafted.unwrap_or(filtered);
+    let direction = if step < start {
+        grafted.unwrap_or_else(|| filtered.iter().map(|value| value.to_f64()).collect())
     } else {
+        let mut direction = vec![0.0; gradient.len()];
+        let mut half = Vec::new();
+        let mut preconditioned = Vec::new();
         for tile in &tiles {
-            let g = tile.extract(&filtered, columns);
-            let preconditioned = product(
-                &product(&tile.left(&left_inverse), false, &g, false),
-                false,
-                &tile.right(&right_inverse),
-                false,
+            // L^(-1/p) G R^(-1/p), in T.
+            let g = &filtered[tile.row * columns + tile.column..];
+            half.clear();
+            half.resize(tile.rows * tile.columns, T::zero());
+            preconditioned.clear();
+            preconditioned.resize(tile.rows * tile.columns, T::zero());
+            gemm(
+                (tile.rows, tile.rows, tile.columns),
+                1.0,
+                (&left_inverse[tile.left_offset..], (tile.rows, 1)),
+                (g, (columns, 1)),
+                0.0,
+                &mut half,
+                tile.columns,
             );
-            let mut preconditioned = preconditioned;
-            if let Some(grafted) = &grafted {
-                let norm = frobenius(&tile.extract(grafted, columns).data);
-                let scale = norm / (frobenius(&preconditioned.data) + 1e-16);
-                preconditioned.data.iter_mut().for_each(|value| *value *= scale);
+            gemm(
+                (tile.rows, tile.columns, tile.columns),
+                1.0,
+                (&half, (tile.columns, 1)),
+                (&right_inverse[tile.right_offset..], (tile.columns, 1)),
+                0.0,
+                &mut preconditioned,
+                tile.columns,
+            );
+            let scale = match &grafted {
+                Some(grafted) => {
+                    let mut norm = 0.0;
+                    for row in tile.row..tile.row + tile.rows {
+                        let start = row * columns + tile.column;
+                        norm += grafted[start..start + tile.columns].iter().map(|value| value * value).sum::<f64>();
+                    }
+                    let own = preconditioned.iter().map(|value| value.to_f64() * value.to_f64()).sum::<f64>();
+                    norm.sqrt() / (own.sqrt() + 1e-16)
+                }
+                None => 1.0,
+            };
+            for row in 0..tile.rows {
+                let start = (tile.row + row) * columns + tile.column;
+                for (slot, value) in direction[start..start + tile.columns]
+                    .iter_mut()
+                    .zip(&preconditioned[row * tile.columns..(row + 1) * tile.columns])
+                {
+                    *slot = value.to_f64() * scale;
+                }
             }
-            tile.insert(&preconditioned, &mut direction, columns);
         }
-    }
-    *states.get("left_factor", &[left_size]) = left;
-    *states.get("right_factor", &[right_size]) = right;
-    *states.get("left_inverse", &[left_size]) = left_inverse;
-    *states.get("right_inverse", &[right_size]) = right_inverse;
+        direction
+    };
+    put_state(state, "left_factor", left);
+    put_state(state, "right_factor", right);
+    put_state(state, "left_inverse", left_inverse);
+    put_state(state, "right_inverse", right_inverse);
     Ok(Some(direction))
 }
 
@@ -977,5 +1187,39 @@ mod tests {
             last.left_offset + last.rows * last.rows,
             tiles.iter().map(|tile| tile.rows * tile.rows).sum::<usize>()
         );
+    }
+
+    /// `gemm` in f32 and f64 against the double-precision `product`, on a tile of a wider matrix
+    /// (row stride larger than the tile), with transposed operands and accumulation into `C`.
+    #[test]
+    fn gemm_agrees_with_the_double_precision_product_on_strided_and_transposed_tiles() {
+        let wide = random_matrix(7, 9, 11);
+        // The tile: rows 2..7, columns 3..9 (5 x 6), row stride 9.
+        let tile = Matrix {
+            rows: 5,
+            columns: 6,
+            data: (2..7).flat_map(|row| wide.data[row * 9 + 3..row * 9 + 9].to_vec()).collect(),
+        };
+        let accumulated = random_matrix(5, 5, 12);
+        let expected_left = {
+            let fresh = product(&tile, false, &tile, true);
+            let mut result = accumulated.clone();
+            result.data.iter_mut().zip(&fresh.data).for_each(|(value, new)| *value = 0.5 * *value + 2.0 * new);
+            result
+        };
+        let expected_right = product(&tile, true, &tile, false);
+        let offset = 2 * 9 + 3;
+        let mut left = accumulated.data.clone();
+        gemm((5, 6, 5), 2.0, (&wide.data[offset..], (9, 1)), (&wide.data[offset..], (1, 9)), 0.5, &mut left, 5);
+        assert!(close(&Matrix { rows: 5, columns: 5, data: left }, &expected_left, 1e-12));
+        let mut right = vec![f64::NAN; 36];
+        gemm((6, 5, 6), 1.0, (&wide.data[offset..], (1, 9)), (&wide.data[offset..], (9, 1)), 0.0, &mut right, 6);
+        assert!(close(&Matrix { rows: 6, columns: 6, data: right }, &expected_right, 1e-12));
+        let single: Vec<f32> = wide.data.iter().map(|value| *value as f32).collect();
+        let mut right_single = vec![0.0f32; 36];
+        gemm((6, 5, 6), 1.0, (&single[offset..], (1, 9)), (&single[offset..], (9, 1)), 0.0, &mut right_single, 6);
+        let right_single =
+            Matrix { rows: 6, columns: 6, data: right_single.iter().map(|value| f64::from(*value)).collect() };
+        assert!(close(&right_single, &expected_right, 1e-5));
     }
 }
