@@ -341,28 +341,6 @@ impl Tile {
                 .copy_from_slice(&tile.data[row * self.columns..(row + 1) * self.columns]);
         }
     }
-
-    pub(crate) fn left(&self, values: &[f64]) -> Matrix {
-        let size = self.rows * self.rows;
-        Matrix { rows: self.rows, columns: self.rows, data: values[self.left_offset..self.left_offset + size].to_vec() }
-    }
-
-    pub(crate) fn right(&self, values: &[f64]) -> Matrix {
-        let size = self.columns * self.columns;
-        Matrix {
-            rows: self.columns,
-            columns: self.columns,
-            data: values[self.right_offset..self.right_offset + size].to_vec(),
-        }
-    }
-
-    pub(crate) fn store_left(&self, matrix: &Matrix, values: &mut [f64]) {
-        values[self.left_offset..self.left_offset + matrix.data.len()].copy_from_slice(&matrix.data);
-    }
-
-    pub(crate) fn store_right(&self, matrix: &Matrix, values: &mut [f64]) {
-        values[self.right_offset..self.right_offset + matrix.data.len()].copy_from_slice(&matrix.data);
-    }
 }
 
 /// A parameter's states as double-precision vectors while one update runs.
@@ -476,13 +454,15 @@ pub fn kronecker_direction<T: Real>(
     let function = option_name(&plan.options, "function").unwrap_or("inverse_root");
     let quantized = number(&plan.options, "quantize", 32.0) < 32.0;
     if matches!(function, "inverse_root" | "newton") && !quantized {
-        // Shampoo works on its state where it is, in the run's precision.
+        // Shampoo and SOAP work on their state where it is, in the run's precision.
         return shampoo_on_state(plan, shape, state, inputs, previous);
+    }
+    if function == "eigenbasis" {
+        return soap_on_state(plan, shape, state, inputs, previous);
     }
     let mut states = States::load(state);
     let direction = match function {
         "inverse_root" | "newton" if quantized => crate::shampoo4bit::direction(plan, shape, &mut states, inputs)?,
-        "eigenbasis" => soap(plan, shape, &mut states, inputs)?,
         "damped_inverse" | "damped_eigen" => kfac(plan, shape, &mut states, inputs, function == "damped_eigen")?,
         "lie_group" => crate::psgd::direction(plan, shape, &mut states, inputs)?,
         "sherman_morrison" | "adafisher" if inputs.captures.is_some_and(|captures| captures.inputs_are_columns) => {
@@ -595,6 +575,56 @@ pub(crate) fn gemm<T: Real>(
             let slot = &mut c[row * c_row_stride + column];
             *slot = T::from_f64(alpha * sum + if beta == 0.0 { 0.0 } else { beta * slot.to_f64() });
         }
+    }
+}
+
+/// The factors of each tile take the gradient (in `T`): `L <- decay L + weight G G^T` and
+/// `R <- decay R + weight G^T G`, by GEMMs that accumulate into the states (the running sum with
+/// `ema >= 1`, else the exponential average).
+fn accumulate_factors<T: Real>(
+    tiles: &[Tile],
+    gradient: &[T],
+    columns: usize,
+    (left, right): (&mut [T], &mut [T]),
+    ema: f64,
+) {
+    let (decay, weight) = if ema >= 1.0 { (1.0, 1.0) } else { (ema, 1.0 - ema) };
+    for tile in tiles {
+        let g = &gradient[tile.row * columns + tile.column..];
+        gemm(
+            (tile.rows, tile.columns, tile.rows),
+            weight,
+            (g, (columns, 1)),
+            (g, (1, columns)),
+            decay,
+            &mut left[tile.left_offset..tile.left_offset + tile.rows * tile.rows],
+            tile.rows,
+        );
+        gemm(
+            (tile.columns, tile.rows, tile.columns),
+            weight,
+            (g, (1, columns)),
+            (g, (columns, 1)),
+            decay,
+            &mut right[tile.right_offset..tile.right_offset + tile.columns * tile.columns],
+            tile.columns,
+        );
+    }
+}
+
+/// The `size x size` matrix at the start of `values`, times `scale`, in double precision.
+fn square<T: Real>(values: &[T], size: usize, scale: f64) -> Matrix {
+    Matrix {
+        rows: size,
+        columns: size,
+        data: values[..size * size].iter().map(|value| value.to_f64() * scale).collect(),
+    }
+}
+
+/// Writes a double-precision matrix at the start of `values`, rounded to `T`.
+fn store<T: Real>(matrix: &Matrix, values: &mut [T]) {
+    for (slot, value) in values.iter_mut().zip(&matrix.data) {
+        *slot = T::from_f64(*value);
     }
 }
 
@@ -711,40 +741,15 @@ fn shampoo_native<T: Real>(
             })
         }
     };
-    // The factors take the current gradient: L <- decay L + weight G G^T, R <- decay R + weight G^T G.
-    let (decay, weight) = if ema >= 1.0 { (1.0, 1.0) } else { (ema, 1.0 - ema) };
+    // The factors take the current gradient.
     let mut left = take_state(state, "left_factor", &[left_size]);
     let mut right = take_state(state, "right_factor", &[right_size]);
-    for tile in &tiles {
-        let g = &gradient[tile.row * columns + tile.column..];
-        gemm(
-            (tile.rows, tile.columns, tile.rows),
-            weight,
-            (g, (columns, 1)),
-            (g, (1, columns)),
-            decay,
-            &mut left[tile.left_offset..tile.left_offset + tile.rows * tile.rows],
-            tile.rows,
-        );
-        gemm(
-            (tile.columns, tile.rows, tile.columns),
-            weight,
-            (g, (1, columns)),
-            (g, (columns, 1)),
-            decay,
-            &mut right[tile.right_offset..tile.right_offset + tile.columns * tile.columns],
-            tile.columns,
-        );
-    }
+    accumulate_factors(&tiles, &gradient, columns, (&mut left, &mut right), ema);
     let mut left_inverse = take_state(state, "left_inverse", &[left_size]);
     let mut right_inverse = take_state(state, "right_inverse", &[right_size]);
     if step.is_multiple_of(every) {
         let correction = if ema < 1.0 { 1.0 - ema.powf(step as f64) } else { 1.0 };
-        let matrix = |values: &[T], size: usize| Matrix {
-            rows: size,
-            columns: size,
-            data: values[..size * size].iter().map(|value| value.to_f64() / correction).collect(),
-        };
+        let matrix = |values: &[T], size: usize| square(values, size, 1.0 / correction);
         let function = |matrix: &Matrix| {
             if newton {
                 inverse_root_newton(matrix, root, eps)
@@ -758,12 +763,8 @@ fn shampoo_native<T: Real>(
             let r = matrix(&right[tile.right_offset..], tile.columns);
             match (function(&l), function(&r)) {
                 (Ok(l_root), Ok(r_root)) => {
-                    for (slot, value) in left_inverse[tile.left_offset..].iter_mut().zip(&l_root.data) {
-                        *slot = T::from_f64(*value);
-                    }
-                    for (slot, value) in right_inverse[tile.right_offset..].iter_mut().zip(&r_root.data) {
-                        *slot = T::from_f64(*value);
-                    }
+                    store(&l_root, &mut left_inverse[tile.left_offset..]);
+                    store(&r_root, &mut right_inverse[tile.right_offset..]);
                 }
                 (Err(error), _) | (_, Err(error)) => failed = Some(error),
             }
@@ -874,10 +875,34 @@ fn refresh_basis(factor: &Matrix, basis: &Matrix) -> Result<(Matrix, Vec<usize>)
     Ok((q, order))
 }
 
-fn soap(
+/// SOAP (nikhilvyas/SOAP): Adam in the eigenbasis of Shampoo's factors. At the first step the
+/// factors take the gradient and the bases are their eigenvectors (descending), and the parameter
+/// does not move; then `m` (in the parameter's basis) and `v` (in the rotated basis) are Adam's
+/// moments, the direction is `Q_L (rotate(m) / (sqrt(v) + eps)) Q_R^T` with Adam's bias
+/// correction as one step size, the factors take the gradient (EMA), and every `every` steps
+/// each basis is refreshed by one power iteration and QR ([`refresh_basis`]), `v` permuted to
+/// follow. The state is worked on where it is, in the run's element type (factors, bases and
+/// moments in `T`, the rotations as GEMMs); the eigenvectors and the refreshes are computed in
+/// double precision.
+fn soap_on_state<T: Real>(
     plan: &ParamPlan,
     shape: &[usize],
-    states: &mut States,
+    state: &mut ParamState<T>,
+    inputs: &KroneckerInputs,
+    previous: &mut Option<ParamState<T>>,
+) -> Result<Option<Vec<f64>>, String> {
+    *previous = Some(state.clone());
+    soap_native(plan, shape, state, inputs).inspect_err(|_| {
+        if let Some(old) = previous.take() {
+            *state = old;
+        }
+    })
+}
+
+fn soap_native<T: Real>(
+    plan: &ParamPlan,
+    shape: &[usize],
+    state: &mut ParamState<T>,
     inputs: &KroneckerInputs,
 ) -> Result<Option<Vec<f64>>, String> {
     let options = &plan.options;
@@ -891,94 +916,158 @@ fn soap(
     let tiles = tiles(rows, columns, block);
     let left_size = tiles.iter().map(|tile| tile.rows * tile.rows).sum::<usize>();
     let right_size = tiles.iter().map(|tile| tile.columns * tile.columns).sum::<usize>();
-    let gradient = inputs.gradient;
+    let gradient: Vec<T> = inputs.gradient.iter().map(|value| T::from_f64(*value)).collect();
     let failure = |error: LinalgError| format!("SOAP's eigenbasis: {error}");
-    let first = !states.values.iter().any(|(name, _, _)| name == "left_basis");
-    let mut left = std::mem::take(states.get("left_factor", &[left_size]));
-    let mut right = std::mem::take(states.get("right_factor", &[right_size]));
-    let accumulate_factors = |left: &mut Vec<f64>, right: &mut Vec<f64>| {
-        for tile in &tiles {
-            let g = tile.extract(gradient, columns);
-            let mut l = tile.left(left);
-            accumulate(&mut l, &product(&g, false, &g, true), ema);
-            tile.store_left(&l, left);
-            let mut r = tile.right(right);
-            accumulate(&mut r, &product(&g, true, &g, false), ema);
-            tile.store_right(&r, right);
-        }
-    };
+    let first = state_get(state, "left_basis").is_none();
+    let mut left = take_state(state, "left_factor", &[left_size]);
+    let mut right = take_state(state, "right_factor", &[right_size]);
     if first {
-        accumulate_factors(&mut left, &mut right);
-        let mut left_basis = vec![0.0; left_size];
-        let mut right_basis = vec![0.0; right_size];
+        accumulate_factors(&tiles, &gradient, columns, (&mut left, &mut right), ema);
+        let mut left_basis = take_state(state, "left_basis", &[left_size]);
+        let mut right_basis = take_state(state, "right_basis", &[right_size]);
         for tile in &tiles {
-            let l = add_to_diagonal(&tile.left(&left), 1e-30);
-            let r = add_to_diagonal(&tile.right(&right), 1e-30);
-            tile.store_left(&descending_eigenvectors(&l).map_err(failure)?, &mut left_basis);
-            tile.store_right(&descending_eigenvectors(&r).map_err(failure)?, &mut right_basis);
+            let l = add_to_diagonal(&square(&left[tile.left_offset..], tile.rows, 1.0), 1e-30);
+            let r = add_to_diagonal(&square(&right[tile.right_offset..], tile.columns, 1.0), 1e-30);
+            store(&descending_eigenvectors(&l).map_err(failure)?, &mut left_basis[tile.left_offset..]);
+            store(&descending_eigenvectors(&r).map_err(failure)?, &mut right_basis[tile.right_offset..]);
         }
-        *states.get("left_factor", &[left_size]) = left;
-        *states.get("right_factor", &[right_size]) = right;
-        *states.get("left_basis", &[left_size]) = left_basis;
-        *states.get("right_basis", &[right_size]) = right_basis;
-        states.get("m", shape);
-        states.get("v", shape);
-        states.set_scalar("soap_step", 0.0);
+        put_state(state, "left_factor", left);
+        put_state(state, "right_factor", right);
+        put_state(state, "left_basis", left_basis);
+        put_state(state, "right_basis", right_basis);
+        let m = take_state(state, "m", shape);
+        put_state(state, "m", m);
+        let v = take_state(state, "v", shape);
+        put_state(state, "v", v);
+        let step = take_state(state, "soap_step", &[]);
+        put_state(state, "soap_step", step);
         return Ok(None);
     }
-    let s = states.scalar("soap_step") + 1.0;
-    states.set_scalar("soap_step", s);
-    let mut left_basis = std::mem::take(states.get("left_basis", &[left_size]));
-    let mut right_basis = std::mem::take(states.get("right_basis", &[right_size]));
-    let mut m = std::mem::take(states.get("m", shape));
-    let mut v = std::mem::take(states.get("v", shape));
-    for (value, g) in m.iter_mut().zip(gradient) {
-        *value = b1 * *value + (1.0 - b1) * g;
+    let mut soap_step = take_state(state, "soap_step", &[]);
+    let s = soap_step[0].to_f64() + 1.0;
+    soap_step[0] = T::from_f64(s);
+    put_state(state, "soap_step", soap_step);
+    let mut left_basis = take_state(state, "left_basis", &[left_size]);
+    let mut right_basis = take_state(state, "right_basis", &[right_size]);
+    let mut m = take_state(state, "m", shape);
+    let mut v = take_state(state, "v", shape);
+    let (keep, take) = (T::from_f64(b1), T::from_f64(1.0 - b1));
+    for (value, g) in m.iter_mut().zip(&gradient) {
+        *value = keep.mul(*value).add(take.mul(*g));
     }
     let step_size = (1.0 - b2.powf(s)).sqrt() / (1.0 - b1.powf(s));
     let mut direction = vec![0.0; gradient.len()];
+    let (mut half, mut rotated_gradient, mut normalised) = (Vec::new(), Vec::new(), Vec::new());
     for tile in &tiles {
-        let (q_left, q_right) = (tile.left(&left_basis), tile.right(&right_basis));
-        let rotate = |matrix: &Matrix| product(&product(&q_left, true, matrix, false), false, &q_right, false);
-        let rotated_gradient = rotate(&tile.extract(gradient, columns));
-        let mut v_tile = tile.extract(&v, columns);
-        for (value, g) in v_tile.data.iter_mut().zip(&rotated_gradient.data) {
-            *value = b2 * *value + (1.0 - b2) * g * g;
+        let (q_left, q_right) = (&left_basis[tile.left_offset..], &right_basis[tile.right_offset..]);
+        let size = tile.rows * tile.columns;
+        // Q_L^T X Q_R for the tile of X.
+        let mut rotate = |matrix: &[T], result: &mut Vec<T>| {
+            half.clear();
+            half.resize(size, T::zero());
+            result.clear();
+            result.resize(size, T::zero());
+            let x = &matrix[tile.row * columns + tile.column..];
+            gemm(
+                (tile.rows, tile.rows, tile.columns),
+                1.0,
+                (q_left, (1, tile.rows)),
+                (x, (columns, 1)),
+                0.0,
+                &mut half,
+                tile.columns,
+            );
+            gemm(
+                (tile.rows, tile.columns, tile.columns),
+                1.0,
+                (&half, (tile.columns, 1)),
+                (q_right, (tile.columns, 1)),
+                0.0,
+                result,
+                tile.columns,
+            );
+        };
+        rotate(&gradient, &mut rotated_gradient);
+        rotate(&m, &mut normalised);
+        let (keep, take) = (T::from_f64(b2), T::from_f64(1.0 - b2));
+        for row in 0..tile.rows {
+            let start = (tile.row + row) * columns + tile.column;
+            for column in 0..tile.columns {
+                let g = rotated_gradient[row * tile.columns + column];
+                let second = &mut v[start + column];
+                *second = keep.mul(*second).add(take.mul(g.mul(g)));
+                let slot = &mut normalised[row * tile.columns + column];
+                *slot = T::from_f64(step_size * slot.to_f64() / (second.to_f64().sqrt() + eps));
+            }
         }
-        tile.insert(&v_tile, &mut v, columns);
-        let mut normalised = rotate(&tile.extract(&m, columns));
-        for (value, second) in normalised.data.iter_mut().zip(&v_tile.data) {
-            *value = step_size * *value / (second.sqrt() + eps);
+        // Back: Q_L N Q_R^T.
+        half.clear();
+        half.resize(size, T::zero());
+        gemm(
+            (tile.rows, tile.rows, tile.columns),
+            1.0,
+            (q_left, (tile.rows, 1)),
+            (&normalised, (tile.columns, 1)),
+            0.0,
+            &mut half,
+            tile.columns,
+        );
+        gemm(
+            (tile.rows, tile.columns, tile.columns),
+            1.0,
+            (&half, (tile.columns, 1)),
+            (q_right, (1, tile.columns)),
+            0.0,
+            &mut rotated_gradient,
+            tile.columns,
+        );
+        for row in 0..tile.rows {
+            let start = (tile.row + row) * columns + tile.column;
+            for (slot, value) in direction[start..start + tile.columns]
+                .iter_mut()
+                .zip(&rotated_gradient[row * tile.columns..(row + 1) * tile.columns])
+            {
+                *slot = value.to_f64();
+            }
         }
-        let back = product(&product(&q_left, false, &normalised, false), false, &q_right, true);
-        tile.insert(&back, &mut direction, columns);
     }
-    accumulate_factors(&mut left, &mut right);
+    accumulate_factors(&tiles, &gradient, columns, (&mut left, &mut right), ema);
     if (s as u64).is_multiple_of(every) {
         for tile in &tiles {
-            let (new_left, left_order) = refresh_basis(&tile.left(&left), &tile.left(&left_basis)).map_err(failure)?;
-            let (new_right, right_order) =
-                refresh_basis(&tile.right(&right), &tile.right(&right_basis)).map_err(failure)?;
-            tile.store_left(&new_left, &mut left_basis);
-            tile.store_right(&new_right, &mut right_basis);
+            let (new_left, left_order) = refresh_basis(
+                &square(&left[tile.left_offset..], tile.rows, 1.0),
+                &square(&left_basis[tile.left_offset..], tile.rows, 1.0),
+            )
+            .map_err(failure)?;
+            let (new_right, right_order) = refresh_basis(
+                &square(&right[tile.right_offset..], tile.columns, 1.0),
+                &square(&right_basis[tile.right_offset..], tile.columns, 1.0),
+            )
+            .map_err(failure)?;
+            store(&new_left, &mut left_basis[tile.left_offset..]);
+            store(&new_right, &mut right_basis[tile.right_offset..]);
             // The second moment lives in the rotated basis: its rows follow the left basis'
             // columns, its columns the right basis' columns.
-            let old = tile.extract(&v, columns);
-            let mut permuted = old.clone();
+            let old: Vec<T> = (0..tile.rows)
+                .flat_map(|row| {
+                    let start = (tile.row + row) * columns + tile.column;
+                    v[start..start + tile.columns].to_vec()
+                })
+                .collect();
             for (row, &source_row) in left_order.iter().enumerate() {
+                let start = (tile.row + row) * columns + tile.column;
                 for (column, &source_column) in right_order.iter().enumerate() {
-                    permuted.data[row * tile.columns + column] = old.at(source_row, source_column);
+                    v[start + column] = old[source_row * tile.columns + source_column];
                 }
             }
-            tile.insert(&permuted, &mut v, columns);
         }
     }
-    *states.get("left_factor", &[left_size]) = left;
-    *states.get("right_factor", &[right_size]) = right;
-    *states.get("left_basis", &[left_size]) = left_basis;
-    *states.get("right_basis", &[right_size]) = right_basis;
-    *states.get("m", shape) = m;
-    *states.get("v", shape) = v;
+    put_state(state, "left_factor", left);
+    put_state(state, "right_factor", right);
+    put_state(state, "left_basis", left_basis);
+    put_state(state, "right_basis", right_basis);
+    put_state(state, "m", m);
+    put_state(state, "v", v);
     Ok(Some(direction))
 }
 
