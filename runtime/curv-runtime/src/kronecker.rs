@@ -244,26 +244,44 @@ pub fn damped_inverse(matrix: &Matrix, damping: f64) -> Result<Matrix, LinalgErr
 
 /// Muon's orthogonalisation: `X = U / (|U|_F + 1e-7)` (transposed when it has more rows than
 /// columns) iterated `steps` times through `A = X X^T`, `X <- a X + (b A + c A A) X`.
-pub fn newton_schulz(matrix: &Matrix, steps: usize, (a, b, c): (f64, f64, f64)) -> Matrix {
-    let transposed = matrix.rows > matrix.columns;
-    let mut x = if transposed { transpose(matrix) } else { matrix.clone() };
-    let norm = frobenius(&x.data) + 1e-7;
-    x.data.iter_mut().for_each(|value| *value /= norm);
+pub fn newton_schulz(matrix: &Matrix, steps: usize, coefficients: (f64, f64, f64)) -> Matrix {
+    let data = newton_schulz_in(&matrix.data, (matrix.rows, matrix.columns), steps, coefficients);
+    Matrix { rows: matrix.rows, columns: matrix.columns, data }
+}
+
+/// [`newton_schulz`] on a row-major `rows x columns` matrix in the element type `T` (the products
+/// as SGEMM or DGEMM): per iteration `G = X X^T`, `P = b G + c G G` (a GEMM accumulating into a
+/// copy of `G`) and `X <- a X + P X` (a GEMM accumulating into a copy of `X`).
+pub fn newton_schulz_in<T: Real>(
+    matrix: &[T],
+    (rows, columns): (usize, usize),
+    steps: usize,
+    (a, b, c): (f64, f64, f64),
+) -> Vec<T> {
+    // Work on the wide orientation (`X` with no more rows than columns).
+    let transposed = rows > columns;
+    let (rows, columns) = if transposed { (columns, rows) } else { (rows, columns) };
+    let mut x: Vec<T> = if transposed {
+        (0..rows).flat_map(|row| (0..columns).map(move |column| matrix[column * rows + row])).collect()
+    } else {
+        matrix.to_vec()
+    };
+    let norm = x.iter().map(|value| value.to_f64() * value.to_f64()).sum::<f64>().sqrt() + 1e-7;
+    let scale = T::from_f64(1.0 / norm);
+    x.iter_mut().for_each(|value| *value = value.mul(scale));
+    let mut gram = vec![T::zero(); rows * rows];
+    let mut polynomial = vec![T::zero(); rows * rows];
+    let mut next = vec![T::zero(); rows * columns];
     for _ in 0..steps {
-        let gram = product(&x, false, &x, true);
-        let gram_squared = product(&gram, false, &gram, false);
-        let mut polynomial = gram.clone();
-        for (value, square) in polynomial.data.iter_mut().zip(&gram_squared.data) {
-            *value = b * *value + c * square;
-        }
-        let mut next = product(&polynomial, false, &x, false);
-        for (value, old) in next.data.iter_mut().zip(&x.data) {
-            *value += a * old;
-        }
-        x = next;
+        gemm((rows, columns, rows), 1.0, (&x, (columns, 1)), (&x, (1, columns)), 0.0, &mut gram, rows);
+        polynomial.copy_from_slice(&gram);
+        gemm((rows, rows, rows), c, (&gram, (rows, 1)), (&gram, (rows, 1)), b, &mut polynomial, rows);
+        next.copy_from_slice(&x);
+        gemm((rows, rows, columns), 1.0, (&polynomial, (rows, 1)), (&x, (columns, 1)), a, &mut next, columns);
+        std::mem::swap(&mut x, &mut next);
     }
     if transposed {
-        transpose(&x)
+        (0..columns).flat_map(|row| (0..rows).map(|column| x[column * columns + row]).collect::<Vec<T>>()).collect()
     } else {
         x
     }
@@ -1170,18 +1188,21 @@ pub fn orthogonalize_direction<T: Real>(
     let coefficients = (number(options, "a", 3.4445), number(options, "b", -4.7750), number(options, "c", 2.0315));
     let beta = number(options, "momentum", 0.95);
     let nesterov = flag(options, "nesterov", true);
-    let mut states = States::load(state);
-    let momentum = states.get("momentum", shape);
-    for (value, g) in momentum.iter_mut().zip(inputs.gradient) {
-        *value = beta * *value + (1.0 - beta) * g;
+    // The momentum is updated where it is, in the run's precision, and so is the iteration.
+    *previous = Some(state.clone());
+    let gradient: Vec<T> = inputs.gradient.iter().map(|value| T::from_f64(*value)).collect();
+    let mut momentum = take_state(state, "momentum", shape);
+    let (keep, take) = (T::from_f64(beta), T::from_f64(1.0 - beta));
+    for (value, g) in momentum.iter_mut().zip(&gradient) {
+        *value = keep.mul(*value).add(take.mul(*g));
     }
-    let update: Vec<f64> = if nesterov {
-        inputs.gradient.iter().zip(momentum.iter()).map(|(g, m)| (1.0 - beta) * g + beta * m).collect()
+    let update: Vec<T> = if nesterov {
+        gradient.iter().zip(&momentum).map(|(g, m)| take.mul(*g).add(keep.mul(*m))).collect()
     } else {
         momentum.clone()
     };
-    let (rows, columns) = matrix_shape(shape);
-    let orthogonal = newton_schulz(&Matrix { rows, columns, data: update }, steps, coefficients);
+    put_state(state, "momentum", momentum);
+    let orthogonal = newton_schulz_in(&update, matrix_shape(shape), steps, coefficients);
     // For `x @ W` (`[in, out]`) the scale is PyTorch's `sqrt(max(1, out_features / in_features))`.
     // For higher ranks the reference uses the last two dimensions of the tensor as they are
     // (`kH / kW` for a conv kernel), and so does curv.
@@ -1190,8 +1211,7 @@ pub fn orthogonalize_direction<T: Real>(
         [.., second_last, last] => (*second_last as f64 / *last as f64).max(1.0).sqrt(),
         _ => 1.0,
     };
-    *previous = Some(states.store(state));
-    Ok(orthogonal.data.into_iter().map(|value| value * scale).collect())
+    Ok(orthogonal.into_iter().map(|value| value.to_f64() * scale).collect())
 }
 
 #[cfg(test)]
