@@ -478,10 +478,12 @@ pub fn kronecker_direction<T: Real>(
     if function == "eigenbasis" {
         return soap_on_state(plan, shape, state, inputs, previous);
     }
+    if matches!(function, "damped_inverse" | "damped_eigen") {
+        return kfac_on_state(plan, shape, state, inputs, function == "damped_eigen", previous);
+    }
     let mut states = States::load(state);
     let direction = match function {
         "inverse_root" | "newton" if quantized => crate::shampoo4bit::direction(plan, shape, &mut states, inputs)?,
-        "damped_inverse" | "damped_eigen" => kfac(plan, shape, &mut states, inputs, function == "damped_eigen")?,
         "lie_group" => crate::psgd::direction(plan, shape, &mut states, inputs)?,
         "sherman_morrison" | "adafisher" if inputs.captures.is_some_and(|captures| captures.inputs_are_columns) => {
             return Err(format!("`function = {function}` does not support conv2d kernels yet (only `x @ W` products)"))
@@ -493,14 +495,6 @@ pub fn kronecker_direction<T: Real>(
     };
     *previous = Some(states.store(state));
     Ok(direction)
-}
-
-/// The exponential average (or, with `ema = 1`, the running sum) of a factor.
-pub(crate) fn accumulate(factor: &mut Matrix, fresh: &Matrix, ema: f64) {
-    let (decay, weight) = if ema >= 1.0 { (1.0, 1.0) } else { (ema, 1.0 - ema) };
-    for (value, new) in factor.data.iter_mut().zip(&fresh.data) {
-        *value = decay * *value + weight * new;
-    }
 }
 
 /// `C = alpha op(A) op(B) + beta C` in the element type `T` (SGEMM for `f32`, DGEMM for `f64`),
@@ -1089,10 +1083,34 @@ fn soap_native<T: Real>(
     Ok(Some(direction))
 }
 
-fn kfac(
+/// K-FAC (kfac-pytorch's INVERSE and EIGEN modes): at the steps that bring captures, the factors
+/// `A` (inputs) and `G` (output cotangents) take their fresh covariances (EMA, bias-corrected by
+/// the number of updates), and the inverses are recomputed: `(A + pi sqrt(damping) I)^-1` and
+/// `(G + sqrt(damping) / pi I)^-1` with the pi-adjusted factored damping, or (`eigen`) the
+/// factors' eigendecompositions; every step the direction is `A^-1 grad G^-1`, or in the
+/// eigenbases `Q_A ((Q_A^T grad Q_G) / (a g^T + damping)) Q_G^T`. The state is worked on where it
+/// is, in the run's element type (the products as GEMMs); the inverses and eigendecompositions
+/// are computed in double precision.
+fn kfac_on_state<T: Real>(
     plan: &ParamPlan,
     shape: &[usize],
-    states: &mut States,
+    state: &mut ParamState<T>,
+    inputs: &KroneckerInputs,
+    eigen: bool,
+    previous: &mut Option<ParamState<T>>,
+) -> Result<Option<Vec<f64>>, String> {
+    *previous = Some(state.clone());
+    kfac_native(plan, shape, state, inputs, eigen).inspect_err(|_| {
+        if let Some(old) = previous.take() {
+            *state = old;
+        }
+    })
+}
+
+fn kfac_native<T: Real>(
+    plan: &ParamPlan,
+    shape: &[usize],
+    state: &mut ParamState<T>,
     inputs: &KroneckerInputs,
     eigen: bool,
 ) -> Result<Option<Vec<f64>>, String> {
@@ -1102,6 +1120,10 @@ fn kfac(
     let pi_adjusted = flag(options, "pi", true);
     let (rows, columns) = matrix_shape(shape);
     let (left_size, right_size) = (rows * rows, columns * columns);
+    let mut updates = take_state(state, "factor_updates", &[]);
+    let count = updates[0].to_f64() + f64::from(u8::from(inputs.captures.is_some()));
+    updates[0] = T::from_f64(count);
+    put_state(state, "factor_updates", updates);
     if let Some(captures) = inputs.captures {
         let (a, g) = captures.covariances();
         // The left factor covers the rows of the parameter's matrix view: the inputs' factor `A`
@@ -1114,29 +1136,23 @@ fn kfac(
                 a.rows, a.columns, g.rows, g.columns
             ));
         }
-        let (a, g) = (&a, &g);
-        let count = states.scalar("factor_updates") + 1.0;
-        states.set_scalar("factor_updates", count);
-        let mut left = Matrix { rows, columns: rows, data: std::mem::take(states.get("left_factor", &[left_size])) };
-        let mut right =
-            Matrix { rows: columns, columns, data: std::mem::take(states.get("right_factor", &[right_size])) };
-        accumulate(&mut left, a, ema.min(1.0 - f64::EPSILON));
-        accumulate(&mut right, g, ema.min(1.0 - f64::EPSILON));
+        let mut left = take_state(state, "left_factor", &[left_size]);
+        let mut right = take_state(state, "right_factor", &[right_size]);
+        let ema = ema.min(1.0 - f64::EPSILON);
+        for (factor, fresh) in [(&mut left, &a), (&mut right, &g)] {
+            for (value, new) in factor.iter_mut().zip(&fresh.data) {
+                *value = T::from_f64(ema * value.to_f64() + (1.0 - ema) * new);
+            }
+        }
         let correction = 1.0 - ema.powf(count);
-        let corrected = |matrix: &Matrix| Matrix {
-            rows: matrix.rows,
-            columns: matrix.columns,
-            data: matrix.data.iter().map(|value| value / correction).collect(),
-        };
-        let (a_hat, g_hat) = (corrected(&left), corrected(&right));
+        let (a_hat, g_hat) = (square(&left, rows, 1.0 / correction), square(&right, columns, 1.0 / correction));
+        put_state(state, "left_factor", left);
+        put_state(state, "right_factor", right);
         let failure = |error: LinalgError| format!("the K-FAC inverse: {error}");
-        if eigen {
+        let (left_inverse, right_inverse, values) = if eigen {
             let (a_values, a_vectors) = symmetric_eigen(&a_hat).map_err(failure)?;
             let (g_values, g_vectors) = symmetric_eigen(&g_hat).map_err(failure)?;
-            *states.get("left_inverse", &[left_size]) = a_vectors.data;
-            *states.get("right_inverse", &[right_size]) = g_vectors.data;
-            *states.get("left_values", &[rows]) = a_values.iter().map(|value| value.max(0.0)).collect();
-            *states.get("right_values", &[columns]) = g_values.iter().map(|value| value.max(0.0)).collect();
+            (a_vectors, g_vectors, Some((a_values, g_values)))
         } else {
             // `pi = sqrt((tr A / dim A) / (tr G / dim G))` multiplies the inputs' factor's damping.
             let (norm_left, norm_right) = (trace(&a_hat) / rows as f64, trace(&g_hat) / columns as f64);
@@ -1149,30 +1165,89 @@ fn kfac(
             };
             let pi = if inputs_on_the_left { pi_inputs } else { 1.0 / pi_inputs };
             let root = damping.sqrt();
-            *states.get("left_inverse", &[left_size]) = damped_inverse(&a_hat, pi * root).map_err(failure)?.data;
-            *states.get("right_inverse", &[right_size]) = damped_inverse(&g_hat, root / pi).map_err(failure)?.data;
+            let left = damped_inverse(&a_hat, pi * root).map_err(failure)?;
+            let right = damped_inverse(&g_hat, root / pi).map_err(failure)?;
+            (left, right, None)
+        };
+        let mut slot = take_state(state, "left_inverse", &[left_size]);
+        store(&left_inverse, &mut slot);
+        put_state(state, "left_inverse", slot);
+        let mut slot = take_state(state, "right_inverse", &[right_size]);
+        store(&right_inverse, &mut slot);
+        put_state(state, "right_inverse", slot);
+        if let Some((a_values, g_values)) = values {
+            for (name, values, size) in [("left_values", a_values, rows), ("right_values", g_values, columns)] {
+                let mut slot = take_state(state, name, &[size]);
+                for (target, value) in slot.iter_mut().zip(values) {
+                    *target = T::from_f64(value.max(0.0));
+                }
+                put_state(state, name, slot);
+            }
         }
-        *states.get("left_factor", &[left_size]) = left.data;
-        *states.get("right_factor", &[right_size]) = right.data;
     }
-    if states.scalar("factor_updates") == 0.0 {
+    if count == 0.0 {
         return Err("K-FAC has no factor statistics yet".to_string());
     }
-    let gradient = Matrix { rows, columns, data: inputs.gradient.to_vec() };
-    let left_inverse = Matrix { rows, columns: rows, data: states.get("left_inverse", &[left_size]).clone() };
-    let right_inverse = Matrix { rows: columns, columns, data: states.get("right_inverse", &[right_size]).clone() };
-    let direction = if eigen {
-        let a_values = states.get("left_values", &[rows]).clone();
-        let g_values = states.get("right_values", &[columns]).clone();
-        let mut rotated = product(&product(&left_inverse, true, &gradient, false), false, &right_inverse, false);
-        for (row, a_value) in rotated.data.chunks_mut(columns.max(1)).zip(&a_values) {
-            row.iter_mut().zip(&g_values).for_each(|(value, g_value)| *value /= a_value * g_value + damping);
+    let gradient: Vec<T> = inputs.gradient.iter().map(|value| T::from_f64(*value)).collect();
+    let left_inverse = state_get(state, "left_inverse").map(|tensor| tensor.data.as_slice()).unwrap_or_default();
+    let right_inverse = state_get(state, "right_inverse").map(|tensor| tensor.data.as_slice()).unwrap_or_default();
+    if left_inverse.len() != left_size || right_inverse.len() != right_size {
+        return Err("K-FAC's inverses are missing from its state".to_string());
+    }
+    let mut half = vec![T::zero(); rows * columns];
+    let mut direction = vec![T::zero(); rows * columns];
+    if eigen {
+        let a_values = state_get(state, "left_values").map(|tensor| tensor.data.as_slice()).unwrap_or_default();
+        let g_values = state_get(state, "right_values").map(|tensor| tensor.data.as_slice()).unwrap_or_default();
+        if a_values.len() != rows || g_values.len() != columns {
+            return Err("K-FAC's eigenvalues are missing from its state".to_string());
         }
-        product(&product(&left_inverse, false, &rotated, false), false, &right_inverse, true)
+        gemm((rows, rows, columns), 1.0, (left_inverse, (1, rows)), (&gradient, (columns, 1)), 0.0, &mut half, columns);
+        gemm(
+            (rows, columns, columns),
+            1.0,
+            (&half, (columns, 1)),
+            (right_inverse, (columns, 1)),
+            0.0,
+            &mut direction,
+            columns,
+        );
+        for (row, a_value) in direction.chunks_mut(columns.max(1)).zip(a_values) {
+            for (value, g_value) in row.iter_mut().zip(g_values) {
+                *value = T::from_f64(value.to_f64() / (a_value.to_f64() * g_value.to_f64() + damping));
+            }
+        }
+        gemm(
+            (rows, rows, columns),
+            1.0,
+            (left_inverse, (rows, 1)),
+            (&direction, (columns, 1)),
+            0.0,
+            &mut half,
+            columns,
+        );
+        gemm(
+            (rows, columns, columns),
+            1.0,
+            (&half, (columns, 1)),
+            (right_inverse, (1, columns)),
+            0.0,
+            &mut direction,
+            columns,
+        );
     } else {
-        product(&product(&left_inverse, false, &gradient, false), false, &right_inverse, false)
-    };
-    Ok(Some(direction.data))
+        gemm((rows, rows, columns), 1.0, (left_inverse, (rows, 1)), (&gradient, (columns, 1)), 0.0, &mut half, columns);
+        gemm(
+            (rows, columns, columns),
+            1.0,
+            (&half, (columns, 1)),
+            (right_inverse, (columns, 1)),
+            0.0,
+            &mut direction,
+            columns,
+        );
+    }
+    Ok(Some(direction.into_iter().map(|value| value.to_f64()).collect()))
 }
 
 /// One step of the `orthogonalize` structure (Muon): returns the direction.
