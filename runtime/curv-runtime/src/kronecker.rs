@@ -32,9 +32,10 @@ thread_local! {
 
 /// The precision of the per-step matrix products while it lives: the run's precision, as the
 /// references compute them (an `f32` run multiplies in single precision, with `matrixmultiply`'s
-/// SGEMM; an `f64` run, as the oracle tests use, in double precision). Values are always kept in
-/// double precision, and the matrix functions (roots, inverses, bases) always compute in double
-/// precision whatever this says.
+/// SGEMM; an `f64` run, as the oracle tests use, in double precision), for the functions that
+/// hold their state as double-precision [`States`] (Shampoo, SOAP, K-FAC and Muon compute in the
+/// run's element type directly, through [`gemm`]). The matrix functions (roots, inverses, bases)
+/// always compute in double precision whatever this says.
 pub struct ProductPrecision {
     previous: bool,
 }
