@@ -140,6 +140,34 @@ def test_abi_misuse_is_an_error_code_with_a_message(adam, change, message):
     assert context.steps == 0
 
 
+@pytest.mark.parametrize("example", ["adam", "shampoo"])
+@pytest.mark.parametrize("bad_index", [0, -1])
+def test_a_step_that_fails_changes_neither_parameters_nor_state(tmp_path, example, bad_index):
+    """A step whose update turns non-finite (an infinite gradient element) is refused with its
+    message, and afterwards the context steps exactly as a twin that never saw it: every
+    parameter's state (a rule's, a `kronecker` structure's, a `diagonal` one's) was put back."""
+    library = build(example, tmp_path)
+    ours, twin = library.Context(), library.Context()
+    generator = torch.Generator().manual_seed(9)
+    params = [torch.randn(*shape, generator=generator, dtype=torch.float64) for shape in ours.shapes]
+    twin_params = [param.clone() for param in params]
+    for step in range(6):
+        grads = [torch.randn(*shape, generator=generator, dtype=torch.float64) for shape in ours.shapes]
+        if step == 3:
+            bad = [grad.clone() for grad in grads]
+            bad[bad_index].view(-1)[0] = float("inf")
+            before = [param.clone() for param in params]
+            with pytest.raises(library.CurvError) as error:
+                ours.step_dlpack(capsules(params), capsules(bad))
+            assert error.value.code == library.RUNTIME_ERROR, str(error.value)
+            assert all(torch.equal(param, old) for param, old in zip(params, before))
+            assert ours.steps == 3
+        ours.step_dlpack(capsules(params), capsules(grads))
+        twin.step_dlpack(capsules(twin_params), capsules(grads))
+    assert ours.steps == twin.steps == 6
+    assert all(torch.equal(param, other) for param, other in zip(params, twin_params))
+
+
 def test_null_lists_contexts_and_options_are_errors(adam):
     library = adam._LIBRARY
     context = adam.Context()

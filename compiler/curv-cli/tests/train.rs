@@ -612,10 +612,13 @@ fn read_parameters(path: &Path) -> Vec<(String, Vec<f32>)> {
     parameters
 }
 
+/// A run's final parameters by name, as f32 (`read_parameters`).
+type Parameters = Vec<(String, Vec<f32>)>;
+
 /// The example's 20-step runs on the f32 interpreter from its initial parameters with the
 /// lowest bit (then the second lowest) of every element flipped: how far a rounding-sized change
 /// carries in 20 steps of this optimizer, as losses and parameters.
-fn perturbed_interpreter_runs(example: &Path) -> Vec<(f64, Vec<(String, Vec<f32>)>)> {
+fn perturbed_interpreter_runs(example: &Path) -> Vec<(f64, Parameters)> {
     let name = example.file_stem().unwrap().to_string_lossy().into_owned();
     let directory = scratch(&format!("perturbed-{name}"));
     let common = ["run", example.to_str().unwrap(), "--backend", "interp", "--precision", "f32", "--quiet"];

@@ -218,11 +218,19 @@ pub fn update_param<T: Real>(
         apply_weight_decay(plan, param, inputs.learning_rate);
         let mut displaced =
             Displaced { param: None, states: Vec::new(), state_was_empty: state.is_empty(), whole_state: None };
-        update_with_rule(plan, rules, param, state, inputs, &mut displaced)?;
+        let outcome = update_with_rule(plan, rules, param, state, inputs, &mut displaced);
         if original.is_some() {
             displaced.param = original;
         }
-        return Ok(Some(displaced));
+        // A failed rule update puts back what its earlier blocks replaced: the parameter and
+        // its state are as they were.
+        return match outcome {
+            Ok(()) => Ok(Some(displaced)),
+            Err(message) => {
+                displaced.undo(param, state);
+                Err(message)
+            }
+        };
     }
     update_in_place(plan, param, state, inputs)
 }
@@ -269,8 +277,9 @@ fn apply_weight_decay<T: Real>(plan: &ParamPlan, param: &mut Tensor<T>, learning
 }
 
 /// Updates a structure in place. The matrix structures replace their state wholesale, and
-/// return the previous state and parameter (so a caller need not copy them first); the others
-/// return `None`.
+/// return the previous state and parameter (so a caller need not copy them first; on an error
+/// they leave the state as it was); the others (`diagonal`, `factored`) return `None` and update
+/// the state where it is.
 fn update_in_place<T: Real>(
     plan: &ParamPlan,
     param: &mut Tensor<T>,
@@ -697,10 +706,24 @@ fn update_with_rule<T: Real>(
         for (kind, tensor) in inputs.statistics {
             update_inputs.statistics.insert(kind.clone(), flat(tensor));
         }
-        let outputs = inputs
-            .backend
-            .outputs(&key, update, &update_inputs)
-            .map_err(|error| format!("rule `{}`: {error}", rule.name))?;
+        let outputs = match inputs.backend.outputs(&key, update, &update_inputs) {
+            Ok(outputs) => outputs,
+            Err(error) => {
+                // The parameter and the states go back where they were before the error is
+                // reported, so that a failed step can be undone.
+                let mut moved = update_inputs.inputs.into_iter();
+                if let Some(Value::Real(tensor)) = moved.next() {
+                    param.data = tensor.data;
+                }
+                moved.next(); // the gradient
+                for (name, value) in rule.state.iter().zip(moved) {
+                    if let (Value::Real(tensor), Some(slot)) = (value, state_get_mut(state, name)) {
+                        slot.data = tensor.data;
+                    }
+                }
+                return Err(format!("rule `{}`: {error}", rule.name));
+            }
+        };
         let mut state_written = vec![false; rule.state.len()];
         let mut parameter_written = false;
         for (name, value) in outputs {

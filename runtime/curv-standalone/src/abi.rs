@@ -11,7 +11,7 @@
 
 use crate::{embedded_text, make_backend};
 use curv_interp::Tensor;
-use curv_ir::{DType, Program};
+use curv_ir::{DType, Program, StructureKind};
 use curv_runtime::optimizer::{update_param, ParamState, UpdateInputs};
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
@@ -597,6 +597,14 @@ impl Element for f64 {
     }
 }
 
+/// How to put back one parameter's state after a step that failed.
+enum Undo<T> {
+    /// A copy made before an in-place update.
+    Copy(ParamState<T>),
+    /// What an out-of-place update replaced.
+    Displaced(curv_runtime::optimizer::Displaced<T>),
+}
+
 /// One optimizer step over validated views, in element type `T`.
 fn step_with<T: Element>(context: &mut Context, params: &[View], grads: &[View]) -> Result<(), (c_int, String)> {
     let program = context.program.as_ref().ok_or((CURV_CONTEXT_ERROR, "no program".to_string()))?;
@@ -611,10 +619,25 @@ fn step_with<T: Element>(context: &mut Context, params: &[View], grads: &[View])
     let backend = T::backend();
     let states =
         T::states(&mut context.states, train.params.len()).map_err(|message| (CURV_INVALID_ARGUMENT, message))?;
-    // Every parameter is updated from copies; the caller's tensors are written only when every
-    // update succeeded, so a failed step leaves parameters and state as they were.
+    // Every parameter is updated from a copy of the caller's tensor, and its state where it is;
+    // the caller's tensors are written only when every update succeeded, and a failed step puts
+    // back the states it changed (from what the updates replaced, or from copies for the
+    // structures that update their state in place), so it leaves parameters and state as they
+    // were.
     let mut new_params = Vec::with_capacity(params.len());
-    let mut new_states = states.clone();
+    let mut undo: Vec<(usize, Undo<T>)> = Vec::new();
+    let roll_back = |states: &mut Vec<ParamState<T>>, undo: Vec<(usize, Undo<T>)>| {
+        for (index, entry) in undo.into_iter().rev() {
+            match entry {
+                Undo::Copy(state) => states[index] = state,
+                Undo::Displaced(displaced) => {
+                    // The parameter is a copy that is dropped; only the state matters.
+                    let mut scratch = Tensor::new(Vec::new(), Vec::new());
+                    displaced.undo(&mut scratch, &mut states[index]);
+                }
+            }
+        }
+    };
     let statistics = HashMap::new();
     for (index, (param, grad)) in params.iter().zip(grads).enumerate() {
         let shape: Vec<usize> = train.params[index].ty.shape.iter().map(|dim| known_size(dim) as usize).collect();
@@ -638,10 +661,20 @@ fn step_with<T: Element>(context: &mut Context, params: &[View], grads: &[View])
             seed: train.seed as u64,
             param: index,
         };
-        update_param(plan, &program.rules, &mut tensor, &mut new_states[index], &inputs).map_err(|message| {
-            (CURV_RUNTIME_ERROR, format!("step {step}, `{}`: {message}", train.params[index].name))
-        })?;
+        let updates_in_place = matches!(plan.structure, StructureKind::Diagonal | StructureKind::Factored);
+        if updates_in_place {
+            undo.push((index, Undo::Copy(states[index].clone())));
+        }
+        match update_param(plan, &program.rules, &mut tensor, &mut states[index], &inputs) {
+            Ok(Some(displaced)) => undo.push((index, Undo::Displaced(displaced))),
+            Ok(None) => {}
+            Err(message) => {
+                roll_back(states, undo);
+                return Err((CURV_RUNTIME_ERROR, format!("step {step}, `{}`: {message}", train.params[index].name)));
+            }
+        }
         if let Some(position) = tensor.data.iter().position(|value| !value.to_f64().is_finite()) {
+            roll_back(states, undo);
             return Err((
                 CURV_RUNTIME_ERROR,
                 format!(
@@ -655,7 +688,6 @@ fn step_with<T: Element>(context: &mut Context, params: &[View], grads: &[View])
     for (param, tensor) in params.iter().zip(&new_params) {
         unsafe { std::ptr::copy_nonoverlapping(tensor.data.as_ptr(), param.data as *mut T, param.count) };
     }
-    *states = new_states;
     context.step = step;
     Ok(())
 }
