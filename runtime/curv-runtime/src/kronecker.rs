@@ -472,15 +472,15 @@ pub fn kronecker_direction<T: Real>(
 ) -> Result<Option<Vec<f64>>, String> {
     let function = option_name(&plan.options, "function").unwrap_or("inverse_root");
     let quantized = number(&plan.options, "quantize", 32.0) < 32.0;
+    // Shampoo, SOAP and K-FAC work on their state where it is, in the run's precision.
     if matches!(function, "inverse_root" | "newton") && !quantized {
-        // Shampoo and SOAP work on their state where it is, in the run's precision.
-        return shampoo_on_state(plan, shape, state, inputs, previous);
+        return undoable(state, previous, |state| shampoo(plan, shape, state, inputs));
     }
     if function == "eigenbasis" {
-        return soap_on_state(plan, shape, state, inputs, previous);
+        return undoable(state, previous, |state| soap(plan, shape, state, inputs));
     }
     if matches!(function, "damped_inverse" | "damped_eigen") {
-        return kfac_on_state(plan, shape, state, inputs, function == "damped_eigen", previous);
+        return undoable(state, previous, |state| kfac(plan, shape, state, inputs, function == "damped_eigen"));
     }
     let mut states = States::load(state);
     let direction = match function {
@@ -641,6 +641,21 @@ fn store<T: Real>(matrix: &Matrix, values: &mut [T]) {
     }
 }
 
+/// Runs `update` on the parameter's state where it is, leaving a copy of the state as it was in
+/// `previous` (for undoing the step) and putting that copy back if the update fails.
+pub(crate) fn undoable<T: Real, R>(
+    state: &mut ParamState<T>,
+    previous: &mut Option<ParamState<T>>,
+    update: impl FnOnce(&mut ParamState<T>) -> Result<R, String>,
+) -> Result<R, String> {
+    *previous = Some(state.clone());
+    update(state).inspect_err(|_| {
+        if let Some(old) = previous.take() {
+            *state = old;
+        }
+    })
+}
+
 /// The state `name` of a parameter as a vector, taken out of the state (zeros of `shape` when it
 /// does not exist yet; put it back with [`put_state`]).
 fn take_state<T: Real>(state: &mut ParamState<T>, name: &str, shape: &[usize]) -> Vec<T> {
@@ -667,28 +682,12 @@ fn put_state<T: Real>(state: &mut ParamState<T>, name: &str, data: Vec<T>) {
 /// `L^(-1/p) G R^(-1/p)` from step `start` on, scaled per tile to the norm of the grafting
 /// direction (Adam, AdaGrad or SGD) when there is one, and the grafting direction before.
 ///
-/// It runs on the parameter's state where it is, in the run's element
-/// type: the filtered gradient, the grafting moments, the factors and their roots stay in `T` (as
+/// It works on the parameter's state where it is ([`undoable`]), in the run's element type: the
+/// filtered gradient, the grafting moments, the factors and their roots stay in `T` (as
 /// Distributed Shampoo keeps them in its factor dtype), the factors are updated by GEMMs that
 /// accumulate into the state, and the preconditioned gradient is two GEMMs; the roots are
-/// computed in double precision at their refresh steps. A copy of the state is left in
-/// `previous` for undoing (and put back if the step fails).
-fn shampoo_on_state<T: Real>(
-    plan: &ParamPlan,
-    shape: &[usize],
-    state: &mut ParamState<T>,
-    inputs: &KroneckerInputs,
-    previous: &mut Option<ParamState<T>>,
-) -> Result<Option<Vec<f64>>, String> {
-    *previous = Some(state.clone());
-    shampoo_native(plan, shape, state, inputs).inspect_err(|_| {
-        if let Some(old) = previous.take() {
-            *state = old;
-        }
-    })
-}
-
-fn shampoo_native<T: Real>(
+/// computed in double precision at their refresh steps.
+fn shampoo<T: Real>(
     plan: &ParamPlan,
     shape: &[usize],
     state: &mut ParamState<T>,
@@ -897,22 +896,7 @@ fn refresh_basis(factor: &Matrix, basis: &Matrix) -> Result<(Matrix, Vec<usize>)
 /// follow. The state is worked on where it is, in the run's element type (factors, bases and
 /// moments in `T`, the rotations as GEMMs); the eigenvectors and the refreshes are computed in
 /// double precision.
-fn soap_on_state<T: Real>(
-    plan: &ParamPlan,
-    shape: &[usize],
-    state: &mut ParamState<T>,
-    inputs: &KroneckerInputs,
-    previous: &mut Option<ParamState<T>>,
-) -> Result<Option<Vec<f64>>, String> {
-    *previous = Some(state.clone());
-    soap_native(plan, shape, state, inputs).inspect_err(|_| {
-        if let Some(old) = previous.take() {
-            *state = old;
-        }
-    })
-}
-
-fn soap_native<T: Real>(
+fn soap<T: Real>(
     plan: &ParamPlan,
     shape: &[usize],
     state: &mut ParamState<T>,
@@ -1092,23 +1076,7 @@ fn soap_native<T: Real>(
 /// eigenbases `Q_A ((Q_A^T grad Q_G) / (a g^T + damping)) Q_G^T`. The state is worked on where it
 /// is, in the run's element type (the products as GEMMs); the inverses and eigendecompositions
 /// are computed in double precision.
-fn kfac_on_state<T: Real>(
-    plan: &ParamPlan,
-    shape: &[usize],
-    state: &mut ParamState<T>,
-    inputs: &KroneckerInputs,
-    eigen: bool,
-    previous: &mut Option<ParamState<T>>,
-) -> Result<Option<Vec<f64>>, String> {
-    *previous = Some(state.clone());
-    kfac_native(plan, shape, state, inputs, eigen).inspect_err(|_| {
-        if let Some(old) = previous.take() {
-            *state = old;
-        }
-    })
-}
-
-fn kfac_native<T: Real>(
+fn kfac<T: Real>(
     plan: &ParamPlan,
     shape: &[usize],
     state: &mut ParamState<T>,

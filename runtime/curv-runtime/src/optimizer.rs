@@ -379,12 +379,10 @@ pub fn matrix_direction<T: Real>(
         && option_name(&plan.options, "stats").unwrap_or("gradient_window") == "gradient_window"
     {
         // M-FAC works on its window where it is (a copy of the state is kept for undoing).
-        *previous = Some(state.clone());
-        return crate::lowrank::mfac_on_state(plan, shape, state, &kronecker_inputs).map(Some).inspect_err(|_| {
-            if let Some(old) = previous.take() {
-                *state = old;
-            }
-        });
+        return crate::kronecker::undoable(state, previous, |state| {
+            crate::lowrank::mfac_on_state(plan, shape, state, &kronecker_inputs)
+        })
+        .map(Some);
     }
     if matches!(plan.structure, StructureKind::LowRank | StructureKind::Dense) {
         // FOSI's eigenpairs and lazy Newton's Hessian, at the steps that refresh them.

@@ -197,7 +197,9 @@ unsafe fn view(buffer: *mut Buffer, shape: &[usize], dtype: Option<DType>, what:
     Ok(View::new(buffer.data as *mut u8, shape.iter().product(), element))
 }
 
-unsafe fn run(frame: *mut CallFrame, backward: bool) -> *mut c_void {
+/// One handler call: nothing for a null frame, the metadata query or a stage before execution;
+/// else `body`, with its error (or a panic, caught) returned as an XLA FFI error.
+unsafe fn handle(frame: *mut CallFrame, body: impl FnOnce(&CallFrame) -> Result<(), (i32, String)>) -> *mut c_void {
     if frame.is_null() {
         return std::ptr::null_mut();
     }
@@ -205,16 +207,20 @@ unsafe fn run(frame: *mut CallFrame, backward: bool) -> *mut c_void {
     if answered_metadata(frame) || frame.stage != STAGE_EXECUTE {
         return std::ptr::null_mut();
     }
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let guard = context().lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let context = &mut *(*guard as *mut Context);
-        call(context, frame, backward)
-    }));
-    match outcome {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(frame))) {
         Ok(Ok(())) => std::ptr::null_mut(),
         Ok(Err((code, message))) => error(frame, code, &message),
         Err(_) => error(frame, ERROR_INTERNAL, "internal error in curv (a bug): the call was abandoned"),
     }
+}
+
+/// The model's forward pass or its vector-Jacobian product, on the handlers' own context.
+unsafe fn run(frame: *mut CallFrame, backward: bool) -> *mut c_void {
+    handle(frame, |frame| {
+        let guard = context().lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let context = &mut *(*guard as *mut Context);
+        call(context, frame, backward)
+    })
 }
 
 unsafe fn call(context: &mut Context, frame: &CallFrame, backward: bool) -> Result<(), (i32, String)> {
@@ -320,24 +326,12 @@ unsafe fn context_attribute(attrs: &Attrs) -> Result<u64, String> {
 
 /// Runs the optimizer step (`train` false) or the train step of the context the call names.
 unsafe fn run_step(frame: *mut CallFrame, train: bool) -> *mut c_void {
-    if frame.is_null() {
-        return std::ptr::null_mut();
-    }
-    let frame = &*frame;
-    if answered_metadata(frame) || frame.stage != STAGE_EXECUTE {
-        return std::ptr::null_mut();
-    }
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    handle(frame, |frame| {
         let address = context_attribute(&frame.attrs).map_err(|message| (ERROR_INVALID_ARGUMENT, message))?;
         abi::with_live_context(address, |context| step(context, frame, train)).unwrap_or_else(|| {
             Err((ERROR_INVALID_ARGUMENT, format!("the `context` attribute ({address:#x}) is not a live curv context")))
         })
-    }));
-    match outcome {
-        Ok(Ok(())) => std::ptr::null_mut(),
-        Ok(Err((code, message))) => error(frame, code, &message),
-        Err(_) => error(frame, ERROR_INTERNAL, "internal error in curv (a bug): the call was abandoned"),
-    }
+    })
 }
 
 /// One step: the arguments are the parameters then the gradients (optimizer step) or the train
