@@ -625,6 +625,27 @@ fn accumulate_factors<T: Real>(
     }
 }
 
+/// `op(L) X op(R)` for a `rows x columns` matrix `X` (row stride `x_row_stride`), `L` being
+/// `rows x rows` and `R` `columns x columns` at the starts of their slices (transposed when
+/// their flags say so), into `out` (`rows x columns`, contiguous); `half` is scratch.
+fn two_sided<T: Real>(
+    (rows, columns): (usize, usize),
+    (left, transpose_left): (&[T], bool),
+    (x, x_row_stride): (&[T], usize),
+    (right, transpose_right): (&[T], bool),
+    half: &mut Vec<T>,
+    out: &mut Vec<T>,
+) {
+    half.clear();
+    half.resize(rows * columns, T::zero());
+    out.clear();
+    out.resize(rows * columns, T::zero());
+    let left_strides = if transpose_left { (1, rows) } else { (rows, 1) };
+    let right_strides = if transpose_right { (1, columns) } else { (columns, 1) };
+    gemm((rows, rows, columns), 1.0, (left, left_strides), (x, (x_row_stride, 1)), 0.0, half, columns);
+    gemm((rows, columns, columns), 1.0, (half, (columns, 1)), (right, right_strides), 0.0, out, columns);
+}
+
 /// The `size x size` matrix at the start of `values`, times `scale`, in double precision.
 fn square<T: Real>(values: &[T], size: usize, scale: f64) -> Matrix {
     Matrix {
@@ -800,28 +821,13 @@ fn shampoo<T: Real>(
         let mut preconditioned = Vec::new();
         for tile in &tiles {
             // L^(-1/p) G R^(-1/p), in T.
-            let g = &filtered[tile.row * columns + tile.column..];
-            half.clear();
-            half.resize(tile.rows * tile.columns, T::zero());
-            preconditioned.clear();
-            preconditioned.resize(tile.rows * tile.columns, T::zero());
-            gemm(
-                (tile.rows, tile.rows, tile.columns),
-                1.0,
-                (&left_inverse[tile.left_offset..], (tile.rows, 1)),
-                (g, (columns, 1)),
-                0.0,
+            two_sided(
+                (tile.rows, tile.columns),
+                (&left_inverse[tile.left_offset..], false),
+                (&filtered[tile.row * columns + tile.column..], columns),
+                (&right_inverse[tile.right_offset..], false),
                 &mut half,
-                tile.columns,
-            );
-            gemm(
-                (tile.rows, tile.columns, tile.columns),
-                1.0,
-                (&half, (tile.columns, 1)),
-                (&right_inverse[tile.right_offset..], (tile.columns, 1)),
-                0.0,
                 &mut preconditioned,
-                tile.columns,
             );
             let scale = match &grafted {
                 Some(grafted) => {
@@ -957,31 +963,15 @@ fn soap<T: Real>(
     let (mut half, mut rotated_gradient, mut normalised) = (Vec::new(), Vec::new(), Vec::new());
     for tile in &tiles {
         let (q_left, q_right) = (&left_basis[tile.left_offset..], &right_basis[tile.right_offset..]);
-        let size = tile.rows * tile.columns;
         // Q_L^T X Q_R for the tile of X.
         let mut rotate = |matrix: &[T], result: &mut Vec<T>| {
-            half.clear();
-            half.resize(size, T::zero());
-            result.clear();
-            result.resize(size, T::zero());
-            let x = &matrix[tile.row * columns + tile.column..];
-            gemm(
-                (tile.rows, tile.rows, tile.columns),
-                1.0,
-                (q_left, (1, tile.rows)),
-                (x, (columns, 1)),
-                0.0,
+            two_sided(
+                (tile.rows, tile.columns),
+                (q_left, true),
+                (&matrix[tile.row * columns + tile.column..], columns),
+                (q_right, false),
                 &mut half,
-                tile.columns,
-            );
-            gemm(
-                (tile.rows, tile.columns, tile.columns),
-                1.0,
-                (&half, (tile.columns, 1)),
-                (q_right, (tile.columns, 1)),
-                0.0,
                 result,
-                tile.columns,
             );
         };
         rotate(&gradient, &mut rotated_gradient);
@@ -998,25 +988,13 @@ fn soap<T: Real>(
             }
         }
         // Back: Q_L N Q_R^T.
-        half.clear();
-        half.resize(size, T::zero());
-        gemm(
-            (tile.rows, tile.rows, tile.columns),
-            1.0,
-            (q_left, (tile.rows, 1)),
-            (&normalised, (tile.columns, 1)),
-            0.0,
+        two_sided(
+            (tile.rows, tile.columns),
+            (q_left, false),
+            (&normalised, tile.columns),
+            (q_right, true),
             &mut half,
-            tile.columns,
-        );
-        gemm(
-            (tile.rows, tile.columns, tile.columns),
-            1.0,
-            (&half, (tile.columns, 1)),
-            (q_right, (1, tile.columns)),
-            0.0,
             &mut rotated_gradient,
-            tile.columns,
         );
         for row in 0..tile.rows {
             let start = (tile.row + row) * columns + tile.column;
@@ -1163,57 +1141,37 @@ fn kfac<T: Real>(
     if left_inverse.len() != left_size || right_inverse.len() != right_size {
         return Err("K-FAC's inverses are missing from its state".to_string());
     }
-    let mut half = vec![T::zero(); rows * columns];
-    let mut direction = vec![T::zero(); rows * columns];
+    let (mut half, mut direction) = (Vec::new(), Vec::new());
     if eigen {
         let a_values = state_get(state, "left_values").map(|tensor| tensor.data.as_slice()).unwrap_or_default();
         let g_values = state_get(state, "right_values").map(|tensor| tensor.data.as_slice()).unwrap_or_default();
         if a_values.len() != rows || g_values.len() != columns {
             return Err("K-FAC's eigenvalues are missing from its state".to_string());
         }
-        gemm((rows, rows, columns), 1.0, (left_inverse, (1, rows)), (&gradient, (columns, 1)), 0.0, &mut half, columns);
-        gemm(
-            (rows, columns, columns),
-            1.0,
-            (&half, (columns, 1)),
-            (right_inverse, (columns, 1)),
-            0.0,
-            &mut direction,
-            columns,
-        );
-        for (row, a_value) in direction.chunks_mut(columns.max(1)).zip(a_values) {
+        let mut rotated = Vec::new();
+        let bases = ((left_inverse, true), (right_inverse, false));
+        two_sided((rows, columns), bases.0, (&gradient, columns), bases.1, &mut half, &mut rotated);
+        for (row, a_value) in rotated.chunks_mut(columns.max(1)).zip(a_values) {
             for (value, g_value) in row.iter_mut().zip(g_values) {
                 *value = T::from_f64(value.to_f64() / (a_value.to_f64() * g_value.to_f64() + damping));
             }
         }
-        gemm(
-            (rows, rows, columns),
-            1.0,
-            (left_inverse, (rows, 1)),
-            (&direction, (columns, 1)),
-            0.0,
+        two_sided(
+            (rows, columns),
+            (left_inverse, false),
+            (&rotated, columns),
+            (right_inverse, true),
             &mut half,
-            columns,
-        );
-        gemm(
-            (rows, columns, columns),
-            1.0,
-            (&half, (columns, 1)),
-            (right_inverse, (1, columns)),
-            0.0,
             &mut direction,
-            columns,
         );
     } else {
-        gemm((rows, rows, columns), 1.0, (left_inverse, (rows, 1)), (&gradient, (columns, 1)), 0.0, &mut half, columns);
-        gemm(
-            (rows, columns, columns),
-            1.0,
-            (&half, (columns, 1)),
-            (right_inverse, (columns, 1)),
-            0.0,
+        two_sided(
+            (rows, columns),
+            (left_inverse, false),
+            (&gradient, columns),
+            (right_inverse, false),
+            &mut half,
             &mut direction,
-            columns,
         );
     }
     Ok(Some(direction.into_iter().map(|value| value.to_f64()).collect()))
