@@ -683,7 +683,8 @@ fn take_state<T: Real>(state: &mut ParamState<T>, name: &str, shape: &[usize]) -
     match state.iter_mut().find(|(key, _)| key == name) {
         Some((_, tensor)) => std::mem::take(&mut tensor.data),
         None => {
-            state.push((name.to_string(), Tensor::new(shape.to_vec(), Vec::new())));
+            // A placeholder whose data is the returned vector, put back by `put_state`.
+            state.push((name.to_string(), Tensor { shape: shape.to_vec(), data: Vec::new() }));
             vec![T::zero(); shape.iter().product()]
         }
     }

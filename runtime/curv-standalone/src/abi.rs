@@ -632,7 +632,7 @@ fn step_with<T: Element>(context: &mut Context, params: &[View], grads: &[View])
                 Undo::Copy(state) => states[index] = state,
                 Undo::Displaced(displaced) => {
                     // The parameter is a copy that is dropped; only the state matters.
-                    let mut scratch = Tensor::new(Vec::new(), Vec::new());
+                    let mut scratch = Tensor::new(vec![0], Vec::new());
                     displaced.undo(&mut scratch, &mut states[index]);
                 }
             }
