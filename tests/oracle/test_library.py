@@ -395,6 +395,15 @@ def jax_x64():
     jax.config.update("jax_enable_x64", x64)
 
 
+def jax_mlp_loss(p, x, y):
+    """The mean cross-entropy of the model of examples/optimizers/adam.curv, in jax.numpy."""
+    import jax
+    import jax.numpy as jnp
+
+    logits = jnp.tanh(x @ p[0] + p[1]) @ p[2] + p[3]
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
+
+
 @pytest.mark.parametrize("dtype, tolerance", [("float64", 1e-6), ("float32", 1e-5)])
 def test_a_jax_model_trains_with_the_generated_adam_as_with_optax_adam(adam, jax_x64, dtype, tolerance):
     """`NAME.JaxOptimizer` under `jax.jit` with the parameters donated, fed the gradients of a JAX
@@ -411,11 +420,7 @@ def test_a_jax_model_trains_with_the_generated_adam_as_with_optax_adam(adam, jax
     transform = optax.adam(1e-3, b1=0.9, b2=0.999, eps=1e-8)
     state = transform.init(theirs)
 
-    def loss(p, x, y):
-        logits = jnp.tanh(x @ p[0] + p[1]) @ p[2] + p[3]
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
-
-    gradient = jax.jit(jax.grad(loss))
+    gradient = jax.jit(jax.grad(jax_mlp_loss))
     step = jax.jit(optimizer.step, donate_argnums=0)
     for _ in range(20):
         x = jnp.asarray(rng.standard_normal((32, 64)), dtype=dtype)
@@ -471,16 +476,12 @@ def test_the_jax_train_step_computes_gradients_and_updates_as_jax_and_optax_do(a
     transform = optax.adam(1e-3, b1=0.9, b2=0.999, eps=1e-8)
     state = transform.init(theirs)
 
-    def loss(p, x, y):
-        logits = jnp.tanh(x @ p[0] + p[1]) @ p[2] + p[3]
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
-
     run = jax.jit(step)
     for _ in range(20):
         x = jnp.asarray(rng.random((batch, 64)), dtype=dtype)
         y = jnp.asarray(rng.integers(0, 10, batch), dtype=jnp.int32)
         ours, our_loss = run(ours, x, y)
-        their_loss, grads = jax.value_and_grad(loss)(theirs, x, y)
+        their_loss, grads = jax.value_and_grad(jax_mlp_loss)(theirs, x, y)
         updates, state = transform.update(grads, state, theirs)
         theirs = optax.apply_updates(theirs, updates)
         assert abs(float(our_loss) - float(their_loss)) <= tolerance * abs(float(their_loss))
