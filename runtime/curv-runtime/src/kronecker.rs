@@ -2,13 +2,18 @@
 //! their matrix functions and their per-parameter updates. The update equations are those of
 //! `docs/language.md` §12.7 and §12.8, which name the reference each one follows.
 //!
-//! All matrix work is done in double precision, whatever the element type of the training run,
-//! because preconditioner factors are badly conditioned. Products go through `matrixmultiply`'s
-//! DGEMM, decompositions through [`crate::linalg`]. A parameter's state lives in named tensors of
-//! the run's element type (checkpointed like every other state); factors of several tiles are
-//! stored one after the other, row-major tile order.
+//! Shampoo, SOAP, K-FAC and Muon keep their state in the run's element type and do their per-step
+//! products there ([`gemm`]: SGEMM for `f32` runs, DGEMM for `f64`). Shampoo's inverse roots are
+//! computed in the run's element type too, as Distributed Shampoo computes them in its factor
+//! dtype: an `f32` run decomposes in single precision and retries in double precision when that
+//! fails. The other matrix functions (SOAP's bases, K-FAC's inverses, Newton iterations) are
+//! computed in double precision through [`crate::linalg`]. A parameter's state lives in named
+//! tensors of the run's element type (checkpointed like every other state); factors of several
+//! tiles are stored one after the other, row-major tile order.
 
-use crate::linalg::{cholesky_inverse, symmetric_eigen, thin_qr, LinalgError, Matrix};
+use crate::linalg::{
+    cholesky_inverse, symmetric_eigen, symmetric_eigen_single, thin_q_single, thin_qr, LinalgError, Matrix,
+};
 use crate::optimizer::{state_get, ParamState};
 use curv_interp::{Real, Tensor};
 use curv_ir::{option_name, option_number, OptionValue, Options, ParamPlan};
@@ -16,6 +21,29 @@ use curv_ir::{option_name, option_number, OptionValue, Options, ParamPlan};
 /// How many consecutive failed inverse roots are tolerated (the last good root is kept) before
 /// the run stops, as Distributed Shampoo's `tolerated_failures`.
 pub const TOLERATED_ROOT_FAILURES: f64 = 3.0;
+
+/// The size from which a tile's two matrix functions (Shampoo's inverse roots, SOAP's basis
+/// refreshes, K-FAC's inverses) are computed on two threads.
+const PARALLEL_MATRIX_SIZE: usize = 64;
+
+/// `(left(), right())`: the two matrix functions of a tile, which are independent, side by side
+/// on two threads when both matrices have at least [`PARALLEL_MATRIX_SIZE`] rows (each
+/// decomposition runs on one core), one after the other otherwise. The results do not depend on
+/// which.
+fn side_by_side<A: Send, B>(
+    sizes: (usize, usize),
+    left: impl FnOnce() -> A + Send,
+    right: impl FnOnce() -> B,
+) -> (A, B) {
+    if sizes.0.min(sizes.1) < PARALLEL_MATRIX_SIZE {
+        return (left(), right());
+    }
+    std::thread::scope(|scope| {
+        let left = scope.spawn(left);
+        let right = right();
+        (left.join().unwrap_or_else(|payload| std::panic::resume_unwind(payload)), right)
+    })
+}
 
 pub(crate) fn number(options: &Options, key: &str, default: f64) -> f64 {
     option_number(options, key).unwrap_or(default)
@@ -160,6 +188,58 @@ pub fn inverse_root(matrix: &Matrix, root: f64, eps: f64) -> Result<Matrix, Lina
     } else {
         Err(LinalgError::NonFinite)
     }
+}
+
+/// The slice as `f32` values when `T` is `f32`.
+fn as_single<T: Real>(values: &[T]) -> Option<&[f32]> {
+    // SAFETY: `T` is `f32` when the branch is taken, so the cast is the identity.
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        .then(|| unsafe { std::slice::from_raw_parts(values.as_ptr() as *const f32, values.len()) })
+}
+
+/// [`inverse_root`] of `scale * F`, `F` being the `size x size` factor at the start of `factor`,
+/// in the run's element type `T`, as Distributed Shampoo computes roots in its factor dtype with
+/// `retry_double_precision`: in an `f32` run the eigendecomposition, the eigenvalue shift, the
+/// powers and `Q diag(lambda^(-1/root)) Q^T` are single precision, and a decomposition that
+/// fails or a root that is not finite is computed again in double precision; an `f64` run
+/// computes in double precision.
+pub fn inverse_root_in<T: Real>(
+    factor: &[T],
+    size: usize,
+    scale: f64,
+    root: f64,
+    eps: f64,
+) -> Result<Vec<T>, LinalgError> {
+    if let Some(single) = as_single(factor) {
+        if let Some(result) = inverse_root_single(&single[..size * size], size, scale as f32, root, eps as f32) {
+            return Ok(result.into_iter().map(|value| T::from_f64(f64::from(value))).collect());
+        }
+    }
+    let result = inverse_root(&square(factor, size, scale), root, eps)?;
+    Ok(result.data.iter().map(|value| T::from_f64(*value)).collect())
+}
+
+/// [`inverse_root`] in single precision; `None` when the decomposition fails or the root is not
+/// finite.
+fn inverse_root_single(factor: &[f32], size: usize, scale: f32, root: f64, eps: f32) -> Option<Vec<f32>> {
+    let mut matrix: Vec<f32> = factor.iter().map(|value| value * scale).collect();
+    for index in 0..size {
+        matrix[index * size + index] += eps;
+    }
+    let (mut values, vectors) = symmetric_eigen_single(&matrix, size).ok()?;
+    let smallest = values.iter().copied().fold(f32::INFINITY, f32::min);
+    if smallest < eps {
+        values.iter_mut().for_each(|value| *value += eps - smallest);
+    }
+    let exponent = (-1.0 / root) as f32;
+    let powers: Vec<f32> = values.iter().map(|value| value.powf(exponent)).collect();
+    let mut scaled = vectors.clone();
+    for row in scaled.chunks_mut(size.max(1)) {
+        row.iter_mut().zip(&powers).for_each(|(value, power)| *value *= power);
+    }
+    let mut result = vec![0.0f32; size * size];
+    gemm((size, size, size), 1.0, (&scaled, (size, 1)), (&vectors, (1, size)), 0.0, &mut result, size);
+    result.iter().all(|value| value.is_finite()).then_some(result)
 }
 
 /// The iteration limit and the tolerance on `max |M - I|` of the coupled Newton iteration
@@ -783,22 +863,23 @@ fn shampoo<T: Real>(
     let mut right_inverse = take_state(state, "right_inverse", &[right_size]);
     if step.is_multiple_of(every) {
         let correction = if ema < 1.0 { 1.0 - ema.powf(step as f64) } else { 1.0 };
-        let matrix = |values: &[T], size: usize| square(values, size, 1.0 / correction);
-        let function = |matrix: &Matrix| {
+        let function = |values: &[T], size: usize| -> Result<Vec<T>, LinalgError> {
             if newton {
-                inverse_root_newton(matrix, root, eps)
+                let root = inverse_root_newton(&square(values, size, 1.0 / correction), root, eps)?;
+                Ok(root.data.iter().map(|value| T::from_f64(*value)).collect())
             } else {
-                inverse_root(matrix, root, eps)
+                inverse_root_in(values, size, 1.0 / correction, root, eps)
             }
         };
         let mut failed = None;
         for tile in &tiles {
-            let l = matrix(&left[tile.left_offset..], tile.rows);
-            let r = matrix(&right[tile.right_offset..], tile.columns);
-            match (function(&l), function(&r)) {
+            let (left, right) = (&left[tile.left_offset..], &right[tile.right_offset..]);
+            let (l, r) =
+                side_by_side((tile.rows, tile.columns), || function(left, tile.rows), || function(right, tile.columns));
+            match (l, r) {
                 (Ok(l_root), Ok(r_root)) => {
-                    store(&l_root, &mut left_inverse[tile.left_offset..]);
-                    store(&r_root, &mut right_inverse[tile.right_offset..]);
+                    left_inverse[tile.left_offset..tile.left_offset + l_root.len()].copy_from_slice(&l_root);
+                    right_inverse[tile.right_offset..tile.right_offset + r_root.len()].copy_from_slice(&r_root);
                 }
                 (Err(error), _) | (_, Err(error)) => failed = Some(error),
             }
@@ -876,22 +957,59 @@ pub(crate) fn descending_eigenvectors(matrix: &Matrix) -> Result<Matrix, LinalgE
 }
 
 /// One power iteration and QR for a SOAP basis: returns the new basis and the column order the
-/// second moment must follow.
+/// second moment must follow. The reference's estimates `diag(Q^T F Q)` are the column dot
+/// products of `Q` and `F Q`, and its `F Q_sorted` is `F Q` with its columns in that order, so
+/// one product serves both.
 fn refresh_basis(factor: &Matrix, basis: &Matrix) -> Result<(Matrix, Vec<usize>), LinalgError> {
     let _double = ProductPrecision::single(false);
     let n = basis.rows;
-    let projected = product(&product(basis, true, factor, false), false, basis, false);
+    let applied = product(factor, false, basis, false);
+    let estimates: Vec<f64> =
+        (0..n).map(|column| (0..n).map(|row| basis.at(row, column) * applied.at(row, column)).sum()).collect();
     let mut order: Vec<usize> = (0..n).collect();
     // A stable sort, so that equal estimates keep their order (as torch.argsort on distinct values).
-    order.sort_by(|&first, &second| projected.at(second, second).total_cmp(&projected.at(first, first)));
-    let mut sorted = basis.clone();
+    order.sort_by(|&first, &second| estimates[second].total_cmp(&estimates[first]));
+    let mut sorted = applied.clone();
     for row in 0..n {
         for (column, &source) in order.iter().enumerate() {
-            sorted.data[row * n + column] = basis.at(row, source);
+            sorted.data[row * n + column] = applied.at(row, source);
         }
     }
-    let (q, _) = thin_qr(&product(factor, false, &sorted, false))?;
+    let (q, _) = thin_qr(&sorted)?;
     Ok((q, order))
+}
+
+/// [`refresh_basis`] of the `size x size` factor and basis at the starts of `factor` and `basis`,
+/// in the run's element type, as the SOAP reference computes its refresh in single precision for
+/// single-precision parameters: in an `f32` run the product, the estimates and the QR are single
+/// precision (falling back to double precision if that QR fails); an `f64` run computes in double
+/// precision.
+fn refresh_basis_in<T: Real>(factor: &[T], basis: &[T], size: usize) -> Result<(Vec<T>, Vec<usize>), LinalgError> {
+    let convert = |values: Vec<f32>| values.into_iter().map(|value| T::from_f64(f64::from(value))).collect();
+    if let (Some(factor), Some(basis)) = (as_single(factor), as_single(basis)) {
+        if let Some((q, order)) = refresh_basis_single(&factor[..size * size], &basis[..size * size], size) {
+            return Ok((convert(q), order));
+        }
+    }
+    let (q, order) = refresh_basis(&square(factor, size, 1.0), &square(basis, size, 1.0))?;
+    Ok((q.data.iter().map(|value| T::from_f64(*value)).collect(), order))
+}
+
+/// [`refresh_basis`] in single precision; `None` when the QR fails.
+fn refresh_basis_single(factor: &[f32], basis: &[f32], n: usize) -> Option<(Vec<f32>, Vec<usize>)> {
+    let mut applied = vec![0.0f32; n * n];
+    gemm((n, n, n), 1.0, (factor, (n, 1)), (basis, (n, 1)), 0.0, &mut applied, n);
+    let estimates: Vec<f32> =
+        (0..n).map(|column| (0..n).map(|row| basis[row * n + column] * applied[row * n + column]).sum()).collect();
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&first, &second| estimates[second].total_cmp(&estimates[first]));
+    let mut sorted = vec![0.0f32; n * n];
+    for row in 0..n {
+        for (column, &source) in order.iter().enumerate() {
+            sorted[row * n + column] = applied[row * n + source];
+        }
+    }
+    thin_q_single(&sorted, n, n).ok().map(|q| (q, order))
 }
 
 /// SOAP (nikhilvyas/SOAP): Adam in the eigenbasis of Shampoo's factors. At the first step the
@@ -1010,18 +1128,17 @@ fn soap<T: Real>(
     accumulate_factors(&tiles, &gradient, columns, (&mut left, &mut right), ema);
     if (s as u64).is_multiple_of(every) {
         for tile in &tiles {
-            let (new_left, left_order) = refresh_basis(
-                &square(&left[tile.left_offset..], tile.rows, 1.0),
-                &square(&left_basis[tile.left_offset..], tile.rows, 1.0),
-            )
-            .map_err(failure)?;
-            let (new_right, right_order) = refresh_basis(
-                &square(&right[tile.right_offset..], tile.columns, 1.0),
-                &square(&right_basis[tile.right_offset..], tile.columns, 1.0),
-            )
-            .map_err(failure)?;
-            store(&new_left, &mut left_basis[tile.left_offset..]);
-            store(&new_right, &mut right_basis[tile.right_offset..]);
+            let refresh = refresh_basis_in::<T>;
+            let (left_factor, left_old) = (&left[tile.left_offset..], &left_basis[tile.left_offset..]);
+            let (right_factor, right_old) = (&right[tile.right_offset..], &right_basis[tile.right_offset..]);
+            let (l, r) = side_by_side(
+                (tile.rows, tile.columns),
+                || refresh(left_factor, left_old, tile.rows),
+                || refresh(right_factor, right_old, tile.columns),
+            );
+            let ((new_left, left_order), (new_right, right_order)) = (l.map_err(failure)?, r.map_err(failure)?);
+            left_basis[tile.left_offset..tile.left_offset + new_left.len()].copy_from_slice(&new_left);
+            right_basis[tile.right_offset..tile.right_offset + new_right.len()].copy_from_slice(&new_right);
             // The second moment lives in the rotated basis: its rows follow the left basis'
             // columns, its columns the right basis' columns.
             let old: Vec<T> = (0..tile.rows)
@@ -1098,8 +1215,8 @@ fn kfac<T: Real>(
         put_state(state, "right_factor", right);
         let failure = |error: LinalgError| format!("the K-FAC inverse: {error}");
         let (left_inverse, right_inverse, values) = if eigen {
-            let (a_values, a_vectors) = symmetric_eigen(&a_hat).map_err(failure)?;
-            let (g_values, g_vectors) = symmetric_eigen(&g_hat).map_err(failure)?;
+            let (a, g) = side_by_side((rows, columns), || symmetric_eigen(&a_hat), || symmetric_eigen(&g_hat));
+            let ((a_values, a_vectors), (g_values, g_vectors)) = (a.map_err(failure)?, g.map_err(failure)?);
             (a_vectors, g_vectors, Some((a_values, g_values)))
         } else {
             // `pi = sqrt((tr A / dim A) / (tr G / dim G))` multiplies the inputs' factor's damping.
@@ -1113,9 +1230,12 @@ fn kfac<T: Real>(
             };
             let pi = if inputs_on_the_left { pi_inputs } else { 1.0 / pi_inputs };
             let root = damping.sqrt();
-            let left = damped_inverse(&a_hat, pi * root).map_err(failure)?;
-            let right = damped_inverse(&g_hat, root / pi).map_err(failure)?;
-            (left, right, None)
+            let (left, right) = side_by_side(
+                (rows, columns),
+                || damped_inverse(&a_hat, pi * root),
+                || damped_inverse(&g_hat, root / pi),
+            );
+            (left.map_err(failure)?, right.map_err(failure)?, None)
         };
         let mut slot = take_state(state, "left_inverse", &[left_size]);
         store(&left_inverse, &mut slot);
@@ -1242,6 +1362,74 @@ mod tests {
         let root = inverse_root(&a, 4.0, 0.0).unwrap();
         let fourth = product(&product(&root, false, &root, false), false, &product(&root, false, &root, false), false);
         assert!(close(&product(&fourth, false, &a, false), &identity(7), 1e-8));
+    }
+
+    fn rounded(matrix: &Matrix) -> Vec<f32> {
+        matrix.data.iter().map(|value| *value as f32).collect()
+    }
+
+    #[test]
+    fn single_precision_inverse_roots_agree_with_double_precision() {
+        for (size, seed) in [(8, 11), (64, 12), (200, 13)] {
+            let a = spd(size, seed);
+            let single = rounded(&a);
+            // The double-precision root of the same (rounded) matrix, with the same scale.
+            let widened =
+                Matrix { rows: size, columns: size, data: single.iter().map(|value| f64::from(*value)).collect() };
+            let expected = inverse_root(&widened, 4.0, 1e-12).unwrap();
+            let by_single = inverse_root_in(&single, size, 1.0, 4.0, 1e-12).unwrap();
+            let by_single =
+                Matrix { rows: size, columns: size, data: by_single.iter().map(|value| f64::from(*value)).collect() };
+            assert!(close(&by_single, &expected, 1e-3), "size {size}");
+            assert!(!close(&by_single, &expected, 1e-12), "size {size}: the single-precision path was not taken");
+            // A double-precision run computes exactly the double-precision root.
+            let by_double = inverse_root_in(&widened.data, size, 1.0, 4.0, 1e-12).unwrap();
+            assert_eq!(by_double, expected.data);
+        }
+        // A scale is applied before the root.
+        let a = spd(6, 14);
+        let scaled = inverse_root_in(&rounded(&a), 6, 0.25, 2.0, 0.0).unwrap();
+        let expected = inverse_root(
+            &Matrix { rows: 6, columns: 6, data: a.data.iter().map(|v| f64::from(*v as f32) * 0.25).collect() },
+            2.0,
+            0.0,
+        )
+        .unwrap();
+        let scaled = Matrix { rows: 6, columns: 6, data: scaled.iter().map(|value| f64::from(*value)).collect() };
+        assert!(close(&scaled, &expected, 1e-4));
+        // A factor that is not finite fails in both precisions.
+        let mut broken = rounded(&a);
+        broken[7] = f32::NAN;
+        assert!(inverse_root_in(&broken, 6, 1.0, 4.0, 1e-12).is_err());
+    }
+
+    #[test]
+    fn the_basis_refresh_is_the_references_power_iteration_and_qr() {
+        let factor = spd(24, 21);
+        let basis = descending_eigenvectors(&add_to_diagonal(&spd(24, 22), 1.0)).unwrap();
+        let (q, order) = refresh_basis(&factor, &basis).unwrap();
+        // The reference's formulation: estimates diag(Q^T F Q), then QR of F Q_sorted.
+        let projected = product(&product(&basis, true, &factor, false), false, &basis, false);
+        let mut expected_order: Vec<usize> = (0..24).collect();
+        expected_order.sort_by(|&a, &b| projected.at(b, b).total_cmp(&projected.at(a, a)));
+        assert_eq!(order, expected_order);
+        let mut sorted = basis.clone();
+        for row in 0..24 {
+            for (column, &source) in expected_order.iter().enumerate() {
+                sorted.data[row * 24 + column] = basis.at(row, source);
+            }
+        }
+        let (expected_q, _) = thin_qr(&product(&factor, false, &sorted, false)).unwrap();
+        assert!(close(&q, &expected_q, 1e-12));
+        // In single precision: the same order and nearly the same basis.
+        let (single_q, single_order) = refresh_basis_in(&rounded(&factor), &rounded(&basis), 24).unwrap();
+        assert_eq!(single_order, order);
+        let single_q = Matrix { rows: 24, columns: 24, data: single_q.iter().map(|value| f64::from(*value)).collect() };
+        assert!(close(&single_q, &q, 1e-4));
+        assert!(!close(&single_q, &q, 1e-12), "the single-precision path was not taken");
+        // A double-precision run computes exactly the double-precision refresh.
+        let (double_q, double_order) = refresh_basis_in(&factor.data, &basis.data, 24).unwrap();
+        assert_eq!((double_q, double_order), (q.data, order));
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! eigendecomposition (Shampoo's and SOAP's eigenbases, inverse roots), the Cholesky factor (damped
 //! K-FAC inverses) and the thin QR factorisation (SOAP's and PSGD's re-orthogonalisation). They are
 //! computed with `faer` in double precision, whatever the element type of the caller, because
-//! preconditioner factors are often badly conditioned.
+//! preconditioner factors are often badly conditioned; the single-precision eigendecomposition
+//! and QR serve the matrix functions that f32 runs compute in single precision as their
+//! references do (Shampoo's roots, SOAP's refreshes), which fall back to double precision.
 //!
 //! Each decomposition has a safe Rust function (for the runtime's own use) and an `extern "C"`
 //! function on MLIR strided memref descriptors, which generated code calls through MLIR's C
@@ -131,6 +133,69 @@ pub fn symmetric_eigen(matrix: &Matrix) -> Result<(Vec<f64>, Matrix), LinalgErro
         }
     }
     Ok((values, vectors))
+}
+
+/// The eigendecomposition of a symmetric `size x size` matrix in single precision (row-major
+/// `values`, only the lower triangle read): the eigenvalues in ascending order and the
+/// eigenvectors as the columns of a row-major matrix, signs as the algorithm left them. For the
+/// matrix functions of `f32` runs, which compute in single precision as their references do.
+pub fn symmetric_eigen_single(values: &[f32], size: usize) -> Result<(Vec<f32>, Vec<f32>), LinalgError> {
+    if values.len() != size * size {
+        return Err(LinalgError::BadShape(format!(
+            "a {size}x{size} matrix needs {} values, got {}",
+            size * size,
+            values.len()
+        )));
+    }
+    if !values.iter().all(|value| value.is_finite()) {
+        return Err(LinalgError::NonFinite);
+    }
+    let matrix = Mat::<f32>::from_fn(size, size, |row, column| values[row * size + column]);
+    let decomposition = matrix.self_adjoint_eigen(Side::Lower).map_err(|_| LinalgError::NoConvergence)?;
+    let eigenvalues: Vec<f32> = (0..size).map(|index| decomposition.S()[index]).collect();
+    let u = decomposition.U();
+    let mut vectors = Vec::with_capacity(size * size);
+    for row in 0..size {
+        for column in 0..size {
+            vectors.push(u[(row, column)]);
+        }
+    }
+    if !eigenvalues.iter().chain(&vectors).all(|value| value.is_finite()) {
+        return Err(LinalgError::NonFinite);
+    }
+    Ok((eigenvalues, vectors))
+}
+
+/// The `Q` of the thin QR factorisation of a `rows x columns` matrix (row-major `values`) in
+/// single precision, its columns signed so that `R` has a non-negative diagonal (as
+/// [`thin_qr`]). For the matrix functions of `f32` runs.
+pub fn thin_q_single(values: &[f32], rows: usize, columns: usize) -> Result<Vec<f32>, LinalgError> {
+    if values.len() != rows * columns {
+        return Err(LinalgError::BadShape(format!(
+            "a {rows}x{columns} matrix needs {} values, got {}",
+            rows * columns,
+            values.len()
+        )));
+    }
+    if !values.iter().all(|value| value.is_finite()) {
+        return Err(LinalgError::NonFinite);
+    }
+    let matrix = Mat::<f32>::from_fn(rows, columns, |row, column| values[row * columns + column]);
+    let factorisation = matrix.qr();
+    let q = factorisation.compute_thin_Q();
+    let r = factorisation.thin_R();
+    let k = rows.min(columns);
+    let mut result = Vec::with_capacity(rows * k);
+    for row in 0..rows {
+        for column in 0..k {
+            let sign = if r[(column, column)] < 0.0 { -1.0 } else { 1.0 };
+            result.push(sign * q[(row, column)]);
+        }
+    }
+    if !result.iter().all(|value| value.is_finite()) {
+        return Err(LinalgError::NonFinite);
+    }
+    Ok(result)
 }
 
 /// The lower-triangular `L` with a positive diagonal and `A = L Lᵀ`, for a symmetric positive
