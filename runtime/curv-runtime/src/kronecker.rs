@@ -14,7 +14,7 @@
 use crate::linalg::{
     cholesky_inverse, symmetric_eigen, symmetric_eigen_single, thin_q_single, thin_qr, LinalgError, Matrix,
 };
-use crate::optimizer::{state_get, ParamState};
+use crate::optimizer::{state_get, ParamState, PreviousState};
 use curv_interp::{Real, Tensor};
 use curv_ir::{option_name, option_number, OptionValue, Options, ParamPlan};
 
@@ -548,19 +548,33 @@ pub fn kronecker_direction<T: Real>(
     shape: &[usize],
     state: &mut ParamState<T>,
     inputs: &KroneckerInputs,
-    previous: &mut Option<ParamState<T>>,
+    previous: &mut Option<PreviousState<T>>,
 ) -> Result<Option<Vec<f64>>, String> {
     let function = option_name(&plan.options, "function").unwrap_or("inverse_root");
     let quantized = number(&plan.options, "quantize", 32.0) < 32.0;
     // Shampoo, SOAP and K-FAC work on their state where it is, in the run's precision.
+    let every = number(&plan.options, "every", 1.0).max(1.0) as u64;
+    // The matrix functions' results change only at their refresh steps, so only then are they
+    // copied for undoing.
+    let refreshed = |names: &'static [&'static str], refresh: bool| move |name: &str| refresh || !names.contains(&name);
     if matches!(function, "inverse_root" | "newton") && !quantized {
-        return undoable(state, previous, |state| shampoo(plan, shape, state, inputs));
+        let changes = refreshed(&["left_inverse", "right_inverse", "failures"], inputs.step.is_multiple_of(every));
+        return undoable(state, previous, changes, |state| shampoo(plan, shape, state, inputs));
     }
     if function == "eigenbasis" {
-        return undoable(state, previous, |state| soap(plan, shape, state, inputs));
+        // SOAP counts its own steps (`soap_step`), and refreshes at its first step.
+        let step = state_get(state, "soap_step").and_then(|tensor| tensor.data.first()).map(|value| value.to_f64());
+        let refresh = step.is_none_or(|step| (step as u64 + 1).is_multiple_of(every));
+        let changes = refreshed(&["left_basis", "right_basis"], refresh);
+        return undoable(state, previous, changes, |state| soap(plan, shape, state, inputs));
     }
     if matches!(function, "damped_inverse" | "damped_eigen") {
-        return undoable(state, previous, |state| kfac(plan, shape, state, inputs, function == "damped_eigen"));
+        // K-FAC's factors and inverses change at the steps that bring captures.
+        let names = &["left_factor", "right_factor", "left_inverse", "right_inverse", "left_values", "right_values"];
+        let changes = refreshed(names, inputs.captures.is_some());
+        return undoable(state, previous, changes, |state| {
+            kfac(plan, shape, state, inputs, function == "damped_eigen")
+        });
     }
     let mut states = States::load(state);
     let direction = match function {
@@ -574,7 +588,7 @@ pub fn kronecker_direction<T: Real>(
         "singd" => crate::singd::direction(plan, shape, &mut states, inputs)?,
         other => return Err(format!("the `{other}` matrix function is not executable yet")),
     };
-    *previous = Some(states.store(state));
+    *previous = Some(PreviousState::whole(states.store(state)));
     Ok(direction)
 }
 
@@ -742,17 +756,21 @@ fn store<T: Real>(matrix: &Matrix, values: &mut [T]) {
     }
 }
 
-/// Runs `update` on the parameter's state where it is, leaving a copy of the state as it was in
-/// `previous` (for undoing the step) and putting that copy back if the update fails.
+/// Runs `update` on the parameter's state where it is, leaving the state as it was in
+/// `previous` (for undoing the step) and putting it back if the update fails. Only the entries
+/// for which `changes` holds are copied: `update` must leave the others as they are.
 pub(crate) fn undoable<T: Real, R>(
     state: &mut ParamState<T>,
-    previous: &mut Option<ParamState<T>>,
+    previous: &mut Option<PreviousState<T>>,
+    changes: impl Fn(&str) -> bool,
     update: impl FnOnce(&mut ParamState<T>) -> Result<R, String>,
 ) -> Result<R, String> {
-    *previous = Some(state.clone());
+    *previous = Some(PreviousState(
+        state.iter().map(|(name, tensor)| (name.clone(), changes(name).then(|| tensor.clone()))).collect(),
+    ));
     update(state).inspect_err(|_| {
         if let Some(old) = previous.take() {
-            *state = old;
+            old.restore(state);
         }
     })
 }
@@ -824,16 +842,17 @@ fn shampoo<T: Real>(
     } else {
         gradient.clone()
     };
-    // The grafting direction, for the whole parameter (in double precision: it is returned).
+    // The grafting direction, for the whole parameter, in the run's precision (as Distributed
+    // Shampoo's grafting in the parameter's dtype).
     let graft = plan.modifiers.iter().find(|modifier| modifier.name == "graft");
-    let grafted: Option<Vec<f64>> = match graft {
+    let grafted: Option<Vec<T>> = match graft {
         None => None,
         Some(modifier) => {
             let kind = option_name(&modifier.options, "kind").unwrap_or("adam");
             let b2 = number(&modifier.options, "b2", 0.999);
-            let graft_eps = number(&modifier.options, "eps", 1e-8);
+            let graft_eps = T::from_f64(number(&modifier.options, "eps", 1e-8));
             Some(match kind {
-                "sgd" => filtered.iter().map(|value| value.to_f64()).collect(),
+                "sgd" => filtered.clone(),
                 _ => {
                     let mut v = take_state(state, "graft_v", shape);
                     let (keep, take) = (T::from_f64(b2), T::from_f64(1.0 - b2));
@@ -843,12 +862,9 @@ fn shampoo<T: Real>(
                             _ => keep.mul(*value).add(take.mul(g.mul(*g))),
                         };
                     }
-                    let correction = if kind == "adam" { 1.0 - b2.powf(step as f64) } else { 1.0 };
-                    let grafted = filtered
-                        .iter()
-                        .zip(&v)
-                        .map(|(g, v)| g.to_f64() / ((v.to_f64() / correction).sqrt() + graft_eps))
-                        .collect();
+                    let correction = T::from_f64(if kind == "adam" { 1.0 - b2.powf(step as f64) } else { 1.0 });
+                    let grafted =
+                        filtered.iter().zip(&v).map(|(g, v)| g.div(v.div(correction).sqrt().add(graft_eps))).collect();
                     put_state(state, "graft_v", v);
                     grafted
                 }
@@ -896,7 +912,7 @@ fn shampoo<T: Real>(
         }
     }
     let direction = if step < start {
-        grafted.unwrap_or_else(|| filtered.iter().map(|value| value.to_f64()).collect())
+        grafted.as_ref().unwrap_or(&filtered).iter().map(|value| value.to_f64()).collect()
     } else {
         let mut direction = vec![0.0; gradient.len()];
         let mut half = Vec::new();
@@ -916,7 +932,10 @@ fn shampoo<T: Real>(
                     let mut norm = 0.0;
                     for row in tile.row..tile.row + tile.rows {
                         let start = row * columns + tile.column;
-                        norm += grafted[start..start + tile.columns].iter().map(|value| value * value).sum::<f64>();
+                        norm += grafted[start..start + tile.columns]
+                            .iter()
+                            .map(|value| value.to_f64() * value.to_f64())
+                            .sum::<f64>();
                     }
                     let own = preconditioned.iter().map(|value| value.to_f64() * value.to_f64()).sum::<f64>();
                     norm.sqrt() / (own.sqrt() + 1e-16)
@@ -1304,7 +1323,7 @@ pub fn orthogonalize_direction<T: Real>(
     shape: &[usize],
     state: &mut ParamState<T>,
     inputs: &KroneckerInputs,
-    previous: &mut Option<ParamState<T>>,
+    previous: &mut Option<PreviousState<T>>,
 ) -> Result<Vec<f64>, String> {
     let options = &plan.options;
     let steps = number(options, "steps", 5.0) as usize;
@@ -1312,7 +1331,7 @@ pub fn orthogonalize_direction<T: Real>(
     let beta = number(options, "momentum", 0.95);
     let nesterov = flag(options, "nesterov", true);
     // The momentum is updated where it is, in the run's precision, and so is the iteration.
-    *previous = Some(state.clone());
+    *previous = Some(PreviousState::whole(state.clone()));
     let gradient: Vec<T> = inputs.gradient.iter().map(|value| T::from_f64(*value)).collect();
     let mut momentum = take_state(state, "momentum", shape);
     let (keep, take) = (T::from_f64(beta), T::from_f64(1.0 - beta));
@@ -1430,6 +1449,53 @@ mod tests {
         // A double-precision run computes exactly the double-precision refresh.
         let (double_q, double_order) = refresh_basis_in(&factor.data, &basis.data, 24).unwrap();
         assert_eq!((double_q, double_order), (q.data, order));
+    }
+
+    #[test]
+    fn an_undone_update_leaves_the_state_as_it_was_without_copying_what_it_does_not_change() {
+        let tensor = |values: &[f64]| Tensor { shape: vec![values.len()], data: values.to_vec() };
+        let original: ParamState<f64> = vec![
+            ("a".to_string(), tensor(&[1.0, 2.0])),
+            ("root".to_string(), tensor(&[3.0])),
+            ("c".to_string(), tensor(&[4.0])),
+        ];
+        let update = |state: &mut ParamState<f64>| {
+            state[0].1.data[0] = 10.0;
+            state[2].1.data[0] = 40.0;
+            state.push(("created".to_string(), tensor(&[5.0])));
+        };
+        // Undone after a success (as a caller that rolls a step back does).
+        let mut state = original.clone();
+        let mut previous = None;
+        undoable(
+            &mut state,
+            &mut previous,
+            |name| name != "root",
+            |state| {
+                update(state);
+                Ok(())
+            },
+        )
+        .unwrap();
+        let previous = previous.unwrap();
+        assert!(previous.0.iter().any(|(name, value)| name == "root" && value.is_none()), "the root was copied");
+        assert_eq!(state.len(), 4);
+        previous.restore(&mut state);
+        assert_eq!(state, original);
+        // Put back by `undoable` itself when the update fails.
+        let mut state = original.clone();
+        let mut previous = None;
+        let outcome: Result<(), String> = undoable(
+            &mut state,
+            &mut previous,
+            |name| name != "root",
+            |state| {
+                update(state);
+                Err("failed".to_string())
+            },
+        );
+        assert!(outcome.is_err());
+        assert_eq!(state, original);
     }
 
     #[test]

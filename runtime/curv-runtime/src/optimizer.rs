@@ -242,8 +242,34 @@ pub struct Displaced<T> {
     pub param: Option<Tensor<T>>,
     pub states: Vec<(String, Tensor<T>)>,
     pub state_was_empty: bool,
-    /// The whole previous state, for updates that replace it wholesale (the matrix structures).
-    pub whole_state: Option<ParamState<T>>,
+    /// The previous state of the matrix structures, which update their state where it is.
+    pub whole_state: Option<PreviousState<T>>,
+}
+
+/// A parameter's state as it was before a step, for undoing the step: its entries in their
+/// order, each with its previous value, or `None` for an entry the step leaves as it is (which
+/// was not copied: Shampoo's roots, SOAP's bases and K-FAC's inverses between their refreshes).
+#[derive(Debug, Clone)]
+pub struct PreviousState<T>(pub Vec<(String, Option<Tensor<T>>)>);
+
+impl<T> PreviousState<T> {
+    /// The whole of a previous state.
+    pub fn whole(state: ParamState<T>) -> PreviousState<T> {
+        PreviousState(state.into_iter().map(|(name, tensor)| (name, Some(tensor))).collect())
+    }
+
+    /// Puts `state` back as it was: entries the step created are removed, entries it changed get
+    /// their previous values, entries it left as they were are kept.
+    pub fn restore(self, state: &mut ParamState<T>) {
+        let mut current = std::mem::take(state);
+        for (name, previous) in self.0 {
+            let tensor = previous
+                .or_else(|| current.iter().position(|(key, _)| *key == name).map(|index| current.swap_remove(index).1));
+            if let Some(tensor) = tensor {
+                state.push((name, tensor));
+            }
+        }
+    }
 }
 
 impl<T: Copy> Displaced<T> {
@@ -253,7 +279,7 @@ impl<T: Copy> Displaced<T> {
             *param = previous;
         }
         if let Some(whole) = self.whole_state {
-            *state = whole;
+            whole.restore(state);
         } else if self.state_was_empty {
             state.clear();
         } else {
@@ -346,7 +372,7 @@ pub fn matrix_direction<T: Real>(
     shape: &[usize],
     state: &mut ParamState<T>,
     inputs: &UpdateInputs<T>,
-    previous: &mut Option<ParamState<T>>,
+    previous: &mut Option<PreviousState<T>>,
 ) -> Result<Option<Vec<f64>>, String> {
     let gradient: Vec<f64> = inputs.gradient.data.iter().map(|value| value.to_f64()).collect();
     let kronecker_inputs = crate::kronecker::KroneckerInputs {
@@ -372,16 +398,19 @@ pub fn matrix_direction<T: Real>(
             states.get("damping", &[1])[0] = damping.to_f64();
         }
         let direction = crate::newton::egn_direction(plan, &mut states, &kronecker_inputs, direction, stepsize)?;
-        *previous = Some(states.store(state));
+        *previous = Some(PreviousState::whole(states.store(state)));
         return Ok(Some(direction));
     }
     if plan.structure == StructureKind::LowRank
         && option_name(&plan.options, "stats").unwrap_or("gradient_window") == "gradient_window"
     {
         // M-FAC works on its window where it is (a copy of the state is kept for undoing).
-        return crate::kronecker::undoable(state, previous, |state| {
-            crate::lowrank::mfac_on_state(plan, shape, state, &kronecker_inputs)
-        })
+        return crate::kronecker::undoable(
+            state,
+            previous,
+            |_| true,
+            |state| crate::lowrank::mfac_on_state(plan, shape, state, &kronecker_inputs),
+        )
         .map(Some);
     }
     if matches!(plan.structure, StructureKind::LowRank | StructureKind::Dense) {
@@ -395,7 +424,7 @@ pub fn matrix_direction<T: Real>(
         } else {
             crate::lowrank::direction(plan, shape, &mut states, &kronecker_inputs, statistic.as_deref())?
         };
-        *previous = Some(states.store(state));
+        *previous = Some(PreviousState::whole(states.store(state)));
         return Ok(Some(direction));
     }
     if plan.structure == StructureKind::Orthogonalize {
