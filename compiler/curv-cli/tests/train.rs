@@ -342,12 +342,18 @@ fn a_skipped_update_leaves_parameters_and_state_exactly_as_they_were() {
     // the gradients stay finite, so each step's update is computed and then undone. The stopping
     // run keeps the state of step 0 in its checkpoint; the skipping run must end, after 3 skipped
     // steps, with exactly those parameters. Rules update out of place (their replaced tensors are
-    // put back), structures in place (copies are put back): both are checked.
+    // put back), structures in place (copies are put back): all are checked.
     let data = repository_root().join("examples/data/digits.csv");
     for (name, line) in [
         ("rule", "* : sgd"),
         ("structure", "* : diagonal(stats = gradient_square)"),
         ("window", "* : lowrank(stats = gradient_window, window = 4, momentum = 0.5)"),
+        // K-FAC updates `[w; b]` as one matrix (the bias folded in): the parameters are copied,
+        // the state is put back from what the update replaced.
+        (
+            "kfac",
+            "w : kronecker(stats = kfac, every = 1, function = damped_inverse)\n    * : diagonal(stats = gradient_square)",
+        ),
     ] {
         let directory = scratch(&format!("undo-{name}"));
         let program = directory.join("overflow.curv");

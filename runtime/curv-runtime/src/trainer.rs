@@ -230,6 +230,9 @@ enum Undo<T> {
     Copy(Tensor<T>, ParamState<T>),
     /// What an out-of-place update replaced.
     Displaced(crate::optimizer::Displaced<T>),
+    /// A copy of a parameter alone (a weight and its folded bias, updated as one matrix whose
+    /// update reports the state it replaced).
+    Param(Tensor<T>),
 }
 
 /// Undoes a step's updates, the latest first.
@@ -241,6 +244,7 @@ fn roll_back<T: Real>(params: &mut [Tensor<T>], states: &mut [ParamState<T>], un
                 states[index] = state;
             }
             Undo::Displaced(displaced) => displaced.undo(&mut params[index], &mut states[index]),
+            Undo::Param(param) => params[index] = param,
         }
     }
 }
@@ -1226,11 +1230,14 @@ impl<T: Real> Trainer<T> {
                         | curv_ir::StructureKind::Kronecker
                         | curv_ir::StructureKind::Orthogonalize
                 );
-                if precomputed.is_none() && (bias.is_some() || !reports_displaced) {
+                if precomputed.is_none() && !reports_displaced {
                     undo.push((index, Undo::Copy(new_params[index].clone(), new_states[index].clone())));
-                    if let Some(bias) = bias {
-                        undo.push((bias, Undo::Copy(new_params[bias].clone(), new_states[bias].clone())));
-                    }
+                }
+                if let (true, Some(bias)) = (precomputed.is_none(), bias) {
+                    // The weight and its bias are written back from the joint matrix, whose update
+                    // reports the state it replaced (below); the parameters are copied.
+                    undo.push((index, Undo::Param(new_params[index].clone())));
+                    undo.push((bias, Undo::Copy(new_params[bias].clone(), new_states[bias].clone())));
                 }
                 match (bias, precomputed) {
                     (_, Some(None)) => {}
@@ -1280,11 +1287,19 @@ impl<T: Real> Trainer<T> {
                                     &mut new_states[index],
                                     &update_inputs!(index, &joint_gradient),
                                 );
-                                if let Err(message) = updated {
-                                    roll_back(&mut new_params, &mut new_states, undo);
-                                    self.params = new_params;
-                                    self.states = new_states;
-                                    return Err(error(index)(message));
+                                match updated {
+                                    Ok(Some(mut displaced)) => {
+                                        // The joint matrix is dropped: only the state is put back.
+                                        displaced.param = None;
+                                        undo.push((index, Undo::Displaced(displaced)));
+                                    }
+                                    Ok(None) => {}
+                                    Err(message) => {
+                                        roll_back(&mut new_params, &mut new_states, undo);
+                                        self.params = new_params;
+                                        self.states = new_states;
+                                        return Err(error(index)(message));
+                                    }
                                 }
                             }
                         }
