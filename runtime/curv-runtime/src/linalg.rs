@@ -135,22 +135,28 @@ pub fn symmetric_eigen(matrix: &Matrix) -> Result<(Vec<f64>, Matrix), LinalgErro
     Ok((values, vectors))
 }
 
-/// The eigendecomposition of a symmetric `size x size` matrix in single precision (row-major
-/// `values`, only the lower triangle read): the eigenvalues in ascending order and the
-/// eigenvectors as the columns of a row-major matrix, signs as the algorithm left them. For the
-/// matrix functions of `f32` runs, which compute in single precision as their references do.
-pub fn symmetric_eigen_single(values: &[f32], size: usize) -> Result<(Vec<f32>, Vec<f32>), LinalgError> {
-    if values.len() != size * size {
+/// A `rows x columns` single-precision matrix from row-major `values`, which must be as many as
+/// its shape needs and finite.
+fn single_matrix(values: &[f32], rows: usize, columns: usize) -> Result<Mat<f32>, LinalgError> {
+    if values.len() != rows * columns {
         return Err(LinalgError::BadShape(format!(
-            "a {size}x{size} matrix needs {} values, got {}",
-            size * size,
+            "a {rows}x{columns} matrix needs {} values, got {}",
+            rows * columns,
             values.len()
         )));
     }
     if !values.iter().all(|value| value.is_finite()) {
         return Err(LinalgError::NonFinite);
     }
-    let matrix = Mat::<f32>::from_fn(size, size, |row, column| values[row * size + column]);
+    Ok(Mat::<f32>::from_fn(rows, columns, |row, column| values[row * columns + column]))
+}
+
+/// The eigendecomposition of a symmetric `size x size` matrix in single precision (row-major
+/// `values`, only the lower triangle read): the eigenvalues in ascending order and the
+/// eigenvectors as the columns of a row-major matrix, signs as the algorithm left them. For the
+/// matrix functions of `f32` runs, which compute in single precision as their references do.
+pub fn symmetric_eigen_single(values: &[f32], size: usize) -> Result<(Vec<f32>, Vec<f32>), LinalgError> {
+    let matrix = single_matrix(values, size, size)?;
     let decomposition = matrix.self_adjoint_eigen(Side::Lower).map_err(|_| LinalgError::NoConvergence)?;
     let eigenvalues: Vec<f32> = (0..size).map(|index| decomposition.S()[index]).collect();
     let u = decomposition.U();
@@ -170,17 +176,7 @@ pub fn symmetric_eigen_single(values: &[f32], size: usize) -> Result<(Vec<f32>, 
 /// single precision, its columns signed so that `R` has a non-negative diagonal (as
 /// [`thin_qr`]). For the matrix functions of `f32` runs.
 pub fn thin_q_single(values: &[f32], rows: usize, columns: usize) -> Result<Vec<f32>, LinalgError> {
-    if values.len() != rows * columns {
-        return Err(LinalgError::BadShape(format!(
-            "a {rows}x{columns} matrix needs {} values, got {}",
-            rows * columns,
-            values.len()
-        )));
-    }
-    if !values.iter().all(|value| value.is_finite()) {
-        return Err(LinalgError::NonFinite);
-    }
-    let matrix = Mat::<f32>::from_fn(rows, columns, |row, column| values[row * columns + column]);
+    let matrix = single_matrix(values, rows, columns)?;
     let factorisation = matrix.qr();
     let q = factorisation.compute_thin_Q();
     let r = factorisation.thin_R();

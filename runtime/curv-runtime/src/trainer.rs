@@ -1222,6 +1222,15 @@ impl<T: Real> Trainer<T> {
                 }
                 let bias = bias_of(index);
                 let precomputed = clipped.remove(&index);
+                // A failed update: the step's changes are put back and the error is returned.
+                macro_rules! abandon {
+                    ($message:expr) => {{
+                        roll_back(&mut new_params, &mut new_states, undo);
+                        self.params = new_params;
+                        self.states = new_states;
+                        return Err(error(index)($message));
+                    }};
+                }
                 // Copies for the structures that update in place; rules and the matrix structures
                 // (which replace their state and keep the previous one) report what they replaced.
                 let reports_displaced = matches!(
@@ -1259,12 +1268,7 @@ impl<T: Real> Trainer<T> {
                         match updated {
                             Ok(Some(displaced)) => undo.push((index, Undo::Displaced(displaced))),
                             Ok(None) => {}
-                            Err(message) => {
-                                roll_back(&mut new_params, &mut new_states, undo);
-                                self.params = new_params;
-                                self.states = new_states;
-                                return Err(error(index)(message));
-                            }
+                            Err(message) => abandon!(message),
                         }
                     }
                     (Some(bias), precomputed) => {
@@ -1294,12 +1298,7 @@ impl<T: Real> Trainer<T> {
                                         undo.push((index, Undo::Displaced(displaced)));
                                     }
                                     Ok(None) => {}
-                                    Err(message) => {
-                                        roll_back(&mut new_params, &mut new_states, undo);
-                                        self.params = new_params;
-                                        self.states = new_states;
-                                        return Err(error(index)(message));
-                                    }
+                                    Err(message) => abandon!(message),
                                 }
                             }
                         }
