@@ -5,9 +5,10 @@
 //! Shampoo, SOAP, K-FAC and Muon keep their state in the run's element type and do their per-step
 //! products there ([`gemm`]: SGEMM for `f32` runs, DGEMM for `f64`). Shampoo's inverse roots are
 //! computed in the run's element type too, as Distributed Shampoo computes them in its factor
-//! dtype: an `f32` run decomposes in single precision and retries in double precision when that
-//! fails. The other matrix functions (SOAP's bases, K-FAC's inverses, Newton iterations) are
-//! computed in double precision through [`crate::linalg`]. A parameter's state lives in named
+//! dtype (an `f32` run decomposes in single precision and retries in double precision when that
+//! fails), and so are SOAP's basis refreshes. The other matrix functions (SOAP's first bases,
+//! K-FAC's inverses, Newton iterations) are computed in double precision through
+//! [`crate::linalg`]. A parameter's state lives in named
 //! tensors of the run's element type (checkpointed like every other state); factors of several
 //! tiles are stored one after the other, row-major tile order.
 
@@ -552,10 +553,10 @@ pub fn kronecker_direction<T: Real>(
 ) -> Result<Option<Vec<f64>>, String> {
     let function = option_name(&plan.options, "function").unwrap_or("inverse_root");
     let quantized = number(&plan.options, "quantize", 32.0) < 32.0;
-    // Shampoo, SOAP and K-FAC work on their state where it is, in the run's precision.
     let every = number(&plan.options, "every", 1.0).max(1.0) as u64;
-    // The matrix functions' results change only at their refresh steps, so only then are they
-    // copied for undoing.
+    // Shampoo, SOAP and K-FAC work on their state where it is, in the run's precision. The matrix
+    // functions' results change only at their refresh steps, so only then are they copied for
+    // undoing.
     let refreshed = |names: &'static [&'static str], refresh: bool| move |name: &str| refresh || !names.contains(&name);
     if matches!(function, "inverse_root" | "newton") && !quantized {
         let changes = refreshed(&["left_inverse", "right_inverse", "failures"], inputs.step.is_multiple_of(every));
@@ -806,7 +807,8 @@ fn put_state<T: Real>(state: &mut ParamState<T>, name: &str, data: Vec<T>) {
 /// filtered gradient, the grafting moments, the factors and their roots stay in `T` (as
 /// Distributed Shampoo keeps them in its factor dtype), the factors are updated by GEMMs that
 /// accumulate into the state, and the preconditioned gradient is two GEMMs; the roots are
-/// computed in double precision at their refresh steps.
+/// computed at their refresh steps by [`inverse_root_in`] (or in double precision by
+/// [`inverse_root_newton`]).
 fn shampoo<T: Real>(
     plan: &ParamPlan,
     shape: &[usize],
@@ -983,19 +985,27 @@ fn refresh_basis(factor: &Matrix, basis: &Matrix) -> Result<(Matrix, Vec<usize>)
     let _double = ProductPrecision::single(false);
     let n = basis.rows;
     let applied = product(factor, false, basis, false);
-    let estimates: Vec<f64> =
-        (0..n).map(|column| (0..n).map(|row| basis.at(row, column) * applied.at(row, column)).sum()).collect();
+    let (order, sorted) = sorted_by_estimates(&applied.data, &basis.data, n);
+    let (q, _) = thin_qr(&Matrix { rows: n, columns: n, data: sorted })?;
+    Ok((q, order))
+}
+
+/// The column order of `F Q` by descending estimate `diag(Q^T F Q)` (the column dot products of
+/// `Q` and `F Q`, both `n x n` row-major), and `F Q` with its columns in that order.
+fn sorted_by_estimates<T: Real>(applied: &[T], basis: &[T], n: usize) -> (Vec<usize>, Vec<T>) {
+    let estimates: Vec<f64> = (0..n)
+        .map(|column| (0..n).map(|row| basis[row * n + column].mul(applied[row * n + column]).to_f64()).sum())
+        .collect();
     let mut order: Vec<usize> = (0..n).collect();
     // A stable sort, so that equal estimates keep their order (as torch.argsort on distinct values).
     order.sort_by(|&first, &second| estimates[second].total_cmp(&estimates[first]));
-    let mut sorted = applied.clone();
+    let mut sorted = vec![T::zero(); n * n];
     for row in 0..n {
         for (column, &source) in order.iter().enumerate() {
-            sorted.data[row * n + column] = applied.at(row, source);
+            sorted[row * n + column] = applied[row * n + source];
         }
     }
-    let (q, _) = thin_qr(&sorted)?;
-    Ok((q, order))
+    (order, sorted)
 }
 
 /// [`refresh_basis`] of the `size x size` factor and basis at the starts of `factor` and `basis`,
@@ -1018,16 +1028,7 @@ fn refresh_basis_in<T: Real>(factor: &[T], basis: &[T], size: usize) -> Result<(
 fn refresh_basis_single(factor: &[f32], basis: &[f32], n: usize) -> Option<(Vec<f32>, Vec<usize>)> {
     let mut applied = vec![0.0f32; n * n];
     gemm((n, n, n), 1.0, (factor, (n, 1)), (basis, (n, 1)), 0.0, &mut applied, n);
-    let estimates: Vec<f32> =
-        (0..n).map(|column| (0..n).map(|row| basis[row * n + column] * applied[row * n + column]).sum()).collect();
-    let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by(|&first, &second| estimates[second].total_cmp(&estimates[first]));
-    let mut sorted = vec![0.0f32; n * n];
-    for row in 0..n {
-        for (column, &source) in order.iter().enumerate() {
-            sorted[row * n + column] = applied[row * n + source];
-        }
-    }
+    let (order, sorted) = sorted_by_estimates(&applied, basis, n);
     thin_q_single(&sorted, n, n).ok().map(|q| (q, order))
 }
 
@@ -1038,8 +1039,8 @@ fn refresh_basis_single(factor: &[f32], basis: &[f32], n: usize) -> Option<(Vec<
 /// correction as one step size, the factors take the gradient (EMA), and every `every` steps
 /// each basis is refreshed by one power iteration and QR ([`refresh_basis`]), `v` permuted to
 /// follow. The state is worked on where it is, in the run's element type (factors, bases and
-/// moments in `T`, the rotations as GEMMs); the eigenvectors and the refreshes are computed in
-/// double precision.
+/// moments in `T`, the rotations as GEMMs); the first eigenvectors are computed in double
+/// precision, the refreshes by [`refresh_basis_in`].
 fn soap<T: Real>(
     plan: &ParamPlan,
     shape: &[usize],
