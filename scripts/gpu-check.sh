@@ -10,9 +10,11 @@
 #    CPU (the same trainer with --interpret), final loss and parameters compared within the
 #    tolerance gpu-prepare measured;
 # 2. the fused Adam update's achieved bandwidth on a 4.2M-element parameter against a
-#    device-to-device copy, and train-step time of the digits MLP and the SIREN with Adam against
+#    device-to-device copy of as many bytes, and train-step time of the digits MLP and the SIREN with Adam against
 #    PyTorch CUDA eager and torch.compile, in the same run;
-# 3. a short table last. Exit status 1 when a comparison fails.
+# 3. where the host's time went in the two step benchmarks (CURV_CUDA_PROFILE), then a short
+#    table last. Exit status 1 when a comparison fails. When $OUT names a folder (the device
+#    tool's), the logs and metrics go there as gpu-check-logs.tar.gz.
 #
 # DRY_RUN=1 runs the "GPU" side with --interpret too: a check of the script itself on a machine
 # without a GPU (every comparison must then pass).
@@ -40,21 +42,43 @@ for name in ("nvidia.cublas", "nvidia.cuda_runtime"):
 print(":".join(path for path in paths if os.path.isdir(path)))
 PY
 )
-export LD_LIBRARY_PATH="${libraries}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 work=$(mktemp -d)
+# The runtime opens cuBLAS by the names CUDA 12 and earlier give it (libcublas.so, .so.12, ...);
+# CUDA 13's packages ship libcublas.so.13 alone, so a link under the plain name is made for it.
+mkdir -p "$work/lib"
+for folder in ${libraries//:/ }; do
+    for library in "$folder"/libcublas.so.*; do
+        [ -e "$library" ] && [ ! -e "$work/lib/libcublas.so" ] && ln -s "$library" "$work/lib/libcublas.so"
+    done
+done
+export LD_LIBRARY_PATH="$work/lib:${libraries}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 tar -C "$work" -xJf gpu-check/trainers.tar.xz
 results="$work/results.txt"
 : > "$results"
 failures=0
+gpu_failures=0
+checked=0
+stopped=0
+echo "[gpu-check] $(date +%T) correctness: $(wc -l < gpu-check/manifest.tsv) trainers"
 while IFS=$'\t' read -r name data_dir; do
+    checked=$((checked + 1))
     trainer="$work/bin/$name"
     gpu_out="$work/$name-gpu"
     cpu_out="$work/$name-cpu"
     started=$(date +%s%N)
-    if ! timeout 120 "$trainer" "${gpu_flag[@]}" --steps "$STEPS" --quiet --data-dir "$data_dir" --out "$gpu_out" \
+    if ! timeout 60 "$trainer" "${gpu_flag[@]}" --steps "$STEPS" --quiet --data-dir "$data_dir" --out "$gpu_out" \
             --metrics "$gpu_out/metrics.jsonl" > "$work/$name-gpu.log" 2>&1; then
         printf '%-14s FAILED on the GPU: %s\n' "$name" "$(tail -2 "$work/$name-gpu.log" | tr '\n' ' ')" | tee -a "$results"
         failures=$((failures + 1))
+        gpu_failures=$((gpu_failures + 1))
+        # The same failure on the first three trainers is the runtime's, not the trainers': stop
+        # here rather than spend the GPU's time on the rest, and show the whole log of the first.
+        if [ "$gpu_failures" -ge 3 ] && [ "$gpu_failures" -eq "$checked" ]; then
+            echo "[gpu-check] the first three trainers failed on the GPU; the rest are not run. First log:"
+            cat "$work/$(head -1 gpu-check/manifest.tsv | cut -f1)-gpu.log"
+            stopped=1
+            break
+        fi
         continue
     fi
     gpu_seconds=$(( ($(date +%s%N) - started) / 1000000000 ))
@@ -71,17 +95,29 @@ while IFS=$'\t' read -r name data_dir; do
 done < gpu-check/manifest.tsv
 grep -q MISMATCH "$results" && failures=$((failures + 1))
 
+if [ "$stopped" = 1 ]; then
+    cat "$results"
+    [ -n "${OUT:-}" ] && [ -d "$OUT" ] && tar -C "$work" -czf "$OUT/gpu-check-logs.tar.gz" --exclude='bin' --exclude='lib' --exclude='*.safetensors' .
+    rm -rf "$work"
+    exit 1
+fi
+
+echo "[gpu-check] $(date +%T) benchmarks"
 # Train-step time: curv's trainers (their median step) against PyTorch, same run.
 step_ms() {
-    "$work/bin/$1" "${gpu_flag[@]}" --steps "$2" --data-dir "$3" --out "$work/bench-$1" 2>/dev/null | sed -n 's/.*median step \([0-9.]*\) ms.*/\1/p'
+    CURV_CUDA_PROFILE=1 "$work/bin/$1" "${gpu_flag[@]}" --steps "$2" --data-dir "$3" --out "$work/bench-$1" 2>"$work/bench-$1.profile" | sed -n 's/.*median step \([0-9.]*\) ms.*/\1/p'
 }
 # The fused Adam update of a 4.2M-element parameter on buffers already on the GPU, against a
 # device-to-device copy of the same size.
-update=$("$work/bin/update_4m" "${gpu_flag[@]}" --bench-update 50 --data-dir examples/bench 2>"$work/update.log" || echo '{}')
+update=$("$work/bin/update_4m" "${gpu_flag[@]}" --bench-update 200 --data-dir examples/bench 2>"$work/update.log" || echo '{}')
 [ "$update" = '{}' ] && echo "update_4m: $(tail -1 "$work/update.log")"
 digits_ms=$(step_ms adam 200 examples/optimizers)
 siren_ms=$(step_ms siren 60 examples)
 peers=$("$PYTHON" scripts/gpu_check.py bench 2>"$work/bench.log" || echo '{}')
+for problem in adam siren; do
+    echo "host time of the $problem step benchmark by part of the CUDA runtime (CURV_CUDA_PROFILE):"
+    grep ' calls ' "$work/bench-$problem.profile" || echo "  (none: $(tail -1 "$work/bench-$problem.profile"))"
+done
 echo
 echo "=== GPU check: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1) ==="
 echo "correctness ($STEPS steps, GPU against the same trainer on the CPU):"
@@ -110,5 +146,9 @@ if update.get("update_gbytes_per_second"):
 else:
     print("fused update bandwidth: not measured (see the update_4m trainer's error above)")
 PY
+# Where the caller collects files (the device tool's $OUT), the logs go there too.
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
+    tar -C "$work" -czf "$OUT/gpu-check-logs.tar.gz" --exclude='bin' --exclude='lib' --exclude='*.safetensors' . 2>/dev/null || true
+fi
 rm -rf "$work"
 [ "$failures" -eq 0 ]
