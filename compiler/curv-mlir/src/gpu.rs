@@ -1,11 +1,13 @@
 //! The first stage of the GPU path: the same kernel modules the CPU backend compiles, lowered
 //! through MLIR's `gpu` and `nvvm` dialects to PTX (`curv emit --stage ptx`).
 //!
-//! The pipeline bufferises the module as the CPU pipeline does, turns each `linalg` op into
-//! parallel loops (reductions stay sequential inside a thread), tiles the two outer parallel
-//! dimensions by 32 and 8 with constant inner bounds (a guard inside instead of `min` bounds, so
-//! that every loop nest becomes a launch) and maps the tiles to blocks and their iterations to
-//! threads, outlines every launch into a `gpu.func` kernel, and runs `gpu-lower-to-nvvm-pipeline` with `cubin-format=isa`,
+//! The pipeline reorders the loops of reductions so that their parallel loops come first
+//! ([`parallel_loops_first`]), bufferises the module as the CPU pipeline does, turns each `linalg`
+//! op into parallel loops (reductions stay sequential inside a thread), tiles the parallel loops
+//! with constant inner bounds (a guard inside instead of `min` bounds, so that every loop nest
+//! becomes a launch: 256 threads for a module of one-dimensional loops, 32 by 8 otherwise,
+//! [`tile_sizes_for`]) and maps the tiles to blocks and their iterations to threads, innermost
+//! loop first, outlines every launch into a `gpu.func` kernel, and runs `gpu-lower-to-nvvm-pipeline` with `cubin-format=isa`,
 //! which gives PTX text without a CUDA toolkit. The chip and PTX version come from [`GpuTarget`],
 //! never from a user's string (an `sm_90` target without `+ptx80` aborts LLVM). Matrix products
 //! stay calls on the host side of the module (on a GPU they will be cuBLAS calls). The math
@@ -49,20 +51,218 @@ impl GpuTarget {
     }
 }
 
-/// The first part of the GPU pipeline: a kernel module bufferised (with the deallocations of its
-/// intermediate buffers), its `linalg` ops turned into
-/// parallel loops, tiled, mapped to blocks and threads and outlined into `gpu.func` kernels, each
-/// in its own `gpu.module`.
-pub const GPU_OUTLINING_PIPELINE: &str = "builtin.module(\
+/// The first part of the GPU pipeline: a kernel module bufferised, with the deallocations of its
+/// intermediate buffers.
+pub const GPU_BUFFERISATION_PIPELINE: &str = "builtin.module(\
 canonicalize,\
 func.func(linalg-fuse-elementwise-ops),\
 canonicalize,\
 eliminate-empty-tensors,\
 one-shot-bufferize{bufferize-function-boundaries=false},\
-buffer-deallocation-pipeline,\
-func.func(convert-linalg-to-parallel-loops,scf-parallel-loop-tiling{parallel-loop-tile-sizes=32,8 no-min-max-bounds=true},gpu-map-parallel-loops,convert-parallel-loops-to-gpu),\
+buffer-deallocation-pipeline)";
+
+/// The second part: the module's `linalg` ops (its copies included, [`copies_as_kernels`]) turned
+/// into parallel loops, tiled by `tile_sizes`, mapped to blocks and threads (innermost loop
+/// first: consecutive threads take consecutive elements of a row-major buffer, so a warp's loads
+/// coalesce) and outlined into `gpu.func` kernels, each in its own `gpu.module`.
+pub fn gpu_outlining_pipeline(tile_sizes: &str) -> String {
+    format!(
+        "builtin.module(\
+func.func(convert-linalg-to-parallel-loops,scf-parallel-loop-tiling{{parallel-loop-tile-sizes={tile_sizes} no-min-max-bounds=true}},gpu-map-parallel-loops{{mapping-policy=innermost-first}},convert-parallel-loops-to-gpu),\
 gpu-kernel-outlining,\
-canonicalize)";
+canonicalize)"
+    )
+}
+
+/// Every `memref.copy` of a bufferised module with at least one dimension made a `linalg.copy`,
+/// which becomes a kernel. Bufferisation copies results into the function's output buffers with
+/// `memref.copy`, which would run on the host: the CPU would read the kernels' results and write
+/// the outputs itself, moving every page of both between the GPU and the host, and the next
+/// kernel to use them would fault them back.
+///
+/// A copy from or to a constant of the module (`memref.get_global`, or a view of one) stays on
+/// the host: the constant is in the host program's memory, which a kernel cannot reach.
+pub fn copies_as_kernels(module: &str) -> String {
+    let mut out = String::with_capacity(module.len());
+    let mut host_values: Vec<&str> = Vec::new();
+    for line in module.split_inclusive('\n') {
+        // `%x = memref.get_global ...`, and views of such values, live in host memory.
+        if let Some((value, operation)) = line.trim().split_once(" = ") {
+            let view = [
+                "memref.subview ",
+                "memref.cast ",
+                "memref.reinterpret_cast ",
+                "memref.collapse_shape ",
+                "memref.expand_shape ",
+            ]
+            .iter()
+            .find_map(|view| operation.strip_prefix(view));
+            let of_host = view.is_some_and(|operands| {
+                let first = operands.split([' ', ',', '[', '(']).next().unwrap_or("");
+                host_values.contains(&first)
+            });
+            if operation.starts_with("memref.get_global ") || of_host {
+                host_values.push(value.trim());
+            }
+        }
+        let rewritten = line.find("memref.copy ").and_then(|start| {
+            // `memref.copy %a, %b : memref<...> to memref<...>`
+            let operands = &line[start + "memref.copy ".len()..];
+            let (values, types) = operands.split_once(" : ")?;
+            let (source, target) = values.split_once(", ")?;
+            let (source_type, target_type) = types.trim_end().split_once(" to ")?;
+            let ranked = source_type.starts_with("memref<") && source_type.contains('x');
+            let on_device = !host_values.contains(&source.trim()) && !host_values.contains(&target.trim());
+            (ranked && on_device).then(|| {
+                format!("{}linalg.copy ins({source} : {source_type}) outs({target} : {target_type})\n", &line[..start])
+            })
+        });
+        out.push_str(rewritten.as_deref().unwrap_or(line));
+    }
+    out
+}
+
+/// The tile sizes of a module whose loops are at most one-dimensional (an optimizer rule's update
+/// over a flattened parameter): blocks of 256 threads, one element each. A block of 32 threads
+/// would leave half of a multiprocessor's thread slots empty (it holds at most 32 blocks) and
+/// halve the bandwidth of a memory-bound update.
+pub const TILES_ONE_DIMENSIONAL: &str = "256";
+/// The tile sizes of every other module: 32 rows by 8 columns, the 8 columns of a row being one
+/// 32-byte memory sector of `f32`s, read by neighbouring threads.
+pub const TILES_TWO_DIMENSIONAL: &str = "32,8";
+
+/// The tile sizes for a kernel module: [`TILES_ONE_DIMENSIONAL`] when none of its `linalg.generic`
+/// ops has more than one loop, [`TILES_TWO_DIMENSIONAL`] otherwise.
+pub fn tile_sizes_for(text: &str) -> &'static str {
+    let wider =
+        text.lines().filter_map(|line| iterator_types_of(line).map(|(_, _, kinds)| kinds.len())).any(|loops| loops > 1);
+    if wider {
+        TILES_TWO_DIMENSIONAL
+    } else {
+        TILES_ONE_DIMENSIONAL
+    }
+}
+
+/// The byte range of the list inside `iterator_types = [...]` of a line, and its entries.
+fn iterator_types_of(line: &str) -> Option<(usize, usize, Vec<&str>)> {
+    if !line.contains("linalg.generic") {
+        return None;
+    }
+    let key = "iterator_types = [";
+    let start = line.find(key)? + key.len();
+    let end = start + line[start..].find(']')?;
+    let kinds = line[start..end].split(',').map(|kind| kind.trim().trim_matches('"')).collect();
+    Some((start, end, kinds))
+}
+
+/// Reorders the loops of every `linalg.generic` whose reduction loops come before a parallel one
+/// (a sum over the batch: `["reduction", "parallel"]`) so that the parallel loops come first.
+///
+/// The loops of a generic op become parallel loops in their order, and a reduction loop outside
+/// the parallel ones stays on the host: one kernel launch per iteration of it (a bias gradient
+/// over a batch of 4096 rows was 4096 launches). With the parallel loops first, the reduction runs
+/// inside each thread. The op's meaning is unchanged: the loops are renumbered in its indexing
+/// maps and `linalg.index` ops, and every output element sums its terms in the same order.
+pub fn parallel_loops_first(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut lines = text.split_inclusive('\n');
+    while let Some(line) = lines.next() {
+        let Some((start, end, kinds)) = iterator_types_of(line) else {
+            out.push_str(line);
+            continue;
+        };
+        let first_parallel_after_reduction =
+            kinds.iter().enumerate().any(|(index, kind)| *kind == "parallel" && kinds[..index].contains(&"reduction"));
+        if !first_parallel_after_reduction {
+            out.push_str(line);
+            continue;
+        }
+        // The new order: parallel loops, then reduction loops, each in their old order.
+        let order: Vec<usize> = (0..kinds.len())
+            .filter(|&index| kinds[index] == "parallel")
+            .chain((0..kinds.len()).filter(|&index| kinds[index] != "parallel"))
+            .collect();
+        let mut position = vec![0; kinds.len()];
+        for (new, &old) in order.iter().enumerate() {
+            position[old] = new;
+        }
+        let reordered: Vec<String> = order.iter().map(|&old| format!("\"{}\"", kinds[old])).collect();
+        let header =
+            format!("{}{}{}", renumber_map_results(&line[..start], &position), reordered.join(", "), &line[end..]);
+        out.push_str(&header);
+        // The body, up to the brace that closes the op's region: `linalg.index` renumbered.
+        let mut depth = brace_balance(line);
+        while depth > 0 {
+            let Some(body) = lines.next() else { break };
+            depth += brace_balance(body);
+            out.push_str(&renumber_index_ops(body, &position));
+        }
+    }
+    out
+}
+
+fn brace_balance(line: &str) -> i64 {
+    line.matches('{').count() as i64 - line.matches('}').count() as i64
+}
+
+/// `dK` made `d{position[K]}` in the results of every `affine_map<(...) -> (...)>` of `text`.
+fn renumber_map_results(text: &str, position: &[usize]) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(arrow) = rest.find(" -> (") {
+        let results_start = arrow + " -> (".len();
+        let Some(length) = rest[results_start..].find(')') else { break };
+        out.push_str(&rest[..results_start]);
+        out.push_str(&renumber_dimensions(&rest[results_start..results_start + length], position));
+        rest = &rest[results_start + length..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Every `dK` (a loop of an affine map) of `expression` renumbered.
+fn renumber_dimensions(expression: &str, position: &[usize]) -> String {
+    let bytes = expression.as_bytes();
+    let mut out = String::with_capacity(expression.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        let starts_name = bytes[index] == b'd' && (index == 0 || !(bytes[index - 1] as char).is_ascii_alphanumeric());
+        let digits = bytes[index + 1..].iter().take_while(|byte| byte.is_ascii_digit()).count();
+        if starts_name && digits > 0 {
+            let number: usize = expression[index + 1..index + 1 + digits].parse().unwrap_or(usize::MAX);
+            match position.get(number) {
+                Some(new) => out.push_str(&format!("d{new}")),
+                None => out.push_str(&expression[index..index + 1 + digits]),
+            }
+            index += 1 + digits;
+        } else {
+            out.push(bytes[index] as char);
+            index += 1;
+        }
+    }
+    out
+}
+
+/// `linalg.index K` made `linalg.index {position[K]}`.
+fn renumber_index_ops(line: &str, position: &[usize]) -> String {
+    let key = "linalg.index ";
+    let Some(start) = line.find(key) else { return line.to_string() };
+    let digits_start = start + key.len();
+    let digits = line[digits_start..].bytes().take_while(u8::is_ascii_digit).count();
+    match line[digits_start..digits_start + digits].parse::<usize>().ok().and_then(|number| position.get(number)) {
+        Some(new) => format!("{}{new}{}", &line[..digits_start], &line[digits_start + digits..]),
+        None => line.to_string(),
+    }
+}
+
+/// A kernel module's loops outlined into GPU kernels: [`parallel_loops_first`],
+/// [`GPU_BUFFERISATION_PIPELINE`], [`copies_as_kernels`], then [`gpu_outlining_pipeline`] with the
+/// module's [`tile_sizes_for`].
+pub fn outline_kernels(text: &str) -> Result<String, MlirError> {
+    let reordered = parallel_loops_first(text);
+    let bufferised = crate::run_pipeline_on_text(&reordered, GPU_BUFFERISATION_PIPELINE)?;
+    crate::run_pipeline_on_text(&copies_as_kernels(&bufferised), &gpu_outlining_pipeline(tile_sizes_for(&reordered)))
+}
 
 /// The second part: the kernels (with [`DEVICE_MATH`] in every GPU module) through NVVM to PTX
 /// in `gpu.binary` ops, for `target`.
@@ -190,7 +390,7 @@ pub struct PtxModule {
 /// per outlined kernel module, in the order of the module.
 pub fn lower_to_ptx(text: &str, target: GpuTarget) -> Result<Vec<PtxModule>, MlirError> {
     initialise_nvptx();
-    let outlined = crate::run_pipeline_on_text(text, GPU_OUTLINING_PIPELINE)?;
+    let outlined = outline_kernels(text)?;
     let lowered = crate::run_pipeline_on_text(&add_device_math(&outlined), &gpu_codegen_pipeline(target))?;
     let modules = extract_ptx(&lowered);
     if modules.is_empty() && lowered.contains("gpu.launch_func") {
@@ -314,7 +514,7 @@ pub fn lower_for_cuda(text: &str, target: GpuTarget) -> Result<String, MlirError
     initialise_nvptx();
     // Matrix products call cuBLAS (`curv_cuda_sgemm`) instead of the CPU GEMM.
     let text = text.replace("@curv_sgemm(", "@curv_cuda_sgemm(");
-    let outlined = crate::run_pipeline_on_text(&text, GPU_OUTLINING_PIPELINE)?;
+    let outlined = outline_kernels(&text)?;
     let allocated = device_allocations(&outlined)?;
     crate::run_pipeline_on_text(&add_device_math(&allocated), &gpu_codegen_pipeline(target))
 }
@@ -322,6 +522,52 @@ pub fn lower_for_cuda(text: &str, target: GpuTarget) -> Result<String, MlirError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sum_over_the_batch_gets_its_parallel_loop_first() {
+        let text = "  %v2 = linalg.generic {indexing_maps = [affine_map<(d0, d1) -> (d0, d1)>, affine_map<(d0, d1) -> (d1)>], iterator_types = [\"reduction\", \"parallel\"]} ins(%v1 : tensor<128x256xf32>) outs(%t : tensor<256xf32>) {\n\
+  ^bb0(%in: f32, %out: f32):\n\
+    %s0 = linalg.index 0 : index\n\
+    %s1 = linalg.index 1 : index\n\
+    %r = arith.addf %in, %out : f32\n\
+    linalg.yield %r : f32\n\
+  } -> tensor<256xf32>\n\
+  %s9 = linalg.index 0 : index\n";
+        let reordered = parallel_loops_first(text);
+        assert!(
+            reordered.contains("[affine_map<(d0, d1) -> (d1, d0)>, affine_map<(d0, d1) -> (d0)>], iterator_types = [\"parallel\", \"reduction\"]}"),
+            "{reordered}"
+        );
+        assert!(reordered.contains("%s0 = linalg.index 1 : index"), "{reordered}");
+        assert!(reordered.contains("%s1 = linalg.index 0 : index"), "{reordered}");
+        // Outside the op's region nothing is renumbered.
+        assert!(reordered.contains("%s9 = linalg.index 0 : index"), "{reordered}");
+        // Loops already in order, and whole reductions, are left as they are.
+        for kinds in ["[\"parallel\", \"reduction\"]", "[\"reduction\", \"reduction\"]"] {
+            let text = format!("%v = linalg.generic {{indexing_maps = [affine_map<(d0, d1) -> (d0, d1)>], iterator_types = {kinds}}} ins(%a : tensor<2x3xf32>) outs(%b : tensor<2xf32>) {{\n}} -> tensor<2xf32>\n");
+            assert_eq!(parallel_loops_first(&text), text);
+        }
+    }
+
+    #[test]
+    fn copies_with_dimensions_become_linalg_copies() {
+        let module = "    memref.copy %alloc_26, %arg9 : memref<128x10xf32> to memref<128x10xf32>\n    memref.copy %a, %b : memref<f32> to memref<f32>\n";
+        assert_eq!(
+            copies_as_kernels(module),
+            "    linalg.copy ins(%alloc_26 : memref<128x10xf32>) outs(%arg9 : memref<128x10xf32>)\n    memref.copy %a, %b : memref<f32> to memref<f32>\n"
+        );
+        // A constant lives in the host program: copies of it, or of a view of it, stay host copies.
+        let module = "    %0 = memref.get_global @__constant_9xf32 : memref<9xf32>\n    %1 = memref.subview %0[0] [4] [1] : memref<9xf32> to memref<4xf32>\n    memref.copy %0, %arg2 : memref<9xf32> to memref<9xf32>\n    memref.copy %1, %arg3 : memref<4xf32> to memref<4xf32>\n";
+        assert_eq!(copies_as_kernels(module), module);
+    }
+
+    #[test]
+    fn a_module_of_one_dimensional_loops_gets_wide_blocks() {
+        let one = "%v = linalg.generic {indexing_maps = [affine_map<(d0) -> (d0)>], iterator_types = [\"parallel\"]} ins(%a : tensor<9xf32>) outs(%b : tensor<9xf32>) {\n";
+        let two = "%w = linalg.generic {indexing_maps = [affine_map<(d0, d1) -> (d0, d1)>], iterator_types = [\"parallel\", \"parallel\"]} ins(%a : tensor<3x3xf32>) outs(%b : tensor<3x3xf32>) {\n";
+        assert_eq!(tile_sizes_for(one), TILES_ONE_DIMENSIONAL);
+        assert_eq!(tile_sizes_for(&format!("{one}{two}")), TILES_TWO_DIMENSIONAL);
+    }
 
     #[test]
     fn mlir_string_escapes_are_undone() {

@@ -172,3 +172,84 @@ int main(void) { printf("%d %d\n", loads, ptx); return 0; }
     assert_eq!(loads, modules, "every GPU module is loaded once");
     std::fs::remove_dir_all(&directory).unwrap();
 }
+
+/// The launches of the outlined host side, with their grid and block sizes (the text up to
+/// `args(`), and whether each sits inside a host loop (indented deeper than a function's body).
+fn launches(outlined: &str) -> Vec<(String, bool)> {
+    outlined
+        .lines()
+        .filter(|line| line.trim_start().starts_with("gpu.launch_func"))
+        .map(|line| {
+            let indentation = line.len() - line.trim_start().len();
+            (line.split(" args(").next().unwrap_or(line).trim().to_string(), indentation > 4)
+        })
+        .collect()
+}
+
+#[test]
+fn no_kernel_is_launched_from_a_host_loop_nothing_is_copied_on_the_host_and_blocks_are_rows_of_neighbouring_threads() {
+    for file in ["digits_mlp.curv", "siren.curv", "digits_cnn.curv"] {
+        let program = program(file);
+        let train = &program.trains[0];
+        let gradients = curv_ad::products::gradient_program(&train.loss, &train.params).function;
+        let (text, _) = curv_mlir::lower::lower_function(&gradients, "loss_and_gradients", &HashMap::new()).unwrap();
+        let outlined = curv_mlir::gpu::outline_kernels(&text).unwrap();
+        let launches = launches(&outlined);
+        assert!(!launches.is_empty(), "{file}: no launches");
+        // A bias gradient sums over the batch: its parallel loop comes first, so the sum runs in
+        // each thread instead of one launch per row of the batch.
+        for (launch, in_loop) in &launches {
+            assert!(!in_loop, "{file}: a kernel launched from a host loop: {launch}");
+        }
+        // Results reach the output buffers through copy kernels, not the host.
+        let host_copies: Vec<&str> =
+            outlined.lines().filter(|line| line.contains("memref.copy") && line.contains('x')).collect();
+        assert!(host_copies.is_empty(), "{file}: copies on the host: {host_copies:?}");
+        // Two-dimensional blocks are 8 threads along a row (x) by 32 rows (y).
+        assert!(
+            launches.iter().any(|(launch, _)| launch.ends_with("threads in (%c8, %c32, %c1)")),
+            "{file}: {launches:?}"
+        );
+        assert!(
+            !launches.iter().any(|(launch, _)| launch.ends_with("threads in (%c32, %c8, %c1)")),
+            "{file}: {launches:?}"
+        );
+    }
+    // An optimizer rule's update over a flattened parameter: blocks of 256 threads.
+    let program = program("digits_mlp.curv");
+    let train = &program.trains[0];
+    let plan = &train.optimizer.plans[0];
+    let rule = program.rules.iter().find(|rule| rule.name == plan.rule_name).unwrap();
+    let size = train.params[plan.param].ty.element_count().unwrap();
+    let bindings = HashMap::from([("P".to_string(), size)]);
+    let (text, _) = curv_mlir::lower::lower_function(&rule.updates[0].function, "update", &bindings).unwrap();
+    let launches = launches(&curv_mlir::gpu::outline_kernels(&text).unwrap());
+    assert!(!launches.is_empty());
+    for (launch, _) in &launches {
+        assert!(launch.ends_with("threads in (%c256, %c1, %c1)"), "{launch}");
+    }
+}
+
+#[test]
+fn a_copy_of_a_constant_stays_on_the_host_where_the_constant_is() {
+    // A rule's state starts as zeros copied from a constant of the module, which lives in the
+    // host program: a kernel reading it would fault (CUDA_ERROR_ILLEGAL_ADDRESS on an H200).
+    let program = program("digits_mlp.curv");
+    let train = &program.trains[0];
+    let plan = &train.optimizer.plans[0];
+    let rule = program.rules.iter().find(|rule| rule.name == plan.rule_name).unwrap();
+    let bindings = HashMap::from([("P".to_string(), 4096)]);
+    let (text, _) = curv_mlir::lower::lower_function(&rule.init, "init", &bindings).unwrap();
+    let outlined = curv_mlir::gpu::outline_kernels(&text).unwrap();
+    let constants: Vec<String> = outlined
+        .lines()
+        .filter(|line| line.contains("= memref.get_global"))
+        .map(|line| format!("{} :", line.trim().split(" = ").next().unwrap()))
+        .collect();
+    assert!(!constants.is_empty(), "{outlined}");
+    for line in outlined.lines().filter(|line| line.contains("gpu.launch_func")) {
+        for constant in &constants {
+            assert!(!line.contains(&format!("args({constant}")) && !line.contains(&format!(", {constant}")), "{line}");
+        }
+    }
+}
