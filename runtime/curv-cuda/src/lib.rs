@@ -9,10 +9,13 @@
 //! loaded at run time through `cudarc`'s dynamic loading, so curv builds and runs (on the CPU) on
 //! a machine with neither, and [`probe`] says why there is no GPU.
 //!
-//! Memory is CUDA managed memory ([`ManagedBuffer`]): the host side of the generated code and
-//! the runtime read and write it as ordinary memory, kernels reach it on the device, and the
-//! driver migrates the pages. Errors never abort the process: the first one is kept, with the name
-//! of the kernel concerned, and the caller takes it after the call ([`take_error`]).
+//! Memory is CUDA managed memory ([`ManagedBuffer`]): the host side of the generated code may read
+//! and write it as ordinary memory, kernels reach it on the device, and the driver migrates the
+//! pages. Buffers are pooled by size, and the runtime copies arguments in and outputs out through
+//! the driver, so that a buffer's pages stay on the device from one training step to the next.
+//! Errors never abort the process: the first one is kept, with the name of the kernel concerned,
+//! and the caller takes it after the call ([`take_error`]). [`profile_report`] says where the
+//! host's time went.
 
 use cudarc::driver::sys as cu;
 use std::ffi::{c_char, c_int, c_void, CStr};
@@ -320,6 +323,7 @@ pub unsafe extern "C" fn mgpuLaunchKernel(
         record(error.to_string());
         return;
     }
+    let started = std::time::Instant::now();
     let result = cu::cuLaunchKernel(
         function as cu::CUfunction,
         grid_x as u32,
@@ -333,6 +337,7 @@ pub unsafe extern "C" fn mgpuLaunchKernel(
         params,
         extra,
     );
+    account(Part::Launch, started);
     if result != cu::CUresult::CUDA_SUCCESS {
         record(format!("kernel `{name}` failed to launch: {}", result_name(result)));
     }
@@ -386,7 +391,9 @@ pub unsafe extern "C" fn mgpuStreamSynchronize(stream: *mut c_void) {
     if stream.is_null() || current().is_err() {
         return;
     }
+    let started = std::time::Instant::now();
     let result = cu::cuStreamSynchronize(stream as cu::CUstream);
+    account(Part::StreamSynchronize, started);
     if result != cu::CUresult::CUDA_SUCCESS {
         let name = LAST_KERNEL.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
         record(format!("kernel `{name}` failed while running: {}", result_name(result)));
@@ -402,18 +409,49 @@ pub unsafe extern "C" fn mgpuStreamSynchronize(stream: *mut c_void) {
 pub unsafe extern "C" fn mgpuStreamDestroy(_stream: *mut c_void) {}
 
 /// Allocations of generated code (`gpu.alloc`) are managed memory whatever they ask for, so the
-/// host side may touch them too.
+/// host side may touch them too. They come from the same pool as the staging buffers: a training
+/// step allocates the same intermediate buffers every time, and a buffer used before has its
+/// pages on the device already, where a fresh managed allocation costs the driver's allocation and
+/// a page fault per page on its first use by a kernel.
 ///
 /// # Safety
 ///
 /// Called by generated code.
 #[no_mangle]
 pub unsafe extern "C" fn mgpuMemAlloc(bytes: u64, _stream: *mut c_void, _host_shared: bool) -> *mut c_void {
-    match allocate_managed(bytes as usize) {
-        Ok(pointer) => pointer as *mut c_void,
+    match take_buffer(Pool::Intermediate, bytes as usize) {
+        Ok(buffer) => {
+            let pointer = buffer.as_mut_ptr();
+            LIVE.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(buffer);
+            pointer as *mut c_void
+        }
         Err(error) => {
             record(format!("allocating {bytes} bytes of GPU memory: {error}"));
             std::ptr::null_mut()
+        }
+    }
+}
+
+/// Buffers generated code holds (from [`mgpuMemAlloc`] until it frees them).
+static LIVE: Mutex<Vec<ManagedBuffer>> = Mutex::new(Vec::new());
+
+/// Gives a buffer of generated code back to the pool. Every launch of generated code is
+/// synchronous (the lowering waits on the stream after each) and the pool's next user works on
+/// the same stream, so the buffer is free to reuse at once.
+fn release(pointer: *mut u8) {
+    if pointer.is_null() {
+        return;
+    }
+    let mut live = LIVE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    match live.iter().rposition(|buffer| buffer.as_mut_ptr() == pointer) {
+        Some(index) => {
+            let buffer = live.swap_remove(index);
+            drop(live);
+            give_back(Pool::Intermediate, buffer);
+        }
+        None => {
+            drop(live);
+            free_managed(pointer);
         }
     }
 }
@@ -423,7 +461,7 @@ pub unsafe extern "C" fn mgpuMemAlloc(bytes: u64, _stream: *mut c_void, _host_sh
 /// `pointer` is null or came from [`mgpuMemAlloc`].
 #[no_mangle]
 pub unsafe extern "C" fn mgpuMemFree(pointer: *mut c_void, _stream: *mut c_void) {
-    free_managed(pointer as *mut u8);
+    release(pointer as *mut u8);
 }
 
 /// Frees a buffer generated code allocated with [`mgpuMemAlloc`], given its address (the
@@ -434,7 +472,64 @@ pub unsafe extern "C" fn mgpuMemFree(pointer: *mut c_void, _stream: *mut c_void)
 /// `address` is zero or came from [`mgpuMemAlloc`] and is not used again.
 #[no_mangle]
 pub unsafe extern "C" fn curv_cuda_free(address: usize) {
-    free_managed(address as *mut u8);
+    release(address as *mut u8);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Where a GPU run's host time goes.
+
+/// The parts of the runtime whose time [`profile_report`] totals.
+#[derive(Debug, Clone, Copy)]
+enum Part {
+    Launch,
+    StreamSynchronize,
+    MatrixProduct,
+    MatrixProductWait,
+    FreshAllocation,
+    PooledAllocation,
+    StageIn,
+    Invoke,
+    StageOut,
+}
+
+const PARTS: [(Part, &str); 9] = [
+    (Part::Launch, "kernel launches"),
+    (Part::StreamSynchronize, "waits after launches"),
+    (Part::MatrixProduct, "cuBLAS product calls"),
+    (Part::MatrixProductWait, "waits after cuBLAS products"),
+    (Part::FreshAllocation, "fresh managed allocations"),
+    (Part::PooledAllocation, "allocations from the pool"),
+    (Part::StageIn, "staging in (copies, prefetches)"),
+    (Part::Invoke, "calls of generated code (all of the above but staging)"),
+    (Part::StageOut, "staging out (wait, prefetches, copies)"),
+];
+
+static PROFILE: [(std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64); 9] =
+    [const { (std::sync::atomic::AtomicU64::new(0), std::sync::atomic::AtomicU64::new(0)) }; 9];
+
+fn account(part: Part, started: std::time::Instant) {
+    let (count, nanoseconds) = &PROFILE[part as usize];
+    count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    nanoseconds.fetch_add(started.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The host time spent in each part of the runtime so far (count, total and mean), one line each:
+/// where a GPU step's time goes. A trainer prints it at the end of a run when `CURV_CUDA_PROFILE`
+/// is set.
+pub fn profile_report() -> String {
+    let mut out = String::new();
+    for (part, name) in PARTS {
+        let (count, nanoseconds) = &PROFILE[part as usize];
+        let count = count.load(std::sync::atomic::Ordering::Relaxed);
+        let milliseconds = nanoseconds.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6;
+        if count > 0 {
+            out.push_str(&format!(
+                "{name:<58} {count:>9} calls {milliseconds:>11.3} ms {:>9.1} us each\n",
+                milliseconds * 1e3 / count as f64
+            ));
+        }
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -517,8 +612,8 @@ impl Drop for ManagedBuffer {
 /// managed staging buffer (the arguments copied in), the descriptors point at them during
 /// `invoke`, the outputs (from `first_output` on) are copied back once the device has finished, and the first error of
 /// the runtime functions is the call's error. `layouts` gives each buffer's shape and element
-/// size. Staging buffers are prefetched to the device before the call and the outputs back to
-/// the host after it, and are kept for the next call of the same sizes.
+/// size. The copies go through the driver ([`copy_in`], [`copy_out`]), so a staging buffer's
+/// pages stay on the device, and staging buffers are kept for the next call of the same sizes.
 ///
 /// # Safety
 ///
@@ -532,14 +627,15 @@ pub unsafe fn call_staged(
     if layouts.len() != slots.len() {
         return Err(format!("{} buffers for {} layouts", slots.len(), layouts.len()));
     }
+    let started = std::time::Instant::now();
     // Every staging buffer first, so that a failed allocation leaves the descriptors untouched.
     let mut staged = Vec::with_capacity(slots.len());
     for (shape, element_bytes) in layouts {
         let bytes = shape.iter().product::<i64>().max(0) as usize * element_bytes;
-        match take_buffer(bytes) {
+        match take_buffer(Pool::Staging, bytes) {
             Ok(buffer) => staged.push(buffer),
             Err(error) => {
-                staged.into_iter().for_each(give_back);
+                staged.into_iter().for_each(|buffer| give_back(Pool::Staging, buffer));
                 return Err(error.to_string());
             }
         }
@@ -551,66 +647,123 @@ pub unsafe fn call_staged(
         let descriptor = *(*slot as *mut *mut i64);
         let (aligned, offset) = (*descriptor.add(1) as *mut u8, *descriptor.add(2));
         if position < first_output {
-            let host = aligned.add(offset as usize * element_bytes);
-            std::ptr::copy_nonoverlapping(host, buffer.as_mut_ptr(), buffer.len());
+            copy_in(buffer, aligned.add(offset as usize * element_bytes));
         }
         originals.push((descriptor, (*descriptor, *descriptor.add(1), *descriptor.add(2))));
         *descriptor = buffer.as_mut_ptr() as i64;
         *descriptor.add(1) = buffer.as_mut_ptr() as i64;
         *descriptor.add(2) = 0;
     }
-    prefetch(&staged, Destination::Device);
+    // The copies in are asynchronous to the device; the host side of the generated code may read
+    // an argument itself (a scalar), so they must have landed before it runs.
+    let landed = synchronize();
+    account(Part::StageIn, started);
+    if let Err(error) = landed {
+        restore_descriptors(&originals);
+        return Err(error.to_string());
+    }
     take_error();
+    let started = std::time::Instant::now();
     let result = invoke(slots);
+    account(Part::Invoke, started);
+    let started = std::time::Instant::now();
     let synchronised = synchronize();
     // The descriptors point at the caller's buffers again, whatever happened.
-    for (descriptor, (allocated, aligned, offset)) in &originals {
-        **descriptor = *allocated;
-        *descriptor.add(1) = *aligned;
-        *descriptor.add(2) = *offset;
-    }
+    restore_descriptors(&originals);
     result?;
     if let Some(message) = take_error() {
         return Err(message);
     }
     synchronised.map_err(|error| error.to_string())?;
-    prefetch(&staged[first_output.min(staged.len())..], Destination::Host);
-    synchronize().map_err(|error| error.to_string())?;
     for (((descriptor, _), buffer), (_, element_bytes)) in originals.iter().zip(&staged).zip(layouts).skip(first_output)
     {
         let (aligned, offset) = (*descriptor.add(1) as *mut u8, *descriptor.add(2) as usize);
-        std::ptr::copy_nonoverlapping(buffer.as_slice().as_ptr(), aligned.add(offset * element_bytes), buffer.len());
+        copy_out(buffer, aligned.add(offset * element_bytes));
     }
     for buffer in staged {
-        give_back(buffer);
+        give_back(Pool::Staging, buffer);
     }
+    account(Part::StageOut, started);
     Ok(())
 }
 
-enum Destination {
-    Device,
-    Host,
+/// Points descriptors back at the caller's buffers: `(descriptor, (allocated, aligned, offset))`.
+///
+/// # Safety
+///
+/// Each descriptor is a live packed memref descriptor.
+unsafe fn restore_descriptors(originals: &[(*mut i64, (i64, i64, i64))]) {
+    for (descriptor, (allocated, aligned, offset)) in originals {
+        **descriptor = *allocated;
+        *descriptor.add(1) = *aligned;
+        *descriptor.add(2) = *offset;
+    }
 }
 
-/// Moves the pages of managed buffers in bulk (one prefetch each, on the stream) instead of page
-/// by page on first touch. A device without prefetching (no concurrent managed access) still
-/// works by faults, so a refused prefetch is not an error.
-fn prefetch(buffers: &[ManagedBuffer], destination: Destination) {
+/// Copies `buffer.len()` bytes from the host into a staging buffer through the driver, which
+/// writes the pages where they are (on the device, after the first call) instead of moving them
+/// to the host for the CPU to write. Where the driver refuses, the CPU copies.
+///
+/// # Safety
+///
+/// `host` holds `buffer.len()` readable bytes.
+unsafe fn copy_in(buffer: &ManagedBuffer, host: *const u8) {
+    if buffer.is_empty() {
+        return;
+    }
+    let device = buffer.as_mut_ptr() as usize as cu::CUdeviceptr;
+    // On the one stream, after the prefetch of a fresh buffer and before the kernels; from
+    // pageable memory the call returns once the driver holds the bytes.
+    let copied = stream().map(|stream| cu::cuMemcpyHtoDAsync_v2(device, host as *const c_void, buffer.len(), stream));
+    if copied != Ok(cu::CUresult::CUDA_SUCCESS) {
+        let _ = synchronize();
+        std::ptr::copy_nonoverlapping(host, buffer.as_mut_ptr(), buffer.len());
+    }
+}
+
+/// Copies a staging buffer's bytes out to the host through the driver, leaving its pages on the
+/// device. Where the driver refuses, the CPU copies.
+///
+/// # Safety
+///
+/// `host` has room for `buffer.len()` bytes, and the device has finished writing the buffer.
+unsafe fn copy_out(buffer: &ManagedBuffer, host: *mut u8) {
+    if buffer.is_empty() {
+        return;
+    }
+    let device = buffer.as_mut_ptr() as usize as cu::CUdeviceptr;
+    // Into pageable memory the call returns once the bytes are there; the wait makes sure.
+    let copied =
+        stream().map(|stream| match cu::cuMemcpyDtoHAsync_v2(host as *mut c_void, device, buffer.len(), stream) {
+            cu::CUresult::CUDA_SUCCESS => cu::cuStreamSynchronize(stream),
+            failed => failed,
+        });
+    if copied != Ok(cu::CUresult::CUDA_SUCCESS) {
+        let _ = synchronize();
+        std::ptr::copy_nonoverlapping(buffer.as_slice().as_ptr(), host, buffer.len());
+    }
+}
+
+/// Moves the pages of managed buffers to the device in bulk (one prefetch each, on the stream)
+/// instead of page by page on first touch. A device without prefetching (no concurrent managed
+/// access) still works by faults, so a refused prefetch is not an error.
+fn prefetch(buffers: &[ManagedBuffer]) {
     let (Ok(context), Ok(stream)) = (current(), stream()) else { return };
-    let target = match destination {
-        Destination::Device => context.device,
-        Destination::Host => -1, // CU_DEVICE_CPU
-    };
     for buffer in buffers.iter().filter(|buffer| !buffer.is_empty()) {
         let _ = unsafe {
-            cu::cuMemPrefetchAsync(buffer.as_mut_ptr() as usize as cu::CUdeviceptr, buffer.len(), target, stream)
+            cu::cuMemPrefetchAsync(
+                buffer.as_mut_ptr() as usize as cu::CUdeviceptr,
+                buffer.len(),
+                context.device,
+                stream,
+            )
         };
     }
 }
 
 /// Moves managed buffers to the device (a benchmark's inputs, before timing).
 pub fn prefetch_to_device(buffers: &[ManagedBuffer]) {
-    prefetch(buffers, Destination::Device);
+    prefetch(buffers);
     let _ = synchronize();
 }
 
@@ -626,6 +779,12 @@ pub fn copy_seconds(bytes: usize, calls: usize) -> Result<f64, CudaError> {
     }
     let mut times = Vec::with_capacity(calls);
     let mut outcome = Ok(());
+    // Copies for a fifth of a second first, so that the GPU's clocks have risen from idle.
+    let warming = std::time::Instant::now();
+    while warming.elapsed().as_secs_f64() < 0.2 && outcome.is_ok() {
+        outcome = unsafe { check(cu::cuMemcpyDtoDAsync_v2(destination, source, bytes, stream), "cuMemcpyDtoD") }
+            .and_then(|()| check(unsafe { cu::cuStreamSynchronize(stream) }, "cuStreamSynchronize"));
+    }
     for _ in 0..calls + 3 {
         let started = std::time::Instant::now();
         outcome = unsafe { check(cu::cuMemcpyDtoDAsync_v2(destination, source, bytes, stream), "cuMemcpyDtoD") }
@@ -645,27 +804,53 @@ pub fn copy_seconds(bytes: usize, calls: usize) -> Result<f64, CudaError> {
     Ok(times[times.len() / 2])
 }
 
-/// Staging buffers kept for the next call, by size (a training step calls the same functions
-/// with the same shapes every time), up to [`POOL_LIMIT_BYTES`] in all.
-static POOL: Mutex<Vec<ManagedBuffer>> = Mutex::new(Vec::new());
+/// Buffers kept for the next call, by size (a training step calls the same functions with the
+/// same shapes every time), up to [`POOL_LIMIT_BYTES`] in each of two pools: the staging buffers
+/// of [`call_staged`] and the intermediate buffers of generated code. Apart, because the host
+/// reads and writes staging buffers through the driver's copies, and an intermediate buffer
+/// should never have a page anywhere but on the device.
+#[derive(Clone, Copy)]
+enum Pool {
+    Staging,
+    Intermediate,
+}
+
+static POOLS: [Mutex<Vec<ManagedBuffer>>; 2] = [Mutex::new(Vec::new()), Mutex::new(Vec::new())];
 const POOL_LIMIT_BYTES: usize = 4 << 30;
 
-fn take_buffer(bytes: usize) -> Result<ManagedBuffer, CudaError> {
-    let mut pool = POOL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    match pool.iter().position(|buffer| buffer.len() == bytes) {
-        Some(index) => Ok(pool.swap_remove(index)),
+/// A buffer of `bytes` from `pool`, or a fresh one, whose pages are then moved to the device
+/// before anything touches them (the first kernel to use it would otherwise fault them in one by
+/// one).
+fn take_buffer(pool: Pool, bytes: usize) -> Result<ManagedBuffer, CudaError> {
+    let started = std::time::Instant::now();
+    let mut held = POOLS[pool as usize].lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    // The most recently returned buffer of the size: its pages are the likeliest to be where the
+    // last user left them.
+    match held.iter().rposition(|buffer| buffer.len() == bytes) {
+        Some(index) => {
+            let buffer = held.swap_remove(index);
+            account(Part::PooledAllocation, started);
+            Ok(buffer)
+        }
         None => {
-            drop(pool);
-            ManagedBuffer::new(bytes)
+            drop(held);
+            let buffer = ManagedBuffer::new(bytes)?;
+            prefetch(std::slice::from_ref(&buffer));
+            account(Part::FreshAllocation, started);
+            Ok(buffer)
         }
     }
 }
 
-fn give_back(buffer: ManagedBuffer) {
-    let mut pool = POOL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let held: usize = pool.iter().map(ManagedBuffer::len).sum();
-    if held + buffer.len() <= POOL_LIMIT_BYTES {
-        pool.push(buffer);
+fn give_back(pool: Pool, buffer: ManagedBuffer) {
+    let mut held = POOLS[pool as usize].lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let bytes: usize = held.iter().map(ManagedBuffer::len).sum();
+    if bytes + buffer.len() <= POOL_LIMIT_BYTES {
+        held.push(buffer);
+    } else {
+        // Freed outside the lock (freeing waits for the device).
+        drop(held);
+        drop(buffer);
     }
 }
 
@@ -677,6 +862,7 @@ unsafe impl Send for Blas {}
 unsafe impl Sync for Blas {}
 
 static BLAS: OnceLock<Result<Blas, CudaError>> = OnceLock::new();
+const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
 fn blas() -> Result<&'static Blas, CudaError> {
     current()?;
@@ -695,6 +881,13 @@ fn blas() -> Result<&'static Blas, CudaError> {
             let status = blas::cublasSetStream_v2(handle, stream()? as blas::cudaStream_t);
             if status != blas::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
                 return Err(CudaError::Failed(format!("cublasSetStream failed: {status:?}")));
+            }
+            // A workspace of its own, in device memory, for the life of the process (the size
+            // NVIDIA recommends for Hopper), so that cuBLAS never allocates one during a product.
+            // Without it cuBLAS uses its default, so a refusal is not an error.
+            let mut workspace: cu::CUdeviceptr = 0;
+            if cu::cuMemAlloc_v2(&mut workspace, BLAS_WORKSPACE_BYTES) == cu::CUresult::CUDA_SUCCESS {
+                let _ = blas::cublasSetWorkspace_v2(handle, workspace as usize as *mut c_void, BLAS_WORKSPACE_BYTES);
             }
             Ok(Blas(handle))
         }
@@ -756,6 +949,7 @@ pub unsafe extern "C" fn _mlir_ciface_curv_cuda_sgemm(
         }
     };
     let (alpha, beta) = (1.0f32, 0.0f32);
+    let started = std::time::Instant::now();
     let status = blas_sys::cublasSgemm_v2_64(
         handle.0,
         operation(b_transposed),
@@ -772,13 +966,16 @@ pub unsafe extern "C" fn _mlir_ciface_curv_cuda_sgemm(
         c.aligned.offset(c.offset as isize),
         ldc,
     );
+    account(Part::MatrixProduct, started);
     if status != blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
         return record(format!("matrix product {m}x{k} @ {k}x{n}: cublasSgemm failed: {status:?}"));
     }
+    let started = std::time::Instant::now();
     let result = match stream() {
         Ok(stream) => cu::cuStreamSynchronize(stream),
         Err(_) => cu::cuCtxSynchronize(),
     };
+    account(Part::MatrixProductWait, started);
     if result != cu::CUresult::CUDA_SUCCESS {
         record(format!("matrix product {m}x{k} @ {k}x{n} failed while running: {}", result_name(result)));
     }
