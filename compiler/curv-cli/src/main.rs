@@ -457,6 +457,7 @@ fn run_options(arguments: &RunArguments, metrics: Option<PathBuf>) -> Result<cur
         metrics,
         out: arguments.out.clone(),
         backend,
+        source: None,
     })
 }
 
@@ -537,7 +538,7 @@ fn run_command(
     metrics: Option<PathBuf>,
     timings: bool,
 ) -> ExitCode {
-    let options = match run_options(arguments, metrics) {
+    let mut options = match run_options(arguments, metrics) {
         Ok(options) => options,
         Err(code) => return code,
     };
@@ -556,6 +557,7 @@ fn run_command(
         return ExitCode::from(1);
     }
     let Some(analysis) = &compilation.analysis else { return ExitCode::from(1) };
+    options.source = Some(compilation.source.clone());
     let mut progress = Progress::new(arguments.quiet, String::new());
     let result = curv_driver::run::run_program(&analysis.program, &directory, &options, &mut progress);
     progress.finish();
@@ -707,19 +709,25 @@ enum CompiledStage {
     Ptx(curv_mlir::gpu::GpuTarget),
 }
 
+/// An MLIR location (`"file":line:column`) for a span of the user's file or, given its name, of a
+/// standard library module.
+fn source_locator(compilation: &Compilation) -> impl Fn(Option<&str>, curv_grammar::Span) -> String + '_ {
+    let source = &compilation.source;
+    move |module: Option<&str>, span: curv_grammar::Span| {
+        let (name, text) = match module.and_then(curv_sema::std_lib::find) {
+            Some(index) => (curv_sema::std_lib::MODULES[index].0.to_string(), curv_sema::std_lib::MODULES[index].1),
+            None => (source.display_name.clone(), source.text.as_str()),
+        };
+        format!("{name:?}:{}", curv_driver::line_column(text, span.start))
+    }
+}
+
 fn emit_compiled(compilation: &Compilation, mode: CompiledStage) -> Result<String, String> {
     let Some(analysis) = &compilation.analysis else { return Err("the file did not check".to_string()) };
     let mut out = String::new();
     for train in &analysis.program.trains {
         let gradients = curv_ad::products::gradient_program(&train.loss, &train.params).function;
-        let source = &compilation.source;
-        let locate = |module: Option<&str>, span: curv_grammar::Span| {
-            let (name, text) = match module.and_then(curv_sema::std_lib::find) {
-                Some(index) => (curv_sema::std_lib::MODULES[index].0.to_string(), curv_sema::std_lib::MODULES[index].1),
-                None => (source.display_name.clone(), source.text.as_str()),
-            };
-            format!("{name:?}:{}", curv_driver::line_column(text, span.start))
-        };
+        let locate = source_locator(compilation);
         let text = curv_mlir::lower::lower_train_program(train, &analysis.program.rules, &gradients, Some(&locate))
             .map_err(|error| error.message)?;
         match mode {
@@ -1105,7 +1113,7 @@ fn build_library(file: &Path, directory: &Path) -> Result<String, (String, u8)> 
         String::from("#include <stddef.h>\n\nstruct curv_kernel { const char *key; void (*function)(void **); };\n\n");
     let mut entries = Vec::new();
     let mut objects = Vec::new();
-    for (index, (key, function, bindings)) in kernels.iter().enumerate() {
+    for (index, (key, function, bindings, _)) in kernels.iter().enumerate() {
         let kernel = format!("curv_kernel_{index}");
         let Ok((text, _)) = curv_mlir::lower::lower_function(function, &kernel, bindings) else { continue };
         let object = work.join(format!("{kernel}.o"));
@@ -1214,39 +1222,40 @@ enum KernelSet {
 
 /// The functions of `train` to compile, under the keys the runtime looks them up by, with the
 /// bindings of their symbolic sizes.
-fn build_kernels(
-    program: &curv_ir::Program,
-    train: &curv_ir::TrainProgram,
-    set: KernelSet,
-) -> Vec<(String, curv_ir::Function, std::collections::HashMap<String, i64>)> {
+/// A kernel of a build: its registry key, its function, its size bindings, and the standard
+/// library module its source is in (a rule's functions), or `None` for the user's file.
+type BuildKernel = (String, curv_ir::Function, std::collections::HashMap<String, i64>, Option<String>);
+
+fn build_kernels(program: &curv_ir::Program, train: &curv_ir::TrainProgram, set: KernelSet) -> Vec<BuildKernel> {
     use curv_runtime::backend::keys;
     let no_bindings = std::collections::HashMap::new();
-    let mut kernels: Vec<(String, curv_ir::Function, std::collections::HashMap<String, i64>)> = Vec::new();
+    let mut kernels: Vec<BuildKernel> = Vec::new();
     let gradients = curv_ad::products::gradient_program(&train.loss, &train.params).function;
-    kernels.push((keys::GRADIENTS.to_string(), gradients, no_bindings.clone()));
+    kernels.push((keys::GRADIENTS.to_string(), gradients, no_bindings.clone(), None));
     if train.optimizer.plans.iter().any(|plan| curv_runtime::optimizer::uses_hutchinson(plan, &program.rules)) {
         kernels.push((
             keys::HESSIAN_VECTOR.to_string(),
             curv_ad::products::hvp_program(&train.loss, &train.params),
             no_bindings.clone(),
+            None,
         ));
     }
     if let Ok(Some(captures)) = curv_runtime::trainer::capture_program(train) {
-        kernels.push((keys::GRADIENTS_AND_CAPTURES.to_string(), captures.function, no_bindings.clone()));
+        kernels.push((keys::GRADIENTS_AND_CAPTURES.to_string(), captures.function, no_bindings.clone(), None));
     }
     match set {
         KernelSet::Trainer => {
             if let Some(test_loss) = &train.test_loss {
-                kernels.push((keys::TEST_LOSS.to_string(), test_loss.clone(), no_bindings.clone()));
+                kernels.push((keys::TEST_LOSS.to_string(), test_loss.clone(), no_bindings.clone(), None));
             }
-            kernels.push((keys::LOSS.to_string(), train.loss.clone(), no_bindings.clone()));
+            kernels.push((keys::LOSS.to_string(), train.loss.clone(), no_bindings.clone(), None));
         }
         KernelSet::Library => {
             if let Some(model) = curv_ad::products::model_program(&train.loss) {
                 if let Some(backward) = curv_ad::products::model_vjp_program(&model, &train.params) {
-                    kernels.push(("model.backward".to_string(), backward, no_bindings.clone()));
+                    kernels.push(("model.backward".to_string(), backward, no_bindings.clone(), None));
                 }
-                kernels.push(("model.forward".to_string(), model, no_bindings.clone()));
+                kernels.push(("model.forward".to_string(), model, no_bindings.clone(), None));
             }
         }
     }
@@ -1258,10 +1267,11 @@ fn build_kernels(
         let size = train.params[plan.param].ty.element_count().unwrap_or(0) as usize;
         let bindings = std::collections::HashMap::from([("P".to_string(), size as i64)]);
         let init_key = keys::rule_init(&rule.name, size);
-        if !kernels.iter().any(|(key, _, _)| *key == init_key) {
-            kernels.push((init_key, rule.init.clone(), bindings.clone()));
+        if !kernels.iter().any(|(key, ..)| *key == init_key) {
+            kernels.push((init_key, rule.init.clone(), bindings.clone(), rule.module.clone()));
             for (block, update) in rule.updates.iter().enumerate() {
-                kernels.push((keys::rule_block(&rule.name, block, size), update.function.clone(), bindings.clone()));
+                let key = keys::rule_block(&rule.name, block, size);
+                kernels.push((key, update.function.clone(), bindings.clone(), rule.module.clone()));
             }
         }
     }
@@ -1279,10 +1289,11 @@ fn build_kernels(
                 .enumerate()
                 .map(|(member, &size)| (curv_ir::group::member_symbol(member, "P"), size as i64))
                 .collect();
+            let module = program.rules.iter().find(|rule| rule.name == group.rule).and_then(|rule| rule.module.clone());
             for (block, function) in group.blocks.iter().enumerate() {
                 let key = keys::rule_group_block(&group.rule, block, &sizes);
-                if !kernels.iter().any(|(existing, _, _)| *existing == key) {
-                    kernels.push((key, function.clone(), bindings.clone()));
+                if !kernels.iter().any(|(existing, ..)| *existing == key) {
+                    kernels.push((key, function.clone(), bindings.clone(), module.clone()));
                 }
             }
         }
@@ -1323,13 +1334,18 @@ fn build(
         String::from("#include <stddef.h>\n\nstruct curv_kernel { const char *key; void (*function)(void **); };\n\n");
     let mut entries = Vec::new();
     let mut objects = Vec::new();
-    for (index, (key, function, bindings)) in kernels.iter().enumerate() {
+    let locate = source_locator(compilation);
+    for (index, (key, function, bindings, module)) in kernels.iter().enumerate() {
         let name = format!("curv_kernel_{index}");
-        let (text, signature) = match curv_mlir::lower::lower_function(function, &name, bindings) {
-            Ok(lowered) => lowered,
-            // Functions with ops the lowering does not handle run on the interpreter.
-            Err(_) => continue,
-        };
+        // A GPU trainer's kernels carry their source locations, which the PTX keeps for errors.
+        let kernel_locate = |span: curv_grammar::Span| locate(module.as_deref(), span);
+        let located = gpu.map(|_| &kernel_locate as &dyn Fn(curv_grammar::Span) -> String);
+        let (text, signature) =
+            match curv_mlir::lower::lower_function_with_locations(function, &name, bindings, located) {
+                Ok(lowered) => lowered,
+                // Functions with ops the lowering does not handle run on the interpreter.
+                Err(_) => continue,
+            };
         let object = work.join(format!("{name}.o"));
         let key_text = c_string(&curv_ir::abi::kernel_key(key, bindings));
         match gpu {

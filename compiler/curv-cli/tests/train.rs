@@ -994,6 +994,13 @@ fn curv_build_for_cuda_writes_a_trainer_that_runs_on_the_gpu_or_says_there_is_no
     let contains = |needle: &[u8]| binary.windows(needle.len()).any(|window| window == needle);
     assert!(contains(b".target sm_90"), "no PTX in the trainer");
     assert!(!contains(b"mlirExecutionEngine"), "LLVM linked into the trainer");
+    // Each kernel's PTX names the source line it comes from, for its errors: the model's first
+    // layer (line 18 of the file) and the optimizer's update in its standard library module.
+    assert!(
+        contains(b"// curv kernel curv_kernel_0_kernel at examples/digits_mlp.curv:18:"),
+        "no source line in the PTX"
+    );
+    assert!(contains(b" at std.optimizers.adam:"), "no source line of the rule's kernels");
     let output = curv(&["build", "examples/digits_mlp.curv", "--device", "cuda", "--gpu", "sm_75", "-o", "/dev/null"]);
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("unknown GPU `sm_75`"));

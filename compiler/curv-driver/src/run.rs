@@ -36,6 +36,9 @@ pub struct RunOptions {
     pub target: Option<Target>,
     /// Stop training at the step that reaches `target`.
     pub stop_at_target: bool,
+    /// The program's source file: a compiled backend names the source line of a failing GPU
+    /// kernel with it.
+    pub source: Option<crate::SourceFile>,
 }
 
 /// A value of a training-batch metric (`loss`, `accuracy` or `psnr`) to reach: `loss` is reached
@@ -162,13 +165,40 @@ pub fn run_program(
     .map_err(RunError::user)?;
     match (options.precision, options.backend) {
         (Precision::F32, backend) => {
-            run_train::<f32>(program, train, directory, options, observer, backend.map(|make| make()))
+            let backend = backend.map(|make| {
+                let mut backend = make();
+                if let Some(source) = &options.source {
+                    backend.locate_sources(source_locator(program, source.clone()));
+                }
+                backend
+            });
+            run_train::<f32>(program, train, directory, options, observer, backend)
         }
         (Precision::F64, None) => run_train::<f64>(program, train, directory, options, observer, None),
         (Precision::F64, Some(_)) => {
             Err(RunError::user("the compiled backends compute in f32; use `--precision f64` with `--backend interp`"))
         }
     }
+}
+
+/// Where a function's code is: a rule's functions (keys `rule NAME ...`) in the rule's standard
+/// library module, every other function in the user's file.
+fn source_locator(program: &Program, source: crate::SourceFile) -> curv_runtime::backend::SourceLocator {
+    let modules: Vec<(String, Option<String>)> =
+        program.rules.iter().map(|rule| (rule.name.clone(), rule.module.clone())).collect();
+    Box::new(move |key: &str, offset: usize| {
+        let rule = key.strip_prefix("rule ").and_then(|rest| rest.split(' ').next());
+        let module = rule
+            .and_then(|name| modules.iter().find(|(rule, _)| rule == name))
+            .and_then(|(_, module)| module.as_deref());
+        match module.and_then(curv_sema::std_lib::find) {
+            Some(index) => {
+                let (name, text) = curv_sema::std_lib::MODULES[index];
+                format!("{name:?}:{}", crate::line_column(text, offset))
+            }
+            None => format!("{:?}:{}", source.display_name, crate::line_column(&source.text, offset)),
+        }
+    })
 }
 
 fn metric_value(name: &str, batch: &Metrics, test: Option<&Metrics>) -> Option<f64> {
@@ -530,6 +560,7 @@ pub fn compare(
         let mut run_options = options.clone();
         run_options.out = options.out.as_ref().map(|out| out.join(optimizer));
         run_options.metrics = None;
+        run_options.source = Some(source.clone());
         results.push(run_program(&program, &source.directory(), &run_options, observer));
     }
     Ok(results)
@@ -558,4 +589,28 @@ pub fn plot_comparison(
         })
         .collect();
     plot_series(path, &format!("{metric} by optimizer"), metric, &series)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rule_function_is_located_in_its_module_and_every_other_in_the_users_file() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/digits_mlp.curv");
+        let source = crate::SourceFile::read(&path).unwrap();
+        let compilation = crate::compile(source.clone());
+        let program = &compilation.analysis.as_ref().unwrap().program;
+        let rule = &program.rules.iter().find(|rule| rule.name == "adam").unwrap();
+        assert_eq!(rule.module.as_deref(), Some("std.optimizers.adam"));
+        let locate = source_locator(program, source.clone());
+        // The first byte of the user's file's second line.
+        let second_line = source.text.find('\n').unwrap() + 1;
+        assert_eq!(locate("loss_and_gradients", second_line), format!("{:?}:2:1", source.display_name));
+        let (_, adam) = curv_sema::std_lib::MODULES[curv_sema::std_lib::find("std.optimizers.adam").unwrap()];
+        let offset = adam.find('\n').unwrap() + 1;
+        assert_eq!(locate("rule adam block 0 4096", offset), "\"std.optimizers.adam\":2:1");
+        // A key naming no rule of the program is located in the user's file.
+        assert_eq!(locate("rule other init 4", second_line), format!("{:?}:2:1", source.display_name));
+    }
 }

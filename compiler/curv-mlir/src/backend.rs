@@ -3,7 +3,7 @@
 //! trainer's buffers.
 
 use crate::jit::{compile, compile_for_cuda, CompiledFunction};
-use crate::lower::lower_function;
+use crate::lower::lower_function_with_locations;
 use curv_interp::{Inputs, Value};
 use curv_ir::Function;
 use curv_runtime::compiled::{bindings_from_inputs, call_compiled};
@@ -28,6 +28,8 @@ pub struct MlirBackend {
     cache: Option<crate::cache::KernelCache>,
     /// The GPU the functions run on; none for the CPU.
     gpu: Option<crate::gpu::GpuTarget>,
+    /// Where a function's code is in the sources: a GPU kernel's PTX names it, for its errors.
+    locate: Option<curv_runtime::backend::SourceLocator>,
 }
 
 impl MlirBackend {
@@ -39,6 +41,7 @@ impl MlirBackend {
             compile_seconds: std::cell::Cell::new(0.0),
             cache: crate::cache::KernelCache::from_environment(),
             gpu: None,
+            locate: None,
         }
     }
 
@@ -77,6 +80,10 @@ impl Backend<f32> for MlirBackend {
         self.compile_seconds.get()
     }
 
+    fn locate_sources(&mut self, locate: curv_runtime::backend::SourceLocator) {
+        self.locate = Some(locate);
+    }
+
     fn outputs(
         &self,
         key: &str,
@@ -94,7 +101,12 @@ impl Backend<f32> for MlirBackend {
             } else {
                 format!("kernel_{}", compiled.len())
             };
-            let entry = match lower_function(function, &name, &bindings) {
+            // On the GPU the kernels carry their source locations, which their PTX keeps.
+            let locate =
+                |span: curv_grammar::Span| self.locate.as_ref().map_or(String::new(), |locate| locate(key, span.start));
+            let located = (self.gpu.is_some() && self.locate.is_some())
+                .then_some(&locate as &dyn Fn(curv_grammar::Span) -> String);
+            let entry = match lower_function_with_locations(function, &name, &bindings, located) {
                 Ok((text, signature)) if self.gpu.is_some() => Entry::Compiled(
                     compile_for_cuda(
                         &text,

@@ -110,11 +110,19 @@ pub fn copies_as_kernels(module: &str) -> String {
             let operands = &line[start + "memref.copy ".len()..];
             let (values, types) = operands.split_once(" : ")?;
             let (source, target) = values.split_once(", ")?;
+            // The copy keeps its location, when it has one.
+            let (types, location) = match types.find(" loc(") {
+                Some(start) => (&types[..start], types[start..].trim_end()),
+                None => (types, ""),
+            };
             let (source_type, target_type) = types.trim_end().split_once(" to ")?;
             let ranked = source_type.starts_with("memref<") && source_type.contains('x');
             let on_device = !host_values.contains(&source.trim()) && !host_values.contains(&target.trim());
             (ranked && on_device).then(|| {
-                format!("{}linalg.copy ins({source} : {source_type}) outs({target} : {target_type})\n", &line[..start])
+                format!(
+                    "{}linalg.copy ins({source} : {source_type}) outs({target} : {target_type}){location}\n",
+                    &line[..start]
+                )
             })
         });
         out.push_str(rewritten.as_deref().unwrap_or(line));
@@ -260,8 +268,82 @@ fn renumber_index_ops(line: &str, position: &[usize]) -> String {
 /// module's [`tile_sizes_for`].
 pub fn outline_kernels(text: &str) -> Result<String, MlirError> {
     let reordered = parallel_loops_first(text);
-    let bufferised = crate::run_pipeline_on_text(&reordered, GPU_BUFFERISATION_PIPELINE)?;
-    crate::run_pipeline_on_text(&copies_as_kernels(&bufferised), &gpu_outlining_pipeline(tile_sizes_for(&reordered)))
+    let bufferised = crate::run_pipeline_keeping_locations(&reordered, GPU_BUFFERISATION_PIPELINE)?;
+    crate::run_pipeline_keeping_locations(
+        &copies_as_kernels(&bufferised),
+        &gpu_outlining_pipeline(tile_sizes_for(&reordered)),
+    )
+}
+
+/// The source location of each kernel module of an outlined module (the location of its
+/// launch, which is the location of the `linalg` op it came from: `"file.curv":12:5`), by the
+/// kernel module's name. Kernels of ops without a location are left out.
+pub fn kernel_locations(outlined: &str) -> Vec<(String, String)> {
+    // Printed locations may be aliases (`loc(#loc3)`) defined at the end of the module.
+    let aliases: Vec<(&str, &str)> = outlined
+        .lines()
+        .filter_map(|line| {
+            let (alias, location) = line.split_once(" = loc(")?;
+            alias.starts_with("#loc").then(|| (alias.trim(), location.strip_suffix(')').unwrap_or(location)))
+        })
+        .collect();
+    let resolve = |location: &str| -> Option<String> {
+        let mut location = location.to_string();
+        for _ in 0..4 {
+            match aliases.iter().find(|(alias, _)| *alias == location) {
+                Some((_, target)) => location = target.trim_start_matches("loc(").trim_end_matches(')').to_string(),
+                None => break,
+            }
+        }
+        // `"file":line:column` (a name location wrapping one is taken as it is).
+        // `"-"` is the text MLIR parsed, not a source file (an op made without a location).
+        let file_location =
+            location.starts_with('"') && location.matches(':').count() >= 2 && !location.starts_with("\"-\"");
+        file_location.then(|| location.replace('"', ""))
+    };
+    let mut out = Vec::new();
+    for line in outlined.lines() {
+        let trimmed = line.trim_start();
+        let Some(rest) = trimmed.strip_prefix("gpu.launch_func") else { continue };
+        let Some(module) = rest.trim_start().strip_prefix('@').and_then(|rest| rest.split("::").next()) else {
+            continue;
+        };
+        let Some(start) = line.rfind(" loc(") else { continue };
+        let location = line[start + " loc(".len()..].trim_end().strip_suffix(')').unwrap_or("");
+        if let Some(location) = resolve(location) {
+            if !out.iter().any(|(known, _): &(String, String)| known == module) {
+                out.push((module.to_string(), location));
+            }
+        }
+    }
+    out
+}
+
+/// The first line of a kernel module's PTX that names the kernel and its source location: the
+/// runtime reads it back when it loads the module and puts it in the kernel's errors.
+pub const KERNEL_SOURCE_PREFIX: &str = "// curv kernel ";
+
+/// Writes [`KERNEL_SOURCE_PREFIX`] lines at the start of the PTX of each `gpu.binary` op of a
+/// lowered module whose kernel `locations` knows (`// curv kernel NAME at FILE:LINE:COLUMN`).
+pub fn annotate_kernel_sources(lowered: &str, locations: &[(String, String)]) -> String {
+    let mut out = String::with_capacity(lowered.len());
+    let mut rest = lowered;
+    while let Some(start) = rest.find("gpu.binary @") {
+        let after = &rest[start + "gpu.binary @".len()..];
+        let name: String = after.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+        let Some(assembly) = after.find("assembly = \"") else { break };
+        let cut = start + "gpu.binary @".len() + assembly + "assembly = \"".len();
+        out.push_str(&rest[..cut]);
+        if let Some((_, location)) = locations.iter().find(|(module, _)| *module == name) {
+            // An MLIR string: a newline is `\0A`, a quote `\22`, a backslash `\5C`.
+            let line = format!("{KERNEL_SOURCE_PREFIX}{name} at {location}").replace('\\', "\\5C").replace('"', "\\22");
+            out.push_str(&line);
+            out.push_str("\\0A");
+        }
+        rest = &rest[cut..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The second part: the kernels (with [`DEVICE_MATH`] in every GPU module) through NVVM to PTX
@@ -392,7 +474,7 @@ pub fn lower_to_ptx(text: &str, target: GpuTarget) -> Result<Vec<PtxModule>, Mli
     initialise_nvptx();
     let outlined = outline_kernels(text)?;
     let lowered = crate::run_pipeline_on_text(&add_device_math(&outlined), &gpu_codegen_pipeline(target))?;
-    let modules = extract_ptx(&lowered);
+    let modules = extract_ptx(&annotate_kernel_sources(&lowered, &kernel_locations(&outlined)));
     if modules.is_empty() && lowered.contains("gpu.launch_func") {
         return Err(MlirError { message: "the GPU pipeline produced launches but no PTX".to_string() });
     }
@@ -466,7 +548,8 @@ pub fn device_allocations(module: &str) -> Result<String, MlirError> {
     let mut freed = 0;
     for line in module.split_inclusive('\n') {
         if in_gpu_module {
-            in_gpu_module = line.trim_end() != "  }";
+            // The module's closing brace (followed by its location when locations are printed).
+            in_gpu_module = !(line.trim_end() == "  }" || line.starts_with("  } loc("));
             out.push_str(line);
             continue;
         }
@@ -516,7 +599,8 @@ pub fn lower_for_cuda(text: &str, target: GpuTarget) -> Result<String, MlirError
     let text = text.replace("@curv_sgemm(", "@curv_cuda_sgemm(");
     let outlined = outline_kernels(&text)?;
     let allocated = device_allocations(&outlined)?;
-    crate::run_pipeline_on_text(&add_device_math(&allocated), &gpu_codegen_pipeline(target))
+    let lowered = crate::run_pipeline_on_text(&add_device_math(&allocated), &gpu_codegen_pipeline(target))?;
+    Ok(annotate_kernel_sources(&lowered, &kernel_locations(&outlined)))
 }
 
 #[cfg(test)]

@@ -55,6 +55,16 @@ pub fn new_context() -> Context {
 /// module with its schedule erased. Used by the GPU path, the toolchain self-check
 /// (`curv version --mlir`) and tests.
 pub fn run_pipeline_on_text(source: &str, pipeline: &str) -> Result<String, MlirError> {
+    run_pipeline(source, pipeline, false)
+}
+
+/// [`run_pipeline_on_text`], printing every operation's location (`loc(...)`), so that locations
+/// survive a round trip through text (the GPU path reads them to name each kernel's source).
+pub fn run_pipeline_keeping_locations(source: &str, pipeline: &str) -> Result<String, MlirError> {
+    run_pipeline(source, pipeline, true)
+}
+
+fn run_pipeline(source: &str, pipeline: &str, locations: bool) -> Result<String, MlirError> {
     let context = new_context();
     let mut module = parse_verified(&context, source)?;
     if !pipeline.contains("transform-interpreter") {
@@ -66,6 +76,13 @@ pub fn run_pipeline_on_text(source: &str, pipeline: &str) -> Result<String, Mlir
     pass_manager.run(&mut module).map_err(|error| MlirError { message: format!("pass pipeline failed: {error}") })?;
     if !module.as_operation().verify() {
         return Err(MlirError { message: "the lowered module does not verify".to_string() });
+    }
+    if locations {
+        let flags = melior::ir::operation::OperationPrintingFlags::new().enable_debug_info(true, false);
+        return module
+            .as_operation()
+            .to_string_with_flags(flags)
+            .map_err(|error| MlirError { message: format!("printing the module: {error}") });
     }
     Ok(module.as_operation().to_string())
 }

@@ -253,3 +253,33 @@ fn a_copy_of_a_constant_stays_on_the_host_where_the_constant_is() {
         }
     }
 }
+
+#[test]
+fn with_source_locations_the_host_side_is_unchanged_and_each_ptx_names_its_source() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/siren.curv");
+    let source = std::fs::read_to_string(&path).unwrap();
+    let program = program("siren.curv");
+    let train = &program.trains[0];
+    let gradients = curv_ad::products::gradient_program(&train.loss, &train.params).function;
+    let locate =
+        |span: curv_grammar::Span| format!("\"examples/siren.curv\":{}", curv_driver::line_column(&source, span.start));
+    let (text, _) = curv_mlir::lower::lower_function_with_locations(
+        &gradients,
+        "loss_and_gradients",
+        &HashMap::new(),
+        Some(&locate),
+    )
+    .unwrap();
+    let lowered = curv_mlir::gpu::lower_for_cuda(&text, GpuTarget::Sm90).unwrap();
+    // Printed locations leave the host side's rewriting intact: every allocation is managed and
+    // freed, and nothing is left to the C library.
+    assert_eq!(
+        lowered.matches("llvm.call @mgpuMemAlloc").count(),
+        lowered.matches("llvm.call @curv_cuda_free").count()
+    );
+    assert!(!lowered.contains("@malloc("));
+    let annotated = lowered.matches(&format!("assembly = \"{}", curv_mlir::gpu::KERNEL_SOURCE_PREFIX)).count();
+    let binaries = lowered.matches("gpu.binary @").count();
+    assert!(annotated > 0 && annotated <= binaries, "{annotated} of {binaries} modules name their source");
+    assert!(lowered.contains(" at examples/siren.curv:"));
+}

@@ -103,3 +103,47 @@ fn the_ptx_of_every_example_needs_no_libdevice() {
         );
     }
 }
+
+/// Lowered with source locations (as `curv build --device cuda` lowers), every planned kernel's
+/// module names its kernel and the line of the `.curv` file it comes from in the PTX's first line,
+/// which the CUDA runtime puts in the kernel's errors.
+#[test]
+fn each_kernel_module_names_its_source_line_in_its_ptx() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/digits_mlp.curv");
+    let source = std::fs::read_to_string(&path).unwrap();
+    let program = program("digits_mlp.curv");
+    let train = &program.trains[0];
+    let gradients = curv_ad::products::gradient_program(&train.loss, &train.params).function;
+    let locate = |span: curv_grammar::Span| {
+        format!("\"examples/digits_mlp.curv\":{}", curv_driver::line_column(&source, span.start))
+    };
+    let (text, _) = curv_mlir::lower::lower_function_with_locations(
+        &gradients,
+        "loss_and_gradients",
+        &HashMap::new(),
+        Some(&locate),
+    )
+    .unwrap();
+    let modules = lower_to_ptx(&text, GpuTarget::Sm90).unwrap();
+    let mut located = 0;
+    for module in &modules {
+        let first = module.ptx.lines().next().unwrap_or("");
+        let Some(rest) = first.strip_prefix(curv_mlir::gpu::KERNEL_SOURCE_PREFIX) else { continue };
+        let (name, location) = rest.split_once(" at ").unwrap();
+        assert_eq!(name, module.name);
+        let (file, line_column) = location.split_once(':').unwrap();
+        assert_eq!(file, "examples/digits_mlp.curv");
+        // The model's lines (18 to 20) and the loss's (24).
+        let line: usize = line_column.split(':').next().unwrap().parse().unwrap();
+        assert!([18, 19, 20, 24].contains(&line), "{first}");
+        // The runtime reads the same line back.
+        assert_eq!(curv_cuda::kernel_source(&module.ptx), Some(format!("`{name}` ({location})")));
+        located += 1;
+    }
+    let expected = launched_kernels(&gradients);
+    assert!(located >= expected, "{located} kernels name their source, {expected} planned");
+    // Without locations, no module claims one.
+    let (plain, _) = curv_mlir::lower::lower_function(&gradients, "loss_and_gradients", &HashMap::new()).unwrap();
+    let modules = lower_to_ptx(&plain, GpuTarget::Sm90).unwrap();
+    assert!(modules.iter().all(|module| !module.ptx.starts_with(curv_mlir::gpu::KERNEL_SOURCE_PREFIX)));
+}

@@ -187,6 +187,8 @@ static KERNEL_NAMES: Mutex<Vec<(usize, String)>> = Mutex::new(Vec::new());
 /// The kernel launched last: an error that surfaces at synchronisation names it.
 static LAST_KERNEL: Mutex<String> = Mutex::new(String::new());
 
+/// A kernel as errors name it: `` `name` `` or, when its module's PTX says where it comes from,
+/// `` `name` (examples/siren.curv:12:5) ``.
 fn kernel_name(function: *mut c_void) -> String {
     let names = KERNEL_NAMES.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     names
@@ -195,6 +197,21 @@ fn kernel_name(function: *mut c_void) -> String {
         .map(|(_, name)| name.clone())
         .unwrap_or_else(|| "(unknown kernel)".to_string())
 }
+
+/// The line the compiler writes first in a kernel module's PTX (`curv_mlir::gpu`'s
+/// `KERNEL_SOURCE_PREFIX`): `// curv kernel NAME at FILE:LINE:COLUMN`.
+const KERNEL_SOURCE_PREFIX: &str = "// curv kernel ";
+
+/// The kernel and source location a module's PTX names in its first line, as errors show them:
+/// `` `loss_and_gradients_kernel_3` (examples/siren.curv:12:5) ``.
+pub fn kernel_source(ptx: &str) -> Option<String> {
+    let line = ptx.lines().next()?.strip_prefix(KERNEL_SOURCE_PREFIX)?;
+    let (name, location) = line.split_once(" at ")?;
+    Some(format!("`{}` ({})", name.trim(), location.trim()))
+}
+
+/// Where each loaded module's kernel comes from, by module handle ([`kernel_source`]).
+static MODULE_SOURCES: Mutex<Vec<(usize, String)>> = Mutex::new(Vec::new());
 
 // ---------------------------------------------------------------------------------------------
 // The `mgpu*` functions MLIR's `gpu-to-llvm` lowering and the `gpu.binary` translation call.
@@ -234,6 +251,11 @@ pub unsafe extern "C" fn mgpuModuleLoadJIT(data: *mut c_void, optimization_level
             String::from_utf8_lossy(&log[..end]).trim()
         ));
         return std::ptr::null_mut();
+    }
+    // The PTX is a C string; its first line may say which kernel and source it holds.
+    let text = CStr::from_ptr(data as *const c_char).to_string_lossy();
+    if let Some(source) = kernel_source(&text) {
+        MODULE_SOURCES.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push((module as usize, source));
     }
     module as *mut c_void
 }
@@ -279,9 +301,16 @@ pub unsafe extern "C" fn mgpuModuleGetFunction(module: *mut c_void, name: *const
         record(format!("kernel `{name_text}`: not found in its module ({})", result_name(result)));
         return std::ptr::null_mut();
     }
+    let shown = MODULE_SOURCES
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .iter()
+        .find(|(handle, _)| *handle == module as usize)
+        .map(|(_, source)| source.clone())
+        .unwrap_or_else(|| format!("`{name_text}`"));
     let mut names = KERNEL_NAMES.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     if !names.iter().any(|(handle, _)| *handle == function as usize) {
-        names.push((function as usize, name_text));
+        names.push((function as usize, shown));
     }
     function as *mut c_void
 }
@@ -316,7 +345,7 @@ pub unsafe extern "C" fn mgpuLaunchKernel(
     *LAST_KERNEL.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = name.clone();
     let dimensions = [grid_x, grid_y, grid_z, block_x, block_y, block_z];
     if dimensions.iter().any(|&dimension| dimension < 1 || dimension > u32::MAX as isize) || shared_memory < 0 {
-        record(format!("kernel `{name}`: launch dimensions {dimensions:?} out of range"));
+        record(format!("kernel {name}: launch dimensions {dimensions:?} out of range"));
         return;
     }
     if let Err(error) = current() {
@@ -339,7 +368,7 @@ pub unsafe extern "C" fn mgpuLaunchKernel(
     );
     account(Part::Launch, started);
     if result != cu::CUresult::CUDA_SUCCESS {
-        record(format!("kernel `{name}` failed to launch: {}", result_name(result)));
+        record(format!("kernel {name} failed to launch: {}", result_name(result)));
     }
 }
 
@@ -396,7 +425,7 @@ pub unsafe extern "C" fn mgpuStreamSynchronize(stream: *mut c_void) {
     account(Part::StreamSynchronize, started);
     if result != cu::CUresult::CUDA_SUCCESS {
         let name = LAST_KERNEL.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
-        record(format!("kernel `{name}` failed while running: {}", result_name(result)));
+        record(format!("kernel {name} failed while running: {}", result_name(result)));
     }
 }
 
@@ -1039,6 +1068,13 @@ mod tests {
         let first = take_error().expect("an error was kept");
         assert!(first.starts_with("no CUDA device"), "{first}");
         assert_eq!(take_error(), None);
+    }
+
+    #[test]
+    fn a_module_names_its_kernel_and_source_in_its_first_line() {
+        let ptx = "// curv kernel loss_and_gradients_kernel_3 at examples/siren.curv:12:5\n//\n.version 8.0\n";
+        assert_eq!(kernel_source(ptx).as_deref(), Some("`loss_and_gradients_kernel_3` (examples/siren.curv:12:5)"));
+        assert_eq!(kernel_source("//\n// Generated by LLVM NVPTX Back-End\n"), None);
     }
 
     #[test]

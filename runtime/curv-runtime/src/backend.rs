@@ -17,7 +17,16 @@ pub trait Backend<T: Real> {
     fn compile_seconds(&self) -> f64 {
         0.0
     }
+
+    /// Gives the backend the source location of a function's code (for a function's key and a
+    /// byte offset of one of its spans: `"file.curv":12:5`), for errors that name where a
+    /// failing kernel comes from. A backend without such errors ignores it.
+    fn locate_sources(&mut self, _locate: SourceLocator) {}
 }
+
+/// A function's key and a byte offset of one of its spans, to an MLIR location
+/// (`"file.curv":line:column`).
+pub type SourceLocator = Box<dyn Fn(&str, usize) -> String>;
 
 /// The reference interpreter.
 pub struct Interpreter;

@@ -280,6 +280,8 @@ fn run(arguments: Vec<String>) -> c_int {
         backend: if arguments.interpret { None } else { Some(make_backend) },
         target: None,
         stop_at_target: false,
+        // The kernels were compiled with their locations (a GPU kernel's PTX names its source).
+        source: None,
     };
     let mut printer = Printer { quiet: arguments.quiet };
     match curv_driver::run::run_program(&analysis.program, &directory, &options, &mut printer) {
