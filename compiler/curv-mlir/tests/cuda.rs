@@ -256,20 +256,7 @@ fn a_copy_of_a_constant_stays_on_the_host_where_the_constant_is() {
 
 #[test]
 fn with_source_locations_the_host_side_is_unchanged_and_each_ptx_names_its_source() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/siren.curv");
-    let source = std::fs::read_to_string(&path).unwrap();
-    let program = program("siren.curv");
-    let train = &program.trains[0];
-    let gradients = curv_ad::products::gradient_program(&train.loss, &train.params).function;
-    let locate =
-        |span: curv_grammar::Span| format!("\"examples/siren.curv\":{}", curv_driver::line_column(&source, span.start));
-    let (text, _) = curv_mlir::lower::lower_function_with_locations(
-        &gradients,
-        "loss_and_gradients",
-        &HashMap::new(),
-        Some(&locate),
-    )
-    .unwrap();
+    let (_, text) = common::located_gradients("siren.curv");
     let lowered = curv_mlir::gpu::lower_for_cuda(&text, GpuTarget::Sm90).unwrap();
     // Printed locations leave the host side's rewriting intact: every allocation is managed and
     // freed, and nothing is left to the C library.

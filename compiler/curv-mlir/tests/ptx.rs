@@ -109,21 +109,7 @@ fn the_ptx_of_every_example_needs_no_libdevice() {
 /// which the CUDA runtime puts in the kernel's errors.
 #[test]
 fn each_kernel_module_names_its_source_line_in_its_ptx() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/digits_mlp.curv");
-    let source = std::fs::read_to_string(&path).unwrap();
-    let program = program("digits_mlp.curv");
-    let train = &program.trains[0];
-    let gradients = curv_ad::products::gradient_program(&train.loss, &train.params).function;
-    let locate = |span: curv_grammar::Span| {
-        format!("\"examples/digits_mlp.curv\":{}", curv_driver::line_column(&source, span.start))
-    };
-    let (text, _) = curv_mlir::lower::lower_function_with_locations(
-        &gradients,
-        "loss_and_gradients",
-        &HashMap::new(),
-        Some(&locate),
-    )
-    .unwrap();
+    let (gradients, text) = common::located_gradients("digits_mlp.curv");
     let modules = lower_to_ptx(&text, GpuTarget::Sm90).unwrap();
     let mut located = 0;
     for module in &modules {

@@ -10,3 +10,20 @@ pub fn program(example: &str) -> curv_ir::Program {
     assert!(!compilation.has_errors());
     compilation.analysis.unwrap().program
 }
+
+/// The loss-and-gradient program of an example's first train block, and its kernel module text
+/// lowered with every operation located in the example (`"examples/NAME.curv":line:column`).
+pub fn located_gradients(example: &str) -> (curv_ir::Function, String) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples").join(example);
+    let source = std::fs::read_to_string(&path).unwrap();
+    let program = program(example);
+    let train = &program.trains[0];
+    let gradients = curv_ad::products::gradient_program(&train.loss, &train.params).function;
+    let locate =
+        |span: curv_grammar::Span| format!("\"examples/{example}\":{}", curv_driver::line_column(&source, span.start));
+    let bindings = std::collections::HashMap::new();
+    let (text, _) =
+        curv_mlir::lower::lower_function_with_locations(&gradients, "loss_and_gradients", &bindings, Some(&locate))
+            .unwrap();
+    (gradients, text)
+}
