@@ -43,6 +43,12 @@ print(":".join(path for path in paths if os.path.isdir(path)))
 PY
 )
 work=$(mktemp -d)
+# Where the caller collects files (the device tool's $OUT), the logs and metrics go there too.
+save_logs() {
+    if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
+        tar -C "$work" -czf "$OUT/gpu-check-logs.tar.gz" --exclude='bin' --exclude='lib' --exclude='*.safetensors' . 2>/dev/null || true
+    fi
+}
 # The runtime opens cuBLAS by the names CUDA 12 and earlier give it (libcublas.so, .so.12, ...);
 # CUDA 13's packages ship libcublas.so.13 alone, so a link under the plain name is made for it.
 mkdir -p "$work/lib"
@@ -97,7 +103,7 @@ grep -q MISMATCH "$results" && failures=$((failures + 1))
 
 if [ "$stopped" = 1 ]; then
     cat "$results"
-    [ -n "${OUT:-}" ] && [ -d "$OUT" ] && tar -C "$work" -czf "$OUT/gpu-check-logs.tar.gz" --exclude='bin' --exclude='lib' --exclude='*.safetensors' .
+    save_logs
     rm -rf "$work"
     exit 1
 fi
@@ -146,9 +152,6 @@ if update.get("update_gbytes_per_second"):
 else:
     print("fused update bandwidth: not measured (see the update_4m trainer's error above)")
 PY
-# Where the caller collects files (the device tool's $OUT), the logs go there too.
-if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
-    tar -C "$work" -czf "$OUT/gpu-check-logs.tar.gz" --exclude='bin' --exclude='lib' --exclude='*.safetensors' . 2>/dev/null || true
-fi
+save_logs
 rm -rf "$work"
 [ "$failures" -eq 0 ]

@@ -712,13 +712,8 @@ enum CompiledStage {
 /// An MLIR location (`"file":line:column`) for a span of the user's file or, given its name, of a
 /// standard library module.
 fn source_locator(compilation: &Compilation) -> impl Fn(Option<&str>, curv_grammar::Span) -> String + '_ {
-    let source = &compilation.source;
-    move |module: Option<&str>, span: curv_grammar::Span| {
-        let (name, text) = match module.and_then(curv_sema::std_lib::find) {
-            Some(index) => (curv_sema::std_lib::MODULES[index].0.to_string(), curv_sema::std_lib::MODULES[index].1),
-            None => (source.display_name.clone(), source.text.as_str()),
-        };
-        format!("{name:?}:{}", curv_driver::line_column(text, span.start))
+    |module: Option<&str>, span: curv_grammar::Span| {
+        curv_driver::source_location(&compilation.source, module, span.start)
     }
 }
 

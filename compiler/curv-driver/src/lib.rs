@@ -227,6 +227,18 @@ pub fn emit(compilation: &Compilation, stage: Stage) -> Option<String> {
     }
 }
 
+/// The MLIR location (`"file":line:column`) of a byte offset in the user's file or, given its
+/// name, in a standard library module (`"std.optimizers.adam":12:13`).
+pub fn source_location(source: &SourceFile, module: Option<&str>, offset: usize) -> String {
+    match module.and_then(curv_sema::std_lib::find) {
+        Some(index) => {
+            let (name, text) = curv_sema::std_lib::MODULES[index];
+            format!("{name:?}:{}", line_column(text, offset))
+        }
+        None => format!("{:?}:{}", source.display_name, line_column(&source.text, offset)),
+    }
+}
+
 /// `line:column` (both from 1, column in characters) of a byte offset.
 pub fn line_column(text: &str, offset: usize) -> String {
     let offset = offset.min(text.len());

@@ -191,13 +191,7 @@ fn source_locator(program: &Program, source: crate::SourceFile) -> curv_runtime:
         let module = rule
             .and_then(|name| modules.iter().find(|(rule, _)| rule == name))
             .and_then(|(_, module)| module.as_deref());
-        match module.and_then(curv_sema::std_lib::find) {
-            Some(index) => {
-                let (name, text) = curv_sema::std_lib::MODULES[index];
-                format!("{name:?}:{}", crate::line_column(text, offset))
-            }
-            None => format!("{:?}:{}", source.display_name, crate::line_column(&source.text, offset)),
-        }
+        crate::source_location(&source, module, offset)
     })
 }
 

@@ -288,15 +288,9 @@ pub fn kernel_locations(outlined: &str) -> Vec<(String, String)> {
         })
         .collect();
     let resolve = |location: &str| -> Option<String> {
-        let mut location = location.to_string();
-        for _ in 0..4 {
-            match aliases.iter().find(|(alias, _)| *alias == location) {
-                Some((_, target)) => location = target.trim_start_matches("loc(").trim_end_matches(')').to_string(),
-                None => break,
-            }
-        }
-        // `"file":line:column` (a name location wrapping one is taken as it is).
-        // `"-"` is the text MLIR parsed, not a source file (an op made without a location).
+        let location = aliases.iter().find(|(alias, _)| *alias == location).map_or(location, |(_, target)| *target);
+        // `"file":line:column`; `"-"` is the text MLIR parsed, not a source file (an op made
+        // without a location).
         let file_location =
             location.starts_with('"') && location.matches(':').count() >= 2 && !location.starts_with("\"-\"");
         file_location.then(|| location.replace('"', ""))
@@ -328,11 +322,7 @@ pub const KERNEL_SOURCE_PREFIX: &str = "// curv kernel ";
 pub fn annotate_kernel_sources(lowered: &str, locations: &[(String, String)]) -> String {
     let mut out = String::with_capacity(lowered.len());
     let mut rest = lowered;
-    while let Some(start) = rest.find("gpu.binary @") {
-        let after = &rest[start + "gpu.binary @".len()..];
-        let name: String = after.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
-        let Some(assembly) = after.find("assembly = \"") else { break };
-        let cut = start + "gpu.binary @".len() + assembly + "assembly = \"".len();
+    while let Some((name, cut)) = next_binary(rest) {
         out.push_str(&rest[..cut]);
         if let Some((_, location)) = locations.iter().find(|(module, _)| *module == name) {
             // An MLIR string: a newline is `\0A`, a quote `\22`, a backslash `\5C`.
@@ -471,10 +461,9 @@ pub struct PtxModule {
 /// Lowers a kernel module (the text `crate::lower` produces) to PTX for `target`: one entry
 /// per outlined kernel module, in the order of the module.
 pub fn lower_to_ptx(text: &str, target: GpuTarget) -> Result<Vec<PtxModule>, MlirError> {
-    initialise_nvptx();
     let outlined = outline_kernels(text)?;
-    let lowered = crate::run_pipeline_on_text(&add_device_math(&outlined), &gpu_codegen_pipeline(target))?;
-    let modules = extract_ptx(&annotate_kernel_sources(&lowered, &kernel_locations(&outlined)));
+    let lowered = generate_kernels(&outlined, &outlined, target)?;
+    let modules = extract_ptx(&lowered);
     if modules.is_empty() && lowered.contains("gpu.launch_func") {
         return Err(MlirError { message: "the GPU pipeline produced launches but no PTX".to_string() });
     }
@@ -485,16 +474,21 @@ pub fn lower_to_ptx(text: &str, target: GpuTarget) -> Result<Vec<PtxModule>, Mli
 pub fn extract_ptx(module: &str) -> Vec<PtxModule> {
     let mut out = Vec::new();
     let mut rest = module;
-    while let Some(start) = rest.find("gpu.binary @") {
-        let after = &rest[start + "gpu.binary @".len()..];
-        let name: String = after.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
-        let Some(assembly) = after.find("assembly = \"") else { break };
-        let body = &after[assembly + "assembly = \"".len()..];
-        let (ptx, consumed) = unescape_mlir_string(body);
+    while let Some((name, assembly)) = next_binary(rest) {
+        let (ptx, consumed) = unescape_mlir_string(&rest[assembly..]);
         out.push(PtxModule { name, ptx });
-        rest = &body[consumed..];
+        rest = &rest[assembly + consumed..];
     }
     out
+}
+
+/// The next `gpu.binary` op of a printed module: its name and the byte offset in `text` where its
+/// PTX (the `assembly` string, after its opening quote) starts.
+fn next_binary(text: &str) -> Option<(String, usize)> {
+    let start = text.find("gpu.binary @")? + "gpu.binary @".len();
+    let name: String = text[start..].chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+    let assembly = start + text[start..].find("assembly = \"")? + "assembly = \"".len();
+    Some((name, assembly))
 }
 
 /// Reads an MLIR string literal's body up to its closing quote: `\XX` hex escapes, `\"`, `\\`.
@@ -594,13 +588,19 @@ pub fn device_allocations(module: &str) -> Result<String, MlirError> {
 /// side included: kernels as PTX in `gpu.binary` ops, launches, allocations in managed memory and
 /// matrix products (cuBLAS through the runtime) as calls into `curv-cuda`.
 pub fn lower_for_cuda(text: &str, target: GpuTarget) -> Result<String, MlirError> {
-    initialise_nvptx();
     // Matrix products call cuBLAS (`curv_cuda_sgemm`) instead of the CPU GEMM.
     let text = text.replace("@curv_sgemm(", "@curv_cuda_sgemm(");
     let outlined = outline_kernels(&text)?;
-    let allocated = device_allocations(&outlined)?;
-    let lowered = crate::run_pipeline_on_text(&add_device_math(&allocated), &gpu_codegen_pipeline(target))?;
-    Ok(annotate_kernel_sources(&lowered, &kernel_locations(&outlined)))
+    generate_kernels(&device_allocations(&outlined)?, &outlined, target)
+}
+
+/// The kernels of `module` (an outlined module, its host side possibly rewritten) through NVVM to
+/// PTX for `target` ([`gpu_codegen_pipeline`]), each module's PTX naming the source location its
+/// launch has in `outlined` ([`annotate_kernel_sources`]).
+fn generate_kernels(module: &str, outlined: &str, target: GpuTarget) -> Result<String, MlirError> {
+    initialise_nvptx();
+    let lowered = crate::run_pipeline_on_text(&add_device_math(module), &gpu_codegen_pipeline(target))?;
+    Ok(annotate_kernel_sources(&lowered, &kernel_locations(outlined)))
 }
 
 #[cfg(test)]

@@ -704,10 +704,18 @@ pub unsafe fn call_staged(
         return Err(message);
     }
     synchronised.map_err(|error| error.to_string())?;
-    for (((descriptor, _), buffer), (_, element_bytes)) in originals.iter().zip(&staged).zip(layouts).skip(first_output)
-    {
-        let (aligned, offset) = (*descriptor.add(1) as *mut u8, *descriptor.add(2) as usize);
-        copy_out(buffer, aligned.add(offset * element_bytes));
+    let outputs = || originals.iter().zip(&staged).zip(layouts).skip(first_output);
+    let host = |descriptor: *mut i64, element_bytes: usize| {
+        (*descriptor.add(1) as *mut u8).add(*descriptor.add(2) as usize * element_bytes)
+    };
+    for (((descriptor, _), buffer), (_, element_bytes)) in outputs() {
+        copy_out(buffer, host(*descriptor, *element_bytes));
+    }
+    // One wait for all the copies out; if it fails, the CPU copies them instead.
+    if synchronize().is_err() {
+        for (((descriptor, _), buffer), (_, element_bytes)) in outputs() {
+            std::ptr::copy_nonoverlapping(buffer.as_slice().as_ptr(), host(*descriptor, *element_bytes), buffer.len());
+        }
     }
     for buffer in staged {
         give_back(Pool::Staging, buffer);
@@ -750,8 +758,9 @@ unsafe fn copy_in(buffer: &ManagedBuffer, host: *const u8) {
     }
 }
 
-/// Copies a staging buffer's bytes out to the host through the driver, leaving its pages on the
-/// device. Where the driver refuses, the CPU copies.
+/// Starts copying a staging buffer's bytes out to the host through the driver (on the one
+/// stream), leaving its pages on the device; the caller waits for the stream before reading
+/// `host`. Where the driver refuses, the CPU copies at once.
 ///
 /// # Safety
 ///
@@ -761,12 +770,7 @@ unsafe fn copy_out(buffer: &ManagedBuffer, host: *mut u8) {
         return;
     }
     let device = buffer.as_mut_ptr() as usize as cu::CUdeviceptr;
-    // Into pageable memory the call returns once the bytes are there; the wait makes sure.
-    let copied =
-        stream().map(|stream| match cu::cuMemcpyDtoHAsync_v2(host as *mut c_void, device, buffer.len(), stream) {
-            cu::CUresult::CUDA_SUCCESS => cu::cuStreamSynchronize(stream),
-            failed => failed,
-        });
+    let copied = stream().map(|stream| cu::cuMemcpyDtoHAsync_v2(host as *mut c_void, device, buffer.len(), stream));
     if copied != Ok(cu::CUresult::CUDA_SUCCESS) {
         let _ = synchronize();
         std::ptr::copy_nonoverlapping(buffer.as_slice().as_ptr(), host, buffer.len());
@@ -806,18 +810,20 @@ pub fn copy_seconds(bytes: usize, calls: usize) -> Result<f64, CudaError> {
         check(cu::cuMemAlloc_v2(&mut source, bytes.max(4)), "cuMemAlloc")?;
         check(cu::cuMemAlloc_v2(&mut destination, bytes.max(4)), "cuMemAlloc")?;
     }
+    let copy = || {
+        unsafe { check(cu::cuMemcpyDtoDAsync_v2(destination, source, bytes, stream), "cuMemcpyDtoD") }
+            .and_then(|()| check(unsafe { cu::cuStreamSynchronize(stream) }, "cuStreamSynchronize"))
+    };
     let mut times = Vec::with_capacity(calls);
     let mut outcome = Ok(());
     // Copies for a fifth of a second first, so that the GPU's clocks have risen from idle.
     let warming = std::time::Instant::now();
     while warming.elapsed().as_secs_f64() < 0.2 && outcome.is_ok() {
-        outcome = unsafe { check(cu::cuMemcpyDtoDAsync_v2(destination, source, bytes, stream), "cuMemcpyDtoD") }
-            .and_then(|()| check(unsafe { cu::cuStreamSynchronize(stream) }, "cuStreamSynchronize"));
+        outcome = copy();
     }
     for _ in 0..calls + 3 {
         let started = std::time::Instant::now();
-        outcome = unsafe { check(cu::cuMemcpyDtoDAsync_v2(destination, source, bytes, stream), "cuMemcpyDtoD") }
-            .and_then(|()| check(unsafe { cu::cuStreamSynchronize(stream) }, "cuStreamSynchronize"));
+        outcome = outcome.and_then(|()| copy());
         if outcome.is_err() {
             break;
         }

@@ -368,17 +368,7 @@ fn bench_update(program: &curv_ir::Program, calls: usize) -> Result<String, Stri
     let mut slots: Vec<*mut ()> =
         descriptor_pointers.iter_mut().map(|pointer| pointer as *mut *mut i64 as *mut ()).collect();
     let time_calls = |slots: &mut [*mut ()]| -> Result<f64, String> {
-        // Calls for a fifth of a second first, so that the GPU's clocks have risen from idle.
-        let warming = std::time::Instant::now();
-        while warming.elapsed().as_secs_f64() < 0.2 {
-            unsafe { kernel(slots.as_mut_ptr()) };
-            if cuda {
-                curv_cuda::synchronize().map_err(|error| error.to_string())?;
-            }
-        }
-        let mut times = Vec::with_capacity(calls);
-        for _ in 0..calls + 3 {
-            let started = std::time::Instant::now();
+        let mut call = || -> Result<(), String> {
             unsafe { kernel(slots.as_mut_ptr()) };
             if cuda {
                 curv_cuda::synchronize().map_err(|error| error.to_string())?;
@@ -386,6 +376,17 @@ fn bench_update(program: &curv_ir::Program, calls: usize) -> Result<String, Stri
                     return Err(message);
                 }
             }
+            Ok(())
+        };
+        // Calls for a fifth of a second first, so that the GPU's clocks have risen from idle.
+        let warming = std::time::Instant::now();
+        while warming.elapsed().as_secs_f64() < 0.2 {
+            call()?;
+        }
+        let mut times = Vec::with_capacity(calls);
+        for _ in 0..calls + 3 {
+            let started = std::time::Instant::now();
+            call()?;
             times.push(started.elapsed().as_secs_f64());
         }
         times.drain(..3);
