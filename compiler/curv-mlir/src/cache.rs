@@ -97,7 +97,11 @@ impl KernelCache {
     }
 
     fn build(&self, text: &str, key: &str, library_path: &Path, optimization_level: usize) -> Result<(), MlirError> {
-        let unique = format!("{key}.{}", std::process::id());
+        // Unique per build: other processes, and other threads of this one (tests compile the
+        // same kernel at the same time), may be building the same key.
+        static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let build = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let unique = format!("{key}.{}.{build}", std::process::id());
         let object = self.directory.join(format!(".{unique}.o"));
         let trampoline = self.directory.join(format!(".{unique}.c"));
         let temporary = self.directory.join(format!(".{unique}.so"));
