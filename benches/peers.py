@@ -768,14 +768,20 @@ def kronecker_main(presets):
                     print(notes[-1], flush=True)
             rows.append((problem, preset, curv_ms, peers))
             print(f"  measured {problem} {preset} in {time.perf_counter() - started:.0f} s", flush=True)
+    # The floor is a lower bound on any implementation's step: the model's forward and backward
+    # matrix products alone (not the optimizer's own matrix work) at numpy's GEMM rate, measured now.
+    rate = gemm_gflops()
+    floors = {problem: matmul_flops(problem) / (rate * 1e9) * 1000.0 for problem in KRON_WINDOWS}
     print()
-    print(f"{'problem':<8}{'preset':<12}{'curv ms':>10}{'fastest ms':>12}{'curv/fastest':>14}  fastest peer (target: curv/fastest <= 0.5)")
+    print(f"numpy float32 GEMM at 512: {rate:.1f} GFLOP/s; floor = the model's forward and backward products at that rate")
+    print(f"{'problem':<8}{'preset':<12}{'curv ms':>10}{'fastest ms':>12}{'curv/fastest':>14}{'0.5 fastest':>13}{'floor ms':>10}  fastest peer (target: curv/fastest <= 0.5)")
     for problem, preset, curv_ms, peers in rows:
         if peers:
             label, best = min(peers, key=lambda peer: peer[1])
-            print(f"{problem:<8}{preset:<12}{curv_ms:>10.3f}{best:>12.3f}{curv_ms / best:>14.2f}  {label}")
+            below = "  (0.5 fastest is below the floor)" if 0.5 * best < floors[problem] else ""
+            print(f"{problem:<8}{preset:<12}{curv_ms:>10.3f}{best:>12.3f}{curv_ms / best:>14.2f}{0.5 * best:>13.3f}{floors[problem]:>10.3f}  {label}{below}")
         else:
-            print(f"{problem:<8}{preset:<12}{curv_ms:>10.3f}{'-':>12}{'-':>14}  (no peer implementation)")
+            print(f"{problem:<8}{preset:<12}{curv_ms:>10.3f}{'-':>12}{'-':>14}{'-':>13}{floors[problem]:>10.3f}  (no peer implementation)")
     print()
     print("All peers (mean ms per step, and curv's ratio to each):")
     for problem, preset, curv_ms, peers in rows:

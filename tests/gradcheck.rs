@@ -53,7 +53,7 @@ fn random_tensor(random: &mut Random, shape: Vec<usize>, scale: f64) -> Tensor<f
 }
 
 /// Random parameters and a random data batch for the program.
-fn random_inputs(program: &TrainProgram, seed: u64) -> Inputs<f64> {
+fn random_inputs(program: &TrainProgram, seed: u64) -> Inputs<'static, f64> {
     let mut random = Random(seed);
     let mut inputs = Inputs::default();
     for param in &program.params {
@@ -115,7 +115,11 @@ fn check_gradient(program: &TrainProgram, seed: u64, tolerance: f64) {
     }
 }
 
-fn tangent_inputs(program: &TrainProgram, inputs: &Inputs<f64>, seed: u64) -> (Inputs<f64>, Vec<Tensor<f64>>) {
+fn tangent_inputs<'a>(
+    program: &TrainProgram,
+    inputs: &Inputs<'a, f64>,
+    seed: u64,
+) -> (Inputs<'a, f64>, Vec<Tensor<f64>>) {
     let mut random = Random(seed);
     let tangents: Vec<Tensor<f64>> =
         program.params.iter().map(|param| random_tensor(&mut random, known(&param.ty.shape), 1.0)).collect();

@@ -35,11 +35,30 @@ impl<T: Real> Value<T> {
     }
 }
 
+/// A float tensor an evaluation reads where its owner keeps it (an optimizer's gradient, or a
+/// library caller's parameter), in place of the `Op::Input` at `position`: compiled code reads it
+/// without a copy (the interpreter copies it, as it copies every input).
+#[derive(Debug, Clone)]
+pub struct Lent<'a, T> {
+    pub position: usize,
+    pub shape: Vec<usize>,
+    pub data: &'a [T],
+}
+
+/// An `Op::Input` as an evaluation sees it: owned by the inputs, or lent.
+pub enum InputRef<'i, T> {
+    Value(&'i Value<T>),
+    Lent(&'i Lent<'i, T>),
+}
+
 /// What a function reads besides its own instructions.
 #[derive(Debug, Clone)]
-pub struct Inputs<T> {
-    /// `Op::Input` values by position.
+pub struct Inputs<'a, T> {
+    /// `Op::Input` values by position (a placeholder, such as an empty tensor, where `lent` has
+    /// the position).
     pub inputs: Vec<Value<T>>,
+    /// `Op::Input` tensors lent for the evaluation; each takes the place of `inputs[position]`.
+    pub lent: Vec<Lent<'a, T>>,
     /// `Op::Param` values by parameter index.
     pub params: Vec<Tensor<T>>,
     /// `Op::Data` values by `(source, field)`.
@@ -52,16 +71,34 @@ pub struct Inputs<T> {
     pub statistics: HashMap<String, Tensor<T>>,
 }
 
-impl<T> Default for Inputs<T> {
+impl<T> Default for Inputs<'_, T> {
     fn default() -> Self {
         Inputs {
             inputs: Vec::new(),
+            lent: Vec::new(),
             params: Vec::new(),
             data: HashMap::new(),
             hyperparameters: HashMap::new(),
             step: 0.0,
             statistics: HashMap::new(),
         }
+    }
+}
+
+impl<'a, T> Inputs<'a, T> {
+    /// The `Op::Input` at `position`: the lent tensor that takes its place, or the owned value.
+    pub fn input(&self, position: usize) -> Option<InputRef<'_, T>> {
+        match self.lent.iter().find(|lent| lent.position == position) {
+            Some(lent) => Some(InputRef::Lent(lent)),
+            None => self.inputs.get(position).map(InputRef::Value),
+        }
+    }
+
+    /// Lends `data` (of `shape`) as the `Op::Input` at `position`, which must already hold a
+    /// placeholder in `inputs`.
+    pub fn lend(&mut self, position: usize, shape: Vec<usize>, data: &'a [T]) {
+        self.lent.retain(|lent| lent.position != position);
+        self.lent.push(Lent { position, shape, data });
     }
 }
 
@@ -103,7 +140,7 @@ pub fn evaluate_outputs<T: Real>(
 
 struct Evaluator<'a, T> {
     function: &'a Function,
-    inputs: &'a Inputs<T>,
+    inputs: &'a Inputs<'a, T>,
     /// Sizes of symbolic dimensions, bound by the first input, parameter or data value that has them.
     bindings: HashMap<String, usize>,
     values: Vec<Value<T>>,
@@ -168,7 +205,13 @@ impl<T: Real> Evaluator<'_, T> {
         let ty = &inst.ty;
         match &inst.op {
             Op::Input { index: position, name } => {
-                let value = self.inputs.inputs.get(*position).cloned();
+                let value = match self.inputs.input(*position) {
+                    Some(InputRef::Value(value)) => Some(value.clone()),
+                    Some(InputRef::Lent(lent)) => {
+                        Some(Value::Real(Tensor::new(lent.shape.clone(), lent.data.to_vec())))
+                    }
+                    None => None,
+                };
                 self.external(ty, value, format!("input {position} `{name}`"))
             }
             Op::Param { index: param } => {

@@ -10,7 +10,7 @@ mod tensor;
 
 pub use eval::{
     argmax, binary, broadcast, conv2d, conv2d_kernel_gradient, evaluate, evaluate_outputs, matmul, reduce, transpose,
-    unary, EvalError, Inputs, Value,
+    unary, EvalError, InputRef, Inputs, Lent, Value,
 };
 pub use real::Real;
-pub use tensor::{for_each_index, strides, Tensor};
+pub use tensor::{for_each_index, strides, Tensor, TensorRef};

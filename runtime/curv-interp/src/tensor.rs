@@ -35,6 +35,35 @@ impl<E: Copy> Tensor<E> {
     }
 }
 
+/// A dense row-major tensor borrowed from its owner (an optimizer's gradient, or a library
+/// caller's tensor read where it is).
+#[derive(Debug, Clone, Copy)]
+pub struct TensorRef<'a, E> {
+    pub shape: &'a [usize],
+    pub data: &'a [E],
+}
+
+impl<E: Copy> TensorRef<'_, E> {
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// An owned copy.
+    pub fn to_tensor(&self) -> Tensor<E> {
+        Tensor::new(self.shape.to_vec(), self.data.to_vec())
+    }
+}
+
+impl<'a, E> From<&'a Tensor<E>> for TensorRef<'a, E> {
+    fn from(tensor: &'a Tensor<E>) -> Self {
+        TensorRef { shape: &tensor.shape, data: &tensor.data }
+    }
+}
+
 /// Row-major strides of a shape.
 pub fn strides(shape: &[usize]) -> Vec<usize> {
     let mut strides = vec![1; shape.len()];

@@ -3,7 +3,7 @@
 //! following `curv_ir::abi`. The JIT of `curv-mlir` and the standalone trainers of `curv build`
 //! both call through here.
 
-use curv_interp::{Inputs, Tensor, Value};
+use curv_interp::{InputRef, Inputs, Tensor, Value};
 use curv_ir::abi::Signature;
 use curv_ir::{DType, Dim, Function, Op};
 use std::collections::HashMap;
@@ -13,7 +13,10 @@ pub fn bindings_from_inputs(function: &Function, inputs: &Inputs<f32>) -> HashMa
     let mut bindings = HashMap::new();
     for inst in &function.insts {
         let shape: Option<Vec<usize>> = match &inst.op {
-            Op::Input { index, .. } => inputs.inputs.get(*index).map(|value| value.shape().to_vec()),
+            Op::Input { index, .. } => inputs.input(*index).map(|input| match input {
+                InputRef::Value(value) => value.shape().to_vec(),
+                InputRef::Lent(lent) => lent.shape.clone(),
+            }),
             Op::Param { index } => inputs.params.get(*index).map(|tensor| tensor.shape.clone()),
             _ => None,
         };
@@ -79,7 +82,7 @@ impl ArgumentData<'_> {
     }
 }
 
-fn argument_data<'a>(op: &Op, inputs: &'a Inputs<f32>) -> Result<ArgumentData<'a>, String> {
+fn argument_data<'a>(op: &Op, inputs: &'a Inputs<'a, f32>) -> Result<ArgumentData<'a>, String> {
     let value = |value: Option<&'a Value<f32>>, what: String| -> Result<ArgumentData<'a>, String> {
         match value {
             Some(Value::Real(tensor)) => Ok(ArgumentData::F32(&tensor.data)),
@@ -88,7 +91,12 @@ fn argument_data<'a>(op: &Op, inputs: &'a Inputs<f32>) -> Result<ArgumentData<'a
         }
     };
     match op {
-        Op::Input { index, name } => value(inputs.inputs.get(*index), format!("input `{name}`")),
+        Op::Input { index, name } => match inputs.input(*index) {
+            // A lent tensor is read where its owner keeps it.
+            Some(InputRef::Lent(lent)) => Ok(ArgumentData::F32(lent.data)),
+            Some(InputRef::Value(input)) => value(Some(input), format!("input `{name}`")),
+            None => value(None, format!("input `{name}`")),
+        },
         Op::Param { index } => inputs
             .params
             .get(*index)
@@ -148,7 +156,7 @@ pub fn call_compiled(
     let mut outputs: Vec<Owned> = Vec::with_capacity(signature.outputs.len());
     for (_, shape, dtype) in &signature.outputs {
         let count = shape.iter().product::<i64>() as usize;
-        outputs.push(if *dtype == DType::I32 { Owned::I32(vec![0; count]) } else { Owned::F32(vec![0.0; count]) });
+        outputs.push(if *dtype == DType::I32 { Owned::I32(vec![0; count]) } else { Owned::F32(output_buffer(count)) });
     }
     let mut descriptors: Vec<Vec<i64>> = arguments
         .iter_mut()
@@ -176,6 +184,47 @@ pub fn call_compiled(
     Ok(results)
 }
 
+/// Buffers at least this large (in elements) are worth keeping for reuse.
+const RECYCLED_MINIMUM: usize = 8192;
+/// How many spare buffers a thread keeps at most.
+const RECYCLED_COUNT: usize = 32;
+
+thread_local! {
+    /// Spare output buffers ([`recycle`]), reused by the next calls whose outputs have their sizes.
+    static SPARE_BUFFERS: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A buffer for an output of `count` elements: a spare one of that size if there is one (its old
+/// contents are overwritten whole by the call), otherwise a new one.
+fn output_buffer(count: usize) -> Vec<f32> {
+    if count >= RECYCLED_MINIMUM {
+        let spare = SPARE_BUFFERS.with(|spare| {
+            let mut spare = spare.borrow_mut();
+            spare.iter().position(|buffer| buffer.len() == count).map(|index| spare.swap_remove(index))
+        });
+        if let Some(buffer) = spare {
+            return buffer;
+        }
+    }
+    vec![0.0; count]
+}
+
+/// Gives back a buffer a compiled call returned (an output the caller is done with), so that a
+/// later call's output of the same size reuses it instead of allocating and zeroing a new one:
+/// a library's optimizer step, which hands back its outputs once they are committed, then
+/// allocates nothing for its large tensors after its first steps. Small buffers are dropped, and
+/// a thread keeps at most [`RECYCLED_COUNT`] spare ones.
+pub fn recycle(buffer: Vec<f32>) {
+    if buffer.len() >= RECYCLED_MINIMUM {
+        SPARE_BUFFERS.with(|spare| {
+            let mut spare = spare.borrow_mut();
+            if spare.len() < RECYCLED_COUNT {
+                spare.push(buffer);
+            }
+        });
+    }
+}
+
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 extern "C" {
     fn mallopt(parameter: i32, value: i32) -> i32;
@@ -191,5 +240,29 @@ pub fn keep_large_allocations_in_the_heap() {
         const M_MMAP_THRESHOLD: i32 = -3;
         mallopt(M_MMAP_THRESHOLD, 1 << 30);
         mallopt(M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_output_buffer_given_back_is_reused_for_the_next_output_of_its_size_and_small_ones_are_not_kept() {
+        let buffer = vec![1.0f32; RECYCLED_MINIMUM];
+        let address = buffer.as_ptr();
+        recycle(buffer);
+        let other_size = output_buffer(RECYCLED_MINIMUM + 1);
+        assert_ne!(other_size.as_ptr(), address, "a buffer of another size is not handed out");
+        let reused = output_buffer(RECYCLED_MINIMUM);
+        assert_eq!(reused.as_ptr(), address);
+        let fresh = output_buffer(RECYCLED_MINIMUM);
+        assert_ne!(fresh.as_ptr(), address, "a spare buffer is handed out once");
+        recycle(vec![0.0f32; 16]);
+        SPARE_BUFFERS.with(|spare| assert!(spare.borrow().is_empty()));
+        for _ in 0..RECYCLED_COUNT + 4 {
+            recycle(vec![0.0f32; RECYCLED_MINIMUM]);
+        }
+        SPARE_BUFFERS.with(|spare| assert_eq!(spare.borrow().len(), RECYCLED_COUNT));
     }
 }

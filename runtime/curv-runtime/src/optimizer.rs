@@ -2,7 +2,7 @@
 //! `diagonal` structure runs natively. Each parameter's state lives in named tensors.
 
 use crate::backend::Backend;
-use curv_interp::{Inputs, Real, Tensor, Value};
+use curv_interp::{Inputs, Real, Tensor, TensorRef, Value};
 use curv_ir::{option_name, option_number, Function, OptimizerPlan, ParamPlan, RuleProgram, StructureKind};
 use std::collections::{BTreeSet, HashMap};
 
@@ -182,12 +182,21 @@ pub fn uses_hutchinson(plan: &ParamPlan, rules: &[RuleProgram]) -> bool {
 }
 
 /// Everything one parameter's update reads besides its state.
+#[derive(Clone, Copy)]
 pub struct UpdateInputs<'a, T> {
     pub backend: &'a dyn Backend<T>,
     pub step: u64,
     pub learning_rate: f64,
     pub batch: usize,
-    pub gradient: &'a Tensor<T>,
+    /// Read where its owner keeps it: a rule's compiled update reads it without a copy.
+    pub gradient: TensorRef<'a, T>,
+    /// The parameter's values, lent by a caller that keeps them (a library's optimizer step), or
+    /// None. The parameter [`update_param`] is given then has its shape and no data: a rule reads
+    /// the lent values where they are, and the parameter holds the new values afterwards only if
+    /// the rule wrote them (otherwise it stays without data: the lent values are still current).
+    /// Updates that change the parameter where it is (weight decay, the structures) start from a
+    /// copy of the lent values.
+    pub param_lent: Option<&'a [T]>,
     pub statistics: &'a HashMap<String, Tensor<T>>,
     /// K-FAC's captures, at the steps that refresh the factors.
     pub captures: Option<&'a crate::kronecker::Captures>,
@@ -196,8 +205,9 @@ pub struct UpdateInputs<'a, T> {
     pub param: usize,
 }
 
-fn flat<T: Real>(tensor: &Tensor<T>) -> Tensor<T> {
-    Tensor::new(vec![tensor.len()], tensor.data.clone())
+/// An empty tensor in the place of an input that is lent ([`Inputs::lend`]).
+fn placeholder<T: Real>() -> Value<T> {
+    Value::Real(Tensor::new(vec![0], Vec::new()))
 }
 
 /// Applies one step of `plan` to `param`, updating `state`.
@@ -212,9 +222,23 @@ pub fn update_param<T: Real>(
     state: &mut ParamState<T>,
     inputs: &UpdateInputs<T>,
 ) -> Result<Option<Displaced<T>>, String> {
+    let weight_decay = plan.modifiers.iter().any(|modifier| modifier.name == "weight_decay");
+    let owned_inputs;
+    let inputs = match inputs.param_lent {
+        // Only a rule without weight decay reads a lent parameter where it is; everything else
+        // changes the parameter in place, so it gets a copy of the lent values.
+        Some(values) if plan.structure != StructureKind::Rule || weight_decay => {
+            if param.data.is_empty() {
+                param.data = values.to_vec();
+            }
+            owned_inputs = UpdateInputs { param_lent: None, ..*inputs };
+            &owned_inputs
+        }
+        _ => inputs,
+    };
     if plan.structure == StructureKind::Rule {
         // Weight decay changes the parameter in place before the rule reads it.
-        let original = plan.modifiers.iter().any(|modifier| modifier.name == "weight_decay").then(|| param.clone());
+        let original = weight_decay.then(|| param.clone());
         apply_weight_decay(plan, param, inputs.learning_rate);
         let mut displaced =
             Displaced { param: None, states: Vec::new(), state_was_empty: state.is_empty(), whole_state: None };
@@ -487,7 +511,7 @@ pub fn finish_matrix_update<T: Real>(
 
 /// The hyperparameters a rule's functions read: the plan's numeric options, `lr` and `batch`,
 /// and the step.
-fn rule_hyperparameters<T: Real>(plan: &ParamPlan, inputs: &UpdateInputs<T>) -> Inputs<T> {
+fn rule_hyperparameters<T: Real>(plan: &ParamPlan, inputs: &UpdateInputs<T>) -> Inputs<'static, T> {
     let mut base = Inputs::<T>::default();
     for (name, value) in &plan.options {
         if let curv_ir::OptionValue::Number(number) = value {
@@ -510,9 +534,16 @@ fn initialise_state<T: Real>(
     inputs: &UpdateInputs<T>,
 ) -> Result<(), String> {
     if state.is_empty() && !rule.state.is_empty() {
+        let size: usize = param.shape.iter().product();
         let mut init_inputs = base.clone();
-        init_inputs.inputs = vec![Value::Real(flat(param)), Value::Real(flat(inputs.gradient))];
-        let key = crate::backend::keys::rule_init(&rule.name, param.len());
+        init_inputs.inputs = vec![placeholder(), placeholder()];
+        let values = match inputs.param_lent {
+            Some(values) if param.data.is_empty() => values,
+            _ => &param.data,
+        };
+        init_inputs.lend(0, vec![size], values);
+        init_inputs.lend(1, vec![size], inputs.gradient.data);
+        let key = crate::backend::keys::rule_init(&rule.name, size);
         for (name, value) in inputs
             .backend
             .outputs(&key, &rule.init, &init_inputs)
@@ -571,6 +602,9 @@ pub fn update_rule_group<T: Real>(
     for (member, &plan_index) in group.plans.iter().enumerate() {
         let plan = &plans[plan_index];
         let (param, state) = (&mut params[plan.param], &mut states[plan.param]);
+        if inputs[member].param_lent.is_some() {
+            return Err("a grouped rule update reads parameters it owns, not lent ones".to_string());
+        }
         let original = plan.modifiers.iter().any(|modifier| modifier.name == "weight_decay").then(|| param.clone());
         apply_weight_decay(plan, param, inputs[member].learning_rate);
         displaced.push(Displaced {
@@ -599,7 +633,9 @@ pub fn update_rule_group<T: Real>(
             let index = plans[plan_index].param;
             let parameter_data = std::mem::take(&mut params[index].data);
             update_inputs.inputs.push(Value::Real(Tensor::new(vec![parameter_data.len()], parameter_data)));
-            update_inputs.inputs.push(Value::Real(flat(inputs[member].gradient)));
+            let gradient = inputs[member].gradient.data;
+            update_inputs.inputs.push(placeholder());
+            update_inputs.lend(update_inputs.inputs.len() - 1, vec![gradient.len()], gradient);
             for name in &rule.state {
                 let tensor = state_get_mut(&mut states[index], name).expect("checked above");
                 update_inputs
@@ -707,13 +743,17 @@ fn update_with_rule<T: Real>(
         .ok_or_else(|| format!("rule `{}` is missing", plan.rule_name))?;
     let base = rule_hyperparameters(plan, inputs);
     let shape = param.shape.clone();
+    let size: usize = shape.iter().product();
     initialise_state(rule, &base, param, state, inputs)?;
+    // Whether the parameter's values before the step are the caller's (lent, never moved here),
+    // so that there is nothing of this step's to put back for the parameter.
+    let original_is_lent = inputs.param_lent.is_some() && param.data.is_empty();
     for (block, rule_update) in rule.updates.iter().enumerate() {
         if !rule_update.runs_at(inputs.step) {
             continue;
         }
         let update = &rule_update.function;
-        let key = crate::backend::keys::rule_block(&rule.name, block, param.len());
+        let key = crate::backend::keys::rule_block(&rule.name, block, size);
         // The parameter and the states are moved into the inputs, not copied, and moved back
         // below unless the block writes them. A failed call leaves them empty, but then the step
         // fails and the trainer keeps its own parameters and states (it updates copies).
@@ -721,17 +761,24 @@ fn update_with_rule<T: Real>(
             return Err(format!("a state of rule `{}` is missing", rule.name));
         }
         let mut update_inputs = base.clone();
-        let parameter_data = std::mem::take(&mut param.data);
-        update_inputs.inputs = vec![
-            Value::Real(Tensor::new(vec![parameter_data.len()], parameter_data)),
-            Value::Real(flat(inputs.gradient)),
-        ];
+        update_inputs.inputs = match inputs.param_lent {
+            // Lent and not yet written by an earlier block: read where the caller keeps it.
+            Some(values) if param.data.is_empty() => {
+                update_inputs.lend(0, vec![size], values);
+                vec![placeholder(), placeholder()]
+            }
+            _ => {
+                let parameter_data = std::mem::take(&mut param.data);
+                vec![Value::Real(Tensor::new(vec![parameter_data.len()], parameter_data)), placeholder()]
+            }
+        };
+        update_inputs.lend(1, vec![size], inputs.gradient.data);
         for name in &rule.state {
             let tensor = state_get_mut(state, name).expect("checked above");
             update_inputs.inputs.push(Value::Real(Tensor::new(tensor.shape.clone(), std::mem::take(&mut tensor.data))));
         }
         for (kind, tensor) in inputs.statistics {
-            update_inputs.statistics.insert(kind.clone(), flat(tensor));
+            update_inputs.statistics.insert(kind.clone(), Tensor::new(vec![tensor.len()], tensor.data.clone()));
         }
         let outputs = match inputs.backend.outputs(&key, update, &update_inputs) {
             Ok(outputs) => outputs,
@@ -771,7 +818,7 @@ fn update_with_rule<T: Real>(
         if let Some(Value::Real(tensor)) = moved.next() {
             if !parameter_written {
                 param.data = tensor.data;
-            } else if displaced.param.is_none() {
+            } else if displaced.param.is_none() && !original_is_lent {
                 displaced.param = Some(Tensor::new(shape.clone(), tensor.data));
             }
         }
@@ -820,7 +867,7 @@ fn update_diagonal<T: Real>(
     }
     if (inputs.step - 1).is_multiple_of(every) {
         let estimate: Vec<T> = match stats {
-            "gradient_square" => inputs.gradient.data.clone(),
+            "gradient_square" => inputs.gradient.data.to_vec(),
             "hutchinson" => {
                 let kind = format!("hutchinson({})", option_name(&plan.options, "probe").unwrap_or("rademacher"));
                 let product = inputs.statistics.get(&kind).ok_or("the Hutchinson estimate is missing")?;
@@ -859,7 +906,7 @@ fn update_diagonal<T: Real>(
     }
     let mut m = state_get(state, "m").cloned().ok_or("state `m` is missing")?;
     let (decay, fresh) = (T::from_f64(b1), T::from_f64(1.0 - b1));
-    for (value, g) in m.data.iter_mut().zip(&inputs.gradient.data) {
+    for (value, g) in m.data.iter_mut().zip(inputs.gradient.data) {
         *value = value.mul(decay).add(fresh.mul(*g));
     }
     let v = state_get(state, "v").ok_or("state `v` is missing")?;
@@ -1041,7 +1088,8 @@ mod tests {
                     step,
                     learning_rate: 0.1,
                     batch: 8,
-                    gradient: &gradient,
+                    gradient: TensorRef::from(&gradient),
+                    param_lent: None,
                     statistics: &statistics,
                     captures: None,
                     seed: 0,

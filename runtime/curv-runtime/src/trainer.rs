@@ -7,7 +7,7 @@ use crate::optimizer::{statistics_needed, update_param, ParamState, UpdateInputs
 use crate::random::{Random, Stream};
 use crate::schedule::learning_rate;
 use curv_ad::products::{gradient_program, hvp_program};
-use curv_interp::{Inputs, Real, Tensor, Value};
+use curv_interp::{Inputs, Real, Tensor, TensorRef, Value};
 use curv_ir::{Function, LossKind, Op, RuleProgram, TrainProgram};
 use std::collections::{BTreeSet, HashMap};
 
@@ -1112,7 +1112,8 @@ impl<T: Real> Trainer<T> {
                     step,
                     learning_rate: rate,
                     batch: self.program.batch as usize,
-                    gradient: $gradient,
+                    gradient: TensorRef::from($gradient),
+                    param_lent: None,
                     statistics: &statistics[$index],
                     captures: kfac[$index].as_ref(),
                     seed: self.seed,

@@ -10,7 +10,7 @@
 //! panic crosses the boundary.
 
 use crate::{embedded_text, make_backend};
-use curv_interp::Tensor;
+use curv_interp::{Tensor, TensorRef};
 use curv_ir::{DType, Program, StructureKind};
 use curv_runtime::optimizer::{update_param, ParamState, UpdateInputs};
 use std::collections::HashMap;
@@ -559,11 +559,28 @@ trait Element: curv_interp::Real {
     fn states(states: &mut States, count: usize) -> Result<&mut Vec<ParamState<Self>>, String>;
     /// `f32`: the kernels compiled into the library; `f64`: the interpreter.
     fn backend() -> Box<dyn curv_runtime::Backend<Self>>;
+    /// Hands a buffer the step is done with back to the compiled calls' outputs (`f32`).
+    fn recycle(_buffer: Vec<Self>) {}
+}
+
+/// The position of the first element that is not finite, if any: a pass without branches first
+/// (which the compiler vectorises), the search only when it found one.
+fn first_non_finite<T: curv_interp::Real>(data: &[T]) -> Option<usize> {
+    let any = data.iter().fold(false, |any, value| any | !value.to_f64().is_finite());
+    if any {
+        data.iter().position(|value| !value.to_f64().is_finite())
+    } else {
+        None
+    }
 }
 
 impl Element for f32 {
     fn backend() -> Box<dyn curv_runtime::Backend<f32>> {
         make_backend()
+    }
+
+    fn recycle(buffer: Vec<f32>) {
+        curv_runtime::compiled::recycle(buffer);
     }
 
     fn states(states: &mut States, count: usize) -> Result<&mut Vec<ParamState<f32>>, String> {
@@ -619,11 +636,13 @@ fn step_with<T: Element>(context: &mut Context, params: &[View], grads: &[View])
     let backend = T::backend();
     let states =
         T::states(&mut context.states, train.params.len()).map_err(|message| (CURV_INVALID_ARGUMENT, message))?;
-    // Every parameter is updated from a copy of the caller's tensor, and its state where it is;
-    // the caller's tensors are written only when every update succeeded, and a failed step puts
-    // back the states it changed (from what the updates replaced, or from copies for the
-    // structures that update their state in place), so it leaves parameters and state as they
-    // were.
+    // The caller's parameters and gradients are lent to the updates, not copied: a rule's
+    // compiled update reads them where they are and writes the new parameter into a buffer of its
+    // own (the structures, which change a parameter where it is, start from a copy). The
+    // caller's parameters are written only when every update succeeded, each with one copy of
+    // its new values, and a failed step puts back the states it changed (from what the updates
+    // replaced, or from copies for the structures that update their state in place), so it
+    // leaves parameters and state as they were.
     let mut new_params = Vec::with_capacity(params.len());
     let mut undo: Vec<(usize, Undo<T>)> = Vec::new();
     let roll_back = |states: &mut Vec<ParamState<T>>, undo: Vec<(usize, Undo<T>)>| {
@@ -641,9 +660,12 @@ fn step_with<T: Element>(context: &mut Context, params: &[View], grads: &[View])
     let statistics = HashMap::new();
     for (index, (param, grad)) in params.iter().zip(grads).enumerate() {
         let shape: Vec<usize> = train.params[index].ty.shape.iter().map(|dim| known_size(dim) as usize).collect();
-        let read = |view: &View| unsafe { std::slice::from_raw_parts(view.data as *const T, view.count) }.to_vec();
-        let mut tensor = Tensor::new(shape.clone(), read(param));
-        let gradient = Tensor::new(shape, read(grad));
+        // SAFETY: the views were validated (live, aligned, of `count` elements of `T`, the
+        // gradients not overlapping the parameters) and the caller's tensors are not written
+        // before the commit below, after the last read.
+        let lend = |view: &View| unsafe { std::slice::from_raw_parts(view.data as *const T, view.count) };
+        // The parameter has its shape and no data: its values are lent ([`UpdateInputs::param_lent`]).
+        let mut tensor = Tensor { shape: shape.clone(), data: Vec::new() };
         let plan = train
             .optimizer
             .plans
@@ -655,7 +677,8 @@ fn step_with<T: Element>(context: &mut Context, params: &[View], grads: &[View])
             step,
             learning_rate: rate,
             batch: train.batch.max(1) as usize,
-            gradient: &gradient,
+            gradient: TensorRef { shape: &shape, data: lend(grad) },
+            param_lent: Some(lend(param)),
             statistics: &statistics,
             captures: None,
             seed: train.seed as u64,
@@ -673,7 +696,7 @@ fn step_with<T: Element>(context: &mut Context, params: &[View], grads: &[View])
                 return Err((CURV_RUNTIME_ERROR, format!("step {step}, `{}`: {message}", train.params[index].name)));
             }
         }
-        if let Some(position) = tensor.data.iter().position(|value| !value.to_f64().is_finite()) {
+        if let Some(position) = first_non_finite(&tensor.data) {
             roll_back(states, undo);
             return Err((
                 CURV_RUNTIME_ERROR,
@@ -685,8 +708,19 @@ fn step_with<T: Element>(context: &mut Context, params: &[View], grads: &[View])
         }
         new_params.push(tensor);
     }
-    for (param, tensor) in params.iter().zip(&new_params) {
-        unsafe { std::ptr::copy_nonoverlapping(tensor.data.as_ptr(), param.data as *mut T, param.count) };
+    for (param, tensor) in params.iter().zip(new_params) {
+        // A parameter without data was not written: the caller's values are still current.
+        if tensor.data.len() == param.count && param.count > 0 {
+            unsafe { std::ptr::copy_nonoverlapping(tensor.data.as_ptr(), param.data as *mut T, param.count) };
+        }
+        T::recycle(tensor.data);
+    }
+    // What the updates replaced (the states' previous values) is not needed any more.
+    for (_, entry) in undo {
+        if let Undo::Displaced(displaced) = entry {
+            displaced.param.into_iter().for_each(|tensor| T::recycle(tensor.data));
+            displaced.states.into_iter().for_each(|(_, tensor)| T::recycle(tensor.data));
+        }
     }
     context.step = step;
     Ok(())
