@@ -209,6 +209,249 @@ pub fn parallel_loops_first(text: &str) -> String {
     out
 }
 
+/// Reductions at least this long are split in two stages on the GPU ([`split_long_reductions`]).
+pub const SPLIT_REDUCTION_MINIMUM: i64 = 1024;
+/// The most partial results a split reduction makes per output element.
+const SPLIT_REDUCTION_PARTS: i64 = 64;
+
+/// Splits every long reduction (one reduction loop, innermost, of at least
+/// [`SPLIT_REDUCTION_MINIMUM`] iterations, whose body combines into its output with `arith.addf`,
+/// `arith.maximumf` or `arith.minimumf`) in two `linalg.generic` ops: the first computes `S`
+/// partial results per output element (the reduction loop split into `S` parallel parts of `K`
+/// iterations, `S K` being the length), the second combines them into the original output. On the
+/// GPU the reduction loop runs inside one thread: a bias gradient over a batch of 4096 rows was
+/// 4096 sequential iterations per thread, where the split form runs `S` times as many threads on
+/// `K` iterations each, then `S` per output. The sum's terms are added in another order, so
+/// results may differ in the last bits. Ops it does not recognise are left as they are.
+pub fn split_long_reductions(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut lines = text.split_inclusive('\n').peekable();
+    while let Some(line) = lines.next() {
+        if iterator_types_of(line).is_none() {
+            out.push_str(line);
+            continue;
+        }
+        // The op: its header, its body and the line that closes it.
+        let mut op = vec![line];
+        let mut depth = brace_balance(line);
+        while depth > 0 {
+            let Some(body) = lines.next() else { break };
+            depth += brace_balance(body);
+            op.push(body);
+        }
+        match split_reduction(&op) {
+            Some(split) => out.push_str(&split),
+            None => op.iter().for_each(|line| out.push_str(line)),
+        }
+    }
+    out
+}
+
+/// The dimensions and element type of `tensor<4096x256xf32>` (`tensor<f32>`: no dimensions).
+fn tensor_type(text: &str) -> Option<(Vec<i64>, &str)> {
+    let inner = text.trim().strip_prefix("tensor<")?.strip_suffix('>')?;
+    let mut parts: Vec<&str> = inner.split('x').collect();
+    let element = parts.pop()?;
+    let dims = parts.iter().map(|part| part.parse::<i64>().ok()).collect::<Option<Vec<i64>>>()?;
+    Some((dims, element))
+}
+
+/// The domain and results of each `affine_map<(DOMAIN) -> (RESULTS)>` in `text`.
+fn affine_maps(text: &str) -> Vec<(&str, &str)> {
+    let mut maps = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("affine_map<(") {
+        let body = &rest[start + "affine_map<(".len()..];
+        let Some((domain, tail)) = body.split_once(") -> (") else { break };
+        let Some(end) = tail.find(")>") else { break };
+        maps.push((domain, &tail[..end]));
+        rest = &tail[end..];
+    }
+    maps
+}
+
+/// The two-stage form of one `linalg.generic` op (its lines), or None when it is not a long
+/// reduction [`split_long_reductions`] knows how to split.
+fn split_reduction(op: &[&str]) -> Option<String> {
+    let header = op.first()?;
+    let (_, _, kinds) = iterator_types_of(header)?;
+    let loops = kinds.len();
+    if loops == 0 || kinds[loops - 1] != "reduction" || kinds[..loops - 1].iter().any(|kind| *kind != "parallel") {
+        return None;
+    }
+    let reduced = loops - 1;
+    let (result, rest) = header.trim_start().split_once(" = linalg.generic {")?;
+    if result.contains(',') {
+        return None;
+    }
+    let indentation = &header[..header.len() - header.trim_start().len()];
+    let maps_text = &rest[..rest.find("iterator_types")?];
+    let maps = affine_maps(maps_text);
+    let operands = &rest[rest.find("} ins(")? + "} ins(".len()..];
+    let (ins, after_ins) = operands.split_once(") outs(")?;
+    let (outs, tail) = after_ins.split_once(") {")?;
+    if !tail.trim().is_empty() {
+        return None;
+    }
+    let (in_names, in_types) = ins.split_once(" : ")?;
+    let in_types: Vec<&str> = in_types.split(", ").collect();
+    let (out_name, out_type) = outs.split_once(" : ")?;
+    if out_name.contains(',') || maps.len() != in_types.len() + 1 {
+        return None;
+    }
+    let (out_dims, element) = tensor_type(out_type)?;
+    if element != "f32" {
+        return None;
+    }
+    // The reduction's length, from an input that reads the reduction loop as a dimension.
+    let reduction_loop = format!("d{reduced}");
+    let length = maps[..in_types.len()].iter().zip(&in_types).find_map(|((_, results), ty)| {
+        let position = results.split(", ").position(|result| result.trim() == reduction_loop)?;
+        tensor_type(ty).and_then(|(dims, _)| dims.get(position).copied())
+    })?;
+    if length < SPLIT_REDUCTION_MINIMUM {
+        return None;
+    }
+    let mut parts = SPLIT_REDUCTION_PARTS;
+    while parts > 1 && length % parts != 0 {
+        parts /= 2;
+    }
+    if parts < 8 {
+        return None;
+    }
+    let each = length / parts;
+    // The body: its block arguments (the output's last), the value it yields and the op that
+    // combines into the output, which must be the only use of the output's argument.
+    let close = op.last()?;
+    let body = &op[1..op.len() - 1];
+    let arguments = body.first()?.trim().strip_prefix("^bb0(")?.split_once("):")?.0;
+    let output_argument = arguments.split(", ").last()?.split(':').next()?.trim();
+    let yielded = body.iter().find_map(|line| line.trim().strip_prefix("linalg.yield "))?.split(" : ").next()?.trim();
+    let combiner = body.iter().find_map(|line| {
+        let (name, operation) = line.trim().split_once(" = ")?;
+        (name == yielded).then_some(operation)
+    })?;
+    let (operation, operands) = combiner.split_once(' ')?;
+    let neutral = match operation {
+        "arith.addf" => "0.000000e+00",
+        "arith.maximumf" => "0xFF800000",
+        "arith.minimumf" => "0x7F800000",
+        _ => return None,
+    };
+    let operands: Vec<&str> = operands.split(" : ").next()?.split(", ").map(str::trim).collect();
+    if operands.len() != 2 || !operands.contains(&output_argument) {
+        return None;
+    }
+    let uses = body
+        .iter()
+        .skip(1)
+        .flat_map(|line| line.split(|character: char| !(character.is_alphanumeric() || "%_$.".contains(character))))
+        .filter(|token| *token == output_argument)
+        .count();
+    if uses != 1 || body.iter().any(|line| line.contains("linalg.index")) {
+        return None;
+    }
+    let location = close.rfind(" loc(").map_or("", |start| close[start..].trim());
+    // Stage one: loops `(d0 .. d{reduced - 1}, part, step)`. Every input that reads the reduction
+    // loop as a dimension is reshaped so that the dimension is `[parts, each]` (a map cannot
+    // read `part * each + step`: linalg infers every loop's bounds from a plain dimension), and
+    // reads it as `(part, step)`; the output has the parts as a last dimension.
+    let domain = (0..=reduced + 1).map(|index| format!("d{index}")).collect::<Vec<_>>().join(", ");
+    let in_names: Vec<&str> = in_names.split(", ").map(str::trim).collect();
+    if in_names.len() != in_types.len() {
+        return None;
+    }
+    let name = result.trim();
+    let mut reshapes = String::new();
+    let (mut stage_one_inputs, mut stage_one_types, mut stage_one_maps) = (Vec::new(), Vec::new(), Vec::new());
+    for (index, ((input, ty), (_, results))) in in_names.iter().zip(&in_types).zip(&maps).enumerate() {
+        let results: Vec<&str> = results.split(", ").map(str::trim).filter(|result| !result.is_empty()).collect();
+        let reads = |result: &&str| {
+            result.split(|character: char| !character.is_alphanumeric()).any(|token| token == reduction_loop)
+        };
+        let plain: Vec<usize> = (0..results.len()).filter(|&position| results[position] == reduction_loop).collect();
+        let (dims, input_element) = tensor_type(ty)?;
+        match (plain.as_slice(), results.iter().filter(|result| reads(result)).count()) {
+            (_, 0) => {
+                stage_one_inputs.push(input.to_string());
+                stage_one_types.push(ty.to_string());
+                stage_one_maps.push(format!("affine_map<({domain}) -> ({})>", results.join(", ")));
+            }
+            ([position], 1) if dims.len() == results.len() => {
+                let position = *position;
+                let mut expanded = dims.clone();
+                expanded.splice(position..=position, [parts, each]);
+                let expanded_type = format!(
+                    "tensor<{}x{input_element}>",
+                    expanded.iter().map(i64::to_string).collect::<Vec<_>>().join("x")
+                );
+                let mut groups = Vec::new();
+                let mut next = 0;
+                for axis in 0..dims.len() {
+                    if axis == position {
+                        groups.push(format!("[{}, {}]", next, next + 1));
+                        next += 2;
+                    } else {
+                        groups.push(format!("[{next}]"));
+                        next += 1;
+                    }
+                }
+                let reshaped = format!("{name}_split_input{index}");
+                reshapes.push_str(&format!(
+                    "{indentation}{reshaped} = tensor.expand_shape {input} [{}] output_shape [{}] : {ty} into {expanded_type} {location}\n",
+                    groups.join(", "),
+                    expanded.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
+                ));
+                let mut results: Vec<String> = results.iter().map(|result| result.to_string()).collect();
+                results.splice(position..=position, [reduction_loop.clone(), format!("d{}", reduced + 1)]);
+                stage_one_inputs.push(reshaped);
+                stage_one_types.push(expanded_type);
+                stage_one_maps.push(format!("affine_map<({domain}) -> ({})>", results.join(", ")));
+            }
+            _ => return None,
+        }
+    }
+    let out_results: Vec<&str> =
+        maps[in_types.len()].1.split(", ").map(str::trim).filter(|result| !result.is_empty()).collect();
+    let partial_results: Vec<String> =
+        out_results.iter().map(|result| result.to_string()).chain([reduction_loop.clone()]).collect();
+    stage_one_maps.push(format!("affine_map<({domain}) -> ({})>", partial_results.join(", ")));
+    let partial_dims: Vec<String> = out_dims.iter().chain([&parts]).map(i64::to_string).collect();
+    let partial_type = format!("tensor<{}xf32>", partial_dims.join("x"));
+    let parallel = |count: usize| std::iter::repeat_n("\"parallel\"", count).collect::<Vec<_>>();
+    let stage_one_kinds = [parallel(reduced + 1), vec!["\"reduction\""]].concat().join(", ");
+    let mut out = reshapes;
+    out.push_str(&format!("{indentation}{name}_split_empty = tensor.empty() : {partial_type} {location}\n"));
+    out.push_str(&format!("{indentation}{name}_split_neutral = arith.constant {neutral} : f32 {location}\n"));
+    out.push_str(&format!(
+        "{indentation}{name}_split_init = linalg.fill ins({name}_split_neutral : f32) outs({name}_split_empty : {partial_type}) -> {partial_type} {location}\n"
+    ));
+    out.push_str(&format!(
+        "{indentation}{name}_partial = linalg.generic {{indexing_maps = [{}], iterator_types = [{stage_one_kinds}]}} ins({} : {}) outs({name}_split_init : {partial_type}) {{\n",
+        stage_one_maps.join(", "),
+        stage_one_inputs.join(", "),
+        stage_one_types.join(", ")
+    ));
+    body.iter().for_each(|line| out.push_str(line));
+    let close_indentation = &close[..close.len() - close.trim_start().len()];
+    out.push_str(&format!("{close_indentation}}} -> {partial_type} {location}\n"));
+    // Stage two: the parts of each output element combined into the original output.
+    let domain = (0..=reduced).map(|index| format!("d{index}")).collect::<Vec<_>>().join(", ");
+    let stage_two_kinds = [parallel(reduced), vec!["\"reduction\""]].concat().join(", ");
+    let body_indentation = body.first().map_or("", |line| &line[..line.len() - line.trim_start().len()]);
+    let inner = format!("{body_indentation}  ");
+    out.push_str(&format!(
+        "{indentation}{name} = linalg.generic {{indexing_maps = [affine_map<({domain}) -> ({})>, affine_map<({domain}) -> ({})>], iterator_types = [{stage_two_kinds}]}} ins({name}_partial : {partial_type}) outs({out_name} : {out_type}) {{\n",
+        partial_results.join(", "),
+        out_results.join(", ")
+    ));
+    out.push_str(&format!("{body_indentation}^bb0(%part: f32, %accumulated: f32):\n"));
+    out.push_str(&format!("{inner}%combined = {operation} %part, %accumulated : f32 {location}\n"));
+    out.push_str(&format!("{inner}linalg.yield %combined : f32 {location}\n"));
+    out.push_str(&format!("{close_indentation}}} -> {out_type} {location}\n"));
+    Some(out)
+}
+
 fn brace_balance(line: &str) -> i64 {
     line.matches('{').count() as i64 - line.matches('}').count() as i64
 }
@@ -264,10 +507,10 @@ fn renumber_index_ops(line: &str, position: &[usize]) -> String {
 }
 
 /// A kernel module's loops outlined into GPU kernels: [`parallel_loops_first`],
-/// [`GPU_BUFFERISATION_PIPELINE`], [`copies_as_kernels`], then [`gpu_outlining_pipeline`] with the
+/// [`split_long_reductions`], [`GPU_BUFFERISATION_PIPELINE`], [`copies_as_kernels`], then [`gpu_outlining_pipeline`] with the
 /// module's [`tile_sizes_for`].
 pub fn outline_kernels(text: &str) -> Result<String, MlirError> {
-    let reordered = parallel_loops_first(text);
+    let reordered = split_long_reductions(&parallel_loops_first(text));
     let bufferised = crate::run_pipeline_keeping_locations(&reordered, GPU_BUFFERISATION_PIPELINE)?;
     crate::run_pipeline_keeping_locations(
         &copies_as_kernels(&bufferised),
@@ -631,6 +874,44 @@ mod tests {
             let text = format!("%v = linalg.generic {{indexing_maps = [affine_map<(d0, d1) -> (d0, d1)>], iterator_types = {kinds}}} ins(%a : tensor<2x3xf32>) outs(%b : tensor<2xf32>) {{\n}} -> tensor<2xf32>\n");
             assert_eq!(parallel_loops_first(&text), text);
         }
+    }
+
+    #[test]
+    fn a_long_sum_is_split_in_two_stages_and_short_or_indexed_ones_are_not() {
+        let sum = |rows: usize, body: &str| {
+            format!(
+                "    %v50 = linalg.generic {{indexing_maps = [affine_map<(d0, d1) -> (d1, d0)>, affine_map<(d0, d1) -> (d0)>], iterator_types = [\"parallel\", \"reduction\"]}} ins(%v49 : tensor<{rows}x256xf32>) outs(%t65 : tensor<256xf32>) {{\n\
+                 \x20     ^bb0(%a0: f32, %out: f32):\n\
+                 {body}\
+                 \x20     linalg.yield %s0 : f32 loc(\"siren.curv\":22:24)\n\
+                 \x20   }} -> tensor<256xf32> loc(\"siren.curv\":22:24)\n"
+            )
+        };
+        let add = "      %s0 = arith.addf %a0, %out : f32 loc(\"siren.curv\":22:24)\n";
+        let split = split_long_reductions(&sum(4096, add));
+        for expected in [
+            "%v50_split_input0 = tensor.expand_shape %v49 [[0, 1], [2]] output_shape [64, 64, 256] : tensor<4096x256xf32> into tensor<64x64x256xf32>",
+            "%v50_split_neutral = arith.constant 0.000000e+00 : f32",
+            "%v50_partial = linalg.generic {indexing_maps = [affine_map<(d0, d1, d2) -> (d1, d2, d0)>, affine_map<(d0, d1, d2) -> (d0, d1)>], iterator_types = [\"parallel\", \"parallel\", \"reduction\"]} ins(%v50_split_input0 : tensor<64x64x256xf32>) outs(%v50_split_init : tensor<256x64xf32>)",
+            "%v50 = linalg.generic {indexing_maps = [affine_map<(d0, d1) -> (d0, d1)>, affine_map<(d0, d1) -> (d0)>], iterator_types = [\"parallel\", \"reduction\"]} ins(%v50_partial : tensor<256x64xf32>) outs(%t65 : tensor<256xf32>)",
+            "%combined = arith.addf %part, %accumulated : f32 loc(\"siren.curv\":22:24)",
+        ] {
+            assert!(split.contains(expected), "missing `{expected}` in\n{split}");
+        }
+        // 1000 rows: too short; 1100 rows (4 x 275): no split into 8 parts or more divides it.
+        for rows in [1000, 1100] {
+            assert_eq!(split_long_reductions(&sum(rows, add)), sum(rows, add));
+        }
+        // A body that reads the output elsewhere, or its loop indices, is left as it is.
+        let twice = "      %s1 = arith.mulf %out, %a0 : f32\n      %s0 = arith.addf %s1, %out : f32\n";
+        let indexed = "      %i = linalg.index 1 : index\n      %s0 = arith.addf %a0, %out : f32\n";
+        for body in [twice, indexed] {
+            assert_eq!(split_long_reductions(&sum(4096, body)), sum(4096, body));
+        }
+        // A maximum starts its parts from minus infinity.
+        let maximum = split_long_reductions(&sum(2048, "      %s0 = arith.maximumf %a0, %out : f32\n"));
+        assert!(maximum.contains("arith.constant 0xFF800000 : f32"), "{maximum}");
+        assert!(maximum.contains("%combined = arith.maximumf %part, %accumulated"), "{maximum}");
     }
 
     #[test]
