@@ -8,7 +8,8 @@
 #
 # 1. every example and optimizer preset, 20 steps on the GPU (the trainer's default) and on the
 #    CPU (the same trainer with --interpret), final loss and parameters compared within the
-#    tolerance gpu-prepare measured;
+#    tolerance gpu-prepare measured; and the optimizer step of a library built with
+#    `curv build --lib --device cuda` on CUDA tensors against torch.optim.Adam;
 # 2. the fused Adam update's achieved bandwidth on a 4.2M-element parameter against a
 #    device-to-device copy of as many bytes, and train-step time of the digits MLP and the SIREN with Adam against
 #    PyTorch CUDA eager and torch.compile, in the same run;
@@ -99,6 +100,12 @@ while IFS=$'\t' read -r name data_dir; do
     fi
     printf '%s (gpu run %s s)\n' "$(echo "$line" | tail -1)" "$gpu_seconds" | tee -a "$results"
 done < gpu-check/manifest.tsv
+if [ "$stopped" = 0 ]; then
+    if ! line=$("$PYTHON" scripts/gpu_check.py library "$work/bin/library" 2>&1); then
+        failures=$((failures + 1))
+    fi
+    echo "$line" | tail -1 | tee -a "$results"
+fi
 grep -q MISMATCH "$results" && failures=$((failures + 1))
 
 if [ "$stopped" = 1 ]; then

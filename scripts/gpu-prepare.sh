@@ -35,6 +35,9 @@ done
 # The update-bandwidth benchmark's trainer (a 4.2M-element parameter under Adam); not compared.
 "$CURV" build examples/bench/update_4m.curv --device cuda --gpu sm_90 -o gpu-check/bin/update_4m > /dev/null
 strip gpu-check/bin/update_4m
+# A library built for CUDA (its optimizer step on CUDA tensors, against torch.optim.Adam).
+"$CURV" build --lib --device cuda --gpu sm_90 examples/optimizers/adam.curv -o gpu-check/bin/library > /dev/null
+strip --strip-unneeded gpu-check/bin/library/libadam.so
 .venv/bin/python scripts/gpu_check.py tolerances gpu-check
 rm -rf gpu-check/reference gpu-check/*.build.log
 # xz -9's 64 MiB window spans several trainers, which share most of their code: about 12 MB

@@ -8,9 +8,13 @@
   bench                     median train-step time of the digits MLP and the SIREN with Adam in
                             PyTorch CUDA eager and torch.compile, and the device-to-device copy
                             bandwidth, as JSON
+  library DIR               the optimizer step of DIR/libadam.so (built with --device cuda) on
+                            CUDA tensors against torch.optim.Adam; print one line; exit 1 on a
+                            mismatch
 """
 
 import json
+import os
 import struct
 import sys
 from pathlib import Path
@@ -144,8 +148,59 @@ def bench():
     print(json.dumps(results))
 
 
+def library(directory):
+    """The optimizer step of a `curv build --lib --device cuda` library on CUDA tensors: a small
+    PyTorch model trained 20 steps with it and with torch.optim.Adam on the GPU, compared."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("library adam   skipped: no CUDA device")
+        return 0
+    spec = importlib.util.spec_from_file_location("curv_adam_library", os.path.join(directory, "adam.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 10)).cuda()
+
+    ours, reference = model(), model()
+    # The library's parameters in its `.curv` file's order and shapes: w1 [64, 64], b1, w2 [64, 10], b2.
+    mine = [ours[0].weight, ours[0].bias, ours[2].weight, ours[2].bias]
+    theirs = [reference[0].weight, reference[0].bias, reference[2].weight, reference[2].bias]
+    shapes = [tuple(shape) for shape in module.Context().shapes]
+    views = [parameter.T if parameter.dim() == 2 else parameter for parameter in mine]
+    if [tuple(view.shape) for view in views] != shapes:
+        print(f"library adam   MISMATCH: shapes {shapes}")
+        return 1
+    # Transposed weights are not contiguous: keep contiguous copies as the library's parameters.
+    parameters = [torch.nn.Parameter(view.detach().contiguous()) for view in views]
+    optimizers = (module.Optimizer(parameters), torch.optim.Adam(theirs, lr=1e-3))
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        x = torch.randn(32, 64, generator=generator).cuda()
+        y = torch.randint(0, 10, (32,), generator=generator).cuda()
+        logits = torch.tanh(x @ parameters[0] + parameters[1]) @ parameters[2] + parameters[3]
+        optimizers[0].zero_grad()
+        torch.nn.functional.cross_entropy(logits, y).backward()
+        optimizers[0].step()
+        optimizers[1].zero_grad()
+        torch.nn.functional.cross_entropy(reference(x), y).backward()
+        optimizers[1].step()
+    worst = max(
+        ((p - (q.T if q.dim() == 2 else q)).norm() / q.norm()).item() for p, q in zip(parameters, theirs)
+    )
+    verdict = "ok" if worst <= 1e-5 else "MISMATCH"
+    print(f"library adam   {verdict:<8} CUDA tensors, 20 steps against torch.optim.Adam on the GPU: worst relative error {worst:.2e} (tolerance 1e-5)")
+    return 0 if verdict == "ok" else 1
+
+
 def main():
     command = sys.argv[1] if len(sys.argv) > 1 else ""
+    if command == "library":
+        sys.exit(library(sys.argv[2]))
     if command == "tolerances":
         tolerances(sys.argv[2])
     elif command == "compare":

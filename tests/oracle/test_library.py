@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parents[2]
 CURV = os.environ.get("CURV", str(ROOT / "target" / "debug" / "curv"))
 
 
-def build(example, directory):
+def build(example, directory, *options):
     result = subprocess.run(
-        [CURV, "build", "--lib", str(ROOT / "examples" / "optimizers" / f"{example}.curv"), "-o", str(directory)],
+        [CURV, "build", "--lib", *options, str(ROOT / "examples" / "optimizers" / f"{example}.curv"), "-o", str(directory)],
         capture_output=True,
         text=True,
     )
@@ -75,6 +75,31 @@ def test_a_pytorch_model_trains_with_the_generated_adam_as_with_torch_adam(adam,
     for mine, theirs in zip(ours_final, reference_final):
         error = ((mine - theirs).norm() / theirs.norm()).item()
         assert error <= tolerance, error
+
+
+def test_a_library_built_for_cuda_steps_cuda_tensors_as_torch_adam_does_or_says_there_is_no_gpu(tmp_path):
+    library = build("adam", tmp_path, "--device", "cuda")
+    if not torch.cuda.is_available():
+        # Without a GPU the library loads and refuses to make a context, saying why.
+        with pytest.raises(library.CurvError) as error:
+            library.Context()
+        assert error.value.code == library.CONTEXT_ERROR
+        assert "built for CUDA" in str(error.value) and "no CUDA device" in str(error.value), str(error.value)
+        return
+    # On a GPU (scripts/gpu-check.sh runs this file there): CUDA tensors step as with torch's Adam.
+    ours, reference = Mlp(torch.float32).cuda(), Mlp(torch.float32).cuda()
+    generator = torch.Generator().manual_seed(1)
+    optimizers = (library.Optimizer(ours.parameters()), torch.optim.Adam(reference.parameters(), lr=1e-3))
+    for _ in range(20):
+        x = torch.randn(32, 64, generator=generator).cuda()
+        y = torch.randint(0, 10, (32,), generator=generator).cuda()
+        for model, optimizer in zip((ours, reference), optimizers):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    for mine, theirs in zip(ours.parameters(), reference.parameters()):
+        error = ((mine - theirs).norm() / theirs.norm()).item()
+        assert mine.is_cuda and error <= 1e-5, error
 
 
 def test_the_state_survives_save_and_load(adam, tmp_path):

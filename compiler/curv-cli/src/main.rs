@@ -874,22 +874,6 @@ fn bench_kernels() -> ExitCode {
 /// writes the registry that names them and embeds the source, and links both with the standalone
 /// runtime library (`libcurv_standalone.a`, found next to the `curv` executable).
 fn build_command(file: &Path, output: &Path, train_name: Option<&str>, device: &str, gpu: &str, lib: bool) -> ExitCode {
-    if lib {
-        if device != "cpu" {
-            eprintln!("error: `curv build --lib` builds for the CPU only so far");
-            return ExitCode::from(1);
-        }
-        return match build_library(file, output) {
-            Ok(message) => {
-                println!("{message}");
-                ExitCode::SUCCESS
-            }
-            Err((message, code)) => {
-                eprintln!("error: {message}");
-                ExitCode::from(code)
-            }
-        };
-    }
     let gpu = match device {
         "cpu" => None,
         "cuda" => match curv_mlir::gpu::GpuTarget::parse(gpu) {
@@ -904,6 +888,18 @@ fn build_command(file: &Path, output: &Path, train_name: Option<&str>, device: &
             return ExitCode::from(1);
         }
     };
+    if lib {
+        return match build_library(file, output, gpu) {
+            Ok(message) => {
+                println!("{message}");
+                ExitCode::SUCCESS
+            }
+            Err((message, code)) => {
+                eprintln!("error: {message}");
+                ExitCode::from(code)
+            }
+        };
+    }
     let compilation = match load(file) {
         Ok(compilation) => compilation,
         Err(code) => return code,
@@ -1079,7 +1075,11 @@ const LIBRARY_EXPORTS: &[&str] = &[
 /// `curv build --lib FILE -o DIR`: `DIR/libNAME.so` (the optimizer step and the train step of the
 /// file's first train block, its kernels compiled for the block's shapes, behind the C ABI of
 /// `curv_standalone::abi`), `DIR/NAME.h` and `DIR/NAME.py`, NAME being the file's stem.
-fn build_library(file: &Path, directory: &Path) -> Result<String, (String, u8)> {
+fn build_library(
+    file: &Path,
+    directory: &Path,
+    gpu: Option<curv_mlir::gpu::GpuTarget>,
+) -> Result<String, (String, u8)> {
     let source = SourceFile::read(file).map_err(|message| (message, 1))?;
     let mut probe =
         RecordingProbe { inner: curv_driver::FileProbe { directory: source.directory() }, records: Vec::new() };
@@ -1106,19 +1106,9 @@ fn build_library(file: &Path, directory: &Path) -> Result<String, (String, u8)> 
     std::fs::create_dir_all(&work).map_err(|error| (format!("cannot create {}: {error}", work.display()), 2))?;
     let mut registry =
         String::from("#include <stddef.h>\n\nstruct curv_kernel { const char *key; void (*function)(void **); };\n\n");
-    let mut entries = Vec::new();
-    let mut objects = Vec::new();
-    for (index, (key, function, bindings, _)) in kernels.iter().enumerate() {
-        let kernel = format!("curv_kernel_{index}");
-        let Ok((text, _)) = curv_mlir::lower::lower_function(function, &kernel, bindings) else { continue };
-        let object = work.join(format!("{kernel}.o"));
-        curv_mlir::jit::compile_to_object(&text, &kernel, &object, 2)
-            .map_err(|error| (format!("compiling `{key}`: {error}"), 2))?;
-        objects.push(object);
-        registry.push_str(&format!("extern void _mlir__mlir_ciface_{kernel}(void **);\n"));
-        entries
-            .push(format!("  {{{}, _mlir__mlir_ciface_{kernel}}}", c_string(&curv_ir::abi::kernel_key(key, bindings))));
-    }
+    let locate = source_locator(&compilation);
+    let CompiledKernels { declarations, entries, objects } = compile_kernels(&kernels, &work, gpu, &locate)?;
+    registry.push_str(&declarations);
     let file_name = file.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
     if entries.is_empty() {
         registry
@@ -1129,7 +1119,10 @@ fn build_library(file: &Path, directory: &Path) -> Result<String, (String, u8)> 
     }
     registry.push_str(&format!("const char curv_program_source[] = {};\n", c_string(&compilation.source.text)));
     registry.push_str(&format!("const char curv_program_file[] = {};\n", c_string(&file_name)));
-    registry.push_str("const char curv_program_directory[] = \".\";\nconst int curv_device_cuda = 0;\n");
+    registry.push_str(&format!(
+        "const char curv_program_directory[] = \".\";\nconst int curv_device_cuda = {};\n",
+        i32::from(gpu.is_some())
+    ));
     let recording = curv_standalone_recording(&probe.records);
     registry.push_str(&format!("const char curv_probed_data[] = {};\n", c_string(&recording)));
     let registry_path = work.join("registry.c");
@@ -1311,6 +1304,63 @@ fn c_string(text: &str) -> String {
     out
 }
 
+/// The compiled kernels of a build: the registry's declarations, its entries (`curv_kernels`,
+/// packed entry points under their keys) and the object files to link.
+struct CompiledKernels {
+    declarations: String,
+    entries: Vec<String>,
+    objects: Vec<PathBuf>,
+}
+
+/// The kernels of a build compiled to object files in `work`. A GPU
+/// build's kernels carry their source locations (`locate`), which their PTX keeps for errors.
+/// Functions with ops the lowering does not handle are left out (they run on the interpreter).
+fn compile_kernels(
+    kernels: &[BuildKernel],
+    work: &Path,
+    gpu: Option<curv_mlir::gpu::GpuTarget>,
+    locate: &dyn Fn(Option<&str>, curv_grammar::Span) -> String,
+) -> Result<CompiledKernels, (String, u8)> {
+    let mut declarations = String::new();
+    let mut entries = Vec::new();
+    let mut objects = Vec::new();
+    for (index, (key, function, bindings, module)) in kernels.iter().enumerate() {
+        let name = format!("curv_kernel_{index}");
+        let kernel_locate = |span: curv_grammar::Span| locate(module.as_deref(), span);
+        let located = gpu.map(|_| &kernel_locate as &dyn Fn(curv_grammar::Span) -> String);
+        let Ok((text, signature)) = curv_mlir::lower::lower_function_with_locations(function, &name, bindings, located)
+        else {
+            continue;
+        };
+        let object = work.join(format!("{name}.o"));
+        let key_text = c_string(&curv_ir::abi::kernel_key(key, bindings));
+        match gpu {
+            None => {
+                curv_mlir::jit::compile_to_object(&text, &name, &object, 2)
+                    .map_err(|error| (format!("compiling `{key}`: {error}"), 2))?;
+                declarations.push_str(&format!("extern void _mlir__mlir_ciface_{name}(void **);\n"));
+                entries.push(format!("  {{{key_text}, _mlir__mlir_ciface_{name}}}"));
+            }
+            Some(target) => {
+                curv_mlir::jit::compile_to_object_for_cuda(&text, &object, target)
+                    .map_err(|error| (format!("compiling `{key}` for {}: {error}", target.chip()), 2))?;
+                // The object has the C interface (a pointer to each descriptor); the registry
+                // holds packed entry points, as the CPU objects have them.
+                let count = signature.arguments.len() + signature.outputs.len();
+                let parameters = vec!["void *"; count].join(", ");
+                let unpacked: Vec<String> = (0..count).map(|index| format!("*(void **)args[{index}]")).collect();
+                declarations.push_str(&format!(
+                    "extern void _mlir_ciface_{name}({parameters});\nstatic void packed_{name}(void **args) {{ _mlir_ciface_{name}({}); }}\n",
+                    unpacked.join(", ")
+                ));
+                entries.push(format!("  {{{key_text}, packed_{name}}}"));
+            }
+        }
+        objects.push(object);
+    }
+    Ok(CompiledKernels { declarations, entries, objects })
+}
+
 fn build(
     compilation: &Compilation,
     program: &curv_ir::Program,
@@ -1327,46 +1377,9 @@ fn build(
     std::fs::create_dir_all(&work).map_err(|error| (format!("cannot create {}: {error}", work.display()), 2))?;
     let mut registry =
         String::from("#include <stddef.h>\n\nstruct curv_kernel { const char *key; void (*function)(void **); };\n\n");
-    let mut entries = Vec::new();
-    let mut objects = Vec::new();
     let locate = source_locator(compilation);
-    for (index, (key, function, bindings, module)) in kernels.iter().enumerate() {
-        let name = format!("curv_kernel_{index}");
-        // A GPU trainer's kernels carry their source locations, which the PTX keeps for errors.
-        let kernel_locate = |span: curv_grammar::Span| locate(module.as_deref(), span);
-        let located = gpu.map(|_| &kernel_locate as &dyn Fn(curv_grammar::Span) -> String);
-        let (text, signature) =
-            match curv_mlir::lower::lower_function_with_locations(function, &name, bindings, located) {
-                Ok(lowered) => lowered,
-                // Functions with ops the lowering does not handle run on the interpreter.
-                Err(_) => continue,
-            };
-        let object = work.join(format!("{name}.o"));
-        let key_text = c_string(&curv_ir::abi::kernel_key(key, bindings));
-        match gpu {
-            None => {
-                curv_mlir::jit::compile_to_object(&text, &name, &object, 2)
-                    .map_err(|error| (format!("compiling `{key}`: {error}"), 2))?;
-                registry.push_str(&format!("extern void _mlir__mlir_ciface_{name}(void **);\n"));
-                entries.push(format!("  {{{key_text}, _mlir__mlir_ciface_{name}}}"));
-            }
-            Some(target) => {
-                curv_mlir::jit::compile_to_object_for_cuda(&text, &object, target)
-                    .map_err(|error| (format!("compiling `{key}` for {}: {error}", target.chip()), 2))?;
-                // The object has the C interface (a pointer to each descriptor); the registry
-                // holds packed entry points, as the CPU objects have them.
-                let count = signature.arguments.len() + signature.outputs.len();
-                let parameters = vec!["void *"; count].join(", ");
-                let unpacked: Vec<String> = (0..count).map(|index| format!("*(void **)args[{index}]")).collect();
-                registry.push_str(&format!(
-                    "extern void _mlir_ciface_{name}({parameters});\nstatic void packed_{name}(void **args) {{ _mlir_ciface_{name}({}); }}\n",
-                    unpacked.join(", ")
-                ));
-                entries.push(format!("  {{{key_text}, packed_{name}}}"));
-            }
-        }
-        objects.push(object);
-    }
+    let CompiledKernels { declarations, entries, objects } = compile_kernels(&kernels, &work, gpu, &locate)?;
+    registry.push_str(&declarations);
     registry.push_str(&format!("const int curv_device_cuda = {};\n", i32::from(gpu.is_some())));
     // Read by the library ABI only (a trainer checks its source against the data files).
     registry.push_str("const char curv_probed_data[] = \"\";\n");

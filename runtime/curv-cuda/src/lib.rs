@@ -165,6 +165,33 @@ pub fn synchronize() -> Result<(), CudaError> {
     check(unsafe { cu::cuCtxSynchronize() }, "cuCtxSynchronize")
 }
 
+/// Copies `bytes` bytes of device memory at `source` to host memory at `destination`, after
+/// every piece of work queued on the device has finished (a caller's kernels writing the source
+/// included, whatever their stream), and returns when the copy is complete.
+///
+/// # Safety
+///
+/// `source` is device memory of at least `bytes` bytes and `destination` host memory of as many.
+pub unsafe fn copy_to_host(destination: *mut u8, source: *const u8, bytes: usize) -> Result<(), CudaError> {
+    synchronize()?;
+    check(cu::cuMemcpyDtoH_v2(destination as *mut c_void, source as usize as cu::CUdeviceptr, bytes), "cuMemcpyDtoH")
+}
+
+/// Copies `bytes` bytes of host memory at `source` to device memory at `destination` and waits
+/// until the copy has landed, so that work queued afterwards on any stream sees it.
+///
+/// # Safety
+///
+/// `destination` is device memory of at least `bytes` bytes and `source` host memory of as many.
+pub unsafe fn copy_to_device(destination: *mut u8, source: *const u8, bytes: usize) -> Result<(), CudaError> {
+    current()?;
+    check(
+        cu::cuMemcpyHtoD_v2(destination as usize as cu::CUdeviceptr, source as *const c_void, bytes),
+        "cuMemcpyHtoD",
+    )?;
+    synchronize()
+}
+
 // ---------------------------------------------------------------------------------------------
 // Errors of the functions generated code calls.
 

@@ -66,6 +66,7 @@ pub struct DLManagedTensor {
 }
 
 const DL_CPU: i32 = 1;
+const DL_CUDA: i32 = 2;
 const DL_INT: u8 = 0;
 const DL_FLOAT: u8 = 2;
 
@@ -214,6 +215,12 @@ impl Context {
             needs_model: None,
             model: None,
         };
+        if crate::built_for_cuda() {
+            if let Err(error) = curv_cuda::probe() {
+                context.fail(format!("this library was built for CUDA (`curv build --lib --device cuda`): {error}"));
+                return context;
+            }
+        }
         match load_program() {
             Ok(program) => {
                 let train = &program.trains[0];
@@ -288,11 +295,14 @@ pub struct View {
     data: *mut u8,
     count: usize,
     pub dtype: DType,
+    /// The data is CUDA device memory (a library built with `--device cuda`), which the host
+    /// never reads or writes itself: the optimizer step copies it ([`stage_to_host`]).
+    cuda: bool,
 }
 
 impl View {
     pub fn new(data: *mut u8, count: usize, dtype: DType) -> View {
-        View { data, count, dtype }
+        View { data, count, dtype, cuda: false }
     }
 
     fn bytes(&self) -> usize {
@@ -463,6 +473,29 @@ impl Context {
                 ));
             }
         }
+        if params.iter().chain(grads).any(|view| view.cuda) {
+            // CUDA tensors: the step runs on host copies (read after the caller's queued work),
+            // and the new parameters are copied back once it has succeeded.
+            let failed = |message: String| (CURV_RUNTIME_ERROR, message);
+            let (_param_buffers, host_params) = stage_to_host(params).map_err(failed)?;
+            let (_grad_buffers, host_grads) = stage_to_host(grads).map_err(failed)?;
+            self.step_on_host(float, &host_params, &host_grads)?;
+            for (param, host) in params.iter().zip(&host_params) {
+                if param.cuda && param.count > 0 {
+                    // SAFETY: both views describe `bytes` bytes (the same validated tensor).
+                    unsafe { curv_cuda::copy_to_device(param.data, host.data, param.bytes()) }.map_err(|error| {
+                        failed(format!(
+                            "copying the new parameters to the GPU: {error}; the parameters may be partly updated"
+                        ))
+                    })?;
+                }
+            }
+            return Ok(());
+        }
+        self.step_on_host(float, params, grads)
+    }
+
+    fn step_on_host(&mut self, float: DType, params: &[View], grads: &[View]) -> Result<(), (c_int, String)> {
         match float {
             DType::F64 => step_with::<f64>(self, params, grads),
             _ => step_with::<f32>(self, params, grads),
@@ -500,19 +533,34 @@ pub struct StepLayout {
 }
 
 /// Checks one tensor against the parameter's shape and the call's dtype; `what` names it.
-unsafe fn validate(
+/// Checks one tensor against the parameter's shape and the call's dtype; `what` names it. A CUDA
+/// tensor is accepted only where `cuda` allows it (the optimizer step of a library built with
+/// `--device cuda`), on the first GPU.
+unsafe fn validate_on(
     tensor: *const DLManagedTensor,
     shape: &[usize],
     what: &str,
     integers: bool,
+    cuda: bool,
 ) -> Result<View, String> {
     if tensor.is_null() {
         return Err(format!("{what} is a null pointer"));
     }
     let tensor = &(*tensor).dl_tensor;
-    if tensor.device.device_type != DL_CPU {
-        return Err(format!("{what} is on device type {} (this library runs on the CPU)", tensor.device.device_type));
-    }
+    let on_cuda = match (tensor.device.device_type, tensor.device.device_id) {
+        (DL_CPU, _) => false,
+        (DL_CUDA, 0) if cuda => true,
+        (DL_CUDA, id) if cuda => {
+            return Err(format!("{what} is on CUDA device {id}; curv runs on the first GPU (device 0)"));
+        }
+        (DL_CUDA, _) if crate::built_for_cuda() => {
+            return Err(format!("{what} is a CUDA tensor; only the optimizer step takes CUDA tensors so far"));
+        }
+        (other, _) => {
+            let runs_on = if crate::built_for_cuda() { "CPU or CUDA" } else { "the CPU" };
+            return Err(format!("{what} is on device type {other} (this library runs on {runs_on})"));
+        }
+    };
     let dtype = match (tensor.dtype.code, tensor.dtype.bits, tensor.dtype.lanes) {
         (DL_FLOAT, 32, 1) => DType::F32,
         (DL_FLOAT, 64, 1) => DType::F64,
@@ -552,7 +600,38 @@ unsafe fn validate(
     if count > 0 && !(data as usize).is_multiple_of(element) {
         return Err(format!("{what}'s data is not aligned to its {element}-byte elements"));
     }
-    Ok(View { data, count, dtype })
+    Ok(View { data, count, dtype, cuda: on_cuda })
+}
+
+/// [`validate_on`] for the CPU.
+unsafe fn validate(
+    tensor: *const DLManagedTensor,
+    shape: &[usize],
+    what: &str,
+    integers: bool,
+) -> Result<View, String> {
+    validate_on(tensor, shape, what, integers, false)
+}
+
+/// Host copies of the CUDA tensors among `views` (the others as they are): the buffers that hold
+/// the copies and the views to step on.
+fn stage_to_host(views: &[View]) -> Result<(Vec<Vec<u64>>, Vec<View>), String> {
+    let mut buffers = Vec::new();
+    let mut staged = Vec::with_capacity(views.len());
+    for view in views {
+        if !view.cuda || view.count == 0 {
+            staged.push(View { cuda: false, ..*view });
+            continue;
+        }
+        // u64 words: aligned for float64 elements.
+        let mut buffer = vec![0u64; view.bytes().div_ceil(8)];
+        // SAFETY: the view was validated (device memory of `bytes` bytes); the buffer has room.
+        unsafe { curv_cuda::copy_to_host(buffer.as_mut_ptr() as *mut u8, view.data, view.bytes()) }
+            .map_err(|error| format!("copying a CUDA tensor to the host: {error}"))?;
+        staged.push(View { data: buffer.as_mut_ptr() as *mut u8, count: view.count, dtype: view.dtype, cuda: false });
+        buffers.push(buffer);
+    }
+    Ok((buffers, staged))
 }
 
 trait Element: curv_interp::Real {
@@ -945,10 +1024,13 @@ pub unsafe extern "C" fn curv_optimizer_step(
         let mut grad_views = Vec::new();
         for (index, param) in train.params.iter().enumerate() {
             let shape: Vec<usize> = param.ty.shape.iter().map(|dim| known_size(dim) as usize).collect();
-            let p = validate(*params.add(index), &shape, &format!("parameter {index} (`{}`)", param.name), false)
-                .map_err(|message| (CURV_INVALID_ARGUMENT, message))?;
-            let g = validate(*grads.add(index), &shape, &format!("gradient {index} (`{}`)", param.name), false)
-                .map_err(|message| (CURV_INVALID_ARGUMENT, message))?;
+            let cuda = crate::built_for_cuda();
+            let p =
+                validate_on(*params.add(index), &shape, &format!("parameter {index} (`{}`)", param.name), false, cuda)
+                    .map_err(|message| (CURV_INVALID_ARGUMENT, message))?;
+            let g =
+                validate_on(*grads.add(index), &shape, &format!("gradient {index} (`{}`)", param.name), false, cuda)
+                    .map_err(|message| (CURV_INVALID_ARGUMENT, message))?;
             param_views.push(p);
             grad_views.push(g);
         }
