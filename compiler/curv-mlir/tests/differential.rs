@@ -7,6 +7,9 @@ use curv_mlir::jit::{compile, Buffer};
 use std::collections::HashMap;
 use std::path::Path;
 
+mod common;
+use common::values;
+
 fn program(example: &str) -> curv_ir::TrainProgram {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples").join(example);
     let source = curv_driver::SourceFile::read(&path).unwrap();
@@ -21,19 +24,6 @@ fn shape(ty: &curv_ir::TensorType) -> Vec<usize> {
         .map(|dim| match dim {
             Dim::Known(size) => *size as usize,
             Dim::Symbol(name) => panic!("symbolic {name}"),
-        })
-        .collect()
-}
-
-/// Deterministic pseudo-random values in [-scale, scale].
-fn values(count: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..count)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            ((state >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * scale
         })
         .collect()
 }

@@ -5,8 +5,6 @@
 //! states' first initialisation and later steps are both covered), and that a rule that leaves the
 //! parameter as it is does not write it.
 
-// Each test binary uses some of the shared helpers.
-#[allow(dead_code)]
 mod common;
 
 use curv_interp::{Tensor, TensorRef};
@@ -15,19 +13,6 @@ use curv_mlir::backend::MlirBackend;
 use curv_runtime::optimizer::{update_param, ParamState, UpdateInputs};
 use curv_runtime::Backend;
 use std::collections::HashMap;
-
-/// Deterministic pseudo-random values in [-scale, scale].
-fn values(count: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..count)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            ((state >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * scale
-        })
-        .collect()
-}
 
 /// Runs `steps` updates of every parameter of the example's optimizer twice on the MLIR backend:
 /// once over owned copies (as the trainer does) and once with the parameter and gradient lent (as
@@ -51,11 +36,11 @@ fn check_lent_updates(example: &str, program: &curv_ir::Program, steps: u64) {
             })
             .collect();
         let count: usize = shape.iter().product();
-        let mut owned = Tensor::new(shape.clone(), values(count, plan.param as u64 + 1, 0.5));
+        let mut owned = Tensor::new(shape.clone(), common::values(count, plan.param as u64 + 1, 0.5));
         let mut caller = owned.data.clone();
         let (mut owned_state, mut lent_state): (ParamState<f32>, ParamState<f32>) = (Vec::new(), Vec::new());
         for step in 1..=steps {
-            let gradient = Tensor::new(shape.clone(), values(count, 100 * step + plan.param as u64, 0.1));
+            let gradient = Tensor::new(shape.clone(), common::values(count, 100 * step + plan.param as u64, 0.1));
             let owned_inputs = UpdateInputs {
                 backend: &backend as &dyn Backend<f32>,
                 step,

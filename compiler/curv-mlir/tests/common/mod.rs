@@ -1,5 +1,8 @@
 //! Helpers shared by the integration tests of curv-mlir.
 
+// Each test binary uses some of them.
+#![allow(dead_code)]
+
 use std::path::Path;
 
 /// The checked program of an example (a path below `examples/`).
@@ -26,4 +29,17 @@ pub fn located_gradients(example: &str) -> (curv_ir::Function, String) {
         curv_mlir::lower::lower_function_with_locations(&gradients, "loss_and_gradients", &bindings, Some(&locate))
             .unwrap();
     (gradients, text)
+}
+
+/// Deterministic pseudo-random values in [-scale, scale] (xorshift).
+pub fn values(count: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..count)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * scale
+        })
+        .collect()
 }
