@@ -51,11 +51,6 @@ impl<E: Copy> TensorRef<'_, E> {
     pub fn is_empty(&self) -> bool {
         self.data.is_empty()
     }
-
-    /// An owned copy.
-    pub fn to_tensor(&self) -> Tensor<E> {
-        Tensor::new(self.shape.to_vec(), self.data.to_vec())
-    }
 }
 
 impl<'a, E> From<&'a Tensor<E>> for TensorRef<'a, E> {

@@ -31,4 +31,4 @@ pub mod trainer;
 pub use backend::{Backend, Interpreter};
 pub use checkpoint::Checkpoint;
 pub use dataset::Dataset;
-pub use trainer::{Metrics, NonFinitePolicy, StepReport, TrainError, Trainer};
+pub use trainer::{first_non_finite, Metrics, NonFinitePolicy, StepReport, TrainError, Trainer};

@@ -205,6 +205,12 @@ pub struct UpdateInputs<'a, T> {
     pub param: usize,
 }
 
+/// The values a rule reads for `param` where the caller keeps them: the lent parameter's, while
+/// no block of this step has written the parameter (it has no data of its own until then).
+fn lent_parameter<'a, T: Real>(param: &Tensor<T>, inputs: &UpdateInputs<'a, T>) -> Option<&'a [T]> {
+    inputs.param_lent.filter(|_| param.data.is_empty())
+}
+
 /// An empty tensor in the place of an input that is lent ([`Inputs::lend`]).
 fn placeholder<T: Real>() -> Value<T> {
     Value::Real(Tensor::new(vec![0], Vec::new()))
@@ -537,11 +543,7 @@ fn initialise_state<T: Real>(
         let size: usize = param.shape.iter().product();
         let mut init_inputs = base.clone();
         init_inputs.inputs = vec![placeholder(), placeholder()];
-        let values = match inputs.param_lent {
-            Some(values) if param.data.is_empty() => values,
-            _ => &param.data,
-        };
-        init_inputs.lend(0, vec![size], values);
+        init_inputs.lend(0, vec![size], lent_parameter(param, inputs).unwrap_or(&param.data));
         init_inputs.lend(1, vec![size], inputs.gradient.data);
         let key = crate::backend::keys::rule_init(&rule.name, size);
         for (name, value) in inputs
@@ -747,7 +749,7 @@ fn update_with_rule<T: Real>(
     initialise_state(rule, &base, param, state, inputs)?;
     // Whether the parameter's values before the step are the caller's (lent, never moved here),
     // so that there is nothing of this step's to put back for the parameter.
-    let original_is_lent = inputs.param_lent.is_some() && param.data.is_empty();
+    let original_is_lent = lent_parameter(param, inputs).is_some();
     for (block, rule_update) in rule.updates.iter().enumerate() {
         if !rule_update.runs_at(inputs.step) {
             continue;
@@ -761,9 +763,9 @@ fn update_with_rule<T: Real>(
             return Err(format!("a state of rule `{}` is missing", rule.name));
         }
         let mut update_inputs = base.clone();
-        update_inputs.inputs = match inputs.param_lent {
+        update_inputs.inputs = match lent_parameter(param, inputs) {
             // Lent and not yet written by an earlier block: read where the caller keeps it.
-            Some(values) if param.data.is_empty() => {
+            Some(values) => {
                 update_inputs.lend(0, vec![size], values);
                 vec![placeholder(), placeholder()]
             }

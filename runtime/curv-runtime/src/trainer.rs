@@ -337,8 +337,15 @@ fn shape_of(ty: &curv_ir::TensorType) -> Vec<usize> {
     ty.known_shape().unwrap_or_default().into_iter().map(|size| size as usize).collect()
 }
 
-fn first_non_finite<T: Real>(tensor: &Tensor<T>) -> Option<usize> {
-    tensor.data.iter().position(|value| !value.is_finite())
+/// The position of the first element of `data` that is not finite, if any: a pass without
+/// branches first (which the compiler vectorises; every step checks gradients and parameters),
+/// the search only when it found one.
+pub fn first_non_finite<T: Real>(data: &[T]) -> Option<usize> {
+    if data.iter().fold(false, |any, value| any | !value.is_finite()) {
+        data.iter().position(|value| !value.is_finite())
+    } else {
+        None
+    }
 }
 
 impl<T: Real> Trainer<T> {
@@ -876,7 +883,7 @@ impl<T: Real> Trainer<T> {
                 .take()
                 .ok_or_else(|| TrainError::Runtime(format!("no gradient for `{}`", self.param_name(index))))?;
             if problem.is_none() {
-                if let Some(position) = first_non_finite(&gradient) {
+                if let Some(position) = first_non_finite(&gradient.data) {
                     problem = Some(format!(
                         "the gradient of `{}` is not finite at flat index {position}",
                         self.param_name(index)
@@ -1085,7 +1092,7 @@ impl<T: Real> Trainer<T> {
         }
         for (index, stats) in statistics.iter().enumerate() {
             for (kind, tensor) in stats {
-                if problem.is_none() && first_non_finite(tensor).is_some() {
+                if problem.is_none() && first_non_finite(&tensor.data).is_some() {
                     problem = Some(format!("the `{kind}` statistic of `{}` is not finite", self.param_name(index)));
                 }
             }
@@ -1198,7 +1205,7 @@ impl<T: Real> Trainer<T> {
                 }
                 for &index in &members {
                     if problem.is_none() {
-                        if let Some(position) = first_non_finite(&new_params[index]) {
+                        if let Some(position) = first_non_finite(&new_params[index].data) {
                             problem = Some(format!(
                                 "the updated `{}` is not finite at flat index {position}",
                                 self.param_name(index)
@@ -1310,7 +1317,7 @@ impl<T: Real> Trainer<T> {
                 }
                 for updated in [Some(index), bias].into_iter().flatten() {
                     if problem.is_none() {
-                        if let Some(position) = first_non_finite(&new_params[updated]) {
+                        if let Some(position) = first_non_finite(&new_params[updated].data) {
                             problem = Some(format!(
                                 "the updated `{}` is not finite at flat index {position}",
                                 self.param_name(updated)

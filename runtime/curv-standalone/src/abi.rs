@@ -642,17 +642,6 @@ trait Element: curv_interp::Real {
     fn recycle(_buffer: Vec<Self>) {}
 }
 
-/// The position of the first element that is not finite, if any: a pass without branches first
-/// (which the compiler vectorises), the search only when it found one.
-fn first_non_finite<T: curv_interp::Real>(data: &[T]) -> Option<usize> {
-    let any = data.iter().fold(false, |any, value| any | !value.to_f64().is_finite());
-    if any {
-        data.iter().position(|value| !value.to_f64().is_finite())
-    } else {
-        None
-    }
-}
-
 impl Element for f32 {
     fn backend() -> Box<dyn curv_runtime::Backend<f32>> {
         make_backend()
@@ -775,7 +764,7 @@ fn step_with<T: Element>(context: &mut Context, params: &[View], grads: &[View])
                 return Err((CURV_RUNTIME_ERROR, format!("step {step}, `{}`: {message}", train.params[index].name)));
             }
         }
-        if let Some(position) = first_non_finite(&tensor.data) {
+        if let Some(position) = curv_runtime::first_non_finite(&tensor.data) {
             roll_back(states, undo);
             return Err((
                 CURV_RUNTIME_ERROR,
@@ -1022,9 +1011,9 @@ pub unsafe extern "C" fn curv_optimizer_step(
         }
         let mut param_views = Vec::new();
         let mut grad_views = Vec::new();
+        let cuda = crate::built_for_cuda();
         for (index, param) in train.params.iter().enumerate() {
             let shape: Vec<usize> = param.ty.shape.iter().map(|dim| known_size(dim) as usize).collect();
-            let cuda = crate::built_for_cuda();
             let p =
                 validate_on(*params.add(index), &shape, &format!("parameter {index} (`{}`)", param.name), false, cuda)
                     .map_err(|message| (CURV_INVALID_ARGUMENT, message))?;
