@@ -118,7 +118,8 @@ fi
 echo "[gpu-check] $(date +%T) benchmarks"
 # Train-step time: curv's trainers (their median step) against PyTorch, same run.
 step_ms() {
-    CURV_CUDA_PROFILE=1 "$work/bin/$1" "${gpu_flag[@]}" --steps "$2" --data-dir "$3" --out "$work/bench-$1" 2>"$work/bench-$1.profile" | sed -n 's/.*median step \([0-9.]*\) ms.*/\1/p'
+    local profile="$work/bench-$1${CURV_RESIDENT:+-resident-$CURV_RESIDENT}.profile"
+    CURV_CUDA_PROFILE=1 "$work/bin/$1" "${gpu_flag[@]}" --steps "$2" --data-dir "$3" --out "$work/bench-$1" 2>"$profile" | sed -n 's/.*median step \([0-9.]*\) ms.*/\1/p'
 }
 # The fused Adam update of a 4.2M-element parameter on buffers already on the GPU, against a
 # device-to-device copy of the same size.
@@ -126,30 +127,39 @@ update=$("$work/bin/update_4m" "${gpu_flag[@]}" --bench-update 200 --data-dir ex
 [ "$update" = '{}' ] && echo "update_4m: $(tail -1 "$work/update.log")"
 digits_ms=$(step_ms adam 200 examples/optimizers)
 siren_ms=$(step_ms siren 60 examples)
+# The same with every tensor staged through the host at each call (no resident steps): what
+# keeping parameters, states, gradients and data on the device saves.
+digits_host_ms=$(CURV_RESIDENT=off step_ms adam 200 examples/optimizers)
+siren_host_ms=$(CURV_RESIDENT=off step_ms siren 60 examples)
 peers=$("$PYTHON" scripts/gpu_check.py bench 2>"$work/bench.log" || echo '{}')
 for problem in adam siren; do
-    echo "host time of the $problem step benchmark by part of the CUDA runtime (CURV_CUDA_PROFILE):"
-    grep ' calls ' "$work/bench-$problem.profile" || echo "  (none: $(tail -1 "$work/bench-$problem.profile"))"
+    for profile in "$work/bench-$problem.profile" "$work/bench-$problem-resident-off.profile"; do
+        echo "host time of the $problem step benchmark by part of the CUDA runtime (CURV_CUDA_PROFILE, $(basename "$profile")):"
+        grep ' calls ' "$profile" || echo "  (none: $(tail -1 "$profile"))"
+    done
 done
 echo
 echo "=== GPU check: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1) ==="
 echo "correctness ($STEPS steps, GPU against the same trainer on the CPU):"
 cat "$results"
-"$PYTHON" - "$digits_ms" "$siren_ms" "$peers" "$update" <<'PY'
+"$PYTHON" - "$digits_ms" "$siren_ms" "$peers" "$update" "$digits_host_ms" "$siren_host_ms" <<'PY'
 import json, sys
 digits, siren, peers = sys.argv[1], sys.argv[2], json.loads(sys.argv[3] or "{}")
 update = json.loads(sys.argv[4] or "{}")
+staged = {"digits": sys.argv[5], "siren": sys.argv[6]}
 def number(text):
     try:
         return float(text)
     except ValueError:
         return float("nan")
 print()
-print(f"{'problem':<8}{'curv ms':>10}{'eager ms':>10}{'compile ms':>12}{'curv/eager':>12}{'curv/compile':>14}")
+print(f"{'problem':<8}{'curv ms':>10}{'staged ms':>11}{'eager ms':>10}{'compile ms':>12}{'curv/eager':>12}{'curv/compile':>14}")
 for problem, ours in (("digits", number(digits)), ("siren", number(siren))):
     eager = peers.get(f"{problem}_eager_ms") or float("nan")
     compiled = peers.get(f"{problem}_compile_ms") or float("nan")
-    print(f"{problem:<8}{ours:>10.3f}{eager:>10.3f}{compiled:>12.3f}{ours / eager:>12.2f}{ours / compiled:>14.2f}")
+    host = number(staged[problem])
+    print(f"{problem:<8}{ours:>10.3f}{host:>11.3f}{eager:>10.3f}{compiled:>12.3f}{ours / eager:>12.2f}{ours / compiled:>14.2f}")
+print("(curv: resident steps, the default; staged: CURV_RESIDENT=off, every tensor through the host at each call)")
 copy = peers.get("copy_gbytes_per_second")
 print(f"device-to-device copy (PyTorch): {copy:.0f} GB/s" if copy else "device-to-device copy (PyTorch): not measured")
 if update.get("update_gbytes_per_second"):

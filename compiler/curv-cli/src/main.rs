@@ -1266,6 +1266,7 @@ fn build_kernels(program: &curv_ir::Program, train: &curv_ir::TrainProgram, set:
     if set == KernelSet::Trainer {
         // Parameters sharing an elementwise rule are updated by one multi-parameter kernel per block.
         let captures = curv_runtime::trainer::capture_program(train).ok().flatten();
+        let mut grouped: Vec<Vec<usize>> = Vec::new();
         for group in curv_runtime::trainer::update_groups(train, &program.rules, captures.as_ref()) {
             let sizes: Vec<usize> = group
                 .plans
@@ -1284,9 +1285,35 @@ fn build_kernels(program: &curv_ir::Program, train: &curv_ir::TrainProgram, set:
                     kernels.push((key, function.clone(), bindings.clone(), module.clone()));
                 }
             }
+            grouped.push(group.plans.iter().map(|&plan| train.optimizer.plans[plan].param).collect());
+        }
+        // Where every parameter is in a group, steps can be resident (on a GPU by default): they
+        // check all the gradients, and each group's updated parameters, where they are.
+        let all: Vec<usize> = (0..train.params.len()).collect();
+        if all.iter().all(|param| grouped.iter().any(|members: &Vec<usize>| members.contains(param))) {
+            push_finiteness_kernel(&mut kernels, train, &all);
+            for members in &grouped {
+                push_finiteness_kernel(&mut kernels, train, members);
+            }
         }
     }
     kernels
+}
+
+/// The non-finite check of a resident step over the parameters `params` (or their gradients),
+/// unless the kernels have it already.
+fn push_finiteness_kernel(kernels: &mut Vec<BuildKernel>, train: &curv_ir::TrainProgram, params: &[usize]) {
+    let shapes: Vec<Vec<usize>> = params
+        .iter()
+        .map(|&param| {
+            train.params[param].ty.known_shape().unwrap_or_default().iter().map(|&size| size as usize).collect()
+        })
+        .collect();
+    let key = curv_runtime::backend::keys::finiteness(&shapes);
+    if !kernels.iter().any(|(existing, ..)| *existing == key) {
+        let function = curv_runtime::backend::finiteness_function(&shapes);
+        kernels.push((key, function, std::collections::HashMap::new(), None));
+    }
 }
 
 /// Escapes bytes as a C string literal.

@@ -911,6 +911,89 @@ fn grouped_rule_updates_give_the_per_parameter_results_bit_for_bit() {
     }
 }
 
+#[test]
+fn resident_steps_give_the_host_steps_results_bit_for_bit_on_the_compiled_backend() {
+    // `CURV_RESIDENT=on` keeps parameters, states and gradients resident between steps (the
+    // default on a GPU; on the CPU they stay in host memory, through the same code path), with
+    // the non-finite checks as a compiled kernel; `off` runs every step on the host. The same
+    // kernels on the same values: the final parameters, the checkpoint and the metrics must be
+    // identical. The SIREN is a full-batch run, whose data is uploaded once.
+    for (example, steps) in [
+        ("examples/digits_mlp.curv", "30"),
+        ("examples/optimizers/adan.curv", "12"),
+        ("examples/optimizers/adopt.curv", "12"),
+        ("examples/siren.curv", "4"),
+    ] {
+        let mut runs = Vec::new();
+        for resident in ["on", "off"] {
+            let directory = scratch(&format!("resident-{}-{resident}", example.replace('/', "-")));
+            let metrics_path = directory.join("metrics.jsonl");
+            let output = Command::new(env!("CARGO_BIN_EXE_curv"))
+                .current_dir(repository_root())
+                .env("CURV_RESIDENT", resident)
+                .env("CURV_CACHE_DIR", std::env::temp_dir().join("curv-test-kernel-cache"))
+                .args(["run", example, "--steps", steps, "--quiet", "--out"])
+                .arg(directory.to_str().unwrap())
+                .arg("--metrics")
+                .arg(&metrics_path)
+                .output()
+                .unwrap();
+            assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+            let losses: Vec<u64> = metrics(&metrics_path)
+                .iter()
+                .filter_map(|line| line.iter().find(|(name, _)| name == "loss").map(|(_, value)| value.to_bits()))
+                .collect();
+            runs.push((read_parameters(&directory.join("final.safetensors")), losses));
+        }
+        assert!(!runs[0].0.is_empty() && !runs[0].1.is_empty());
+        for ((name, resident), (_, host)) in runs[0].0.iter().zip(&runs[1].0) {
+            assert!(resident == host, "{example}: `{name}` differs between resident and host steps");
+        }
+        assert_eq!(runs[0].1, runs[1].1, "{example}: the logged losses differ");
+    }
+}
+
+#[test]
+fn a_resident_run_that_goes_non_finite_stops_with_the_host_runs_message_and_checkpoint() {
+    // A learning rate beyond f32's range makes the first resident step's update infinite: the
+    // compiled finiteness check must catch it (a folded `x - x` would not), and the run must stop
+    // as a host run does, naming the same tensor and element, with the same last good state.
+    let digits = repository_root().join("examples/data/digits.csv");
+    let source = format!(
+        "data digits = csv(\"{}\", label = \"label\", scale = 0.0625)\n\
+         model mlp(x: f32[B, 64]) -> f32[B, 10] {{\n\
+             param w: f32[64, 10] = glorot_uniform\n\
+             param b: f32[10] = zeros\n\
+             return x @ w + b\n\
+         }}\n\
+         rule scaled(p, g; scale = 1) {{\n    every step {{\n        p = p - lr * (1 + step * scale) * g\n    }}\n}}\n\
+         optimizer blowup {{\n    lr 1e-3\n    * : scaled(scale = 1e40)\n}}\n\
+         train fit {{\n    loss cross_entropy(mlp(digits.x), digits.y)\n    optimizer blowup\n    batch 32\n    steps 5\n}}\n",
+        digits.display()
+    );
+    let mut results = Vec::new();
+    for resident in ["on", "off"] {
+        let directory = scratch(&format!("resident-nonfinite-{resident}"));
+        let program = directory.join("blowup.curv");
+        std::fs::write(&program, &source).unwrap();
+        let output = Command::new(env!("CARGO_BIN_EXE_curv"))
+            .current_dir(repository_root())
+            .env("CURV_RESIDENT", resident)
+            .env("CURV_CACHE_DIR", std::env::temp_dir().join("curv-test-kernel-cache"))
+            .args(["run", program.to_str().unwrap(), "--quiet", "--out"])
+            .arg(directory.to_str().unwrap())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("is not finite at flat index"), "{stderr}");
+        let checkpoint = read_parameters(&directory.join("checkpoint.safetensors"));
+        results.push((stderr.replace(&directory.display().to_string(), "DIR"), checkpoint));
+    }
+    assert_eq!(results[0].0, results[1].0);
+    assert!(results[0].1 == results[1].1, "the last good states differ");
+}
+
 /// `--device cuda`: on a machine with a GPU, 20 steps of every example and preset agree with the
 /// CPU run (the MLIR backend on both; the GPU's `log`/`exp`/`pow` are the hardware's
 /// approximations and cuBLAS sums in another order, so the tolerance is the CPU test's: 1e-3

@@ -276,6 +276,16 @@ fn run_train<T: Real>(
         trainer.states = checkpoint.states;
         trainer.step = checkpoint.step;
     }
+    // Resident steps keep the parameters, states and gradients where the backend computes (in
+    // device memory on a GPU) between steps: the default where that pays (a GPU backend).
+    // `CURV_RESIDENT=on` or `off` forces the choice (for tests and comparisons; the numbers are
+    // the same).
+    let resident = match std::env::var("CURV_RESIDENT").as_deref() {
+        Ok("on") => true,
+        Ok("off") => false,
+        _ => trainer.backend.keeps_resident(),
+    };
+    trainer.set_resident(resident).map_err(|error| RunError::runtime(error.to_string()))?;
     if let Some(out) = &options.out {
         std::fs::create_dir_all(out)
             .map_err(|error| RunError::user(format!("cannot create {}: {error}", out.display())))?;
@@ -313,6 +323,7 @@ fn run_train<T: Real>(
                 let mut message = error.to_string();
                 if let (TrainError::NonFinite { .. }, Some(out)) = (&error, &options.out) {
                     let path = out.join("checkpoint.safetensors");
+                    trainer.sync_to_host().map_err(|error| RunError::runtime(error.to_string()))?;
                     save_checkpoint(&trainer, &path)?;
                     message.push_str(&format!(
                         "; the last good state (step {}) is in {}",
@@ -361,6 +372,7 @@ fn run_train<T: Real>(
         }
         if let (Some(every), Some(out)) = (checkpoint_every, &options.out) {
             if step % every == 0 {
+                trainer.sync_to_host().map_err(|error| RunError::runtime(error.to_string()))?;
                 save_checkpoint(&trainer, &out.join("checkpoint.safetensors"))?;
             }
         }
@@ -390,6 +402,7 @@ fn run_train<T: Real>(
         file.write_all(line.as_bytes()).map_err(|error| RunError::runtime(format!("writing metrics: {error}")))?;
     }
     let mut files = Vec::new();
+    trainer.sync_to_host().map_err(|error| RunError::runtime(error.to_string()))?;
     if let Some(out) = &options.out {
         files.extend(write_outputs(&trainer, train, out, &records)?);
     }
@@ -588,6 +601,95 @@ pub fn plot_comparison(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A trainer for `example` (relative to `examples/`) on the reference interpreter.
+    fn trainer_for(example: &str, resident: bool) -> Trainer<f32> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples").join(example);
+        let source = crate::SourceFile::read(&path).unwrap();
+        let compilation = crate::compile(source);
+        let program = &compilation.analysis.as_ref().unwrap().program;
+        let train = select_train(program, None).unwrap();
+        let dataset = Dataset::load(&train.data, path.parent().unwrap()).unwrap();
+        let mut trainer = Trainer::new(train.clone(), program.rules.clone(), dataset, 7, 100);
+        trainer.set_resident(resident).unwrap();
+        trainer
+    }
+
+    #[test]
+    fn resident_steps_give_the_host_steps_numbers_and_sync_back_to_the_host() {
+        for (example, steps) in [("digits_mlp.curv", 12), ("optimizers/adan.curv", 6), ("optimizers/sgd.curv", 5)] {
+            let mut host = trainer_for(example, false);
+            let mut resident = trainer_for(example, true);
+            let mut resident_after = Vec::new();
+            for _ in 0..steps {
+                let expected = host.train_step().unwrap();
+                let got = resident.train_step().unwrap();
+                assert_eq!(expected.metrics.loss.to_bits(), got.metrics.loss.to_bits(), "{example} step {}", got.step);
+                assert_eq!(expected.skipped, got.skipped);
+                resident_after.push(resident.is_resident());
+            }
+            // The first step makes the states on the host; the later ones are resident.
+            assert!(!resident_after[0], "{example}: the first step runs on the host");
+            assert!(resident_after[1..].iter().all(|&on| on), "{example}: {resident_after:?}");
+            assert!(!host.is_resident());
+            // An evaluation reads the resident parameters where they are.
+            let (expected, got) = (host.evaluate_test().unwrap(), resident.evaluate_test().unwrap());
+            assert_eq!(expected.map(|metrics| metrics.loss.to_bits()), got.map(|metrics| metrics.loss.to_bits()));
+            resident.sync_to_host().unwrap();
+            assert_eq!(host.params, resident.params, "{example}: parameters");
+            assert_eq!(host.states, resident.states, "{example}: states");
+            // After a sync, the host values are current, and the run goes on resident.
+            assert_eq!(resident.is_resident(), resident_after[steps - 1]);
+            host.train_step().unwrap();
+            resident.train_step().unwrap();
+            // Back to host steps, and resident again.
+            resident.set_resident(false).unwrap();
+            assert!(!resident.is_resident());
+            assert_eq!(host.params, resident.params, "{example}: parameters after one more step");
+            host.train_step().unwrap();
+            resident.train_step().unwrap();
+            assert!(!resident.is_resident());
+            resident.set_resident(true).unwrap();
+            host.train_step().unwrap();
+            resident.train_step().unwrap();
+            assert!(resident.is_resident());
+            resident.sync_to_host().unwrap();
+            assert_eq!(host.params, resident.params, "{example}: parameters after the crossings");
+            assert_eq!(host.states, resident.states, "{example}: states after the crossings");
+        }
+    }
+
+    #[test]
+    fn a_resident_step_that_goes_non_finite_reports_and_rolls_back_as_a_host_step_does() {
+        for policy in [NonFinitePolicy::Skip, NonFinitePolicy::Stop] {
+            let mut host = trainer_for("digits_mlp.curv", false);
+            let mut resident = trainer_for("digits_mlp.curv", true);
+            for trainer in [&mut host, &mut resident] {
+                trainer.policy = policy;
+                trainer.train_step().unwrap();
+                trainer.train_step().unwrap();
+                // A learning rate beyond f32's range: the update is infinite.
+                trainer.program.optimizer.lr = 1e39;
+            }
+            assert!(resident.is_resident());
+            let (expected, got) = (host.train_step(), resident.train_step());
+            match (&expected, &got) {
+                (Ok(expected), Ok(got)) => {
+                    assert_eq!(expected.skipped, got.skipped);
+                    assert!(
+                        got.skipped.as_deref().is_some_and(|what| what.contains("not finite at flat index")),
+                        "{got:?}"
+                    );
+                }
+                (Err(expected), Err(got)) => assert_eq!(expected.to_string(), got.to_string()),
+                _ => panic!("{expected:?} against {got:?}"),
+            }
+            assert_eq!(host.step, resident.step);
+            resident.sync_to_host().unwrap();
+            assert_eq!(host.params, resident.params, "the parameters are those before the step");
+            assert_eq!(host.states, resident.states, "the states are those before the step");
+        }
+    }
 
     #[test]
     fn a_rule_function_is_located_in_its_module_and_every_other_in_the_users_file() {

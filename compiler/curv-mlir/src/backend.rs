@@ -4,9 +4,10 @@
 
 use crate::jit::{compile, compile_for_cuda, CompiledFunction};
 use crate::lower::lower_function_with_locations;
-use curv_interp::{Inputs, Value};
+use curv_interp::{DeviceStorage, Inputs, Resident, Storage, Tensor, Value};
 use curv_ir::Function;
-use curv_runtime::compiled::{bindings_from_inputs, call_compiled};
+use curv_runtime::backend::Output;
+use curv_runtime::compiled::{bindings_from_inputs, call_compiled_keeping, DeviceAllocator};
 use curv_runtime::Backend;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -90,60 +91,122 @@ impl Backend<f32> for MlirBackend {
         function: &Function,
         inputs: &Inputs<f32>,
     ) -> Result<Vec<(String, Value<f32>)>, String> {
+        self.outputs_keeping(key, function, inputs, &|_| false)?
+            .into_iter()
+            .map(|(name, output)| match output {
+                Output::Value(value) => Ok((name, value)),
+                Output::Resident(_) => Err(format!("the output `{name}` was kept resident unasked")),
+            })
+            .collect()
+    }
+
+    fn keeps_resident(&self) -> bool {
+        self.gpu.is_some()
+    }
+
+    fn outputs_keeping(
+        &self,
+        key: &str,
+        function: &Function,
+        inputs: &Inputs<f32>,
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<Vec<(String, Output<f32>)>, String> {
         let bindings = bindings_from_inputs(function, inputs);
         let cache_key = curv_ir::abi::kernel_key(key, &bindings);
         let mut compiled = self.compiled.borrow_mut();
         if !compiled.contains_key(&cache_key) {
-            let started = std::time::Instant::now();
-            // Cached kernels live in their own shared objects and share one name.
-            let name = if self.cache.is_some() {
-                crate::cache::KERNEL_NAME.to_string()
-            } else {
-                format!("kernel_{}", compiled.len())
-            };
-            // On the GPU the kernels carry their source locations, which their PTX keeps.
-            let locate =
-                |span: curv_grammar::Span| self.locate.as_ref().map_or(String::new(), |locate| locate(key, span.start));
-            let located = (self.gpu.is_some() && self.locate.is_some())
-                .then_some(&locate as &dyn Fn(curv_grammar::Span) -> String);
-            let entry = match lower_function_with_locations(function, &name, &bindings, located) {
-                Ok((text, signature)) if self.gpu.is_some() => Entry::Compiled(
-                    compile_for_cuda(
-                        &text,
-                        &name,
-                        signature,
-                        self.gpu.unwrap_or(crate::gpu::GpuTarget::Sm90),
-                        self.optimization_level,
-                    )
-                    .map_err(|error| error.message)?,
-                ),
-                Ok((text, signature)) => {
-                    let cached =
-                        self.cache.as_ref().and_then(|cache| cache.load_or_build(&text, self.optimization_level).ok());
-                    match cached {
-                        Some((kernel, _)) => Entry::Cached(kernel, signature),
-                        None => Entry::Compiled(
-                            compile(&text, &name, signature, self.optimization_level).map_err(|error| error.message)?,
-                        ),
-                    }
-                }
-                Err(error) => {
-                    eprintln!("note: {}; `{key}` runs on the reference interpreter", error.message);
-                    Entry::Interpreted
-                }
-            };
+            let entry = self.compile_entry(key, function, &bindings, compiled.len())?;
             compiled.insert(cache_key.clone(), entry);
-            self.compile_seconds.set(self.compile_seconds.get() + started.elapsed().as_secs_f64());
         }
+        let allocate = |elements: usize| -> Result<Box<dyn DeviceStorage<f32>>, String> {
+            let buffer = curv_cuda::ResidentBuffer::new(elements).map_err(|error| error.to_string())?;
+            Ok(Box::new(buffer))
+        };
+        let device: DeviceAllocator = self.gpu.is_some().then_some(&allocate as _);
         match &compiled[&cache_key] {
-            Entry::Compiled(function) => call_compiled(&function.signature, inputs, &mut |slots| {
-                function.call_packed(slots).map_err(|error| error.message)
-            }),
-            Entry::Cached(kernel, signature) => call_compiled(signature, inputs, &mut |slots| {
-                kernel.call_packed(slots);
-                Ok(())
-            }),
-            Entry::Interpreted => curv_runtime::Interpreter.outputs(key, function, inputs),
+            Entry::Compiled(function) => {
+                call_compiled_keeping(&function.signature, inputs, keep, device, &mut |slots, on_device| {
+                    function.call_packed_resident(slots, on_device).map_err(|error| error.message)
+                })
+            }
+            Entry::Cached(kernel, signature) => {
+                call_compiled_keeping(signature, inputs, keep, None, &mut |slots, on_device| {
+                    if on_device.iter().any(|&resident| resident) {
+                        return Err("a CPU kernel cannot read device memory".to_string());
+                    }
+                    kernel.call_packed(slots);
+                    Ok(())
+                })
+            }
+            Entry::Interpreted => {
+                // The interpreter reads resident tensors through host copies; the kept outputs
+                // are uploaded back.
+                let outputs = curv_runtime::Interpreter.outputs(key, function, inputs)?;
+                outputs
+                    .into_iter()
+                    .map(|(name, value)| match value {
+                        Value::Real(tensor) if keep(&name) => Ok((name, Output::Resident(self.upload(tensor)?))),
+                        value => Ok((name, Output::Value(value))),
+                    })
+                    .collect()
+            }
         }
+    }
+
+    fn upload(&self, tensor: Tensor<f32>) -> Result<Resident<f32>, String> {
+        if self.gpu.is_none() {
+            return Ok(Resident::host(tensor.shape, tensor.data));
+        }
+        let buffer = curv_cuda::ResidentBuffer::copy_of(&tensor.data).map_err(|error| error.to_string())?;
+        Ok(Resident { shape: tensor.shape, storage: Storage::Device(Box::new(buffer)) })
+    }
+}
+
+impl MlirBackend {
+    /// Lowers and compiles `function` for the call of `key` with `bindings` (the `count`-th
+    /// function of the backend), or picks the interpreter for it.
+    fn compile_entry(
+        &self,
+        key: &str,
+        function: &Function,
+        bindings: &HashMap<String, i64>,
+        count: usize,
+    ) -> Result<Entry, String> {
+        let started = std::time::Instant::now();
+        // Cached kernels live in their own shared objects and share one name.
+        let name = if self.cache.is_some() { crate::cache::KERNEL_NAME.to_string() } else { format!("kernel_{count}") };
+        // On the GPU the kernels carry their source locations, which their PTX keeps.
+        let locate =
+            |span: curv_grammar::Span| self.locate.as_ref().map_or(String::new(), |locate| locate(key, span.start));
+        let located =
+            (self.gpu.is_some() && self.locate.is_some()).then_some(&locate as &dyn Fn(curv_grammar::Span) -> String);
+        let entry = match lower_function_with_locations(function, &name, bindings, located) {
+            Ok((text, signature)) if self.gpu.is_some() => Entry::Compiled(
+                compile_for_cuda(
+                    &text,
+                    &name,
+                    signature,
+                    self.gpu.unwrap_or(crate::gpu::GpuTarget::Sm90),
+                    self.optimization_level,
+                )
+                .map_err(|error| error.message)?,
+            ),
+            Ok((text, signature)) => {
+                let cached =
+                    self.cache.as_ref().and_then(|cache| cache.load_or_build(&text, self.optimization_level).ok());
+                match cached {
+                    Some((kernel, _)) => Entry::Cached(kernel, signature),
+                    None => Entry::Compiled(
+                        compile(&text, &name, signature, self.optimization_level).map_err(|error| error.message)?,
+                    ),
+                }
+            }
+            Err(error) => {
+                eprintln!("note: {}; `{key}` runs on the reference interpreter", error.message);
+                Entry::Interpreted
+            }
+        };
+        self.compile_seconds.set(self.compile_seconds.get() + started.elapsed().as_secs_f64());
+        Ok(entry)
     }
 }

@@ -312,6 +312,15 @@ impl CompiledFunction {
     /// Calls the function with packed arguments: one pointer per argument then per output, each
     /// pointing at the pointer to a memref descriptor (see `curv_runtime::compiled`).
     pub fn call_packed(&self, slots: &mut [*mut ()]) -> Result<(), MlirError> {
+        self.call_packed_resident(slots, &vec![false; slots.len()])
+    }
+
+    /// [`CompiledFunction::call_packed`] where `on_device` marks the buffers already in device
+    /// memory (resident tensors), which a GPU call uses where they are. A CPU function takes none.
+    pub fn call_packed_resident(&self, slots: &mut [*mut ()], on_device: &[bool]) -> Result<(), MlirError> {
+        if self.device != Device::Cuda && on_device.iter().any(|&resident| resident) {
+            return Err(MlirError { message: format!("`{}` runs on the CPU, not on device memory", self.name) });
+        }
         let expected = self.signature.arguments.len() + self.signature.outputs.len();
         if slots.len() != expected {
             return Err(MlirError {
@@ -319,7 +328,7 @@ impl CompiledFunction {
             });
         }
         if self.device == Device::Cuda {
-            return self.call_packed_on_gpu(slots);
+            return self.call_packed_on_gpu(slots, on_device);
         }
         unsafe { self.engine.invoke_packed(&self.name, slots) }
             .map_err(|error| MlirError { message: format!("calling `{}`: {error}", self.name) })
@@ -337,12 +346,12 @@ impl CompiledFunction {
     }
 
     /// A call on the GPU, through `curv_cuda::call_staged`.
-    fn call_packed_on_gpu(&self, slots: &mut [*mut ()]) -> Result<(), MlirError> {
+    fn call_packed_on_gpu(&self, slots: &mut [*mut ()], on_device: &[bool]) -> Result<(), MlirError> {
         let layouts = self.buffer_layouts();
         let first_output = self.signature.arguments.len();
         // SAFETY: the slots are packed memref descriptors of the signature's shapes.
         unsafe {
-            curv_cuda::call_staged(&layouts, first_output, slots, &mut |slots| {
+            curv_cuda::call_staged(&layouts, first_output, on_device, slots, &mut |slots| {
                 self.engine.invoke_packed(&self.name, slots).map_err(|error| error.to_string())
             })
         }
@@ -381,7 +390,7 @@ impl CompiledFunction {
         // The C interface takes a pointer to each memref descriptor; `invoke_packed` takes a
         // pointer to each argument, hence a pointer to the descriptor pointer.
         if self.device == Device::Cuda {
-            return self.call_packed_on_gpu(&mut slots);
+            return self.call_packed_on_gpu(&mut slots, &vec![false; buffers.len()]);
         }
         unsafe { self.engine.invoke_packed(&self.name, &mut slots) }
             .map_err(|error| MlirError { message: format!("calling `{}`: {error}", self.name) })

@@ -668,7 +668,8 @@ impl Drop for ManagedBuffer {
 /// managed staging buffer (the arguments copied in), the descriptors point at them during
 /// `invoke`, the outputs (from `first_output` on) are copied back once the device has finished, and the first error of
 /// the runtime functions is the call's error. `layouts` gives each buffer's shape and element
-/// size. The copies go through the driver ([`copy_in`], [`copy_out`]), so a staging buffer's
+/// size; `on_device` marks the buffers already in device memory (resident tensors, as
+/// [`ResidentBuffer`]s), which are neither staged nor copied: the descriptor points at them. The copies go through the driver ([`copy_in`], [`copy_out`]), so a staging buffer's
 /// pages stay on the device, and staging buffers are kept for the next call of the same sizes.
 ///
 /// # Safety
@@ -677,17 +678,20 @@ impl Drop for ManagedBuffer {
 pub unsafe fn call_staged(
     layouts: &[(Vec<i64>, usize)],
     first_output: usize,
+    on_device: &[bool],
     slots: &mut [*mut ()],
     invoke: &mut dyn FnMut(&mut [*mut ()]) -> Result<(), String>,
 ) -> Result<(), String> {
-    if layouts.len() != slots.len() {
+    if layouts.len() != slots.len() || on_device.len() != slots.len() {
         return Err(format!("{} buffers for {} layouts", slots.len(), layouts.len()));
     }
     let started = std::time::Instant::now();
     // Every staging buffer first, so that a failed allocation leaves the descriptors untouched.
+    // A buffer already in device memory (a resident tensor) is used where it is: it gets an
+    // empty staging buffer, which nothing copies to or from and no descriptor points at.
     let mut staged = Vec::with_capacity(slots.len());
-    for (shape, element_bytes) in layouts {
-        let bytes = shape.iter().product::<i64>().max(0) as usize * element_bytes;
+    for ((shape, element_bytes), &resident) in layouts.iter().zip(on_device) {
+        let bytes = if resident { 0 } else { shape.iter().product::<i64>().max(0) as usize * element_bytes };
         match take_buffer(Pool::Staging, bytes) {
             Ok(buffer) => staged.push(buffer),
             Err(error) => {
@@ -700,6 +704,9 @@ pub unsafe fn call_staged(
     // descriptor points at its staging buffer.
     let mut originals = Vec::with_capacity(slots.len());
     for (position, ((slot, (_, element_bytes)), buffer)) in slots.iter().zip(layouts).zip(&staged).enumerate() {
+        if on_device[position] {
+            continue;
+        }
         let descriptor = *(*slot as *mut *mut i64);
         let (aligned, offset) = (*descriptor.add(1) as *mut u8, *descriptor.add(2));
         if position < first_output {
@@ -731,16 +738,24 @@ pub unsafe fn call_staged(
         return Err(message);
     }
     synchronised.map_err(|error| error.to_string())?;
-    let outputs = || originals.iter().zip(&staged).zip(layouts).skip(first_output);
+    // `originals` has an entry per staged buffer, in order; resident outputs are not copied out.
+    let staged_positions: Vec<usize> = (0..slots.len()).filter(|&position| !on_device[position]).collect();
+    let outputs = || {
+        originals
+            .iter()
+            .zip(&staged_positions)
+            .filter(|(_, &position)| position >= first_output)
+            .map(|(original, &position)| (original, (&staged[position], &layouts[position])))
+    };
     let host = |descriptor: *mut i64, element_bytes: usize| {
         (*descriptor.add(1) as *mut u8).add(*descriptor.add(2) as usize * element_bytes)
     };
-    for (((descriptor, _), buffer), (_, element_bytes)) in outputs() {
+    for ((descriptor, _), (buffer, (_, element_bytes))) in outputs() {
         copy_out(buffer, host(*descriptor, *element_bytes));
     }
     // One wait for all the copies out; if it fails, the CPU copies them instead.
     if synchronize().is_err() {
-        for (((descriptor, _), buffer), (_, element_bytes)) in outputs() {
+        for ((descriptor, _), (buffer, (_, element_bytes))) in outputs() {
             std::ptr::copy_nonoverlapping(buffer.as_slice().as_ptr(), host(*descriptor, *element_bytes), buffer.len());
         }
     }
@@ -801,6 +816,65 @@ unsafe fn copy_out(buffer: &ManagedBuffer, host: *mut u8) {
     if copied != Ok(cu::CUresult::CUDA_SUCCESS) {
         let _ = synchronize();
         std::ptr::copy_nonoverlapping(buffer.as_slice().as_ptr(), host, buffer.len());
+    }
+}
+
+/// The device memory of a resident tensor of `f32`s (`curv_interp::Resident`): a managed buffer
+/// from its own pool, which kernels read and write where it is, and which goes back to the pool
+/// when the tensor is dropped. The host reads it only through [`ResidentBuffer::read`], so its
+/// pages stay on the device.
+pub struct ResidentBuffer {
+    buffer: Option<ManagedBuffer>,
+    elements: usize,
+}
+
+impl ResidentBuffer {
+    /// Device memory for `elements` floats, with unspecified contents (a kernel's output).
+    pub fn new(elements: usize) -> Result<ResidentBuffer, CudaError> {
+        let buffer = take_buffer(Pool::Resident, elements * 4)?;
+        Ok(ResidentBuffer { buffer: Some(buffer), elements })
+    }
+
+    /// Device memory holding a copy of `data` (an upload, which has landed when this returns).
+    pub fn copy_of(data: &[f32]) -> Result<ResidentBuffer, CudaError> {
+        let resident = ResidentBuffer::new(data.len())?;
+        if !data.is_empty() {
+            // SAFETY: the buffer holds `data.len()` floats of device-accessible memory.
+            unsafe { copy_to_device(resident.address(), data.as_ptr() as *const u8, data.len() * 4)? };
+        }
+        Ok(resident)
+    }
+
+    fn address(&self) -> *mut u8 {
+        self.buffer.as_ref().map_or(std::ptr::null_mut(), ManagedBuffer::as_mut_ptr)
+    }
+}
+
+impl curv_interp::DeviceStorage<f32> for ResidentBuffer {
+    fn address(&self) -> *mut u8 {
+        ResidentBuffer::address(self)
+    }
+
+    fn len(&self) -> usize {
+        self.elements
+    }
+
+    fn read(&self) -> Result<Vec<f32>, String> {
+        let mut data = vec![0.0f32; self.elements];
+        if self.elements > 0 {
+            // SAFETY: both sides hold `elements` floats; the copy waits for the device's work.
+            unsafe { copy_to_host(data.as_mut_ptr() as *mut u8, self.address(), self.elements * 4) }
+                .map_err(|error| error.to_string())?;
+        }
+        Ok(data)
+    }
+}
+
+impl Drop for ResidentBuffer {
+    fn drop(&mut self) {
+        if let Some(buffer) = self.buffer.take() {
+            give_back(Pool::Resident, buffer);
+        }
     }
 }
 
@@ -867,17 +941,20 @@ pub fn copy_seconds(bytes: usize, calls: usize) -> Result<f64, CudaError> {
 }
 
 /// Buffers kept for the next call, by size (a training step calls the same functions with the
-/// same shapes every time), up to [`POOL_LIMIT_BYTES`] in each of two pools: the staging buffers
-/// of [`call_staged`] and the intermediate buffers of generated code. Apart, because the host
+/// same shapes every time), up to [`POOL_LIMIT_BYTES`] in each of three pools: the staging buffers
+/// of [`call_staged`], the intermediate buffers of generated code and the buffers of resident
+/// tensors. Apart, because the host
 /// reads and writes staging buffers through the driver's copies, and an intermediate buffer
 /// should never have a page anywhere but on the device.
 #[derive(Clone, Copy)]
 enum Pool {
     Staging,
     Intermediate,
+    /// The buffers of resident tensors ([`ResidentBuffer`]).
+    Resident,
 }
 
-static POOLS: [Mutex<Vec<ManagedBuffer>>; 2] = [Mutex::new(Vec::new()), Mutex::new(Vec::new())];
+static POOLS: [Mutex<Vec<ManagedBuffer>>; 3] = [Mutex::new(Vec::new()), Mutex::new(Vec::new()), Mutex::new(Vec::new())];
 const POOL_LIMIT_BYTES: usize = 4 << 30;
 
 /// A buffer of `bytes` from `pool`, or a fresh one, whose pages are then moved to the device

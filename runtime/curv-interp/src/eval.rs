@@ -1,6 +1,7 @@
 //! Evaluation of one IR function, instruction by instruction, written for clarity.
 
 use crate::real::Real;
+use crate::resident::{Resident, Slot};
 use crate::tensor::{for_each_index, strides, Tensor};
 use curv_ir::{BinaryOp, Dim, Function, Op, ReduceOp, TensorType, UnaryOp};
 use std::collections::HashMap;
@@ -69,6 +70,18 @@ pub struct Inputs<'a, T> {
     pub step: f64,
     /// `Op::Statistic` values by kind, for the parameter being updated.
     pub statistics: HashMap<String, Tensor<T>>,
+    /// Resident tensors ([`Resident`]), each in place of the parameter, input or data field its
+    /// slot names (which then need no value above).
+    pub resident: Vec<ResidentInput<'a, T>>,
+}
+
+/// A resident tensor in place of a slot, seen with `shape` (its own, or a flat view of it: a
+/// rule's functions take their tensors flat).
+#[derive(Debug, Clone)]
+pub struct ResidentInput<'a, T> {
+    pub slot: Slot,
+    pub tensor: &'a Resident<T>,
+    pub shape: Vec<usize>,
 }
 
 impl<T> Default for Inputs<'_, T> {
@@ -81,6 +94,7 @@ impl<T> Default for Inputs<'_, T> {
             hyperparameters: HashMap::new(),
             step: 0.0,
             statistics: HashMap::new(),
+            resident: Vec::new(),
         }
     }
 }
@@ -92,6 +106,23 @@ impl<'a, T> Inputs<'a, T> {
             Some(lent) => Some(InputRef::Lent(lent)),
             None => self.inputs.get(position).map(InputRef::Value),
         }
+    }
+
+    /// The resident tensor in place of `slot`, if there is one.
+    pub fn resident(&self, slot: &Slot) -> Option<&ResidentInput<'a, T>> {
+        self.resident.iter().find(|input| input.slot == *slot)
+    }
+
+    /// Puts the resident `tensor` in place of `slot`, with its own shape.
+    pub fn lend_resident(&mut self, slot: Slot, tensor: &'a Resident<T>) {
+        let shape = tensor.shape.clone();
+        self.lend_resident_as(slot, tensor, shape);
+    }
+
+    /// Puts the resident `tensor` in place of `slot`, seen with `shape` (of as many elements).
+    pub fn lend_resident_as(&mut self, slot: Slot, tensor: &'a Resident<T>, shape: Vec<usize>) {
+        self.resident.retain(|input| input.slot != slot);
+        self.resident.push(ResidentInput { slot, tensor, shape });
     }
 
     /// Lends `data` (of `shape`) as the `Op::Input` at `position`, which must already hold a
@@ -194,6 +225,16 @@ impl<T: Real> Evaluator<'_, T> {
         Ok(())
     }
 
+    /// A copy of the resident tensor in place of `slot`, on the host.
+    fn resident_value(&self, slot: &Slot) -> Result<Value<T>, String> {
+        let input = self.inputs.resident(slot).ok_or_else(|| format!("{slot:?} is not resident"))?;
+        let data = input.tensor.host_data()?.into_owned();
+        if input.shape.iter().product::<usize>() != data.len() {
+            return Err(format!("{slot:?}: a view of shape {:?} of {} elements", input.shape, data.len()));
+        }
+        Ok(Value::Real(Tensor::new(input.shape.clone(), data)))
+    }
+
     fn external(&mut self, ty: &TensorType, value: Option<Value<T>>, what: String) -> Result<Value<T>, String> {
         let value = value.ok_or_else(|| format!("{what} was not provided"))?;
         self.bind(ty, value.shape())?;
@@ -204,6 +245,20 @@ impl<T: Real> Evaluator<'_, T> {
         let inst = &self.function.insts[index];
         let ty = &inst.ty;
         match &inst.op {
+            Op::Input { index: position, name } if self.inputs.resident(&Slot::Input(*position)).is_some() => {
+                let value = self.resident_value(&Slot::Input(*position))?;
+                self.external(ty, Some(value), format!("input {position} `{name}`"))
+            }
+            Op::Param { index: param } if self.inputs.resident(&Slot::Param(*param)).is_some() => {
+                let value = self.resident_value(&Slot::Param(*param))?;
+                self.external(ty, Some(value), format!("parameter #{param}"))
+            }
+            Op::Data { source, field }
+                if self.inputs.resident(&Slot::Data(source.clone(), field.clone())).is_some() =>
+            {
+                let value = self.resident_value(&Slot::Data(source.clone(), field.clone()))?;
+                self.external(ty, Some(value), format!("data `{source}.{field}`"))
+            }
             Op::Input { index: position, name } => {
                 let value = match self.inputs.input(*position) {
                     Some(InputRef::Value(value)) => Some(value.clone()),

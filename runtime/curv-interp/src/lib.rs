@@ -6,11 +6,13 @@
 
 mod eval;
 mod real;
+mod resident;
 mod tensor;
 
 pub use eval::{
     argmax, binary, broadcast, conv2d, conv2d_kernel_gradient, evaluate, evaluate_outputs, matmul, reduce, transpose,
-    unary, EvalError, InputRef, Inputs, Lent, Value,
+    unary, EvalError, InputRef, Inputs, Lent, ResidentInput, Value,
 };
 pub use real::Real;
+pub use resident::{DeviceStorage, Resident, Slot, Storage};
 pub use tensor::{for_each_index, strides, Tensor, TensorRef};

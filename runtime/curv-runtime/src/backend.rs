@@ -1,7 +1,7 @@
 //! Where IR functions are evaluated: the reference interpreter, or code compiled by a backend
 //! (the MLIR CPU backend lives in `curv-mlir`, which implements [`Backend`] for `f32`).
 
-use curv_interp::{evaluate_outputs, Inputs, Real, Value};
+use curv_interp::{evaluate_outputs, Inputs, Real, Resident, Tensor, Value};
 use curv_ir::Function;
 
 /// Evaluates IR functions for the training loop.
@@ -22,6 +22,47 @@ pub trait Backend<T: Real> {
     /// byte offset of one of its spans: `"file.curv":12:5`), for errors that name where a
     /// failing kernel comes from. A backend without such errors ignores it.
     fn locate_sources(&mut self, _locate: SourceLocator) {}
+
+    /// Whether a trainer gains by keeping its parameters, states and gradients resident: the
+    /// backend computes away from the host (a GPU) and reads resident tensors where it keeps
+    /// them. The methods below work on any backend (the defaults through host copies).
+    fn keeps_resident(&self) -> bool {
+        false
+    }
+
+    /// The named outputs of `function` on `inputs`, which may hold resident tensors
+    /// (`Inputs::resident`), with the outputs `keep` names kept resident.
+    fn outputs_keeping(
+        &self,
+        key: &str,
+        function: &Function,
+        inputs: &Inputs<T>,
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<Vec<(String, Output<T>)>, String> {
+        let outputs = self.outputs(key, function, inputs)?;
+        Ok(outputs
+            .into_iter()
+            .map(|(name, value)| match value {
+                Value::Real(tensor) if keep(&name) => {
+                    let resident = Resident::host(tensor.shape, tensor.data);
+                    (name, Output::Resident(resident))
+                }
+                value => (name, Output::Value(value)),
+            })
+            .collect())
+    }
+
+    /// A resident copy of `tensor`, where the backend computes.
+    fn upload(&self, tensor: Tensor<T>) -> Result<Resident<T>, String> {
+        Ok(Resident::host(tensor.shape, tensor.data))
+    }
+}
+
+/// An output of an evaluation: a value on the host, or a tensor kept resident.
+#[derive(Debug)]
+pub enum Output<T> {
+    Value(Value<T>),
+    Resident(Resident<T>),
 }
 
 /// A function's key and a byte offset of one of its spans, to an MLIR location
@@ -68,8 +109,58 @@ pub mod keys {
         format!("rule {rule} block {block} group {}", sizes.join(","))
     }
 
+    /// The check that tensors of `shapes` are finite ([`super::finiteness_function`]).
+    pub fn finiteness(shapes: &[Vec<usize>]) -> String {
+        let shapes: Vec<String> =
+            shapes.iter().map(|shape| shape.iter().map(usize::to_string).collect::<Vec<_>>().join("x")).collect();
+        format!("finite {}", shapes.join(","))
+    }
+
     /// The `block`-th `every` block of `rule` for a parameter of `size` elements.
     pub fn rule_block(rule: &str, block: usize, size: usize) -> String {
         format!("rule {rule} block {block} {size}")
     }
+}
+
+/// The check that a resident training step makes of its gradients and of its updated parameters
+/// where they are: one `f32` input per tensor of `shapes`, and one scalar output `finite`, the sum
+/// of `x - x` over every element of every input, which is 0 when they are all finite and NaN as
+/// soon as one is infinite or NaN (the lowering uses no fast-math flags, so `x - x` is not folded).
+/// Each input is flattened first, so that the GPU lowering splits its sum into parallel parts.
+pub fn finiteness_function(shapes: &[Vec<usize>]) -> Function {
+    use curv_ir::{BinaryOp, DType, Op, ReduceOp, TensorType};
+    // No source: the check is the runtime's own.
+    let span = Default::default();
+    let mut function = Function::new("finite");
+    let mut total = None;
+    for (index, shape) in shapes.iter().enumerate() {
+        let dims: Vec<i64> = shape.iter().map(|&size| size as i64).collect();
+        let count: i64 = dims.iter().product();
+        let input = function.push(
+            Op::Input { index, name: format!("x{index}") },
+            Vec::new(),
+            TensorType::known(DType::F32, &dims),
+            span,
+        );
+        let flat = TensorType::known(DType::F32, &[count]);
+        let flat_input = function.push(Op::Reshape, vec![input], flat.clone(), span);
+        let difference = function.push(Op::Binary(BinaryOp::Sub), vec![flat_input, flat_input], flat, span);
+        let sum = function.push(
+            Op::Reduce { op: ReduceOp::Sum, axes: vec![0] },
+            vec![difference],
+            TensorType::scalar(DType::F32),
+            span,
+        );
+        total = Some(match total {
+            None => sum,
+            Some(previous) => {
+                function.push(Op::Binary(BinaryOp::Add), vec![previous, sum], TensorType::scalar(DType::F32), span)
+            }
+        });
+    }
+    let total = total.unwrap_or_else(|| {
+        function.push(Op::Constant { value: 0.0 }, Vec::new(), TensorType::scalar(DType::F32), span)
+    });
+    function.outputs.push(("finite".to_string(), total));
+    function
 }

@@ -3,7 +3,8 @@
 //! following `curv_ir::abi`. The JIT of `curv-mlir` and the standalone trainers of `curv build`
 //! both call through here.
 
-use curv_interp::{InputRef, Inputs, Tensor, Value};
+use crate::backend::Output;
+use curv_interp::{DeviceStorage, InputRef, Inputs, Resident, Slot, Storage, Tensor, Value};
 use curv_ir::abi::Signature;
 use curv_ir::{DType, Dim, Function, Op};
 use std::collections::HashMap;
@@ -13,6 +14,12 @@ pub fn bindings_from_inputs(function: &Function, inputs: &Inputs<f32>) -> HashMa
     let mut bindings = HashMap::new();
     for inst in &function.insts {
         let shape: Option<Vec<usize>> = match &inst.op {
+            Op::Input { index, .. } if inputs.resident(&Slot::Input(*index)).is_some() => {
+                inputs.resident(&Slot::Input(*index)).map(|resident| resident.shape.clone())
+            }
+            Op::Param { index } if inputs.resident(&Slot::Param(*index)).is_some() => {
+                inputs.resident(&Slot::Param(*index)).map(|resident| resident.shape.clone())
+            }
             Op::Input { index, .. } => inputs.input(*index).map(|input| match input {
                 InputRef::Value(value) => value.shape().to_vec(),
                 InputRef::Lent(lent) => lent.shape.clone(),
@@ -58,6 +65,8 @@ enum ArgumentData<'a> {
     F32(&'a [f32]),
     I32(&'a [i32]),
     Made(Owned),
+    /// A resident tensor in device memory: its address and element count.
+    Device(*mut u8, usize),
 }
 
 impl ArgumentData<'_> {
@@ -70,6 +79,7 @@ impl ArgumentData<'_> {
             ArgumentData::F32(values) => values.as_ptr() as *mut u8,
             ArgumentData::I32(values) => values.as_ptr() as *mut u8,
             ArgumentData::Made(owned) => owned.pointer(),
+            ArgumentData::Device(address, _) => *address,
         }
     }
 
@@ -78,6 +88,7 @@ impl ArgumentData<'_> {
             ArgumentData::F32(values) => values.len(),
             ArgumentData::I32(values) => values.len(),
             ArgumentData::Made(owned) => owned.len(),
+            ArgumentData::Device(_, count) => *count,
         }
     }
 }
@@ -90,6 +101,22 @@ fn argument_data<'a>(op: &Op, inputs: &'a Inputs<'a, f32>) -> Result<ArgumentDat
             None => Err(format!("{what} was not provided")),
         }
     };
+    let slot = match op {
+        Op::Input { index, .. } => Some(Slot::Input(*index)),
+        Op::Param { index } => Some(Slot::Param(*index)),
+        Op::Data { source, field } => Some(Slot::Data(source.clone(), field.clone())),
+        _ => None,
+    };
+    // A resident tensor is read where the backend keeps it.
+    if let Some(resident) = slot.and_then(|slot| inputs.resident(&slot)) {
+        if resident.shape.iter().product::<usize>() != resident.tensor.len() {
+            return Err(format!("a view of shape {:?} of {} elements", resident.shape, resident.tensor.len()));
+        }
+        return Ok(match &resident.tensor.storage {
+            Storage::Host(data) => ArgumentData::F32(data),
+            Storage::Device(device) => ArgumentData::Device(device.address(), device.len()),
+        });
+    }
     match op {
         Op::Input { index, name } => match inputs.input(*index) {
             // A lent tensor is read where its owner keeps it.
@@ -135,15 +162,46 @@ pub fn descriptor(pointer: *mut u8, shape: &[i64]) -> Vec<i64> {
     words
 }
 
+/// Calls the compiled code on packed arguments (one pointer per argument then per output, each
+/// pointing at the pointer to its memref descriptor), with a flag per buffer that says whether it
+/// is in device memory already.
+pub type Invoke<'a> = dyn FnMut(&mut [*mut ()], &[bool]) -> Result<(), String> + 'a;
+
+/// Where a compiled call puts an output the caller keeps resident: `None` for host memory (a CPU
+/// backend), or a GPU backend's allocation of device memory for so many `f32` elements.
+pub type DeviceAllocator<'a> = Option<&'a dyn Fn(usize) -> Result<Box<dyn DeviceStorage<f32>>, String>>;
+
 /// Calls a compiled function with `inputs`: points descriptors at the argument tensors (no copy; see
-/// `ArgumentData::pointer`), allocates the
-/// outputs, and hands `invoke` the packed arguments (one pointer per argument, each pointing at
-/// the pointer to its memref descriptor), then collects the outputs by name.
+/// `ArgumentData::pointer`), allocates the outputs, and hands `invoke` the packed arguments (one
+/// pointer per argument, each pointing at the pointer to its memref descriptor), then collects the
+/// outputs by name.
 pub fn call_compiled(
     signature: &Signature,
     inputs: &Inputs<f32>,
-    invoke: &mut dyn FnMut(&mut [*mut ()]) -> Result<(), String>,
+    invoke: &mut Invoke,
 ) -> Result<Vec<(String, Value<f32>)>, String> {
+    let outputs = call_compiled_keeping(signature, inputs, &|_| false, None, invoke)?;
+    outputs
+        .into_iter()
+        .map(|(name, output)| match output {
+            Output::Value(value) => Ok((name, value)),
+            Output::Resident(_) => Err(format!("the output `{name}` was kept resident unasked")),
+        })
+        .collect()
+}
+
+/// [`call_compiled`] with resident tensors among the inputs (`Inputs::resident`) and the `f32`
+/// outputs that `keep` names kept resident: in host memory, or, with a `device` allocator, in
+/// device memory that the call writes where it is. `invoke` gets, with the packed arguments, one
+/// flag per argument and output saying whether it is in device memory already (a GPU call stages
+/// the others through the device, and leaves these where they are).
+pub fn call_compiled_keeping(
+    signature: &Signature,
+    inputs: &Inputs<f32>,
+    keep: &dyn Fn(&str) -> bool,
+    device: DeviceAllocator,
+    invoke: &mut Invoke,
+) -> Result<Vec<(String, Output<f32>)>, String> {
     let mut arguments: Vec<ArgumentData> = Vec::with_capacity(signature.arguments.len());
     for argument in &signature.arguments {
         let data = argument_data(&argument.op, inputs)?;
@@ -153,31 +211,52 @@ pub fn call_compiled(
         }
         arguments.push(data);
     }
-    let mut outputs: Vec<Owned> = Vec::with_capacity(signature.outputs.len());
-    for (_, shape, dtype) in &signature.outputs {
-        let count = shape.iter().product::<i64>() as usize;
-        outputs.push(if *dtype == DType::I32 { Owned::I32(vec![0; count]) } else { Owned::F32(output_buffer(count)) });
+    /// Where an output is written.
+    enum OutputData {
+        Host(Owned),
+        Device(Box<dyn DeviceStorage<f32>>),
     }
+    let mut outputs: Vec<(OutputData, bool)> = Vec::with_capacity(signature.outputs.len());
+    for (name, shape, dtype) in &signature.outputs {
+        let count = shape.iter().product::<i64>() as usize;
+        let kept = *dtype != DType::I32 && keep(name);
+        outputs.push(match (*dtype, kept, device) {
+            (DType::I32, _, _) => (OutputData::Host(Owned::I32(vec![0; count])), false),
+            (_, true, Some(allocate)) => (OutputData::Device(allocate(count)?), true),
+            (_, kept, _) => (OutputData::Host(Owned::F32(output_buffer(count))), kept),
+        });
+    }
+    let on_device: Vec<bool> = arguments
+        .iter()
+        .map(|data| matches!(data, ArgumentData::Device(..)))
+        .chain(outputs.iter().map(|(data, _)| matches!(data, OutputData::Device(_))))
+        .collect();
     let mut descriptors: Vec<Vec<i64>> = arguments
         .iter_mut()
         .zip(&signature.arguments)
         .map(|(data, argument)| descriptor(data.pointer(), &argument.shape))
-        .chain(
-            outputs.iter_mut().zip(&signature.outputs).map(|(data, (_, shape, _))| descriptor(data.pointer(), shape)),
-        )
+        .chain(outputs.iter_mut().zip(&signature.outputs).map(|((data, _), (_, shape, _))| {
+            let pointer = match data {
+                OutputData::Host(owned) => owned.pointer(),
+                OutputData::Device(storage) => storage.address(),
+            };
+            descriptor(pointer, shape)
+        }))
         .collect();
     let mut descriptor_pointers: Vec<*mut i64> = descriptors.iter_mut().map(|words| words.as_mut_ptr()).collect();
     let mut slots: Vec<*mut ()> =
         descriptor_pointers.iter_mut().map(|pointer| pointer as *mut *mut i64 as *mut ()).collect();
-    invoke(&mut slots)?;
+    invoke(&mut slots, &on_device)?;
     let mut results = Vec::with_capacity(signature.outputs.len());
-    for ((name, shape, _), data) in signature.outputs.iter().zip(outputs) {
+    for ((name, shape, _), (data, kept)) in signature.outputs.iter().zip(outputs) {
         let shape: Vec<usize> = shape.iter().map(|&size| size as usize).collect();
         results.push((
             name.clone(),
             match data {
-                Owned::F32(values) => Value::Real(Tensor::new(shape, values)),
-                Owned::I32(values) => Value::Int(Tensor::new(shape, values)),
+                OutputData::Host(Owned::F32(values)) if kept => Output::Resident(Resident::host(shape, values)),
+                OutputData::Host(Owned::F32(values)) => Output::Value(Value::Real(Tensor::new(shape, values))),
+                OutputData::Host(Owned::I32(values)) => Output::Value(Value::Int(Tensor::new(shape, values))),
+                OutputData::Device(storage) => Output::Resident(Resident { shape, storage: Storage::Device(storage) }),
             },
         ));
     }

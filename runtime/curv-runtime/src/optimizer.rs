@@ -518,15 +518,25 @@ pub fn finish_matrix_update<T: Real>(
 /// The hyperparameters a rule's functions read: the plan's numeric options, `lr` and `batch`,
 /// and the step.
 fn rule_hyperparameters<T: Real>(plan: &ParamPlan, inputs: &UpdateInputs<T>) -> Inputs<'static, T> {
+    rule_hyperparameters_at(plan, inputs.learning_rate, inputs.batch, inputs.step)
+}
+
+/// The hyperparameters and step a rule's functions read, for `plan` at `step`.
+pub(crate) fn rule_hyperparameters_at<'a, T: Real>(
+    plan: &ParamPlan,
+    learning_rate: f64,
+    batch: usize,
+    step: u64,
+) -> Inputs<'a, T> {
     let mut base = Inputs::<T>::default();
     for (name, value) in &plan.options {
         if let curv_ir::OptionValue::Number(number) = value {
             base.hyperparameters.insert(name.clone(), *number);
         }
     }
-    base.hyperparameters.insert("lr".to_string(), inputs.learning_rate);
-    base.hyperparameters.insert("batch".to_string(), inputs.batch as f64);
-    base.step = inputs.step as f64;
+    base.hyperparameters.insert("lr".to_string(), learning_rate);
+    base.hyperparameters.insert("batch".to_string(), batch as f64);
+    base.step = step as f64;
     base
 }
 

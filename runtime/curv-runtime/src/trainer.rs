@@ -11,6 +11,8 @@ use curv_interp::{Inputs, Real, Tensor, TensorRef, Value};
 use curv_ir::{Function, LossKind, Op, RuleProgram, TrainProgram};
 use std::collections::{BTreeSet, HashMap};
 
+mod resident;
+
 /// What to do when a loss, gradient, statistic or updated parameter is not finite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NonFinitePolicy {
@@ -57,6 +59,8 @@ pub struct Trainer<T> {
     pub program: TrainProgram,
     pub rules: Vec<RuleProgram>,
     pub dataset: Dataset,
+    /// The parameters and their optimizer states. After a resident step (see
+    /// [`Trainer::set_resident`]) they are stale until [`Trainer::sync_to_host`].
     pub params: Vec<Tensor<T>>,
     pub states: Vec<ParamState<T>>,
     /// The number of completed steps.
@@ -77,6 +81,10 @@ pub struct Trainer<T> {
     pub autodiff_seconds: f64,
     /// Parameters whose rule updates run as one multi-parameter kernel per block.
     groups: Vec<crate::optimizer::RuleGroup>,
+    /// Whether steps keep their tensors resident where they can ([`Trainer::set_resident`]).
+    resident_enabled: bool,
+    /// The resident parameters and states, when the last step was resident.
+    resident: Option<resident::ResidentValues<T>>,
 }
 
 /// The gradient program with one `kfac.input.PARAM.K` and one `kfac.cotangent.PARAM.K` output
@@ -399,6 +407,8 @@ impl<T: Real> Trainer<T> {
             backend: Box::new(Interpreter),
             autodiff_seconds: autodiff_started.elapsed().as_secs_f64(),
             groups,
+            resident_enabled: false,
+            resident: None,
         }
     }
 
@@ -794,9 +804,13 @@ impl<T: Real> Trainer<T> {
     /// Runs one training step.
     pub fn train_step(&mut self) -> Result<StepReport, TrainError> {
         let step = self.step + 1;
+        let indices = self.dataset.batch_indices(step, self.program.batch as usize, self.seed);
+        if self.resident_step_possible(step) {
+            return self.resident_step(step, indices);
+        }
+        self.leave_resident()?;
         // The parameters are moved into the inputs of the evaluations, not copied; the step puts
         // them back (an error before that point leaves them in `inputs`).
-        let indices = self.dataset.batch_indices(step, self.program.batch as usize, self.seed);
         let mut inputs = Inputs {
             params: std::mem::take(&mut self.params),
             data: self.dataset.gather(&indices),
@@ -814,6 +828,7 @@ impl<T: Real> Trainer<T> {
     /// step of a library (`curv build --lib`).
     pub fn train_step_on(&mut self, data: HashMap<(String, String), Value<T>>) -> Result<StepReport, TrainError> {
         let step = self.step + 1;
+        self.leave_resident()?;
         let mut inputs = Inputs { params: std::mem::take(&mut self.params), data, ..Inputs::default() };
         let result = self.train_step_with(step, &mut inputs);
         if !inputs.params.is_empty() {
@@ -1504,11 +1519,24 @@ impl<T: Real> Trainer<T> {
         metrics
     }
 
+    /// Inputs with the current parameters (read where they are when resident) and `data`.
+    fn parameter_inputs(&self, data: HashMap<(String, String), Value<T>>) -> Inputs<'_, T> {
+        match &self.resident {
+            Some(resident) => {
+                let mut inputs = Inputs { data, ..Inputs::default() };
+                for (index, param) in resident.params().iter().enumerate() {
+                    inputs.lend_resident(curv_interp::Slot::Param(index), param);
+                }
+                inputs
+            }
+            None => Inputs { params: self.params.clone(), data, ..Inputs::default() },
+        }
+    }
+
     /// Loss and metrics over the whole test split, or `None` without one.
     pub fn evaluate_test(&self) -> Result<Option<Metrics>, TrainError> {
         let Some(function) = &self.program.test_loss else { return Ok(None) };
-        let inputs =
-            Inputs { params: self.params.clone(), data: self.dataset.gather(&self.dataset.test), ..Inputs::default() };
+        let inputs = self.parameter_inputs(self.dataset.gather(&self.dataset.test));
         let values = self
             .backend
             .outputs(keys::TEST_LOSS, function, &inputs)
@@ -1527,8 +1555,7 @@ impl<T: Real> Trainer<T> {
         {
             return Ok(None);
         }
-        let inputs =
-            Inputs { params: self.params.clone(), data: self.dataset.gather(&self.dataset.train), ..Inputs::default() };
+        let inputs = self.parameter_inputs(self.dataset.gather(&self.dataset.train));
         let values = self
             .backend
             .outputs(keys::LOSS, &self.program.loss, &inputs)

@@ -11,9 +11,10 @@ pub mod abi;
 pub mod xla;
 
 use clap::Parser;
-use curv_interp::{Inputs, Value};
+use curv_interp::{DeviceStorage, Inputs, Resident, Storage, Tensor, Value};
 use curv_ir::Function;
-use curv_runtime::compiled::{bindings_from_inputs, call_compiled};
+use curv_runtime::backend::Output;
+use curv_runtime::compiled::{bindings_from_inputs, call_compiled_keeping};
 use curv_runtime::Backend;
 use std::ffi::{c_char, c_int, CStr};
 use std::path::PathBuf;
@@ -121,9 +122,38 @@ impl Backend<f32> for Precompiled {
         function: &Function,
         inputs: &Inputs<f32>,
     ) -> Result<Vec<(String, Value<f32>)>, String> {
+        self.outputs_keeping(key, function, inputs, &|_| false)?
+            .into_iter()
+            .map(|(name, output)| match output {
+                Output::Value(value) => Ok((name, value)),
+                Output::Resident(_) => Err(format!("the output `{name}` was kept resident unasked")),
+            })
+            .collect()
+    }
+
+    fn keeps_resident(&self) -> bool {
+        built_for_cuda()
+    }
+
+    fn outputs_keeping(
+        &self,
+        key: &str,
+        function: &Function,
+        inputs: &Inputs<f32>,
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<Vec<(String, Output<f32>)>, String> {
         let bindings = bindings_from_inputs(function, inputs);
         let Some(kernel) = registered(&curv_ir::abi::kernel_key(key, &bindings)) else {
-            return curv_runtime::Interpreter.outputs(key, function, inputs);
+            // The interpreter reads resident tensors through host copies; the kept outputs are
+            // uploaded back.
+            return curv_runtime::Interpreter
+                .outputs(key, function, inputs)?
+                .into_iter()
+                .map(|(name, value)| match value {
+                    Value::Real(tensor) if keep(&name) => Ok((name, Output::Resident(self.upload(tensor)?))),
+                    value => Ok((name, Output::Value(value))),
+                })
+                .collect();
         };
         let signature = curv_ir::abi::kernel_signature(function, &bindings)?;
         if built_for_cuda() {
@@ -135,10 +165,15 @@ impl Backend<f32> for Precompiled {
                 .chain(signature.outputs.iter().map(|(_, shape, dtype)| (shape.clone(), size(*dtype))))
                 .collect();
             let first_output = signature.arguments.len();
-            return call_compiled(&signature, inputs, &mut |slots| {
-                // SAFETY: `call_compiled` packs descriptors of the signature's shapes.
+            let allocate = |elements: usize| -> Result<Box<dyn DeviceStorage<f32>>, String> {
+                let buffer = curv_cuda::ResidentBuffer::new(elements).map_err(|error| error.to_string())?;
+                Ok(Box::new(buffer))
+            };
+            return call_compiled_keeping(&signature, inputs, keep, Some(&allocate), &mut |slots, on_device| {
+                // SAFETY: `call_compiled_keeping` packs descriptors of the signature's shapes,
+                // and marks those in device memory.
                 unsafe {
-                    curv_cuda::call_staged(&layouts, first_output, slots, &mut |slots| {
+                    curv_cuda::call_staged(&layouts, first_output, on_device, slots, &mut |slots| {
                         kernel(slots.as_mut_ptr());
                         Ok(())
                     })
@@ -146,10 +181,21 @@ impl Backend<f32> for Precompiled {
                 .map_err(|message| format!("`{key}` on the GPU: {message}"))
             });
         }
-        call_compiled(&signature, inputs, &mut |slots| {
+        call_compiled_keeping(&signature, inputs, keep, None, &mut |slots, on_device| {
+            if on_device.iter().any(|&resident| resident) {
+                return Err("a CPU kernel cannot read device memory".to_string());
+            }
             unsafe { kernel(slots.as_mut_ptr()) };
             Ok(())
         })
+    }
+
+    fn upload(&self, tensor: Tensor<f32>) -> Result<Resident<f32>, String> {
+        if !built_for_cuda() {
+            return Ok(Resident::host(tensor.shape, tensor.data));
+        }
+        let buffer = curv_cuda::ResidentBuffer::copy_of(&tensor.data).map_err(|error| error.to_string())?;
+        Ok(Resident { shape: tensor.shape, storage: Storage::Device(Box::new(buffer)) })
     }
 }
 

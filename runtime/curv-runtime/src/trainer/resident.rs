@@ -1,0 +1,374 @@
+//! The resident training step: parameters, rule states and gradients stay where the backend
+//! computes (device memory on a GPU) from one step to the next.
+//!
+//! A step takes this path when every parameter is updated by a multi-parameter rule kernel, with
+//! no modifier, no curvature statistic at that step and no gradient clipping: then nothing of the
+//! step needs the host but the loss and the metrics' outputs. The gradient program keeps its
+//! gradients resident, the rule kernels read the parameters, gradients and states resident and
+//! keep their outputs resident, and the non-finite checks run where the tensors are
+//! ([`crate::backend::finiteness_function`]); only when a check fails are the tensors read on the
+//! host, to name the first bad element. The numbers are those of the host step, bit for bit: the
+//! same kernels run on the same values.
+//!
+//! **Invariant:** while `Trainer::resident` holds values, they are the parameters and states;
+//! `Trainer::params` and `Trainer::states` hold them too only after [`Trainer::sync_to_host`]
+//! (until the next resident step that updates them). Every reader of the host values calls it
+//! first: the host step (which then drops the resident values), checkpoints and final outputs.
+//! Evaluations read the resident parameters where they are.
+
+use super::{find_output, first_non_finite, keys, learning_rate, NonFinitePolicy, StepReport, TrainError, Trainer};
+use crate::backend::Output;
+use curv_interp::{Inputs, Real, Resident, Slot, Tensor, Value};
+use std::collections::HashMap;
+
+/// A data field (by source and field name) of a batch, resident.
+type DataField<T> = ((String, String), Resident<T>);
+
+/// The parameters and rule states of a trainer, kept resident between steps.
+pub(crate) struct ResidentValues<T> {
+    params: Vec<Resident<T>>,
+    /// Per parameter, its rule's states by name.
+    states: Vec<Vec<(String, Resident<T>)>>,
+    /// The floating-point data fields of the last batch, with the example indices they hold: a
+    /// full-batch run uploads its data once.
+    batch: Option<(Vec<usize>, Vec<DataField<T>>)>,
+    /// Whether `Trainer::params` and `Trainer::states` hold these values too.
+    host_current: bool,
+}
+
+impl<T> ResidentValues<T> {
+    pub(super) fn params(&self) -> &[Resident<T>] {
+        &self.params
+    }
+}
+
+impl<T: Real> Trainer<T> {
+    /// Keeps parameters, rule states and gradients resident between steps where the step allows
+    /// it (see the module comment); `false` goes back to host steps. It pays on a backend that
+    /// computes away from the host (`Backend::keeps_resident`); any other backend gives the same
+    /// numbers through host copies. The caller reads `params` and `states` only after
+    /// [`Trainer::sync_to_host`].
+    pub fn set_resident(&mut self, resident: bool) -> Result<(), TrainError> {
+        if !resident {
+            self.leave_resident()?;
+        }
+        self.resident_enabled = resident;
+        Ok(())
+    }
+
+    /// Whether the parameters and states are resident now (and the host copies stale).
+    pub fn is_resident(&self) -> bool {
+        self.resident.is_some()
+    }
+
+    /// Brings `params` and `states` up to date with the resident values (which stay resident for
+    /// the next step). Nothing changes when a copy fails.
+    pub fn sync_to_host(&mut self) -> Result<(), TrainError> {
+        let Some(resident) = self.resident.as_ref().filter(|resident| !resident.host_current) else {
+            return Ok(());
+        };
+        let download = |resident: &Resident<T>| -> Result<Tensor<T>, TrainError> {
+            let data = resident.host_data().map_err(|error| TrainError::Runtime(format!("reading back: {error}")))?;
+            Ok(Tensor::new(resident.shape.clone(), data.into_owned()))
+        };
+        let params = resident.params.iter().map(download).collect::<Result<Vec<_>, _>>()?;
+        let mut states = Vec::with_capacity(resident.states.len());
+        for state in &resident.states {
+            let tensors: Result<Vec<(String, Tensor<T>)>, TrainError> =
+                state.iter().map(|(name, tensor)| Ok((name.clone(), download(tensor)?))).collect();
+            states.push(tensors?);
+        }
+        self.params = params;
+        self.states = states;
+        if let Some(resident) = &mut self.resident {
+            resident.host_current = true;
+        }
+        Ok(())
+    }
+
+    /// Brings `params` and `states` up to date and drops the resident values: the next step
+    /// starts from the host values (a host step, or a caller that replaces the parameters).
+    pub(super) fn leave_resident(&mut self) -> Result<(), TrainError> {
+        self.sync_to_host()?;
+        self.resident = None;
+        Ok(())
+    }
+
+    /// Whether step `step` can be a resident step.
+    pub(super) fn resident_step_possible(&self, step: u64) -> bool {
+        if !self.resident_enabled {
+            return false;
+        }
+        if curv_ir::option_number(&self.program.optimizer.settings, "grad_clip").is_some() {
+            return false;
+        }
+        let plans = &self.program.optimizer.plans;
+        let grouped: Vec<usize> =
+            self.groups.iter().flat_map(|group| group.plans.iter().map(|&plan| plans[plan].param)).collect();
+        if (0..self.program.params.len()).any(|param| !grouped.contains(&param)) {
+            return false;
+        }
+        for plan in plans {
+            if !plan.modifiers.is_empty() || !crate::optimizer::statistics_needed(plan, &self.rules, step).is_empty() {
+                return false;
+            }
+        }
+        if self.resident.is_none() {
+            // The states are made by the first host step (the rules' `init`).
+            for group in &self.groups {
+                let Some(rule) = self.rules.iter().find(|rule| rule.name == group.rule) else { return false };
+                for &plan in &group.plans {
+                    let state = &self.states[plans[plan].param];
+                    if rule.state.iter().any(|name| crate::optimizer::state_get(state, name).is_none()) {
+                        return false;
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// Uploads the parameters and states, unless they are resident already.
+    fn make_resident(&mut self) -> Result<(), TrainError> {
+        if self.resident.is_some() {
+            return Ok(());
+        }
+        let upload = |tensor: &Tensor<T>| {
+            self.backend.upload(tensor.clone()).map_err(|error| TrainError::Runtime(format!("uploading: {error}")))
+        };
+        let params = self.params.iter().map(upload).collect::<Result<Vec<_>, _>>()?;
+        let mut states = Vec::with_capacity(self.states.len());
+        for state in &self.states {
+            let tensors: Result<Vec<(String, Resident<T>)>, TrainError> =
+                state.iter().map(|(name, tensor)| Ok((name.clone(), upload(tensor)?))).collect();
+            states.push(tensors?);
+        }
+        self.resident = Some(ResidentValues { params, states, batch: None, host_current: true });
+        Ok(())
+    }
+
+    /// One resident step on the examples `indices` (see the module comment).
+    pub(super) fn resident_step(&mut self, step: u64, indices: Vec<usize>) -> Result<StepReport, TrainError> {
+        self.make_resident()?;
+        let Some(mut resident) = self.resident.take() else {
+            return Err(TrainError::Runtime("the resident values are missing".to_string()));
+        };
+        let result = self.resident_step_with(step, indices, &mut resident);
+        self.resident = Some(resident);
+        result
+    }
+
+    fn resident_step_with(
+        &mut self,
+        step: u64,
+        indices: Vec<usize>,
+        resident: &mut ResidentValues<T>,
+    ) -> Result<StepReport, TrainError> {
+        let runtime = |error: String| TrainError::Runtime(format!("step {step}: {error}"));
+        // The batch: its floating-point fields resident (uploaded again only for new examples),
+        // its integer fields (labels) on the host.
+        let mut data = self.dataset.gather(&indices);
+        if resident.batch.as_ref().is_none_or(|(held, _)| *held != indices) {
+            let mut fields = Vec::new();
+            for (key, value) in &data {
+                if let Value::Real(tensor) = value {
+                    fields.push((key.clone(), self.backend.upload(tensor.clone()).map_err(runtime)?));
+                }
+            }
+            resident.batch = Some((indices, fields));
+        }
+        let batch = resident.batch.as_ref().map_or(&[][..], |(_, fields)| &fields[..]);
+        data.retain(|_, value| matches!(value, Value::Int(_)));
+        let mut inputs = Inputs { data, ..Inputs::default() };
+        for (index, param) in resident.params.iter().enumerate() {
+            inputs.lend_resident(Slot::Param(index), param);
+        }
+        for ((source, field), tensor) in batch {
+            inputs.lend_resident(Slot::Data(source.clone(), field.clone()), tensor);
+        }
+        let outputs = self
+            .backend
+            .outputs_keeping(keys::GRADIENTS, &self.gradients, &inputs, &|name| name.starts_with("grad."))
+            .map_err(runtime)?;
+        let mut values: Vec<(String, Value<T>)> = Vec::new();
+        let mut kept: HashMap<String, Resident<T>> = HashMap::new();
+        for (name, output) in outputs {
+            match output {
+                Output::Value(value) => values.push((name, value)),
+                Output::Resident(tensor) => {
+                    kept.insert(name, tensor);
+                }
+            }
+        }
+        let output = |name: &str| find_output(&values, name);
+        let loss = output("loss").and_then(Value::as_real).map_or(f64::NAN, |tensor| tensor.data[0].to_f64());
+        let metrics = self.metrics_of(
+            loss,
+            &output("logits").cloned(),
+            &output("labels").cloned(),
+            &output("prediction").cloned(),
+            &output("target").cloned(),
+        );
+        let mut problem: Option<String> = (!loss.is_finite()).then(|| format!("the loss is {loss}"));
+        let mut gradients = Vec::with_capacity(self.program.params.len());
+        for index in 0..self.program.params.len() {
+            let name = format!("grad.{}", self.param_name(index));
+            let gradient = kept
+                .remove(&name)
+                .ok_or_else(|| TrainError::Runtime(format!("no gradient for `{}`", self.param_name(index))))?;
+            gradients.push(gradient);
+        }
+        if problem.is_none() {
+            let all: Vec<&Resident<T>> = gradients.iter().collect();
+            if let Some((index, position)) = self.first_non_finite_resident(&all).map_err(runtime)? {
+                problem = Some(format!(
+                    "the gradient of `{}` is not finite at flat index {position}",
+                    self.param_name(index)
+                ));
+            }
+        }
+        let rate =
+            learning_rate(self.program.optimizer.lr, self.program.optimizer.schedule.as_ref(), step, self.total_steps);
+        // The step's new tensors, committed only once every check has passed.
+        let mut new_params: Vec<Option<Resident<T>>> = (0..resident.params.len()).map(|_| None).collect();
+        let mut new_states: Vec<Vec<(String, Resident<T>)>> = (0..resident.states.len()).map(|_| Vec::new()).collect();
+        let plans = &self.program.optimizer.plans;
+        if problem.is_none() {
+            for group in &self.groups {
+                let members: Vec<usize> = group.plans.iter().map(|&plan| plans[plan].param).collect();
+                let rule = self
+                    .rules
+                    .iter()
+                    .find(|rule| rule.name == group.rule)
+                    .ok_or_else(|| TrainError::Runtime(format!("rule `{}` is missing", group.rule)))?;
+                let failed = |message: String| {
+                    let name = &self.program.params[members[0]].name;
+                    TrainError::Runtime(format!("step {step}, `{name}`: rule `{}`: {message}", rule.name))
+                };
+                let base: Inputs<T> = crate::optimizer::rule_hyperparameters_at(
+                    &plans[group.plans[0]],
+                    rate,
+                    self.program.batch as usize,
+                    step,
+                );
+                let per_member = 2 + rule.state.len();
+                for (block, rule_update) in rule.updates.iter().enumerate() {
+                    if !rule_update.runs_at(step) {
+                        continue;
+                    }
+                    let sizes: Vec<usize> = members.iter().map(|&index| resident.params[index].len()).collect();
+                    let key = keys::rule_group_block(&rule.name, block, &sizes);
+                    let mut update_inputs = base.clone();
+                    for (member, &index) in members.iter().enumerate() {
+                        let param = new_params[index].as_ref().unwrap_or(&resident.params[index]);
+                        // A rule's functions take their tensors flat.
+                        let flat = vec![sizes[member]];
+                        update_inputs.lend_resident_as(Slot::Input(member * per_member), param, flat.clone());
+                        update_inputs.lend_resident_as(
+                            Slot::Input(member * per_member + 1),
+                            &gradients[index],
+                            flat.clone(),
+                        );
+                        for (position, name) in rule.state.iter().enumerate() {
+                            let current = new_states[index]
+                                .iter()
+                                .chain(&resident.states[index])
+                                .find(|(state_name, _)| state_name == name)
+                                .map(|(_, tensor)| tensor)
+                                .ok_or_else(|| failed(format!("the state `{name}` is missing")))?;
+                            update_inputs.lend_resident_as(
+                                Slot::Input(member * per_member + 2 + position),
+                                current,
+                                current.shape.clone(),
+                            );
+                        }
+                    }
+                    let outputs = self
+                        .backend
+                        .outputs_keeping(&key, &group.blocks[block], &update_inputs, &|_| true)
+                        .map_err(failed)?;
+                    drop(update_inputs);
+                    for (name, output) in outputs {
+                        let Output::Resident(tensor) = output else {
+                            return Err(failed(format!("`{name}` was not kept resident")));
+                        };
+                        let (member, output_name) = name
+                            .split_once(':')
+                            .and_then(|(member, output)| member.parse::<usize>().ok().map(|member| (member, output)))
+                            .filter(|(member, _)| *member < members.len())
+                            .ok_or_else(|| failed(format!("unexpected output `{name}` of a grouped update")))?;
+                        let index = members[member];
+                        if rule.state.iter().any(|state_name| state_name == output_name) {
+                            new_states[index].retain(|(state_name, _)| state_name != output_name);
+                            new_states[index].push((output_name.to_string(), tensor));
+                        } else {
+                            let shape = resident.params[index].shape.clone();
+                            new_params[index] = Some(Resident { shape, storage: tensor.storage });
+                        }
+                    }
+                }
+                let current: Vec<&Resident<T>> = members
+                    .iter()
+                    .map(|&index| new_params[index].as_ref().unwrap_or(&resident.params[index]))
+                    .collect();
+                if let Some((member, position)) = self.first_non_finite_resident(&current).map_err(runtime)? {
+                    problem = Some(format!(
+                        "the updated `{}` is not finite at flat index {position}",
+                        self.param_name(members[member])
+                    ));
+                    break;
+                }
+            }
+        }
+        self.step = step;
+        if problem.is_none() {
+            resident.host_current = false;
+            for (index, param) in new_params.into_iter().enumerate() {
+                if let Some(param) = param {
+                    resident.params[index] = param;
+                }
+            }
+            for (index, states) in new_states.into_iter().enumerate() {
+                for (name, tensor) in states {
+                    match resident.states[index].iter_mut().find(|(state_name, _)| *state_name == name) {
+                        Some((_, held)) => *held = tensor,
+                        None => resident.states[index].push((name, tensor)),
+                    }
+                }
+            }
+        }
+        match (problem, self.policy) {
+            (None, _) => Ok(StepReport { step, metrics, skipped: None }),
+            (Some(what), NonFinitePolicy::Skip) => Ok(StepReport { step, metrics, skipped: Some(what) }),
+            (Some(what), NonFinitePolicy::Stop) => {
+                self.step = step - 1;
+                Err(TrainError::NonFinite { step, what })
+            }
+        }
+    }
+
+    /// The first tensor of `tensors` with an element that is not finite, and that element's flat
+    /// index: one check where the tensors are, and host copies only when it fails.
+    fn first_non_finite_resident(&self, tensors: &[&Resident<T>]) -> Result<Option<(usize, usize)>, String> {
+        let shapes: Vec<Vec<usize>> = tensors.iter().map(|tensor| tensor.shape.clone()).collect();
+        let function = crate::backend::finiteness_function(&shapes);
+        let mut inputs = Inputs::default();
+        for (index, tensor) in tensors.iter().enumerate() {
+            inputs.lend_resident(Slot::Input(index), tensor);
+        }
+        let outputs = self.backend.outputs(&keys::finiteness(&shapes), &function, &inputs)?;
+        let finite = find_output(&outputs, "finite")
+            .and_then(Value::as_real)
+            .and_then(|tensor| tensor.data.first())
+            .ok_or_else(|| "the finiteness check returned nothing".to_string())?;
+        if finite.is_finite() {
+            return Ok(None);
+        }
+        for (index, tensor) in tensors.iter().enumerate() {
+            if let Some(position) = first_non_finite(&tensor.host_data()?) {
+                return Ok(Some((index, position)));
+            }
+        }
+        Err("the finiteness check failed, but every element read back is finite".to_string())
+    }
+}
