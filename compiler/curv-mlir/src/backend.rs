@@ -6,7 +6,7 @@ use crate::jit::{compile, compile_for_cuda, CompiledFunction};
 use crate::lower::lower_function_with_locations;
 use curv_interp::{DeviceStorage, Inputs, Resident, Storage, Tensor, Value};
 use curv_ir::Function;
-use curv_runtime::backend::Output;
+use curv_runtime::backend::{host_outputs, keep_outputs, Output};
 use curv_runtime::compiled::{bindings_from_inputs, call_compiled_keeping, DeviceAllocator};
 use curv_runtime::Backend;
 use std::cell::RefCell;
@@ -91,13 +91,7 @@ impl Backend<f32> for MlirBackend {
         function: &Function,
         inputs: &Inputs<f32>,
     ) -> Result<Vec<(String, Value<f32>)>, String> {
-        self.outputs_keeping(key, function, inputs, &|_| false)?
-            .into_iter()
-            .map(|(name, output)| match output {
-                Output::Value(value) => Ok((name, value)),
-                Output::Resident(_) => Err(format!("the output `{name}` was kept resident unasked")),
-            })
-            .collect()
+        host_outputs(self.outputs_keeping(key, function, inputs, &|_| false)?)
     }
 
     fn keeps_resident(&self) -> bool {
@@ -141,14 +135,7 @@ impl Backend<f32> for MlirBackend {
             Entry::Interpreted => {
                 // The interpreter reads resident tensors through host copies; the kept outputs
                 // are uploaded back.
-                let outputs = curv_runtime::Interpreter.outputs(key, function, inputs)?;
-                outputs
-                    .into_iter()
-                    .map(|(name, value)| match value {
-                        Value::Real(tensor) if keep(&name) => Ok((name, Output::Resident(self.upload(tensor)?))),
-                        value => Ok((name, Output::Value(value))),
-                    })
-                    .collect()
+                keep_outputs(self, curv_runtime::Interpreter.outputs(key, function, inputs)?, keep)
             }
         }
     }

@@ -39,17 +39,7 @@ pub trait Backend<T: Real> {
         inputs: &Inputs<T>,
         keep: &dyn Fn(&str) -> bool,
     ) -> Result<Vec<(String, Output<T>)>, String> {
-        let outputs = self.outputs(key, function, inputs)?;
-        Ok(outputs
-            .into_iter()
-            .map(|(name, value)| match value {
-                Value::Real(tensor) if keep(&name) => {
-                    let resident = Resident::host(tensor.shape, tensor.data);
-                    (name, Output::Resident(resident))
-                }
-                value => (name, Output::Value(value)),
-            })
-            .collect())
+        keep_outputs(self, self.outputs(key, function, inputs)?, keep)
     }
 
     /// A resident copy of `tensor`, where the backend computes.
@@ -63,6 +53,33 @@ pub trait Backend<T: Real> {
 pub enum Output<T> {
     Value(Value<T>),
     Resident(Resident<T>),
+}
+
+/// Host outputs with those `keep` names uploaded (`Backend::upload`): what a backend that
+/// evaluates on the host (the interpreter) returns from `Backend::outputs_keeping`.
+pub fn keep_outputs<T: Real, B: Backend<T> + ?Sized>(
+    backend: &B,
+    outputs: Vec<(String, Value<T>)>,
+    keep: &dyn Fn(&str) -> bool,
+) -> Result<Vec<(String, Output<T>)>, String> {
+    outputs
+        .into_iter()
+        .map(|(name, value)| match value {
+            Value::Real(tensor) if keep(&name) => Ok((name, Output::Resident(backend.upload(tensor)?))),
+            value => Ok((name, Output::Value(value))),
+        })
+        .collect()
+}
+
+/// The outputs of an evaluation that kept none resident, as values.
+pub fn host_outputs<T>(outputs: Vec<(String, Output<T>)>) -> Result<Vec<(String, Value<T>)>, String> {
+    outputs
+        .into_iter()
+        .map(|(name, output)| match output {
+            Output::Value(value) => Ok((name, value)),
+            Output::Resident(_) => Err(format!("the output `{name}` was kept resident unasked")),
+        })
+        .collect()
 }
 
 /// A function's key and a byte offset of one of its spans, to an MLIR location

@@ -180,14 +180,7 @@ pub fn call_compiled(
     inputs: &Inputs<f32>,
     invoke: &mut Invoke,
 ) -> Result<Vec<(String, Value<f32>)>, String> {
-    let outputs = call_compiled_keeping(signature, inputs, &|_| false, None, invoke)?;
-    outputs
-        .into_iter()
-        .map(|(name, output)| match output {
-            Output::Value(value) => Ok((name, value)),
-            Output::Resident(_) => Err(format!("the output `{name}` was kept resident unasked")),
-        })
-        .collect()
+    crate::backend::host_outputs(call_compiled_keeping(signature, inputs, &|_| false, None, invoke)?)
 }
 
 /// [`call_compiled`] with resident tensors among the inputs (`Inputs::resident`) and the `f32`

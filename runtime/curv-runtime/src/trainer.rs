@@ -882,14 +882,7 @@ impl<T: Real> Trainer<T> {
             })
             .collect();
         let output = |name: &str| find_output(&values, name);
-        let loss = output("loss").and_then(Value::as_real).map_or(f64::NAN, |tensor| tensor.data[0].to_f64());
-        let metrics = self.metrics_of(
-            loss,
-            &output("logits").cloned(),
-            &output("labels").cloned(),
-            &output("prediction").cloned(),
-            &output("target").cloned(),
-        );
+        let (loss, metrics) = self.loss_and_metrics(&values);
         let mut problem: Option<String> = (!loss.is_finite()).then(|| format!("the loss is {loss}"));
         // Every problem reads "X is not finite" once completed below.
         let mut gradients = Vec::with_capacity(self.program.params.len());
@@ -1351,14 +1344,7 @@ impl<T: Real> Trainer<T> {
         }
         self.params = new_params;
         self.states = new_states;
-        match (problem, self.policy) {
-            (None, _) => Ok(StepReport { step, metrics, skipped: None }),
-            (Some(what), NonFinitePolicy::Skip) => Ok(StepReport { step, metrics, skipped: Some(what) }),
-            (Some(what), NonFinitePolicy::Stop) => {
-                self.step = step - 1;
-                Err(TrainError::NonFinite { step, what })
-            }
-        }
+        self.step_outcome(step, metrics, problem)
     }
 
     /// The outputs of `function` (a gradient program) with labels drawn from the model's
@@ -1491,6 +1477,27 @@ impl<T: Real> Trainer<T> {
             passes.push((self.outputs_with_target(step, inputs, function, key, &field, target)?, weights));
         }
         Ok(passes)
+    }
+
+    /// The report of step `step`, which has completed, or its error: a `problem` (a non-finite
+    /// value, whose update was left out) skips the step or stops training, by the policy.
+    fn step_outcome(&mut self, step: u64, metrics: Metrics, problem: Option<String>) -> Result<StepReport, TrainError> {
+        match (problem, self.policy) {
+            (None, _) => Ok(StepReport { step, metrics, skipped: None }),
+            (Some(what), NonFinitePolicy::Skip) => Ok(StepReport { step, metrics, skipped: Some(what) }),
+            (Some(what), NonFinitePolicy::Stop) => {
+                self.step = step - 1;
+                Err(TrainError::NonFinite { step, what })
+            }
+        }
+    }
+
+    /// The batch loss of a gradient program's outputs (NaN when missing) and the step's metrics.
+    fn loss_and_metrics(&self, values: &[(String, Value<T>)]) -> (f64, Metrics) {
+        let output = |name: &str| find_output(values, name).cloned();
+        let loss = output("loss").and_then(|value| value.as_real().map(|tensor| tensor.data[0].to_f64()));
+        let loss = loss.unwrap_or(f64::NAN);
+        (loss, self.metrics_of(loss, &output("logits"), &output("labels"), &output("prediction"), &output("target")))
     }
 
     fn metrics_of(

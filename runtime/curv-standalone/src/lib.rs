@@ -13,7 +13,7 @@ pub mod xla;
 use clap::Parser;
 use curv_interp::{DeviceStorage, Inputs, Resident, Storage, Tensor, Value};
 use curv_ir::Function;
-use curv_runtime::backend::Output;
+use curv_runtime::backend::{host_outputs, keep_outputs, Output};
 use curv_runtime::compiled::{bindings_from_inputs, call_compiled_keeping};
 use curv_runtime::Backend;
 use std::ffi::{c_char, c_int, CStr};
@@ -122,13 +122,7 @@ impl Backend<f32> for Precompiled {
         function: &Function,
         inputs: &Inputs<f32>,
     ) -> Result<Vec<(String, Value<f32>)>, String> {
-        self.outputs_keeping(key, function, inputs, &|_| false)?
-            .into_iter()
-            .map(|(name, output)| match output {
-                Output::Value(value) => Ok((name, value)),
-                Output::Resident(_) => Err(format!("the output `{name}` was kept resident unasked")),
-            })
-            .collect()
+        host_outputs(self.outputs_keeping(key, function, inputs, &|_| false)?)
     }
 
     fn keeps_resident(&self) -> bool {
@@ -146,14 +140,7 @@ impl Backend<f32> for Precompiled {
         let Some(kernel) = registered(&curv_ir::abi::kernel_key(key, &bindings)) else {
             // The interpreter reads resident tensors through host copies; the kept outputs are
             // uploaded back.
-            return curv_runtime::Interpreter
-                .outputs(key, function, inputs)?
-                .into_iter()
-                .map(|(name, value)| match value {
-                    Value::Real(tensor) if keep(&name) => Ok((name, Output::Resident(self.upload(tensor)?))),
-                    value => Ok((name, Output::Value(value))),
-                })
-                .collect();
+            return keep_outputs(self, curv_runtime::Interpreter.outputs(key, function, inputs)?, keep);
         };
         let signature = curv_ir::abi::kernel_signature(function, &bindings)?;
         if built_for_cuda() {

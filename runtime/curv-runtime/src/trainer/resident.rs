@@ -16,7 +16,7 @@
 //! first: the host step (which then drops the resident values), checkpoints and final outputs.
 //! Evaluations read the resident parameters where they are.
 
-use super::{find_output, first_non_finite, keys, learning_rate, NonFinitePolicy, StepReport, TrainError, Trainer};
+use super::{find_output, first_non_finite, keys, learning_rate, StepReport, TrainError, Trainer};
 use crate::backend::Output;
 use curv_interp::{Inputs, Real, Resident, Slot, Tensor, Value};
 use std::collections::HashMap;
@@ -200,15 +200,7 @@ impl<T: Real> Trainer<T> {
                 }
             }
         }
-        let output = |name: &str| find_output(&values, name);
-        let loss = output("loss").and_then(Value::as_real).map_or(f64::NAN, |tensor| tensor.data[0].to_f64());
-        let metrics = self.metrics_of(
-            loss,
-            &output("logits").cloned(),
-            &output("labels").cloned(),
-            &output("prediction").cloned(),
-            &output("target").cloned(),
-        );
+        let (loss, metrics) = self.loss_and_metrics(&values);
         let mut problem: Option<String> = (!loss.is_finite()).then(|| format!("the loss is {loss}"));
         let mut gradients = Vec::with_capacity(self.program.params.len());
         for index in 0..self.program.params.len() {
@@ -337,14 +329,7 @@ impl<T: Real> Trainer<T> {
                 }
             }
         }
-        match (problem, self.policy) {
-            (None, _) => Ok(StepReport { step, metrics, skipped: None }),
-            (Some(what), NonFinitePolicy::Skip) => Ok(StepReport { step, metrics, skipped: Some(what) }),
-            (Some(what), NonFinitePolicy::Stop) => {
-                self.step = step - 1;
-                Err(TrainError::NonFinite { step, what })
-            }
-        }
+        self.step_outcome(step, metrics, problem)
     }
 
     /// The first tensor of `tensors` with an element that is not finite, and that element's flat
