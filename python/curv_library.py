@@ -47,6 +47,8 @@ _LIBRARY.curv_state_save.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
 _LIBRARY.curv_state_save.restype = ctypes.c_int
 _LIBRARY.curv_state_load.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
 _LIBRARY.curv_state_load.restype = ctypes.c_int
+_LIBRARY.curv_state_resident.argtypes = [ctypes.c_void_p]
+_LIBRARY.curv_state_resident.restype = ctypes.c_int
 _LIBRARY.curv_input_count.argtypes = [ctypes.c_void_p]
 _LIBRARY.curv_input_count.restype = ctypes.c_int64
 _LIBRARY.curv_input_name.argtypes = [ctypes.c_void_p, ctypes.c_int64]
@@ -195,6 +197,12 @@ class Context:
     def reset(self):
         """No state and step 0 again."""
         self._check(_LIBRARY.curv_optimizer_reset(self._context))
+
+    @property
+    def state_resident(self):
+        """Whether the optimizer state is kept where the kernels run between steps (on the GPU
+        for a CUDA library)."""
+        return _LIBRARY.curv_state_resident(self._context) == 1
 
     def save(self, path):
         self._check(_LIBRARY.curv_state_save(self._context, os.fsencode(path)))

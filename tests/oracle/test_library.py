@@ -100,6 +100,38 @@ def test_a_library_built_for_cuda_steps_cuda_tensors_as_torch_adam_does_or_says_
     for mine, theirs in zip(ours.parameters(), reference.parameters()):
         error = ((mine - theirs).norm() / theirs.norm()).item()
         assert mine.is_cuda and error <= 1e-5, error
+    # CUDA tensors step with the state kept on the GPU (never staged through the host).
+    assert optimizers[0].context.state_resident
+
+
+def test_resident_steps_match_host_steps_bit_for_bit_and_keep_the_state_resident(adam, tmp_path, monkeypatch):
+    # CURV_RESIDENT=on takes, on CPU tensors, the path a CUDA library takes on CUDA tensors: the
+    # state stays where the kernels run, the caller's tensors are read where they are, the new
+    # parameters are checked for non-finite values by a kernel and copied in at the commit.
+    def run(resident, save_at=None):
+        monkeypatch.setenv("CURV_RESIDENT", "on" if resident else "off")
+        model = Mlp(torch.float32)
+        optimizer = adam.Optimizer(model.parameters())
+        generator = torch.Generator().manual_seed(3)
+        for step in range(12):
+            if step == save_at:
+                optimizer.state_dict_path(tmp_path / "resident.safetensors")
+                optimizer = adam.Optimizer(model.parameters())
+                optimizer.load_state_path(tmp_path / "resident.safetensors")
+            x = torch.randn(32, 64, generator=generator)
+            y = torch.randint(0, 10, (32,), generator=generator)
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            assert optimizer.context.state_resident == resident
+        return [parameter.detach().clone() for parameter in model.parameters()]
+
+    host = run(False)
+    for mine, theirs in zip(run(True), host):
+        assert torch.equal(mine, theirs)
+    # The state saved from the device (here host memory) and loaded back goes on identically.
+    for mine, theirs in zip(run(True, save_at=5), host):
+        assert torch.equal(mine, theirs)
 
 
 def test_the_state_survives_save_and_load(adam, tmp_path):
@@ -167,17 +199,22 @@ def test_abi_misuse_is_an_error_code_with_a_message(adam, change, message):
 
 @pytest.mark.parametrize("example", ["adam", "shampoo"])
 @pytest.mark.parametrize("bad_index", [0, -1])
-def test_a_step_that_fails_changes_neither_parameters_nor_state(tmp_path, example, bad_index):
+@pytest.mark.parametrize("resident", [False, True])
+def test_a_step_that_fails_changes_neither_parameters_nor_state(tmp_path, monkeypatch, example, bad_index, resident):
     """A step whose update turns non-finite (an infinite gradient element) is refused with its
     message, and afterwards the context steps exactly as a twin that never saw it: every
-    parameter's state (a rule's, a `kronecker` structure's, a `diagonal` one's) was put back."""
+    parameter's state (a rule's, a `kronecker` structure's, a `diagonal` one's) was put back. In
+    float64 on the host path; in float32 with CURV_RESIDENT=on, on the resident path for the rule
+    (adam), whose non-finite check is a kernel."""
+    monkeypatch.setenv("CURV_RESIDENT", "on" if resident else "off")
+    dtype = torch.float32 if resident else torch.float64
     library = build(example, tmp_path)
     ours, twin = library.Context(), library.Context()
     generator = torch.Generator().manual_seed(9)
-    params = [torch.randn(*shape, generator=generator, dtype=torch.float64) for shape in ours.shapes]
+    params = [torch.randn(*shape, generator=generator, dtype=dtype) for shape in ours.shapes]
     twin_params = [param.clone() for param in params]
     for step in range(6):
-        grads = [torch.randn(*shape, generator=generator, dtype=torch.float64) for shape in ours.shapes]
+        grads = [torch.randn(*shape, generator=generator, dtype=dtype) for shape in ours.shapes]
         if step == 3:
             bad = [grad.clone() for grad in grads]
             bad[bad_index].view(-1)[0] = float("inf")
@@ -185,8 +222,10 @@ def test_a_step_that_fails_changes_neither_parameters_nor_state(tmp_path, exampl
             with pytest.raises(library.CurvError) as error:
                 ours.step_dlpack(capsules(params), capsules(bad))
             assert error.value.code == library.RUNTIME_ERROR, str(error.value)
+            assert "non-finite" in str(error.value), str(error.value)
             assert all(torch.equal(param, old) for param, old in zip(params, before))
             assert ours.steps == 3
+            assert ours.state_resident == (resident and example == "adam")
         ours.step_dlpack(capsules(params), capsules(grads))
         twin.step_dlpack(capsules(twin_params), capsules(grads))
     assert ours.steps == twin.steps == 6

@@ -996,6 +996,10 @@ int curv_optimizer_reset(struct curv_context *context);
 /* The optimizer state (safetensors, written atomically) and the step count. */
 int curv_state_save(struct curv_context *context, const char *path);
 int curv_state_load(struct curv_context *context, const char *path);
+/* 1 when the optimizer state is kept where the kernels run between steps (device memory for a
+ * CUDA library, whose steps on CUDA tensors then never pass through the host), 0 when it is on
+ * the host or not made yet, -1 for a null context. */
+int curv_state_resident(const struct curv_context *context);
 
 /* The train step: the data fields the loss reads (SOURCE.FIELD), their batch shapes, and whether
  * each is int32 (labels) rather than float. */
@@ -1057,6 +1061,7 @@ const LIBRARY_EXPORTS: &[&str] = &[
     "curv_optimizer_reset",
     "curv_state_save",
     "curv_state_load",
+    "curv_state_resident",
     "curv_input_count",
     "curv_input_name",
     "curv_input_shape",
@@ -1263,6 +1268,13 @@ fn build_kernels(program: &curv_ir::Program, train: &curv_ir::TrainProgram, set:
             }
         }
     }
+    if set == KernelSet::Library {
+        // A resident optimizer step checks each new parameter, flat, where it is.
+        for plan in train.optimizer.plans.iter().filter(|plan| plan.structure == curv_ir::StructureKind::Rule) {
+            let size = train.params[plan.param].ty.element_count().unwrap_or(0) as usize;
+            push_finiteness_kernel_of(&mut kernels, &[vec![size]]);
+        }
+    }
     if set == KernelSet::Trainer {
         // Parameters sharing an elementwise rule are updated by one multi-parameter kernel per block.
         let captures = curv_runtime::trainer::capture_program(train).ok().flatten();
@@ -1309,9 +1321,14 @@ fn push_finiteness_kernel(kernels: &mut Vec<BuildKernel>, train: &curv_ir::Train
             train.params[param].ty.known_shape().unwrap_or_default().iter().map(|&size| size as usize).collect()
         })
         .collect();
-    let key = curv_runtime::backend::keys::finiteness(&shapes);
+    push_finiteness_kernel_of(kernels, &shapes);
+}
+
+/// The non-finite check of tensors of `shapes`, unless the kernels have it already.
+fn push_finiteness_kernel_of(kernels: &mut Vec<BuildKernel>, shapes: &[Vec<usize>]) {
+    let key = curv_runtime::backend::keys::finiteness(shapes);
     if !kernels.iter().any(|(existing, ..)| *existing == key) {
-        let function = curv_runtime::backend::finiteness_function(&shapes);
+        let function = curv_runtime::backend::finiteness_function(shapes);
         kernels.push((key, function, std::collections::HashMap::new(), None));
     }
 }

@@ -192,6 +192,40 @@ pub unsafe fn copy_to_device(destination: *mut u8, source: *const u8, bytes: usi
     synchronize()
 }
 
+/// Copies `bytes` bytes between device buffers on the one stream, in order after the kernels
+/// queued there; the caller waits ([`synchronize`]) before anything else reads the destination.
+///
+/// # Safety
+///
+/// Both are device (or managed) memory of at least `bytes` bytes, and do not overlap.
+pub unsafe fn copy_device_to_device(destination: *mut u8, source: *const u8, bytes: usize) -> Result<(), CudaError> {
+    current()?;
+    let stream = stream()?;
+    check(
+        cu::cuMemcpyDtoDAsync_v2(
+            destination as usize as cu::CUdeviceptr,
+            source as usize as cu::CUdeviceptr,
+            bytes,
+            stream,
+        ),
+        "cuMemcpyDtoDAsync",
+    )
+}
+
+/// A host copy of `elements` floats of device memory at `address`, after the device's queued
+/// work (the `read` of a lent CUDA tensor's `curv_interp::LentStorage`).
+///
+/// # Safety
+///
+/// `address` holds `elements` floats of device memory.
+pub unsafe fn read_device_floats(address: *const u8, elements: usize) -> Result<Vec<f32>, String> {
+    let mut data = vec![0.0f32; elements];
+    if elements > 0 {
+        copy_to_host(data.as_mut_ptr() as *mut u8, address, elements * 4).map_err(|error| error.to_string())?;
+    }
+    Ok(data)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Errors of the functions generated code calls.
 

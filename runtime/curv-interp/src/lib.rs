@@ -14,5 +14,5 @@ pub use eval::{
     unary, EvalError, InputRef, Inputs, Lent, ResidentInput, Value,
 };
 pub use real::Real;
-pub use resident::{DeviceStorage, Resident, Slot, Storage};
+pub use resident::{DeviceStorage, LentStorage, ReadLent, Resident, Slot, Storage};
 pub use tensor::{for_each_index, strides, Tensor, TensorRef};

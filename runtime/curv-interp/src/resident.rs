@@ -19,6 +19,73 @@ pub trait DeviceStorage<T>: Send {
     }
     /// A copy of the elements on the host, once the device has finished writing them.
     fn read(&self) -> Result<Vec<T>, String>;
+    /// Whether the memory is the device's (false for host memory that a caller lends in this
+    /// form, which CPU kernels read where it is).
+    fn on_device(&self) -> bool {
+        true
+    }
+}
+
+/// Copies `elements` floats at an address (host or device memory) to the host.
+///
+/// # Safety
+///
+/// The address holds `elements` floats of the memory the function reads.
+pub type ReadLent = unsafe fn(*const u8, usize) -> Result<Vec<f32>, String>;
+
+/// Memory a caller lends for the length of a call, as a resident tensor's storage: its caller's
+/// device tensor (`device`), or host memory. Nothing is freed when it is dropped.
+#[derive(Debug)]
+pub struct LentStorage {
+    address: *mut u8,
+    elements: usize,
+    device: bool,
+    read: ReadLent,
+}
+
+// The lent memory outlives the storage (see `LentStorage::new`), whichever thread holds it.
+unsafe impl Send for LentStorage {}
+
+impl LentStorage {
+    /// Storage over `elements` floats at `address`, which `read` copies to the host (a device
+    /// copy for device memory).
+    ///
+    /// # Safety
+    ///
+    /// The memory holds `elements` floats, is not written by anything else while the storage
+    /// lives, and outlives it; nothing writes through the storage (kernels only read arguments).
+    pub unsafe fn new(address: *mut u8, elements: usize, device: bool, read: ReadLent) -> LentStorage {
+        LentStorage { address, elements, device, read }
+    }
+
+    /// Reads host memory (the `read` of host storage).
+    ///
+    /// # Safety
+    ///
+    /// `address` holds `elements` floats of host memory.
+    pub unsafe fn read_host(address: *const u8, elements: usize) -> Result<Vec<f32>, String> {
+        Ok(std::slice::from_raw_parts(address as *const f32, elements).to_vec())
+    }
+}
+
+impl DeviceStorage<f32> for LentStorage {
+    fn address(&self) -> *mut u8 {
+        self.address
+    }
+
+    fn len(&self) -> usize {
+        self.elements
+    }
+
+    fn read(&self) -> Result<Vec<f32>, String> {
+        // SAFETY: `LentStorage::new`'s contract: the memory holds `elements` floats of the kind
+        // `read` reads.
+        unsafe { (self.read)(self.address, self.elements) }
+    }
+
+    fn on_device(&self) -> bool {
+        self.device
+    }
 }
 
 /// Where a resident tensor's elements are.
@@ -63,7 +130,7 @@ impl<T: Copy> Resident<T> {
     }
 
     pub fn on_device(&self) -> bool {
-        matches!(self.storage, Storage::Device(_))
+        matches!(&self.storage, Storage::Device(device) if device.on_device())
     }
 
     /// The elements on the host: borrowed where they are there, copied from the device otherwise.

@@ -114,7 +114,12 @@ fn argument_data<'a>(op: &Op, inputs: &'a Inputs<'a, f32>) -> Result<ArgumentDat
         }
         return Ok(match &resident.tensor.storage {
             Storage::Host(data) => ArgumentData::F32(data),
-            Storage::Device(device) => ArgumentData::Device(device.address(), device.len()),
+            Storage::Device(device) if device.on_device() => ArgumentData::Device(device.address(), device.len()),
+            // Host memory lent in this form is read where it is, as a tensor's data is.
+            Storage::Device(device) => ArgumentData::F32(
+                // SAFETY: the storage's memory holds `len` floats and outlives the call.
+                unsafe { std::slice::from_raw_parts(device.address() as *const f32, device.len()) },
+            ),
         });
     }
     match op {

@@ -2,7 +2,7 @@
 //! `diagonal` structure runs natively. Each parameter's state lives in named tensors.
 
 use crate::backend::Backend;
-use curv_interp::{Inputs, Real, Tensor, TensorRef, Value};
+use curv_interp::{Inputs, Real, Resident, Slot, Tensor, TensorRef, Value};
 use curv_ir::{option_name, option_number, Function, OptimizerPlan, ParamPlan, RuleProgram, StructureKind};
 use std::collections::{BTreeSet, HashMap};
 
@@ -739,6 +739,94 @@ fn restore_group<T: Real>(
             }
         }
     }
+}
+
+/// What [`update_rule_resident`] computed: the new parameter (None when no block wrote it) and
+/// the states it made or replaced, all resident. The previous ones are untouched, so a caller
+/// that finds a problem afterwards drops these and has nothing to undo.
+pub struct ResidentUpdate<T> {
+    pub param: Option<Resident<T>>,
+    pub states: Vec<(String, Resident<T>)>,
+}
+
+/// `plan`'s rule update of one parameter at `step` with every tensor resident where `backend`
+/// computes: its states initialised first when `state` is empty (the rule's `init` on the
+/// parameter and gradient), then each block due at the step, reading the parameter, gradient and
+/// states where they are and keeping its outputs there. The tensors are read flat, as a rule's
+/// functions take them. The numbers are those of [`update_param`] for the plan.
+#[allow(clippy::too_many_arguments)]
+pub fn update_rule_resident<T: Real>(
+    plan: &ParamPlan,
+    rules: &[RuleProgram],
+    backend: &dyn Backend<T>,
+    step: u64,
+    learning_rate: f64,
+    batch: usize,
+    param: &Resident<T>,
+    gradient: &Resident<T>,
+    state: &[(String, Resident<T>)],
+) -> Result<ResidentUpdate<T>, String> {
+    let rule = rules
+        .iter()
+        .find(|rule| rule.name == plan.rule_name)
+        .ok_or_else(|| format!("rule `{}` is missing", plan.rule_name))?;
+    let size = param.len();
+    if gradient.len() != size {
+        return Err(format!("a gradient of {} elements for a parameter of {size}", gradient.len()));
+    }
+    let base: Inputs<T> = rule_hyperparameters_at(plan, learning_rate, batch, step);
+    let mut update = ResidentUpdate { param: None, states: Vec::new() };
+    let kept = |outputs: Vec<(String, crate::backend::Output<T>)>| -> Result<Vec<(String, Resident<T>)>, String> {
+        outputs
+            .into_iter()
+            .map(|(name, output)| match output {
+                crate::backend::Output::Resident(tensor) => Ok((name, tensor)),
+                crate::backend::Output::Value(_) => Err(format!("`{name}` was not kept resident")),
+            })
+            .collect()
+    };
+    if state.is_empty() && !rule.state.is_empty() {
+        let mut init_inputs = base.clone();
+        init_inputs.lend_resident_as(Slot::Input(0), param, vec![size]);
+        init_inputs.lend_resident_as(Slot::Input(1), gradient, vec![size]);
+        let key = crate::backend::keys::rule_init(&rule.name, size);
+        let outputs = backend
+            .outputs_keeping(&key, &rule.init, &init_inputs, &|_| true)
+            .map_err(|error| format!("initialising `{}`: {error}", rule.name))?;
+        update.states = kept(outputs)?;
+    }
+    for (block, rule_update) in rule.updates.iter().enumerate() {
+        if !rule_update.runs_at(step) {
+            continue;
+        }
+        let key = crate::backend::keys::rule_block(&rule.name, block, size);
+        let mut update_inputs = base.clone();
+        update_inputs.lend_resident_as(Slot::Input(0), update.param.as_ref().unwrap_or(param), vec![size]);
+        update_inputs.lend_resident_as(Slot::Input(1), gradient, vec![size]);
+        for (position, name) in rule.state.iter().enumerate() {
+            let current = update
+                .states
+                .iter()
+                .chain(state)
+                .find(|(state_name, _)| state_name == name)
+                .map(|(_, tensor)| tensor)
+                .ok_or_else(|| format!("a state of rule `{}` is missing", rule.name))?;
+            update_inputs.lend_resident(Slot::Input(2 + position), current);
+        }
+        let outputs = backend
+            .outputs_keeping(&key, &rule_update.function, &update_inputs, &|_| true)
+            .map_err(|error| format!("rule `{}`: {error}", rule.name))?;
+        drop(update_inputs);
+        for (name, tensor) in kept(outputs)? {
+            if rule.state.contains(&name) {
+                update.states.retain(|(state_name, _)| *state_name != name);
+                update.states.push((name, tensor));
+            } else {
+                update.param = Some(Resident { shape: param.shape.clone(), storage: tensor.storage });
+            }
+        }
+    }
+    Ok(update)
 }
 
 fn update_with_rule<T: Real>(

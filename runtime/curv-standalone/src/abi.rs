@@ -10,7 +10,7 @@
 //! panic crosses the boundary.
 
 use crate::{embedded_text, make_backend};
-use curv_interp::{Tensor, TensorRef};
+use curv_interp::{LentStorage, Resident, Storage, Tensor, TensorRef};
 use curv_ir::{DType, Program, StructureKind};
 use curv_runtime::optimizer::{update_param, ParamState, UpdateInputs};
 use std::collections::HashMap;
@@ -83,6 +83,27 @@ enum States {
     /// Read by `curv_state_load` into a context that has not stepped: it takes the element type
     /// of the first step's tensors.
     Loaded(Vec<ParamState<f64>>),
+    /// `f32` states kept where the kernels run (device memory for a CUDA library) by resident
+    /// steps ([`step_resident`]).
+    Resident(Vec<Vec<(String, Resident<f32>)>>),
+}
+
+impl States {
+    /// The states with resident ones brought to the host (`F32`); nothing changes on an error.
+    fn on_host(&mut self) -> Result<(), String> {
+        if let States::Resident(resident) = self {
+            let mut host = Vec::with_capacity(resident.len());
+            for state in resident.iter() {
+                let mut tensors = Vec::with_capacity(state.len());
+                for (name, tensor) in state {
+                    tensors.push((name.clone(), Tensor::new(tensor.shape.clone(), tensor.host_data()?.into_owned())));
+                }
+                host.push(tensors);
+            }
+            *self = States::F32(host);
+        }
+        Ok(())
+    }
 }
 
 fn convert<A: curv_interp::Real, B: curv_interp::Real>(states: &[ParamState<A>]) -> Vec<ParamState<B>> {
@@ -473,6 +494,10 @@ impl Context {
                 ));
             }
         }
+        let rules = self.program.as_ref().map_or(&[][..], |program| &program.rules[..]);
+        if float == DType::F32 && resident_step_possible(train, rules, self.step + 1, params, grads) {
+            return step_resident(self, params, grads);
+        }
         if params.iter().chain(grads).any(|view| view.cuda) {
             // CUDA tensors: the step runs on host copies (read after the caller's queued work),
             // and the new parameters are copied back once it has succeeded.
@@ -652,6 +677,7 @@ impl Element for f32 {
     }
 
     fn states(states: &mut States, count: usize) -> Result<&mut Vec<ParamState<f32>>, String> {
+        states.on_host()?;
         match states {
             States::Empty => *states = States::F32(vec![Vec::new(); count]),
             States::Loaded(loaded) => *states = States::F32(convert(loaded)),
@@ -670,6 +696,7 @@ impl Element for f64 {
     }
 
     fn states(states: &mut States, count: usize) -> Result<&mut Vec<ParamState<f64>>, String> {
+        states.on_host()?;
         match states {
             States::Empty => *states = States::F64(vec![Vec::new(); count]),
             States::Loaded(loaded) => *states = States::F64(std::mem::take(loaded)),
@@ -688,6 +715,205 @@ enum Undo<T> {
     Copy(ParamState<T>),
     /// What an out-of-place update replaced.
     Displaced(curv_runtime::optimizer::Displaced<T>),
+}
+
+/// Whether the optimizer step can be resident ([`step_resident`]): float32 tensors all on the GPU
+/// of a CUDA library (or, with `CURV_RESIDENT=on`, all on the CPU: the same path in host memory,
+/// for tests), and a rule for every parameter with no modifier and no statistic due.
+fn resident_step_possible(
+    train: &curv_ir::TrainProgram,
+    rules: &[curv_ir::RuleProgram],
+    step: u64,
+    params: &[View],
+    grads: &[View],
+) -> bool {
+    let views = || params.iter().chain(grads);
+    let placed = if crate::built_for_cuda() && views().all(|view| view.cuda) {
+        true
+    } else {
+        views().all(|view| !view.cuda) && std::env::var("CURV_RESIDENT").is_ok_and(|value| value == "on")
+    };
+    placed
+        && train.optimizer.plans.iter().all(|plan| {
+            plan.structure == StructureKind::Rule
+                && plan.modifiers.is_empty()
+                && curv_runtime::optimizer::statistics_needed(plan, rules, step).is_empty()
+        })
+}
+
+/// One optimizer step with the states resident where the kernels run and the caller's
+/// parameters and gradients read where they are: on a CUDA library, CUDA tensors never pass
+/// through the host. Each rule update keeps its outputs resident; each new parameter is checked
+/// for non-finite values where it is; only when every update has succeeded are the new parameters
+/// copied into the caller's tensors (device to device) and the new states kept. A failed step
+/// changes nothing.
+fn step_resident(context: &mut Context, params: &[View], grads: &[View]) -> Result<(), (c_int, String)> {
+    let program = context.program.as_ref().ok_or((CURV_CONTEXT_ERROR, "no program".to_string()))?;
+    let train = &program.trains[context.train];
+    let step = context.step + 1;
+    let rate = curv_runtime::schedule::learning_rate(
+        context.learning_rate.unwrap_or(train.optimizer.lr),
+        train.optimizer.schedule.as_ref(),
+        step,
+        train.steps.max(1) as u64,
+    );
+    let cuda = params.first().is_some_and(|view| view.cuda);
+    let failed = |message: String| (CURV_RUNTIME_ERROR, message);
+    if cuda {
+        // The caller's kernels that write the gradients may still run, on any stream.
+        curv_cuda::synchronize().map_err(|error| failed(error.to_string()))?;
+    }
+    let backend = make_backend();
+    let upload = |tensor: &Tensor<f32>| {
+        backend.upload(tensor.clone()).map_err(|error| failed(format!("uploading the state: {error}")))
+    };
+    // The states, resident: as the last resident step left them, or uploaded.
+    let states: Vec<Vec<(String, Resident<f32>)>> = match std::mem::replace(&mut context.states, States::Empty) {
+        States::Resident(states) => states,
+        States::Empty => (0..params.len()).map(|_| Vec::new()).collect(),
+        States::F64(host) => {
+            context.states = States::F64(host);
+            return Err((
+                CURV_INVALID_ARGUMENT,
+                "this context's state is float64; its tensors must stay float64".to_string(),
+            ));
+        }
+        host @ (States::F32(_) | States::Loaded(_)) => {
+            let host = match host {
+                States::F32(host) => host,
+                States::Loaded(loaded) => convert(&loaded),
+                _ => Vec::new(),
+            };
+            let mut states = Vec::with_capacity(host.len());
+            for state in &host {
+                let uploaded: Result<Vec<_>, _> =
+                    state.iter().map(|(name, tensor)| Ok((name.clone(), upload(tensor)?))).collect();
+                match uploaded {
+                    Ok(uploaded) => states.push(uploaded),
+                    Err(error) => {
+                        context.states = States::F32(host);
+                        return Err(error);
+                    }
+                }
+            }
+            states
+        }
+    };
+    let lend = |view: &View| {
+        let read = if view.cuda { curv_cuda::read_device_floats } else { LentStorage::read_host };
+        // SAFETY: the views were validated (live, aligned, `count` floats, on the stated device,
+        // parameters and gradients apart), and the caller's tensors are written only by the
+        // commit below, once nothing reads them any more.
+        let storage = unsafe { LentStorage::new(view.data, view.count, view.cuda, read) };
+        Resident { shape: vec![view.count], storage: Storage::Device(Box::new(storage)) }
+    };
+    let mut updates = Vec::with_capacity(params.len());
+    let mut outcome = Ok(());
+    for (index, (param, grad)) in params.iter().zip(grads).enumerate() {
+        let name = &train.params[index].name;
+        let Some(plan) = train.optimizer.plans.iter().find(|plan| plan.param == index) else {
+            outcome = Err((CURV_CONTEXT_ERROR, format!("`{name}` has no optimizer plan")));
+            break;
+        };
+        let (param, grad) = (lend(param), lend(grad));
+        let update = curv_runtime::optimizer::update_rule_resident(
+            plan,
+            &program.rules,
+            backend.as_ref(),
+            step,
+            rate,
+            train.batch.max(1) as usize,
+            &param,
+            &grad,
+            &states[index],
+        );
+        let update = match update {
+            Ok(update) => update,
+            Err(message) => {
+                outcome = Err(failed(format!("step {step}, `{name}`: {message}")));
+                break;
+            }
+        };
+        if let Some(new) = &update.param {
+            match first_non_finite_resident(backend.as_ref(), new) {
+                Ok(None) => {}
+                Ok(Some(position)) => {
+                    outcome = Err(failed(format!(
+                        "step {step}, `{name}`: the update made element {position} non-finite; nothing was changed"
+                    )));
+                    break;
+                }
+                Err(message) => {
+                    outcome = Err(failed(format!("step {step}, `{name}`: {message}")));
+                    break;
+                }
+            }
+        }
+        updates.push(update);
+    }
+    if let Err(error) = outcome {
+        context.states = States::Resident(states);
+        return Err(error);
+    }
+    // The commit: every new parameter into the caller's tensor, then the new states.
+    let mut states = states;
+    for ((view, update), state) in params.iter().zip(updates).zip(&mut states) {
+        if let Some(new) = &update.param {
+            let copied = match &new.storage {
+                Storage::Device(device) if view.cuda => {
+                    // SAFETY: both hold `count` floats of device memory (the validated tensor and
+                    // the kernel's output of its size).
+                    unsafe { curv_cuda::copy_device_to_device(view.data, device.address(), view.bytes()) }
+                        .map_err(|error| error.to_string())
+                }
+                Storage::Host(data) if !view.cuda && data.len() == view.count => {
+                    // SAFETY: the validated tensor holds `count` floats.
+                    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), view.data as *mut f32, view.count) };
+                    Ok(())
+                }
+                _ => Err("a new parameter is not where its tensor is".to_string()),
+            };
+            if let Err(message) = copied {
+                context.states = States::Resident(states);
+                return Err(failed(format!(
+                    "writing the new parameters: {message}; the parameters may be partly updated"
+                )));
+            }
+        }
+        for (name, tensor) in update.states {
+            match state.iter_mut().find(|(held, _)| *held == name) {
+                Some((_, held)) => *held = tensor,
+                None => state.push((name, tensor)),
+            }
+        }
+    }
+    if cuda {
+        curv_cuda::synchronize().map_err(|error| failed(format!("writing the new parameters: {error}")))?;
+    }
+    context.states = States::Resident(states);
+    context.step = step;
+    Ok(())
+}
+
+/// The flat index of the first non-finite element of a resident tensor: one check where it is,
+/// and a host copy only when it fails.
+fn first_non_finite_resident(
+    backend: &dyn curv_runtime::Backend<f32>,
+    tensor: &Resident<f32>,
+) -> Result<Option<usize>, String> {
+    let shapes = [tensor.shape.clone()];
+    let function = curv_runtime::backend::finiteness_function(&shapes);
+    let mut inputs = curv_interp::Inputs::default();
+    inputs.lend_resident(curv_interp::Slot::Input(0), tensor);
+    let outputs = backend.outputs(&curv_runtime::backend::keys::finiteness(&shapes), &function, &inputs)?;
+    let finite = curv_runtime::backend::output(&outputs, "finite")
+        .and_then(|value| value.as_real())
+        .and_then(|tensor| tensor.data.first().copied())
+        .ok_or_else(|| "the finiteness check returned nothing".to_string())?;
+    if finite.is_finite() {
+        return Ok(None);
+    }
+    Ok(Some(curv_runtime::first_non_finite(&tensor.host_data()?).unwrap_or(0)))
 }
 
 /// One optimizer step over validated views, in element type `T`.
@@ -1044,6 +1270,20 @@ pub unsafe extern "C" fn curv_optimizer_reset(context: *mut Context) -> c_int {
     })
 }
 
+/// 1 when the optimizer's state is resident where the kernels run (device memory for a CUDA
+/// library), 0 when it is on the host or not made yet, -1 for a null context.
+///
+/// # Safety
+///
+/// `context` is null or a live context.
+#[no_mangle]
+pub unsafe extern "C" fn curv_state_resident(context: *const Context) -> c_int {
+    match context.as_ref() {
+        None => -1,
+        Some(context) => c_int::from(matches!(context.states, States::Resident(_))),
+    }
+}
+
 /// Writes the optimizer's state (every parameter's state tensors and the step) to a safetensors
 /// file, atomically.
 ///
@@ -1059,11 +1299,14 @@ pub unsafe extern "C" fn curv_state_save(context: *mut Context, path: *const c_c
         let path = std::path::PathBuf::from(CStr::from_ptr(path).to_string_lossy().into_owned());
         let names = context.names.iter().map(|name| name.to_string_lossy().into_owned()).collect::<Vec<_>>();
         let metadata = [("step", context.step.to_string())];
+        context.states.on_host().map_err(|message| (CURV_RUNTIME_ERROR, message))?;
         let bytes = match &context.states {
             States::F64(states) => serialize_states(&names, states, &metadata),
             States::F32(states) => serialize_states(&names, states, &metadata),
             States::Loaded(states) => serialize_states(&names, states, &metadata),
-            States::Empty => serialize_states::<f32>(&names, &vec![Vec::new(); names.len()], &metadata),
+            States::Empty | States::Resident(_) => {
+                serialize_states::<f32>(&names, &vec![Vec::new(); names.len()], &metadata)
+            }
         }
         .map_err(|message| (CURV_RUNTIME_ERROR, message))?;
         curv_runtime::checkpoint::write_atomically(&path, &bytes).map_err(|message| (CURV_RUNTIME_ERROR, message))
@@ -1119,7 +1362,7 @@ pub unsafe extern "C" fn curv_state_load(context: *mut Context, path: *const c_c
         }
         context.states = match &context.states {
             States::F64(_) => States::F64(states),
-            States::F32(_) => States::F32(convert(&states)),
+            States::F32(_) | States::Resident(_) => States::F32(convert(&states)),
             States::Empty | States::Loaded(_) => States::Loaded(states),
         };
         context.step = step;
