@@ -12,7 +12,8 @@
 #    `curv build --lib --device cuda` on CUDA tensors against torch.optim.Adam;
 # 2. the fused Adam update's achieved bandwidth on a 4.2M-element parameter against a
 #    device-to-device copy of as many bytes, and train-step time of the digits MLP and the SIREN with Adam against
-#    PyTorch CUDA eager and torch.compile, in the same run;
+#    PyTorch CUDA eager and torch.compile, in the same run, for curv both with resident steps (the
+#    default) and with every tensor staged through the host (CURV_RESIDENT=off);
 # 3. where the host's time went in the two step benchmarks (CURV_CUDA_PROFILE), then a short
 #    table last. Exit status 1 when a comparison fails. When $OUT names a folder (the device
 #    tool's), the logs and metrics go there as gpu-check-logs.tar.gz.
