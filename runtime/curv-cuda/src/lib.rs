@@ -1211,6 +1211,14 @@ mod tests {
         }
         let error = ManagedBuffer::new(64).unwrap_err();
         assert!(error.to_string().starts_with("no CUDA device"), "{error}");
+        // Resident tensors' memory and copies say so too.
+        let error = ResidentBuffer::copy_of(&[1.0, 2.0]).err().expect("no buffer without a GPU");
+        assert!(error.to_string().starts_with("no CUDA device"), "{error}");
+        let mut word = [0u8; 8];
+        let error = unsafe { copy_device_to_device(word.as_mut_ptr(), word.as_ptr(), 8) }.unwrap_err();
+        assert!(error.to_string().starts_with("no CUDA device"), "{error}");
+        let error = unsafe { read_device_floats(word.as_ptr(), 2) }.unwrap_err();
+        assert!(error.starts_with("no CUDA device"), "{error}");
         take_error();
         unsafe {
             let module = mgpuModuleLoadJIT(c".version 8.0".as_ptr() as *mut c_void, 2);
