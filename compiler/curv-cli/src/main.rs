@@ -1299,13 +1299,25 @@ fn build_kernels(program: &curv_ir::Program, train: &curv_ir::TrainProgram, set:
             }
             grouped.push(group.plans.iter().map(|&plan| train.optimizer.plans[plan].param).collect());
         }
-        // Where every parameter is in a group, steps can be resident (on a GPU by default): they
-        // check all the gradients, and each group's updated parameters, where they are.
+        // Where every parameter has a rule (in a group or its own), steps can be resident (on a
+        // GPU by default): they check all the gradients, and each group's or lone parameter's
+        // update, where they are.
         let all: Vec<usize> = (0..train.params.len()).collect();
-        if all.iter().all(|param| grouped.iter().any(|members: &Vec<usize>| members.contains(param))) {
+        let in_group = |param: &usize| grouped.iter().any(|members: &Vec<usize>| members.contains(param));
+        let lone: Vec<usize> = train
+            .optimizer
+            .plans
+            .iter()
+            .filter(|plan| plan.structure == curv_ir::StructureKind::Rule && !in_group(&plan.param))
+            .map(|plan| plan.param)
+            .collect();
+        if all.iter().all(|param| in_group(param) || lone.contains(param)) {
             push_finiteness_kernel(&mut kernels, train, &all);
             for members in &grouped {
                 push_finiteness_kernel(&mut kernels, train, members);
+            }
+            for &param in &lone {
+                push_finiteness_kernel(&mut kernels, train, &[param]);
             }
         }
     }

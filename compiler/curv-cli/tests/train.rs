@@ -918,19 +918,22 @@ fn resident_steps_give_the_host_steps_results_bit_for_bit_on_the_compiled_backen
     // the non-finite checks as a compiled kernel; `off` runs every step on the host. The same
     // kernels on the same values: the final parameters, the checkpoint and the metrics must be
     // identical. The SIREN is a full-batch run, whose data is uploaded once.
-    for (example, steps) in [
-        ("examples/digits_mlp.curv", "30"),
-        ("examples/optimizers/adan.curv", "12"),
-        ("examples/optimizers/adopt.curv", "12"),
-        ("examples/siren.curv", "4"),
+    // With `CURV_GROUPED_UPDATES=off` every parameter is updated by its own rule's kernels.
+    for (example, steps, grouped) in [
+        ("examples/digits_mlp.curv", "30", "on"),
+        ("examples/optimizers/adan.curv", "12", "on"),
+        ("examples/optimizers/adopt.curv", "12", "on"),
+        ("examples/siren.curv", "4", "on"),
+        ("examples/digits_mlp.curv", "12", "off"),
     ] {
         let mut runs = Vec::new();
         for resident in ["on", "off"] {
-            let directory = scratch(&format!("resident-{}-{resident}", example.replace('/', "-")));
+            let directory = scratch(&format!("resident-{}-{grouped}-{resident}", example.replace('/', "-")));
             let metrics_path = directory.join("metrics.jsonl");
             let output = Command::new(env!("CARGO_BIN_EXE_curv"))
                 .current_dir(repository_root())
                 .env("CURV_RESIDENT", resident)
+                .env("CURV_GROUPED_UPDATES", grouped)
                 .env("CURV_CACHE_DIR", std::env::temp_dir().join("curv-test-kernel-cache"))
                 .args(["run", example, "--steps", steps, "--quiet", "--out"])
                 .arg(directory.to_str().unwrap())

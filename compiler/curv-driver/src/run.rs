@@ -602,8 +602,9 @@ pub fn plot_comparison(
 mod tests {
     use super::*;
 
-    /// A trainer for `example` (relative to `examples/`) on the reference interpreter.
-    fn trainer_for(example: &str, resident: bool) -> Trainer<f32> {
+    /// A trainer for `example` (relative to `examples/`) on the reference interpreter, with the
+    /// rule updates grouped into multi-parameter kernels or not.
+    fn trainer_grouped(example: &str, resident: bool, grouped: bool) -> Trainer<f32> {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples").join(example);
         let source = crate::SourceFile::read(&path).unwrap();
         let compilation = crate::compile(source);
@@ -611,15 +612,24 @@ mod tests {
         let train = select_train(program, None).unwrap();
         let dataset = Dataset::load(&train.data, path.parent().unwrap()).unwrap();
         let mut trainer = Trainer::new(train.clone(), program.rules.clone(), dataset, 7, 100);
+        trainer.set_grouped_updates(grouped);
         trainer.set_resident(resident).unwrap();
         trainer
     }
 
     #[test]
     fn resident_steps_give_the_host_steps_numbers_and_sync_back_to_the_host() {
-        for (example, steps) in [("digits_mlp.curv", 12), ("optimizers/adan.curv", 6), ("optimizers/sgd.curv", 5)] {
-            let mut host = trainer_for(example, false);
-            let mut resident = trainer_for(example, true);
+        // Grouped, the parameters are updated by multi-parameter kernels; ungrouped, each by its
+        // own rule's kernels (`update_rule_resident`), which also make the states at step 1.
+        for (example, steps, grouped) in [
+            ("digits_mlp.curv", 12, true),
+            ("optimizers/adan.curv", 6, true),
+            ("optimizers/sgd.curv", 5, true),
+            ("digits_mlp.curv", 6, false),
+            ("optimizers/adopt.curv", 5, false),
+        ] {
+            let mut host = trainer_grouped(example, false, grouped);
+            let mut resident = trainer_grouped(example, true, grouped);
             let mut resident_after = Vec::new();
             for _ in 0..steps {
                 let expected = host.train_step().unwrap();
@@ -628,8 +638,8 @@ mod tests {
                 assert_eq!(expected.skipped, got.skipped);
                 resident_after.push(resident.is_resident());
             }
-            // The first step makes the states on the host; the later ones are resident.
-            assert!(!resident_after[0], "{example}: the first step runs on the host");
+            // Grouped, the first step makes the states on the host; every later one is resident.
+            assert_eq!(resident_after[0], !grouped, "{example}: the first step");
             assert!(resident_after[1..].iter().all(|&on| on), "{example}: {resident_after:?}");
             assert!(!host.is_resident());
             // An evaluation reads the resident parameters where they are.
@@ -661,9 +671,11 @@ mod tests {
 
     #[test]
     fn a_resident_step_that_goes_non_finite_reports_and_rolls_back_as_a_host_step_does() {
-        for policy in [NonFinitePolicy::Skip, NonFinitePolicy::Stop] {
-            let mut host = trainer_for("digits_mlp.curv", false);
-            let mut resident = trainer_for("digits_mlp.curv", true);
+        for (policy, grouped) in
+            [(NonFinitePolicy::Skip, true), (NonFinitePolicy::Stop, true), (NonFinitePolicy::Skip, false)]
+        {
+            let mut host = trainer_grouped("digits_mlp.curv", false, grouped);
+            let mut resident = trainer_grouped("digits_mlp.curv", true, grouped);
             for trainer in [&mut host, &mut resident] {
                 trainer.policy = policy;
                 trainer.train_step().unwrap();

@@ -1,8 +1,9 @@
 //! The resident training step: parameters, rule states and gradients stay where the backend
 //! computes (device memory on a GPU) from one step to the next.
 //!
-//! A step takes this path when every parameter is updated by a multi-parameter rule kernel, with
-//! no modifier, no curvature statistic at that step and no gradient clipping: then nothing of the
+//! A step takes this path when every parameter is updated by a rule (a multi-parameter rule
+//! kernel, or its own rule's kernels), with no modifier, no curvature statistic at that step and
+//! no gradient clipping: then nothing of the
 //! step needs the host but the loss and the metrics' outputs. The gradient program keeps its
 //! gradients resident, the rule kernels read the parameters, gradients and states resident and
 //! keep their outputs resident, and the non-finite checks run where the tensors are
@@ -103,9 +104,13 @@ impl<T: Real> Trainer<T> {
             return false;
         }
         let plans = &self.program.optimizer.plans;
+        // Every parameter is in a rule group or has a rule of its own.
         let grouped: Vec<usize> =
             self.groups.iter().flat_map(|group| group.plans.iter().map(|&plan| plans[plan].param)).collect();
-        if (0..self.program.params.len()).any(|param| !grouped.contains(&param)) {
+        let has_rule = |param: usize| {
+            plans.iter().any(|plan| plan.param == param && plan.structure == curv_ir::StructureKind::Rule)
+        };
+        if (0..self.program.params.len()).any(|param| !grouped.contains(&param) && !has_rule(param)) {
             return false;
         }
         for plan in plans {
@@ -307,6 +312,38 @@ impl<T: Real> Trainer<T> {
                     problem = Some(format!(
                         "the updated `{}` is not finite at flat index {position}",
                         self.param_name(members[member])
+                    ));
+                    break;
+                }
+            }
+        }
+        if problem.is_none() {
+            // The parameters with a rule of their own, in plan order (as the host step).
+            let grouped: Vec<usize> =
+                self.groups.iter().flat_map(|group| group.plans.iter().map(|&plan| plans[plan].param)).collect();
+            for plan in plans.iter().filter(|plan| !grouped.contains(&plan.param)) {
+                let index = plan.param;
+                let update = crate::optimizer::update_rule_resident(
+                    plan,
+                    &self.rules,
+                    self.backend.as_ref(),
+                    step,
+                    rate,
+                    self.program.batch as usize,
+                    &resident.params[index],
+                    &gradients[index],
+                    &resident.states[index],
+                )
+                .map_err(|message| {
+                    TrainError::Runtime(format!("step {step}, `{}`: {message}", self.param_name(index)))
+                })?;
+                new_states[index] = update.states;
+                new_params[index] = update.param;
+                let current = new_params[index].as_ref().unwrap_or(&resident.params[index]);
+                if let Some((_, position)) = self.first_non_finite_resident(&[current]).map_err(runtime)? {
+                    problem = Some(format!(
+                        "the updated `{}` is not finite at flat index {position}",
+                        self.param_name(index)
                     ));
                     break;
                 }
