@@ -1104,7 +1104,7 @@ fn build_library(
         return Err((format!("`{stem}` cannot name a library (a letter or `_` must come first)"), 1));
     }
     let library = runtime_library()?;
-    let kernels = build_kernels(program, train, KernelSet::Library);
+    let kernels = build_kernels(program, train, KernelSet::Library, None);
     std::fs::create_dir_all(directory)
         .map_err(|error| (format!("cannot create {}: {error}", directory.display()), 1))?;
     let work = std::env::temp_dir().join(format!("curv-build-lib-{}", std::process::id()));
@@ -1219,7 +1219,12 @@ enum KernelSet {
 /// library module its source is in (a rule's functions), or `None` for the user's file.
 type BuildKernel = (String, curv_ir::Function, std::collections::HashMap<String, i64>, Option<String>);
 
-fn build_kernels(program: &curv_ir::Program, train: &curv_ir::TrainProgram, set: KernelSet) -> Vec<BuildKernel> {
+fn build_kernels(
+    program: &curv_ir::Program,
+    train: &curv_ir::TrainProgram,
+    set: KernelSet,
+    dataset: Option<&curv_runtime::Dataset>,
+) -> Vec<BuildKernel> {
     use curv_runtime::backend::keys;
     let no_bindings = std::collections::HashMap::new();
     let mut kernels: Vec<BuildKernel> = Vec::new();
@@ -1318,6 +1323,15 @@ fn build_kernels(program: &curv_ir::Program, train: &curv_ir::TrainProgram, set:
             }
             for &param in &lone {
                 push_finiteness_kernel(&mut kernels, train, &[param]);
+            }
+            // ... and gather their batches where the data set is.
+            let fields = dataset.map(|dataset| dataset.fields.iter().map(move |field| (dataset, field)));
+            for (dataset, field) in fields.into_iter().flatten().filter(|(_, field)| field.f32_values().is_some()) {
+                let (examples, batch) = (dataset.examples, train.batch.max(0) as usize);
+                let width: usize = field.example_shape.iter().product();
+                let key = keys::batch_gather(&dataset.name, &field.name, examples, width, batch);
+                let function = curv_runtime::backend::batch_gather_function(examples, &field.example_shape, batch);
+                kernels.push((key, function, std::collections::HashMap::new(), None));
             }
         }
     }
@@ -1428,7 +1442,10 @@ fn build(
     let names: Vec<String> = train.params.iter().map(|param| param.name.clone()).collect();
     curv_runtime::optimizer::check_executable(&train.optimizer, &names).map_err(|message| (message, 1))?;
     let library = runtime_library()?;
-    let kernels = build_kernels(program, train, KernelSet::Trainer);
+    // The data set as it is now, for the kernels that gather a resident run's batches from it
+    // (a trainer whose data set has changed size uploads its batches instead).
+    let dataset = curv_runtime::Dataset::load(&train.data, &compilation.source.directory()).ok();
+    let kernels = build_kernels(program, train, KernelSet::Trainer, dataset.as_ref());
     let work = std::env::temp_dir().join(format!("curv-build-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(|error| (format!("cannot create {}: {error}", work.display()), 2))?;
     let mut registry =

@@ -957,6 +957,31 @@ fn resident_steps_give_the_host_steps_results_bit_for_bit_on_the_compiled_backen
 }
 
 #[test]
+fn a_built_trainer_runs_resident_steps_from_its_precompiled_kernels_bit_for_bit() {
+    // A trainer of `curv build` has the resident step's kernels compiled ahead of time (the
+    // finiteness checks and the gather of batches from the whole data set); with
+    // `CURV_RESIDENT=on` (the default of a CUDA trainer) it gives the host steps' parameters.
+    let directory = scratch("built-resident");
+    let trainer = directory.join("trainer");
+    let output = curv(&["build", "examples/digits_mlp.curv", "-o", trainer.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let mut finals = Vec::new();
+    for resident in ["on", "off"] {
+        let out = directory.join(resident);
+        let output = Command::new(&trainer)
+            .env("CURV_RESIDENT", resident)
+            .args(["--steps", "25", "--quiet", "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+        finals.push(read_parameters(&out.join("final.safetensors")));
+    }
+    assert_eq!(finals[0].len(), 6);
+    assert!(finals[0] == finals[1], "resident and host steps differ");
+}
+
+#[test]
 fn a_resident_run_that_goes_non_finite_stops_with_the_host_runs_message_and_checkpoint() {
     // A learning rate beyond f32's range makes the first resident step's update infinite: the
     // compiled finiteness check must catch it (a folded `x - x` would not), and the run must stop

@@ -641,6 +641,9 @@ mod tests {
             // Grouped, the first step makes the states on the host; every later one is resident.
             assert_eq!(resident_after[0], !grouped, "{example}: the first step");
             assert!(resident_after[1..].iter().all(|&on| on), "{example}: {resident_after:?}");
+            // The digits (one float field, the images) are uploaded whole and every batch is
+            // gathered where they are.
+            assert_eq!(resident.resident_data_fields(), 1, "{example}");
             assert!(!host.is_resident());
             // An evaluation reads the resident parameters where they are.
             let (expected, got) = (host.evaluate_test().unwrap(), resident.evaluate_test().unwrap());

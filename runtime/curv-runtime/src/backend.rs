@@ -42,6 +42,13 @@ pub trait Backend<T: Real> {
         keep_outputs(self, self.outputs(key, function, inputs)?, keep)
     }
 
+    /// Whether the backend evaluates `function` (under `key`, on `inputs`) itself, where its
+    /// resident tensors are, rather than through host copies: false for a backend of kernels
+    /// compiled ahead of time that has none for it (it would use the interpreter).
+    fn evaluates_natively(&self, _key: &str, _function: &Function, _inputs: &Inputs<T>) -> bool {
+        true
+    }
+
     /// A resident copy of `tensor`, where the backend computes.
     fn upload(&self, tensor: Tensor<T>) -> Result<Resident<T>, String> {
         Ok(Resident::host(tensor.shape, tensor.data))
@@ -126,6 +133,12 @@ pub mod keys {
         format!("rule {rule} block {block} group {}", sizes.join(","))
     }
 
+    /// The gather of a batch of `batch` examples of the data field `source.field` from its whole
+    /// table of `examples` rows of `width` elements ([`super::batch_gather_function`]).
+    pub fn batch_gather(source: &str, field: &str, examples: usize, width: usize, batch: usize) -> String {
+        format!("batch {source}.{field} {examples}x{width} {batch}")
+    }
+
     /// The check that tensors of `shapes` are finite ([`super::finiteness_function`]).
     pub fn finiteness(shapes: &[Vec<usize>]) -> String {
         let shapes: Vec<String> =
@@ -179,5 +192,42 @@ pub fn finiteness_function(shapes: &[Vec<usize>]) -> Function {
         function.push(Op::Constant { value: 0.0 }, Vec::new(), TensorType::scalar(DType::F32), span)
     });
     function.outputs.push(("finite".to_string(), total));
+    function
+}
+
+/// The batch of a resident step, gathered where the data set's table is: one `f32` input, the
+/// whole field as `[examples, width]`, one `i32` input, the batch's example indices `[batch]`,
+/// and one output `batch`, the rows in the field's batch shape `[batch, example_shape...]`.
+pub fn batch_gather_function(examples: usize, example_shape: &[usize], batch: usize) -> Function {
+    use curv_ir::{DType, Op, TensorType};
+    let span = Default::default();
+    let width: usize = example_shape.iter().product();
+    let mut function = Function::new("batch");
+    let table = function.push(
+        Op::Input { index: 0, name: "table".to_string() },
+        Vec::new(),
+        TensorType::known(DType::F32, &[examples as i64, width as i64]),
+        span,
+    );
+    let indices = function.push(
+        Op::Input { index: 1, name: "indices".to_string() },
+        Vec::new(),
+        TensorType::known(DType::I32, &[batch as i64]),
+        span,
+    );
+    let rows = function.push(
+        Op::Gather,
+        vec![table, indices],
+        TensorType::known(DType::F32, &[batch as i64, width as i64]),
+        span,
+    );
+    let mut shape = vec![batch as i64];
+    shape.extend(example_shape.iter().map(|&size| size as i64));
+    let result = if shape.len() == 2 && shape[1] == width as i64 {
+        rows
+    } else {
+        function.push(Op::Reshape, vec![rows], TensorType::known(DType::F32, &shape), span)
+    };
+    function.outputs.push(("batch".to_string(), result));
     function
 }

@@ -17,6 +17,16 @@ pub struct Field {
     pub data: FieldData,
 }
 
+impl Field {
+    /// The values of every example, in example order, for a floating-point field.
+    pub fn f32_values(&self) -> Option<&[f32]> {
+        match &self.data {
+            FieldData::F32(values) => Some(values),
+            FieldData::I32(_) => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Dataset {
     pub name: String,

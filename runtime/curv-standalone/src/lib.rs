@@ -129,6 +129,10 @@ impl Backend<f32> for Precompiled {
         built_for_cuda()
     }
 
+    fn evaluates_natively(&self, key: &str, function: &Function, inputs: &Inputs<f32>) -> bool {
+        registered(&curv_ir::abi::kernel_key(key, &bindings_from_inputs(function, inputs))).is_some()
+    }
+
     fn outputs_keeping(
         &self,
         key: &str,

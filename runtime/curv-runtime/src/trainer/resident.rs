@@ -35,7 +35,34 @@ pub(crate) struct ResidentValues<T> {
     batch: Option<(Vec<usize>, Vec<DataField<T>>)>,
     /// Whether `Trainer::params` and `Trainer::states` hold these values too.
     host_current: bool,
+    /// The floating-point data fields uploaded whole, to gather batches from where they are;
+    /// None until the first resident step decides (empty when they do not fit or cannot be
+    /// gathered there).
+    tables: Option<Vec<DataTable<T>>>,
 }
+
+/// A floating-point data field uploaded whole (`[examples, width]`), with the function that
+/// gathers a batch of it.
+struct DataTable<T> {
+    key: (String, String),
+    table: Resident<T>,
+    gather: curv_ir::Function,
+    gather_key: String,
+}
+
+/// The inputs of a batch gather ([`crate::backend::batch_gather_function`]) but its table: a
+/// placeholder where the table goes, and the example indices.
+fn gather_inputs<'a, T: Real>(rows: Vec<i32>) -> Inputs<'a, T> {
+    let count = rows.len();
+    Inputs {
+        inputs: vec![Value::Real(Tensor::new(vec![0], Vec::new())), Value::Int(Tensor::new(vec![count], rows))],
+        ..Inputs::default()
+    }
+}
+
+/// The most data set memory a resident run uploads whole; a larger data set is uploaded a
+/// batch at a time.
+const TABLE_LIMIT_BYTES: usize = 1 << 30;
 
 impl<T> ResidentValues<T> {
     pub(super) fn params(&self) -> &[Resident<T>] {
@@ -55,6 +82,11 @@ impl<T: Real> Trainer<T> {
         }
         self.resident_enabled = resident;
         Ok(())
+    }
+
+    /// How many data fields are uploaded whole, their batches gathered where they are.
+    pub fn resident_data_fields(&self) -> usize {
+        self.resident.as_ref().and_then(|resident| resident.tables.as_ref()).map_or(0, Vec::len)
     }
 
     /// Whether the parameters and states are resident now (and the host copies stale).
@@ -148,7 +180,7 @@ impl<T: Real> Trainer<T> {
                 state.iter().map(|(name, tensor)| Ok((name.clone(), upload(tensor)?))).collect();
             states.push(tensors?);
         }
-        self.resident = Some(ResidentValues { params, states, batch: None, host_current: true });
+        self.resident = Some(ResidentValues { params, states, batch: None, host_current: true, tables: None });
         Ok(())
     }
 
@@ -170,15 +202,23 @@ impl<T: Real> Trainer<T> {
         resident: &mut ResidentValues<T>,
     ) -> Result<StepReport, TrainError> {
         let runtime = |error: String| TrainError::Runtime(format!("step {step}: {error}"));
-        // The batch: its floating-point fields resident (uploaded again only for new examples),
-        // its integer fields (labels) on the host.
+        // The batch: its floating-point fields resident (made again only for new examples), its
+        // integer fields (labels) on the host.
         let mut data = self.dataset.gather(&indices);
         if resident.batch.as_ref().is_none_or(|(held, _)| *held != indices) {
+            if resident.tables.is_none() {
+                resident.tables = Some(self.data_tables(indices.len()).map_err(runtime)?);
+            }
             let mut fields = Vec::new();
             for (key, value) in &data {
-                if let Value::Real(tensor) = value {
-                    fields.push((key.clone(), self.backend.upload(tensor.clone()).map_err(runtime)?));
-                }
+                let Value::Real(tensor) = value else { continue };
+                let table = resident.tables.iter().flatten().find(|table| table.key == *key);
+                let field = match table {
+                    // Gathered where the whole data set is.
+                    Some(table) => self.gather_batch(table, &indices).map_err(runtime)?,
+                    None => self.backend.upload(tensor.clone()).map_err(runtime)?,
+                };
+                fields.push((key.clone(), field));
             }
             resident.batch = Some((indices, fields));
         }
@@ -367,6 +407,50 @@ impl<T: Real> Trainer<T> {
             }
         }
         self.step_outcome(step, metrics, problem)
+    }
+
+    /// The data set's floating-point fields uploaded whole, for batches of `batch` examples
+    /// gathered where they are, when they fit ([`TABLE_LIMIT_BYTES`]) and the backend gathers
+    /// there itself; otherwise none (batches are then uploaded one at a time).
+    fn data_tables(&self, batch: usize) -> Result<Vec<DataTable<T>>, String> {
+        let examples = self.dataset.examples;
+        let mut tables = Vec::new();
+        let mut bytes = 0usize;
+        for field in &self.dataset.fields {
+            let Some(values) = field.f32_values() else { continue };
+            bytes += values.len() * std::mem::size_of::<T>();
+            if bytes > TABLE_LIMIT_BYTES {
+                return Ok(Vec::new());
+            }
+            let width: usize = field.example_shape.iter().product();
+            let gather = crate::backend::batch_gather_function(examples, &field.example_shape, batch);
+            let gather_key = keys::batch_gather(&self.dataset.name, &field.name, examples, width, batch);
+            let data: Vec<T> = values.iter().map(|&value| T::from_f64(value as f64)).collect();
+            let table = Tensor::new(vec![examples, width], data);
+            // Only where the backend runs the gather itself (a backend without its kernel would
+            // read the whole table back to the host for every batch).
+            let probe = Resident::host(table.shape.clone(), Vec::new());
+            let mut inputs = gather_inputs(vec![0; batch]);
+            inputs.lend_resident_as(Slot::Input(0), &probe, vec![examples, width]);
+            if !self.backend.evaluates_natively(&gather_key, &gather, &inputs) {
+                return Ok(Vec::new());
+            }
+            let key = (self.dataset.name.clone(), field.name.clone());
+            tables.push(DataTable { key, table: self.backend.upload(table)?, gather, gather_key });
+        }
+        Ok(tables)
+    }
+
+    /// A batch of `table`'s field: the rows `indices`, gathered where the table is.
+    fn gather_batch(&self, table: &DataTable<T>, indices: &[usize]) -> Result<Resident<T>, String> {
+        let rows: Vec<i32> = indices.iter().map(|&index| index as i32).collect();
+        let mut inputs = gather_inputs(rows);
+        inputs.lend_resident(Slot::Input(0), &table.table);
+        let outputs = self.backend.outputs_keeping(&table.gather_key, &table.gather, &inputs, &|_| true)?;
+        match outputs.into_iter().next() {
+            Some((_, Output::Resident(batch))) => Ok(batch),
+            _ => Err("the batch gather returned no resident batch".to_string()),
+        }
     }
 
     /// The first tensor of `tensors` with an element that is not finite, and that element's flat
