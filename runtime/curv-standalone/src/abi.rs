@@ -717,6 +717,20 @@ enum Undo<T> {
     Displaced(curv_runtime::optimizer::Displaced<T>),
 }
 
+/// The number of an optimizer step's context's next step, and its learning rate.
+fn next_step(context: &Context) -> Result<(u64, f64), (c_int, String)> {
+    let program = context.program.as_ref().ok_or((CURV_CONTEXT_ERROR, "no program".to_string()))?;
+    let train = &program.trains[context.train];
+    let step = context.step + 1;
+    let rate = curv_runtime::schedule::learning_rate(
+        context.learning_rate.unwrap_or(train.optimizer.lr),
+        train.optimizer.schedule.as_ref(),
+        step,
+        train.steps.max(1) as u64,
+    );
+    Ok((step, rate))
+}
+
 /// Whether the optimizer step can be resident ([`step_resident`]): float32 tensors all on the GPU
 /// of a CUDA library (or, with `CURV_RESIDENT=on`, all on the CPU: the same path in host memory,
 /// for tests), and a rule for every parameter with no modifier and no statistic due.
@@ -748,15 +762,9 @@ fn resident_step_possible(
 /// copied into the caller's tensors (device to device) and the new states kept. A failed step
 /// changes nothing.
 fn step_resident(context: &mut Context, params: &[View], grads: &[View]) -> Result<(), (c_int, String)> {
+    let (step, rate) = next_step(context)?;
     let program = context.program.as_ref().ok_or((CURV_CONTEXT_ERROR, "no program".to_string()))?;
     let train = &program.trains[context.train];
-    let step = context.step + 1;
-    let rate = curv_runtime::schedule::learning_rate(
-        context.learning_rate.unwrap_or(train.optimizer.lr),
-        train.optimizer.schedule.as_ref(),
-        step,
-        train.steps.max(1) as u64,
-    );
     let cuda = params.first().is_some_and(|view| view.cuda);
     let failed = |message: String| (CURV_RUNTIME_ERROR, message);
     if cuda {
@@ -918,15 +926,9 @@ fn first_non_finite_resident(
 
 /// One optimizer step over validated views, in element type `T`.
 fn step_with<T: Element>(context: &mut Context, params: &[View], grads: &[View]) -> Result<(), (c_int, String)> {
+    let (step, rate) = next_step(context)?;
     let program = context.program.as_ref().ok_or((CURV_CONTEXT_ERROR, "no program".to_string()))?;
     let train = &program.trains[context.train];
-    let step = context.step + 1;
-    let rate = curv_runtime::schedule::learning_rate(
-        context.learning_rate.unwrap_or(train.optimizer.lr),
-        train.optimizer.schedule.as_ref(),
-        step,
-        train.steps.max(1) as u64,
-    );
     let backend = T::backend();
     let states =
         T::states(&mut context.states, train.params.len()).map_err(|message| (CURV_INVALID_ARGUMENT, message))?;
