@@ -1283,8 +1283,8 @@ fn build_kernels(
     if set == KernelSet::Trainer {
         // Parameters sharing an elementwise rule are updated by one multi-parameter kernel per block.
         let captures = curv_runtime::trainer::capture_program(train).ok().flatten();
-        let mut grouped: Vec<Vec<usize>> = Vec::new();
-        for group in curv_runtime::trainer::update_groups(train, &program.rules, captures.as_ref()) {
+        let groups = curv_runtime::trainer::update_groups(train, &program.rules, captures.as_ref());
+        for group in &groups {
             let sizes: Vec<usize> = group
                 .plans
                 .iter()
@@ -1302,27 +1302,20 @@ fn build_kernels(
                     kernels.push((key, function.clone(), bindings.clone(), module.clone()));
                 }
             }
-            grouped.push(group.plans.iter().map(|&plan| train.optimizer.plans[plan].param).collect());
         }
         // Where every parameter has a rule (in a group or its own), steps can be resident (on a
-        // GPU by default): they check all the gradients, and each group's or lone parameter's
-        // update, where they are.
-        let all: Vec<usize> = (0..train.params.len()).collect();
-        let in_group = |param: &usize| grouped.iter().any(|members: &Vec<usize>| members.contains(param));
-        let lone: Vec<usize> = train
-            .optimizer
-            .plans
-            .iter()
-            .filter(|plan| plan.structure == curv_ir::StructureKind::Rule && !in_group(&plan.param))
-            .map(|plan| plan.param)
-            .collect();
-        if all.iter().all(|param| in_group(param) || lone.contains(param)) {
-            push_finiteness_kernel(&mut kernels, train, &all);
-            for members in &grouped {
-                push_finiteness_kernel(&mut kernels, train, members);
-            }
-            for &param in &lone {
-                push_finiteness_kernel(&mut kernels, train, &[param]);
+        // GPU by default): they check all the gradients and new parameters where they are, in one
+        // call (with the groups, and without them for `CURV_GROUPED_UPDATES=off`).
+        let has_rule = |param: usize| {
+            train
+                .optimizer
+                .plans
+                .iter()
+                .any(|plan| plan.param == param && plan.structure == curv_ir::StructureKind::Rule)
+        };
+        if (0..train.params.len()).all(has_rule) {
+            for groups in [&groups[..], &[]] {
+                push_finiteness_kernel_of(&mut kernels, &curv_runtime::trainer::resident_check_shapes(train, groups));
             }
             // ... and gather their batches where the data set is.
             let fields = dataset.map(|dataset| dataset.fields.iter().map(move |field| (dataset, field)));
@@ -1336,18 +1329,6 @@ fn build_kernels(
         }
     }
     kernels
-}
-
-/// The non-finite check of a resident step over the parameters `params` (or their gradients),
-/// unless the kernels have it already.
-fn push_finiteness_kernel(kernels: &mut Vec<BuildKernel>, train: &curv_ir::TrainProgram, params: &[usize]) {
-    let shapes: Vec<Vec<usize>> = params
-        .iter()
-        .map(|&param| {
-            train.params[param].ty.known_shape().unwrap_or_default().iter().map(|&size| size as usize).collect()
-        })
-        .collect();
-    push_finiteness_kernel_of(kernels, &shapes);
 }
 
 /// The non-finite check of tensors of `shapes`, unless the kernels have it already.

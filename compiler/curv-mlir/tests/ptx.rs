@@ -133,3 +133,25 @@ fn each_kernel_module_names_its_source_line_in_its_ptx() {
     let modules = lower_to_ptx(&plain, GpuTarget::Sm90).unwrap();
     assert!(modules.iter().all(|module| !module.ptx.starts_with(curv_mlir::gpu::KERNEL_SOURCE_PREFIX)));
 }
+
+#[test]
+fn the_finiteness_check_of_a_resident_step_runs_on_the_gpu_without_reading_on_the_host() {
+    // The digits MLP's resident step checks its 6 gradients and 6 new parameters in one call. On
+    // the GPU every part of the check must be a kernel: a sum to a scalar would be a loop on the
+    // host side, reading the resident tensors there (moving their pages off the device).
+    let program = program("digits_mlp.curv");
+    let train = &program.trains[0];
+    let groups = curv_runtime::trainer::update_groups(train, &program.rules, None);
+    let shapes = curv_runtime::trainer::resident_check_shapes(train, &groups);
+    assert_eq!(shapes.len(), 12);
+    let function = curv_runtime::backend::finiteness_function(&shapes);
+    let (text, _) = curv_mlir::lower::lower_function(&function, "finite", &HashMap::new()).unwrap();
+    let outlined = curv_mlir::gpu::outline_kernels(&text).unwrap();
+    let host = &outlined[..outlined.find("gpu.module").unwrap_or(outlined.len())];
+    assert!(host.contains("gpu.launch_func"), "{host}");
+    assert_eq!(host.matches("scf.for").count(), 0, "{host}");
+    let modules = lower_to_ptx(&text, GpuTarget::Sm90).unwrap();
+    let entries: usize = modules.iter().map(|module| module.ptx.matches(".entry ").count()).sum();
+    // One kernel per input (its row placed into the common row) at most, and the split sum.
+    assert!((2..=shapes.len() + 4).contains(&entries), "{entries} kernels");
+}

@@ -153,45 +153,47 @@ pub mod keys {
 }
 
 /// The check that a resident training step makes of its gradients and of its updated parameters
-/// where they are: one `f32` input per tensor of `shapes`, and one scalar output `finite`, the sum
-/// of `x - x` over every element of every input, which is 0 when they are all finite and NaN as
-/// soon as one is infinite or NaN (the lowering uses no fast-math flags, so `x - x` is not folded).
-/// Each input is flattened first, so that the GPU lowering splits its sum into parallel parts.
+/// where they are: one `f32` input per tensor of `shapes`, and one output `finite` of shape `[1]`,
+/// the sum of `x - x` over every element of every input, which is 0 when they are all finite and
+/// NaN as soon as one is infinite or NaN (the lowering uses no fast-math flags, so `x - x` is not
+/// folded). Each input is seen as one row `[1, n]` and summed along it: on the GPU every sum is
+/// then a kernel (with a parallel dimension, split into parallel parts when long), where a sum to
+/// a scalar would run on the host side and read the tensor there.
 pub fn finiteness_function(shapes: &[Vec<usize>]) -> Function {
     use curv_ir::{BinaryOp, DType, Op, ReduceOp, TensorType};
     // No source: the check is the runtime's own.
     let span = Default::default();
     let mut function = Function::new("finite");
-    let mut total = None;
-    for (index, shape) in shapes.iter().enumerate() {
+    let one = TensorType::known(DType::F32, &[1]);
+    let counts: Vec<i64> = shapes.iter().map(|shape| shape.iter().product::<usize>() as i64).collect();
+    let total: i64 = counts.iter().sum();
+    let all = TensorType::known(DType::F32, &[1, total]);
+    let mut row = None;
+    let mut start = 0;
+    for (index, (shape, &count)) in shapes.iter().zip(&counts).enumerate() {
         let dims: Vec<i64> = shape.iter().map(|&size| size as i64).collect();
-        let count: i64 = dims.iter().product();
         let input = function.push(
             Op::Input { index, name: format!("x{index}") },
             Vec::new(),
             TensorType::known(DType::F32, &dims),
             span,
         );
-        let flat = TensorType::known(DType::F32, &[count]);
-        let flat_input = function.push(Op::Reshape, vec![input], flat.clone(), span);
-        let difference = function.push(Op::Binary(BinaryOp::Sub), vec![flat_input, flat_input], flat, span);
-        let sum = function.push(
-            Op::Reduce { op: ReduceOp::Sum, axes: vec![0] },
-            vec![difference],
-            TensorType::scalar(DType::F32),
-            span,
-        );
-        total = Some(match total {
-            None => sum,
-            Some(previous) => {
-                function.push(Op::Binary(BinaryOp::Add), vec![previous, sum], TensorType::scalar(DType::F32), span)
-            }
+        let own_row = TensorType::known(DType::F32, &[1, count]);
+        let input_row = function.push(Op::Reshape, vec![input], own_row.clone(), span);
+        let difference = function.push(Op::Binary(BinaryOp::Sub), vec![input_row, input_row], own_row, span);
+        // Placed at its columns of one row of every input's elements.
+        let placed = function.push(Op::Pad { starts: vec![0, start] }, vec![difference], all.clone(), span);
+        start += count;
+        row = Some(match row {
+            None => placed,
+            Some(previous) => function.push(Op::Binary(BinaryOp::Add), vec![previous, placed], all.clone(), span),
         });
     }
-    let total = total.unwrap_or_else(|| {
-        function.push(Op::Constant { value: 0.0 }, Vec::new(), TensorType::scalar(DType::F32), span)
-    });
-    function.outputs.push(("finite".to_string(), total));
+    let finite = match row {
+        Some(row) => function.push(Op::Reduce { op: ReduceOp::Sum, axes: vec![1] }, vec![row], one, span),
+        None => function.push(Op::Constant { value: 0.0 }, Vec::new(), one, span),
+    };
+    function.outputs.push(("finite".to_string(), finite));
     function
 }
 

@@ -6,9 +6,9 @@
 //! no gradient clipping: then nothing of the
 //! step needs the host but the loss and the metrics' outputs. The gradient program keeps its
 //! gradients resident, the rule kernels read the parameters, gradients and states resident and
-//! keep their outputs resident, and the non-finite checks run where the tensors are
-//! ([`crate::backend::finiteness_function`]); only when a check fails are the tensors read on the
-//! host, to name the first bad element. The numbers are those of the host step, bit for bit: the
+//! keep their outputs resident, and one non-finite check of the gradients and new parameters runs
+//! where they are ([`crate::backend::finiteness_function`]); only when it fails are the tensors
+//! read on the host, to name the first bad element, as a host step names it. The numbers are those of the host step, bit for bit: the
 //! same kernels run on the same values.
 //!
 //! **Invariant:** while `Trainer::resident` holds values, they are the parameters and states;
@@ -48,6 +48,29 @@ struct DataTable<T> {
     table: Resident<T>,
     gather: curv_ir::Function,
     gather_key: String,
+}
+
+/// The parameters in the order a step updates them: each rule group's members, then the
+/// parameters with a rule of their own, in plan order.
+fn update_order(plans: &[curv_ir::ParamPlan], groups: &[crate::optimizer::RuleGroup]) -> Vec<usize> {
+    let grouped: Vec<usize> =
+        groups.iter().flat_map(|group| group.plans.iter().map(|&plan| plans[plan].param)).collect();
+    let lone = plans.iter().map(|plan| plan.param).filter(|param| !grouped.contains(param));
+    grouped.iter().copied().chain(lone).collect()
+}
+
+/// The shapes of the tensors a resident step of `program` checks for non-finite values in one
+/// call ([`crate::backend::finiteness_function`]): every gradient, then every new parameter in
+/// update order. `curv build` compiles that check ahead of time.
+pub fn resident_check_shapes(
+    program: &curv_ir::TrainProgram,
+    groups: &[crate::optimizer::RuleGroup],
+) -> Vec<Vec<usize>> {
+    let shape = |param: usize| -> Vec<usize> {
+        program.params[param].ty.known_shape().unwrap_or_default().iter().map(|&size| size as usize).collect()
+    };
+    let order = update_order(&program.optimizer.plans, groups);
+    (0..program.params.len()).chain(order).map(shape).collect()
 }
 
 /// The inputs of a batch gather ([`crate::backend::batch_gather_function`]) but its table: a
@@ -255,15 +278,9 @@ impl<T: Real> Trainer<T> {
                 .ok_or_else(|| TrainError::Runtime(format!("no gradient for `{}`", self.param_name(index))))?;
             gradients.push(gradient);
         }
-        if problem.is_none() {
-            let all: Vec<&Resident<T>> = gradients.iter().collect();
-            if let Some((index, position)) = self.first_non_finite_resident(&all).map_err(runtime)? {
-                problem = Some(format!(
-                    "the gradient of `{}` is not finite at flat index {position}",
-                    self.param_name(index)
-                ));
-            }
-        }
+        // The gradients and the new parameters are checked together, once every update has run
+        // (an update from a non-finite gradient is dropped with the rest of the step): one call,
+        // which names what a host step would have named first.
         let rate =
             learning_rate(self.program.optimizer.lr, self.program.optimizer.schedule.as_ref(), step, self.total_steps);
         // The step's new tensors, committed only once every check has passed.
@@ -344,20 +361,7 @@ impl<T: Real> Trainer<T> {
                         }
                     }
                 }
-                let current: Vec<&Resident<T>> = members
-                    .iter()
-                    .map(|&index| new_params[index].as_ref().unwrap_or(&resident.params[index]))
-                    .collect();
-                if let Some((member, position)) = self.first_non_finite_resident(&current).map_err(runtime)? {
-                    problem = Some(format!(
-                        "the updated `{}` is not finite at flat index {position}",
-                        self.param_name(members[member])
-                    ));
-                    break;
-                }
             }
-        }
-        if problem.is_none() {
             // The parameters with a rule of their own, in plan order (as the host step).
             let grouped: Vec<usize> =
                 self.groups.iter().flat_map(|group| group.plans.iter().map(|&plan| plans[plan].param)).collect();
@@ -379,14 +383,24 @@ impl<T: Real> Trainer<T> {
                 })?;
                 new_states[index] = update.states;
                 new_params[index] = update.param;
-                let current = new_params[index].as_ref().unwrap_or(&resident.params[index]);
-                if let Some((_, position)) = self.first_non_finite_resident(&[current]).map_err(runtime)? {
-                    problem = Some(format!(
-                        "the updated `{}` is not finite at flat index {position}",
-                        self.param_name(index)
-                    ));
-                    break;
-                }
+            }
+            let order = update_order(plans, &self.groups);
+            let checked: Vec<&Resident<T>> = gradients
+                .iter()
+                .chain(order.iter().map(|&index| new_params[index].as_ref().unwrap_or(&resident.params[index])))
+                .collect();
+            if let Some((position, element)) = self.first_non_finite_resident(&checked).map_err(runtime)? {
+                problem = Some(match position.checked_sub(gradients.len()) {
+                    None => {
+                        format!("the gradient of `{}` is not finite at flat index {element}", self.param_name(position))
+                    }
+                    Some(updated) => {
+                        format!(
+                            "the updated `{}` is not finite at flat index {element}",
+                            self.param_name(order[updated])
+                        )
+                    }
+                });
             }
         }
         self.step = step;
