@@ -45,6 +45,8 @@ pub(crate) struct ResidentValues<T> {
 /// gathers a batch of it.
 struct DataTable<T> {
     key: (String, String),
+    /// The examples of a batch the gather takes.
+    batch: usize,
     table: Resident<T>,
     gather: curv_ir::Function,
     gather_key: String,
@@ -235,7 +237,8 @@ impl<T: Real> Trainer<T> {
             let mut fields = Vec::new();
             for (key, value) in &data {
                 let Value::Real(tensor) = value else { continue };
-                let table = resident.tables.iter().flatten().find(|table| table.key == *key);
+                let table =
+                    resident.tables.iter().flatten().find(|table| table.key == *key && table.batch == indices.len());
                 let field = match table {
                     // Gathered where the whole data set is.
                     Some(table) => self.gather_batch(table, &indices).map_err(runtime)?,
@@ -450,7 +453,7 @@ impl<T: Real> Trainer<T> {
                 return Ok(Vec::new());
             }
             let key = (self.dataset.name.clone(), field.name.clone());
-            tables.push(DataTable { key, table: self.backend.upload(table)?, gather, gather_key });
+            tables.push(DataTable { key, batch, table: self.backend.upload(table)?, gather, gather_key });
         }
         Ok(tables)
     }
