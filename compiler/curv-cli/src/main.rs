@@ -1306,17 +1306,12 @@ fn build_kernels(
         // Where every parameter has a rule (in a group or its own), steps can be resident (on a
         // GPU by default): they check all the gradients and new parameters where they are, in one
         // call (with the groups, and without them for `CURV_GROUPED_UPDATES=off`).
-        let has_rule = |param: usize| {
-            train
-                .optimizer
-                .plans
-                .iter()
-                .any(|plan| plan.param == param && plan.structure == curv_ir::StructureKind::Rule)
-        };
-        if (0..train.params.len()).all(has_rule) {
-            for groups in [&groups[..], &[]] {
-                push_finiteness_kernel_of(&mut kernels, &curv_runtime::trainer::resident_check_shapes(train, groups));
-            }
+        if let Some(shapes) = curv_runtime::trainer::resident_check_shapes(train, &groups) {
+            push_finiteness_kernel_of(&mut kernels, &shapes);
+            push_finiteness_kernel_of(
+                &mut kernels,
+                &curv_runtime::trainer::resident_check_shapes(train, &[]).unwrap_or_default(),
+            );
             // ... and gather their batches where the data set is.
             let fields = dataset.map(|dataset| dataset.fields.iter().map(move |field| (dataset, field)));
             for (dataset, field) in fields.into_iter().flatten().filter(|(_, field)| field.f32_values().is_some()) {

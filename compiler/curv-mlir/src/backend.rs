@@ -4,7 +4,7 @@
 
 use crate::jit::{compile, compile_for_cuda, CompiledFunction};
 use crate::lower::lower_function_with_locations;
-use curv_interp::{DeviceStorage, Inputs, Resident, Storage, Tensor, Value};
+use curv_interp::{Inputs, Resident, Tensor, Value};
 use curv_ir::Function;
 use curv_runtime::backend::{host_outputs, keep_outputs, Output};
 use curv_runtime::compiled::{bindings_from_inputs, call_compiled_keeping, DeviceAllocator};
@@ -112,11 +112,7 @@ impl Backend<f32> for MlirBackend {
             let entry = self.compile_entry(key, function, &bindings, compiled.len())?;
             compiled.insert(cache_key.clone(), entry);
         }
-        let allocate = |elements: usize| -> Result<Box<dyn DeviceStorage<f32>>, String> {
-            let buffer = curv_cuda::ResidentBuffer::new(elements).map_err(|error| error.to_string())?;
-            Ok(Box::new(buffer))
-        };
-        let device: DeviceAllocator = self.gpu.is_some().then_some(&allocate as _);
+        let device: DeviceAllocator = self.gpu.is_some().then_some(&curv_cuda::allocate_resident as _);
         match &compiled[&cache_key] {
             Entry::Compiled(function) => {
                 call_compiled_keeping(&function.signature, inputs, keep, device, &mut |slots, on_device| {
@@ -141,11 +137,10 @@ impl Backend<f32> for MlirBackend {
     }
 
     fn upload(&self, tensor: Tensor<f32>) -> Result<Resident<f32>, String> {
-        if self.gpu.is_none() {
-            return Ok(Resident::host(tensor.shape, tensor.data));
+        match self.gpu {
+            Some(_) => curv_cuda::upload(tensor),
+            None => Ok(Resident::host(tensor.shape, tensor.data)),
         }
-        let buffer = curv_cuda::ResidentBuffer::copy_of(&tensor.data).map_err(|error| error.to_string())?;
-        Ok(Resident { shape: tensor.shape, storage: Storage::Device(Box::new(buffer)) })
     }
 }
 

@@ -142,7 +142,7 @@ fn the_finiteness_check_of_a_resident_step_runs_on_the_gpu_without_reading_on_th
     let program = program("digits_mlp.curv");
     let train = &program.trains[0];
     let groups = curv_runtime::trainer::update_groups(train, &program.rules, None);
-    let shapes = curv_runtime::trainer::resident_check_shapes(train, &groups);
+    let shapes = curv_runtime::trainer::resident_check_shapes(train, &groups).unwrap();
     assert_eq!(shapes.len(), 12);
     let function = curv_runtime::backend::finiteness_function(&shapes);
     let (text, _) = curv_mlir::lower::lower_function(&function, "finite", &HashMap::new()).unwrap();

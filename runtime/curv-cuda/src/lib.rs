@@ -884,6 +884,18 @@ impl ResidentBuffer {
     }
 }
 
+/// Device memory for a kept output of `elements` floats, as a resident tensor's storage (the
+/// allocator a GPU backend hands `curv_runtime::compiled::call_compiled_keeping`).
+pub fn allocate_resident(elements: usize) -> Result<Box<dyn curv_interp::DeviceStorage<f32>>, String> {
+    Ok(Box::new(ResidentBuffer::new(elements).map_err(|error| error.to_string())?))
+}
+
+/// A resident copy of `tensor` in device memory (a GPU backend's `Backend::upload`).
+pub fn upload(tensor: curv_interp::Tensor<f32>) -> Result<curv_interp::Resident<f32>, String> {
+    let buffer = ResidentBuffer::copy_of(&tensor.data).map_err(|error| error.to_string())?;
+    Ok(curv_interp::Resident { shape: tensor.shape, storage: curv_interp::Storage::Device(Box::new(buffer)) })
+}
+
 impl curv_interp::DeviceStorage<f32> for ResidentBuffer {
     fn address(&self) -> *mut u8 {
         ResidentBuffer::address(self)

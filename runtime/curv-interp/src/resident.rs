@@ -141,6 +141,11 @@ impl<T: Copy> Resident<T> {
         }
     }
 
+    /// A host copy of the tensor.
+    pub fn to_tensor(&self) -> Result<crate::Tensor<T>, String> {
+        Ok(crate::Tensor::new(self.shape.clone(), self.host_data()?.into_owned()))
+    }
+
     /// The elements on the host, as an owned vector (host memory is moved out, not copied).
     pub fn into_host_data(self) -> Result<Vec<T>, String> {
         match self.storage {

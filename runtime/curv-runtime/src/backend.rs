@@ -233,3 +233,32 @@ pub fn batch_gather_function(examples: usize, example_shape: &[usize], batch: us
     function.outputs.push(("batch".to_string(), result));
     function
 }
+
+/// The first of `tensors` with an element that is not finite, and that element's flat index:
+/// one call of [`finiteness_function`] where the tensors are, and host copies only when it
+/// finds one (the trainer's resident steps and a library's resident optimizer step).
+pub fn first_non_finite_resident<T: Real>(
+    backend: &dyn Backend<T>,
+    tensors: &[&Resident<T>],
+) -> Result<Option<(usize, usize)>, String> {
+    let shapes: Vec<Vec<usize>> = tensors.iter().map(|tensor| tensor.shape.clone()).collect();
+    let function = finiteness_function(&shapes);
+    let mut inputs = Inputs::default();
+    for (index, tensor) in tensors.iter().enumerate() {
+        inputs.lend_resident(curv_interp::Slot::Input(index), tensor);
+    }
+    let outputs = backend.outputs(&keys::finiteness(&shapes), &function, &inputs)?;
+    let finite = output(&outputs, "finite")
+        .and_then(Value::as_real)
+        .and_then(|tensor| tensor.data.first())
+        .ok_or_else(|| "the finiteness check returned nothing".to_string())?;
+    if finite.is_finite() {
+        return Ok(None);
+    }
+    for (index, tensor) in tensors.iter().enumerate() {
+        if let Some(position) = crate::first_non_finite(&tensor.host_data()?) {
+            return Ok(Some((index, position)));
+        }
+    }
+    Err("the finiteness check failed, but every element read back is finite".to_string())
+}

@@ -118,8 +118,17 @@ impl Dataset {
 
     /// The fields of the given examples as interpreter values, keyed like `Op::Data`.
     pub fn gather<T: Real>(&self, examples: &[usize]) -> HashMap<(String, String), Value<T>> {
+        self.gather_fields(examples, |_| true)
+    }
+
+    /// [`Dataset::gather`] of the fields `wanted` selects.
+    pub fn gather_fields<T: Real>(
+        &self,
+        examples: &[usize],
+        wanted: impl Fn(&Field) -> bool,
+    ) -> HashMap<(String, String), Value<T>> {
         let mut values = HashMap::new();
-        for field in &self.fields {
+        for field in self.fields.iter().filter(|field| wanted(field)) {
             let width: usize = field.example_shape.iter().product();
             let mut shape = vec![examples.len()];
             shape.extend(&field.example_shape);

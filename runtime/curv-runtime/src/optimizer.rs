@@ -9,6 +9,15 @@ use std::collections::{BTreeSet, HashMap};
 /// The state an optimizer keeps for one parameter, by name (checkpointed as `state.PARAM.NAME`).
 pub type ParamState<T> = Vec<(String, Tensor<T>)>;
 
+/// Every parameter's states mapped by `map` (an upload or a download of each tensor), or the
+/// first error.
+pub fn map_states<A, B, E>(
+    states: &[Vec<(String, A)>],
+    mut map: impl FnMut(&A) -> Result<B, E>,
+) -> Result<Vec<Vec<(String, B)>>, E> {
+    states.iter().map(|state| state.iter().map(|(name, tensor)| Ok((name.clone(), map(tensor)?))).collect()).collect()
+}
+
 pub fn state_get<'a, T>(state: &'a ParamState<T>, name: &str) -> Option<&'a Tensor<T>> {
     state.iter().find(|(key, _)| key == name).map(|(_, tensor)| tensor)
 }

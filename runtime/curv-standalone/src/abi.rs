@@ -92,15 +92,7 @@ impl States {
     /// The states with resident ones brought to the host (`F32`); nothing changes on an error.
     fn on_host(&mut self) -> Result<(), String> {
         if let States::Resident(resident) = self {
-            let mut host = Vec::with_capacity(resident.len());
-            for state in resident.iter() {
-                let mut tensors = Vec::with_capacity(state.len());
-                for (name, tensor) in state {
-                    tensors.push((name.clone(), Tensor::new(tensor.shape.clone(), tensor.host_data()?.into_owned())));
-                }
-                host.push(tensors);
-            }
-            *self = States::F32(host);
+            *self = States::F32(curv_runtime::optimizer::map_states(resident, Resident::to_tensor)?);
         }
         Ok(())
     }
@@ -792,19 +784,13 @@ fn step_resident(context: &mut Context, params: &[View], grads: &[View]) -> Resu
                 States::Loaded(loaded) => convert(&loaded),
                 _ => Vec::new(),
             };
-            let mut states = Vec::with_capacity(host.len());
-            for state in &host {
-                let uploaded: Result<Vec<_>, _> =
-                    state.iter().map(|(name, tensor)| Ok((name.clone(), upload(tensor)?))).collect();
-                match uploaded {
-                    Ok(uploaded) => states.push(uploaded),
-                    Err(error) => {
-                        context.states = States::F32(host);
-                        return Err(error);
-                    }
+            match curv_runtime::optimizer::map_states(&host, upload) {
+                Ok(states) => states,
+                Err(error) => {
+                    context.states = States::F32(host);
+                    return Err(error);
                 }
             }
-            states
         }
     };
     let lend = |view: &View| {
@@ -843,9 +829,9 @@ fn step_resident(context: &mut Context, params: &[View], grads: &[View]) -> Resu
             }
         };
         if let Some(new) = &update.param {
-            match first_non_finite_resident(backend.as_ref(), new) {
+            match curv_runtime::backend::first_non_finite_resident(backend.as_ref(), &[new]) {
                 Ok(None) => {}
-                Ok(Some(position)) => {
+                Ok(Some((_, position))) => {
                     outcome = Err(failed(format!(
                         "step {step}, `{name}`: the update made element {position} non-finite; nothing was changed"
                     )));
@@ -901,27 +887,6 @@ fn step_resident(context: &mut Context, params: &[View], grads: &[View]) -> Resu
     context.states = States::Resident(states);
     context.step = step;
     Ok(())
-}
-
-/// The flat index of the first non-finite element of a resident tensor: one check where it is,
-/// and a host copy only when it fails.
-fn first_non_finite_resident(
-    backend: &dyn curv_runtime::Backend<f32>,
-    tensor: &Resident<f32>,
-) -> Result<Option<usize>, String> {
-    let shapes = [tensor.shape.clone()];
-    let function = curv_runtime::backend::finiteness_function(&shapes);
-    let mut inputs = curv_interp::Inputs::default();
-    inputs.lend_resident(curv_interp::Slot::Input(0), tensor);
-    let outputs = backend.outputs(&curv_runtime::backend::keys::finiteness(&shapes), &function, &inputs)?;
-    let finite = curv_runtime::backend::output(&outputs, "finite")
-        .and_then(|value| value.as_real())
-        .and_then(|tensor| tensor.data.first().copied())
-        .ok_or_else(|| "the finiteness check returned nothing".to_string())?;
-    if finite.is_finite() {
-        return Ok(None);
-    }
-    Ok(Some(curv_runtime::first_non_finite(&tensor.host_data()?).unwrap_or(0)))
 }
 
 /// One optimizer step over validated views, in element type `T`.

@@ -11,7 +11,7 @@ pub mod abi;
 pub mod xla;
 
 use clap::Parser;
-use curv_interp::{DeviceStorage, Inputs, Resident, Storage, Tensor, Value};
+use curv_interp::{Inputs, Resident, Tensor, Value};
 use curv_ir::Function;
 use curv_runtime::backend::{host_outputs, keep_outputs, Output};
 use curv_runtime::compiled::{bindings_from_inputs, call_compiled_keeping};
@@ -156,21 +156,23 @@ impl Backend<f32> for Precompiled {
                 .chain(signature.outputs.iter().map(|(_, shape, dtype)| (shape.clone(), size(*dtype))))
                 .collect();
             let first_output = signature.arguments.len();
-            let allocate = |elements: usize| -> Result<Box<dyn DeviceStorage<f32>>, String> {
-                let buffer = curv_cuda::ResidentBuffer::new(elements).map_err(|error| error.to_string())?;
-                Ok(Box::new(buffer))
-            };
-            return call_compiled_keeping(&signature, inputs, keep, Some(&allocate), &mut |slots, on_device| {
-                // SAFETY: `call_compiled_keeping` packs descriptors of the signature's shapes,
-                // and marks those in device memory.
-                unsafe {
-                    curv_cuda::call_staged(&layouts, first_output, on_device, slots, &mut |slots| {
-                        kernel(slots.as_mut_ptr());
-                        Ok(())
-                    })
-                }
-                .map_err(|message| format!("`{key}` on the GPU: {message}"))
-            });
+            return call_compiled_keeping(
+                &signature,
+                inputs,
+                keep,
+                Some(&curv_cuda::allocate_resident),
+                &mut |slots, on_device| {
+                    // SAFETY: `call_compiled_keeping` packs descriptors of the signature's shapes,
+                    // and marks those in device memory.
+                    unsafe {
+                        curv_cuda::call_staged(&layouts, first_output, on_device, slots, &mut |slots| {
+                            kernel(slots.as_mut_ptr());
+                            Ok(())
+                        })
+                    }
+                    .map_err(|message| format!("`{key}` on the GPU: {message}"))
+                },
+            );
         }
         call_compiled_keeping(&signature, inputs, keep, None, &mut |slots, on_device| {
             if on_device.iter().any(|&resident| resident) {
@@ -182,11 +184,10 @@ impl Backend<f32> for Precompiled {
     }
 
     fn upload(&self, tensor: Tensor<f32>) -> Result<Resident<f32>, String> {
-        if !built_for_cuda() {
-            return Ok(Resident::host(tensor.shape, tensor.data));
+        match built_for_cuda() {
+            true => curv_cuda::upload(tensor),
+            false => Ok(Resident::host(tensor.shape, tensor.data)),
         }
-        let buffer = curv_cuda::ResidentBuffer::copy_of(&tensor.data).map_err(|error| error.to_string())?;
-        Ok(Resident { shape: tensor.shape, storage: Storage::Device(Box::new(buffer)) })
     }
 }
 

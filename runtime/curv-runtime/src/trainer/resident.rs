@@ -3,13 +3,13 @@
 //!
 //! A step takes this path when every parameter is updated by a rule (a multi-parameter rule
 //! kernel, or its own rule's kernels), with no modifier, no curvature statistic at that step and
-//! no gradient clipping: then nothing of the
-//! step needs the host but the loss and the metrics' outputs. The gradient program keeps its
-//! gradients resident, the rule kernels read the parameters, gradients and states resident and
-//! keep their outputs resident, and one non-finite check of the gradients and new parameters runs
-//! where they are ([`crate::backend::finiteness_function`]); only when it fails are the tensors
-//! read on the host, to name the first bad element, as a host step names it. The numbers are those of the host step, bit for bit: the
-//! same kernels run on the same values.
+//! no gradient clipping: then nothing of the step needs the host but the loss and the metrics'
+//! outputs. The gradient program keeps its gradients resident, the rule kernels read the
+//! parameters, gradients and states resident and keep their outputs resident, and one non-finite
+//! check of the gradients and new parameters runs where they are
+//! ([`crate::backend::first_non_finite_resident`]); only when it fails are the tensors read on
+//! the host, to name the first bad element, as a host step names it. The numbers are those of
+//! the host step, bit for bit: the same kernels run on the same values.
 //!
 //! **Invariant:** while `Trainer::resident` holds values, they are the parameters and states;
 //! `Trainer::params` and `Trainer::states` hold them too only after [`Trainer::sync_to_host`]
@@ -17,7 +17,7 @@
 //! first: the host step (which then drops the resident values), checkpoints and final outputs.
 //! Evaluations read the resident parameters where they are.
 
-use super::{find_output, first_non_finite, keys, learning_rate, StepReport, TrainError, Trainer};
+use super::{keys, learning_rate, StepReport, TrainError, Trainer};
 use crate::backend::Output;
 use curv_interp::{Inputs, Real, Resident, Slot, Tensor, Value};
 use std::collections::HashMap;
@@ -53,26 +53,42 @@ struct DataTable<T> {
 }
 
 /// The parameters in the order a step updates them: each rule group's members, then the
-/// parameters with a rule of their own, in plan order.
-fn update_order(plans: &[curv_ir::ParamPlan], groups: &[crate::optimizer::RuleGroup]) -> Vec<usize> {
-    let grouped: Vec<usize> =
+/// parameters with a rule of their own (`lone`), in plan order.
+fn update_order<'a>(
+    plans: &'a [curv_ir::ParamPlan],
+    groups: &[crate::optimizer::RuleGroup],
+) -> (Vec<usize>, Vec<&'a curv_ir::ParamPlan>) {
+    let mut order: Vec<usize> =
         groups.iter().flat_map(|group| group.plans.iter().map(|&plan| plans[plan].param)).collect();
-    let lone = plans.iter().map(|plan| plan.param).filter(|param| !grouped.contains(param));
-    grouped.iter().copied().chain(lone).collect()
+    let lone: Vec<&curv_ir::ParamPlan> = plans.iter().filter(|plan| !order.contains(&plan.param)).collect();
+    order.extend(lone.iter().map(|plan| plan.param));
+    (order, lone)
+}
+
+/// Whether every parameter of `program` has a rule (in a group, or of its own): the first
+/// condition of a resident step.
+fn every_parameter_has_a_rule(program: &curv_ir::TrainProgram) -> bool {
+    let plans = &program.optimizer.plans;
+    (0..program.params.len())
+        .all(|param| plans.iter().any(|plan| plan.param == param && plan.structure == curv_ir::StructureKind::Rule))
 }
 
 /// The shapes of the tensors a resident step of `program` checks for non-finite values in one
-/// call ([`crate::backend::finiteness_function`]): every gradient, then every new parameter in
-/// update order. `curv build` compiles that check ahead of time.
+/// call ([`crate::backend::first_non_finite_resident`]): every gradient, then every new parameter
+/// in update order; None when its steps cannot be resident. `curv build` compiles that check
+/// ahead of time.
 pub fn resident_check_shapes(
     program: &curv_ir::TrainProgram,
     groups: &[crate::optimizer::RuleGroup],
-) -> Vec<Vec<usize>> {
+) -> Option<Vec<Vec<usize>>> {
+    if !every_parameter_has_a_rule(program) {
+        return None;
+    }
     let shape = |param: usize| -> Vec<usize> {
         program.params[param].ty.known_shape().unwrap_or_default().iter().map(|&size| size as usize).collect()
     };
-    let order = update_order(&program.optimizer.plans, groups);
-    (0..program.params.len()).chain(order).map(shape).collect()
+    let (order, _) = update_order(&program.optimizer.plans, groups);
+    Some((0..program.params.len()).chain(order).map(shape).collect())
 }
 
 /// The inputs of a batch gather ([`crate::backend::batch_gather_function`]) but its table: a
@@ -125,17 +141,11 @@ impl<T: Real> Trainer<T> {
         let Some(resident) = self.resident.as_ref().filter(|resident| !resident.host_current) else {
             return Ok(());
         };
-        let download = |resident: &Resident<T>| -> Result<Tensor<T>, TrainError> {
-            let data = resident.host_data().map_err(|error| TrainError::Runtime(format!("reading back: {error}")))?;
-            Ok(Tensor::new(resident.shape.clone(), data.into_owned()))
+        let download = |resident: &Resident<T>| {
+            resident.to_tensor().map_err(|error| TrainError::Runtime(format!("reading back: {error}")))
         };
         let params = resident.params.iter().map(download).collect::<Result<Vec<_>, _>>()?;
-        let mut states = Vec::with_capacity(resident.states.len());
-        for state in &resident.states {
-            let tensors: Result<Vec<(String, Tensor<T>)>, TrainError> =
-                state.iter().map(|(name, tensor)| Ok((name.clone(), download(tensor)?))).collect();
-            states.push(tensors?);
-        }
+        let states = crate::optimizer::map_states(&resident.states, download)?;
         self.params = params;
         self.states = states;
         if let Some(resident) = &mut self.resident {
@@ -161,13 +171,7 @@ impl<T: Real> Trainer<T> {
             return false;
         }
         let plans = &self.program.optimizer.plans;
-        // Every parameter is in a rule group or has a rule of its own.
-        let grouped: Vec<usize> =
-            self.groups.iter().flat_map(|group| group.plans.iter().map(|&plan| plans[plan].param)).collect();
-        let has_rule = |param: usize| {
-            plans.iter().any(|plan| plan.param == param && plan.structure == curv_ir::StructureKind::Rule)
-        };
-        if (0..self.program.params.len()).any(|param| !grouped.contains(&param) && !has_rule(param)) {
+        if !every_parameter_has_a_rule(&self.program) {
             return false;
         }
         for plan in plans {
@@ -199,12 +203,7 @@ impl<T: Real> Trainer<T> {
             self.backend.upload(tensor.clone()).map_err(|error| TrainError::Runtime(format!("uploading: {error}")))
         };
         let params = self.params.iter().map(upload).collect::<Result<Vec<_>, _>>()?;
-        let mut states = Vec::with_capacity(self.states.len());
-        for state in &self.states {
-            let tensors: Result<Vec<(String, Resident<T>)>, TrainError> =
-                state.iter().map(|(name, tensor)| Ok((name.clone(), upload(tensor)?))).collect();
-            states.push(tensors?);
-        }
+        let states = crate::optimizer::map_states(&self.states, upload)?;
         self.resident = Some(ResidentValues { params, states, batch: None, host_current: true, tables: None });
         Ok(())
     }
@@ -229,27 +228,32 @@ impl<T: Real> Trainer<T> {
         let runtime = |error: String| TrainError::Runtime(format!("step {step}: {error}"));
         // The batch: its floating-point fields resident (made again only for new examples), its
         // integer fields (labels) on the host.
-        let mut data = self.dataset.gather(&indices);
+        let data = self.dataset.gather_fields(&indices, |field| field.f32_values().is_none());
         if resident.batch.as_ref().is_none_or(|(held, _)| *held != indices) {
             if resident.tables.is_none() {
                 resident.tables = Some(self.data_tables(indices.len()).map_err(runtime)?);
             }
             let mut fields = Vec::new();
-            for (key, value) in &data {
-                let Value::Real(tensor) = value else { continue };
+            for field in self.dataset.fields.iter().filter(|field| field.f32_values().is_some()) {
+                let key = (self.dataset.name.clone(), field.name.clone());
                 let table =
-                    resident.tables.iter().flatten().find(|table| table.key == *key && table.batch == indices.len());
-                let field = match table {
+                    resident.tables.iter().flatten().find(|table| table.key == key && table.batch == indices.len());
+                let batch = match table {
                     // Gathered where the whole data set is.
                     Some(table) => self.gather_batch(table, &indices).map_err(runtime)?,
-                    None => self.backend.upload(tensor.clone()).map_err(runtime)?,
+                    None => {
+                        let mut host = self.dataset.gather_fields(&indices, |other| other.name == field.name);
+                        match host.remove(&key) {
+                            Some(Value::Real(tensor)) => self.backend.upload(tensor).map_err(runtime)?,
+                            _ => return Err(runtime(format!("the data field `{}` is missing", field.name))),
+                        }
+                    }
                 };
-                fields.push((key.clone(), field));
+                fields.push((key, batch));
             }
             resident.batch = Some((indices, fields));
         }
         let batch = resident.batch.as_ref().map_or(&[][..], |(_, fields)| &fields[..]);
-        data.retain(|_, value| matches!(value, Value::Int(_)));
         let mut inputs = Inputs { data, ..Inputs::default() };
         for (index, param) in resident.params.iter().enumerate() {
             inputs.lend_resident(Slot::Param(index), param);
@@ -290,6 +294,7 @@ impl<T: Real> Trainer<T> {
         let mut new_params: Vec<Option<Resident<T>>> = (0..resident.params.len()).map(|_| None).collect();
         let mut new_states: Vec<Vec<(String, Resident<T>)>> = (0..resident.states.len()).map(|_| Vec::new()).collect();
         let plans = &self.program.optimizer.plans;
+        let (order, lone) = update_order(plans, &self.groups);
         if problem.is_none() {
             for group in &self.groups {
                 let members: Vec<usize> = group.plans.iter().map(|&plan| plans[plan].param).collect();
@@ -366,9 +371,7 @@ impl<T: Real> Trainer<T> {
                 }
             }
             // The parameters with a rule of their own, in plan order (as the host step).
-            let grouped: Vec<usize> =
-                self.groups.iter().flat_map(|group| group.plans.iter().map(|&plan| plans[plan].param)).collect();
-            for plan in plans.iter().filter(|plan| !grouped.contains(&plan.param)) {
+            for plan in lone {
                 let index = plan.param;
                 let update = crate::optimizer::update_rule_resident(
                     plan,
@@ -387,12 +390,13 @@ impl<T: Real> Trainer<T> {
                 new_states[index] = update.states;
                 new_params[index] = update.param;
             }
-            let order = update_order(plans, &self.groups);
             let checked: Vec<&Resident<T>> = gradients
                 .iter()
                 .chain(order.iter().map(|&index| new_params[index].as_ref().unwrap_or(&resident.params[index])))
                 .collect();
-            if let Some((position, element)) = self.first_non_finite_resident(&checked).map_err(runtime)? {
+            if let Some((position, element)) =
+                crate::backend::first_non_finite_resident(self.backend.as_ref(), &checked).map_err(runtime)?
+            {
                 problem = Some(match position.checked_sub(gradients.len()) {
                     None => {
                         format!("the gradient of `{}` is not finite at flat index {element}", self.param_name(position))
@@ -468,30 +472,5 @@ impl<T: Real> Trainer<T> {
             Some((_, Output::Resident(batch))) => Ok(batch),
             _ => Err("the batch gather returned no resident batch".to_string()),
         }
-    }
-
-    /// The first tensor of `tensors` with an element that is not finite, and that element's flat
-    /// index: one check where the tensors are, and host copies only when it fails.
-    fn first_non_finite_resident(&self, tensors: &[&Resident<T>]) -> Result<Option<(usize, usize)>, String> {
-        let shapes: Vec<Vec<usize>> = tensors.iter().map(|tensor| tensor.shape.clone()).collect();
-        let function = crate::backend::finiteness_function(&shapes);
-        let mut inputs = Inputs::default();
-        for (index, tensor) in tensors.iter().enumerate() {
-            inputs.lend_resident(Slot::Input(index), tensor);
-        }
-        let outputs = self.backend.outputs(&keys::finiteness(&shapes), &function, &inputs)?;
-        let finite = find_output(&outputs, "finite")
-            .and_then(Value::as_real)
-            .and_then(|tensor| tensor.data.first())
-            .ok_or_else(|| "the finiteness check returned nothing".to_string())?;
-        if finite.is_finite() {
-            return Ok(None);
-        }
-        for (index, tensor) in tensors.iter().enumerate() {
-            if let Some(position) = first_non_finite(&tensor.host_data()?) {
-                return Ok(Some((index, position)));
-            }
-        }
-        Err("the finiteness check failed, but every element read back is finite".to_string())
     }
 }
