@@ -12,8 +12,9 @@
 #    `curv build --lib --device cuda` on CUDA tensors against torch.optim.Adam;
 # 2. the fused Adam update's achieved bandwidth on a 4.2M-element parameter against a
 #    device-to-device copy of as many bytes, and train-step time of the digits MLP and the SIREN with Adam against
-#    PyTorch CUDA eager and torch.compile, in the same run, for curv both with resident steps (the
-#    default) and with every tensor staged through the host (CURV_RESIDENT=off);
+#    PyTorch CUDA eager and torch.compile, in the same run, for curv with resident steps and
+#    launches that do not wait for their kernels (the default), with every launch waiting
+#    (CURV_CUDA_SYNC=each) and with every tensor staged through the host (CURV_RESIDENT=off);
 # 3. where the host's time went in the two step benchmarks (CURV_CUDA_PROFILE), then a short
 #    table last. Exit status 1 when a comparison fails. When $OUT names a folder (the device
 #    tool's), the logs and metrics go there as gpu-check-logs.tar.gz.
@@ -119,7 +120,7 @@ fi
 echo "[gpu-check] $(date +%T) benchmarks"
 # Train-step time: curv's trainers (their median step) against PyTorch, same run.
 step_ms() {
-    local profile="$work/bench-$1${CURV_RESIDENT:+-resident-$CURV_RESIDENT}.profile"
+    local profile="$work/bench-$1${CURV_RESIDENT:+-resident-$CURV_RESIDENT}${CURV_CUDA_SYNC:+-sync-$CURV_CUDA_SYNC}.profile"
     CURV_CUDA_PROFILE=1 "$work/bin/$1" "${gpu_flag[@]}" --steps "$2" --data-dir "$3" --out "$work/bench-$1" 2>"$profile" | sed -n 's/.*median step \([0-9.]*\) ms.*/\1/p'
 }
 # The fused Adam update of a 4.2M-element parameter on buffers already on the GPU, against a
@@ -132,9 +133,13 @@ siren_ms=$(step_ms siren 60 examples)
 # keeping parameters, states, gradients and data on the device saves.
 digits_host_ms=$(CURV_RESIDENT=off step_ms adam 200 examples/optimizers)
 siren_host_ms=$(CURV_RESIDENT=off step_ms siren 60 examples)
+# Resident, but every launch and matrix product waiting for the device: what launching back to
+# back saves.
+digits_wait_ms=$(CURV_CUDA_SYNC=each step_ms adam 200 examples/optimizers)
+siren_wait_ms=$(CURV_CUDA_SYNC=each step_ms siren 60 examples)
 peers=$("$PYTHON" scripts/gpu_check.py bench 2>"$work/bench.log" || echo '{}')
 for problem in adam siren; do
-    for profile in "$work/bench-$problem.profile" "$work/bench-$problem-resident-off.profile"; do
+    for profile in "$work/bench-$problem.profile" "$work/bench-$problem-sync-each.profile" "$work/bench-$problem-resident-off.profile"; do
         echo "host time of the $problem step benchmark by part of the CUDA runtime (CURV_CUDA_PROFILE, $(basename "$profile")):"
         grep ' calls ' "$profile" || echo "  (none: $(tail -1 "$profile"))"
     done
@@ -143,24 +148,26 @@ echo
 echo "=== GPU check: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1) ==="
 echo "correctness ($STEPS steps, GPU against the same trainer on the CPU):"
 cat "$results"
-"$PYTHON" - "$digits_ms" "$siren_ms" "$peers" "$update" "$digits_host_ms" "$siren_host_ms" <<'PY'
+"$PYTHON" - "$digits_ms" "$siren_ms" "$peers" "$update" "$digits_host_ms" "$siren_host_ms" "$digits_wait_ms" "$siren_wait_ms" <<'PY'
 import json, sys
 digits, siren, peers = sys.argv[1], sys.argv[2], json.loads(sys.argv[3] or "{}")
 update = json.loads(sys.argv[4] or "{}")
 staged = {"digits": sys.argv[5], "siren": sys.argv[6]}
+waiting = {"digits": sys.argv[7], "siren": sys.argv[8]}
 def number(text):
     try:
         return float(text)
     except ValueError:
         return float("nan")
 print()
-print(f"{'problem':<8}{'curv ms':>10}{'staged ms':>11}{'eager ms':>10}{'compile ms':>12}{'curv/eager':>12}{'curv/compile':>14}")
+print(f"{'problem':<8}{'curv ms':>10}{'waiting ms':>12}{'staged ms':>11}{'eager ms':>10}{'compile ms':>12}{'curv/eager':>12}{'curv/compile':>14}")
 for problem, ours in (("digits", number(digits)), ("siren", number(siren))):
     eager = peers.get(f"{problem}_eager_ms") or float("nan")
     compiled = peers.get(f"{problem}_compile_ms") or float("nan")
-    host = number(staged[problem])
-    print(f"{problem:<8}{ours:>10.3f}{host:>11.3f}{eager:>10.3f}{compiled:>12.3f}{ours / eager:>12.2f}{ours / compiled:>14.2f}")
-print("(curv: resident steps, the default; staged: CURV_RESIDENT=off, every tensor through the host at each call)")
+    host, wait = number(staged[problem]), number(waiting[problem])
+    print(f"{problem:<8}{ours:>10.3f}{wait:>12.3f}{host:>11.3f}{eager:>10.3f}{compiled:>12.3f}{ours / eager:>12.2f}{ours / compiled:>14.2f}")
+print("(curv: resident steps, launches back to back, the default; waiting: CURV_CUDA_SYNC=each, every launch waits;")
+print(" staged: CURV_RESIDENT=off, every tensor through the host at each call)")
 copy = peers.get("copy_gbytes_per_second")
 print(f"device-to-device copy (PyTorch): {copy:.0f} GB/s" if copy else "device-to-device copy (PyTorch): not measured")
 if update.get("update_gbytes_per_second"):

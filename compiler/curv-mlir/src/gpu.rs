@@ -1,8 +1,11 @@
 //! The first stage of the GPU path: the same kernel modules the CPU backend compiles, lowered
 //! through MLIR's `gpu` and `nvvm` dialects to PTX (`curv emit --stage ptx`).
 //!
-//! The pipeline reorders the loops of reductions so that their parallel loops come first
-//! ([`parallel_loops_first`]), bufferises the module as the CPU pipeline does, turns each `linalg`
+//! The pipeline splits reductions to a scalar into parallel partial results
+//! ([`split_full_reductions`]), reorders the loops of reductions so that their parallel loops
+//! come first ([`parallel_loops_first`]), splits long reductions in two stages
+//! ([`split_long_reductions`]), bufferises the module as the CPU pipeline does, makes copies and
+//! ops on scalars kernels ([`copies_as_kernels`], [`scalars_as_kernels`]), turns each `linalg`
 //! op into parallel loops (reductions stay sequential inside a thread), tiles the parallel loops
 //! with constant inner bounds (a guard inside instead of `min` bounds, so that every loop nest
 //! becomes a launch: 256 threads for a module of one-dimensional loops, 32 by 8 otherwise,
@@ -10,7 +13,9 @@
 //! loop first, outlines every launch into a `gpu.func` kernel, and runs `gpu-lower-to-nvvm-pipeline` with `cubin-format=isa`,
 //! which gives PTX text without a CUDA toolkit. The chip and PTX version come from [`GpuTarget`],
 //! never from a user's string (an `sm_90` target without `+ptx80` aborts LLVM). Matrix products
-//! stay calls on the host side of the module (on a GPU they will be cuBLAS calls). The math
+//! stay calls on the host side of the module (on a GPU, cuBLAS calls). A module whose host side
+//! then touches no memory ([`host_memory_access`]) tells the runtime that its launches need not
+//! wait for their kernels ([`ordered_launches`]). The math
 //! functions MLIR's NVVM lowering leaves to libdevice (`__nv_*`) are defined in every GPU module
 //! with PTX instructions ([`DEVICE_MATH`]), so the PTX needs nothing at load time.
 
@@ -159,7 +164,8 @@ fn iterator_types_of(line: &str) -> Option<(usize, usize, Vec<&str>)> {
     let key = "iterator_types = [";
     let start = line.find(key)? + key.len();
     let end = start + line[start..].find(']')?;
-    let kinds = line[start..end].split(',').map(|kind| kind.trim().trim_matches('"')).collect();
+    let kinds =
+        line[start..end].split(',').map(|kind| kind.trim().trim_matches('"')).filter(|kind| !kind.is_empty()).collect();
     Some((start, end, kinds))
 }
 
@@ -224,27 +230,171 @@ const SPLIT_REDUCTION_PARTS: i64 = 64;
 /// `K` iterations each, then `S` per output. The sum's terms are added in another order, so
 /// results may differ in the last bits. Ops it does not recognise are left as they are.
 pub fn split_long_reductions(text: &str) -> String {
+    rewrite_generic_ops(text, split_reduction)
+}
+
+/// The lines of the op whose first line is `header`: its header, its body (taken from `lines`)
+/// and the line that closes its region.
+fn op_lines<'a>(header: &'a str, lines: &mut impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut op = vec![header];
+    let mut depth = brace_balance(header);
+    while depth > 0 {
+        let Some(body) = lines.next() else { break };
+        depth += brace_balance(body);
+        op.push(body);
+    }
+    op
+}
+
+/// `text` with every `linalg.generic` op (its lines, header to closing brace) replaced by what
+/// `rewrite` makes of it, or left as it is where `rewrite` gives None.
+fn rewrite_generic_ops(text: &str, rewrite: fn(&[&str]) -> Option<String>) -> String {
     let mut out = String::with_capacity(text.len());
-    let mut lines = text.split_inclusive('\n').peekable();
+    let mut lines = text.split_inclusive('\n');
     while let Some(line) = lines.next() {
         if iterator_types_of(line).is_none() {
             out.push_str(line);
             continue;
         }
-        // The op: its header, its body and the line that closes it.
-        let mut op = vec![line];
-        let mut depth = brace_balance(line);
-        while depth > 0 {
-            let Some(body) = lines.next() else { break };
-            depth += brace_balance(body);
-            op.push(body);
-        }
-        match split_reduction(&op) {
-            Some(split) => out.push_str(&split),
+        let op = op_lines(line, &mut lines);
+        match rewrite(&op) {
+            Some(rewritten) => out.push_str(&rewritten),
             None => op.iter().for_each(|line| out.push_str(line)),
         }
     }
     out
+}
+
+/// Splits every reduction to a scalar (a loss: a `linalg.generic` whose loops are all reductions
+/// and whose output is a `tensor<f32>`, combining with `arith.addf`, `arith.maximumf` or
+/// `arith.minimumf`) into kernels that run in parallel. Its longest loop becomes parallel: one
+/// partial result per iteration of it (a row's sum), each from the neutral element; the partial
+/// results are then combined into the original output, in two stages when there are enough of
+/// them ([`full_reduction_parts`]: `P` parallel sums of `K` consecutive rows, then the `P`
+/// sums). Otherwise a reduction to a scalar has no parallel loop, and its loops would run on
+/// the host side of a GPU module, reading the kernels' results there; after this, only the last
+/// combine (at most 64 terms) is sequential, and it is a kernel too ([`scalars_as_kernels`]).
+/// The terms are added in another order, so results may differ in the last bits. Ops it does not
+/// recognise are left as they are.
+pub fn split_full_reductions(text: &str) -> String {
+    rewrite_generic_ops(text, split_full_reduction)
+}
+
+/// How a reduction to a scalar over `rows` partial results combines them: `Some((P, K))` for
+/// `P` sums of `K` rows each and then the `P` sums (`P` the largest power of two of at most 64
+/// with `P * P <= rows` that divides `rows`, at least 8), None for one sequential combine.
+pub fn full_reduction_parts(rows: i64) -> Option<(i64, i64)> {
+    let mut parts = 64;
+    while parts >= 8 && (parts * parts > rows || rows % parts != 0) {
+        parts /= 2;
+    }
+    (parts >= 8).then_some((parts, rows / parts))
+}
+
+/// The parallel form of one reduction to a scalar (its lines), or None when it is not one
+/// [`split_full_reductions`] knows how to split.
+fn split_full_reduction(op: &[&str]) -> Option<String> {
+    let header = op.first()?;
+    let (_, _, kinds) = iterator_types_of(header)?;
+    if kinds.is_empty() || kinds.iter().any(|kind| *kind != "reduction") {
+        return None;
+    }
+    let TensorGeneric { result: name, indentation, maps, in_names, in_types, out_name, out_type } =
+        TensorGeneric::parse(header)?;
+    if out_type.trim() != "tensor<f32>" || !maps[in_types.len()].1.trim().is_empty() {
+        return None;
+    }
+    let close = op.last()?;
+    let body = &op[1..op.len() - 1];
+    let (operation, neutral) = combiner(body)?;
+    // The extent of each loop, from an input that reads it as a plain dimension.
+    let extent = |loop_index: usize| -> Option<i64> {
+        let dimension = format!("d{loop_index}");
+        maps[..in_types.len()].iter().zip(&in_types).find_map(|((_, results), ty)| {
+            let position = results.split(", ").position(|result| result.trim() == dimension)?;
+            tensor_type(ty).and_then(|(dims, _)| dims.get(position).copied())
+        })
+    };
+    let extents = (0..kinds.len()).map(extent).collect::<Option<Vec<i64>>>()?;
+    // The longest loop, the first of the longest.
+    let rows_loop = (0..kinds.len()).fold(0, |best, index| if extents[index] > extents[best] { index } else { best });
+    let rows = extents[rows_loop];
+    let location = close.rfind(" loc(").map_or("", |start| close[start..].trim());
+    let domain = maps[0].0;
+    let close_indentation = &close[..close.len() - close.trim_start().len()];
+    let body_indentation = body.first().map_or("", |line| &line[..line.len() - line.trim_start().len()]);
+    let inner = format!("{body_indentation}  ");
+    let rows_type = format!("tensor<{rows}xf32>");
+    let mut out = String::new();
+    // A tensor of `ty` filled with the neutral element.
+    let neutral_tensor = |out: &mut String, prefix: &str, ty: &str| {
+        out.push_str(&format!("{indentation}{name}_{prefix}_empty = tensor.empty() : {ty} {location}\n"));
+        out.push_str(&format!("{indentation}{name}_{prefix}_neutral = arith.constant {neutral} : f32 {location}\n"));
+        out.push_str(&format!(
+            "{indentation}{name}_{prefix}_init = linalg.fill ins({name}_{prefix}_neutral : f32) outs({name}_{prefix}_empty : {ty}) -> {ty} {location}\n"
+        ));
+    };
+    // Stage one: the op itself with its longest loop parallel, one partial result per row.
+    neutral_tensor(&mut out, "rows", &rows_type);
+    let stage_one_maps: Vec<String> = maps[..in_types.len()]
+        .iter()
+        .map(|(domain, results)| format!("affine_map<({domain}) -> ({results})>"))
+        .chain([format!("affine_map<({domain}) -> (d{rows_loop})>")])
+        .collect();
+    let stage_one_kinds: Vec<&str> =
+        (0..kinds.len()).map(|index| if index == rows_loop { "\"parallel\"" } else { "\"reduction\"" }).collect();
+    out.push_str(&format!(
+        "{indentation}{name}_rows = linalg.generic {{indexing_maps = [{}], iterator_types = [{}]}} ins({} : {}) outs({name}_rows_init : {rows_type}) {{\n",
+        stage_one_maps.join(", "),
+        stage_one_kinds.join(", "),
+        in_names.join(", "),
+        in_types.join(", ")
+    ));
+    body.iter().for_each(|line| out.push_str(line));
+    out.push_str(&format!("{close_indentation}}} -> {rows_type} {location}\n"));
+    // A generic op that combines the partial results `input` into `output`.
+    let combine = |out: &mut String, result: &str, maps: &str, kinds: &str, input: &str, output: &str, ty: &str| {
+        out.push_str(&format!(
+            "{indentation}{result} = linalg.generic {{indexing_maps = [{maps}], iterator_types = [{kinds}]}} ins({input}) outs({output}) {{\n"
+        ));
+        out.push_str(&format!("{body_indentation}^bb0(%part: f32, %accumulated: f32):\n"));
+        out.push_str(&format!("{inner}%combined = {operation} %part, %accumulated : f32 {location}\n"));
+        out.push_str(&format!("{inner}linalg.yield %combined : f32 {location}\n"));
+        out.push_str(&format!("{close_indentation}}} -> {ty} {location}\n"));
+    };
+    let (last, last_type) = match full_reduction_parts(rows) {
+        Some((parts, each)) => {
+            // Stage two: `parts` sums of `each` consecutive rows.
+            let split_type = format!("tensor<{parts}x{each}xf32>");
+            let parts_type = format!("tensor<{parts}xf32>");
+            out.push_str(&format!(
+                "{indentation}{name}_rows_split = tensor.expand_shape {name}_rows [[0, 1]] output_shape [{parts}, {each}] : {rows_type} into {split_type} {location}\n"
+            ));
+            neutral_tensor(&mut out, "parts", &parts_type);
+            combine(
+                &mut out,
+                &format!("{name}_parts"),
+                "affine_map<(d0, d1) -> (d0, d1)>, affine_map<(d0, d1) -> (d0)>",
+                "\"parallel\", \"reduction\"",
+                &format!("{name}_rows_split : {split_type}"),
+                &format!("{name}_parts_init : {parts_type}"),
+                &parts_type,
+            );
+            (format!("{name}_parts"), parts_type)
+        }
+        None => (format!("{name}_rows"), rows_type.clone()),
+    };
+    // The last stage: the partial results into the original output.
+    combine(
+        &mut out,
+        name,
+        "affine_map<(d0) -> (d0)>, affine_map<(d0) -> ()>",
+        "\"reduction\"",
+        &format!("{last} : {last_type}"),
+        &format!("{out_name} : {out_type}"),
+        out_type,
+    );
+    Some(out)
 }
 
 /// The dimensions and element type of `tensor<4096x256xf32>` (`tensor<f32>`: no dimensions).
@@ -270,6 +420,45 @@ fn affine_maps(text: &str) -> Vec<(&str, &str)> {
     maps
 }
 
+/// The header of a single-result `linalg.generic` op on tensors, taken apart:
+/// `RESULT = linalg.generic {indexing_maps = [MAPS], iterator_types = [...]} ins(NAMES : TYPES)
+/// outs(OUT : OUT_TYPE) {`.
+struct TensorGeneric<'a> {
+    result: &'a str,
+    indentation: &'a str,
+    /// The domain and results of each map, the inputs' then the output's.
+    maps: Vec<(&'a str, &'a str)>,
+    in_names: Vec<&'a str>,
+    in_types: Vec<&'a str>,
+    out_name: &'a str,
+    out_type: &'a str,
+}
+
+impl<'a> TensorGeneric<'a> {
+    fn parse(header: &'a str) -> Option<TensorGeneric<'a>> {
+        let (result, rest) = header.trim_start().split_once(" = linalg.generic {")?;
+        if result.contains(',') {
+            return None;
+        }
+        let indentation = &header[..header.len() - header.trim_start().len()];
+        let maps = affine_maps(&rest[..rest.find("iterator_types")?]);
+        let operands = &rest[rest.find("} ins(")? + "} ins(".len()..];
+        let (ins, after_ins) = operands.split_once(") outs(")?;
+        let (outs, tail) = after_ins.split_once(") {")?;
+        if !tail.trim().is_empty() {
+            return None;
+        }
+        let (in_names, in_types) = ins.split_once(" : ")?;
+        let in_names: Vec<&str> = in_names.split(", ").map(str::trim).collect();
+        let in_types: Vec<&str> = in_types.split(", ").collect();
+        let (out_name, out_type) = outs.split_once(" : ")?;
+        if out_name.contains(',') || maps.len() != in_types.len() + 1 || in_names.len() != in_types.len() {
+            return None;
+        }
+        Some(TensorGeneric { result: result.trim(), indentation, maps, in_names, in_types, out_name, out_type })
+    }
+}
+
 /// The two-stage form of one `linalg.generic` op (its lines), or None when it is not a long
 /// reduction [`split_long_reductions`] knows how to split.
 fn split_reduction(op: &[&str]) -> Option<String> {
@@ -280,25 +469,8 @@ fn split_reduction(op: &[&str]) -> Option<String> {
         return None;
     }
     let reduced = loops - 1;
-    let (result, rest) = header.trim_start().split_once(" = linalg.generic {")?;
-    if result.contains(',') {
-        return None;
-    }
-    let indentation = &header[..header.len() - header.trim_start().len()];
-    let maps_text = &rest[..rest.find("iterator_types")?];
-    let maps = affine_maps(maps_text);
-    let operands = &rest[rest.find("} ins(")? + "} ins(".len()..];
-    let (ins, after_ins) = operands.split_once(") outs(")?;
-    let (outs, tail) = after_ins.split_once(") {")?;
-    if !tail.trim().is_empty() {
-        return None;
-    }
-    let (in_names, in_types) = ins.split_once(" : ")?;
-    let in_types: Vec<&str> = in_types.split(", ").collect();
-    let (out_name, out_type) = outs.split_once(" : ")?;
-    if out_name.contains(',') || maps.len() != in_types.len() + 1 {
-        return None;
-    }
+    let TensorGeneric { result, indentation, maps, in_names, in_types, out_name, out_type } =
+        TensorGeneric::parse(header)?;
     let (out_dims, element) = tensor_type(out_type)?;
     if element != "f32" {
         return None;
@@ -320,35 +492,10 @@ fn split_reduction(op: &[&str]) -> Option<String> {
         return None;
     }
     let each = length / parts;
-    // The body: its block arguments (the output's last), the value it yields and the op that
-    // combines into the output, which must be the only use of the output's argument.
     let close = op.last()?;
     let body = &op[1..op.len() - 1];
-    let arguments = body.first()?.trim().strip_prefix("^bb0(")?.split_once("):")?.0;
-    let output_argument = arguments.split(", ").last()?.split(':').next()?.trim();
-    let yielded = body.iter().find_map(|line| line.trim().strip_prefix("linalg.yield "))?.split(" : ").next()?.trim();
-    let combiner = body.iter().find_map(|line| {
-        let (name, operation) = line.trim().split_once(" = ")?;
-        (name == yielded).then_some(operation)
-    })?;
-    let (operation, operands) = combiner.split_once(' ')?;
-    let neutral = match operation {
-        "arith.addf" => "0.000000e+00",
-        "arith.maximumf" => "0xFF800000",
-        "arith.minimumf" => "0x7F800000",
-        _ => return None,
-    };
-    let operands: Vec<&str> = operands.split(" : ").next()?.split(", ").map(str::trim).collect();
-    if operands.len() != 2 || !operands.contains(&output_argument) {
-        return None;
-    }
-    let uses = body
-        .iter()
-        .skip(1)
-        .flat_map(|line| line.split(|character: char| !(character.is_alphanumeric() || "%_$.".contains(character))))
-        .filter(|token| *token == output_argument)
-        .count();
-    if uses != 1 || body.iter().any(|line| line.contains("linalg.index")) {
+    let (operation, neutral) = combiner(body)?;
+    if body.iter().any(|line| line.contains("linalg.index")) {
         return None;
     }
     let location = close.rfind(" loc(").map_or("", |start| close[start..].trim());
@@ -357,11 +504,7 @@ fn split_reduction(op: &[&str]) -> Option<String> {
     // read `part * each + step`: linalg infers every loop's bounds from a plain dimension), and
     // reads it as `(part, step)`; the output has the parts as a last dimension.
     let domain = (0..=reduced + 1).map(|index| format!("d{index}")).collect::<Vec<_>>().join(", ");
-    let in_names: Vec<&str> = in_names.split(", ").map(str::trim).collect();
-    if in_names.len() != in_types.len() {
-        return None;
-    }
-    let name = result.trim();
+    let name = result;
     let mut reshapes = String::new();
     let (mut stage_one_inputs, mut stage_one_types, mut stage_one_maps) = (Vec::new(), Vec::new(), Vec::new());
     for (index, ((input, ty), (_, results))) in in_names.iter().zip(&in_types).zip(&maps).enumerate() {
@@ -452,6 +595,38 @@ fn split_reduction(op: &[&str]) -> Option<String> {
     Some(out)
 }
 
+/// The op that combines a reduction's body into its output, and that op's neutral element (the
+/// value a partial result starts from): `arith.addf` (0), `arith.maximumf` (minus infinity) or
+/// `arith.minimumf` (infinity), when the body yields that op's result and reads the output's
+/// block argument (the last) there only. None for any other body.
+fn combiner<'a>(body: &[&'a str]) -> Option<(&'a str, &'static str)> {
+    let arguments = body.first()?.trim().strip_prefix("^bb0(")?.split_once("):")?.0;
+    let output_argument = arguments.split(", ").last()?.split(':').next()?.trim();
+    let yielded = body.iter().find_map(|line| line.trim().strip_prefix("linalg.yield "))?.split(" : ").next()?.trim();
+    let combining = body.iter().find_map(|line| {
+        let (name, operation) = line.trim().split_once(" = ")?;
+        (name == yielded).then_some(operation)
+    })?;
+    let (operation, operands) = combining.split_once(' ')?;
+    let neutral = match operation {
+        "arith.addf" => "0.000000e+00",
+        "arith.maximumf" => "0xFF800000",
+        "arith.minimumf" => "0x7F800000",
+        _ => return None,
+    };
+    let operands: Vec<&str> = operands.split(" : ").next()?.split(", ").map(str::trim).collect();
+    if operands.len() != 2 || !operands.contains(&output_argument) {
+        return None;
+    }
+    let uses = body
+        .iter()
+        .skip(1)
+        .flat_map(|line| line.split(|character: char| !(character.is_alphanumeric() || "%_$.".contains(character))))
+        .filter(|token| *token == output_argument)
+        .count();
+    (uses == 1).then_some((operation, neutral))
+}
+
 fn brace_balance(line: &str) -> i64 {
     line.matches('{').count() as i64 - line.matches('}').count() as i64
 }
@@ -506,14 +681,233 @@ fn renumber_index_ops(line: &str, position: &[usize]) -> String {
     }
 }
 
+/// The one-element form of a rank-0 memref type (`memref<f32>` is `memref<1xf32>`,
+/// `memref<f32, strided<[], offset: ?>>` is `memref<1xf32, strided<[1], offset: ?>>`), or None
+/// for any other type.
+fn unit_memref_type(ty: &str) -> Option<String> {
+    let inner = ty.trim().strip_prefix("memref<")?.strip_suffix('>')?;
+    match inner.split_once(", ") {
+        None if !inner.contains('x') && !inner.contains('<') => Some(format!("memref<1x{inner}>")),
+        Some((element, layout)) if !element.contains('x') => {
+            let offset = layout.strip_prefix("strided<[], offset: ")?.strip_suffix('>')?;
+            Some(format!("memref<1x{element}, strided<[1], offset: {offset}>>"))
+        }
+        _ => None,
+    }
+}
+
+/// The entries of an `indexing_maps = [...]` list, `#mapN` aliases replaced by their definitions
+/// (`aliases`: name and `affine_map<...>` text).
+fn indexing_maps(list: &str, aliases: &[(&str, &str)]) -> Option<Vec<String>> {
+    let mut maps = Vec::new();
+    let mut rest = list.trim();
+    while !rest.is_empty() {
+        let (map, tail) = if rest.starts_with("affine_map<") {
+            let end = rest.find(")>")? + 2;
+            (rest[..end].to_string(), &rest[end..])
+        } else {
+            let end = rest.find(',').unwrap_or(rest.len());
+            let alias = rest[..end].trim();
+            (aliases.iter().find(|(name, _)| *name == alias)?.1.to_string(), &rest[end..])
+        };
+        maps.push(map);
+        rest = tail.trim_start().trim_start_matches(',').trim_start();
+    }
+    Some(maps)
+}
+
+/// Every `linalg` op of a bufferised module whose output is a rank-0 memref (a fill of a scalar,
+/// a reduction to a scalar, an operation on scalars) and every copy between rank-0 memrefs given
+/// a loop of one parallel iteration over a one-element view of its output: an op without loops
+/// would run on the host side of a GPU module, the CPU reading the kernels' results and writing
+/// the scalar there, which the next kernel would read back (and every kernel launch would have
+/// to wait for its kernel first). With the loop, each is a kernel of one thread, and the host
+/// side of a module touches no memory ([`host_memory_access`]). Ops it does not recognise stay
+/// as they are.
+pub fn scalars_as_kernels(module: &str) -> String {
+    let aliases: Vec<(&str, &str)> = module
+        .lines()
+        .filter_map(|line| {
+            let (alias, map) = line.split_once(" = ")?;
+            (alias.starts_with("#map") && map.starts_with("affine_map<")).then(|| (alias.trim(), map.trim()))
+        })
+        .collect();
+    let mut out = String::with_capacity(module.len());
+    let mut views = 0;
+    let mut view = |out: &mut String, indentation: &str, value: &str, ty: &str, unit: &str| -> String {
+        views += 1;
+        out.push_str(&format!(
+            "{indentation}%curv_unit{views} = memref.expand_shape {value} [] output_shape [1] : {ty} into {unit}\n"
+        ));
+        format!("%curv_unit{views}")
+    };
+    let mut lines = module.split_inclusive('\n');
+    while let Some(line) = lines.next() {
+        let trimmed = line.trim_start();
+        let indentation = &line[..line.len() - trimmed.len()];
+        // `linalg.fill ins(%c : f32) outs(%x : memref<f32>) loc(...)`
+        if let Some(rest) = trimmed.strip_prefix("linalg.fill ins(") {
+            let rewritten = (|| {
+                let (input, after) = rest.split_once(") outs(")?;
+                let (output, tail) = after.split_once(')')?;
+                let (value, ty) = output.split_once(" : ")?;
+                let unit = unit_memref_type(ty)?;
+                let mut text = String::new();
+                let unit_value = view(&mut text, indentation, value.trim(), ty.trim(), &unit);
+                text.push_str(&format!("{indentation}linalg.fill ins({input}) outs({unit_value} : {unit}){tail}"));
+                Some(text)
+            })();
+            out.push_str(rewritten.as_deref().unwrap_or(line));
+            continue;
+        }
+        // `memref.copy %a, %b : memref<f32> to memref<f32> loc(...)`
+        if let Some(rest) = trimmed.strip_prefix("memref.copy ") {
+            let rewritten = (|| {
+                let (values, types) = rest.split_once(" : ")?;
+                let (source, target) = values.split_once(", ")?;
+                let (types, location) = match types.find(" loc(") {
+                    Some(start) => (&types[..start], types[start..].trim_end()),
+                    None => (types.trim_end(), ""),
+                };
+                let (source_type, target_type) = types.split_once(" to ")?;
+                let (source_unit, target_unit) = (unit_memref_type(source_type)?, unit_memref_type(target_type)?);
+                let mut text = String::new();
+                let source_value = view(&mut text, indentation, source.trim(), source_type.trim(), &source_unit);
+                let target_value = view(&mut text, indentation, target.trim(), target_type.trim(), &target_unit);
+                text.push_str(&format!(
+                    "{indentation}linalg.copy ins({source_value} : {source_unit}) outs({target_value} : {target_unit}){location}\n"
+                ));
+                Some(text)
+            })();
+            out.push_str(rewritten.as_deref().unwrap_or(line));
+            continue;
+        }
+        if !trimmed.starts_with("linalg.generic {") {
+            out.push_str(line);
+            continue;
+        }
+        let op = op_lines(line, &mut lines);
+        let rewritten = (|| {
+            let (_, end, kinds) = iterator_types_of(line)?;
+            let maps_start = line.find("indexing_maps = [")? + "indexing_maps = [".len();
+            let maps = indexing_maps(line[maps_start..].split_once("], iterator_types")?.0, &aliases)?;
+            let (before_outs, outs) = line.split_once(" outs(")?;
+            let (output, tail) = outs.split_once(')')?;
+            let (value, ty) = output.split_once(" : ")?;
+            if value.contains(',') {
+                return None;
+            }
+            let unit = unit_memref_type(ty)?;
+            let loops = kinds.len();
+            let position: Vec<usize> = (1..=loops).collect();
+            let domain = (0..=loops).map(|index| format!("d{index}")).collect::<Vec<_>>().join(", ");
+            let mut new_maps = Vec::new();
+            for (index, map) in maps.iter().enumerate() {
+                let (_, results) = *affine_maps(map).first()?;
+                let results =
+                    if index + 1 == maps.len() { "d0".to_string() } else { renumber_dimensions(results, &position) };
+                new_maps.push(format!("affine_map<({domain}) -> ({results})>"));
+            }
+            let kinds: Vec<String> = ["\"parallel\"".to_string()]
+                .into_iter()
+                .chain(kinds.iter().map(|kind| format!("\"{kind}\"")))
+                .collect();
+            let mut text = String::new();
+            let unit_value = view(&mut text, indentation, value.trim(), ty.trim(), &unit);
+            // `]} ins(...)` after the iterator types.
+            let operands = before_outs.get(end + 1..)?;
+            text.push_str(&format!(
+                "{indentation}linalg.generic {{indexing_maps = [{}], iterator_types = [{}]{operands} outs({unit_value} : {unit}){tail}",
+                new_maps.join(", "),
+                kinds.join(", ")
+            ));
+            for body in &op[1..] {
+                text.push_str(&renumber_index_ops(body, &position));
+            }
+            Some(text)
+        })();
+        match rewritten {
+            Some(text) => out.push_str(&text),
+            None => op.iter().for_each(|line| out.push_str(line)),
+        }
+    }
+    out
+}
+
+/// The first line of the host side of an outlined module (outside its `gpu.module`s) that reads
+/// or writes memory itself, or calls a function other than the runtime's matrix product and free,
+/// or None when the host side only launches kernels, allocates and frees buffers, takes views of
+/// them, computes scalars and calls the matrix product. Such a module's launches need not wait
+/// for their kernels: the next piece of work on the one stream is ordered after them, and the
+/// caller waits once at the end of the call.
+///
+/// A load from one of the function's first `inputs` arguments (a scalar hyperparameter the host
+/// side reads once, outside the kernels) is no access in this sense: inputs are read-only (the
+/// bufferisation writes only into the outputs and its own buffers), and the runtime waits for
+/// the copies in before it calls the function.
+pub fn host_memory_access(outlined: &str, inputs: usize) -> Option<String> {
+    const ALLOWED: [&str; 16] = [
+        "gpu.launch_func",
+        "gpu.alloc",
+        "gpu.dealloc",
+        "memref.alloc",
+        "memref.dealloc",
+        "memref.subview",
+        "memref.cast",
+        "memref.expand_shape",
+        "memref.collapse_shape",
+        "memref.reinterpret_cast",
+        "memref.extract_aligned_pointer_as_index",
+        "memref.extract_strided_metadata",
+        "memref.get_global",
+        "memref.global",
+        "memref.dim",
+        "return",
+    ];
+    let mut in_gpu_module = false;
+    for line in outlined.lines() {
+        let trimmed = line.trim();
+        if in_gpu_module {
+            in_gpu_module = !(line.trim_end() == "  }" || line.starts_with("  } loc("));
+            continue;
+        }
+        if trimmed.starts_with("gpu.module @") {
+            in_gpu_module = true;
+            continue;
+        }
+        let skipped = ["#", "//", "}", "module", "func.func", "^"];
+        if trimmed.is_empty() || skipped.iter().any(|prefix| trimmed.starts_with(prefix)) {
+            continue;
+        }
+        let operation = match trimmed.split_once(" = ") {
+            Some((_, operation)) if trimmed.starts_with('%') => operation,
+            _ => trimmed,
+        };
+        let name = operation.split([' ', '(']).next().unwrap_or("");
+        let call_of_runtime = (name == "call" || name == "func.call")
+            && ["@curv_cuda_sgemm(", "@curv_cuda_free("].iter().any(|callee| operation.contains(callee));
+        let load_of_input = name == "memref.load"
+            && operation["memref.load ".len()..]
+                .strip_prefix("%arg")
+                .and_then(|rest| rest.split('[').next())
+                .and_then(|number| number.parse::<usize>().ok())
+                .is_some_and(|argument| argument < inputs);
+        let scalar_math = name.starts_with("arith.") || name.starts_with("math.");
+        if !(scalar_math || load_of_input || ALLOWED.contains(&name) || call_of_runtime) {
+            return Some(trimmed.to_string());
+        }
+    }
+    None
+}
+
 /// A kernel module's loops outlined into GPU kernels: [`parallel_loops_first`],
 /// [`split_long_reductions`], [`GPU_BUFFERISATION_PIPELINE`], [`copies_as_kernels`], then [`gpu_outlining_pipeline`] with the
 /// module's [`tile_sizes_for`].
 pub fn outline_kernels(text: &str) -> Result<String, MlirError> {
-    let reordered = split_long_reductions(&parallel_loops_first(text));
+    let reordered = split_long_reductions(&parallel_loops_first(&split_full_reductions(text)));
     let bufferised = crate::run_pipeline_keeping_locations(&reordered, GPU_BUFFERISATION_PIPELINE)?;
     crate::run_pipeline_keeping_locations(
-        &copies_as_kernels(&bufferised),
+        &scalars_as_kernels(&copies_as_kernels(&bufferised)),
         &gpu_outlining_pipeline(tile_sizes_for(&reordered)),
     )
 }
@@ -834,7 +1228,43 @@ pub fn lower_for_cuda(text: &str, target: GpuTarget) -> Result<String, MlirError
     // Matrix products call cuBLAS (`curv_cuda_sgemm`) instead of the CPU GEMM.
     let text = text.replace("@curv_sgemm(", "@curv_cuda_sgemm(");
     let outlined = outline_kernels(&text)?;
-    generate_kernels(&device_allocations(&outlined)?, &outlined, target)
+    let host = device_allocations(&outlined)?;
+    let host =
+        if host_memory_access(&host, input_arguments(&text)).is_none() { ordered_launches(&host)? } else { host };
+    generate_kernels(&host, &outlined, target)
+}
+
+/// How many input arguments the function of a kernel module (the text `crate::lower` produces)
+/// has: they are named `%argN` there, its outputs `%outN`, and come first.
+pub fn input_arguments(text: &str) -> usize {
+    text.lines()
+        .find(|line| line.trim_start().starts_with("func.func @"))
+        .map_or(0, |line| line.matches("%arg").count())
+}
+
+/// A module whose host side touches no memory ([`host_memory_access`]) with a call of the
+/// runtime's `curv_cuda_ordered_launches` first in each of its host functions: their launches
+/// and matrix products do not wait for the device, and the runtime waits once when the call ends.
+pub fn ordered_launches(module: &str) -> Result<String, MlirError> {
+    let mut out = String::with_capacity(module.len() + 256);
+    let mut in_gpu_module = false;
+    for line in module.split_inclusive('\n') {
+        out.push_str(line);
+        if in_gpu_module {
+            in_gpu_module = !(line.trim_end() == "  }" || line.starts_with("  } loc("));
+            continue;
+        }
+        let trimmed = line.trim();
+        if trimmed.starts_with("gpu.module @") {
+            in_gpu_module = true;
+        } else if trimmed.starts_with("func.func @") && trimmed.ends_with('{') {
+            let indentation = &line[..line.len() - line.trim_start().len()];
+            out.push_str(&format!("{indentation}  func.call @curv_cuda_ordered_launches() : () -> ()\n"));
+        }
+    }
+    let start = out.find("{\n").ok_or_else(|| MlirError { message: "a module without a body".to_string() })? + 2;
+    out.insert_str(start, "  func.func private @curv_cuda_ordered_launches()\n");
+    Ok(out)
 }
 
 /// The kernels of `module` (an outlined module, its host side possibly rewritten) through NVVM to
@@ -912,6 +1342,97 @@ mod tests {
         let maximum = split_long_reductions(&sum(2048, "      %s0 = arith.maximumf %a0, %out : f32\n"));
         assert!(maximum.contains("arith.constant 0xFF800000 : f32"), "{maximum}");
         assert!(maximum.contains("%combined = arith.maximumf %part, %accumulated"), "{maximum}");
+    }
+
+    #[test]
+    fn a_loss_is_summed_over_its_longest_loop_in_parallel_then_in_two_stages() {
+        let loss = |rows: usize, combine: &str| {
+            format!(
+                "    %v29 = linalg.generic {{indexing_maps = [affine_map<(d0, d1) -> (d0, d1)>, affine_map<(d0, d1) -> (d0)>, affine_map<(d0, d1) -> ()>], iterator_types = [\"reduction\", \"reduction\"]}} ins(%v21, %v24 : tensor<{rows}x10xf32>, tensor<{rows}xf32>) outs(%t35 : tensor<f32>) {{\n\
+                 \x20   ^bb0(%a0: f32, %a1: f32, %out: f32):\n\
+                 \x20     %s0 = arith.subf %a0, %a1 : f32\n\
+                 \x20     %combined = {combine} %s0, %out : f32\n\
+                 \x20     linalg.yield %combined : f32\n\
+                 \x20   }} -> tensor<f32> loc(\"digits.curv\":3:5)\n"
+            )
+        };
+        let split = split_full_reductions(&loss(128, "arith.addf"));
+        for expected in [
+            "%v29_rows = linalg.generic {indexing_maps = [affine_map<(d0, d1) -> (d0, d1)>, affine_map<(d0, d1) -> (d0)>, affine_map<(d0, d1) -> (d0)>], iterator_types = [\"parallel\", \"reduction\"]} ins(%v21, %v24 : tensor<128x10xf32>, tensor<128xf32>) outs(%v29_rows_init : tensor<128xf32>)",
+            "%v29_rows_split = tensor.expand_shape %v29_rows [[0, 1]] output_shape [8, 16] : tensor<128xf32> into tensor<8x16xf32>",
+            "%v29_parts = linalg.generic {indexing_maps = [affine_map<(d0, d1) -> (d0, d1)>, affine_map<(d0, d1) -> (d0)>], iterator_types = [\"parallel\", \"reduction\"]} ins(%v29_rows_split : tensor<8x16xf32>) outs(%v29_parts_init : tensor<8xf32>)",
+            "%v29 = linalg.generic {indexing_maps = [affine_map<(d0) -> (d0)>, affine_map<(d0) -> ()>], iterator_types = [\"reduction\"]} ins(%v29_parts : tensor<8xf32>) outs(%t35 : tensor<f32>)",
+            "%v29_rows_neutral = arith.constant 0.000000e+00 : f32",
+        ] {
+            assert!(split.contains(expected), "missing `{expected}` in\n{split}");
+        }
+        // The longest loop is the parallel one, wherever it is; few rows combine in one stage.
+        let wide = loss(4, "arith.maximumf")
+            .replace("tensor<4x10xf32>, tensor<4xf32>", "tensor<4x10xf32>, tensor<10xf32>")
+            .replace("(d0, d1) -> (d0)>, affine_map<(d0, d1) -> ()>", "(d0, d1) -> (d1)>, affine_map<(d0, d1) -> ()>");
+        let split = split_full_reductions(&wide);
+        assert!(
+            split.contains("affine_map<(d0, d1) -> (d1)>], iterator_types = [\"reduction\", \"parallel\"]"),
+            "{split}"
+        );
+        assert!(split.contains("arith.constant 0xFF800000 : f32"), "{split}");
+        assert!(!split.contains("_parts"), "{split}");
+        // A combine it does not know, and a reduction with a parallel loop, stay as they are.
+        assert_eq!(split_full_reductions(&loss(128, "arith.mulf")), loss(128, "arith.mulf"));
+        let partial =
+            loss(128, "arith.addf").replace("[\"reduction\", \"reduction\"]", "[\"parallel\", \"reduction\"]");
+        assert_eq!(split_full_reductions(&partial), partial);
+        assert_eq!(full_reduction_parts(4096), Some((64, 64)));
+        assert_eq!(full_reduction_parts(100), None);
+    }
+
+    #[test]
+    fn ops_on_scalars_become_kernels_of_one_thread_and_leave_the_host_side_launching_only() {
+        let module = "#map = affine_map<(d0) -> (d0)>\n\
+            #map1 = affine_map<(d0) -> ()>\n\
+            #map2 = affine_map<() -> ()>\n\
+            module {\n\
+            \x20 func.func @f(%arg0: memref<8xf32>, %arg1: memref<f32>, %arg2: memref<f32>) {\n\
+            \x20   %cst = arith.constant 0.000000e+00 : f32\n\
+            \x20   %alloc = memref.alloc() {alignment = 64 : i64} : memref<f32>\n\
+            \x20   linalg.fill ins(%cst : f32) outs(%alloc : memref<f32>)\n\
+            \x20   linalg.generic {indexing_maps = [#map, #map1], iterator_types = [\"reduction\"]} ins(%arg0 : memref<8xf32>) outs(%alloc : memref<f32>) {\n\
+            \x20   ^bb0(%in: f32, %out: f32):\n\
+            \x20     %i = linalg.index 0 : index\n\
+            \x20     %0 = arith.addf %in, %out : f32\n\
+            \x20     linalg.yield %0 : f32\n\
+            \x20   }\n\
+            \x20   linalg.generic {indexing_maps = [#map2, #map2], iterator_types = []} ins(%alloc : memref<f32>) outs(%arg1 : memref<f32>) {\n\
+            \x20   ^bb0(%in: f32, %out: f32):\n\
+            \x20     %0 = arith.mulf %in, %in : f32\n\
+            \x20     linalg.yield %0 : f32\n\
+            \x20   }\n\
+            \x20   memref.copy %arg1, %arg2 : memref<f32> to memref<f32>\n\
+            \x20   memref.dealloc %alloc : memref<f32>\n\
+            \x20   return\n\
+            \x20 }\n\
+            }\n";
+        let rewritten = scalars_as_kernels(module);
+        for expected in [
+            "%curv_unit1 = memref.expand_shape %alloc [] output_shape [1] : memref<f32> into memref<1xf32>",
+            "linalg.fill ins(%cst : f32) outs(%curv_unit1 : memref<1xf32>)",
+            "linalg.generic {indexing_maps = [affine_map<(d0, d1) -> (d1)>, affine_map<(d0, d1) -> (d0)>], iterator_types = [\"parallel\", \"reduction\"]} ins(%arg0 : memref<8xf32>) outs(%curv_unit2 : memref<1xf32>) {",
+            "%i = linalg.index 1 : index",
+            "linalg.generic {indexing_maps = [affine_map<(d0) -> ()>, affine_map<(d0) -> (d0)>], iterator_types = [\"parallel\"]} ins(%alloc : memref<f32>) outs(%curv_unit3 : memref<1xf32>) {",
+            "linalg.copy ins(%curv_unit4 : memref<1xf32>) outs(%curv_unit5 : memref<1xf32>)",
+        ] {
+            assert!(rewritten.contains(expected), "missing `{expected}` in\n{rewritten}");
+        }
+        // Before, the host side runs the scalar ops itself; after, it only launches kernels.
+        let outline = |text: &str| crate::run_pipeline_keeping_locations(text, &gpu_outlining_pipeline("256")).unwrap();
+        let before = outline(module);
+        assert!(host_memory_access(&before, 3).is_some(), "{before}");
+        let after = device_allocations(&outline(&rewritten)).unwrap();
+        assert_eq!(host_memory_access(&after, 3), None, "{after}");
+        assert_eq!(after.matches("gpu.launch_func").count(), 4, "{after}");
+        let ordered = ordered_launches(&after).unwrap();
+        assert!(ordered.contains("func.func private @curv_cuda_ordered_launches()"), "{ordered}");
+        assert_eq!(ordered.matches("func.call @curv_cuda_ordered_launches()").count(), 1, "{ordered}");
     }
 
     #[test]

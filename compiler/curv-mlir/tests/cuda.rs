@@ -152,6 +152,7 @@ void *mgpuModuleGetFunction(void *module, const char *name) { return 0; }
 void mgpuLaunchKernel(void *f, long gx, long gy, long gz, long bx, long by, long bz, int smem, void *s, void **p, void **e, long n) {}
 void *mgpuStreamCreate(void) { return 0; }
 void mgpuStreamSynchronize(void *s) {}
+void curv_cuda_ordered_launches(void) {}
 void mgpuStreamDestroy(void *s) {}
 void *mgpuMemAlloc(unsigned long bytes, void *s, _Bool shared) { return 0; }
 void curv_cuda_free(unsigned long address) {}

@@ -137,6 +137,24 @@ fn the_siren_gradient_program_with_its_long_reductions_split_agrees_with_the_int
 }
 
 #[test]
+fn the_gradient_programs_with_their_losses_summed_in_parallel_agree_with_the_interpreter() {
+    // The GPU path splits every reduction to a scalar (the loss) into parallel partial sums
+    // combined in stages, so that it runs as kernels; compiled for the CPU, the split modules
+    // must compute the same losses and gradients.
+    for (example, tolerance, staged) in
+        [("digits_mlp.curv", 2e-4, 1), ("siren.curv", 5e-3, 1), ("digits_cnn.curv", 2e-4, 1)]
+    {
+        let split = |text: &str| {
+            let split = curv_mlir::gpu::split_full_reductions(text);
+            assert_eq!(split.matches("_rows = linalg.generic").count(), 1, "{example}: the loss is split");
+            assert_eq!(split.matches("_parts = linalg.generic").count(), staged, "{example}: in two stages");
+            split
+        };
+        check_transformed_gradients_agree(example, tolerance, &split);
+    }
+}
+
+#[test]
 fn the_vectorisable_exponential_and_tanh_are_accurate() {
     use curv_ir::{DType, Function, Op, TensorType, UnaryOp};
     let count = 40_001;

@@ -23,6 +23,18 @@ fn launched_kernels(function: &curv_ir::Function) -> usize {
         .count()
 }
 
+/// The size of each member of a rule group (`P.0`, `P.1`, ...), as the trainer binds them.
+fn group_bindings(train: &curv_ir::TrainProgram, plans: &[usize]) -> HashMap<String, i64> {
+    plans
+        .iter()
+        .enumerate()
+        .map(|(member, &plan)| {
+            let size = train.params[train.optimizer.plans[plan].param].ty.element_count().unwrap();
+            (curv_ir::group::member_symbol(member, "P"), size)
+        })
+        .collect()
+}
+
 #[test]
 fn the_grouped_adam_update_is_one_kernel_per_parameter_in_ptx_for_both_targets() {
     let program = program("digits_mlp.curv");
@@ -30,15 +42,7 @@ fn the_grouped_adam_update_is_one_kernel_per_parameter_in_ptx_for_both_targets()
     let group = &curv_ir::group::plan_groups(&train.optimizer.plans, &program.rules, &[])[0];
     let rule = program.rules.iter().find(|rule| rule.name == group.rule).unwrap();
     let replicated = curv_ir::group::replicate(&rule.updates[0].function, group.plans.len());
-    let bindings: HashMap<String, i64> = group
-        .plans
-        .iter()
-        .enumerate()
-        .map(|(member, &plan)| {
-            let size = train.params[train.optimizer.plans[plan].param].ty.element_count().unwrap();
-            (curv_ir::group::member_symbol(member, "P"), size)
-        })
-        .collect();
+    let bindings = group_bindings(train, &group.plans);
     let (text, _) = curv_mlir::lower::lower_function(&replicated, "adam_group", &bindings).unwrap();
     for target in [GpuTarget::Sm80, GpuTarget::Sm90] {
         let modules = lower_to_ptx(&text, target).unwrap_or_else(|error| panic!("{target:?}: {error}"));
@@ -154,4 +158,84 @@ fn the_finiteness_check_of_a_resident_step_runs_on_the_gpu_without_reading_on_th
     let entries: usize = modules.iter().map(|module| module.ptx.matches(".entry ").count()).sum();
     // One kernel per input (its row placed into the common row) at most, and the split sum.
     assert!((2..=shapes.len() + 4).contains(&entries), "{entries} kernels");
+}
+
+/// The first host-side memory access of `function`'s GPU module, if any (see
+/// `curv_mlir::gpu::host_memory_access`).
+fn host_access(function: &curv_ir::Function, bindings: &HashMap<String, i64>) -> Option<String> {
+    let (text, _) = curv_mlir::lower::lower_function(function, "f", bindings).unwrap();
+    let text = text.replace("@curv_sgemm(", "@curv_cuda_sgemm(");
+    let outlined = curv_mlir::gpu::outline_kernels(&text).unwrap_or_else(|error| panic!("{error}"));
+    let inputs = curv_mlir::gpu::input_arguments(&text);
+    curv_mlir::gpu::host_memory_access(&curv_mlir::gpu::device_allocations(&outlined).unwrap(), inputs)
+}
+
+#[test]
+fn the_host_side_of_every_step_function_only_launches_so_launches_need_not_wait() {
+    // On the GPU, a module whose host side reads or writes no memory lets its launches run back
+    // to back without waiting (`curv_cuda_ordered_launches`). Every function of a resident step
+    // must be such a module: losses (reductions to a scalar), scalar arithmetic, rule updates
+    // alone and grouped, the non-finite check and the batch gathers. (A rule's `init`, run once,
+    // may copy a constant on the host side, and then waits.)
+    let mut checked = 0;
+    for example in
+        ["digits_mlp.curv", "siren.curv", "digits_cnn.curv", "optimizers/adan.curv", "optimizers/sophia.curv"]
+    {
+        let program = program(example);
+        let train = &program.trains[0];
+        let none = HashMap::new();
+        let mut functions: Vec<(String, curv_ir::Function, HashMap<String, i64>)> = vec![
+            (
+                "gradients".into(),
+                curv_ad::products::gradient_program(&train.loss, &train.params).function,
+                none.clone(),
+            ),
+            ("loss".into(), train.loss.clone(), none.clone()),
+            ("hessian-vector".into(), curv_ad::products::hvp_program(&train.loss, &train.params), none.clone()),
+        ];
+        if let Some(test_loss) = &train.test_loss {
+            functions.push(("test loss".into(), test_loss.clone(), none.clone()));
+        }
+        for plan in train.optimizer.plans.iter().filter(|plan| plan.structure == curv_ir::StructureKind::Rule) {
+            let rule = program.rules.iter().find(|rule| rule.name == plan.rule_name).unwrap();
+            let size = train.params[plan.param].ty.element_count().unwrap();
+            let bindings = HashMap::from([("P".to_string(), size)]);
+            for update in &rule.updates {
+                functions.push((format!("{} update", rule.name), update.function.clone(), bindings.clone()));
+            }
+        }
+        let groups = curv_runtime::trainer::update_groups(train, &program.rules, None);
+        for group in &groups {
+            let bindings = group_bindings(train, &group.plans);
+            for block in &group.blocks {
+                functions.push((format!("{} group", group.rule), block.clone(), bindings.clone()));
+            }
+        }
+        if let Some(shapes) = curv_runtime::trainer::resident_check_shapes(train, &groups) {
+            functions.push(("finiteness".into(), curv_runtime::backend::finiteness_function(&shapes), none.clone()));
+        }
+        functions.push(("gather".into(), curv_runtime::backend::batch_gather_function(1797, &[64], 128), none.clone()));
+        for (name, function, bindings) in &functions {
+            let access = host_access(function, bindings);
+            assert!(access.is_none(), "{example} {name}: the host side runs `{}`", access.unwrap_or_default());
+            checked += 1;
+        }
+    }
+    assert!(checked >= 30, "{checked} functions");
+}
+
+#[test]
+fn a_module_whose_host_side_only_launches_says_so_to_the_runtime_and_one_that_reads_memory_does_not() {
+    let program = program("digits_mlp.curv");
+    let train = &program.trains[0];
+    let gradients = curv_ad::products::gradient_program(&train.loss, &train.params).function;
+    let (text, _) = curv_mlir::lower::lower_function(&gradients, "loss_and_gradients", &HashMap::new()).unwrap();
+    let lowered = curv_mlir::gpu::lower_for_cuda(&text, GpuTarget::Sm90).unwrap();
+    assert_eq!(lowered.matches("llvm.call @curv_cuda_ordered_launches()").count(), 1);
+    // A host side that reads a kernel's result itself must wait for it.
+    let reading = "module {\n  func.func @f(%arg0: memref<4xf32>) -> f32 {\n    %c0 = arith.constant 0 : index\n    %0 = memref.load %arg0[%c0] : memref<4xf32>\n    return %0 : f32\n  }\n}\n";
+    let loaded = Some("%0 = memref.load %arg0[%c0] : memref<4xf32>");
+    assert_eq!(curv_mlir::gpu::host_memory_access(reading, 0).as_deref(), loaded);
+    // Unless it reads an input, which no kernel writes and which is in place before the call.
+    assert_eq!(curv_mlir::gpu::host_memory_access(reading, 1), None);
 }

@@ -473,12 +473,44 @@ pub unsafe extern "C" fn mgpuStreamCreate() -> *mut c_void {
     }
 }
 
+thread_local! {
+    /// Whether the generated code running now said that its host side touches no memory
+    /// ([`curv_cuda_ordered_launches`]), so that its launches and matrix products need not wait.
+    static ORDERED_LAUNCHES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether every launch and matrix product waits for the device whatever the module says:
+/// `CURV_CUDA_SYNC=each`, so that the error of a kernel that fails while running names that
+/// kernel (otherwise it surfaces when the call ends, naming the last kernel launched).
+fn wait_for_each() -> bool {
+    static EACH: OnceLock<bool> = OnceLock::new();
+    *EACH.get_or_init(|| std::env::var("CURV_CUDA_SYNC").is_ok_and(|value| value == "each"))
+}
+
+/// Whether a launch or matrix product of the generated code running now must wait for the device.
+fn must_wait() -> bool {
+    !ORDERED_LAUNCHES.with(std::cell::Cell::get) || wait_for_each()
+}
+
+/// Called first by generated code whose host side only launches kernels, calls the matrix
+/// product and manages buffers (`curv_mlir::gpu::host_memory_access` found nothing else): its
+/// launches and matrix products return without waiting for the device, so the kernels run back
+/// to back on the one stream, and [`call_staged`] waits once when the call ends. It holds until
+/// then.
+#[no_mangle]
+pub extern "C" fn curv_cuda_ordered_launches() {
+    ORDERED_LAUNCHES.with(|ordered| ordered.set(true));
+}
+
+/// Waits for a launch's kernel, unless the generated code running now needs no wait
+/// ([`curv_cuda_ordered_launches`]).
+///
 /// # Safety
 ///
 /// `stream` is null or a stream [`mgpuStreamCreate`] returned.
 #[no_mangle]
 pub unsafe extern "C" fn mgpuStreamSynchronize(stream: *mut c_void) {
-    if stream.is_null() || current().is_err() {
+    if stream.is_null() || current().is_err() || !must_wait() {
         return;
     }
     let started = std::time::Instant::now();
@@ -579,10 +611,11 @@ enum Part {
     PooledAllocation,
     StageIn,
     Invoke,
+    CallWait,
     StageOut,
 }
 
-const PARTS: [(Part, &str); 9] = [
+const PARTS: [(Part, &str); 10] = [
     (Part::Launch, "kernel launches"),
     (Part::StreamSynchronize, "waits after launches"),
     (Part::MatrixProduct, "cuBLAS product calls"),
@@ -591,11 +624,12 @@ const PARTS: [(Part, &str); 9] = [
     (Part::PooledAllocation, "allocations from the pool"),
     (Part::StageIn, "staging in (copies, prefetches)"),
     (Part::Invoke, "calls of generated code (all of the above but staging)"),
-    (Part::StageOut, "staging out (wait, prefetches, copies)"),
+    (Part::CallWait, "waits for the device at the end of each call"),
+    (Part::StageOut, "staging out (copies)"),
 ];
 
-static PROFILE: [(std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64); 9] =
-    [const { (std::sync::atomic::AtomicU64::new(0), std::sync::atomic::AtomicU64::new(0)) }; 9];
+static PROFILE: [(std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64); 10] =
+    [const { (std::sync::atomic::AtomicU64::new(0), std::sync::atomic::AtomicU64::new(0)) }; 10];
 
 fn account(part: Part, started: std::time::Instant) {
     let (count, nanoseconds) = &PROFILE[part as usize];
@@ -761,17 +795,32 @@ pub unsafe fn call_staged(
     }
     take_error();
     let started = std::time::Instant::now();
+    ORDERED_LAUNCHES.with(|ordered| ordered.set(false));
     let result = invoke(slots);
+    let ordered = ORDERED_LAUNCHES.with(|ordered| ordered.replace(false));
     account(Part::Invoke, started);
     let started = std::time::Instant::now();
     let synchronised = synchronize();
+    account(Part::CallWait, started);
+    let started = std::time::Instant::now();
     // The descriptors point at the caller's buffers again, whatever happened.
     restore_descriptors(&originals);
     result?;
     if let Some(message) = take_error() {
         return Err(message);
     }
-    synchronised.map_err(|error| error.to_string())?;
+    synchronised.map_err(|error| {
+        if ordered && !wait_for_each() {
+            // The launches did not wait: the failure surfaced here, after the last launch.
+            let name = LAST_KERNEL.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+            format!(
+                "a kernel failed while running ({error}); the last one launched was {name}; run with \
+                 CURV_CUDA_SYNC=each to wait for each kernel and name the one that failed"
+            )
+        } else {
+            error.to_string()
+        }
+    })?;
     // `originals` has an entry per staged buffer, in order; resident outputs are not copied out.
     let staged_positions: Vec<usize> = (0..slots.len()).filter(|&position| !on_device[position]).collect();
     let outputs = || {
@@ -1097,7 +1146,8 @@ fn blas_layout(rows: i64, columns: i64, strides: [i64; 2]) -> Option<(bool, i64)
 /// `C = A B` on cuBLAS for generated code running on the GPU (its C-interface name: the GPU
 /// lowering calls `curv_cuda_sgemm` where the CPU code calls `curv_sgemm`): the row-major product
 /// is the column-major `C^T = B^T A^T`.
-/// It runs on the one stream and is waited for before returning, as the kernels around it are.
+/// It runs on the one stream and is waited for before returning, as the kernels around it are,
+/// unless the generated code needs no wait ([`curv_cuda_ordered_launches`]).
 ///
 /// # Safety
 ///
@@ -1179,6 +1229,9 @@ pub unsafe extern "C" fn _mlir_ciface_curv_cuda_sgemm(
     if status != blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
         return record(format!("matrix product {m}x{k} @ {k}x{n}: cublasSgemm failed: {status:?}"));
     }
+    if !must_wait() {
+        return;
+    }
     let started = std::time::Instant::now();
     let result = match stream() {
         Ok(stream) => cu::cuStreamSynchronize(stream),
@@ -1200,6 +1253,7 @@ pub fn runtime_symbols() -> Vec<(&'static str, *mut ())> {
         ("mgpuLaunchKernel", mgpuLaunchKernel as *mut ()),
         ("mgpuStreamCreate", mgpuStreamCreate as *mut ()),
         ("mgpuStreamSynchronize", mgpuStreamSynchronize as *mut ()),
+        ("curv_cuda_ordered_launches", curv_cuda_ordered_launches as *mut ()),
         ("mgpuStreamDestroy", mgpuStreamDestroy as *mut ()),
         ("mgpuMemAlloc", mgpuMemAlloc as *mut ()),
         ("mgpuMemFree", mgpuMemFree as *mut ()),
