@@ -85,11 +85,27 @@ canonicalize)"
 /// the outputs itself, moving every page of both between the GPU and the host, and the next
 /// kernel to use them would fault them back.
 ///
-/// A copy from or to a constant of the module (`memref.get_global`, or a view of one) stays on
-/// the host: the constant is in the host program's memory, which a kernel cannot reach.
+/// A copy of a whole splat constant of the module (every element the same: a rule's zero
+/// initial state) is a `linalg.fill` of its element instead, which becomes a kernel too. Any other
+/// copy from or to a constant of the module (`memref.get_global`, or a view of one) stays on the
+/// host: the constant is in the host program's memory, which a kernel cannot reach.
 pub fn copies_as_kernels(module: &str) -> String {
+    // The splat constants of the module (`memref.global ... @NAME : TYPE = dense<VALUE>`) by name.
+    let splats: Vec<(&str, &str)> = module
+        .lines()
+        .filter_map(|line| {
+            let rest = line.trim().strip_prefix("memref.global ")?;
+            let name = rest[rest.find('@')? + 1..].split([' ', ':']).next()?;
+            let value = rest.split_once(" = dense<")?.1.split_once('>')?.0;
+            let splat = !value.starts_with('[') && !value.starts_with('"');
+            (rest.contains(" constant ") && splat).then_some((name, value))
+        })
+        .collect();
+    // Values that are a whole splat constant: the value and the constant's element.
+    let mut splat_values: Vec<(&str, &str)> = Vec::new();
     let mut out = String::with_capacity(module.len());
     let mut host_values: Vec<&str> = Vec::new();
+    let mut fills = 0;
     for line in module.split_inclusive('\n') {
         // `%x = memref.get_global ...`, and views of such values, live in host memory.
         if let Some((value, operation)) = line.trim().split_once(" = ") {
@@ -109,6 +125,12 @@ pub fn copies_as_kernels(module: &str) -> String {
             if operation.starts_with("memref.get_global ") || of_host {
                 host_values.push(value.trim());
             }
+            if let Some(global) = operation.strip_prefix("memref.get_global @") {
+                let name = global.split([' ', ':']).next().unwrap_or("");
+                if let Some((_, element)) = splats.iter().find(|(known, _)| *known == name) {
+                    splat_values.push((value.trim(), element));
+                }
+            }
         }
         let rewritten = line.find("memref.copy ").and_then(|start| {
             // `memref.copy %a, %b : memref<...> to memref<...>`
@@ -122,6 +144,17 @@ pub fn copies_as_kernels(module: &str) -> String {
             };
             let (source_type, target_type) = types.trim_end().split_once(" to ")?;
             let ranked = source_type.starts_with("memref<") && source_type.contains('x');
+            // A copy of a splat constant into device memory is a fill of its element.
+            let splat = splat_values.iter().find(|(value, _)| *value == source.trim());
+            if let (Some((_, element)), false) = (splat, host_values.contains(&target.trim())) {
+                let element_type = target_type.trim().strip_prefix("memref<")?.split([',', '>']).next()?.rsplit('x').next()?;
+                fills += 1;
+                let indentation = &line[..start];
+                return Some(format!(
+                    "{indentation}%curv_splat{fills} = arith.constant {element} : {element_type}\n\
+                     {indentation}linalg.fill ins(%curv_splat{fills} : {element_type}) outs({target} : {target_type}){location}\n"
+                ));
+            }
             let on_device = !host_values.contains(&source.trim()) && !host_values.contains(&target.trim());
             (ranked && on_device).then(|| {
                 format!(
@@ -1445,6 +1478,13 @@ mod tests {
         // A constant lives in the host program: copies of it, or of a view of it, stay host copies.
         let module = "    %0 = memref.get_global @__constant_9xf32 : memref<9xf32>\n    %1 = memref.subview %0[0] [4] [1] : memref<9xf32> to memref<4xf32>\n    memref.copy %0, %arg2 : memref<9xf32> to memref<9xf32>\n    memref.copy %1, %arg3 : memref<4xf32> to memref<4xf32>\n";
         assert_eq!(copies_as_kernels(module), module);
+        // Unless it is a splat constant copied whole: then the copy is a fill of its element.
+        let splat = format!(
+            "  memref.global \"private\" constant @__constant_9xf32 : memref<9xf32> = dense<0.000000e+00> {{alignment = 64 : i64}}\n{module}"
+        );
+        let filled = copies_as_kernels(&splat);
+        assert!(filled.contains("    %curv_splat1 = arith.constant 0.000000e+00 : f32\n    linalg.fill ins(%curv_splat1 : f32) outs(%arg2 : memref<9xf32>)\n"), "{filled}");
+        assert!(filled.contains("    memref.copy %1, %arg3 : memref<4xf32> to memref<4xf32>\n"), "{filled}");
     }
 
     #[test]

@@ -175,8 +175,8 @@ fn the_host_side_of_every_step_function_only_launches_so_launches_need_not_wait(
     // On the GPU, a module whose host side reads or writes no memory lets its launches run back
     // to back without waiting (`curv_cuda_ordered_launches`). Every function of a resident step
     // must be such a module: losses (reductions to a scalar), scalar arithmetic, rule updates
-    // alone and grouped, the non-finite check and the batch gathers. (A rule's `init`, run once,
-    // may copy a constant on the host side, and then waits.)
+    // alone and grouped, their initial states (zeros: fills, not copies of a constant on the
+    // host side), the non-finite check and the batch gathers.
     let mut checked = 0;
     for example in
         ["digits_mlp.curv", "siren.curv", "digits_cnn.curv", "optimizers/adan.curv", "optimizers/sophia.curv"]
@@ -200,6 +200,7 @@ fn the_host_side_of_every_step_function_only_launches_so_launches_need_not_wait(
             let rule = program.rules.iter().find(|rule| rule.name == plan.rule_name).unwrap();
             let size = train.params[plan.param].ty.element_count().unwrap();
             let bindings = HashMap::from([("P".to_string(), size)]);
+            functions.push((format!("{} init", rule.name), rule.init.clone(), bindings.clone()));
             for update in &rule.updates {
                 functions.push((format!("{} update", rule.name), update.function.clone(), bindings.clone()));
             }
