@@ -733,7 +733,10 @@ fn emit_compiled(compilation: &Compilation, mode: CompiledStage) -> Result<Strin
                     let (title, body) = module.split_once('\n').unwrap_or((module, ""));
                     out.push_str(&format!("// {title}\n"));
                     if let CompiledStage::Ptx(target) = mode {
-                        for kernel in curv_mlir::gpu::lower_to_ptx(body, target).map_err(|error| error.message)? {
+                        let (kernels, launches) =
+                            curv_mlir::gpu::lower_to_ptx_with_launches(body, target).map_err(|error| error.message)?;
+                        out.push_str(&format!("// {launches}\n"));
+                        for kernel in kernels {
                             out.push_str(&format!("// gpu module {}\n{}\n", kernel.name, kernel.ptx));
                         }
                     } else if let CompiledStage::Tiled = mode {

@@ -195,6 +195,10 @@ fn emit_ptx_prints_a_kernel_per_gpu_module_for_the_chosen_target_only() {
         let group = ptx.split("// rule adam").nth(1).expect("the grouped update's section");
         assert_eq!(group.matches(".entry ").count(), 6, "{group}");
         assert!(ptx.contains("// gpu module loss_and_gradients_kernel"));
+        // Every module of the step says how its launches run: back to back, none waiting.
+        let launches = ptx.matches("// launches back to back (the host side touches no memory)").count();
+        assert_eq!(launches, 2, "the gradients and the grouped update launch back to back");
+        assert!(!ptx.contains("// every launch waits"), "{ptx}");
     }
     // Targets come from a table, never from the user's text.
     let output = curv(&["emit", "examples/digits_mlp.curv", "--stage", "ptx", "--gpu", "sm_90 +ptx70"]);

@@ -1131,13 +1131,41 @@ pub struct PtxModule {
 /// Lowers a kernel module (the text `crate::lower` produces) to PTX for `target`: one entry
 /// per outlined kernel module, in the order of the module.
 pub fn lower_to_ptx(text: &str, target: GpuTarget) -> Result<Vec<PtxModule>, MlirError> {
-    let outlined = outline_kernels(text)?;
+    lower_to_ptx_with_launches(text, target).map(|(modules, _)| modules)
+}
+
+/// How the launches of a kernel module run on a GPU, as `curv emit --stage ptx` prints it: back
+/// to back when its host side touches no memory, each waiting for its kernel otherwise (naming
+/// the host-side line that touches memory).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Launches {
+    BackToBack,
+    EachWaits(String),
+}
+
+impl std::fmt::Display for Launches {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Launches::BackToBack => formatter.write_str("launches back to back (the host side touches no memory)"),
+            Launches::EachWaits(line) => write!(formatter, "every launch waits (the host side runs `{line}`)"),
+        }
+    }
+}
+
+/// [`lower_to_ptx`], with how the module's launches run ([`host_memory_access`]).
+pub fn lower_to_ptx_with_launches(text: &str, target: GpuTarget) -> Result<(Vec<PtxModule>, Launches), MlirError> {
+    // Matrix products as they are called on a GPU (cuBLAS), as in [`lower_for_cuda`].
+    let outlined = outline_kernels(&text.replace("@curv_sgemm(", "@curv_cuda_sgemm("))?;
+    let launches = match host_memory_access(&device_allocations(&outlined)?, input_arguments(text)) {
+        None => Launches::BackToBack,
+        Some(line) => Launches::EachWaits(line),
+    };
     let lowered = generate_kernels(&outlined, &outlined, target)?;
     let modules = extract_ptx(&lowered);
     if modules.is_empty() && lowered.contains("gpu.launch_func") {
         return Err(MlirError { message: "the GPU pipeline produced launches but no PTX".to_string() });
     }
-    Ok(modules)
+    Ok((modules, launches))
 }
 
 /// The `assembly` strings of the `gpu.binary` ops of a printed module, unescaped.
