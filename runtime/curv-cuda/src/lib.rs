@@ -1313,6 +1313,19 @@ mod tests {
     }
 
     #[test]
+    fn launches_wait_unless_the_generated_code_running_on_the_thread_says_its_host_side_only_launches() {
+        assert!(must_wait());
+        curv_cuda_ordered_launches();
+        // `CURV_CUDA_SYNC=each` keeps every wait.
+        assert_eq!(must_wait(), wait_for_each());
+        // Another thread's generated code still waits.
+        assert!(std::thread::spawn(must_wait).join().unwrap());
+        // `call_staged` clears it when the call ends.
+        ORDERED_LAUNCHES.with(|ordered| ordered.set(false));
+        assert!(must_wait());
+    }
+
+    #[test]
     fn a_module_names_its_kernel_and_source_in_its_first_line() {
         let ptx = "// curv kernel loss_and_gradients_kernel_3 at examples/siren.curv:12:5\n//\n.version 8.0\n";
         assert_eq!(kernel_source(ptx).as_deref(), Some("`loss_and_gradients_kernel_3` (examples/siren.curv:12:5)"));
