@@ -14,7 +14,8 @@
 #    device-to-device copy of as many bytes, and train-step time of the digits MLP and the SIREN with Adam against
 #    PyTorch CUDA eager and torch.compile, in the same run, for curv with resident steps and
 #    launches that do not wait for their kernels (the default), with every launch waiting
-#    (CURV_CUDA_SYNC=each) and with every tensor staged through the host (CURV_RESIDENT=off);
+#    (CURV_CUDA_SYNC=each), with small inputs written by the CPU (CURV_CUDA_SMALL_INPUTS=cpu)
+#    and with every tensor staged through the host (CURV_RESIDENT=off);
 # 3. where the host's time went in the two step benchmarks (CURV_CUDA_PROFILE), then a short
 #    table last. Exit status 1 when a comparison fails. When $OUT names a folder (the device
 #    tool's), the logs and metrics go there as gpu-check-logs.tar.gz.
@@ -120,7 +121,7 @@ fi
 echo "[gpu-check] $(date +%T) benchmarks"
 # Train-step time: curv's trainers (their median step) against PyTorch, same run.
 step_ms() {
-    local profile="$work/bench-$1${CURV_RESIDENT:+-resident-$CURV_RESIDENT}${CURV_CUDA_SYNC:+-sync-$CURV_CUDA_SYNC}.profile"
+    local profile="$work/bench-$1${CURV_RESIDENT:+-resident-$CURV_RESIDENT}${CURV_CUDA_SYNC:+-sync-$CURV_CUDA_SYNC}${CURV_CUDA_SMALL_INPUTS:+-inputs-$CURV_CUDA_SMALL_INPUTS}.profile"
     CURV_CUDA_PROFILE=1 "$work/bin/$1" "${gpu_flag[@]}" --steps "$2" --data-dir "$3" --out "$work/bench-$1" 2>"$profile" | sed -n 's/.*median step \([0-9.]*\) ms.*/\1/p'
 }
 # The fused Adam update of a 4.2M-element parameter on buffers already on the GPU, against a
@@ -137,6 +138,11 @@ siren_host_ms=$(CURV_RESIDENT=off step_ms siren 60 examples)
 # back saves.
 digits_wait_ms=$(CURV_CUDA_SYNC=each step_ms adam 200 examples/optimizers)
 siren_wait_ms=$(CURV_CUDA_SYNC=each step_ms siren 60 examples)
+# Resident, with small inputs (scalar hyperparameters, read by the host side of the updates)
+# written into their staging buffers by the CPU instead of the driver: whether reading them on
+# the host moved their pages.
+digits_cpu_inputs_ms=$(CURV_CUDA_SMALL_INPUTS=cpu step_ms adam 200 examples/optimizers)
+siren_cpu_inputs_ms=$(CURV_CUDA_SMALL_INPUTS=cpu step_ms siren 60 examples)
 peers=$("$PYTHON" scripts/gpu_check.py bench 2>"$work/bench.log" || echo '{}')
 for problem in adam siren; do
     for profile in "$work/bench-$problem.profile" "$work/bench-$problem-sync-each.profile" "$work/bench-$problem-resident-off.profile"; do
@@ -148,12 +154,13 @@ echo
 echo "=== GPU check: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1) ==="
 echo "correctness ($STEPS steps, GPU against the same trainer on the CPU):"
 cat "$results"
-"$PYTHON" - "$digits_ms" "$siren_ms" "$peers" "$update" "$digits_host_ms" "$siren_host_ms" "$digits_wait_ms" "$siren_wait_ms" <<'PY'
+"$PYTHON" - "$digits_ms" "$siren_ms" "$peers" "$update" "$digits_host_ms" "$siren_host_ms" "$digits_wait_ms" "$siren_wait_ms" "$digits_cpu_inputs_ms" "$siren_cpu_inputs_ms" <<'PY'
 import json, sys
 digits, siren, peers = sys.argv[1], sys.argv[2], json.loads(sys.argv[3] or "{}")
 update = json.loads(sys.argv[4] or "{}")
 staged = {"digits": sys.argv[5], "siren": sys.argv[6]}
 waiting = {"digits": sys.argv[7], "siren": sys.argv[8]}
+cpu_inputs = {"digits": sys.argv[9], "siren": sys.argv[10]}
 def number(text):
     try:
         return float(text)
@@ -168,6 +175,8 @@ for problem, ours in (("digits", number(digits)), ("siren", number(siren))):
     print(f"{problem:<8}{ours:>10.3f}{wait:>12.3f}{host:>11.3f}{eager:>10.3f}{compiled:>12.3f}{ours / eager:>12.2f}{ours / compiled:>14.2f}")
 print("(curv: resident steps, launches back to back, the default; waiting: CURV_CUDA_SYNC=each, every launch waits;")
 print(" staged: CURV_RESIDENT=off, every tensor through the host at each call)")
+print("with small inputs written by the CPU (CURV_CUDA_SMALL_INPUTS=cpu): " + ", ".join(
+    f"{problem} {number(cpu_inputs[problem]):.3f} ms" for problem in ("digits", "siren")))
 copy = peers.get("copy_gbytes_per_second")
 print(f"device-to-device copy (PyTorch): {copy:.0f} GB/s" if copy else "device-to-device copy (PyTorch): not measured")
 if update.get("update_gbytes_per_second"):

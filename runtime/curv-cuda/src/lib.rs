@@ -778,7 +778,12 @@ pub unsafe fn call_staged(
         let descriptor = *(*slot as *mut *mut i64);
         let (aligned, offset) = (*descriptor.add(1) as *mut u8, *descriptor.add(2));
         if position < first_output {
-            copy_in(buffer, aligned.add(offset as usize * element_bytes));
+            let host = aligned.add(offset as usize * element_bytes);
+            if buffer.len() <= SMALL_INPUT_BYTES && small_inputs_by_the_cpu() {
+                std::ptr::copy_nonoverlapping(host, buffer.as_mut_ptr(), buffer.len());
+            } else {
+                copy_in(buffer, host);
+            }
         }
         originals.push((descriptor, (*descriptor, *descriptor.add(1), *descriptor.add(2))));
         *descriptor = buffer.as_mut_ptr() as i64;
@@ -847,6 +852,22 @@ pub unsafe fn call_staged(
     }
     account(Part::StageOut, started);
     Ok(())
+}
+
+/// The size up to which an input counts as small for [`small_inputs_by_the_cpu`] (a scalar
+/// hyperparameter: a learning rate, a step count).
+const SMALL_INPUT_BYTES: usize = 64;
+
+/// Whether [`call_staged`] writes small inputs into their staging buffers with the CPU
+/// (`CURV_CUDA_SMALL_INPUTS=cpu`) instead of the driver's copy. The host side of a rule update
+/// reads its scalar hyperparameters itself (the bias corrections are computed once, outside the
+/// kernels); after the driver's copy their pages are on the device, and each read may move a
+/// page to the host. Written by the CPU, they stay on the host, where a kernel that reads one
+/// moves it instead. Which costs less is for the GPU check to measure; the default is the
+/// driver's copy.
+fn small_inputs_by_the_cpu() -> bool {
+    static CPU: OnceLock<bool> = OnceLock::new();
+    *CPU.get_or_init(|| std::env::var("CURV_CUDA_SMALL_INPUTS").is_ok_and(|value| value == "cpu"))
 }
 
 /// Points descriptors back at the caller's buffers: `(descriptor, (allocated, aligned, offset))`.
