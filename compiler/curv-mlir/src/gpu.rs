@@ -897,17 +897,12 @@ pub fn host_memory_access(outlined: &str, inputs: usize) -> Option<String> {
         "memref.dim",
         "return",
     ];
-    let mut in_gpu_module = false;
+    let mut sides = GpuModuleLines::default();
     for line in outlined.lines() {
+        if !sides.host(line) {
+            continue;
+        }
         let trimmed = line.trim();
-        if in_gpu_module {
-            in_gpu_module = !(line.trim_end() == "  }" || line.starts_with("  } loc("));
-            continue;
-        }
-        if trimmed.starts_with("gpu.module @") {
-            in_gpu_module = true;
-            continue;
-        }
         let skipped = ["#", "//", "}", "module", "func.func", "^"];
         if trimmed.is_empty() || skipped.iter().any(|prefix| trimmed.starts_with(prefix)) {
             continue;
@@ -1155,7 +1150,7 @@ impl std::fmt::Display for Launches {
 /// [`lower_to_ptx`], with how the module's launches run ([`host_memory_access`]).
 pub fn lower_to_ptx_with_launches(text: &str, target: GpuTarget) -> Result<(Vec<PtxModule>, Launches), MlirError> {
     // Matrix products as they are called on a GPU (cuBLAS), as in [`lower_for_cuda`].
-    let outlined = outline_kernels(&text.replace("@curv_sgemm(", "@curv_cuda_sgemm("))?;
+    let outlined = outline_kernels(&with_cuda_products(text))?;
     let launches = match host_memory_access(&device_allocations(&outlined)?, input_arguments(text)) {
         None => Launches::BackToBack,
         Some(line) => Launches::EachWaits(line),
@@ -1226,6 +1221,31 @@ fn unescape_mlir_string(body: &str) -> (String, usize) {
     (String::from_utf8_lossy(&out).into_owned(), bytes.len())
 }
 
+/// Which lines of a printed module are on its host side: the lines of a `gpu.module` (printed at
+/// an indentation of two, closed by `  }`, followed by its location when locations are printed)
+/// are not.
+#[derive(Default)]
+struct GpuModuleLines {
+    inside: bool,
+}
+
+impl GpuModuleLines {
+    /// Whether `line`, the module's next line, is on its host side.
+    fn host(&mut self, line: &str) -> bool {
+        if self.inside {
+            self.inside = !(line.trim_end() == "  }" || line.starts_with("  } loc("));
+            return false;
+        }
+        self.inside = line.trim_start().starts_with("gpu.module @");
+        !self.inside
+    }
+}
+
+/// A kernel module's matrix products calling cuBLAS (`curv_cuda_sgemm`) instead of the CPU GEMM.
+fn with_cuda_products(text: &str) -> String {
+    text.replace("@curv_sgemm(", "@curv_cuda_sgemm(")
+}
+
 /// The host side's allocations of an outlined module made GPU allocations: `memref.alloc` becomes
 /// `gpu.alloc host_shared` (the runtime gives managed memory, which kernels and the host side
 /// both reach) and `memref.dealloc` a call of the runtime's `curv_cuda_free` on the buffer's
@@ -1235,18 +1255,11 @@ pub fn device_allocations(module: &str) -> Result<String, MlirError> {
     let unexpected =
         |line: &str| MlirError { message: format!("unexpected allocation on the host side: {}", line.trim()) };
     let mut out = String::with_capacity(module.len());
-    // Inside a `gpu.module` (printed at an indentation of two, closed by `  }`), nothing changes.
-    let mut in_gpu_module = false;
+    // Inside a `gpu.module`, nothing changes.
+    let mut sides = GpuModuleLines::default();
     let mut freed = 0;
     for line in module.split_inclusive('\n') {
-        if in_gpu_module {
-            // The module's closing brace (followed by its location when locations are printed).
-            in_gpu_module = !(line.trim_end() == "  }" || line.starts_with("  } loc("));
-            out.push_str(line);
-            continue;
-        }
-        if line.trim_start().starts_with("gpu.module @") {
-            in_gpu_module = true;
+        if !sides.host(line) {
             out.push_str(line);
         } else if line.contains("memref.alloca") {
             return Err(MlirError {
@@ -1286,8 +1299,7 @@ pub fn device_allocations(module: &str) -> Result<String, MlirError> {
 /// side included: kernels as PTX in `gpu.binary` ops, launches, allocations in managed memory and
 /// matrix products (cuBLAS through the runtime) as calls into `curv-cuda`.
 pub fn lower_for_cuda(text: &str, target: GpuTarget) -> Result<String, MlirError> {
-    // Matrix products call cuBLAS (`curv_cuda_sgemm`) instead of the CPU GEMM.
-    let text = text.replace("@curv_sgemm(", "@curv_cuda_sgemm(");
+    let text = with_cuda_products(text);
     let outlined = outline_kernels(&text)?;
     let host = device_allocations(&outlined)?;
     let host =
@@ -1308,17 +1320,11 @@ pub fn input_arguments(text: &str) -> usize {
 /// and matrix products do not wait for the device, and the runtime waits once when the call ends.
 pub fn ordered_launches(module: &str) -> Result<String, MlirError> {
     let mut out = String::with_capacity(module.len() + 256);
-    let mut in_gpu_module = false;
+    let mut sides = GpuModuleLines::default();
     for line in module.split_inclusive('\n') {
         out.push_str(line);
-        if in_gpu_module {
-            in_gpu_module = !(line.trim_end() == "  }" || line.starts_with("  } loc("));
-            continue;
-        }
         let trimmed = line.trim();
-        if trimmed.starts_with("gpu.module @") {
-            in_gpu_module = true;
-        } else if trimmed.starts_with("func.func @") && trimmed.ends_with('{') {
+        if sides.host(line) && trimmed.starts_with("func.func @") && trimmed.ends_with('{') {
             let indentation = &line[..line.len() - line.trim_start().len()];
             out.push_str(&format!("{indentation}  func.call @curv_cuda_ordered_launches() : () -> ()\n"));
         }

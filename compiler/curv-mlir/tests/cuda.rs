@@ -12,10 +12,7 @@ use common::program;
 
 #[test]
 fn the_host_side_lowers_with_launches_managed_allocations_and_no_other_dialect() {
-    let program = program("digits_mlp.curv");
-    let train = &program.trains[0];
-    let gradients = curv_ad::products::gradient_program(&train.loss, &train.params).function;
-    let (text, _) = curv_mlir::lower::lower_function(&gradients, "loss_and_gradients", &HashMap::new()).unwrap();
+    let (_, text) = common::gradients("digits_mlp.curv");
     let lowered = curv_mlir::gpu::lower_for_cuda(&text, GpuTarget::Sm90).unwrap();
     assert!(lowered.contains("gpu.launch_func"), "no launches");
     assert!(lowered.contains("gpu.binary"), "no embedded PTX");

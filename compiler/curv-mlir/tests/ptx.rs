@@ -61,10 +61,7 @@ fn the_grouped_adam_update_is_one_kernel_per_parameter_in_ptx_for_both_targets()
 
 #[test]
 fn the_digits_gradient_program_has_an_entry_for_every_launched_kernel() {
-    let program = program("digits_mlp.curv");
-    let train = &program.trains[0];
-    let gradients = curv_ad::products::gradient_program(&train.loss, &train.params).function;
-    let (text, _) = curv_mlir::lower::lower_function(&gradients, "loss_and_gradients", &HashMap::new()).unwrap();
+    let (gradients, text) = common::gradients("digits_mlp.curv");
     let modules = lower_to_ptx(&text, GpuTarget::Sm90).unwrap();
     let ptx: String = modules.iter().map(|module| module.ptx.as_str()).collect();
     let entries = ptx.matches(".entry ").count();
@@ -227,10 +224,7 @@ fn the_host_side_of_every_step_function_only_launches_so_launches_need_not_wait(
 
 #[test]
 fn a_module_whose_host_side_only_launches_says_so_to_the_runtime_and_one_that_reads_memory_does_not() {
-    let program = program("digits_mlp.curv");
-    let train = &program.trains[0];
-    let gradients = curv_ad::products::gradient_program(&train.loss, &train.params).function;
-    let (text, _) = curv_mlir::lower::lower_function(&gradients, "loss_and_gradients", &HashMap::new()).unwrap();
+    let (_, text) = common::gradients("digits_mlp.curv");
     let lowered = curv_mlir::gpu::lower_for_cuda(&text, GpuTarget::Sm90).unwrap();
     assert_eq!(lowered.matches("llvm.call @curv_cuda_ordered_launches()").count(), 1);
     // A host side that reads a kernel's result itself must wait for it.

@@ -15,6 +15,17 @@ pub fn program(example: &str) -> curv_ir::Program {
 }
 
 /// The loss-and-gradient program of an example's first train block, and its kernel module text
+/// (function `loss_and_gradients`, without locations).
+pub fn gradients(example: &str) -> (curv_ir::Function, String) {
+    let program = program(example);
+    let train = &program.trains[0];
+    let gradients = curv_ad::products::gradient_program(&train.loss, &train.params).function;
+    let bindings = std::collections::HashMap::new();
+    let (text, _) = curv_mlir::lower::lower_function(&gradients, "loss_and_gradients", &bindings).unwrap();
+    (gradients, text)
+}
+
+/// The loss-and-gradient program of an example's first train block, and its kernel module text
 /// lowered with every operation located in the example (`"examples/NAME.curv":line:column`).
 pub fn located_gradients(example: &str) -> (curv_ir::Function, String) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples").join(example);
