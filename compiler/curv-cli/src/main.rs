@@ -1306,10 +1306,20 @@ fn build_kernels(
                 }
             }
         }
-        // Where every parameter has a rule (in a group or its own), steps can be resident (on a
-        // GPU by default): they check all the gradients and new parameters where they are, in one
-        // call (with the groups, and without them for `CURV_GROUPED_UPDATES=off`).
+        // Where every parameter has a rule (in a group or its own) or a structure with step
+        // functions, steps can be resident (on a GPU by default): the structures' functions,
+        // then the check of all the gradients and new parameters where they are, in one call
+        // (with the groups, and without them for `CURV_GROUPED_UPDATES=off`).
         if let Some(shapes) = curv_runtime::trainer::resident_check_shapes(train, &groups) {
+            for plan in &train.optimizer.plans {
+                let Some(device) = curv_runtime::trainer::device_plan_of(train, plan) else { continue };
+                for part in device.all_parts() {
+                    let key = device.key(&part);
+                    if !kernels.iter().any(|(existing, ..)| *existing == key) {
+                        kernels.push((key, device.function(&part), std::collections::HashMap::new(), None));
+                    }
+                }
+            }
             push_finiteness_kernel_of(&mut kernels, &shapes);
             push_finiteness_kernel_of(
                 &mut kernels,

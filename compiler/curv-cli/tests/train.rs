@@ -845,6 +845,26 @@ fn curv_build_writes_a_standalone_trainer_that_trains_like_curv_run() {
     assert_eq!(built.status.code(), Some(0), "{}", String::from_utf8_lossy(&built.stderr));
     let run = curv(&["run", "examples/optimizers/kfac.curv", "--steps", "12"]);
     assert_eq!(final_loss(&built), final_loss(&run));
+
+    // Shampoo's and the diagonal's resident steps (the default on a GPU) run functions of their
+    // own (`curv_runtime::structure_kernels`): the two matrices' statistics and both variants of
+    // their step, and each vector's diagonal update, are compiled too (7 kernels without them).
+    // Resident, the trainer's final loss is that of a resident `curv run`.
+    let shampoo_trainer = directory.join("shampoo-trainer");
+    let output = curv(&["build", "examples/optimizers/shampoo.curv", "-o", shampoo_trainer.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("(13 compiled kernels)"));
+    let built = Command::new(&shampoo_trainer).args(["--steps", "25"]).env("CURV_RESIDENT", "on").output().unwrap();
+    assert_eq!(built.status.code(), Some(0), "{}", String::from_utf8_lossy(&built.stderr));
+    let run = Command::new(env!("CARGO_BIN_EXE_curv"))
+        .args(["run", "examples/optimizers/shampoo.curv", "--steps", "25"])
+        .current_dir(repository_root())
+        .env("CURV_CACHE_DIR", std::env::temp_dir().join("curv-test-kernel-cache"))
+        .env("CURV_RESIDENT", "on")
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(0), "{}", String::from_utf8_lossy(&run.stderr));
+    assert_eq!(final_loss(&built), final_loss(&run));
 }
 
 #[test]

@@ -672,6 +672,129 @@ mod tests {
         }
     }
 
+    /// Sets `key` of every plan of `structure` (in its options, or in its modifier `modifier`).
+    fn set_option(
+        trainer: &mut Trainer<f32>,
+        structure: curv_ir::StructureKind,
+        modifier: Option<&str>,
+        key: &str,
+        value: curv_ir::OptionValue,
+    ) {
+        for plan in trainer.program.optimizer.plans.iter_mut().filter(|plan| plan.structure == structure) {
+            let options = match modifier {
+                None => &mut plan.options,
+                Some(name) => match plan.modifiers.iter_mut().find(|modifier| modifier.name == name) {
+                    Some(modifier) => &mut modifier.options,
+                    None => {
+                        plan.modifiers.push(curv_ir::ModifierPlan { name: name.to_string(), options: Vec::new() });
+                        &mut plan.modifiers.last_mut().unwrap().options
+                    }
+                },
+            };
+            options.retain(|(name, _)| name != key);
+            options.push((key.to_string(), value.clone()));
+        }
+    }
+
+    #[test]
+    fn resident_steps_of_the_matrix_and_diagonal_structures_agree_with_the_host_steps() {
+        use curv_ir::{OptionValue, StructureKind};
+        type Variant = (&'static str, usize, Vec<(StructureKind, Option<&'static str>, &'static str, OptionValue)>);
+        let number = OptionValue::Number;
+        let name = |text: &str| OptionValue::Name(text.to_string());
+        // Muon (orthogonalize + Adam's diagonal), Shampoo (kronecker with Adam grafting + the
+        // diagonal), and variants: every option that changes the functions or the host's part.
+        let variants: Vec<Variant> = vec![
+            ("optimizers/muon.curv", 6, vec![]),
+            (
+                "optimizers/muon.curv",
+                5,
+                vec![
+                    (StructureKind::Orthogonalize, None, "nesterov", OptionValue::Bool(false)),
+                    (StructureKind::Orthogonalize, Some("weight_decay"), "lambda", number(0.1)),
+                    (StructureKind::Diagonal, None, "every", number(2.0)),
+                    (StructureKind::Diagonal, None, "power", number(0.5)),
+                ],
+            ),
+            // Roots at steps 10 and 20, preconditioned from step 10 on. The preset's `eps = 1e-12`
+            // on the digits' factors, exactly singular (some pixels are always zero), makes the
+            // roots depend on rounding (eigenvalues of 1e-12 to the power -1/4): the host's and
+            // the functions' factors agree to 1e-7, their roots then by 0.8 of the largest. A
+            // larger `eps` makes them well conditioned, so that the runs can be compared.
+            ("optimizers/shampoo.curv", 22, vec![(StructureKind::Kronecker, None, "eps", number(1e-4))]),
+            (
+                "optimizers/shampoo.curv",
+                8,
+                vec![
+                    (StructureKind::Kronecker, None, "eps", number(1e-4)),
+                    (StructureKind::Kronecker, None, "ema", number(0.95)),
+                    (StructureKind::Kronecker, None, "every", number(3.0)),
+                    (StructureKind::Kronecker, None, "b1", number(0.0)),
+                    (StructureKind::Kronecker, Some("graft"), "kind", name("adagrad")),
+                    (StructureKind::Kronecker, Some("weight_decay"), "lambda", number(0.01)),
+                ],
+            ),
+            (
+                "optimizers/shampoo.curv",
+                7,
+                vec![
+                    (StructureKind::Kronecker, None, "eps", number(1e-4)),
+                    (StructureKind::Kronecker, None, "every", number(2.0)),
+                    (StructureKind::Kronecker, None, "function", name("newton")),
+                    (StructureKind::Kronecker, Some("graft"), "kind", name("sgd")),
+                ],
+            ),
+        ];
+        for (example, steps, changes) in variants {
+            let mut host = trainer_grouped(example, false, true);
+            let mut resident = trainer_grouped(example, true, true);
+            for trainer in [&mut host, &mut resident] {
+                for (structure, modifier, key, value) in &changes {
+                    set_option(trainer, *structure, *modifier, key, value.clone());
+                }
+            }
+            let mut resident_after = Vec::new();
+            for _ in 0..steps {
+                let expected = host.train_step().unwrap();
+                let got = resident.train_step().unwrap();
+                let step = got.step;
+                let loss_difference = (expected.metrics.loss - got.metrics.loss).abs();
+                assert!(loss_difference <= 1e-4 * expected.metrics.loss.abs(), "{example} {changes:?} step {step}");
+                resident_after.push(resident.is_resident());
+            }
+            // The first step makes the states on the host; every later one is resident.
+            assert!(!resident_after[0], "{example}");
+            assert!(resident_after[1..].iter().all(|&on| on), "{example} {changes:?}: {resident_after:?}");
+            resident.sync_to_host().unwrap();
+            // The same numbers to rounding: the host computes some scalars in double precision
+            // and its products in another order. (Measured: parameters within 3e-6 of their
+            // largest element, Shampoo's roots within 6e-5.)
+            let close = |expected: &[f32], got: &[f32]| {
+                let scale = expected.iter().fold(0.0f32, |largest, value| largest.max(value.abs())).max(1e-3);
+                expected.iter().zip(got).map(|(a, b)| (a - b).abs() / scale).fold(0.0f32, f32::max)
+            };
+            for (index, (expected, got)) in host.params.iter().zip(&resident.params).enumerate() {
+                assert_eq!(expected.shape, got.shape);
+                let error = close(&expected.data, &got.data);
+                assert!(error < 2e-4, "{example} {changes:?}: parameter {index} differs by {error} of its largest");
+            }
+            for (index, (expected, got)) in host.states.iter().zip(&resident.states).enumerate() {
+                let names = |state: &curv_runtime::optimizer::ParamState<f32>| {
+                    let mut names: Vec<String> = state.iter().map(|(name, _)| name.clone()).collect();
+                    names.sort();
+                    names
+                };
+                assert_eq!(names(expected), names(got), "{example}: the states of parameter {index}");
+                for (state_name, tensor) in expected {
+                    let other = curv_runtime::optimizer::state_get(got, state_name).unwrap();
+                    assert_eq!(tensor.shape, other.shape, "{example}: `{state_name}` of parameter {index}");
+                    let error = close(&tensor.data, &other.data);
+                    assert!(error < 2e-4, "{example} {changes:?}: `{state_name}` of parameter {index}: {error}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_resident_step_that_goes_non_finite_reports_and_rolls_back_as_a_host_step_does() {
         for (policy, grouped) in

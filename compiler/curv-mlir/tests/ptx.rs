@@ -8,21 +8,6 @@ use std::path::Path;
 mod common;
 use common::program;
 
-/// The kernels of a plan that become GPU launches: fused elementwise kernels, reductions and
-/// epilogues (matrix products are library calls on the host side; constants and plain
-/// broadcasts that fold away launch nothing, so at least these must exist).
-fn launched_kernels(function: &curv_ir::Function) -> usize {
-    let plan = curv_ir::fusion::plan_kernels(function);
-    plan.kernels
-        .iter()
-        .filter(|kernel| match kernel.kind {
-            curv_ir::fusion::KernelKind::Elementwise | curv_ir::fusion::KernelKind::Reduction => true,
-            curv_ir::fusion::KernelKind::MatMul => kernel.insts.len() > 1,
-            curv_ir::fusion::KernelKind::Other => false,
-        })
-        .count()
-}
-
 /// The size of each member of a rule group (`P.0`, `P.1`, ...), as the trainer binds them.
 fn group_bindings(train: &curv_ir::TrainProgram, plans: &[usize]) -> HashMap<String, i64> {
     plans
@@ -65,7 +50,7 @@ fn the_digits_gradient_program_has_an_entry_for_every_launched_kernel() {
     let modules = lower_to_ptx(&text, GpuTarget::Sm90).unwrap();
     let ptx: String = modules.iter().map(|module| module.ptx.as_str()).collect();
     let entries = ptx.matches(".entry ").count();
-    let expected = launched_kernels(&gradients);
+    let expected = common::launched_kernels(&gradients);
     assert!(entries >= expected, "{entries} entries for {expected} planned kernels");
     insta::assert_snapshot!("digits_gradient_entries", entry_names(&modules));
 }
@@ -127,7 +112,7 @@ fn each_kernel_module_names_its_source_line_in_its_ptx() {
         assert_eq!(curv_cuda::kernel_source(&module.ptx), Some(format!("`{name}` ({location})")));
         located += 1;
     }
-    let expected = launched_kernels(&gradients);
+    let expected = common::launched_kernels(&gradients);
     assert!(located >= expected, "{located} kernels name their source, {expected} planned");
     // Without locations, no module claims one.
     let (plain, _) = curv_mlir::lower::lower_function(&gradients, "loss_and_gradients", &HashMap::new()).unwrap();

@@ -26,6 +26,7 @@ pub mod random;
 pub mod schedule;
 pub mod shampoo4bit;
 pub mod singd;
+pub mod structure_kernels;
 pub mod trainer;
 
 pub use backend::{Backend, Interpreter};

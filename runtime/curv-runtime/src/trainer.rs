@@ -12,7 +12,7 @@ use curv_ir::{Function, LossKind, Op, RuleProgram, TrainProgram};
 use std::collections::{BTreeSet, HashMap};
 
 mod resident;
-pub use resident::resident_check_shapes;
+pub use resident::{device_plan_of, resident_check_shapes};
 
 /// What to do when a loss, gradient, statistic or updated parameter is not finite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

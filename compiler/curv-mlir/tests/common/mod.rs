@@ -54,3 +54,18 @@ pub fn values(count: usize, seed: u64, scale: f32) -> Vec<f32> {
         })
         .collect()
 }
+
+/// The kernels of a plan that become GPU launches: fused elementwise kernels, reductions and
+/// epilogues (matrix products are library calls on the host side; constants and plain
+/// broadcasts that fold away launch nothing, so at least these must exist).
+pub fn launched_kernels(function: &curv_ir::Function) -> usize {
+    let plan = curv_ir::fusion::plan_kernels(function);
+    plan.kernels
+        .iter()
+        .filter(|kernel| match kernel.kind {
+            curv_ir::fusion::KernelKind::Elementwise | curv_ir::fusion::KernelKind::Reduction => true,
+            curv_ir::fusion::KernelKind::MatMul => kernel.insts.len() > 1,
+            curv_ir::fusion::KernelKind::Other => false,
+        })
+        .count()
+}

@@ -2,14 +2,17 @@
 //! computes (device memory on a GPU) from one step to the next.
 //!
 //! A step takes this path when every parameter is updated by a rule (a multi-parameter rule
-//! kernel, or its own rule's kernels), with no modifier, no curvature statistic at that step and
-//! no gradient clipping: then nothing of the step needs the host but the loss and the metrics'
-//! outputs. The gradient program keeps its gradients resident, the rule kernels read the
-//! parameters, gradients and states resident and keep their outputs resident, and one non-finite
-//! check of the gradients and new parameters runs where they are
+//! kernel, or its own rule's kernels) with no modifier, or by a structure whose step has IR
+//! functions ([`crate::structure_kernels`]: Adam's diagonal, Muon, one-tile Shampoo), with no
+//! curvature statistic at that step and no gradient clipping: then nothing of the step needs the
+//! host but the loss and the metrics' outputs (and Shampoo's roots at their refresh steps). The
+//! gradient program keeps its gradients resident, the rule kernels and structure functions read
+//! the parameters, gradients and states resident and keep their outputs resident, and one
+//! non-finite check of the gradients and new parameters runs where they are
 //! ([`crate::backend::first_non_finite_resident`]); only when it fails are the tensors read on
 //! the host, to name the first bad element, as a host step names it. The numbers are those of
-//! the host step, bit for bit: the same kernels run on the same values.
+//! the host step, bit for bit, for rules (the same kernels run on the same values), and to
+//! rounding for the structures (their host updates compute some scalars in double precision).
 //!
 //! **Invariant:** while `Trainer::resident` holds values, they are the parameters and states;
 //! `Trainer::params` and `Trainer::states` hold them too only after [`Trainer::sync_to_host`]
@@ -65,12 +68,27 @@ fn update_order<'a>(
     (order, lone)
 }
 
-/// Whether every parameter of `program` has a rule (in a group, or of its own): the first
-/// condition of a resident step.
-fn every_parameter_has_a_rule(program: &curv_ir::TrainProgram) -> bool {
+/// The device form of `plan` ([`crate::structure_kernels::device_plan`]) for its parameter in
+/// `program`; None for a rule or a variant without one.
+pub fn device_plan_of(
+    program: &curv_ir::TrainProgram,
+    plan: &curv_ir::ParamPlan,
+) -> Option<crate::structure_kernels::DevicePlan> {
+    let shape: Vec<usize> =
+        program.params.get(plan.param)?.ty.known_shape()?.iter().map(|&size| size as usize).collect();
+    crate::structure_kernels::device_plan(plan, &shape)
+}
+
+/// Whether every parameter of `program` is updated by a rule (in a group, or of its own) or by a
+/// structure with functions of its step ([`crate::structure_kernels`]): the first condition of
+/// a resident step.
+fn every_parameter_updates_resident(program: &curv_ir::TrainProgram) -> bool {
     let plans = &program.optimizer.plans;
-    (0..program.params.len())
-        .all(|param| plans.iter().any(|plan| plan.param == param && plan.structure == curv_ir::StructureKind::Rule))
+    (0..program.params.len()).all(|param| {
+        let mut own = plans.iter().filter(|plan| plan.param == param).peekable();
+        own.peek().is_some()
+            && own.all(|plan| plan.structure == curv_ir::StructureKind::Rule || device_plan_of(program, plan).is_some())
+    })
 }
 
 /// The shapes of the tensors a resident step of `program` checks for non-finite values in one
@@ -81,7 +99,7 @@ pub fn resident_check_shapes(
     program: &curv_ir::TrainProgram,
     groups: &[crate::optimizer::RuleGroup],
 ) -> Option<Vec<Vec<usize>>> {
-    if !every_parameter_has_a_rule(program) {
+    if !every_parameter_updates_resident(program) {
         return None;
     }
     let shape = |param: usize| -> Vec<usize> {
@@ -171,16 +189,29 @@ impl<T: Real> Trainer<T> {
             return false;
         }
         let plans = &self.program.optimizer.plans;
-        if !every_parameter_has_a_rule(&self.program) {
+        if !every_parameter_updates_resident(&self.program) {
             return false;
         }
         for plan in plans {
-            if !plan.modifiers.is_empty() || !crate::optimizer::statistics_needed(plan, &self.rules, step).is_empty() {
+            let rule = plan.structure == curv_ir::StructureKind::Rule;
+            if (rule && !plan.modifiers.is_empty())
+                || !crate::optimizer::statistics_needed(plan, &self.rules, step).is_empty()
+            {
                 return false;
             }
         }
         if self.resident.is_none() {
-            // The states are made by the first host step (the rules' `init`).
+            // The states are made by the first host step (the rules' `init`, the structures'
+            // first update).
+            for plan in plans {
+                if let Some(device) = device_plan_of(&self.program, plan) {
+                    let state = &self.states[plan.param];
+                    let required = crate::structure_kernels::required_states(&device);
+                    if required.iter().any(|name| crate::optimizer::state_get(state, name).is_none()) {
+                        return false;
+                    }
+                }
+            }
             for group in &self.groups {
                 let Some(rule) = self.rules.iter().find(|rule| rule.name == group.rule) else { return false };
                 for &plan in &group.plans {
@@ -370,9 +401,31 @@ impl<T: Real> Trainer<T> {
                     }
                 }
             }
-            // The parameters with a rule of their own, in plan order (as the host step).
+            // The parameters with a rule of their own, or a structure, in plan order (as the host
+            // step).
             for plan in lone {
                 let index = plan.param;
+                if let Some(device) = device_plan_of(&self.program, plan) {
+                    let update = crate::structure_kernels::update_resident(
+                        &device,
+                        self.backend.as_ref(),
+                        step,
+                        rate,
+                        &resident.params[index],
+                        &gradients[index],
+                        &resident.states[index],
+                    )
+                    .map_err(|message| {
+                        TrainError::Runtime(format!(
+                            "step {step}, `{}`: {}: {message}",
+                            self.param_name(index),
+                            plan.rule_name
+                        ))
+                    })?;
+                    new_states[index] = update.states;
+                    new_params[index] = update.param;
+                    continue;
+                }
                 let update = crate::optimizer::update_rule_resident(
                     plan,
                     &self.rules,

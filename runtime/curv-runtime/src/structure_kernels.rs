@@ -1,0 +1,712 @@
+//! The per-step work of the built-in matrix and diagonal structures as IR functions, so that a
+//! resident step (see `trainer/resident.rs`) runs it where the tensors are: on a GPU, as
+//! generated kernels and cuBLAS products, with the parameters, the gradients and the structures'
+//! states in device memory from one step to the next.
+//!
+//! Three structures have such functions, each for the variants listed in [`DeviceStructure`]:
+//!
+//! - `diagonal` with `stats = gradient_square` (Adam's moments, as [`crate::optimizer`]'s host
+//!   update): one elementwise function.
+//! - `orthogonalize` (Muon): the momentum, the Newton-Schulz iterations (products of the
+//!   iterate) and the step, in one function.
+//! - `kronecker` with `function = inverse_root` or `newton` (Shampoo, one tile): the statistics
+//!   (the filtered gradient, the grafting moment, the factors `L <- decay L + weight G G^T` and
+//!   `R <- decay R + weight G^T G`: two products and their epilogue) in one function, and the
+//!   step (`L^(-1/p) G R^(-1/p)`, the grafting norm and the parameter's update) in another. The
+//!   inverse roots are the one part computed on the host, at their refresh steps only: the
+//!   factors are read back, decomposed by [`crate::kronecker::inverse_root_in`] (or
+//!   [`crate::kronecker::inverse_root_newton`]) as the host step does, and the roots written
+//!   back.
+//!
+//! The functions follow the host updates' equations (`crate::optimizer`, `crate::kronecker`)
+//! operation for operation, in the run's element type; the host computes some scalars in double
+//! precision where these compute them in `f32`, so the two agree to rounding, not bit for bit
+//! (the tests compare them with a tolerance). Scalars that change with the step (the learning
+//! rate, bias corrections, weight decay's factor) are hyperparameters (`Op::Hyper`), so one
+//! compiled function serves every step; everything else (shapes, coefficients, which variant) is
+//! part of the function and of its key ([`DeviceStructure::key`]).
+//!
+//! The scalar counters of these states (`refreshes`, `failures`) are the host's: they are kept
+//! as host tensors among the resident states, and never read where the kernels are.
+
+use crate::backend::{Backend, Output};
+use crate::kronecker::{flag, matrix_shape, number};
+use crate::optimizer::ResidentUpdate;
+use curv_interp::{Inputs, Real, Resident, Slot};
+use curv_ir::{
+    option_name, option_number, BinaryOp, DType, Function, Op, ParamPlan, ReduceOp, StructureKind, TensorType, UnaryOp,
+    ValueId,
+};
+
+/// Grafting of a Shampoo step (the `graft` modifier).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Graft {
+    Sgd,
+    AdaGrad { eps: f64 },
+    Adam { b2: f64, eps: f64 },
+}
+
+/// A parameter's structure, in a variant whose per-step work has IR functions here.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeviceStructure {
+    /// `diagonal(stats = gradient_square)`, without the `momentum` modifier.
+    Diagonal { b1: f64, ema: f64, eps: f64, power: f64, every: u64, bias_correction: bool },
+    /// `orthogonalize`, without `rms_clip`.
+    Orthogonalize { steps: usize, coefficients: (f64, f64, f64), beta: f64, nesterov: bool, scale: f64 },
+    /// `kronecker(function = inverse_root | newton)`, unquantised, in one tile, without the
+    /// `momentum`, `rms_clip` or `kl_clip` modifiers.
+    Shampoo { ema: f64, eps: f64, root: f64, newton: bool, every: u64, start: u64, b1: f64, graft: Option<Graft> },
+}
+
+/// A parameter's device structure with what every variant shares: the matrix view of the
+/// parameter (`[rows, columns]`; a vector is one row) and the weight decay's `lambda`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DevicePlan {
+    pub structure: DeviceStructure,
+    pub rows: usize,
+    pub columns: usize,
+    pub weight_decay: Option<f64>,
+}
+
+/// The functions of one step of a [`DevicePlan`], in the order they run.
+pub enum StepPart {
+    /// Diagonal: whether the second moment takes this step's gradient.
+    Diagonal {
+        refresh: bool,
+    },
+    Orthogonalize,
+    ShampooStatistics,
+    /// Shampoo's step: preconditioned (from `start` on) or the grafting direction alone.
+    ShampooStep {
+        preconditioned: bool,
+    },
+}
+
+impl StepPart {
+    fn name(&self) -> String {
+        match self {
+            StepPart::Diagonal { refresh } => format!("diagonal{}", if *refresh { " refresh" } else { "" }),
+            StepPart::Orthogonalize => "orthogonalize".to_string(),
+            StepPart::ShampooStatistics => "shampoo statistics".to_string(),
+            StepPart::ShampooStep { preconditioned } => {
+                format!("shampoo step{}", if *preconditioned { " preconditioned" } else { "" })
+            }
+        }
+    }
+}
+
+/// The `diagonal`, `orthogonalize` or `kronecker` plan of a parameter of `shape` as a
+/// [`DevicePlan`]; None when its variant has no functions here (it then takes host steps).
+pub fn device_plan(plan: &ParamPlan, shape: &[usize]) -> Option<DevicePlan> {
+    let options = &plan.options;
+    let mut weight_decay = None;
+    let mut graft = None;
+    for modifier in &plan.modifiers {
+        match modifier.name.as_str() {
+            "weight_decay" => weight_decay = Some(option_number(&modifier.options, "lambda").unwrap_or(0.0)),
+            "graft" => {
+                let eps = number(&modifier.options, "eps", 1e-8);
+                graft = Some(match option_name(&modifier.options, "kind").unwrap_or("adam") {
+                    "sgd" => Graft::Sgd,
+                    "adagrad" => Graft::AdaGrad { eps },
+                    _ => Graft::Adam { b2: number(&modifier.options, "b2", 0.999), eps },
+                });
+            }
+            _ => return None,
+        }
+    }
+    let (rows, columns) = match shape {
+        [] => (1, 1),
+        [size] => (1, *size),
+        _ => matrix_shape(shape),
+    };
+    let structure = match plan.structure {
+        StructureKind::Diagonal if graft.is_none() => {
+            if option_name(options, "stats").unwrap_or("gradient_square") != "gradient_square" {
+                return None;
+            }
+            DeviceStructure::Diagonal {
+                b1: number(options, "b1", 0.9),
+                ema: number(options, "ema", 0.999),
+                eps: number(options, "eps", 1e-8),
+                power: number(options, "power", 1.0),
+                every: number(options, "every", 1.0).max(1.0) as u64,
+                bias_correction: flag(options, "bias_correction", true),
+            }
+        }
+        StructureKind::Orthogonalize if graft.is_none() && shape.len() >= 2 => DeviceStructure::Orthogonalize {
+            steps: number(options, "steps", 5.0) as usize,
+            coefficients: (number(options, "a", 3.4445), number(options, "b", -4.7750), number(options, "c", 2.0315)),
+            beta: number(options, "momentum", 0.95),
+            nesterov: flag(options, "nesterov", true),
+            // As `crate::kronecker::orthogonalize_direction`.
+            scale: match shape {
+                [rows, columns] => (*columns as f64 / *rows as f64).max(1.0).sqrt(),
+                [.., second_last, last] => (*second_last as f64 / *last as f64).max(1.0).sqrt(),
+                _ => 1.0,
+            },
+        },
+        StructureKind::Kronecker if shape.len() >= 2 => {
+            let function = option_name(options, "function").unwrap_or("inverse_root");
+            let stats = option_name(options, "stats").unwrap_or("gradient_outer");
+            let block = number(options, "block", 1024.0) as usize;
+            if !matches!(function, "inverse_root" | "newton")
+                || stats != "gradient_outer"
+                || number(options, "quantize", 32.0) < 32.0
+                || rows > block.max(1)
+                || columns > block.max(1)
+            {
+                return None;
+            }
+            let every = number(options, "every", 1.0).max(1.0) as u64;
+            DeviceStructure::Shampoo {
+                ema: number(options, "ema", 0.95),
+                eps: number(options, "eps", 1e-12),
+                root: number(options, "root", 4.0),
+                newton: function == "newton",
+                every,
+                start: number(options, "start", every as f64) as u64,
+                b1: number(options, "b1", 0.9),
+                graft,
+            }
+        }
+        _ => return None,
+    };
+    Some(DevicePlan { structure, rows, columns, weight_decay })
+}
+
+/// The states a device plan's functions read, by name, in the host update's names.
+fn tensor_states(structure: &DeviceStructure) -> Vec<&'static str> {
+    match structure {
+        DeviceStructure::Diagonal { .. } => vec!["m", "v"],
+        DeviceStructure::Orthogonalize { .. } => vec!["momentum"],
+        DeviceStructure::Shampoo { b1, graft, .. } => {
+            let mut names = Vec::new();
+            if *b1 > 0.0 {
+                names.push("m");
+            }
+            if matches!(graft, Some(Graft::AdaGrad { .. } | Graft::Adam { .. })) {
+                names.push("graft_v");
+            }
+            names.extend(["left_factor", "right_factor", "left_inverse", "right_inverse"]);
+            names
+        }
+    }
+}
+
+/// The states a resident step of `plan` needs before it can run (made by the first host step),
+/// the diagonal's counter of refreshes included.
+pub fn required_states(plan: &DevicePlan) -> Vec<&'static str> {
+    let mut names = tensor_states(&plan.structure);
+    match plan.structure {
+        DeviceStructure::Diagonal { .. } => names.push("refreshes"),
+        // Shampoo's count of failed roots is made at the first refresh.
+        DeviceStructure::Shampoo { .. } | DeviceStructure::Orthogonalize { .. } => {}
+    }
+    names
+}
+
+impl DevicePlan {
+    /// The functions of step `step`, in order.
+    pub fn parts(&self, step: u64) -> Vec<StepPart> {
+        match &self.structure {
+            DeviceStructure::Diagonal { every, .. } => {
+                vec![StepPart::Diagonal { refresh: (step - 1).is_multiple_of(*every) }]
+            }
+            DeviceStructure::Orthogonalize { .. } => vec![StepPart::Orthogonalize],
+            DeviceStructure::Shampoo { start, .. } => {
+                vec![StepPart::ShampooStatistics, StepPart::ShampooStep { preconditioned: step >= *start }]
+            }
+        }
+    }
+
+    /// Every function a run of this plan may call, for `curv build`'s kernels.
+    pub fn all_parts(&self) -> Vec<StepPart> {
+        match &self.structure {
+            DeviceStructure::Diagonal { every, .. } => {
+                let mut parts = vec![StepPart::Diagonal { refresh: true }];
+                if *every > 1 {
+                    parts.push(StepPart::Diagonal { refresh: false });
+                }
+                parts
+            }
+            DeviceStructure::Orthogonalize { .. } => vec![StepPart::Orthogonalize],
+            DeviceStructure::Shampoo { .. } => vec![
+                StepPart::ShampooStatistics,
+                StepPart::ShampooStep { preconditioned: false },
+                StepPart::ShampooStep { preconditioned: true },
+            ],
+        }
+    }
+
+    /// The key of `part`'s function: the part, the matrix view and a digest of everything else
+    /// the function is made of (two plans with the same key have the same function).
+    pub fn key(&self, part: &StepPart) -> String {
+        let text = format!("{:?} {:?}", self.structure, self.weight_decay);
+        // FNV-1a: stable across runs and builds, unlike the standard library's hasher.
+        let digest = text
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3));
+        format!("structure {} {}x{} {digest:016x}", part.name(), self.rows, self.columns)
+    }
+
+    /// The IR function of `part`. Its inputs are named `param`, `gradient` or as the states they
+    /// read (in the order the function asks for them; [`update_resident`] lends each by its
+    /// name), every tensor seen as `[rows, columns]` but the factors and roots (square). Its
+    /// outputs are named as the states they replace, and `param`.
+    pub fn function(&self, part: &StepPart) -> Function {
+        let mut builder = Builder::new(&part.name(), [self.rows, self.columns]);
+        match (&self.structure, part) {
+            (DeviceStructure::Diagonal { b1, ema, eps, power, .. }, StepPart::Diagonal { refresh }) => {
+                let param = builder.input("param");
+                let gradient = builder.input("gradient");
+                let m = builder.input("m");
+                let mut v = builder.input("v");
+                if *refresh {
+                    let square = builder.binary(BinaryOp::Mul, gradient, gradient);
+                    v = builder.average(v, square, *ema);
+                    builder.output("v", v);
+                }
+                let m = builder.average(m, gradient, *b1);
+                builder.output("m", m);
+                // `m_hat / (sqrt(v_hat)^power + eps)`.
+                let inverse1 = builder.hyper("inverse_correction1");
+                let inverse2 = builder.hyper("inverse_correction2");
+                let m_hat = builder.binary(BinaryOp::Mul, m, inverse1);
+                let v_hat = builder.binary(BinaryOp::Mul, v, inverse2);
+                let root = if *power == 1.0 {
+                    builder.unary(UnaryOp::Sqrt, v_hat)
+                } else {
+                    let exponent = builder.constant(0.5 * power);
+                    builder.binary(BinaryOp::Pow, v_hat, exponent)
+                };
+                let eps = builder.constant(*eps);
+                let denominator = builder.binary(BinaryOp::Add, root, eps);
+                let direction = builder.binary(BinaryOp::Div, m_hat, denominator);
+                builder.step(param, direction, self.weight_decay.is_some());
+            }
+            (DeviceStructure::Orthogonalize { steps, coefficients: (a, b, c), beta, nesterov, scale }, _) => {
+                let param = builder.input("param");
+                let gradient = builder.input("gradient");
+                let momentum = builder.input("momentum");
+                let momentum = builder.average(momentum, gradient, *beta);
+                builder.output("momentum", momentum);
+                let update = if *nesterov {
+                    let take = builder.constant(1.0 - beta);
+                    let keep = builder.constant(*beta);
+                    let fresh = builder.binary(BinaryOp::Mul, take, gradient);
+                    let kept = builder.binary(BinaryOp::Mul, keep, momentum);
+                    builder.binary(BinaryOp::Add, fresh, kept)
+                } else {
+                    momentum
+                };
+                // The wide orientation: no more rows than columns.
+                let transposed = self.rows > self.columns;
+                let mut x = if transposed { builder.transpose(update) } else { update };
+                let squares = builder.binary(BinaryOp::Mul, x, x);
+                let sum = builder.sum(squares);
+                let norm = builder.unary(UnaryOp::Sqrt, sum);
+                let tiny = builder.constant(1e-7);
+                let norm = builder.binary(BinaryOp::Add, norm, tiny);
+                let one = builder.constant(1.0);
+                let inverse = builder.binary(BinaryOp::Div, one, norm);
+                x = builder.binary(BinaryOp::Mul, x, inverse);
+                let (a, b, c) = (builder.constant(*a), builder.constant(*b), builder.constant(*c));
+                for _ in 0..*steps {
+                    let x_transposed = builder.transpose(x);
+                    let gram = builder.matmul(x, x_transposed);
+                    let gram_squared = builder.matmul(gram, gram);
+                    let linear = builder.binary(BinaryOp::Mul, b, gram);
+                    let quadratic = builder.binary(BinaryOp::Mul, c, gram_squared);
+                    let polynomial = builder.binary(BinaryOp::Add, linear, quadratic);
+                    let product = builder.matmul(polynomial, x);
+                    let scaled = builder.binary(BinaryOp::Mul, a, x);
+                    x = builder.binary(BinaryOp::Add, scaled, product);
+                }
+                let orthogonal = if transposed { builder.transpose(x) } else { x };
+                let scale = builder.constant(*scale);
+                let direction = builder.binary(BinaryOp::Mul, orthogonal, scale);
+                builder.step(param, direction, self.weight_decay.is_some());
+            }
+            (DeviceStructure::Shampoo { ema, b1, graft, .. }, StepPart::ShampooStatistics) => {
+                let gradient = builder.input("gradient");
+                if *b1 > 0.0 {
+                    let m = builder.input("m");
+                    let m = builder.average(m, gradient, *b1);
+                    builder.output("m", m);
+                }
+                if let Some(graft @ (Graft::AdaGrad { .. } | Graft::Adam { .. })) = graft {
+                    let v = builder.input("graft_v");
+                    let square = builder.binary(BinaryOp::Mul, gradient, gradient);
+                    let v = match graft {
+                        Graft::Adam { b2, .. } => builder.average(v, square, *b2),
+                        _ => builder.binary(BinaryOp::Add, v, square),
+                    };
+                    builder.output("graft_v", v);
+                }
+                let left = builder.input_shaped("left_factor", [self.rows, self.rows]);
+                let right = builder.input_shaped("right_factor", [self.columns, self.columns]);
+                // `decay F + weight (outer product)`: the running sum with `ema >= 1`.
+                let (decay, weight) = if *ema >= 1.0 { (1.0, 1.0) } else { (*ema, 1.0 - ema) };
+                let transposed = builder.transpose(gradient);
+                let left_outer = builder.matmul(gradient, transposed);
+                let right_outer = builder.matmul(transposed, gradient);
+                for (name, factor, outer) in [("left_factor", left, left_outer), ("right_factor", right, right_outer)] {
+                    let weight = builder.constant(weight);
+                    let fresh = builder.binary(BinaryOp::Mul, weight, outer);
+                    let updated = if decay == 1.0 {
+                        builder.binary(BinaryOp::Add, factor, fresh)
+                    } else {
+                        let decay = builder.constant(decay);
+                        let kept = builder.binary(BinaryOp::Mul, decay, factor);
+                        builder.binary(BinaryOp::Add, kept, fresh)
+                    };
+                    builder.output(name, updated);
+                }
+            }
+            (DeviceStructure::Shampoo { b1, graft, .. }, StepPart::ShampooStep { preconditioned }) => {
+                let param = builder.input("param");
+                let filtered = if *b1 > 0.0 {
+                    let m = builder.input("m");
+                    let correction = builder.hyper("inverse_correction1");
+                    builder.binary(BinaryOp::Mul, m, correction)
+                } else {
+                    builder.input("gradient")
+                };
+                let grafted = match graft {
+                    None => None,
+                    Some(Graft::Sgd) => Some(filtered),
+                    Some(Graft::AdaGrad { eps } | Graft::Adam { eps, .. }) => {
+                        let v = builder.input("graft_v");
+                        let correction = builder.hyper("graft_correction");
+                        let corrected = builder.binary(BinaryOp::Div, v, correction);
+                        let root = builder.unary(UnaryOp::Sqrt, corrected);
+                        let eps = builder.constant(*eps);
+                        let denominator = builder.binary(BinaryOp::Add, root, eps);
+                        Some(builder.binary(BinaryOp::Div, filtered, denominator))
+                    }
+                };
+                let direction = if *preconditioned {
+                    let left = builder.input_shaped("left_inverse", [self.rows, self.rows]);
+                    let right = builder.input_shaped("right_inverse", [self.columns, self.columns]);
+                    let half = builder.matmul(left, filtered);
+                    let preconditioned = builder.matmul(half, right);
+                    match grafted {
+                        Some(grafted) => {
+                            // Scaled to the grafting direction's norm.
+                            let graft_squares = builder.binary(BinaryOp::Mul, grafted, grafted);
+                            let graft_sum = builder.sum(graft_squares);
+                            let graft_norm = builder.unary(UnaryOp::Sqrt, graft_sum);
+                            let own_squares = builder.binary(BinaryOp::Mul, preconditioned, preconditioned);
+                            let own_sum = builder.sum(own_squares);
+                            let own_norm = builder.unary(UnaryOp::Sqrt, own_sum);
+                            let tiny = builder.constant(1e-16);
+                            let own_norm = builder.binary(BinaryOp::Add, own_norm, tiny);
+                            let scale = builder.binary(BinaryOp::Div, graft_norm, own_norm);
+                            builder.binary(BinaryOp::Mul, preconditioned, scale)
+                        }
+                        None => preconditioned,
+                    }
+                } else {
+                    grafted.unwrap_or(filtered)
+                };
+                builder.step(param, direction, self.weight_decay.is_some());
+            }
+            (structure, part) => unreachable!("no function {} for {structure:?}", part.name()),
+        }
+        builder.function
+    }
+}
+
+/// Builds the functions above: tensors `[rows, columns]` unless said, scalars broadcast where
+/// they meet tensors, inputs numbered in the order they are asked for.
+struct Builder {
+    function: Function,
+    shape: [usize; 2],
+    inputs: usize,
+}
+
+impl Builder {
+    fn new(name: &str, shape: [usize; 2]) -> Builder {
+        Builder { function: Function::new(name), shape, inputs: 0 }
+    }
+
+    fn push(&mut self, op: Op, args: Vec<ValueId>, shape: &[usize]) -> ValueId {
+        let dims: Vec<i64> = shape.iter().map(|&size| size as i64).collect();
+        // No source span: these functions are the runtime's own.
+        self.function.push(op, args, TensorType::known(DType::F32, &dims), Default::default())
+    }
+
+    fn shape_of(&self, value: ValueId) -> Vec<usize> {
+        self.function.ty(value).known_shape().unwrap_or_default().iter().map(|&size| size as usize).collect()
+    }
+
+    fn input(&mut self, name: &str) -> ValueId {
+        let shape = self.shape;
+        self.input_shaped(name, shape)
+    }
+
+    fn input_shaped(&mut self, name: &str, shape: [usize; 2]) -> ValueId {
+        let index = self.inputs;
+        self.inputs += 1;
+        self.push(Op::Input { index, name: name.to_string() }, Vec::new(), &shape)
+    }
+
+    fn hyper(&mut self, name: &str) -> ValueId {
+        self.push(Op::Hyper { name: name.to_string() }, Vec::new(), &[])
+    }
+
+    fn constant(&mut self, value: f64) -> ValueId {
+        self.push(Op::Constant { value }, Vec::new(), &[])
+    }
+
+    fn unary(&mut self, op: UnaryOp, operand: ValueId) -> ValueId {
+        let shape = self.shape_of(operand);
+        self.push(Op::Unary(op), vec![operand], &shape)
+    }
+
+    /// `left op right`, the operand with fewer elements (a constant or hyperparameter of rank 0,
+    /// or a computed scalar `[1]`) broadcast to the other's shape.
+    fn binary(&mut self, op: BinaryOp, left: ValueId, right: ValueId) -> ValueId {
+        let (left_shape, right_shape) = (self.shape_of(left), self.shape_of(right));
+        let count = |shape: &[usize]| shape.iter().product::<usize>();
+        let (left, right, shape) = if left_shape == right_shape {
+            (left, right, left_shape)
+        } else if (count(&left_shape), left_shape.len()) < (count(&right_shape), right_shape.len()) {
+            (self.broadcast(left, &right_shape), right, right_shape)
+        } else {
+            (left, self.broadcast(right, &left_shape), left_shape)
+        };
+        self.push(Op::Binary(op), vec![left, right], &shape)
+    }
+
+    /// A scalar (rank 0, or `[1]`) broadcast to `shape`.
+    fn broadcast(&mut self, scalar: ValueId, shape: &[usize]) -> ValueId {
+        let dims = if self.shape_of(scalar).is_empty() { Vec::new() } else { vec![0] };
+        self.push(Op::Broadcast { dims }, vec![scalar], shape)
+    }
+
+    fn transpose(&mut self, matrix: ValueId) -> ValueId {
+        let shape = self.shape_of(matrix);
+        self.push(Op::Transpose { permutation: vec![1, 0] }, vec![matrix], &[shape[1], shape[0]])
+    }
+
+    fn matmul(&mut self, left: ValueId, right: ValueId) -> ValueId {
+        let (left_shape, right_shape) = (self.shape_of(left), self.shape_of(right));
+        self.push(Op::MatMul, vec![left, right], &[left_shape[0], right_shape[1]])
+    }
+
+    /// The sum of every element, as a tensor `[1]`: the matrix seen as one row and summed along
+    /// it. A sum to rank 0 would make the scalar arithmetic after it (a norm's square root) host
+    /// code on the GPU, reading the sum back; a `[1]` tensor keeps it in kernels.
+    fn sum(&mut self, tensor: ValueId) -> ValueId {
+        let count: usize = self.shape_of(tensor).iter().product();
+        let row = self.push(Op::Reshape, vec![tensor], &[1, count]);
+        self.push(Op::Reduce { op: ReduceOp::Sum, axes: vec![1] }, vec![row], &[1])
+    }
+
+    /// `keep average + (1 - keep) fresh`, the host updates' exponential average.
+    fn average(&mut self, average: ValueId, fresh: ValueId, keep: f64) -> ValueId {
+        let (keep, take) = (self.constant(keep), self.constant(1.0 - keep));
+        let kept = self.binary(BinaryOp::Mul, keep, average);
+        let taken = self.binary(BinaryOp::Mul, take, fresh);
+        self.binary(BinaryOp::Add, kept, taken)
+    }
+
+    /// `param <- decay param - lr direction` (`decay`, `1 - lr lambda`, only with weight decay),
+    /// as the output `param`.
+    fn step(&mut self, param: ValueId, direction: ValueId, weight_decay: bool) {
+        let rate = self.hyper("lr");
+        let param = if weight_decay {
+            let decay = self.hyper("decay");
+            self.binary(BinaryOp::Mul, param, decay)
+        } else {
+            param
+        };
+        let moved = self.binary(BinaryOp::Mul, rate, direction);
+        let updated = self.binary(BinaryOp::Sub, param, moved);
+        self.output("param", updated);
+    }
+
+    fn output(&mut self, name: &str, value: ValueId) {
+        self.function.outputs.push((name.to_string(), value));
+    }
+}
+
+/// The hyperparameters of `plan`'s functions at `step`: the learning rate, weight decay's factor
+/// and the bias corrections, each computed as the host update computes it.
+pub fn hyperparameters<'a, T: Real>(plan: &DevicePlan, step: u64, learning_rate: f64) -> Inputs<'a, T> {
+    let mut inputs = Inputs::<T>::default();
+    let mut set = |name: &str, value: f64| {
+        inputs.hyperparameters.insert(name.to_string(), value);
+    };
+    set("lr", learning_rate);
+    set("decay", 1.0 - learning_rate * plan.weight_decay.unwrap_or(0.0));
+    match &plan.structure {
+        DeviceStructure::Diagonal { b1, ema, every, bias_correction, .. } => {
+            let refreshes = ((step - 1) / every + 1) as f64;
+            let (correction1, correction2) =
+                if *bias_correction { (1.0 - b1.powf(step as f64), 1.0 - ema.powf(refreshes)) } else { (1.0, 1.0) };
+            set("inverse_correction1", 1.0 / correction1);
+            set("inverse_correction2", 1.0 / correction2);
+        }
+        DeviceStructure::Shampoo { b1, graft, .. } => {
+            set("inverse_correction1", 1.0 / (1.0 - b1.powf(step as f64)));
+            set(
+                "graft_correction",
+                if let Some(Graft::Adam { b2, .. }) = graft { 1.0 - b2.powf(step as f64) } else { 1.0 },
+            );
+        }
+        DeviceStructure::Orthogonalize { .. } => {}
+    }
+    inputs.step = step as f64;
+    inputs
+}
+
+/// The names of `function`'s inputs, in order.
+fn input_names(function: &Function) -> Vec<(usize, String)> {
+    let mut names: Vec<(usize, String)> = function
+        .insts
+        .iter()
+        .filter_map(|inst| match &inst.op {
+            Op::Input { index, name } => Some((*index, name.clone())),
+            _ => None,
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// One step of `plan` for a parameter with every tensor resident where `backend` computes:
+/// its functions in order, each reading the states the previous one wrote, and the host's part
+/// between them (Shampoo's inverse roots at their refresh steps, the counters). Returns the new
+/// parameter and the states it replaced; nothing resident changes until the caller commits them.
+#[allow(clippy::too_many_arguments)]
+pub fn update_resident<T: Real>(
+    plan: &DevicePlan,
+    backend: &dyn Backend<T>,
+    step: u64,
+    learning_rate: f64,
+    param: &Resident<T>,
+    gradient: &Resident<T>,
+    state: &[(String, Resident<T>)],
+) -> Result<ResidentUpdate<T>, String> {
+    let mut update = ResidentUpdate { param: None, states: Vec::new() };
+    let base: Inputs<T> = hyperparameters(plan, step, learning_rate);
+    let view = vec![plan.rows, plan.columns];
+    for part in plan.parts(step) {
+        if matches!(part, StepPart::ShampooStep { .. }) {
+            refresh_roots(plan, backend, step, &mut update, state)?;
+        }
+        let function = plan.function(&part);
+        let mut inputs = base.clone();
+        for (index, name) in input_names(&function) {
+            let slot = Slot::Input(index);
+            match name.as_str() {
+                "param" => inputs.lend_resident_as(slot, param, view.clone()),
+                "gradient" => inputs.lend_resident_as(slot, gradient, view.clone()),
+                state_name => {
+                    let tensor = current_state(&update, state, state_name)?;
+                    let shape = match state_name {
+                        "left_factor" | "left_inverse" => vec![plan.rows, plan.rows],
+                        "right_factor" | "right_inverse" => vec![plan.columns, plan.columns],
+                        _ => view.clone(),
+                    };
+                    inputs.lend_resident_as(slot, tensor, shape);
+                }
+            }
+        }
+        let outputs = backend.outputs_keeping(&plan.key(&part), &function, &inputs, &|_| true)?;
+        drop(inputs);
+        for (name, output) in outputs {
+            let Output::Resident(tensor) = output else { return Err(format!("`{name}` was not kept resident")) };
+            if name == "param" {
+                update.param = Some(Resident { shape: param.shape.clone(), storage: tensor.storage });
+            } else {
+                let shape = current_state(&update, state, &name)?.shape.clone();
+                replace(&mut update, &name, Resident { shape, storage: tensor.storage });
+            }
+        }
+    }
+    if let DeviceStructure::Diagonal { every, .. } = plan.structure {
+        // The host's counter of second-moment refreshes, as the host update keeps it.
+        let refreshes = ((step - 1) / every + 1) as f64;
+        replace(&mut update, "refreshes", Resident::host(Vec::new(), vec![T::from_f64(refreshes)]));
+    }
+    Ok(update)
+}
+
+fn current_state<'a, T>(
+    update: &'a ResidentUpdate<T>,
+    state: &'a [(String, Resident<T>)],
+    name: &str,
+) -> Result<&'a Resident<T>, String> {
+    update
+        .states
+        .iter()
+        .chain(state)
+        .find(|(state_name, _)| state_name == name)
+        .map(|(_, tensor)| tensor)
+        .ok_or_else(|| format!("the state `{name}` is missing"))
+}
+
+fn replace<T>(update: &mut ResidentUpdate<T>, name: &str, tensor: Resident<T>) {
+    update.states.retain(|(state_name, _)| state_name != name);
+    update.states.push((name.to_string(), tensor));
+}
+
+/// Shampoo's inverse roots at their refresh steps, on the host as the host step computes them
+/// (from the factors this step's statistics made), with its count of failures in a row: a
+/// failed root keeps the last good one, and too many failures in a row stop the run.
+fn refresh_roots<T: Real>(
+    plan: &DevicePlan,
+    backend: &dyn Backend<T>,
+    step: u64,
+    update: &mut ResidentUpdate<T>,
+    state: &[(String, Resident<T>)],
+) -> Result<(), String> {
+    let DeviceStructure::Shampoo { ema, eps, root, newton, every, .. } = plan.structure else { return Ok(()) };
+    if !step.is_multiple_of(every) {
+        return Ok(());
+    }
+    let correction = if ema < 1.0 { 1.0 - ema.powf(step as f64) } else { 1.0 };
+    let function = |values: &[T], size: usize| -> Result<Vec<T>, crate::linalg::LinalgError> {
+        if newton {
+            let matrix = crate::linalg::Matrix {
+                rows: size,
+                columns: size,
+                data: values[..size * size].iter().map(|value| value.to_f64() / correction).collect(),
+            };
+            let inverse = crate::kronecker::inverse_root_newton(&matrix, root, eps)?;
+            Ok(inverse.data.iter().map(|value| T::from_f64(*value)).collect())
+        } else {
+            crate::kronecker::inverse_root_in(values, size, 1.0 / correction, root, eps)
+        }
+    };
+    let left = current_state(update, state, "left_factor")?.host_data()?.into_owned();
+    let right = current_state(update, state, "right_factor")?.host_data()?.into_owned();
+    let roots = function(&left, plan.rows).and_then(|left| Ok((left, function(&right, plan.columns)?)));
+    let failures = match current_state(update, state, "failures") {
+        Ok(failures) => failures.host_data()?.first().map_or(0.0, |value| value.to_f64()),
+        Err(_) => 0.0,
+    };
+    let count = if roots.is_err() { failures + 1.0 } else { 0.0 };
+    replace(update, "failures", Resident::host(Vec::new(), vec![T::from_f64(count)]));
+    match roots {
+        Ok((left, right)) => {
+            let shape =
+                |name: &str| -> Result<Vec<usize>, String> { Ok(current_state(update, state, name)?.shape.clone()) };
+            let (left_shape, right_shape) = (shape("left_inverse")?, shape("right_inverse")?);
+            let left = backend.upload(curv_interp::Tensor::new(left_shape, left))?;
+            let right = backend.upload(curv_interp::Tensor::new(right_shape, right))?;
+            replace(update, "left_inverse", left);
+            replace(update, "right_inverse", right);
+            Ok(())
+        }
+        Err(error) if count > crate::kronecker::TOLERATED_ROOT_FAILURES => Err(format!(
+            "the inverse root of a Shampoo factor failed {count} times in a row (step {step}: {error}); a larger \
+             `eps` may help"
+        )),
+        Err(_) => Ok(()),
+    }
+}
