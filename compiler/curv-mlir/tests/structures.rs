@@ -14,11 +14,11 @@ use curv_runtime::structure_kernels::{device_plan, hyperparameters, DevicePlan};
 use curv_runtime::Backend;
 use std::collections::HashMap;
 
-/// The device plans of the Muon and Shampoo examples' parameters, and of variants with weight
+/// The device plans of the Muon, Shampoo and SOAP examples' parameters, and of variants with weight
 /// decay, a running average and no grafting, with a name for messages.
 fn device_plans() -> Vec<(String, DevicePlan)> {
     let mut plans = Vec::new();
-    for example in ["optimizers/muon.curv", "optimizers/shampoo.curv"] {
+    for example in ["optimizers/muon.curv", "optimizers/shampoo.curv", "optimizers/soap.curv"] {
         let program = common::program(example);
         let train = &program.trains[0];
         for plan in &train.optimizer.plans {

@@ -1013,7 +1013,11 @@ fn sorted_by_estimates<T: Real>(applied: &[T], basis: &[T], n: usize) -> (Vec<us
 /// single-precision parameters: in an `f32` run the product, the estimates and the QR are single
 /// precision (falling back to double precision if that QR fails); an `f64` run computes in double
 /// precision.
-fn refresh_basis_in<T: Real>(factor: &[T], basis: &[T], size: usize) -> Result<(Vec<T>, Vec<usize>), LinalgError> {
+pub(crate) fn refresh_basis_in<T: Real>(
+    factor: &[T],
+    basis: &[T],
+    size: usize,
+) -> Result<(Vec<T>, Vec<usize>), LinalgError> {
     let convert = |values: Vec<f32>| values.into_iter().map(|value| T::from_f64(f64::from(value))).collect();
     if let (Some(factor), Some(basis)) = (as_single(factor), as_single(basis)) {
         if let Some((q, order)) = refresh_basis_single(&factor[..size * size], &basis[..size * size], size) {

@@ -3,7 +3,7 @@
 //! generated kernels and cuBLAS products, with the parameters, the gradients and the structures'
 //! states in device memory from one step to the next.
 //!
-//! Three structures have such functions, each for the variants listed in [`DeviceStructure`]:
+//! Four structures have such functions, each for the variants listed in [`DeviceStructure`]:
 //!
 //! - `diagonal` with `stats = gradient_square` (Adam's moments, as [`crate::optimizer`]'s host
 //!   update): one elementwise function.
@@ -17,6 +17,10 @@
 //!   factors are read back, decomposed by [`crate::kronecker::inverse_root_in`] (or
 //!   [`crate::kronecker::inverse_root_newton`]) as the host step does, and the roots written
 //!   back.
+//! - `kronecker` with `function = eigenbasis` (SOAP, one tile) after its first step: the first
+//!   moment, the rotations into the factors' eigenbases and back (four products), the second
+//!   moment there, the step and the factors' statistics, in one function. The bases' refreshes
+//!   (a power iteration and QR) are the host's part, at their refresh steps, as Shampoo's roots.
 //!
 //! The functions follow the host updates' equations (`crate::optimizer`, `crate::kronecker`)
 //! operation for operation, in the run's element type; the host computes some scalars in double
@@ -56,6 +60,9 @@ pub enum DeviceStructure {
     /// `kronecker(function = inverse_root | newton)`, unquantised, in one tile, without the
     /// `momentum`, `rms_clip` or `kl_clip` modifiers.
     Shampoo { ema: f64, eps: f64, root: f64, newton: bool, every: u64, start: u64, b1: f64, graft: Option<Graft> },
+    /// `kronecker(function = eigenbasis)` (SOAP), unquantised, in one tile, with no modifier but
+    /// `weight_decay`.
+    Soap { ema: f64, b1: f64, b2: f64, eps: f64, every: u64 },
 }
 
 /// A parameter's device structure with what every variant shares: the matrix view of the
@@ -80,6 +87,9 @@ pub enum StepPart {
     ShampooStep {
         preconditioned: bool,
     },
+    /// SOAP's step after its first: Adam's moments in the factors' eigenbases, the direction
+    /// rotated back, the factors' statistics.
+    Soap,
 }
 
 impl StepPart {
@@ -91,6 +101,7 @@ impl StepPart {
             StepPart::ShampooStep { preconditioned } => {
                 format!("shampoo step{}", if *preconditioned { " preconditioned" } else { "" })
             }
+            StepPart::Soap => "soap".to_string(),
         }
     }
 }
@@ -146,6 +157,22 @@ pub fn device_plan(plan: &ParamPlan, shape: &[usize]) -> Option<DevicePlan> {
                 _ => 1.0,
             },
         },
+        StructureKind::Kronecker
+            if shape.len() >= 2
+                && graft.is_none()
+                && option_name(options, "function") == Some("eigenbasis")
+                && option_name(options, "stats").unwrap_or("gradient_outer") == "gradient_outer"
+                && number(options, "quantize", 32.0) >= 32.0
+                && rows.max(columns) <= (number(options, "block", 1024.0) as usize).max(1) =>
+        {
+            DeviceStructure::Soap {
+                ema: number(options, "ema", 0.95),
+                b1: number(options, "b1", 0.9),
+                b2: number(options, "b2", 0.999),
+                eps: number(options, "eps", 1e-8),
+                every: number(options, "every", 1.0).max(1.0) as u64,
+            }
+        }
         StructureKind::Kronecker if shape.len() >= 2 => {
             let function = option_name(options, "function").unwrap_or("inverse_root");
             let stats = option_name(options, "stats").unwrap_or("gradient_outer");
@@ -191,6 +218,7 @@ fn tensor_states(structure: &DeviceStructure) -> Vec<&'static str> {
             names.extend(["left_factor", "right_factor", "left_inverse", "right_inverse"]);
             names
         }
+        DeviceStructure::Soap { .. } => vec!["m", "v", "left_factor", "right_factor", "left_basis", "right_basis"],
     }
 }
 
@@ -200,6 +228,8 @@ pub fn required_states(plan: &DevicePlan) -> Vec<&'static str> {
     let mut names = tensor_states(&plan.structure);
     match plan.structure {
         DeviceStructure::Diagonal { .. } => names.push("refreshes"),
+        // SOAP's count of its steps, made at its first (host) step.
+        DeviceStructure::Soap { .. } => names.push("soap_step"),
         // Shampoo's count of failed roots is made at the first refresh.
         DeviceStructure::Shampoo { .. } | DeviceStructure::Orthogonalize { .. } => {}
     }
@@ -217,6 +247,7 @@ impl DevicePlan {
             DeviceStructure::Shampoo { start, .. } => {
                 vec![StepPart::ShampooStatistics, StepPart::ShampooStep { preconditioned: step >= *start }]
             }
+            DeviceStructure::Soap { .. } => vec![StepPart::Soap],
         }
     }
 
@@ -236,6 +267,7 @@ impl DevicePlan {
                 StepPart::ShampooStep { preconditioned: false },
                 StepPart::ShampooStep { preconditioned: true },
             ],
+            DeviceStructure::Soap { .. } => vec![StepPart::Soap],
         }
     }
 
@@ -346,23 +378,7 @@ impl DevicePlan {
                 }
                 let left = builder.input_shaped("left_factor", [self.rows, self.rows]);
                 let right = builder.input_shaped("right_factor", [self.columns, self.columns]);
-                // `decay F + weight (outer product)`: the running sum with `ema >= 1`.
-                let (decay, weight) = if *ema >= 1.0 { (1.0, 1.0) } else { (*ema, 1.0 - ema) };
-                let transposed = builder.transpose(gradient);
-                let left_outer = builder.matmul(gradient, transposed);
-                let right_outer = builder.matmul(transposed, gradient);
-                for (name, factor, outer) in [("left_factor", left, left_outer), ("right_factor", right, right_outer)] {
-                    let weight = builder.constant(weight);
-                    let fresh = builder.binary(BinaryOp::Mul, weight, outer);
-                    let updated = if decay == 1.0 {
-                        builder.binary(BinaryOp::Add, factor, fresh)
-                    } else {
-                        let decay = builder.constant(decay);
-                        let kept = builder.binary(BinaryOp::Mul, decay, factor);
-                        builder.binary(BinaryOp::Add, kept, fresh)
-                    };
-                    builder.output(name, updated);
-                }
+                builder.factors(gradient, (left, right), *ema);
             }
             (DeviceStructure::Shampoo { b1, graft, .. }, StepPart::ShampooStep { preconditioned }) => {
                 let param = builder.input("param");
@@ -411,6 +427,41 @@ impl DevicePlan {
                     grafted.unwrap_or(filtered)
                 };
                 builder.step(param, direction, self.weight_decay.is_some());
+            }
+            (DeviceStructure::Soap { ema, b1, b2, eps, .. }, StepPart::Soap) => {
+                let param = builder.input("param");
+                let gradient = builder.input("gradient");
+                let m = builder.input("m");
+                let v = builder.input("v");
+                let left = builder.input_shaped("left_factor", [self.rows, self.rows]);
+                let right = builder.input_shaped("right_factor", [self.columns, self.columns]);
+                let left_basis = builder.input_shaped("left_basis", [self.rows, self.rows]);
+                let right_basis = builder.input_shaped("right_basis", [self.columns, self.columns]);
+                let m = builder.average(m, gradient, *b1);
+                builder.output("m", m);
+                // `Q_L^T X Q_R`.
+                let left_transposed = builder.transpose(left_basis);
+                let right_transposed = builder.transpose(right_basis);
+                let rotate = |builder: &mut Builder, matrix: ValueId| {
+                    let half = builder.matmul(left_transposed, matrix);
+                    builder.matmul(half, right_basis)
+                };
+                let rotated_gradient = rotate(&mut builder, gradient);
+                let rotated_m = rotate(&mut builder, m);
+                let square = builder.binary(BinaryOp::Mul, rotated_gradient, rotated_gradient);
+                let v = builder.average(v, square, *b2);
+                builder.output("v", v);
+                let step_size = builder.hyper("step_size");
+                let scaled = builder.binary(BinaryOp::Mul, step_size, rotated_m);
+                let root = builder.unary(UnaryOp::Sqrt, v);
+                let eps = builder.constant(*eps);
+                let denominator = builder.binary(BinaryOp::Add, root, eps);
+                let normalised = builder.binary(BinaryOp::Div, scaled, denominator);
+                // Back: `Q_L N Q_R^T`.
+                let half = builder.matmul(left_basis, normalised);
+                let direction = builder.matmul(half, right_transposed);
+                builder.step(param, direction, self.weight_decay.is_some());
+                builder.factors(gradient, (left, right), *ema);
             }
             (structure, part) => unreachable!("no function {} for {structure:?}", part.name()),
         }
@@ -528,6 +579,28 @@ impl Builder {
         self.output("param", updated);
     }
 
+    /// The factors' statistics `L <- decay L + weight G G^T` and `R <- decay R + weight G^T G`
+    /// (the running sum with `ema >= 1`, else the exponential average), as the outputs
+    /// `left_factor` and `right_factor`.
+    fn factors(&mut self, gradient: ValueId, (left, right): (ValueId, ValueId), ema: f64) {
+        let (decay, weight) = if ema >= 1.0 { (1.0, 1.0) } else { (ema, 1.0 - ema) };
+        let transposed = self.transpose(gradient);
+        let left_outer = self.matmul(gradient, transposed);
+        let right_outer = self.matmul(transposed, gradient);
+        for (name, factor, outer) in [("left_factor", left, left_outer), ("right_factor", right, right_outer)] {
+            let weight = self.constant(weight);
+            let fresh = self.binary(BinaryOp::Mul, weight, outer);
+            let updated = if decay == 1.0 {
+                self.binary(BinaryOp::Add, factor, fresh)
+            } else {
+                let decay = self.constant(decay);
+                let kept = self.binary(BinaryOp::Mul, decay, factor);
+                self.binary(BinaryOp::Add, kept, fresh)
+            };
+            self.output(name, updated);
+        }
+    }
+
     fn output(&mut self, name: &str, value: ValueId) {
         self.function.outputs.push((name.to_string(), value));
     }
@@ -557,19 +630,27 @@ pub fn hyperparameters<'a, T: Real>(plan: &DevicePlan, step: u64, learning_rate:
                 if let Some(Graft::Adam { b2, .. }) = graft { 1.0 - b2.powf(step as f64) } else { 1.0 },
             );
         }
+        DeviceStructure::Soap { b1, b2, .. } => {
+            // SOAP counts its steps after its first (`soap_step`), which made its state.
+            let s = step.saturating_sub(1) as f64;
+            set("step_size", (1.0 - b2.powf(s)).sqrt() / (1.0 - b1.powf(s)));
+        }
         DeviceStructure::Orthogonalize { .. } => {}
     }
     inputs.step = step as f64;
     inputs
 }
 
-/// The names of `function`'s inputs, in order.
-fn input_names(function: &Function) -> Vec<(usize, String)> {
-    let mut names: Vec<(usize, String)> = function
+/// The names and shapes of `function`'s inputs, in order.
+fn input_names(function: &Function) -> Vec<(usize, String, Vec<usize>)> {
+    let mut names: Vec<(usize, String, Vec<usize>)> = function
         .insts
         .iter()
         .filter_map(|inst| match &inst.op {
-            Op::Input { index, name } => Some((*index, name.clone())),
+            Op::Input { index, name } => {
+                let shape = inst.ty.known_shape()?.iter().map(|&size| size as usize).collect();
+                Some((*index, name.clone(), shape))
+            }
             _ => None,
         })
         .collect();
@@ -593,28 +674,22 @@ pub fn update_resident<T: Real>(
 ) -> Result<ResidentUpdate<T>, String> {
     let mut update = ResidentUpdate { param: None, states: Vec::new() };
     let base: Inputs<T> = hyperparameters(plan, step, learning_rate);
-    let view = vec![plan.rows, plan.columns];
     for part in plan.parts(step) {
         if matches!(part, StepPart::ShampooStep { .. }) {
             refresh_roots(plan, backend, step, &mut update, state)?;
         }
         let function = plan.function(&part);
         let mut inputs = base.clone();
-        for (index, name) in input_names(&function) {
-            let slot = Slot::Input(index);
-            match name.as_str() {
-                "param" => inputs.lend_resident_as(slot, param, view.clone()),
-                "gradient" => inputs.lend_resident_as(slot, gradient, view.clone()),
-                state_name => {
-                    let tensor = current_state(&update, state, state_name)?;
-                    let shape = match state_name {
-                        "left_factor" | "left_inverse" => vec![plan.rows, plan.rows],
-                        "right_factor" | "right_inverse" => vec![plan.columns, plan.columns],
-                        _ => view.clone(),
-                    };
-                    inputs.lend_resident_as(slot, tensor, shape);
-                }
+        for (index, name, shape) in input_names(&function) {
+            let tensor = match name.as_str() {
+                "param" => param,
+                "gradient" => gradient,
+                state_name => current_state(&update, state, state_name)?,
+            };
+            if tensor.len() != shape.iter().product::<usize>() {
+                return Err(format!("`{name}` has {} elements, its function reads {shape:?}", tensor.len()));
             }
+            inputs.lend_resident_as(Slot::Input(index), tensor, shape);
         }
         let outputs = backend.outputs_keeping(&plan.key(&part), &function, &inputs, &|_| true)?;
         drop(inputs);
@@ -626,6 +701,13 @@ pub fn update_resident<T: Real>(
                 let shape = current_state(&update, state, &name)?.shape.clone();
                 replace(&mut update, &name, Resident { shape, storage: tensor.storage });
             }
+        }
+    }
+    if let DeviceStructure::Soap { every, .. } = plan.structure {
+        let s = step.saturating_sub(1);
+        replace(&mut update, "soap_step", Resident::host(Vec::new(), vec![T::from_f64(s as f64)]));
+        if s.is_multiple_of(every) {
+            refresh_bases(plan, backend, &mut update, state)?;
         }
     }
     if let DeviceStructure::Diagonal { every, .. } = plan.structure {
@@ -709,4 +791,37 @@ fn refresh_roots<T: Real>(
         )),
         Err(_) => Ok(()),
     }
+}
+
+/// SOAP's bases at their refresh steps, on the host as the host step computes them (one power
+/// iteration and QR of each factor this step's statistics made, from the basis before), with the
+/// second moment's rows and columns permuted to follow the bases' new column order.
+fn refresh_bases<T: Real>(
+    plan: &DevicePlan,
+    backend: &dyn Backend<T>,
+    update: &mut ResidentUpdate<T>,
+    state: &[(String, Resident<T>)],
+) -> Result<(), String> {
+    let (rows, columns) = (plan.rows, plan.columns);
+    let read = |update: &ResidentUpdate<T>, name: &str| -> Result<Vec<T>, String> {
+        Ok(current_state(update, state, name)?.host_data()?.into_owned())
+    };
+    let failure = |error: crate::linalg::LinalgError| format!("SOAP's eigenbasis: {error}");
+    let (left, left_old) = (read(update, "left_factor")?, read(update, "left_basis")?);
+    let (right, right_old) = (read(update, "right_factor")?, read(update, "right_basis")?);
+    let (new_left, left_order) = crate::kronecker::refresh_basis_in(&left, &left_old, rows).map_err(failure)?;
+    let (new_right, right_order) = crate::kronecker::refresh_basis_in(&right, &right_old, columns).map_err(failure)?;
+    let old = read(update, "v")?;
+    let mut v = vec![T::zero(); old.len()];
+    for (row, &source_row) in left_order.iter().enumerate() {
+        for (column, &source_column) in right_order.iter().enumerate() {
+            v[row * columns + column] = old[source_row * columns + source_column];
+        }
+    }
+    for (name, values) in [("left_basis", new_left), ("right_basis", new_right), ("v", v)] {
+        let shape = current_state(update, state, name)?.shape.clone();
+        let uploaded = backend.upload(curv_interp::Tensor::new(shape, values))?;
+        replace(update, name, uploaded);
+    }
+    Ok(())
 }
