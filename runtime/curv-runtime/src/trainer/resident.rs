@@ -3,9 +3,10 @@
 //!
 //! A step takes this path when every parameter is updated by a rule (a multi-parameter rule
 //! kernel, or its own rule's kernels) with no modifier, or by a structure whose step has IR
-//! functions ([`crate::structure_kernels`]: Adam's diagonal, Muon, one-tile Shampoo), with no
-//! curvature statistic at that step and no gradient clipping: then nothing of the step needs the
-//! host but the loss and the metrics' outputs (and Shampoo's roots at their refresh steps). The
+//! functions ([`crate::structure_kernels`]: Adam's diagonal, Muon, one-tile Shampoo and SOAP),
+//! with no curvature statistic at that step and no gradient clipping: then nothing of the step
+//! needs the host but the loss and the metrics' outputs (and Shampoo's roots and SOAP's bases at
+//! their refresh steps). The
 //! gradient program keeps its gradients resident, the rule kernels and structure functions read
 //! the parameters, gradients and states resident and keep their outputs resident, and one
 //! non-finite check of the gradients and new parameters runs where they are
