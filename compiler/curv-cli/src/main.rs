@@ -1311,8 +1311,14 @@ fn build_kernels(
         // then the check of all the gradients and new parameters where they are, in one call
         // (with the groups, and without them for `CURV_GROUPED_UPDATES=off`).
         if let Some(shapes) = curv_runtime::trainer::resident_check_shapes(train, &groups) {
-            for plan in &train.optimizer.plans {
-                let Some(device) = curv_runtime::trainer::device_plan_of(train, plan) else { continue };
+            let folded = |param: usize| {
+                captures.as_ref().is_some_and(|captures| captures.folded_biases.iter().any(|(bias, _)| *bias == param))
+            };
+            // A bias folded into its K-FAC weight is updated by the weight's functions.
+            for plan in train.optimizer.plans.iter().filter(|plan| !folded(plan.param)) {
+                let Some(device) = curv_runtime::trainer::device_plan_of(train, plan, captures.as_ref()) else {
+                    continue;
+                };
                 for part in device.all_parts() {
                     let key = device.key(&part);
                     if !kernels.iter().any(|(existing, ..)| *existing == key) {

@@ -734,6 +734,20 @@ mod tests {
                     (StructureKind::Kronecker, Some("weight_decay"), "lambda", number(0.01)),
                 ],
             ),
+            // K-FAC: statistics and inverses at steps 1, 6 and 11 (the first a host step), its
+            // biases folded into their weights' factors, and a variant with them on their own
+            // (Adam's diagonal) and statistics every other step.
+            ("optimizers/kfac.curv", 12, vec![]),
+            (
+                "optimizers/kfac.curv",
+                7,
+                vec![
+                    (StructureKind::Kronecker, None, "bias", OptionValue::Bool(false)),
+                    (StructureKind::Kronecker, None, "every", number(2.0)),
+                    (StructureKind::Kronecker, None, "pi", OptionValue::Bool(false)),
+                    (StructureKind::Kronecker, Some("weight_decay"), "lambda", number(0.1)),
+                ],
+            ),
             // SOAP: bases refreshed at its steps 10 and 20 (steps 11 and 21), and a variant. Its
             // `eps = 1e-8` divides rounding by rounding in the rotated directions of the digits'
             // singular factors (both moments are zero there but for rounding), which makes

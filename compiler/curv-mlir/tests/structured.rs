@@ -83,8 +83,31 @@ fn slices_and_pads_agree() {
         TensorType::known(DType::F32, &[6, 9]),
         Default::default(),
     );
+    // Slices from the start of an axis that stop before its end (K-FAC's `[W; b]` split back
+    // into its weight and bias rows), and from the start of both axes.
+    let top = function.push(
+        Op::Slice { starts: vec![0, 2] },
+        vec![x],
+        TensorType::known(DType::F32, &[4, 5]),
+        Default::default(),
+    );
+    let corner = function.push(
+        Op::Slice { starts: vec![0, 0] },
+        vec![x],
+        TensorType::known(DType::F32, &[2, 3]),
+        Default::default(),
+    );
+    let last_row = function.push(
+        Op::Slice { starts: vec![4, 0] },
+        vec![x],
+        TensorType::known(DType::F32, &[1, 7]),
+        Default::default(),
+    );
     function.outputs.push(("sliced".into(), sliced));
     function.outputs.push(("padded".into(), padded));
+    function.outputs.push(("top".into(), top));
+    function.outputs.push(("corner".into(), corner));
+    function.outputs.push(("last row".into(), last_row));
     check_agree("slice and pad", &function, vec![real(&[5, 7], 1)]);
 }
 

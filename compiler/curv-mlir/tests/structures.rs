@@ -10,11 +10,11 @@ use curv_interp::{Inputs, Tensor, Value};
 use curv_ir::{Op, OptionValue, StructureKind};
 use curv_mlir::backend::MlirBackend;
 use curv_mlir::gpu::{lower_to_ptx, GpuTarget};
-use curv_runtime::structure_kernels::{device_plan, hyperparameters, DevicePlan};
+use curv_runtime::structure_kernels::{device_plan, hyperparameters, kfac_device_plan, DevicePlan};
 use curv_runtime::Backend;
 use std::collections::HashMap;
 
-/// The device plans of the Muon, Shampoo and SOAP examples' parameters, and of variants with weight
+/// The device plans of the Muon, Shampoo, SOAP and K-FAC examples' parameters, and of variants with weight
 /// decay, a running average and no grafting, with a name for messages.
 fn device_plans() -> Vec<(String, DevicePlan)> {
     let mut plans = Vec::new();
@@ -39,6 +39,18 @@ fn device_plans() -> Vec<(String, DevicePlan)> {
                 let device = device_plan(&variant, &shape).unwrap();
                 plans.push((format!("{example} {} {shape:?} variant", plan.rule_name), device));
             }
+        }
+    }
+    // K-FAC's functions for the digits weights, with the bias folded in and not, for a capture
+    // of 128 rows.
+    let program = common::program("optimizers/kfac.curv");
+    let train = &program.trains[0];
+    for plan in train.optimizer.plans.iter().filter(|plan| plan.structure == StructureKind::Kronecker) {
+        let shape: Vec<usize> =
+            train.params[plan.param].ty.known_shape().unwrap().iter().map(|&size| size as usize).collect();
+        for folded in [true, false] {
+            let device = kfac_device_plan(plan, &shape, folded, 128).unwrap();
+            plans.push((format!("kfac {shape:?} folded {folded}"), device));
         }
     }
     plans

@@ -3,7 +3,7 @@
 //! generated kernels and cuBLAS products, with the parameters, the gradients and the structures'
 //! states in device memory from one step to the next.
 //!
-//! Four structures have such functions, each for the variants listed in [`DeviceStructure`]:
+//! Five structures have such functions, each for the variants listed in [`DeviceStructure`]:
 //!
 //! - `diagonal` with `stats = gradient_square` (Adam's moments, as [`crate::optimizer`]'s host
 //!   update): one elementwise function.
@@ -21,6 +21,12 @@
 //!   moment, the rotations into the factors' eigenbases and back (four products), the second
 //!   moment there, the step and the factors' statistics, in one function. The bases' refreshes
 //!   (a power iteration and QR) are the host's part, at their refresh steps, as Shampoo's roots.
+//! - `kronecker(stats = kfac)` (K-FAC with the empirical Fisher, a weight used once as `x @ W`,
+//!   its bias folded in or not): its statistics, at the steps that take them, from the gradient
+//!   program's layer captures kept where they are (`[x 1]^T [x 1] / N` and `N d^T d`, two
+//!   products and their averaging epilogues), and its step (`A^-1 [G; g] G^-1` and the update
+//!   of the weight and its bias). The damped inverses are the host's part, after the
+//!   statistics.
 //!
 //! The functions follow the host updates' equations (`crate::optimizer`, `crate::kronecker`)
 //! operation for operation, in the run's element type; the host computes some scalars in double
@@ -63,6 +69,11 @@ pub enum DeviceStructure {
     /// `kronecker(function = eigenbasis)` (SOAP), unquantised, in one tile, with no modifier but
     /// `weight_decay`.
     Soap { ema: f64, b1: f64, b2: f64, eps: f64, every: u64 },
+    /// `kronecker(stats = kfac, fisher = empirical, function = damped_inverse)` (K-FAC) of a
+    /// weight used in one product `x @ W`, its bias folded in (`[W; b]`, the plan's `rows`
+    /// counting the bias' row) or not, with no modifier but `weight_decay`. `examples` is the
+    /// number of rows of the captured layer input the statistics' function is made for.
+    Kfac { ema: f64, damping: f64, pi: bool, every: u64, folded: bool, examples: usize },
 }
 
 /// A parameter's device structure with what every variant shares: the matrix view of the
@@ -90,6 +101,13 @@ pub enum StepPart {
     /// SOAP's step after its first: Adam's moments in the factors' eigenbases, the direction
     /// rotated back, the factors' statistics.
     Soap,
+    /// K-FAC's statistics from a capture of `examples` rows: the factors' averages of
+    /// `[x 1]^T [x 1] / N` and `N d^T d` (the cotangents carry the loss' `1/N`).
+    KfacStatistics {
+        examples: usize,
+    },
+    /// K-FAC's step: `A^-1 [G; g] G^-1` and the update of the weight (and its bias).
+    KfacStep,
 }
 
 impl StepPart {
@@ -102,6 +120,8 @@ impl StepPart {
                 format!("shampoo step{}", if *preconditioned { " preconditioned" } else { "" })
             }
             StepPart::Soap => "soap".to_string(),
+            StepPart::KfacStatistics { examples } => format!("kfac statistics {examples}"),
+            StepPart::KfacStep => "kfac step".to_string(),
         }
     }
 }
@@ -219,6 +239,7 @@ fn tensor_states(structure: &DeviceStructure) -> Vec<&'static str> {
             names
         }
         DeviceStructure::Soap { .. } => vec!["m", "v", "left_factor", "right_factor", "left_basis", "right_basis"],
+        DeviceStructure::Kfac { .. } => vec!["left_factor", "right_factor", "left_inverse", "right_inverse"],
     }
 }
 
@@ -228,8 +249,10 @@ pub fn required_states(plan: &DevicePlan) -> Vec<&'static str> {
     let mut names = tensor_states(&plan.structure);
     match plan.structure {
         DeviceStructure::Diagonal { .. } => names.push("refreshes"),
-        // SOAP's count of its steps, made at its first (host) step.
+        // SOAP's count of its steps, made at its first (host) step; K-FAC's count of its
+        // statistics.
         DeviceStructure::Soap { .. } => names.push("soap_step"),
+        DeviceStructure::Kfac { .. } => names.push("factor_updates"),
         // Shampoo's count of failed roots is made at the first refresh.
         DeviceStructure::Shampoo { .. } | DeviceStructure::Orthogonalize { .. } => {}
     }
@@ -248,7 +271,19 @@ impl DevicePlan {
                 vec![StepPart::ShampooStatistics, StepPart::ShampooStep { preconditioned: step >= *start }]
             }
             DeviceStructure::Soap { .. } => vec![StepPart::Soap],
+            DeviceStructure::Kfac { every, examples, .. } => {
+                if (step - 1).is_multiple_of(*every) {
+                    vec![StepPart::KfacStatistics { examples: *examples }, StepPart::KfacStep]
+                } else {
+                    vec![StepPart::KfacStep]
+                }
+            }
         }
+    }
+
+    /// Whether step `step` takes K-FAC statistics (from the gradient program's captures).
+    pub fn takes_captures(&self, step: u64) -> bool {
+        matches!(self.structure, DeviceStructure::Kfac { every, .. } if (step - 1).is_multiple_of(every))
     }
 
     /// Every function a run of this plan may call, for `curv build`'s kernels.
@@ -268,6 +303,9 @@ impl DevicePlan {
                 StepPart::ShampooStep { preconditioned: true },
             ],
             DeviceStructure::Soap { .. } => vec![StepPart::Soap],
+            DeviceStructure::Kfac { examples, .. } => {
+                vec![StepPart::KfacStatistics { examples: *examples }, StepPart::KfacStep]
+            }
         }
     }
 
@@ -463,6 +501,70 @@ impl DevicePlan {
                 builder.step(param, direction, self.weight_decay.is_some());
                 builder.factors(gradient, (left, right), *ema);
             }
+            (DeviceStructure::Kfac { ema, folded, .. }, StepPart::KfacStatistics { examples }) => {
+                let (rows, columns, examples) = (self.rows, self.columns, *examples);
+                let inputs = rows - usize::from(*folded);
+                let x = builder.input_shaped("kfac_input", [examples, inputs]);
+                let d = builder.input_shaped("kfac_cotangent", [examples, columns]);
+                let left = builder.input_shaped("left_factor", [rows, rows]);
+                let right = builder.input_shaped("right_factor", [columns, columns]);
+                // `[x 1]`: the inputs with a column of ones for the folded bias.
+                let x = if *folded {
+                    let placed = builder.push(Op::Pad { starts: vec![0, 0] }, vec![x], &[examples, rows]);
+                    let ones = builder.push(Op::Constant { value: 1.0 }, Vec::new(), &[examples, 1]);
+                    let column =
+                        builder.push(Op::Pad { starts: vec![0, inputs as i64] }, vec![ones], &[examples, rows]);
+                    builder.binary(BinaryOp::Add, placed, column)
+                } else {
+                    x
+                };
+                // As the host: the average with `ema` below 1.
+                let ema = ema.min(1.0 - f64::EPSILON);
+                let n = examples.max(1) as f64;
+                for (name, factor, data, scale) in
+                    [("left_factor", left, x, (1.0 - ema) / n), ("right_factor", right, d, (1.0 - ema) * n)]
+                {
+                    let transposed = builder.transpose(data);
+                    let covariance = builder.matmul(transposed, data);
+                    let scale = builder.constant(scale);
+                    let fresh = builder.binary(BinaryOp::Mul, scale, covariance);
+                    let keep = builder.constant(ema);
+                    let kept = builder.binary(BinaryOp::Mul, keep, factor);
+                    let updated = builder.binary(BinaryOp::Add, kept, fresh);
+                    builder.output(name, updated);
+                }
+            }
+            (DeviceStructure::Kfac { folded, .. }, StepPart::KfacStep) => {
+                let (rows, columns) = (self.rows, self.columns);
+                let inputs = rows - usize::from(*folded);
+                let param = builder.input_shaped("param", [inputs, columns]);
+                let gradient = builder.input_shaped("gradient", [inputs, columns]);
+                let stacked = if *folded {
+                    let bias = builder.input_shaped("bias", [1, columns]);
+                    let bias_gradient = builder.input_shaped("bias_gradient", [1, columns]);
+                    let placed = builder.push(Op::Pad { starts: vec![0, 0] }, vec![gradient], &[rows, columns]);
+                    let row =
+                        builder.push(Op::Pad { starts: vec![inputs as i64, 0] }, vec![bias_gradient], &[rows, columns]);
+                    Some((bias, builder.binary(BinaryOp::Add, placed, row)))
+                } else {
+                    None
+                };
+                let left = builder.input_shaped("left_inverse", [rows, rows]);
+                let right = builder.input_shaped("right_inverse", [columns, columns]);
+                let half = builder.matmul(left, stacked.map_or(gradient, |(_, stacked)| stacked));
+                let direction = builder.matmul(half, right);
+                match stacked {
+                    Some((bias, _)) => {
+                        let weight_part =
+                            builder.push(Op::Slice { starts: vec![0, 0] }, vec![direction], &[inputs, columns]);
+                        let bias_part =
+                            builder.push(Op::Slice { starts: vec![inputs as i64, 0] }, vec![direction], &[1, columns]);
+                        builder.step_named("param", param, weight_part, self.weight_decay.is_some());
+                        builder.step_named("bias", bias, bias_part, self.weight_decay.is_some());
+                    }
+                    None => builder.step(param, direction, self.weight_decay.is_some()),
+                }
+            }
             (structure, part) => unreachable!("no function {} for {structure:?}", part.name()),
         }
         builder.function
@@ -567,6 +669,11 @@ impl Builder {
     /// `param <- decay param - lr direction` (`decay`, `1 - lr lambda`, only with weight decay),
     /// as the output `param`.
     fn step(&mut self, param: ValueId, direction: ValueId, weight_decay: bool) {
+        self.step_named("param", param, direction, weight_decay);
+    }
+
+    /// [`Builder::step`] as the output `name`.
+    fn step_named(&mut self, name: &str, param: ValueId, direction: ValueId, weight_decay: bool) {
         let rate = self.hyper("lr");
         let param = if weight_decay {
             let decay = self.hyper("decay");
@@ -576,7 +683,7 @@ impl Builder {
         };
         let moved = self.binary(BinaryOp::Mul, rate, direction);
         let updated = self.binary(BinaryOp::Sub, param, moved);
-        self.output("param", updated);
+        self.output(name, updated);
     }
 
     /// The factors' statistics `L <- decay L + weight G G^T` and `R <- decay R + weight G^T G`
@@ -635,7 +742,7 @@ pub fn hyperparameters<'a, T: Real>(plan: &DevicePlan, step: u64, learning_rate:
             let s = step.saturating_sub(1) as f64;
             set("step_size", (1.0 - b2.powf(s)).sqrt() / (1.0 - b1.powf(s)));
         }
-        DeviceStructure::Orthogonalize { .. } => {}
+        DeviceStructure::Orthogonalize { .. } | DeviceStructure::Kfac { .. } => {}
     }
     inputs.step = step as f64;
     inputs
@@ -671,19 +778,38 @@ pub fn update_resident<T: Real>(
     param: &Resident<T>,
     gradient: &Resident<T>,
     state: &[(String, Resident<T>)],
-) -> Result<ResidentUpdate<T>, String> {
+    extras: &StructureExtras<T>,
+) -> Result<StructureUpdate<T>, String> {
     let mut update = ResidentUpdate { param: None, states: Vec::new() };
+    let mut bias = None;
     let base: Inputs<T> = hyperparameters(plan, step, learning_rate);
-    for part in plan.parts(step) {
+    for mut part in plan.parts(step) {
+        if let (StepPart::KfacStatistics { examples }, Some((input, _))) = (&mut part, extras.captures) {
+            // The rows of this step's capture (the plan's guess, for `curv build`, may differ).
+            let width =
+                (plan.rows - usize::from(matches!(plan.structure, DeviceStructure::Kfac { folded: true, .. }))).max(1);
+            *examples = input.len() / width;
+        }
         if matches!(part, StepPart::ShampooStep { .. }) {
             refresh_roots(plan, backend, step, &mut update, state)?;
+        }
+        if let (StepPart::KfacStep, DeviceStructure::Kfac { every, .. }) = (&part, &plan.structure) {
+            // The inverses of the factors this step's statistics made, if it took any.
+            if plan.takes_captures(step) {
+                refresh_kfac_inverses(plan, backend, (step - 1) / every + 1, &mut update, state)?;
+            }
         }
         let function = plan.function(&part);
         let mut inputs = base.clone();
         for (index, name, shape) in input_names(&function) {
+            let missing = |what: &str| format!("K-FAC's {what} is missing");
             let tensor = match name.as_str() {
                 "param" => param,
                 "gradient" => gradient,
+                "kfac_input" => extras.captures.ok_or_else(|| missing("captured layer input"))?.0,
+                "kfac_cotangent" => extras.captures.ok_or_else(|| missing("captured cotangent"))?.1,
+                "bias" => extras.bias.ok_or_else(|| missing("folded bias"))?.0,
+                "bias_gradient" => extras.bias.ok_or_else(|| missing("folded bias' gradient"))?.1,
                 state_name => current_state(&update, state, state_name)?,
             };
             if tensor.len() != shape.iter().product::<usize>() {
@@ -697,11 +823,18 @@ pub fn update_resident<T: Real>(
             let Output::Resident(tensor) = output else { return Err(format!("`{name}` was not kept resident")) };
             if name == "param" {
                 update.param = Some(Resident { shape: param.shape.clone(), storage: tensor.storage });
+            } else if let ("bias", Some((old, _))) = (name.as_str(), extras.bias) {
+                bias = Some(Resident { shape: old.shape.clone(), storage: tensor.storage });
             } else {
                 let shape = current_state(&update, state, &name)?.shape.clone();
                 replace(&mut update, &name, Resident { shape, storage: tensor.storage });
             }
         }
+    }
+    if let DeviceStructure::Kfac { every, .. } = plan.structure {
+        // The host's count of statistics taken, as the host update keeps it.
+        let count = (step - 1) / every + 1;
+        replace(&mut update, "factor_updates", Resident::host(Vec::new(), vec![T::from_f64(count as f64)]));
     }
     if let DeviceStructure::Soap { every, .. } = plan.structure {
         let s = step.saturating_sub(1);
@@ -715,7 +848,28 @@ pub fn update_resident<T: Real>(
         let refreshes = ((step - 1) / every + 1) as f64;
         replace(&mut update, "refreshes", Resident::host(Vec::new(), vec![T::from_f64(refreshes)]));
     }
-    Ok(update)
+    Ok(StructureUpdate { update, bias })
+}
+
+/// What a structure's step reads besides its parameter, gradient and state: K-FAC's captured
+/// layer input and output cotangents (at its statistics steps), and its folded bias with the
+/// bias' gradient.
+pub struct StructureExtras<'a, T> {
+    pub captures: Option<(&'a Resident<T>, &'a Resident<T>)>,
+    pub bias: Option<(&'a Resident<T>, &'a Resident<T>)>,
+}
+
+impl<T> Default for StructureExtras<'_, T> {
+    fn default() -> Self {
+        StructureExtras { captures: None, bias: None }
+    }
+}
+
+/// A structure's resident step: the parameter's new value and the states it replaced, and the
+/// folded bias' new value (K-FAC).
+pub struct StructureUpdate<T> {
+    pub update: ResidentUpdate<T>,
+    pub bias: Option<Resident<T>>,
 }
 
 fn current_state<'a, T>(
@@ -824,4 +978,81 @@ fn refresh_bases<T: Real>(
         replace(update, name, uploaded);
     }
     Ok(())
+}
+
+/// K-FAC's inverses at its statistics steps, on the host as the host step computes them: the
+/// factors this step's statistics made, bias-corrected by the number `count` of statistics
+/// taken, inverted with the pi-adjusted factored damping.
+fn refresh_kfac_inverses<T: Real>(
+    plan: &DevicePlan,
+    backend: &dyn Backend<T>,
+    count: u64,
+    update: &mut ResidentUpdate<T>,
+    state: &[(String, Resident<T>)],
+) -> Result<(), String> {
+    let DeviceStructure::Kfac { ema, damping, pi, .. } = plan.structure else { return Ok(()) };
+    let ema = ema.min(1.0 - f64::EPSILON);
+    let correction = 1.0 - ema.powf(count as f64);
+    let read = |update: &ResidentUpdate<T>, name: &str, size: usize| -> Result<crate::linalg::Matrix, String> {
+        let values = current_state(update, state, name)?.host_data()?;
+        Ok(crate::linalg::Matrix {
+            rows: size,
+            columns: size,
+            data: values.iter().take(size * size).map(|value| value.to_f64() / correction).collect(),
+        })
+    };
+    let (a_hat, g_hat) = (read(update, "left_factor", plan.rows)?, read(update, "right_factor", plan.columns)?);
+    // `pi = sqrt((tr A / dim A) / (tr G / dim G))` multiplies the inputs' factor's damping.
+    let (norm_inputs, norm_outputs) =
+        (crate::kronecker::trace(&a_hat) / plan.rows as f64, crate::kronecker::trace(&g_hat) / plan.columns as f64);
+    let pi = if pi && norm_inputs > 0.0 && norm_outputs > 0.0 {
+        Some((norm_inputs / norm_outputs).sqrt()).filter(|pi| pi.is_finite()).unwrap_or(1.0)
+    } else {
+        1.0
+    };
+    let root = damping.sqrt();
+    let failure = |error: crate::linalg::LinalgError| format!("the K-FAC inverse: {error}");
+    let left = crate::kronecker::damped_inverse(&a_hat, pi * root).map_err(failure)?;
+    let right = crate::kronecker::damped_inverse(&g_hat, root / pi).map_err(failure)?;
+    for (name, inverse) in [("left_inverse", left), ("right_inverse", right)] {
+        let shape = current_state(update, state, name)?.shape.clone();
+        let values = inverse.data.iter().map(|value| T::from_f64(*value)).collect();
+        let uploaded = backend.upload(curv_interp::Tensor::new(shape, values))?;
+        replace(update, name, uploaded);
+    }
+    Ok(())
+}
+
+/// K-FAC's plan for a weight of `shape` used once as `x @ W`, with its bias folded in or not,
+/// whose captured layer input has `examples` rows; None for a variant without functions here.
+pub fn kfac_device_plan(plan: &ParamPlan, shape: &[usize], folded: bool, examples: usize) -> Option<DevicePlan> {
+    let options = &plan.options;
+    let [inputs, columns] = shape else { return None };
+    if plan.structure != StructureKind::Kronecker
+        || option_name(options, "stats") != Some("kfac")
+        || option_name(options, "fisher").unwrap_or("empirical") != "empirical"
+        || option_name(options, "function").unwrap_or("inverse_root") != "damped_inverse"
+    {
+        return None;
+    }
+    let mut weight_decay = None;
+    for modifier in &plan.modifiers {
+        match modifier.name.as_str() {
+            "weight_decay" => weight_decay = Some(option_number(&modifier.options, "lambda").unwrap_or(0.0)),
+            _ => return None,
+        }
+    }
+    Some(DevicePlan {
+        structure: DeviceStructure::Kfac {
+            ema: number(options, "ema", 0.95),
+            damping: number(options, "damping", 1e-3),
+            pi: flag(options, "pi", true),
+            every: number(options, "every", 1.0).max(1.0) as u64,
+            folded,
+            examples,
+        },
+        rows: inputs + usize::from(folded),
+        columns: *columns,
+        weight_decay,
+    })
 }

@@ -70,6 +70,27 @@ impl Emitter<'_> {
     ) {
         let ty = element(dtype);
         let rank = shape.len();
+        if (0..rank).any(|axis| offsets[axis] == 0 && operand_shape[axis] != shape[axis]) {
+            // An axis read from its start but not to its end: its map would be the plain loop
+            // index, from which linalg infers the loop's range as the operand's size, which is
+            // not the result's. The element is read by index instead, in the body.
+            let mut body = Vec::new();
+            let mut sources = Vec::new();
+            for (axis, offset) in offsets.iter().enumerate().take(rank) {
+                body.push(format!("%cv_off{axis} = arith.constant {offset} : index"));
+                body.push(format!("%cv_src{axis} = arith.addi %cv_d{axis}, %cv_off{axis} : index"));
+                sources.push(format!("%cv_src{axis}"));
+            }
+            body.push(format!(
+                "%cv_value = tensor.extract {operand}[{}] : {}",
+                sources.join(", "),
+                tensor_type(operand_shape, dtype)
+            ));
+            let computed = self.computed(dtype, shape, 0, &body, false);
+            let result_type = tensor_type(shape, dtype);
+            self.line(&format!("{result} = tensor.cast {computed} : {result_type} to {result_type}"));
+            return;
+        }
         let init = self.empty(shape, dtype);
         let shifted: Vec<String> = (0..rank)
             .map(|axis| if offsets[axis] == 0 { format!("d{axis}") } else { format!("d{axis} + {}", offsets[axis]) })

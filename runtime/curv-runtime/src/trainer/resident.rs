@@ -3,10 +3,11 @@
 //!
 //! A step takes this path when every parameter is updated by a rule (a multi-parameter rule
 //! kernel, or its own rule's kernels) with no modifier, or by a structure whose step has IR
-//! functions ([`crate::structure_kernels`]: Adam's diagonal, Muon, one-tile Shampoo and SOAP),
-//! with no curvature statistic at that step and no gradient clipping: then nothing of the step
-//! needs the host but the loss and the metrics' outputs (and Shampoo's roots and SOAP's bases at
-//! their refresh steps). The
+//! functions ([`crate::structure_kernels`]: Adam's diagonal, Muon, one-tile Shampoo and SOAP,
+//! K-FAC), with no curvature statistic at that step but K-FAC's (whose captures the gradient
+//! program then keeps resident) and no gradient clipping: then nothing of the step needs the
+//! host but the loss and the metrics' outputs (and the roots, bases and inverses at their
+//! refresh steps). The
 //! gradient program keeps its gradients resident, the rule kernels and structure functions read
 //! the parameters, gradients and states resident and keep their outputs resident, and one
 //! non-finite check of the gradients and new parameters runs where they are
@@ -70,25 +71,59 @@ fn update_order<'a>(
 }
 
 /// The device form of `plan` ([`crate::structure_kernels::device_plan`]) for its parameter in
-/// `program`; None for a rule or a variant without one.
+/// `program`, whose K-FAC captures are `captures` ([`super::capture_program`]); None for a rule
+/// or a variant without one.
 pub fn device_plan_of(
     program: &curv_ir::TrainProgram,
     plan: &curv_ir::ParamPlan,
+    captures: Option<&super::CaptureProgram>,
 ) -> Option<crate::structure_kernels::DevicePlan> {
     let shape: Vec<usize> =
         program.params.get(plan.param)?.ty.known_shape()?.iter().map(|&size| size as usize).collect();
-    crate::structure_kernels::device_plan(plan, &shape)
+    if crate::optimizer::kfac_statistic(plan).is_none() {
+        return crate::structure_kernels::device_plan(plan, &shape);
+    }
+    // K-FAC of a weight used in one product `x @ W`.
+    let captures = captures?;
+    let mut layers = captures.layers.iter().filter(|layer| layer.param == plan.param);
+    let (Some(layer), None) = (layers.next(), layers.next()) else { return None };
+    if layer.convolution.is_some() {
+        return None;
+    }
+    let input = captures.function.output(&layer.input)?;
+    // The captured input's rows: every dimension but the last, the batch for a symbolic one.
+    let dims = &captures.function.ty(input).shape;
+    let examples: usize = dims[..dims.len().saturating_sub(1)]
+        .iter()
+        .map(|dim| match dim {
+            curv_ir::Dim::Known(size) => *size as usize,
+            curv_ir::Dim::Symbol(_) => program.batch.max(1) as usize,
+        })
+        .product();
+    let folded = captures.folded_biases.iter().any(|(_, weight)| *weight == plan.param);
+    crate::structure_kernels::kfac_device_plan(plan, &shape, folded, examples)
+}
+
+/// The parameter whose K-FAC update also updates the bias `param` (folded in as `[W; b]`).
+fn folded_into(captures: Option<&super::CaptureProgram>, param: usize) -> Option<usize> {
+    captures?.folded_biases.iter().find(|(bias, _)| *bias == param).map(|(_, weight)| *weight)
 }
 
 /// Whether every parameter of `program` is updated by a rule (in a group, or of its own) or by a
-/// structure with functions of its step ([`crate::structure_kernels`]): the first condition of
-/// a resident step.
-fn every_parameter_updates_resident(program: &curv_ir::TrainProgram) -> bool {
+/// structure with functions of its step ([`crate::structure_kernels`]), or is a bias folded into
+/// a K-FAC weight that is: the first condition of a resident step.
+fn every_parameter_updates_resident(program: &curv_ir::TrainProgram, captures: Option<&super::CaptureProgram>) -> bool {
     let plans = &program.optimizer.plans;
-    (0..program.params.len()).all(|param| {
+    let updates = |param: usize| {
         let mut own = plans.iter().filter(|plan| plan.param == param).peekable();
         own.peek().is_some()
-            && own.all(|plan| plan.structure == curv_ir::StructureKind::Rule || device_plan_of(program, plan).is_some())
+            && own.all(|plan| {
+                plan.structure == curv_ir::StructureKind::Rule || device_plan_of(program, plan, captures).is_some()
+            })
+    };
+    (0..program.params.len()).all(|param| match folded_into(captures, param) {
+        Some(weight) => updates(weight),
+        None => updates(param),
     })
 }
 
@@ -100,7 +135,8 @@ pub fn resident_check_shapes(
     program: &curv_ir::TrainProgram,
     groups: &[crate::optimizer::RuleGroup],
 ) -> Option<Vec<Vec<usize>>> {
-    if !every_parameter_updates_resident(program) {
+    let captures = super::capture_program(program).ok().flatten();
+    if !every_parameter_updates_resident(program, captures.as_ref()) {
         return None;
     }
     let shape = |param: usize| -> Vec<usize> {
@@ -190,22 +226,27 @@ impl<T: Real> Trainer<T> {
             return false;
         }
         let plans = &self.program.optimizer.plans;
-        if !every_parameter_updates_resident(&self.program) {
+        let captures = self.captures.as_ref();
+        if !every_parameter_updates_resident(&self.program, captures) {
             return false;
         }
         for plan in plans {
             let rule = plan.structure == curv_ir::StructureKind::Rule;
-            if (rule && !plan.modifiers.is_empty())
-                || !crate::optimizer::statistics_needed(plan, &self.rules, step).is_empty()
-            {
+            // The only statistics a resident step takes are K-FAC's, from the gradient
+            // program's captures, for the plans whose device form reads them.
+            let device_statistics = device_plan_of(&self.program, plan, captures).is_some_and(|device| {
+                matches!(device.structure, crate::structure_kernels::DeviceStructure::Kfac { .. })
+            });
+            let statistics = crate::optimizer::statistics_needed(plan, &self.rules, step);
+            if (rule && !plan.modifiers.is_empty()) || (!statistics.is_empty() && !device_statistics) {
                 return false;
             }
         }
         if self.resident.is_none() {
             // The states are made by the first host step (the rules' `init`, the structures'
             // first update).
-            for plan in plans {
-                if let Some(device) = device_plan_of(&self.program, plan) {
+            for plan in plans.iter().filter(|plan| folded_into(captures, plan.param).is_none()) {
+                if let Some(device) = device_plan_of(&self.program, plan, captures) {
                     let state = &self.states[plan.param];
                     let required = crate::structure_kernels::required_states(&device);
                     if required.iter().any(|name| crate::optimizer::state_get(state, name).is_none()) {
@@ -293,9 +334,23 @@ impl<T: Real> Trainer<T> {
         for ((source, field), tensor) in batch {
             inputs.lend_resident(Slot::Data(source.clone(), field.clone()), tensor);
         }
+        // At K-FAC's statistics steps, the gradient program with the layers' captures, kept too.
+        let device_plans: Vec<Option<crate::structure_kernels::DevicePlan>> = self
+            .program
+            .optimizer
+            .plans
+            .iter()
+            .map(|plan| device_plan_of(&self.program, plan, self.captures.as_ref()))
+            .collect();
+        let capture_program =
+            self.captures.as_ref().filter(|_| device_plans.iter().flatten().any(|device| device.takes_captures(step)));
+        let (key, function) = match capture_program {
+            Some(captures) => (keys::GRADIENTS_AND_CAPTURES, &captures.function),
+            None => (keys::GRADIENTS, &self.gradients),
+        };
         let outputs = self
             .backend
-            .outputs_keeping(keys::GRADIENTS, &self.gradients, &inputs, &|name| name.starts_with("grad."))
+            .outputs_keeping(key, function, &inputs, &|name| name.starts_with("grad.") || name.starts_with("kfac."))
             .map_err(runtime)?;
         let mut values: Vec<(String, Value<T>)> = Vec::new();
         let mut kept: HashMap<String, Resident<T>> = HashMap::new();
@@ -404,9 +459,32 @@ impl<T: Real> Trainer<T> {
             }
             // The parameters with a rule of their own, or a structure, in plan order (as the host
             // step).
-            for plan in lone {
+            for plan in &lone {
                 let index = plan.param;
-                if let Some(device) = device_plan_of(&self.program, plan) {
+                if folded_into(self.captures.as_ref(), index).is_some() {
+                    // Updated with its weight.
+                    continue;
+                }
+                let plan_index = self.program.optimizer.plans.iter().position(|other| std::ptr::eq(other, *plan));
+                let device = plan_index.and_then(|at| device_plans[at].clone());
+                if let Some(device) = device {
+                    let mut extras = crate::structure_kernels::StructureExtras::default();
+                    let layer = self.captures.as_ref().and_then(|captures| {
+                        captures.layers.iter().find(|layer| layer.param == index).map(|layer| (captures, layer))
+                    });
+                    if let (true, Some((_, layer))) = (device.takes_captures(step), layer) {
+                        let input = kept.get(&layer.input);
+                        let cotangent = kept.get(&layer.cotangent);
+                        extras.captures = input.zip(cotangent);
+                    }
+                    let bias = self
+                        .captures
+                        .as_ref()
+                        .and_then(|captures| captures.folded_biases.iter().find(|(_, weight)| *weight == index))
+                        .map(|(bias, _)| *bias);
+                    if let Some(bias) = bias {
+                        extras.bias = Some((&resident.params[bias], &gradients[bias]));
+                    }
                     let update = crate::structure_kernels::update_resident(
                         &device,
                         self.backend.as_ref(),
@@ -415,6 +493,7 @@ impl<T: Real> Trainer<T> {
                         &resident.params[index],
                         &gradients[index],
                         &resident.states[index],
+                        &extras,
                     )
                     .map_err(|message| {
                         TrainError::Runtime(format!(
@@ -423,8 +502,11 @@ impl<T: Real> Trainer<T> {
                             plan.rule_name
                         ))
                     })?;
-                    new_states[index] = update.states;
-                    new_params[index] = update.param;
+                    new_states[index] = update.update.states;
+                    new_params[index] = update.update.param;
+                    if let (Some(bias), Some(tensor)) = (bias, update.bias) {
+                        new_params[bias] = Some(tensor);
+                    }
                     continue;
                 }
                 let update = crate::optimizer::update_rule_resident(
