@@ -15,7 +15,8 @@
 #    PyTorch CUDA eager and torch.compile, in the same run, for curv with resident steps and
 #    launches that do not wait for their kernels (the default), with every launch waiting
 #    (CURV_CUDA_SYNC=each), with small inputs written by the CPU (CURV_CUDA_SMALL_INPUTS=cpu)
-#    and with every tensor staged through the host (CURV_RESIDENT=off);
+#    and with every tensor staged through the host (CURV_RESIDENT=off); and the digits MLP's step
+#    with Muon, Shampoo, SOAP and K-FAC, resident against staged;
 # 3. where the host's time went in the two step benchmarks (CURV_CUDA_PROFILE), then a short
 #    table last. Exit status 1 when a comparison fails. When $OUT names a folder (the device
 #    tool's), the logs and metrics go there as gpu-check-logs.tar.gz.
@@ -143,6 +144,17 @@ siren_wait_ms=$(CURV_CUDA_SYNC=each step_ms siren 60 examples)
 # the host moved their pages.
 digits_cpu_inputs_ms=$(CURV_CUDA_SMALL_INPUTS=cpu step_ms adam 200 examples/optimizers)
 siren_cpu_inputs_ms=$(CURV_CUDA_SMALL_INPUTS=cpu step_ms siren 60 examples)
+# The matrix structures' steps on the digits MLP: resident (their per-step work as generated
+# kernels and cuBLAS products, the roots, bases and inverses on the host at refresh steps)
+# against staged (CURV_RESIDENT=off: their work in the runtime on the CPU, every tensor through
+# the host).
+structures=""
+for name in muon shampoo soap kfac; do
+    [ -x "$work/bin/$name" ] || continue
+    resident_ms=$(step_ms "$name" 100 examples/optimizers)
+    staged_ms=$(CURV_RESIDENT=off step_ms "$name" 100 examples/optimizers)
+    structures="$structures$name ${resident_ms:-nan} ${staged_ms:-nan};"
+done
 peers=$("$PYTHON" scripts/gpu_check.py bench 2>"$work/bench.log" || echo '{}')
 for problem in adam siren; do
     for profile in "$work/bench-$problem.profile" "$work/bench-$problem-sync-each.profile" "$work/bench-$problem-resident-off.profile"; do
@@ -154,7 +166,7 @@ echo
 echo "=== GPU check: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1) ==="
 echo "correctness ($STEPS steps, GPU against the same trainer on the CPU):"
 cat "$results"
-"$PYTHON" - "$digits_ms" "$siren_ms" "$peers" "$update" "$digits_host_ms" "$siren_host_ms" "$digits_wait_ms" "$siren_wait_ms" "$digits_cpu_inputs_ms" "$siren_cpu_inputs_ms" <<'PY'
+"$PYTHON" - "$digits_ms" "$siren_ms" "$peers" "$update" "$digits_host_ms" "$siren_host_ms" "$digits_wait_ms" "$siren_wait_ms" "$digits_cpu_inputs_ms" "$siren_cpu_inputs_ms" "$structures" <<'PY'
 import json, sys
 digits, siren, peers = sys.argv[1], sys.argv[2], json.loads(sys.argv[3] or "{}")
 update = json.loads(sys.argv[4] or "{}")
@@ -177,6 +189,10 @@ print("(curv: resident steps, launches back to back, the default; waiting: CURV_
 print(" staged: CURV_RESIDENT=off, every tensor through the host at each call)")
 print("with small inputs written by the CPU (CURV_CUDA_SMALL_INPUTS=cpu): " + ", ".join(
     f"{problem} {number(cpu_inputs[problem]):.3f} ms" for problem in ("digits", "siren")))
+structures = [entry.split() for entry in sys.argv[11].split(";") if entry.strip()]
+if structures:
+    print("matrix structures on the digits MLP, median step (resident / staged through the host): " + ", ".join(
+        f"{name} {number(resident):.3f} / {number(staged):.3f} ms" for name, resident, staged in structures))
 copy = peers.get("copy_gbytes_per_second")
 print(f"device-to-device copy (PyTorch): {copy:.0f} GB/s" if copy else "device-to-device copy (PyTorch): not measured")
 if update.get("update_gbytes_per_second"):

@@ -47,6 +47,7 @@ use curv_ir::{
     option_name, option_number, BinaryOp, DType, Function, Op, ParamPlan, ReduceOp, StructureKind, TensorType, UnaryOp,
     ValueId,
 };
+use std::collections::HashMap;
 
 /// Grafting of a Shampoo step (the `graft` modifier).
 #[derive(Debug, Clone, PartialEq)]
@@ -766,7 +767,7 @@ fn input_names(function: &Function) -> Vec<(usize, String, Vec<usize>)> {
 }
 
 /// One step of `plan` for a parameter with every tensor resident where `backend` computes:
-/// its functions in order, each reading the states the previous one wrote, and the host's part
+/// its functions in order (made once, kept in `functions` by key), each reading the states the previous one wrote, and the host's part
 /// between them (Shampoo's inverse roots at their refresh steps, the counters). Returns the new
 /// parameter and the states it replaced; nothing resident changes until the caller commits them.
 #[allow(clippy::too_many_arguments)]
@@ -779,6 +780,7 @@ pub fn update_resident<T: Real>(
     gradient: &Resident<T>,
     state: &[(String, Resident<T>)],
     extras: &StructureExtras<T>,
+    functions: &mut HashMap<String, Function>,
 ) -> Result<StructureUpdate<T>, String> {
     let mut update = ResidentUpdate { param: None, states: Vec::new() };
     let mut bias = None;
@@ -799,9 +801,10 @@ pub fn update_resident<T: Real>(
                 refresh_kfac_inverses(plan, backend, (step - 1) / every + 1, &mut update, state)?;
             }
         }
-        let function = plan.function(&part);
+        let key = plan.key(&part);
+        let function = functions.entry(key.clone()).or_insert_with(|| plan.function(&part));
         let mut inputs = base.clone();
-        for (index, name, shape) in input_names(&function) {
+        for (index, name, shape) in input_names(function) {
             let missing = |what: &str| format!("K-FAC's {what} is missing");
             let tensor = match name.as_str() {
                 "param" => param,
@@ -817,7 +820,7 @@ pub fn update_resident<T: Real>(
             }
             inputs.lend_resident_as(Slot::Input(index), tensor, shape);
         }
-        let outputs = backend.outputs_keeping(&plan.key(&part), &function, &inputs, &|_| true)?;
+        let outputs = backend.outputs_keeping(&key, function, &inputs, &|_| true)?;
         drop(inputs);
         for (name, output) in outputs {
             let Output::Resident(tensor) = output else { return Err(format!("`{name}` was not kept resident")) };

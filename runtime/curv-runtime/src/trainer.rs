@@ -84,6 +84,9 @@ pub struct Trainer<T> {
     groups: Vec<crate::optimizer::RuleGroup>,
     /// Whether steps keep their tensors resident where they can ([`Trainer::set_resident`]).
     resident_enabled: bool,
+    /// The structures' step functions of resident steps, by key, made once
+    /// ([`crate::structure_kernels::update_resident`]).
+    structure_functions: HashMap<String, Function>,
     /// The resident parameters and states, when the last step was resident.
     resident: Option<resident::ResidentValues<T>>,
 }
@@ -409,6 +412,7 @@ impl<T: Real> Trainer<T> {
             autodiff_seconds: autodiff_started.elapsed().as_secs_f64(),
             groups,
             resident_enabled: false,
+            structure_functions: HashMap::new(),
             resident: None,
         }
     }

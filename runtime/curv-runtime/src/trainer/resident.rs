@@ -494,6 +494,7 @@ impl<T: Real> Trainer<T> {
                         &gradients[index],
                         &resident.states[index],
                         &extras,
+                        &mut self.structure_functions,
                     )
                     .map_err(|message| {
                         TrainError::Runtime(format!(
