@@ -748,6 +748,9 @@ mod tests {
                     (StructureKind::Kronecker, Some("weight_decay"), "lambda", number(0.1)),
                 ],
             ),
+            // K-FAC on convolutions (stride 1 and 2, padded): the input patches gathered where
+            // the capture is; the dense layer's bias folded.
+            ("digits_cnn.curv", 12, vec![]),
             // SOAP: bases refreshed at its steps 10 and 20 (steps 11 and 21), and a variant. Its
             // `eps = 1e-8` divides rounding by rounding in the rotated directions of the digits'
             // singular factors (both moments are zero there but for rounding), which makes

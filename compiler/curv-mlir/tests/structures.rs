@@ -49,9 +49,18 @@ fn device_plans() -> Vec<(String, DevicePlan)> {
         let shape: Vec<usize> =
             train.params[plan.param].ty.known_shape().unwrap().iter().map(|&size| size as usize).collect();
         for folded in [true, false] {
-            let device = kfac_device_plan(plan, &shape, folded, 128).unwrap();
+            let device = kfac_device_plan(plan, &shape, folded, 128, None).unwrap();
             plans.push((format!("kfac {shape:?} folded {folded}"), device));
         }
+    }
+    // K-FAC on the CNN's two convolutions (their patches: pads, slices and transposes) and its
+    // dense layer, as the trainer plans them from the capture program.
+    let program = common::program("digits_cnn.curv");
+    let train = &program.trains[0];
+    let captures = curv_runtime::trainer::capture_program(train).unwrap();
+    for plan in train.optimizer.plans.iter().filter(|plan| plan.structure == StructureKind::Kronecker) {
+        let device = curv_runtime::trainer::device_plan_of(train, plan, captures.as_ref()).unwrap();
+        plans.push((format!("cnn kfac {}", train.params[plan.param].name), device));
     }
     plans
 }

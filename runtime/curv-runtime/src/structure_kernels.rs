@@ -22,8 +22,9 @@
 //!   moment there, the step and the factors' statistics, in one function. The bases' refreshes
 //!   (a power iteration and QR) are the host's part, at their refresh steps, as Shampoo's roots.
 //! - `kronecker(stats = kfac)` (K-FAC with the empirical Fisher, a weight used once as `x @ W`,
-//!   its bias folded in or not): its statistics, at the steps that take them, from the gradient
-//!   program's layer captures kept where they are (`[x 1]^T [x 1] / N` and `N d^T d`, two
+//!   its bias folded in or not, or one convolution's kernel): its statistics, at the steps that
+//!   take them, from the gradient program's layer captures kept where they are (`[x 1]^T [x 1]
+//!   / N` and `N d^T d`, or a convolution's input patches and per-position cotangents: two
 //!   products and their averaging epilogues), and its step (`A^-1 [G; g] G^-1` and the update
 //!   of the weight and its bias). The damped inverses are the host's part, after the
 //!   statistics.
@@ -74,7 +75,29 @@ pub enum DeviceStructure {
     /// weight used in one product `x @ W`, its bias folded in (`[W; b]`, the plan's `rows`
     /// counting the bias' row) or not, with no modifier but `weight_decay`. `examples` is the
     /// number of rows of the captured layer input the statistics' function is made for.
-    Kfac { ema: f64, damping: f64, pi: bool, every: u64, folded: bool, examples: usize },
+    Kfac {
+        ema: f64,
+        damping: f64,
+        pi: bool,
+        every: u64,
+        folded: bool,
+        examples: usize,
+        convolution: Option<Convolution>,
+    },
+}
+
+/// The geometry of a convolution `conv2d(x, K)` whose kernel K-FAC updates: the input's
+/// channels and size, the kernel's size, the stride and padding, and the output's size. The
+/// kernel's matrix view is `[O, C kH kW]`: its left factor is the outputs', its right factor the
+/// input patches'.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Convolution {
+    pub channels: usize,
+    pub input: (usize, usize),
+    pub kernel: (usize, usize),
+    pub stride: usize,
+    pub padding: usize,
+    pub output: (usize, usize),
 }
 
 /// A parameter's device structure with what every variant shares: the matrix view of the
@@ -502,6 +525,39 @@ impl DevicePlan {
                 builder.step(param, direction, self.weight_decay.is_some());
                 builder.factors(gradient, (left, right), *ema);
             }
+            (DeviceStructure::Kfac { ema, convolution: Some(geometry), .. }, StepPart::KfacStatistics { examples }) => {
+                let (rows, columns, examples) = (self.rows, self.columns, *examples);
+                let Convolution { channels, input: (height, width), output, .. } = geometry.clone();
+                let positions = output.0 * output.1;
+                let x = builder.input_shaped4("kfac_input", [examples, channels, height, width]);
+                let d = builder.input_shaped4("kfac_cotangent", [examples, rows, output.0, output.1]);
+                let left = builder.input_shaped("left_factor", [rows, rows]);
+                let right = builder.input_shaped("right_factor", [columns, columns]);
+                let patches = builder.patches(x, examples, geometry);
+                // The cotangents as rows `(n, h', w')` of `O` values.
+                let d = builder.push(Op::Reshape, vec![d], &[examples, rows, positions]);
+                let d =
+                    builder.push(Op::Transpose { permutation: vec![0, 2, 1] }, vec![d], &[examples, positions, rows]);
+                let d = builder.push(Op::Reshape, vec![d], &[examples * positions, rows]);
+                // As the host: the patches divided by the positions `S`, the cotangents times
+                // `N / S`, both covariances divided by the rows `N S`, averaged with `ema` below 1.
+                let ema = ema.min(1.0 - f64::EPSILON);
+                let (n, s) = (examples.max(1) as f64, positions.max(1) as f64);
+                let total = n * s;
+                for (name, factor, data, scale) in [
+                    ("left_factor", left, d, (1.0 - ema) * (n / s) * (n / s) / total),
+                    ("right_factor", right, patches, (1.0 - ema) / (s * s) / total),
+                ] {
+                    let transposed = builder.transpose(data);
+                    let covariance = builder.matmul(transposed, data);
+                    let scale = builder.constant(scale);
+                    let fresh = builder.binary(BinaryOp::Mul, scale, covariance);
+                    let keep = builder.constant(ema);
+                    let kept = builder.binary(BinaryOp::Mul, keep, factor);
+                    let updated = builder.binary(BinaryOp::Add, kept, fresh);
+                    builder.output(name, updated);
+                }
+            }
             (DeviceStructure::Kfac { ema, folded, .. }, StepPart::KfacStatistics { examples }) => {
                 let (rows, columns, examples) = (self.rows, self.columns, *examples);
                 let inputs = rows - usize::from(*folded);
@@ -604,6 +660,61 @@ impl Builder {
         let index = self.inputs;
         self.inputs += 1;
         self.push(Op::Input { index, name: name.to_string() }, Vec::new(), &shape)
+    }
+
+    fn input_shaped4(&mut self, name: &str, shape: [usize; 4]) -> ValueId {
+        let index = self.inputs;
+        self.inputs += 1;
+        self.push(Op::Input { index, name: name.to_string() }, Vec::new(), &shape)
+    }
+
+    /// The patches of a convolution's input `x` (`[N, C, H, W]`) as rows `(n, h', w')` of
+    /// `C kH kW` values (column `(c kH + i) kW + j`), zeros where a patch reaches into the
+    /// padding: as `crate::trainer`'s `convolution_patches`, without its `1 / S`. The input is
+    /// placed in zeros whose height and width are multiples of the stride `s` and seen as
+    /// `[N, C, H/s, s, W/s, s]`, so that the rows `h' s + i` of every output row `h'` are one
+    /// contiguous slice (`h' + i / s` on the third axis, `i mod s` on the fourth); each kernel
+    /// position's slice becomes one column of every channel's `kH kW`.
+    fn patches(&mut self, x: ValueId, examples: usize, geometry: &Convolution) -> ValueId {
+        let Convolution { channels, input: (height, width), kernel: (kernel_h, kernel_w), stride, padding, output } =
+            geometry.clone();
+        let s = stride.max(1);
+        let rows_needed = |size: usize, out: usize, k: usize| (size + 2 * padding).div_ceil(s).max(out + (k - 1) / s);
+        let (hq, wq) = (rows_needed(height, output.0, kernel_h), rows_needed(width, output.1, kernel_w));
+        let padded = self.push(
+            Op::Pad { starts: vec![0, 0, padding as i64, padding as i64] },
+            vec![x],
+            &[examples, channels, hq * s, wq * s],
+        );
+        let split = self.push(Op::Reshape, vec![padded], &[examples, channels, hq, s, wq, s]);
+        let positions = output.0 * output.1;
+        let window = kernel_h * kernel_w;
+        let mut columns: Option<ValueId> = None;
+        for i in 0..kernel_h {
+            for j in 0..kernel_w {
+                let starts = vec![0, 0, (i / s) as i64, (i % s) as i64, (j / s) as i64, (j % s) as i64];
+                let slice =
+                    self.push(Op::Slice { starts }, vec![split], &[examples, channels, output.0, 1, output.1, 1]);
+                let slice = self.push(Op::Reshape, vec![slice], &[examples, channels, positions]);
+                let slice = self.push(
+                    Op::Transpose { permutation: vec![0, 2, 1] },
+                    vec![slice],
+                    &[examples, positions, channels],
+                );
+                let slice = self.push(Op::Reshape, vec![slice], &[examples * positions, channels, 1]);
+                let placed = self.push(
+                    Op::Pad { starts: vec![0, 0, (i * kernel_w + j) as i64] },
+                    vec![slice],
+                    &[examples * positions, channels, window],
+                );
+                columns = Some(match columns {
+                    None => placed,
+                    Some(sum) => self.binary(BinaryOp::Add, sum, placed),
+                });
+            }
+        }
+        let columns = columns.expect("a kernel of at least one position");
+        self.push(Op::Reshape, vec![columns], &[examples * positions, channels * window])
     }
 
     fn hyper(&mut self, name: &str) -> ValueId {
@@ -788,9 +899,14 @@ pub fn update_resident<T: Real>(
     for mut part in plan.parts(step) {
         if let (StepPart::KfacStatistics { examples }, Some((input, _))) = (&mut part, extras.captures) {
             // The rows of this step's capture (the plan's guess, for `curv build`, may differ).
-            let width =
-                (plan.rows - usize::from(matches!(plan.structure, DeviceStructure::Kfac { folded: true, .. }))).max(1);
-            *examples = input.len() / width;
+            let width = match &plan.structure {
+                DeviceStructure::Kfac { convolution: Some(geometry), .. } => {
+                    geometry.channels * geometry.input.0 * geometry.input.1
+                }
+                DeviceStructure::Kfac { folded, .. } => plan.rows - usize::from(*folded),
+                _ => plan.rows,
+            };
+            *examples = input.len() / width.max(1);
         }
         if matches!(part, StepPart::ShampooStep { .. }) {
             refresh_roots(plan, backend, step, &mut update, state)?;
@@ -1027,10 +1143,25 @@ fn refresh_kfac_inverses<T: Real>(
 }
 
 /// K-FAC's plan for a weight of `shape` used once as `x @ W`, with its bias folded in or not,
-/// whose captured layer input has `examples` rows; None for a variant without functions here.
-pub fn kfac_device_plan(plan: &ParamPlan, shape: &[usize], folded: bool, examples: usize) -> Option<DevicePlan> {
+/// or as a convolution's kernel (of `convolution`'s geometry), whose captured layer input has
+/// `examples` rows (examples for a convolution); None for a variant without functions here.
+pub fn kfac_device_plan(
+    plan: &ParamPlan,
+    shape: &[usize],
+    folded: bool,
+    examples: usize,
+    convolution: Option<Convolution>,
+) -> Option<DevicePlan> {
     let options = &plan.options;
-    let [inputs, columns] = shape else { return None };
+    let (inputs, columns) = match (shape, &convolution) {
+        ([inputs, columns], None) => (*inputs, *columns),
+        ([outputs, channels, kernel_h, kernel_w], Some(geometry))
+            if !folded && geometry.channels == *channels && geometry.kernel == (*kernel_h, *kernel_w) =>
+        {
+            (*outputs, channels * kernel_h * kernel_w)
+        }
+        _ => return None,
+    };
     if plan.structure != StructureKind::Kronecker
         || option_name(options, "stats") != Some("kfac")
         || option_name(options, "fisher").unwrap_or("empirical") != "empirical"
@@ -1053,9 +1184,10 @@ pub fn kfac_device_plan(plan: &ParamPlan, shape: &[usize], folded: bool, example
             every: number(options, "every", 1.0).max(1.0) as u64,
             folded,
             examples,
+            convolution,
         },
         rows: inputs + usize::from(folded),
-        columns: *columns,
+        columns,
         weight_decay,
     })
 }

@@ -83,25 +83,52 @@ pub fn device_plan_of(
     if crate::optimizer::kfac_statistic(plan).is_none() {
         return crate::structure_kernels::device_plan(plan, &shape);
     }
-    // K-FAC of a weight used in one product `x @ W`.
+    // K-FAC of a weight used in one product `x @ W` or one convolution.
     let captures = captures?;
     let mut layers = captures.layers.iter().filter(|layer| layer.param == plan.param);
     let (Some(layer), None) = (layers.next(), layers.next()) else { return None };
-    if layer.convolution.is_some() {
-        return None;
-    }
-    let input = captures.function.output(&layer.input)?;
-    // The captured input's rows: every dimension but the last, the batch for a symbolic one.
-    let dims = &captures.function.ty(input).shape;
-    let examples: usize = dims[..dims.len().saturating_sub(1)]
-        .iter()
-        .map(|dim| match dim {
-            curv_ir::Dim::Known(size) => *size as usize,
-            curv_ir::Dim::Symbol(_) => program.batch.max(1) as usize,
-        })
-        .product();
+    // A capture's dimensions, the batch for a symbolic one.
+    let dims = |name: &str| -> Option<Vec<usize>> {
+        let value = captures.function.output(name)?;
+        Some(
+            captures
+                .function
+                .ty(value)
+                .shape
+                .iter()
+                .map(|dim| match dim {
+                    curv_ir::Dim::Known(size) => *size as usize,
+                    curv_ir::Dim::Symbol(_) => program.batch.max(1) as usize,
+                })
+                .collect(),
+        )
+    };
+    let input = dims(&layer.input)?;
     let folded = captures.folded_biases.iter().any(|(_, weight)| *weight == plan.param);
-    crate::structure_kernels::kfac_device_plan(plan, &shape, folded, examples)
+    match layer.convolution {
+        None => {
+            // The captured input's rows: every dimension but the last.
+            let examples = input[..input.len().saturating_sub(1)].iter().product();
+            crate::structure_kernels::kfac_device_plan(plan, &shape, folded, examples, None)
+        }
+        Some((stride, padding)) => {
+            let (&[examples, channels, height, width], Some(&[_, _, out_h, out_w])) =
+                (&input[..], dims(&layer.cotangent).as_deref())
+            else {
+                return None;
+            };
+            let (&[_, _, kernel_h, kernel_w], 0) = (&shape[..], folded as usize) else { return None };
+            let geometry = crate::structure_kernels::Convolution {
+                channels,
+                input: (height, width),
+                kernel: (kernel_h, kernel_w),
+                stride,
+                padding,
+                output: (out_h, out_w),
+            };
+            crate::structure_kernels::kfac_device_plan(plan, &shape, folded, examples, Some(geometry))
+        }
+    }
 }
 
 /// The parameter whose K-FAC update also updates the bias `param` (folded in as `[W; b]`).
