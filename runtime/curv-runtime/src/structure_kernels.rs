@@ -1191,3 +1191,103 @@ pub fn kfac_device_plan(
         weight_decay,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use curv_ir::{ModifierPlan, OptionValue};
+
+    fn plan(structure: StructureKind, options: &[(&str, OptionValue)], modifiers: &[&str]) -> ParamPlan {
+        ParamPlan {
+            param: 0,
+            pattern: "*".to_string(),
+            structure,
+            rule_name: structure.name().to_string(),
+            options: options.iter().map(|(name, value)| (name.to_string(), value.clone())).collect(),
+            modifiers: modifiers
+                .iter()
+                .map(|name| ModifierPlan { name: name.to_string(), options: Vec::new() })
+                .collect(),
+            state: Vec::new(),
+            span: Default::default(),
+        }
+    }
+
+    fn name(text: &str) -> OptionValue {
+        OptionValue::Name(text.to_string())
+    }
+
+    #[test]
+    fn only_the_variants_with_functions_get_a_device_plan() {
+        let kronecker = StructureKind::Kronecker;
+        let shampoo = [("function", name("inverse_root"))];
+        let matrix = [64, 32];
+        // Shampoo, with grafting and weight decay, in one tile; not quantised, not tiled, not with
+        // momentum or clipping, not on a vector.
+        assert!(device_plan(&plan(kronecker, &shampoo, &["graft", "weight_decay"]), &matrix).is_some());
+        let quantised = [("function", name("inverse_root")), ("quantize", OptionValue::Number(4.0))];
+        assert!(device_plan(&plan(kronecker, &quantised, &[]), &matrix).is_none());
+        let tiled = [("function", name("newton")), ("block", OptionValue::Number(32.0))];
+        assert!(device_plan(&plan(kronecker, &tiled, &[]), &matrix).is_none());
+        assert!(device_plan(&plan(kronecker, &shampoo, &["momentum"]), &matrix).is_none());
+        assert!(device_plan(&plan(kronecker, &shampoo, &["rms_clip"]), &matrix).is_none());
+        assert!(device_plan(&plan(kronecker, &shampoo, &[]), &[64]).is_none());
+        // SOAP, but not grafted; the other Kronecker functions not at all here.
+        let soap = [("function", name("eigenbasis"))];
+        assert!(matches!(
+            device_plan(&plan(kronecker, &soap, &[]), &matrix).map(|device| device.structure),
+            Some(DeviceStructure::Soap { .. })
+        ));
+        assert!(device_plan(&plan(kronecker, &soap, &["graft"]), &matrix).is_none());
+        for function in ["lie_group", "sherman_morrison", "damped_inverse"] {
+            assert!(device_plan(&plan(kronecker, &[("function", name(function))], &[]), &matrix).is_none());
+        }
+        // Muon on matrices only; the diagonal with the gradient's square only, without momentum.
+        let orthogonalize = StructureKind::Orthogonalize;
+        assert!(device_plan(&plan(orthogonalize, &[], &["weight_decay"]), &matrix).is_some());
+        assert!(device_plan(&plan(orthogonalize, &[], &["rms_clip"]), &matrix).is_none());
+        assert!(device_plan(&plan(orthogonalize, &[], &[]), &[64]).is_none());
+        let diagonal = StructureKind::Diagonal;
+        assert!(device_plan(&plan(diagonal, &[], &[]), &[64]).is_some());
+        assert!(device_plan(&plan(diagonal, &[("stats", name("hutchinson"))], &[]), &[64]).is_none());
+        assert!(device_plan(&plan(diagonal, &[], &["momentum"]), &[64]).is_none());
+        // K-FAC: the empirical Fisher with damped inverses, of a matrix or a convolution kernel
+        // whose geometry is known (never with a folded bias); not the other Fisher estimates,
+        // not `damped_eigen`, not with KL clipping.
+        let kfac = |fisher: &str, function: &str| {
+            [("stats", name("kfac")), ("fisher", name(fisher)), ("function", name(function))]
+        };
+        let empirical = kfac("empirical", "damped_inverse");
+        assert!(kfac_device_plan(&plan(kronecker, &empirical, &[]), &matrix, true, 128, None).is_some());
+        assert!(kfac_device_plan(&plan(kronecker, &kfac("sampled", "damped_inverse"), &[]), &matrix, false, 128, None)
+            .is_none());
+        assert!(kfac_device_plan(&plan(kronecker, &kfac("empirical", "damped_eigen"), &[]), &matrix, false, 128, None)
+            .is_none());
+        assert!(kfac_device_plan(&plan(kronecker, &empirical, &["kl_clip"]), &matrix, false, 128, None).is_none());
+        let geometry =
+            Convolution { channels: 8, input: (8, 8), kernel: (3, 3), stride: 2, padding: 1, output: (4, 4) };
+        let kernel = [16, 8, 3, 3];
+        let convolution =
+            kfac_device_plan(&plan(kronecker, &empirical, &[]), &kernel, false, 64, Some(geometry.clone()));
+        assert_eq!(convolution.map(|device| (device.rows, device.columns)), Some((16, 72)));
+        assert!(kfac_device_plan(&plan(kronecker, &empirical, &[]), &kernel, true, 64, Some(geometry)).is_none());
+        assert!(kfac_device_plan(&plan(kronecker, &empirical, &[]), &kernel, false, 64, None).is_none());
+    }
+
+    #[test]
+    fn keys_differ_with_every_option_that_changes_a_function() {
+        let shampoo = |ema: f64| {
+            let options = [("function", name("inverse_root")), ("ema", OptionValue::Number(ema))];
+            device_plan(&plan(StructureKind::Kronecker, &options, &[]), &[64, 32]).unwrap()
+        };
+        let part = StepPart::ShampooStatistics;
+        assert_eq!(shampoo(0.9).key(&part), shampoo(0.9).key(&part));
+        assert_ne!(shampoo(0.9).key(&part), shampoo(0.95).key(&part));
+        assert_ne!(shampoo(0.9).key(&part), shampoo(0.9).key(&StepPart::ShampooStep { preconditioned: true }));
+        // And the function does not change with the step: step-dependent scalars are inputs.
+        assert_eq!(shampoo(0.9).function(&part), shampoo(0.9).function(&part));
+        let hyper = hyperparameters::<f32>(&shampoo(0.9), 3, 0.01);
+        assert_eq!(hyper.hyperparameters["lr"], 0.01);
+        assert!((hyper.hyperparameters["inverse_correction1"] - 1.0 / (1.0 - 0.9f64.powi(3))).abs() < 1e-12);
+    }
+}
