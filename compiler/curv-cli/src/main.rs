@@ -1322,7 +1322,10 @@ fn build_kernels(
                 for part in device.all_parts() {
                     let key = device.key(&part);
                     if !kernels.iter().any(|(existing, ..)| *existing == key) {
-                        kernels.push((key, device.function(&part), std::collections::HashMap::new(), None));
+                        // The plan's own parts always have a function.
+                        if let Ok(function) = device.function(&part) {
+                            kernels.push((key, function, std::collections::HashMap::new(), None));
+                        }
                     }
                 }
             }

@@ -97,7 +97,7 @@ fn the_structures_step_functions_compiled_by_mlir_agree_with_the_interpreter() {
     let mut checked = 0;
     for (name, plan) in device_plans() {
         for (position, part) in plan.all_parts().iter().enumerate() {
-            let function = plan.function(part);
+            let function = plan.function(part).unwrap();
             let inputs = inputs_for(&plan, &function, 7 + position as u64);
             let expected = curv_runtime::backend::Interpreter.outputs("reference", &function, &inputs).unwrap();
             let got = backend.outputs(&plan.key(part), &function, &inputs).unwrap_or_else(|error| {
@@ -130,7 +130,7 @@ fn the_structures_step_functions_lower_to_cublas_products_and_kernels_that_launc
     let mut products_checked = 0;
     for (name, plan) in device_plans() {
         for part in plan.all_parts() {
-            let function = plan.function(&part);
+            let function = plan.function(&part).unwrap();
             let (text, _) = curv_mlir::lower::lower_function(&function, "f", &HashMap::new()).unwrap();
             let products = function.insts.iter().filter(|inst| inst.op == Op::MatMul).count();
             // Each matrix product is a call of the GEMM (cuBLAS on the GPU).

@@ -742,7 +742,7 @@ fn two_sided<T: Real>(
 }
 
 /// The `size x size` matrix at the start of `values`, times `scale`, in double precision.
-fn square<T: Real>(values: &[T], size: usize, scale: f64) -> Matrix {
+pub(crate) fn square<T: Real>(values: &[T], size: usize, scale: f64) -> Matrix {
     Matrix {
         rows: size,
         columns: size,
@@ -793,6 +793,42 @@ fn put_state<T: Real>(state: &mut ParamState<T>, name: &str, data: Vec<T>) {
     if let Some((_, tensor)) = state.iter_mut().find(|(key, _)| key == name) {
         tensor.data = data;
     }
+}
+
+/// The inverse `root`-th root of the `size x size` factor at the start of `values` times `scale`,
+/// with `eps` added before the root: by [`inverse_root_in`] in the run's element type, or by
+/// [`inverse_root_newton`] in double precision with `newton`.
+pub(crate) fn shampoo_root<T: Real>(
+    values: &[T],
+    size: usize,
+    scale: f64,
+    (root, eps): (f64, f64),
+    newton: bool,
+) -> Result<Vec<T>, LinalgError> {
+    if newton {
+        let inverse = inverse_root_newton(&square(values, size, scale), root, eps)?;
+        Ok(inverse.data.iter().map(|value| T::from_f64(*value)).collect())
+    } else {
+        inverse_root_in(values, size, scale, root, eps)
+    }
+}
+
+/// The count of Shampoo's failed roots in a row after a refresh at `step` (`previous` before it;
+/// `failed`, this refresh's error): zero after a success. `Err` holds the count too, and the
+/// message that stops the run, once more than [`TOLERATED_ROOT_FAILURES`] failed in a row.
+pub(crate) fn root_failures(previous: f64, failed: Option<LinalgError>, step: u64) -> Result<f64, (f64, String)> {
+    let Some(error) = failed else { return Ok(0.0) };
+    let count = previous + 1.0;
+    if count > TOLERATED_ROOT_FAILURES {
+        return Err((
+            count,
+            format!(
+                "the inverse root of a Shampoo factor failed {count} times in a row (step {step}: {error}); a \
+                 larger `eps` may help"
+            ),
+        ));
+    }
+    Ok(count)
 }
 
 /// Shampoo with Distributed Shampoo's numerics: the gradient filtered by `b1` (bias-corrected),
@@ -881,14 +917,7 @@ fn shampoo<T: Real>(
     let mut right_inverse = take_state(state, "right_inverse", &[right_size]);
     if step.is_multiple_of(every) {
         let correction = if ema < 1.0 { 1.0 - ema.powf(step as f64) } else { 1.0 };
-        let function = |values: &[T], size: usize| -> Result<Vec<T>, LinalgError> {
-            if newton {
-                let root = inverse_root_newton(&square(values, size, 1.0 / correction), root, eps)?;
-                Ok(root.data.iter().map(|value| T::from_f64(*value)).collect())
-            } else {
-                inverse_root_in(values, size, 1.0 / correction, root, eps)
-            }
-        };
+        let function = |values: &[T], size: usize| shampoo_root(values, size, 1.0 / correction, (root, eps), newton);
         let mut failed = None;
         for tile in &tiles {
             let (left, right) = (&left[tile.left_offset..], &right[tile.right_offset..]);
@@ -903,15 +932,10 @@ fn shampoo<T: Real>(
             }
         }
         let mut failures = take_state(state, "failures", &[]);
-        let count = if failed.is_some() { failures[0].to_f64() + 1.0 } else { 0.0 };
-        failures[0] = T::from_f64(count);
+        let count = root_failures(failures[0].to_f64(), failed, step);
+        failures[0] = T::from_f64(*count.as_ref().unwrap_or_else(|(count, _)| count));
         put_state(state, "failures", failures);
-        if let (Some(error), true) = (failed, count > TOLERATED_ROOT_FAILURES) {
-            return Err(format!(
-                "the inverse root of a Shampoo factor failed {count} times in a row (step {step}: {error}); \
-                 a larger `eps` may help"
-            ));
-        }
+        count.map_err(|(_, message)| message)?;
     }
     let direction = if step < start {
         grafted.as_ref().unwrap_or(&filtered).iter().map(|value| value.to_f64()).collect()
@@ -1034,6 +1058,16 @@ fn refresh_basis_single(factor: &[f32], basis: &[f32], n: usize) -> Option<(Vec<
     gemm((n, n, n), 1.0, (factor, (n, 1)), (basis, (n, 1)), 0.0, &mut applied, n);
     let (order, sorted) = sorted_by_estimates(&applied, basis, n);
     thin_q_single(&sorted, n, n).ok().map(|q| (q, order))
+}
+
+/// SOAP's second moment (row-major, `left_order.len() x right_order.len()`) after a basis
+/// refresh: its rows follow the left basis' new column order, its columns the right one's.
+pub(crate) fn permuted<T: Copy>(old: &[T], left_order: &[usize], right_order: &[usize]) -> Vec<T> {
+    let columns = right_order.len();
+    left_order
+        .iter()
+        .flat_map(|&source_row| right_order.iter().map(move |&source_column| old[source_row * columns + source_column]))
+        .collect()
 }
 
 /// SOAP (nikhilvyas/SOAP): Adam in the eigenbasis of Shampoo's factors. At the first step the
@@ -1171,11 +1205,10 @@ fn soap<T: Real>(
                     v[start..start + tile.columns].to_vec()
                 })
                 .collect();
-            for (row, &source_row) in left_order.iter().enumerate() {
+            let new = permuted(&old, &left_order, &right_order);
+            for (row, values) in new.chunks(tile.columns.max(1)).enumerate() {
                 let start = (tile.row + row) * columns + tile.column;
-                for (column, &source_column) in right_order.iter().enumerate() {
-                    v[start + column] = old[source_row * tile.columns + source_column];
-                }
+                v[start..start + values.len()].copy_from_slice(values);
             }
         }
     }
@@ -1186,6 +1219,30 @@ fn soap<T: Real>(
     put_state(state, "m", m);
     put_state(state, "v", v);
     Ok(Some(direction))
+}
+
+/// K-FAC's damped inverses of its bias-corrected factors `left` and `right` (the inputs' factor
+/// on the left for `x @ W`, on the right for a convolution kernel): `(F + d I)^-1` with the
+/// pi-adjusted factored damping, `pi = sqrt((tr A / dim A) / (tr G / dim G))` multiplying the
+/// inputs' factor's `sqrt(damping)` and dividing the outputs'.
+pub(crate) fn kfac_inverses(
+    left: &Matrix,
+    right: &Matrix,
+    damping: f64,
+    pi_adjusted: bool,
+    inputs_on_the_left: bool,
+) -> (Result<Matrix, LinalgError>, Result<Matrix, LinalgError>) {
+    let (norm_left, norm_right) = (trace(left) / left.rows as f64, trace(right) / right.rows as f64);
+    let (norm_inputs, norm_outputs) =
+        if inputs_on_the_left { (norm_left, norm_right) } else { (norm_right, norm_left) };
+    let pi_inputs = if pi_adjusted && norm_inputs > 0.0 && norm_outputs > 0.0 {
+        Some((norm_inputs / norm_outputs).sqrt()).filter(|pi| pi.is_finite()).unwrap_or(1.0)
+    } else {
+        1.0
+    };
+    let pi = if inputs_on_the_left { pi_inputs } else { 1.0 / pi_inputs };
+    let root = damping.sqrt();
+    side_by_side((left.rows, right.rows), || damped_inverse(left, pi * root), || damped_inverse(right, root / pi))
 }
 
 /// K-FAC (kfac-pytorch's INVERSE and EIGEN modes): at the steps that bring captures, the factors
@@ -1243,22 +1300,7 @@ fn kfac<T: Real>(
             let ((a_values, a_vectors), (g_values, g_vectors)) = (a.map_err(failure)?, g.map_err(failure)?);
             (a_vectors, g_vectors, Some((a_values, g_values)))
         } else {
-            // `pi = sqrt((tr A / dim A) / (tr G / dim G))` multiplies the inputs' factor's damping.
-            let (norm_left, norm_right) = (trace(&a_hat) / rows as f64, trace(&g_hat) / columns as f64);
-            let (norm_inputs, norm_outputs) =
-                if inputs_on_the_left { (norm_left, norm_right) } else { (norm_right, norm_left) };
-            let pi_inputs = if pi_adjusted && norm_inputs > 0.0 && norm_outputs > 0.0 {
-                Some((norm_inputs / norm_outputs).sqrt()).filter(|pi| pi.is_finite()).unwrap_or(1.0)
-            } else {
-                1.0
-            };
-            let pi = if inputs_on_the_left { pi_inputs } else { 1.0 / pi_inputs };
-            let root = damping.sqrt();
-            let (left, right) = side_by_side(
-                (rows, columns),
-                || damped_inverse(&a_hat, pi * root),
-                || damped_inverse(&g_hat, root / pi),
-            );
+            let (left, right) = kfac_inverses(&a_hat, &g_hat, damping, pi_adjusted, inputs_on_the_left);
             (left.map_err(failure)?, right.map_err(failure)?, None)
         };
         let mut slot = take_state(state, "left_inverse", &[left_size]);

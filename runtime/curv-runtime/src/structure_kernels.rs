@@ -347,8 +347,9 @@ impl DevicePlan {
     /// The IR function of `part`. Its inputs are named `param`, `gradient` or as the states they
     /// read (in the order the function asks for them; [`update_resident`] lends each by its
     /// name), every tensor seen as `[rows, columns]` but the factors and roots (square). Its
-    /// outputs are named as the states they replace, and `param`.
-    pub fn function(&self, part: &StepPart) -> Function {
+    /// outputs are named as the states they replace, and `param`. A part of another structure
+    /// (not one of [`DevicePlan::parts`]) is an error.
+    pub fn function(&self, part: &StepPart) -> Result<Function, String> {
         let mut builder = Builder::new(&part.name(), [self.rows, self.columns]);
         match (&self.structure, part) {
             (DeviceStructure::Diagonal { b1, ema, eps, power, .. }, StepPart::Diagonal { refresh }) => {
@@ -529,8 +530,8 @@ impl DevicePlan {
                 let (rows, columns, examples) = (self.rows, self.columns, *examples);
                 let Convolution { channels, input: (height, width), output, .. } = geometry.clone();
                 let positions = output.0 * output.1;
-                let x = builder.input_shaped4("kfac_input", [examples, channels, height, width]);
-                let d = builder.input_shaped4("kfac_cotangent", [examples, rows, output.0, output.1]);
+                let x = builder.input_shaped("kfac_input", [examples, channels, height, width]);
+                let d = builder.input_shaped("kfac_cotangent", [examples, rows, output.0, output.1]);
                 let left = builder.input_shaped("left_factor", [rows, rows]);
                 let right = builder.input_shaped("right_factor", [columns, columns]);
                 let patches = builder.patches(x, examples, geometry);
@@ -544,19 +545,11 @@ impl DevicePlan {
                 let ema = ema.min(1.0 - f64::EPSILON);
                 let (n, s) = (examples.max(1) as f64, positions.max(1) as f64);
                 let total = n * s;
-                for (name, factor, data, scale) in [
+                builder.covariances(
                     ("left_factor", left, d, (1.0 - ema) * (n / s) * (n / s) / total),
                     ("right_factor", right, patches, (1.0 - ema) / (s * s) / total),
-                ] {
-                    let transposed = builder.transpose(data);
-                    let covariance = builder.matmul(transposed, data);
-                    let scale = builder.constant(scale);
-                    let fresh = builder.binary(BinaryOp::Mul, scale, covariance);
-                    let keep = builder.constant(ema);
-                    let kept = builder.binary(BinaryOp::Mul, keep, factor);
-                    let updated = builder.binary(BinaryOp::Add, kept, fresh);
-                    builder.output(name, updated);
-                }
+                    ema,
+                );
             }
             (DeviceStructure::Kfac { ema, folded, .. }, StepPart::KfacStatistics { examples }) => {
                 let (rows, columns, examples) = (self.rows, self.columns, *examples);
@@ -578,18 +571,11 @@ impl DevicePlan {
                 // As the host: the average with `ema` below 1.
                 let ema = ema.min(1.0 - f64::EPSILON);
                 let n = examples.max(1) as f64;
-                for (name, factor, data, scale) in
-                    [("left_factor", left, x, (1.0 - ema) / n), ("right_factor", right, d, (1.0 - ema) * n)]
-                {
-                    let transposed = builder.transpose(data);
-                    let covariance = builder.matmul(transposed, data);
-                    let scale = builder.constant(scale);
-                    let fresh = builder.binary(BinaryOp::Mul, scale, covariance);
-                    let keep = builder.constant(ema);
-                    let kept = builder.binary(BinaryOp::Mul, keep, factor);
-                    let updated = builder.binary(BinaryOp::Add, kept, fresh);
-                    builder.output(name, updated);
-                }
+                builder.covariances(
+                    ("left_factor", left, x, (1.0 - ema) / n),
+                    ("right_factor", right, d, (1.0 - ema) * n),
+                    ema,
+                );
             }
             (DeviceStructure::Kfac { folded, .. }, StepPart::KfacStep) => {
                 let (rows, columns) = (self.rows, self.columns);
@@ -622,9 +608,9 @@ impl DevicePlan {
                     None => builder.step(param, direction, self.weight_decay.is_some()),
                 }
             }
-            (structure, part) => unreachable!("no function {} for {structure:?}", part.name()),
+            (structure, part) => return Err(format!("{structure:?} has no function `{}`", part.name())),
         }
-        builder.function
+        Ok(builder.function)
     }
 }
 
@@ -656,16 +642,10 @@ impl Builder {
         self.input_shaped(name, shape)
     }
 
-    fn input_shaped(&mut self, name: &str, shape: [usize; 2]) -> ValueId {
+    fn input_shaped(&mut self, name: &str, shape: impl AsRef<[usize]>) -> ValueId {
         let index = self.inputs;
         self.inputs += 1;
-        self.push(Op::Input { index, name: name.to_string() }, Vec::new(), &shape)
-    }
-
-    fn input_shaped4(&mut self, name: &str, shape: [usize; 4]) -> ValueId {
-        let index = self.inputs;
-        self.inputs += 1;
-        self.push(Op::Input { index, name: name.to_string() }, Vec::new(), &shape)
+        self.push(Op::Input { index, name: name.to_string() }, Vec::new(), shape.as_ref())
     }
 
     /// The patches of a convolution's input `x` (`[N, C, H, W]`) as rows `(n, h', w')` of
@@ -820,6 +800,21 @@ impl Builder {
         }
     }
 
+    /// K-FAC's two factors' statistics: each `(name, factor, data, scale)` becomes the output
+    /// `name`, `keep factor + scale data^T data`.
+    fn covariances(&mut self, left: (&str, ValueId, ValueId, f64), right: (&str, ValueId, ValueId, f64), keep: f64) {
+        for (name, factor, data, scale) in [left, right] {
+            let transposed = self.transpose(data);
+            let covariance = self.matmul(transposed, data);
+            let scale = self.constant(scale);
+            let fresh = self.binary(BinaryOp::Mul, scale, covariance);
+            let keep = self.constant(keep);
+            let kept = self.binary(BinaryOp::Mul, keep, factor);
+            let updated = self.binary(BinaryOp::Add, kept, fresh);
+            self.output(name, updated);
+        }
+    }
+
     fn output(&mut self, name: &str, value: ValueId) {
         self.function.outputs.push((name.to_string(), value));
     }
@@ -918,7 +913,10 @@ pub fn update_resident<T: Real>(
             }
         }
         let key = plan.key(&part);
-        let function = functions.entry(key.clone()).or_insert_with(|| plan.function(&part));
+        let function = match functions.entry(key.clone()) {
+            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::hash_map::Entry::Vacant(entry) => entry.insert(plan.function(&part)?),
+        };
         let mut inputs = base.clone();
         for (index, name, shape) in input_names(function) {
             let missing = |what: &str| format!("K-FAC's {what} is missing");
@@ -1005,6 +1003,21 @@ fn current_state<'a, T>(
         .ok_or_else(|| format!("the state `{name}` is missing"))
 }
 
+/// The state `name` read back to the host, which must have `count` elements (the host's part
+/// reads it as a matrix of that size).
+fn read_state<T: Real>(
+    update: &ResidentUpdate<T>,
+    state: &[(String, Resident<T>)],
+    name: &str,
+    count: usize,
+) -> Result<Vec<T>, String> {
+    let values = current_state(update, state, name)?.host_data()?.into_owned();
+    if values.len() != count {
+        return Err(format!("the state `{name}` has {} elements, not {count}", values.len()));
+    }
+    Ok(values)
+}
+
 fn replace<T>(update: &mut ResidentUpdate<T>, name: &str, tensor: Resident<T>) {
     update.states.retain(|(state_name, _)| state_name != name);
     update.states.push((name.to_string(), tensor));
@@ -1025,45 +1038,30 @@ fn refresh_roots<T: Real>(
         return Ok(());
     }
     let correction = if ema < 1.0 { 1.0 - ema.powf(step as f64) } else { 1.0 };
-    let function = |values: &[T], size: usize| -> Result<Vec<T>, crate::linalg::LinalgError> {
-        if newton {
-            let matrix = crate::linalg::Matrix {
-                rows: size,
-                columns: size,
-                data: values[..size * size].iter().map(|value| value.to_f64() / correction).collect(),
-            };
-            let inverse = crate::kronecker::inverse_root_newton(&matrix, root, eps)?;
-            Ok(inverse.data.iter().map(|value| T::from_f64(*value)).collect())
-        } else {
-            crate::kronecker::inverse_root_in(values, size, 1.0 / correction, root, eps)
-        }
-    };
-    let left = current_state(update, state, "left_factor")?.host_data()?.into_owned();
-    let right = current_state(update, state, "right_factor")?.host_data()?.into_owned();
+    let function =
+        |values: &[T], size: usize| crate::kronecker::shampoo_root(values, size, 1.0 / correction, (root, eps), newton);
+    let left = read_state(update, state, "left_factor", plan.rows * plan.rows)?;
+    let right = read_state(update, state, "right_factor", plan.columns * plan.columns)?;
     let roots = function(&left, plan.rows).and_then(|left| Ok((left, function(&right, plan.columns)?)));
-    let failures = match current_state(update, state, "failures") {
+    let previous = match current_state(update, state, "failures") {
         Ok(failures) => failures.host_data()?.first().map_or(0.0, |value| value.to_f64()),
         Err(_) => 0.0,
     };
-    let count = if roots.is_err() { failures + 1.0 } else { 0.0 };
+    let (roots, failed) = match roots {
+        Ok(roots) => (Some(roots), None),
+        Err(error) => (None, Some(error)),
+    };
+    let count = crate::kronecker::root_failures(previous, failed, step).map_err(|(_, message)| message)?;
     replace(update, "failures", Resident::host(Vec::new(), vec![T::from_f64(count)]));
-    match roots {
-        Ok((left, right)) => {
-            let shape =
-                |name: &str| -> Result<Vec<usize>, String> { Ok(current_state(update, state, name)?.shape.clone()) };
-            let (left_shape, right_shape) = (shape("left_inverse")?, shape("right_inverse")?);
-            let left = backend.upload(curv_interp::Tensor::new(left_shape, left))?;
-            let right = backend.upload(curv_interp::Tensor::new(right_shape, right))?;
-            replace(update, "left_inverse", left);
-            replace(update, "right_inverse", right);
-            Ok(())
+    // A failed root keeps the last good one.
+    if let Some((left, right)) = roots {
+        for (name, values) in [("left_inverse", left), ("right_inverse", right)] {
+            let shape = current_state(update, state, name)?.shape.clone();
+            let uploaded = backend.upload(curv_interp::Tensor::new(shape, values))?;
+            replace(update, name, uploaded);
         }
-        Err(error) if count > crate::kronecker::TOLERATED_ROOT_FAILURES => Err(format!(
-            "the inverse root of a Shampoo factor failed {count} times in a row (step {step}: {error}); a larger \
-             `eps` may help"
-        )),
-        Err(_) => Ok(()),
     }
+    Ok(())
 }
 
 /// SOAP's bases at their refresh steps, on the host as the host step computes them (one power
@@ -1076,21 +1074,15 @@ fn refresh_bases<T: Real>(
     state: &[(String, Resident<T>)],
 ) -> Result<(), String> {
     let (rows, columns) = (plan.rows, plan.columns);
-    let read = |update: &ResidentUpdate<T>, name: &str| -> Result<Vec<T>, String> {
-        Ok(current_state(update, state, name)?.host_data()?.into_owned())
-    };
+    let read = |update: &ResidentUpdate<T>, name: &str, count: usize| read_state(update, state, name, count);
     let failure = |error: crate::linalg::LinalgError| format!("SOAP's eigenbasis: {error}");
-    let (left, left_old) = (read(update, "left_factor")?, read(update, "left_basis")?);
-    let (right, right_old) = (read(update, "right_factor")?, read(update, "right_basis")?);
+    let (square_rows, square_columns) = (rows * rows, columns * columns);
+    let (left, left_old) = (read(update, "left_factor", square_rows)?, read(update, "left_basis", square_rows)?);
+    let (right, right_old) =
+        (read(update, "right_factor", square_columns)?, read(update, "right_basis", square_columns)?);
     let (new_left, left_order) = crate::kronecker::refresh_basis_in(&left, &left_old, rows).map_err(failure)?;
     let (new_right, right_order) = crate::kronecker::refresh_basis_in(&right, &right_old, columns).map_err(failure)?;
-    let old = read(update, "v")?;
-    let mut v = vec![T::zero(); old.len()];
-    for (row, &source_row) in left_order.iter().enumerate() {
-        for (column, &source_column) in right_order.iter().enumerate() {
-            v[row * columns + column] = old[source_row * columns + source_column];
-        }
-    }
+    let v = crate::kronecker::permuted(&read(update, "v", rows * columns)?, &left_order, &right_order);
     for (name, values) in [("left_basis", new_left), ("right_basis", new_right), ("v", v)] {
         let shape = current_state(update, state, name)?.shape.clone();
         let uploaded = backend.upload(curv_interp::Tensor::new(shape, values))?;
@@ -1109,30 +1101,17 @@ fn refresh_kfac_inverses<T: Real>(
     update: &mut ResidentUpdate<T>,
     state: &[(String, Resident<T>)],
 ) -> Result<(), String> {
-    let DeviceStructure::Kfac { ema, damping, pi, .. } = plan.structure else { return Ok(()) };
+    let DeviceStructure::Kfac { ema, damping, pi, ref convolution, .. } = plan.structure else { return Ok(()) };
     let ema = ema.min(1.0 - f64::EPSILON);
     let correction = 1.0 - ema.powf(count as f64);
     let read = |update: &ResidentUpdate<T>, name: &str, size: usize| -> Result<crate::linalg::Matrix, String> {
-        let values = current_state(update, state, name)?.host_data()?;
-        Ok(crate::linalg::Matrix {
-            rows: size,
-            columns: size,
-            data: values.iter().take(size * size).map(|value| value.to_f64() / correction).collect(),
-        })
+        Ok(crate::kronecker::square(&read_state(update, state, name, size * size)?, size, 1.0 / correction))
     };
-    let (a_hat, g_hat) = (read(update, "left_factor", plan.rows)?, read(update, "right_factor", plan.columns)?);
-    // `pi = sqrt((tr A / dim A) / (tr G / dim G))` multiplies the inputs' factor's damping.
-    let (norm_inputs, norm_outputs) =
-        (crate::kronecker::trace(&a_hat) / plan.rows as f64, crate::kronecker::trace(&g_hat) / plan.columns as f64);
-    let pi = if pi && norm_inputs > 0.0 && norm_outputs > 0.0 {
-        Some((norm_inputs / norm_outputs).sqrt()).filter(|pi| pi.is_finite()).unwrap_or(1.0)
-    } else {
-        1.0
-    };
-    let root = damping.sqrt();
+    let (left, right) = (read(update, "left_factor", plan.rows)?, read(update, "right_factor", plan.columns)?);
+    // The inputs' factor is the left one for `x @ W`, the right one for a convolution kernel.
+    let (left, right) = crate::kronecker::kfac_inverses(&left, &right, damping, pi, convolution.is_none());
     let failure = |error: crate::linalg::LinalgError| format!("the K-FAC inverse: {error}");
-    let left = crate::kronecker::damped_inverse(&a_hat, pi * root).map_err(failure)?;
-    let right = crate::kronecker::damped_inverse(&g_hat, root / pi).map_err(failure)?;
+    let (left, right) = (left.map_err(failure)?, right.map_err(failure)?);
     for (name, inverse) in [("left_inverse", left), ("right_inverse", right)] {
         let shape = current_state(update, state, name)?.shape.clone();
         let values = inverse.data.iter().map(|value| T::from_f64(*value)).collect();
@@ -1286,6 +1265,8 @@ mod tests {
         assert_ne!(shampoo(0.9).key(&part), shampoo(0.9).key(&StepPart::ShampooStep { preconditioned: true }));
         // And the function does not change with the step: step-dependent scalars are inputs.
         assert_eq!(shampoo(0.9).function(&part), shampoo(0.9).function(&part));
+        // A part of another structure is refused.
+        assert!(shampoo(0.9).function(&StepPart::Soap).is_err());
         let hyper = hyperparameters::<f32>(&shampoo(0.9), 3, 0.01);
         assert_eq!(hyper.hyperparameters["lr"], 0.01);
         assert!((hyper.hyperparameters["inverse_correction1"] - 1.0 / (1.0 - 0.9f64.powi(3))).abs() < 1e-12);

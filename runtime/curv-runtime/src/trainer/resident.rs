@@ -492,28 +492,25 @@ impl<T: Real> Trainer<T> {
                     // Updated with its weight.
                     continue;
                 }
+                // `lone` borrows from the plans, in their order: its plan's device form by position.
                 let plan_index = self.program.optimizer.plans.iter().position(|other| std::ptr::eq(other, *plan));
-                let device = plan_index.and_then(|at| device_plans[at].clone());
-                if let Some(device) = device {
+                if let Some(device) = plan_index.and_then(|at| device_plans[at].as_ref()) {
                     let mut extras = crate::structure_kernels::StructureExtras::default();
-                    let layer = self.captures.as_ref().and_then(|captures| {
-                        captures.layers.iter().find(|layer| layer.param == index).map(|layer| (captures, layer))
-                    });
-                    if let (true, Some((_, layer))) = (device.takes_captures(step), layer) {
-                        let input = kept.get(&layer.input);
-                        let cotangent = kept.get(&layer.cotangent);
-                        extras.captures = input.zip(cotangent);
-                    }
-                    let bias = self
+                    let layer = self
                         .captures
                         .as_ref()
-                        .and_then(|captures| captures.folded_biases.iter().find(|(_, weight)| *weight == index))
-                        .map(|(bias, _)| *bias);
+                        .and_then(|captures| captures.layers.iter().find(|layer| layer.param == index));
+                    if let (true, Some(layer)) = (device.takes_captures(step), layer) {
+                        extras.captures = kept.get(&layer.input).zip(kept.get(&layer.cotangent));
+                    }
+                    let bias = self.captures.as_ref().and_then(|captures| {
+                        captures.folded_biases.iter().find(|(_, weight)| *weight == index).map(|(bias, _)| *bias)
+                    });
                     if let Some(bias) = bias {
                         extras.bias = Some((&resident.params[bias], &gradients[bias]));
                     }
                     let update = crate::structure_kernels::update_resident(
-                        &device,
+                        device,
                         self.backend.as_ref(),
                         step,
                         rate,
