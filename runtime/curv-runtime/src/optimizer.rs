@@ -1151,22 +1151,36 @@ pub fn check_executable(plan: &OptimizerPlan, param_names: &[String]) -> Result<
     }
 }
 
+/// A plan of parameter 0 with `structure`, `options` and modifiers named `modifiers` (without
+/// options), for tests.
+#[cfg(test)]
+pub(crate) fn plan_for_tests(
+    structure: StructureKind,
+    options: &[(&str, curv_ir::OptionValue)],
+    modifiers: &[&str],
+) -> ParamPlan {
+    ParamPlan {
+        param: 0,
+        pattern: "*".to_string(),
+        structure,
+        rule_name: structure.name().to_string(),
+        options: options.iter().map(|(name, value)| (name.to_string(), value.clone())).collect(),
+        modifiers: modifiers
+            .iter()
+            .map(|name| curv_ir::ModifierPlan { name: name.to_string(), options: Vec::new() })
+            .collect(),
+        state: Vec::new(),
+        span: Default::default(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use curv_ir::OptionValue;
 
     fn matrix_plan(structure: StructureKind, options: &[(&str, OptionValue)]) -> ParamPlan {
-        ParamPlan {
-            param: 0,
-            pattern: "*".to_string(),
-            structure,
-            rule_name: structure.name().to_string(),
-            options: options.iter().map(|(name, value)| (name.to_string(), value.clone())).collect(),
-            modifiers: Vec::new(),
-            state: Vec::new(),
-            span: Default::default(),
-        }
+        plan_for_tests(structure, options, &[])
     }
 
     #[test]

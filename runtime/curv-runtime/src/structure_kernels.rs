@@ -1174,22 +1174,10 @@ pub fn kfac_device_plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use curv_ir::{ModifierPlan, OptionValue};
+    use curv_ir::OptionValue;
 
     fn plan(structure: StructureKind, options: &[(&str, OptionValue)], modifiers: &[&str]) -> ParamPlan {
-        ParamPlan {
-            param: 0,
-            pattern: "*".to_string(),
-            structure,
-            rule_name: structure.name().to_string(),
-            options: options.iter().map(|(name, value)| (name.to_string(), value.clone())).collect(),
-            modifiers: modifiers
-                .iter()
-                .map(|name| ModifierPlan { name: name.to_string(), options: Vec::new() })
-                .collect(),
-            state: Vec::new(),
-            span: Default::default(),
-        }
+        crate::optimizer::plan_for_tests(structure, options, modifiers)
     }
 
     fn name(text: &str) -> OptionValue {
