@@ -1,15 +1,18 @@
 //! Reading comma-separated tables with a header line: a numeric feature matrix plus an optional
 //! integer class-label column.
 //!
-//! The dialect is deliberately simple: cells are separated by commas, surrounding whitespace is ignored,
-//! and there is no quoting inside data rows (header names may be wrapped in double quotes). Both
-//! probing and loading run the same validating pass over every row, so a file that probes cleanly is
-//! guaranteed to load.
+//! The syntax is RFC 4180's, parsed by the `csv` crate: cells are separated by commas and may be
+//! quoted with double quotes, inside which commas, line breaks and doubled quotes (`""`) are part of
+//! the cell; lines end with `\n` or `\r\n`; a UTF-8 byte-order mark is skipped. Whitespace around a
+//! cell is ignored. curv validates on top of it, with its own messages, which name the line in the
+//! file (counting the header; a cell spanning lines is reported at the line its row starts on) and
+//! the column. Both probing and loading run the same validating pass over every row, so a file that
+//! probes cleanly is guaranteed to load.
 
-use std::io::{BufRead, BufReader};
+use std::borrow::Cow;
 use std::path::Path;
 
-use crate::error::{check_scale_is_finite, count_to_i64, open_regular_file, DataError};
+use crate::error::{check_scale_is_finite, count_to_i64, DataError, Source};
 use crate::{DataSchema, ElementType, FieldData, FieldSchema, LoadedData, LoadedField};
 
 /// How many column names a "label column not found" message lists before eliding the rest.
@@ -17,6 +20,9 @@ const COLUMN_NAMES_SHOWN_IN_MESSAGES: usize = 5;
 
 /// How many characters of an offending cell an error message quotes before truncating it.
 const CELL_CHARACTERS_SHOWN_IN_MESSAGES: usize = 32;
+
+/// The UTF-8 byte-order mark some tools write at the start of a text file.
+const UTF8_BYTE_ORDER_MARK: &[u8] = b"\xef\xbb\xbf";
 
 /// The shape of a validated CSV table, as discovered by a full pass over its rows.
 struct CsvTableSummary {
@@ -30,6 +36,8 @@ struct CsvTableSummary {
 struct CsvHeader {
     column_names: Vec<String>,
     label_column_index: Option<usize>,
+    /// The line the header starts on.
+    line_number: u64,
 }
 
 impl CsvHeader {
@@ -42,32 +50,57 @@ impl CsvHeader {
     }
 }
 
-/// Reads the CSV header and every data row, validating all of them, and hands each row's features and
-/// label to `visit_row`; the returned summary describes the whole table.
+/// One data row as [`read_csv_table`] hands it on: the line it starts on, its features and its label.
+struct CsvRow<'row> {
+    line_number: u64,
+    features: &'row [f32],
+    label: Option<i32>,
+}
+
+/// Reads the CSV header and every data row, validating all of them, and hands each row to
+/// `visit_row`; the returned summary describes the whole table.
 fn read_csv_table(
-    path: &Path,
+    source: Source,
     label_column_name: Option<&str>,
-    mut visit_row: impl FnMut(&[f32], Option<i32>),
+    mut visit_row: impl FnMut(CsvRow),
 ) -> Result<CsvTableSummary, DataError> {
-    let (file, _file_length) = open_regular_file(path)?;
-    let mut reader = BufReader::new(file);
-    let mut line_bytes = Vec::new();
-    let mut line_number = 0usize;
+    let path = source.path();
+    let bytes = source.read_all()?;
+    let bytes = bytes.strip_prefix(UTF8_BYTE_ORDER_MARK).unwrap_or(&bytes);
+    let mut reader =
+        csv::ReaderBuilder::new().has_headers(false).flexible(true).trim(csv::Trim::All).from_reader(bytes);
+
+    let mut record = csv::ByteRecord::new();
     let mut header: Option<CsvHeader> = None;
-    let mut first_blank_line_number: Option<usize> = None;
+    let mut first_blank_line_number: Option<u64> = None;
+    let mut lines = LineCounter::default();
+    // The line the previous record ended on (0 before the first).
+    let mut previous_last_line = 0u64;
     let mut row_features = Vec::new();
     let mut row_count = 0usize;
 
     loop {
-        line_bytes.clear();
-        let bytes_read = reader.read_until(b'\n', &mut line_bytes).map_err(|error| DataError::from_io(path, &error))?;
-        if bytes_read == 0 {
+        let more = reader.read_byte_record(&mut record).map_err(|error| describe_csv_error(path, &error))?;
+        if !more {
             break;
         }
-        line_number += 1;
-        let line = decode_line(path, &line_bytes, line_number)?;
-
-        if line.trim().is_empty() {
+        // The parser reports a record's position before the empty lines it skipped and ends it
+        // before or after its line break, so the lines are counted here from the bytes.
+        let reported_start = record.position().map_or(0, |position| position.byte()) as usize;
+        let end = (reader.position().byte() as usize).min(bytes.len());
+        let start = reported_start.min(end);
+        let start = start + bytes[start..end].iter().take_while(|&&byte| byte == b'\r' || byte == b'\n').count();
+        let content_end =
+            end - bytes[start..end].iter().rev().take_while(|&&byte| byte == b'\r' || byte == b'\n').count();
+        let line_number = lines.line_at(bytes, start);
+        let last_line = lines.line_at(bytes, content_end);
+        if line_number > previous_last_line + 1 {
+            // Empty lines, which the parser skips, sit between the previous record and this one.
+            first_blank_line_number.get_or_insert(previous_last_line + 1);
+        }
+        previous_last_line = last_line;
+        let blank_record = record.len() == 1 && record.get(0).is_some_and(<[u8]>::is_empty);
+        if blank_record {
             first_blank_line_number.get_or_insert(line_number);
             continue;
         }
@@ -81,18 +114,18 @@ fn read_csv_table(
         }
 
         let Some(header) = header.as_ref() else {
-            header = Some(parse_header(path, line, label_column_name)?);
+            header = Some(parse_header(path, &record, line_number, label_column_name)?);
             continue;
         };
 
         row_features.clear();
-        let label = parse_data_row(path, header, line, line_number, &mut row_features)?;
-        visit_row(&row_features, label);
+        let label = parse_data_row(path, header, &record, line_number, &mut row_features)?;
+        visit_row(CsvRow { line_number, features: &row_features, label });
         row_count += 1;
     }
 
     let Some(header) = header else {
-        let message = if line_number == 0 {
+        let message = if first_blank_line_number.is_none() && bytes.iter().all(|&byte| byte != b'\n') {
             "no data rows: the file is empty"
         } else {
             "no data rows: the file contains only blank lines"
@@ -106,28 +139,66 @@ fn read_csv_table(
     Ok(CsvTableSummary { row_count, feature_count })
 }
 
-/// Turns one raw line into text: strips the line terminator (`\n` or `\r\n`) and, on the first line, a
-/// UTF-8 byte-order mark; invalid UTF-8 is reported with its line number.
-fn decode_line<'bytes>(path: &Path, line_bytes: &'bytes [u8], line_number: usize) -> Result<&'bytes str, DataError> {
-    let mut content = line_bytes;
-    if let Some(stripped) = content.strip_suffix(b"\n") {
-        content = stripped;
-    }
-    if let Some(stripped) = content.strip_suffix(b"\r") {
-        content = stripped;
-    }
-    if line_number == 1 {
-        if let Some(stripped) = content.strip_prefix(b"\xef\xbb\xbf") {
-            content = stripped;
-        }
-    }
-    std::str::from_utf8(content)
-        .map_err(|_| DataError::corrupt(path, format!("line {line_number} is not valid UTF-8 text")))
+/// Line numbers (from 1) of byte offsets that only move forward, counted incrementally.
+#[derive(Default)]
+struct LineCounter {
+    offset: usize,
+    line: u64,
 }
 
-/// Splits the header line into column names and locates the requested label column.
-fn parse_header(path: &Path, line: &str, label_column_name: Option<&str>) -> Result<CsvHeader, DataError> {
-    let column_names: Vec<String> = line.split(',').map(|cell| unquote_header_name(cell.trim()).to_string()).collect();
+impl LineCounter {
+    /// The line the byte at `offset` is on; offsets before the previous one count from there.
+    fn line_at(&mut self, bytes: &[u8], offset: usize) -> u64 {
+        let offset = offset.min(bytes.len());
+        if offset > self.offset {
+            self.line += bytes[self.offset..offset].iter().filter(|&&byte| byte == b'\n').count() as u64;
+            self.offset = offset;
+        }
+        self.line + 1
+    }
+}
+
+/// Turns a failure of the CSV parser into a data error that names the line where it happened.
+fn describe_csv_error(path: &Path, error: &csv::Error) -> DataError {
+    match error.kind() {
+        csv::ErrorKind::Io(io_error) => DataError::from_io(path, io_error),
+        _ => match error.position() {
+            Some(position) => DataError::corrupt(path, format!("line {} is not valid CSV: {error}", position.line())),
+            None => DataError::corrupt(path, format!("the file is not valid CSV: {error}")),
+        },
+    }
+}
+
+/// Decodes one cell as UTF-8 text, reporting invalid bytes with the cell's line and column. A cell
+/// quoted after leading whitespace (`a, "b"`), which RFC 4180 leaves as written, is unquoted too.
+fn cell_text<'cell>(
+    path: &Path,
+    cell: &'cell [u8],
+    line_number: u64,
+    column: impl FnOnce() -> String,
+) -> Result<Cow<'cell, str>, DataError> {
+    let text = std::str::from_utf8(cell)
+        .map_err(|_| DataError::corrupt(path, format!("line {line_number}, {}: not valid UTF-8 text", column())))?;
+    match text.strip_prefix('"').and_then(|inner| inner.strip_suffix('"')) {
+        Some(inner) => Ok(Cow::Owned(inner.replace("\"\"", "\"").trim().to_string())),
+        None => Ok(Cow::Borrowed(text)),
+    }
+}
+
+/// Reads the header's column names and locates the requested label column.
+fn parse_header(
+    path: &Path,
+    record: &csv::ByteRecord,
+    line_number: u64,
+    label_column_name: Option<&str>,
+) -> Result<CsvHeader, DataError> {
+    let column_names = record
+        .iter()
+        .enumerate()
+        .map(|(column_index, cell)| {
+            cell_text(path, cell, line_number, || format!("column {}", column_index + 1)).map(Cow::into_owned)
+        })
+        .collect::<Result<Vec<String>, DataError>>()?;
 
     let label_column_index = match label_column_name {
         None => None,
@@ -137,12 +208,7 @@ fn parse_header(path: &Path, line: &str, label_column_name: Option<&str>) -> Res
     if label_column_index.is_some() && column_names.len() == 1 {
         return Err(DataError::bad_option(path, "the label column is the only column, so no feature columns remain"));
     }
-    Ok(CsvHeader { column_names, label_column_index })
-}
-
-/// Removes one pair of surrounding double quotes from a header name, if present.
-fn unquote_header_name(name: &str) -> &str {
-    name.strip_prefix('"').and_then(|inner| inner.strip_suffix('"')).unwrap_or(name)
+    Ok(CsvHeader { column_names, label_column_index, line_number })
 }
 
 /// Finds the unique column called `wanted_name`, explaining what the header offers when it is missing.
@@ -193,17 +259,18 @@ fn summarize_column_names(column_names: &[String]) -> String {
 fn parse_data_row(
     path: &Path,
     header: &CsvHeader,
-    line: &str,
-    line_number: usize,
+    record: &csv::ByteRecord,
+    line_number: u64,
     row_features: &mut Vec<f32>,
 ) -> Result<Option<i32>, DataError> {
-    let field_count = line.split(',').count();
+    let field_count = record.len();
     if field_count != header.column_names.len() {
         return Err(DataError::corrupt(
             path,
             format!(
-                "line {line_number} has {field_count} field{}, but the header (line 1) has {} column{}",
+                "line {line_number} has {field_count} field{}, but the header (line {}) has {} column{}",
                 if field_count == 1 { "" } else { "s" },
+                header.line_number,
                 header.column_names.len(),
                 if header.column_names.len() == 1 { "" } else { "s" },
             ),
@@ -211,24 +278,15 @@ fn parse_data_row(
     }
 
     let mut label = None;
-    for (column_index, cell) in line.split(',').enumerate() {
-        let cell = cell.trim();
+    for (column_index, cell) in record.iter().enumerate() {
+        let cell = cell_text(path, cell, line_number, || header.describe_column(column_index))?;
+        let located = |problem: String| {
+            DataError::corrupt(path, format!("line {line_number}, {}: {problem}", header.describe_column(column_index)))
+        };
         if Some(column_index) == header.label_column_index {
-            let parsed_label = parse_label_cell(cell).map_err(|problem| {
-                DataError::corrupt(
-                    path,
-                    format!("line {line_number}, {}: {problem}", header.describe_column(column_index)),
-                )
-            })?;
-            label = Some(parsed_label);
+            label = Some(parse_label_cell(&cell).map_err(located)?);
         } else {
-            let feature = parse_feature_cell(cell).map_err(|problem| {
-                DataError::corrupt(
-                    path,
-                    format!("line {line_number}, {}: {problem}", header.describe_column(column_index)),
-                )
-            })?;
-            row_features.push(feature);
+            row_features.push(parse_feature_cell(&cell).map_err(located)?);
         }
     }
     Ok(label)
@@ -289,7 +347,17 @@ fn quote_cell(cell: &str) -> String {
 /// when a label column is given. Every row is validated, so this reads the whole file, but it keeps
 /// only counts in memory.
 pub fn probe_csv(path: &Path, label: Option<&str>) -> Result<DataSchema, DataError> {
-    let summary = read_csv_table(path, label, |_, _| {})?;
+    probe_csv_source(Source::file(path), label)
+}
+
+/// [`probe_csv`] of a file's bytes already in memory; `path` only names the file in messages.
+pub fn probe_csv_bytes(path: &Path, bytes: &[u8], label: Option<&str>) -> Result<DataSchema, DataError> {
+    probe_csv_source(Source::bytes(path, bytes), label)
+}
+
+fn probe_csv_source(source: Source, label: Option<&str>) -> Result<DataSchema, DataError> {
+    let path = source.path();
+    let summary = read_csv_table(source, label, |_| {})?;
     let rows = count_to_i64(path, summary.row_count as u64, "row count")?;
     let features = count_to_i64(path, summary.feature_count as u64, "feature count")?;
     let mut fields =
@@ -308,15 +376,37 @@ pub fn probe_csv(path: &Path, label: Option<&str>) -> Result<DataSchema, DataErr
 // The tuple return type is the documented public signature, so clippy's preference for a named type is declined.
 #[allow(clippy::type_complexity)]
 pub fn load_csv(path: &Path, label: Option<&str>) -> Result<(Vec<f32>, usize, Option<Vec<i32>>), DataError> {
+    load_csv_source(Source::file(path), label)
+}
+
+// The same tuple as `load_csv`'s.
+#[allow(clippy::type_complexity)]
+fn load_csv_source(source: Source, label: Option<&str>) -> Result<(Vec<f32>, usize, Option<Vec<i32>>), DataError> {
     let mut features = Vec::new();
     let mut labels = Vec::new();
-    let summary = read_csv_table(path, label, |row_features, row_label| {
-        features.extend_from_slice(row_features);
-        if let Some(row_label) = row_label {
+    let summary = read_csv_table(source, label, |row| {
+        features.extend_from_slice(row.features);
+        if let Some(row_label) = row.label {
             labels.push(row_label);
         }
     })?;
     Ok((features, summary.feature_count, label.map(|_| labels)))
+}
+
+/// The line of the file on which data row `row` (0-based, the header not counted) starts, counting
+/// the header and any line breaks inside quoted cells; `None` when the table has fewer rows. The
+/// whole file is validated as [`probe_csv`] validates it. Errors about a label or a feature of a
+/// loaded table use it to point at the line in the file.
+pub fn csv_row_line(path: &Path, label: Option<&str>, row: usize) -> Result<Option<u64>, DataError> {
+    let mut rows_seen = 0usize;
+    let mut found = None;
+    read_csv_table(Source::file(path), label, |visited| {
+        if rows_seen == row {
+            found = Some(visited.line_number);
+        }
+        rows_seen += 1;
+    })?;
+    Ok(found)
 }
 
 /// Loads a whole CSV file into the fields that [`probe_csv`] describes.
@@ -325,8 +415,23 @@ pub fn load_csv(path: &Path, label: Option<&str>) -> Result<(Vec<f32>, usize, Op
 /// finite; the field "y" (I32, shape `[rows]`) holds the labels and is present only when `label` names a
 /// label column. Validation is the same as for [`probe_csv`] and [`load_csv`].
 pub fn load_csv_data(path: &Path, label: Option<&str>, scale: f32) -> Result<LoadedData, DataError> {
+    load_csv_data_source(Source::file(path), label, scale)
+}
+
+/// [`load_csv_data`] of a file's bytes already in memory; `path` only names the file in messages.
+pub fn load_csv_data_bytes(
+    path: &Path,
+    bytes: &[u8],
+    label: Option<&str>,
+    scale: f32,
+) -> Result<LoadedData, DataError> {
+    load_csv_data_source(Source::bytes(path, bytes), label, scale)
+}
+
+fn load_csv_data_source(source: Source, label: Option<&str>, scale: f32) -> Result<LoadedData, DataError> {
+    let path = source.path();
     check_scale_is_finite(path, scale)?;
-    let (mut features, feature_count, labels) = load_csv(path, label)?;
+    let (mut features, feature_count, labels) = load_csv_source(source, label)?;
     // A successful load always has at least one feature column, but a zero count must not divide.
     let row_count = features
         .len()
@@ -541,5 +646,62 @@ mod tests {
         let error = probe_csv(&path, None).expect_err("the file is not UTF-8");
         assert_eq!(error.kind, DataErrorKind::Corrupt);
         assert!(error.message.contains("line 2"), "{error}");
+    }
+
+    #[test]
+    fn quoted_headers_and_cells_follow_rfc_4180() {
+        let contents = "\"feature, one\",\"the \"\"label\"\"\", \"b\"\r\n\"1.5\",\"2\",3\r\n4,0, \"-5\" \r\n";
+        let schema = probe_csv_bytes(Path::new("quoted.csv"), contents.as_bytes(), Some("the \"label\""))
+            .expect("quoted names and cells are valid");
+        assert_eq!(schema.examples, 2);
+        let loaded = load_csv_data_bytes(Path::new("quoted.csv"), contents.as_bytes(), Some("the \"label\""), 1.0)
+            .expect("valid");
+        assert_eq!(loaded.fields[0].data, FieldData::F32(vec![1.5, 3.0, 4.0, -5.0]));
+        assert_eq!(loaded.fields[1].data, FieldData::I32(vec![2, 0]));
+    }
+
+    #[test]
+    fn commas_and_line_breaks_inside_quotes_belong_to_the_cell() {
+        // The header's second name holds a comma and a line break, so the table has two columns,
+        // and the first data row starts on line 3.
+        let contents = "a,\"label,\nsecond line\"\n1,0\n2,\"1,5\"\n";
+        let error = probe_csv_bytes(Path::new("t.csv"), contents.as_bytes(), Some("label,\nsecond line"))
+            .expect_err("'1,5' is not a label");
+        assert_eq!(error.kind, DataErrorKind::Corrupt);
+        assert!(error.message.starts_with("line 4, column 'label,\nsecond line': '1,5' is not"), "{error}");
+
+        let contents = "a,b\n\"x\ny\",2\n3,4\n";
+        let error = probe_csv_bytes(Path::new("t.csv"), contents.as_bytes(), None).expect_err("'x y' is text");
+        assert!(error.message.starts_with("line 2, column 'a':"), "{error}");
+        let contents = "a,b\n1,\"2\"\n\"3\",\"4\n\n\"\n5,x\n";
+        let error = probe_csv_bytes(Path::new("t.csv"), contents.as_bytes(), None).expect_err("'x' is text");
+        assert!(error.message.starts_with("line 6, column 'b': 'x' is not a number"), "{error}");
+    }
+
+    #[test]
+    fn line_numbers_count_the_header_blank_lines_and_breaks_inside_quotes() {
+        let directory = scratch_directory("csv_row_lines");
+        let path = write_file(&directory, "t.csv", b"a,label\r\n\"1\r\n\",0\r\n2,1\r\n\"3\",\"2\"\r\n\r\n");
+        assert_eq!(csv_row_line(&path, Some("label"), 0), Ok(Some(2)));
+        assert_eq!(csv_row_line(&path, Some("label"), 1), Ok(Some(4)));
+        assert_eq!(csv_row_line(&path, Some("label"), 2), Ok(Some(5)));
+        assert_eq!(csv_row_line(&path, Some("label"), 3), Ok(None));
+        let error = probe_error("csv_blank_after_quoted", "a,b\n\"1\n\n\",2\n\n3,4\n", None);
+        assert!(error.message.contains("line 5 is blank"), "{error}");
+        let error = probe_error("csv_leading_blank", "\na,b\n1,2\n", None);
+        assert!(error.message.contains("line 1 is blank"), "{error}");
+    }
+
+    #[test]
+    fn bytes_and_files_give_the_same_results() {
+        let directory = scratch_directory("csv_bytes_and_files");
+        for contents in [&b"a,label\n1,0\n2,3\n"[..], b"a,label\n1,0\n2,x\n", b"", b"a,label\n1\n"] {
+            let path = write_file(&directory, "t.csv", contents);
+            assert_eq!(
+                load_csv_data(&path, Some("label"), 0.5),
+                load_csv_data_bytes(&path, contents, Some("label"), 0.5)
+            );
+            assert_eq!(probe_csv(&path, Some("label")), probe_csv_bytes(&path, contents, Some("label")));
+        }
     }
 }

@@ -1,9 +1,10 @@
 //! The error type shared by every reader in this crate, plus the small file-access helpers that turn
 //! operating-system failures into those errors.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io::{self, Cursor, Read, Seek};
 use std::path::{Path, PathBuf};
 
 /// The broad category of a data-reading failure, so that callers can react without parsing messages.
@@ -87,6 +88,60 @@ pub(crate) fn open_regular_file(path: &Path) -> Result<(File, u64), DataError> {
     }
     let file = File::open(path).map_err(|error| DataError::from_io(path, &error))?;
     Ok((file, metadata.len()))
+}
+
+/// Anything a reader can read and seek in: a file, or bytes in memory.
+pub(crate) trait ReadSeek: Read + Seek {}
+
+impl<T: Read + Seek> ReadSeek for T {}
+
+/// Where a reader takes a file's bytes from: the file itself, or bytes already in memory that stand
+/// for it (for fuzzing and for callers that have the bytes); either way `path` names the file in
+/// every message.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Source<'a> {
+    path: &'a Path,
+    bytes: Option<&'a [u8]>,
+}
+
+impl<'a> Source<'a> {
+    /// The file at `path`, read from disk.
+    pub(crate) fn file(path: &'a Path) -> Self {
+        Source { path, bytes: None }
+    }
+
+    /// `bytes` in memory, named `path` in messages.
+    pub(crate) fn bytes(path: &'a Path, bytes: &'a [u8]) -> Self {
+        Source { path, bytes: Some(bytes) }
+    }
+
+    /// The name of the file, for messages.
+    pub(crate) fn path(&self) -> &'a Path {
+        self.path
+    }
+
+    /// Every byte of the source: the bytes in memory as they are, or the whole file read into memory
+    /// (never more than the file's length).
+    pub(crate) fn read_all(&self) -> Result<Cow<'a, [u8]>, DataError> {
+        if let Some(bytes) = self.bytes {
+            return Ok(Cow::Borrowed(bytes));
+        }
+        let (file, length) = open_regular_file(self.path)?;
+        let mut bytes = Vec::with_capacity(usize::try_from(length).unwrap_or(0));
+        file.take(length).read_to_end(&mut bytes).map_err(|error| DataError::from_io(self.path, &error))?;
+        Ok(Cow::Owned(bytes))
+    }
+
+    /// Opens the source for reading from its first byte and returns it with its length in bytes.
+    pub(crate) fn open(&self) -> Result<(Box<dyn ReadSeek + 'a>, u64), DataError> {
+        match self.bytes {
+            Some(bytes) => Ok((Box::new(Cursor::new(bytes)), bytes.len() as u64)),
+            None => {
+                let (file, length) = open_regular_file(self.path)?;
+                Ok((Box::new(file), length))
+            }
+        }
+    }
 }
 
 /// Reads up to `buffer.len()` bytes, stopping early only at the end of the file, and returns how many

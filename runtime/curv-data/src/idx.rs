@@ -8,9 +8,7 @@
 use std::io::{Seek, SeekFrom};
 use std::path::Path;
 
-use crate::error::{
-    check_scale_is_finite, count_to_i64, describe_foreign_format, open_regular_file, read_up_to, DataError,
-};
+use crate::error::{check_scale_is_finite, count_to_i64, describe_foreign_format, read_up_to, DataError, Source};
 use crate::{DataSchema, ElementType, FieldData, FieldSchema, LoadedData, LoadedField};
 
 /// The IDX element-type code for unsigned bytes, the only element type MNIST uses.
@@ -36,8 +34,13 @@ pub(crate) struct IdxHeader {
 /// Reads the header of an IDX file of unsigned bytes with `expected_dimension_count` dimensions and
 /// checks that the file holds exactly the data the header describes. `role` ("image" or "label") is
 /// used in messages.
-pub(crate) fn read_idx_header(path: &Path, expected_dimension_count: u8, role: &str) -> Result<IdxHeader, DataError> {
-    let (mut file, file_length) = open_regular_file(path)?;
+pub(crate) fn read_idx_header(
+    source: Source,
+    expected_dimension_count: u8,
+    role: &str,
+) -> Result<IdxHeader, DataError> {
+    let path = source.path();
+    let (mut file, file_length) = source.open()?;
 
     let mut magic = [0u8; 4];
     let magic_length = read_up_to(path, &mut file, &mut magic)?;
@@ -97,10 +100,11 @@ pub(crate) fn read_idx_header(path: &Path, expected_dimension_count: u8, role: &
 }
 
 /// Reads all the data bytes of an IDX file whose header has been validated by [`read_idx_header`].
-fn read_idx_data(path: &Path, header: &IdxHeader, role: &str) -> Result<Vec<u8>, DataError> {
+fn read_idx_data(source: Source, header: &IdxHeader, role: &str) -> Result<Vec<u8>, DataError> {
+    let path = source.path();
     let data_length = usize::try_from(header.data_length)
         .map_err(|_| DataError::corrupt(path, format!("the IDX {role} file is too large to fit in memory")))?;
-    let (mut file, _file_length) = open_regular_file(path)?;
+    let (mut file, _file_length) = source.open()?;
     file.seek(SeekFrom::Start(header.data_offset)).map_err(|error| DataError::from_io(path, &error))?;
     let mut data = vec![0u8; data_length];
     if read_up_to(path, &mut file, &mut data)? < data.len() {
@@ -121,9 +125,10 @@ struct IdxPair {
 }
 
 /// Reads and cross-checks the headers of an image file and a label file.
-fn read_idx_pair(images: &Path, labels: &Path) -> Result<IdxPair, DataError> {
-    let image_header = read_idx_header(images, IDX_IMAGE_DIMENSION_COUNT, "image")?;
-    let label_header = read_idx_header(labels, IDX_LABEL_DIMENSION_COUNT, "label")?;
+fn read_idx_pair(image_source: Source, label_source: Source) -> Result<IdxPair, DataError> {
+    let (images, labels) = (image_source.path(), label_source.path());
+    let image_header = read_idx_header(image_source, IDX_IMAGE_DIMENSION_COUNT, "image")?;
+    let label_header = read_idx_header(label_source, IDX_LABEL_DIMENSION_COUNT, "label")?;
     let (image_count, image_rows, image_columns) = match image_header.dimensions.as_slice() {
         [count, rows, columns] => (*count, *rows, *columns),
         _ => return Err(DataError::corrupt(images, "the IDX image file does not have three dimensions")),
@@ -166,7 +171,22 @@ fn read_idx_pair(images: &Path, labels: &Path) -> Result<IdxPair, DataError> {
 /// as their headers say, and their counts must agree. The schema has a field "x" (F32, shape
 /// `[count, rows * columns]`) and a field "y" (I32, shape `[count]`).
 pub fn probe_idx(images: &Path, labels: &Path) -> Result<DataSchema, DataError> {
-    let pair = read_idx_pair(images, labels)?;
+    probe_idx_sources(Source::file(images), Source::file(labels))
+}
+
+/// [`probe_idx`] of the two files' bytes already in memory; the paths only name them in messages.
+pub fn probe_idx_bytes(
+    images: &Path,
+    image_bytes: &[u8],
+    labels: &Path,
+    label_bytes: &[u8],
+) -> Result<DataSchema, DataError> {
+    probe_idx_sources(Source::bytes(images, image_bytes), Source::bytes(labels, label_bytes))
+}
+
+fn probe_idx_sources(image_source: Source, label_source: Source) -> Result<DataSchema, DataError> {
+    let images = image_source.path();
+    let pair = read_idx_pair(image_source, label_source)?;
     let examples = i64::from(pair.count);
     let pixels_per_image = count_to_i64(images, pair.pixels_per_image, "image size")?;
     Ok(DataSchema {
@@ -188,15 +208,33 @@ pub fn probe_idx(images: &Path, labels: &Path) -> Result<DataSchema, DataError> 
 /// multiplied by `scale` (which must be finite; 1/255 maps bytes to [0, 1]), and the field "y" (I32,
 /// shape `[count]`) holds the labels. Validation is the same as for [`probe_idx`].
 pub fn load_idx(images: &Path, labels: &Path, scale: f32) -> Result<LoadedData, DataError> {
+    load_idx_sources(Source::file(images), Source::file(labels), scale)
+}
+
+/// [`load_idx`] of the two files' bytes already in memory; the paths only name them in messages.
+pub fn load_idx_bytes(
+    images: &Path,
+    image_bytes: &[u8],
+    labels: &Path,
+    label_bytes: &[u8],
+    scale: f32,
+) -> Result<LoadedData, DataError> {
+    load_idx_sources(Source::bytes(images, image_bytes), Source::bytes(labels, label_bytes), scale)
+}
+
+fn load_idx_sources(image_source: Source, label_source: Source, scale: f32) -> Result<LoadedData, DataError> {
+    let images = image_source.path();
     check_scale_is_finite(images, scale)?;
-    let pair = read_idx_pair(images, labels)?;
+    let pair = read_idx_pair(image_source, label_source)?;
     let examples = usize::try_from(pair.count)
         .map_err(|_| DataError::corrupt(images, "the IDX image file has too many images to fit in memory"))?;
     let pixels_per_image = usize::try_from(pair.pixels_per_image)
         .map_err(|_| DataError::corrupt(images, "the IDX images are too large to fit in memory"))?;
 
-    let pixels: Vec<f32> =
-        read_idx_data(images, &pair.image_header, "image")?.into_iter().map(|pixel| f32::from(pixel) * scale).collect();
+    let pixels: Vec<f32> = read_idx_data(image_source, &pair.image_header, "image")?
+        .into_iter()
+        .map(|pixel| f32::from(pixel) * scale)
+        .collect();
     if pixels.iter().any(|pixel| !pixel.is_finite()) {
         return Err(DataError::bad_option(
             images,
@@ -204,7 +242,7 @@ pub fn load_idx(images: &Path, labels: &Path, scale: f32) -> Result<LoadedData, 
         ));
     }
     let class_labels: Vec<i32> =
-        read_idx_data(labels, &pair.label_header, "label")?.into_iter().map(i32::from).collect();
+        read_idx_data(label_source, &pair.label_header, "label")?.into_iter().map(i32::from).collect();
 
     Ok(LoadedData {
         fields: vec![

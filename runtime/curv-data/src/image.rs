@@ -6,7 +6,7 @@ use std::io::{BufReader, BufWriter, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::error::{count_to_i64, describe_foreign_format, open_regular_file, read_up_to, DataError, DataErrorKind};
+use crate::error::{count_to_i64, describe_foreign_format, read_up_to, DataError, DataErrorKind, ReadSeek, Source};
 use crate::{DataSchema, ElementType, FieldData, FieldSchema, LoadedData, LoadedField};
 
 /// The eight bytes every PNG file starts with.
@@ -33,14 +33,18 @@ pub(crate) struct PngImageHeader {
 
 /// Reads the header of a PNG file and checks that its pixel format is supported, without decoding any
 /// image data.
-pub(crate) fn read_png_header(path: &Path) -> Result<PngImageHeader, DataError> {
-    open_png_reader(path).map(|(_reader, header, _file_length)| header)
+pub(crate) fn read_png_header(source: Source) -> Result<PngImageHeader, DataError> {
+    open_png_reader(source).map(|(_reader, header, _file_length)| header)
 }
+
+/// A PNG decoder reading from a file or from bytes in memory.
+type PngReader<'a> = png::Reader<BufReader<Box<dyn ReadSeek + 'a>>>;
 
 /// Opens a PNG file, reads its header and checks that its pixel format is supported. Returns a decoder
 /// positioned before the image data, the header, and the file's length in bytes.
-fn open_png_reader(path: &Path) -> Result<(png::Reader<BufReader<File>>, PngImageHeader, u64), DataError> {
-    let (mut file, file_length) = open_regular_file(path)?;
+fn open_png_reader<'a>(source: Source<'a>) -> Result<(PngReader<'a>, PngImageHeader, u64), DataError> {
+    let path = source.path();
+    let (mut file, file_length) = source.open()?;
 
     let mut leading_bytes = [0u8; 8];
     let leading_length = read_up_to(path, &mut file, &mut leading_bytes)?;
@@ -116,7 +120,17 @@ fn describe_png_decoding_error(path: &Path, error: png::DecodingError, truncatio
 /// with one channel for gray images and three for color images; alpha is dropped. Only the header is
 /// read, so this is cheap even for large images.
 pub fn probe_image(path: &Path) -> Result<DataSchema, DataError> {
-    let header = read_png_header(path)?;
+    probe_image_source(Source::file(path))
+}
+
+/// [`probe_image`] of a PNG file's bytes already in memory; `path` only names the file in messages.
+pub fn probe_image_bytes(path: &Path, bytes: &[u8]) -> Result<DataSchema, DataError> {
+    probe_image_source(Source::bytes(path, bytes))
+}
+
+fn probe_image_source(source: Source) -> Result<DataSchema, DataError> {
+    let path = source.path();
+    let header = read_png_header(source)?;
     let pixel_count = count_to_i64(path, u64::from(header.width) * u64::from(header.height), "pixel count")?;
     let fields = vec![
         FieldSchema { name: "coords".to_string(), element_type: ElementType::F32, shape: vec![pixel_count, 2] },
@@ -149,7 +163,17 @@ fn centred_coordinate(index: usize, count: usize) -> f32 {
 /// dropped) holds each sample `v` mapped from [0, max] to [-1, 1] as `v / max * 2 - 1`, where max is 255
 /// for 8-bit images and 65535 for 16-bit ones.
 pub fn load_image(path: &Path) -> Result<LoadedData, DataError> {
-    let (mut reader, header, file_length) = open_png_reader(path)?;
+    load_image_source(Source::file(path))
+}
+
+/// [`load_image`] of a PNG file's bytes already in memory; `path` only names the file in messages.
+pub fn load_image_bytes(path: &Path, bytes: &[u8]) -> Result<LoadedData, DataError> {
+    load_image_source(Source::bytes(path, bytes))
+}
+
+fn load_image_source(source: Source) -> Result<LoadedData, DataError> {
+    let path = source.path();
+    let (mut reader, header, file_length) = open_png_reader(source)?;
     let truncated = "the PNG file is truncated: it ends before the image data is complete";
 
     let decoded_length =

@@ -6,7 +6,9 @@
 //! a data source, reading as little of the file as its format allows. Full loading lives next to each
 //! probe and shares its validation, so a source that probes cleanly also loads, into the shapes the probe
 //! reported: [`load_csv_data`], [`load_image`], [`load_npy`] and [`load_idx`] (plus the lower-level
-//! [`load_csv`]). Finally, [`write_png`] turns a reconstructed image back into a PNG file.
+//! [`load_csv`]). Every reader also takes a file's bytes already in memory (`probe_*_bytes`,
+//! `load_*_bytes`, for fuzzing and for callers that hold the bytes), validated exactly as the file
+//! would be. Finally, [`write_png`] turns a reconstructed image back into a PNG file.
 //!
 //! No input makes this crate panic. Every failure is a [`DataError`] that names the file, explains the
 //! problem in a sentence fragment, and carries a [`DataErrorKind`] so callers can tell a missing file
@@ -21,11 +23,11 @@ mod npy;
 #[cfg(test)]
 mod test_support;
 
-pub use crate::csv::{load_csv, load_csv_data, probe_csv};
+pub use crate::csv::{csv_row_line, load_csv, load_csv_data, load_csv_data_bytes, probe_csv, probe_csv_bytes};
 pub use crate::error::{DataError, DataErrorKind};
-pub use crate::idx::{load_idx, probe_idx};
-pub use crate::image::{load_image, probe_image, write_png};
-pub use crate::npy::{load_npy, probe_npy};
+pub use crate::idx::{load_idx, load_idx_bytes, probe_idx, probe_idx_bytes};
+pub use crate::image::{load_image, load_image_bytes, probe_image, probe_image_bytes, write_png};
+pub use crate::npy::{load_npy, load_npy_bytes, probe_npy, probe_npy_bytes};
 
 /// The element type of a field once loaded into memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,7 +8,7 @@
 use std::io::{BufReader, Seek, SeekFrom};
 use std::path::Path;
 
-use crate::error::{count_to_i64, describe_foreign_format, open_regular_file, read_up_to, DataError};
+use crate::error::{count_to_i64, describe_foreign_format, read_up_to, DataError, Source};
 use crate::{ElementType, FieldData};
 
 /// The magic string every `.npy` file starts with.
@@ -79,8 +79,9 @@ pub(crate) struct NpyHeader {
 
 /// Reads and validates the header of a `.npy` file, including that the file is long enough to hold the
 /// data it describes.
-pub(crate) fn read_npy_header(path: &Path) -> Result<NpyHeader, DataError> {
-    let (mut file, file_length) = open_regular_file(path)?;
+pub(crate) fn read_npy_header(source: Source) -> Result<NpyHeader, DataError> {
+    let path = source.path();
+    let (mut file, file_length) = source.open()?;
 
     let mut magic_and_version = [0u8; 8];
     let leading_length = read_up_to(path, &mut file, &mut magic_and_version)?;
@@ -246,7 +247,16 @@ fn parse_descr(path: &Path, descr: &str) -> Result<NpyStoredType, DataError> {
 /// file too short for the data its header describes is `Corrupt`. The shape is returned exactly as
 /// stored, outermost dimension first.
 pub fn probe_npy(path: &Path) -> Result<(ElementType, Vec<i64>), DataError> {
-    let header = read_npy_header(path)?;
+    probe_npy_source(Source::file(path))
+}
+
+/// [`probe_npy`] of a file's bytes already in memory; `path` only names the file in messages.
+pub fn probe_npy_bytes(path: &Path, bytes: &[u8]) -> Result<(ElementType, Vec<i64>), DataError> {
+    probe_npy_source(Source::bytes(path, bytes))
+}
+
+fn probe_npy_source(source: Source) -> Result<(ElementType, Vec<i64>), DataError> {
+    let header = read_npy_header(source)?;
     Ok((header.stored_type.element_type(), header.shape))
 }
 
@@ -258,7 +268,17 @@ pub fn probe_npy(path: &Path) -> Result<(ElementType, Vec<i64>), DataError> {
 /// `'<i8'` arrays load as I32; a 64-bit value outside the 32-bit range is `Corrupt`, and the message
 /// names its position. Bytes after the array data are ignored, as NumPy itself ignores them.
 pub fn load_npy(path: &Path) -> Result<(Vec<usize>, FieldData), DataError> {
-    let header = read_npy_header(path)?;
+    load_npy_source(Source::file(path))
+}
+
+/// [`load_npy`] of a file's bytes already in memory; `path` only names the file in messages.
+pub fn load_npy_bytes(path: &Path, bytes: &[u8]) -> Result<(Vec<usize>, FieldData), DataError> {
+    load_npy_source(Source::bytes(path, bytes))
+}
+
+fn load_npy_source(source: Source) -> Result<(Vec<usize>, FieldData), DataError> {
+    let path = source.path();
+    let header = read_npy_header(source)?;
     let shape = header
         .shape
         .iter()
@@ -271,7 +291,7 @@ pub fn load_npy(path: &Path) -> Result<(Vec<usize>, FieldData), DataError> {
     let element_count = usize::try_from(header.element_count)
         .map_err(|_| DataError::corrupt(path, "the array has too many elements to fit in memory"))?;
 
-    let (mut file, _file_length) = open_regular_file(path)?;
+    let (mut file, _file_length) = source.open()?;
     file.seek(SeekFrom::Start(header.data_offset)).map_err(|error| DataError::from_io(path, &error))?;
     let mut reader = BufReader::new(file);
     let data = match header.stored_type {
