@@ -1036,7 +1036,9 @@ fn sorted_by_estimates<T: Real>(applied: &[T], basis: &[T], n: usize) -> (Vec<us
 /// in the run's element type, as the SOAP reference computes its refresh in single precision for
 /// single-precision parameters: in an `f32` run the product, the estimates and the QR are single
 /// precision (falling back to double precision if that QR fails); an `f64` run computes in double
-/// precision.
+/// precision. (pytorch_optimizer's `SOAP` casts `F Q` to float32 before its QR whatever the
+/// parameter's dtype, which moves float64 runs by about 1e-6: docs/language.md section 12.7 and
+/// tests/oracle/test_soap_pytorch_optimizer.py.)
 pub(crate) fn refresh_basis_in<T: Real>(
     factor: &[T],
     basis: &[T],
