@@ -9,6 +9,7 @@
 
 pub mod abi;
 mod cost;
+pub mod executable;
 pub mod fusion;
 pub mod group;
 mod print;

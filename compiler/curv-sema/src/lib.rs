@@ -10,6 +10,7 @@ mod builtin_calls;
 mod builtins;
 mod check;
 mod diagnostic;
+mod executable;
 mod lower;
 mod optimizer;
 mod rules;

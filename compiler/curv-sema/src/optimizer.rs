@@ -569,6 +569,9 @@ impl<'a> Checker<'a> {
             let options = resolve_options(self, spec.name, &specs, &modifier.args, modifier.span)?;
             modifiers.push(ModifierPlan { name: spec.name.to_string(), options });
         }
+        if !self.check_line_executes(line, structure, &options, &option_spans, &modifiers) {
+            return None;
+        }
         Some(ResolvedLine { line, structure, rule_name, needs_matrix, options, option_spans, modifiers })
     }
 

@@ -579,6 +579,7 @@ impl<'a> Checker<'a> {
         self.used_optimizers.insert(optimizer_ident.name.clone());
         let _ = SourceId::User;
         program.optimizer = self.plan_optimizer(optimizer, &program.params, optimizer_ident.span)?;
+        self.check_program_executes(&program, optimizer.source, loss_expr.span());
         if let Some(limit) = self.memory_limit {
             self.check_memory(&program, optimizer_ident.span, limit);
         }

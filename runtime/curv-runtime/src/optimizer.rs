@@ -33,57 +33,12 @@ fn state_set<T>(state: &mut ParamState<T>, name: &str, tensor: Tensor<T>) {
     }
 }
 
-/// Why a plan cannot run (yet) on this runtime.
+/// Why a plan cannot run (yet) on this runtime: the first of its rule line's refusals, declared
+/// in [`curv_ir::executable`] (which `curv check` reports as diagnostics), with the check's code.
 pub fn unsupported(plan: &ParamPlan) -> Option<String> {
-    let function = option_name(&plan.options, "function").unwrap_or("inverse_root");
-    match plan.structure {
-        StructureKind::Rule
-        | StructureKind::Diagonal
-        | StructureKind::Factored
-        | StructureKind::Orthogonalize
-        | StructureKind::LowRank => {}
-        StructureKind::Kronecker => {
-            let stats = option_name(&plan.options, "stats").unwrap_or("gradient_outer");
-            let fits = match stats {
-                "kfac" => {
-                    matches!(function, "damped_inverse" | "damped_eigen" | "sherman_morrison" | "adafisher" | "singd")
-                }
-                "psgd" => function == "lie_group",
-                _ => matches!(function, "inverse_root" | "newton" | "eigenbasis"),
-            };
-            if !fits {
-                return Some(format!("`function = {function}` does not go with `stats = {stats}`: use inverse_root, newton or eigenbasis with gradient_outer; damped_inverse, damped_eigen, sherman_morrison, adafisher or singd with kfac; lie_group with psgd"));
-            }
-        }
-        StructureKind::Dense if matches!(option_name(&plan.options, "stats"), Some("hessian" | "ggn")) => {}
-        StructureKind::Dense => {
-            return Some(
-                "the `dense` structure is not executable yet with `stats = gradient_outer` (only `hessian`, lazy \
-                 Newton, and `ggn`, EGN)"
-                    .to_string(),
-            )
-        }
-    }
-    for modifier in &plan.modifiers {
-        let supported = match modifier.name.as_str() {
-            "weight_decay" => true,
-            "momentum" => matches!(
-                plan.structure,
-                StructureKind::Diagonal | StructureKind::Kronecker | StructureKind::LowRank | StructureKind::Dense
-            ),
-            "graft" => plan.structure == StructureKind::Kronecker && matches!(function, "inverse_root" | "newton"),
-            "rms_clip" => matches!(
-                plan.structure,
-                StructureKind::Kronecker | StructureKind::Orthogonalize | StructureKind::LowRank | StructureKind::Dense
-            ),
-            "kl_clip" => plan.structure == StructureKind::Kronecker,
-            _ => false,
-        };
-        if !supported {
-            return Some(format!("the `{}` modifier is not executable yet on `{}`", modifier.name, plan.rule_name));
-        }
-    }
-    None
+    let refusal =
+        curv_ir::executable::line_refusals(plan.structure, &plan.options, &plan.modifiers).into_iter().next()?;
+    Some(format!("{} ({})", refusal.message, refusal.code))
 }
 
 /// The statistics (by `Op::Statistic` kind) a parameter's update needs at `step`.

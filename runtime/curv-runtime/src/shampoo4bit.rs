@@ -293,28 +293,11 @@ impl Settings {
     fn read(plan: &ParamPlan) -> Result<Settings, String> {
         let options = &plan.options;
         let bits = number(options, "quantize", 4.0);
-        if bits != 4.0 && bits != 8.0 {
-            return Err(format!("4-bit Shampoo quantises to 4 or 8 bits (`quantize = 4` or `8`), not {bits}"));
-        }
-        let function = option_name(options, "function").unwrap_or("inverse_root");
-        if function != "inverse_root" {
-            return Err(format!(
-                "4-bit Shampoo computes its roots from the quantised eigenvectors (`function = inverse_root`); \
-                 `function = {function}` with `quantize` is not executable yet"
-            ));
-        }
-        let statistics = option_name(options, "stats").unwrap_or("gradient_outer");
-        if statistics != "gradient_outer" {
-            return Err(format!("4-bit Shampoo needs `stats = gradient_outer`, not `{statistics}`"));
-        }
-        if let Some(graft) = plan.modifiers.iter().find(|modifier| modifier.name == "graft") {
-            let kind = option_name(&graft.options, "kind").unwrap_or("adam");
-            if kind != "sgd" {
-                return Err(format!(
-                    "4-bit Shampoo always rescales its direction to the gradient's norm (SGD grafting); \
-                     write `graft sgd` or no `graft`, not `graft {kind}`"
-                ));
-            }
+        // The widths, the function and the grafting quantised Shampoo takes are declared with the
+        // other refusals, which `curv check` reports before a run starts.
+        let refusals = curv_ir::executable::line_refusals(plan.structure, options, &plan.modifiers);
+        if let Some(refusal) = refusals.into_iter().next() {
+            return Err(format!("{} ({})", refusal.message, refusal.code));
         }
         let every = number(options, "every", 500.0).max(1.0) as u64;
         Ok(Settings {
