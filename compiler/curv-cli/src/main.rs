@@ -216,10 +216,7 @@ fn matrix_function(
     steps: usize,
 ) -> Result<(), String> {
     use curv_runtime::kronecker;
-    let bytes = std::fs::read(input).map_err(|error| format!("{}: {error}", input.display()))?;
-    let tensors = curv_runtime::checkpoint::SafeTensors::deserialize(&bytes)
-        .map_err(|error| format!("{}: {error}", input.display()))?;
-    let all = curv_runtime::checkpoint::read_all::<f64>(&tensors, input)?;
+    let all = curv_runtime::checkpoint::read_file::<f64>(input)?.tensors;
     let a = all.get("a").ok_or_else(|| format!("{} has no tensor `a`", input.display()))?;
     if a.rank() != 2 {
         return Err(format!("`a` must be a matrix, its shape is {:?}", a.shape));
@@ -241,7 +238,7 @@ fn matrix_function(
     };
     let tensor = curv_runtime::checkpoint::Tensor::new(vec![result.rows, result.columns], result.data);
     let bytes = curv_runtime::checkpoint::serialize(&[("result".to_string(), &tensor)], &[])?;
-    curv_runtime::checkpoint::write_atomically(output, &bytes)
+    Ok(curv_runtime::checkpoint::write_atomically(output, &bytes)?)
 }
 
 fn load(file: &Path) -> Result<Compilation, ExitCode> {

@@ -642,13 +642,24 @@ fn perturbed_interpreter_runs(example: &Path) -> Vec<(f64, Parameters)> {
     let bytes = std::fs::read(initial.join("final.safetensors")).unwrap();
     let header = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     assert!(!String::from_utf8_lossy(&bytes[8..header]).contains("F64"), "{name}: the f32 run wrote f64 tensors");
+    let initial_parameters = curv_runtime::checkpoint::read_file::<f32>(&initial.join("final.safetensors")).unwrap();
+    let mut initial_parameters: Vec<_> = initial_parameters.tensors.into_iter().collect();
+    initial_parameters.sort_by(|a, b| a.0.cmp(&b.0));
     let mut samples = Vec::new();
     for bit in 0..2 {
-        let mut perturbed = bytes.clone();
-        // Every parameter is f32 (little-endian): flip one of the lowest mantissa bits.
-        perturbed[header..].chunks_exact_mut(4).for_each(|element| element[0] ^= 1 << bit);
+        // Flip one of the lowest mantissa bits of every element, and write the file anew (with
+        // its checksums, which `--init` verifies).
+        let perturbed: Vec<(String, curv_runtime::checkpoint::Tensor<f32>)> = initial_parameters
+            .iter()
+            .map(|(name, tensor)| {
+                let data = tensor.data.iter().map(|value| f32::from_bits(value.to_bits() ^ (1 << bit))).collect();
+                (name.clone(), curv_runtime::checkpoint::Tensor::new(tensor.shape.clone(), data))
+            })
+            .collect();
+        let named: Vec<(String, &curv_runtime::checkpoint::Tensor<f32>)> =
+            perturbed.iter().map(|(name, tensor)| (name.clone(), tensor)).collect();
         let init = directory.join(format!("init-{bit}.safetensors"));
-        std::fs::write(&init, perturbed).unwrap();
+        std::fs::write(&init, curv_runtime::checkpoint::serialize(&named, &[]).unwrap()).unwrap();
         let out = directory.join(format!("run-{bit}"));
         let metrics_path = directory.join(format!("metrics-{bit}.jsonl"));
         let output = curv(

@@ -253,13 +253,20 @@ fn run_train<T: Real>(
         })
         .collect();
     if let Some(path) = &options.init {
-        load_initial_parameters(&mut trainer, path, &expected)?;
+        if !load_initial_parameters(&mut trainer, path, &expected)? {
+            observer.warning(&format!(
+                "{} carries no curv checksums (it was written by another program or an older curv): its values \
+                 are used unverified",
+                path.display()
+            ));
+        }
     }
     if let Some(path) = &options.resume {
         let checkpoint: Checkpoint<T> = Checkpoint::load(path, &expected).map_err(RunError::user)?;
+        let does_not_fit = curv_runtime::checkpoint::DOES_NOT_FIT;
         if checkpoint.train != train.name {
             return Err(RunError::user(format!(
-                "{} was written by train `{}`, not `{}`",
+                "[{does_not_fit}] {}: written by train `{}`, not `{}`",
                 path.display(),
                 checkpoint.train,
                 train.name
@@ -267,7 +274,7 @@ fn run_train<T: Real>(
         }
         if checkpoint.seed != seed {
             return Err(RunError::user(format!(
-                "{} was trained with seed {}, but this run uses seed {seed}",
+                "[{does_not_fit}] {}: trained with seed {}, but this run uses seed {seed}",
                 path.display(),
                 checkpoint.seed
             )));
@@ -440,41 +447,38 @@ fn save_checkpoint<T: Real>(trainer: &Trainer<T>, path: &Path) -> Result<(), Run
     checkpoint.save(path).map_err(RunError::runtime)
 }
 
+/// Sets the parameters from a safetensors file (`--init`); the checksums curv stores are verified.
+/// Returns whether the file carried them (a file of another program has none).
 fn load_initial_parameters<T: Real>(
     trainer: &mut Trainer<T>,
     path: &Path,
     expected: &[(String, Vec<usize>)],
-) -> Result<(), RunError> {
-    let bytes =
-        std::fs::read(path).map_err(|error| RunError::user(format!("cannot read {}: {error}", path.display())))?;
-    let tensors = safetensors_open(&bytes, path)?;
-    let all = curv_runtime::checkpoint::read_all::<T>(&tensors, path).map_err(RunError::user)?;
+) -> Result<bool, RunError> {
+    use curv_runtime::checkpoint::DOES_NOT_FIT;
+    let contents = curv_runtime::checkpoint::read_file::<T>(path).map_err(RunError::user)?;
+    let all = contents.tensors;
     for (index, (name, shape)) in expected.iter().enumerate() {
-        let tensor = all
-            .get(name)
-            .ok_or_else(|| RunError::user(format!("{}: parameter `{name}` is missing", path.display())))?;
+        let tensor = all.get(name).ok_or_else(|| {
+            RunError::user(format!("[{DOES_NOT_FIT}] {}: parameter `{name}` is missing", path.display()))
+        })?;
         if &tensor.shape != shape {
             return Err(RunError::user(format!(
-                "{}: parameter `{name}` has shape {:?}, expected {shape:?}",
+                "[{DOES_NOT_FIT}] {}: parameter `{name}` has shape {:?}, expected {shape:?}",
                 path.display(),
                 tensor.shape
             )));
         }
         trainer.params[index] = tensor.clone();
     }
-    let unknown: Vec<&String> = all.keys().filter(|key| !expected.iter().any(|(name, _)| name == *key)).collect();
+    let mut unknown: Vec<&String> = all.keys().filter(|key| !expected.iter().any(|(name, _)| name == *key)).collect();
+    unknown.sort();
     if !unknown.is_empty() {
         return Err(RunError::user(format!(
-            "{}: tensors that are not parameters of this model: {unknown:?}",
+            "[{DOES_NOT_FIT}] {}: tensors that are not parameters of this model: {unknown:?}",
             path.display()
         )));
     }
-    Ok(())
-}
-
-fn safetensors_open<'a>(bytes: &'a [u8], path: &Path) -> Result<curv_runtime::checkpoint::SafeTensors<'a>, RunError> {
-    curv_runtime::checkpoint::SafeTensors::deserialize(bytes)
-        .map_err(|error| RunError::user(format!("{}: not a safetensors file ({error})", path.display())))
+    Ok(contents.verified)
 }
 
 /// `final.safetensors`, the metric plots and, for coordinate networks, the reconstruction.

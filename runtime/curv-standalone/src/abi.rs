@@ -1276,7 +1276,8 @@ pub unsafe extern "C" fn curv_state_save(context: *mut Context, path: *const c_c
             }
         }
         .map_err(|message| (CURV_RUNTIME_ERROR, message))?;
-        curv_runtime::checkpoint::write_atomically(&path, &bytes).map_err(|message| (CURV_RUNTIME_ERROR, message))
+        curv_runtime::checkpoint::write_atomically(&path, &bytes)
+            .map_err(|error| (CURV_RUNTIME_ERROR, error.to_string()))
     })
 }
 
@@ -1291,7 +1292,7 @@ fn serialize_states<T: curv_interp::Real>(
             tensors.push((format!("{name}/{state_name}"), tensor));
         }
     }
-    curv_runtime::checkpoint::serialize(&tensors, metadata)
+    curv_runtime::checkpoint::serialize(&tensors, metadata).map_err(String::from)
 }
 
 /// Reads a state [`curv_state_save`] wrote; the context continues from its step. The file's
@@ -1307,12 +1308,26 @@ pub unsafe extern "C" fn curv_state_load(context: *mut Context, path: *const c_c
             return Err((CURV_INVALID_ARGUMENT, "the path is a null pointer".to_string()));
         }
         let path = std::path::PathBuf::from(CStr::from_ptr(path).to_string_lossy().into_owned());
-        let (tensors, metadata) =
-            curv_runtime::checkpoint::read_file::<f64>(&path).map_err(|message| (CURV_INVALID_ARGUMENT, message))?;
-        let step = metadata
-            .get("step")
-            .and_then(|value| value.parse::<u64>().ok())
-            .ok_or((CURV_INVALID_ARGUMENT, format!("{}: no step in the metadata", path.display())))?;
+        let contents = curv_runtime::checkpoint::read_file::<f64>(&path)
+            .map_err(|error| (CURV_INVALID_ARGUMENT, error.to_string()))?;
+        // A state file without checksums (written before curv stored them, or by another
+        // program) is refused: its values cannot be verified.
+        if !contents.verified {
+            return Err((
+                CURV_INVALID_ARGUMENT,
+                format!(
+                    "[{}] {}: the file carries no curv checksums, so its values cannot be verified; save the \
+                     state again with this version",
+                    curv_runtime::checkpoint::NO_CHECKSUMS,
+                    path.display()
+                ),
+            ));
+        }
+        let (tensors, metadata) = (contents.tensors, contents.metadata);
+        let step = metadata.get("step").and_then(|value| value.parse::<u64>().ok()).ok_or((
+            CURV_INVALID_ARGUMENT,
+            format!("[{}] {}: no step in the metadata", curv_runtime::checkpoint::METADATA_DAMAGED, path.display()),
+        ))?;
         let names = context.names.iter().map(|name| name.to_string_lossy().into_owned()).collect::<Vec<_>>();
         let mut states: Vec<ParamState<f64>> = vec![Vec::new(); names.len()];
         let mut tensors: Vec<(String, Tensor<f64>)> = tensors.into_iter().collect();
