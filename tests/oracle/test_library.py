@@ -7,6 +7,7 @@ optimizer state survives a save and load, and every kind of ABI misuse returns a
 a message instead of crashing."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -164,6 +165,48 @@ def test_the_state_survives_save_and_load(adam, tmp_path):
             parameter.copy_(initial)
     for mine, theirs in zip(train(again, optimizer, torch.float64, steps=20), straight_final):
         assert torch.equal(mine, theirs)
+
+
+def test_a_damaged_truncated_or_unchecked_state_file_is_refused_naming_the_tensor(adam, tmp_path):
+    # curv_state_save stores a CRC-32 of every tensor and of the metadata; curv_state_load verifies
+    # them, so a flipped byte is an error naming the file and the tensor (E0601), a truncated file
+    # one naming the file (E0600), and a file without checksums is refused (E0603). A failed load
+    # leaves the context as it was.
+    model = Mlp(torch.float64)
+    optimizer = adam.Optimizer(model.parameters())
+    train(model, optimizer, torch.float64, steps=3)
+    path = tmp_path / "state.safetensors"
+    optimizer.state_dict_path(path)
+    data = path.read_bytes()
+    header = int.from_bytes(data[:8], "little")
+    entries = json.loads(data[8:8 + header])
+    name = sorted(key for key in entries if key != "__metadata__")[0]
+    start, end = entries[name]["data_offsets"]
+
+    def refused(contents, code):
+        damaged = tmp_path / f"damaged-{code}.safetensors"
+        damaged.write_bytes(contents)
+        fresh = adam.Optimizer(Mlp(torch.float64).parameters())
+        with pytest.raises(adam.CurvError) as error:
+            fresh.load_state_path(damaged)
+        assert error.value.code == adam.INVALID_ARGUMENT
+        assert f"[{code}] {damaged}" in str(error.value), str(error.value)
+        assert fresh.context.steps == 0
+        return str(error.value)
+
+    flipped = bytearray(data)
+    flipped[8 + header + (start + end) // 2] ^= 0x10
+    assert f"tensor `{name}` is damaged" in refused(bytes(flipped), "E0601")
+    refused(data[:-9], "E0600")
+    unchecked = {key: value for key, value in entries.items() if key != "__metadata__"}
+    unchecked["__metadata__"] = {"step": "3"}
+    text = json.dumps(unchecked).encode()
+    text += b" " * (-len(text) % 8)
+    assert "no curv checksums" in refused(len(text).to_bytes(8, "little") + text + data[8 + header:], "E0603")
+    # The undamaged file loads.
+    loaded = adam.Optimizer(Mlp(torch.float64).parameters())
+    loaded.load_state_path(path)
+    assert loaded.context.steps == 3
 
 
 def capsules(tensors):
