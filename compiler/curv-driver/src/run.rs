@@ -232,6 +232,8 @@ fn run_train<T: Real>(
     let total_steps = options.steps.unwrap_or(train.steps.max(0) as u64);
     let seed = options.seed.unwrap_or(train.seed.max(0) as u64);
     let dataset = Dataset::load(&train.data, directory).map_err(RunError::user)?;
+    // Labels and embedding ids out of range are an error before step 1, whatever the backend.
+    curv_runtime::data_check::check_dataset(train, &dataset, directory).map_err(RunError::user)?;
     let mut trainer: Trainer<T> = Trainer::new(train.clone(), program.rules.clone(), dataset, seed, total_steps);
     trainer.policy = if train.skip_nonfinite { NonFinitePolicy::Skip } else { NonFinitePolicy::Stop };
     // `CURV_GROUPED_UPDATES=off` updates every parameter with its own kernel (for comparisons;

@@ -139,6 +139,7 @@ pub const CODES: &[(&str, &str)] = &[
     ("E0400", "data file not found"),
     ("E0401", "data file unreadable or corrupt"),
     ("E0402", "invalid data declaration"),
+    ("E0403", "label or embedding id out of range"),
     ("W0001", "unused parameter"),
     ("W0002", "unused let"),
     ("W0003", "unused definition"),

@@ -11,6 +11,7 @@ pub mod adafisher;
 pub mod backend;
 pub mod checkpoint;
 pub mod compiled;
+pub mod data_check;
 pub mod dataset;
 pub mod gemm;
 pub mod init;

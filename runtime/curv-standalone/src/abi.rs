@@ -1511,6 +1511,18 @@ fn train_with<T: TrainElement>(
     let program = context.program.as_ref().ok_or((CURV_CONTEXT_ERROR, "no program".to_string()))?;
     let trainer = T::trainer(&mut context.trainer, program).map_err(|message| (CURV_INVALID_ARGUMENT, message))?;
     let train = &program.trains[0];
+    let mut data = HashMap::new();
+    // Labels and embedding ids out of range are refused before the step, as a run refuses them
+    // before step 1 (E0403).
+    let bounds = curv_runtime::data_check::train_index_bounds(train);
+    for (view, input) in inputs.iter().zip(&context.inputs) {
+        let value = T::value(view, &input.shape);
+        if let curv_interp::Value::Int(ids) = &value {
+            curv_runtime::data_check::check_batch(&bounds, &input.source, &input.field, &ids.shape, &ids.data)
+                .map_err(|message| (CURV_INVALID_ARGUMENT, format!("{message}; nothing was changed")))?;
+        }
+        data.insert((input.source.clone(), input.field.clone()), value);
+    }
     let mut new_params = Vec::with_capacity(params.len());
     for (view, param) in params.iter().zip(&train.params) {
         let shape: Vec<usize> = param.ty.shape.iter().map(|dim| known_size(dim) as usize).collect();
@@ -1520,10 +1532,6 @@ fn train_with<T: TrainElement>(
         ));
     }
     let previous = std::mem::replace(&mut trainer.params, new_params);
-    let mut data = HashMap::new();
-    for (view, input) in inputs.iter().zip(&context.inputs) {
-        data.insert((input.source.clone(), input.field.clone()), T::value(view, &input.shape));
-    }
     if let Some(rate) = context.learning_rate {
         trainer.program.optimizer.lr = rate;
     }
