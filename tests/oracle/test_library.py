@@ -347,6 +347,30 @@ def test_the_train_step_computes_gradients_and_updates_as_pytorch_does(adam, dty
         assert error <= tolerance, error
 
 
+def test_a_label_outside_the_classes_is_refused_before_the_step_and_changes_nothing(adam):
+    """E0403: the train step checks each batch's labels against the 10 classes of the loss, as
+    `curv run` checks the data set before step 1, and refuses the batch with the input and the
+    index instead of training on it; a good batch then steps as usual."""
+    step = adam.TrainStep()
+    batch = step.context.inputs[0][1][0]
+    model = Mlp(torch.float32)
+    before = [parameter.detach().clone() for parameter in model.parameters()]
+    generator = torch.Generator().manual_seed(5)
+    x = torch.rand(batch, 64, generator=generator)
+    y = torch.randint(0, 10, (batch,), generator=generator)
+    for bad in (12, -1):
+        y[5] = bad
+        with pytest.raises(adam.CurvError) as error:
+            step(list(model.parameters()), x, y)
+        assert error.value.code == adam.INVALID_ARGUMENT
+        expected = f"[E0403] input `digits.y`, index [5]: label {bad} is outside 0..10 (the 10 classes of the loss)"
+        assert expected in str(error.value), str(error.value)
+        assert all(torch.equal(parameter, old) for parameter, old in zip(model.parameters(), before))
+    y[5] = 9
+    step(list(model.parameters()), x, y)
+    assert not all(torch.equal(parameter, old) for parameter, old in zip(model.parameters(), before))
+
+
 def test_k_fac_needs_the_train_step_and_trains_through_it(tmp_path):
     kfac = build("kfac", tmp_path)
     context = kfac.Context()
