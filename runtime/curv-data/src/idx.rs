@@ -400,4 +400,23 @@ mod tests {
             assert_eq!(error.kind, DataErrorKind::Corrupt, "length {length}: {error}");
         }
     }
+
+    #[test]
+    fn bytes_and_files_give_the_same_results() {
+        let directory = scratch_directory("idx_bytes_and_files");
+        let cases = [
+            (idx_bytes(&[2, 2, 2], 8), idx_bytes(&[2], 2)),
+            (idx_bytes(&[100000, 1000, 1000], 0), idx_bytes(&[2], 2)),
+            (idx_bytes(&[2, 2, 2], 8), idx_bytes(&[3], 3)),
+        ];
+        for (index, (image_bytes, label_bytes)) in cases.iter().enumerate() {
+            let images = write_file(&directory, &format!("images{index}"), image_bytes);
+            let labels = write_file(&directory, &format!("labels{index}"), label_bytes);
+            assert_eq!(probe_idx(&images, &labels), probe_idx_bytes(&images, image_bytes, &labels, label_bytes));
+            assert_eq!(
+                load_idx(&images, &labels, 0.5),
+                load_idx_bytes(&images, image_bytes, &labels, label_bytes, 0.5)
+            );
+        }
+    }
 }

@@ -727,4 +727,16 @@ mod tests {
             let _ = probe_image(&path);
         }
     }
+
+    #[test]
+    fn bytes_and_files_give_the_same_results() {
+        let directory = scratch_directory("image_bytes_and_files");
+        let good = encode_png(3, 2, png::ColorType::Rgb, png::BitDepth::Eight);
+        for (index, bytes) in [good.clone(), good[..good.len() / 2].to_vec(), b"not a png".to_vec()].iter().enumerate()
+        {
+            let path = write_file(&directory, &format!("image{index}.png"), bytes);
+            assert_eq!(probe_image(&path), probe_image_bytes(&path, bytes));
+            assert_eq!(load_image(&path), load_image_bytes(&path, bytes));
+        }
+    }
 }

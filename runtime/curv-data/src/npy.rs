@@ -767,4 +767,22 @@ mod tests {
             assert_eq!(error.kind, DataErrorKind::Corrupt, "length {length}: {error}");
         }
     }
+
+    #[test]
+    fn bytes_and_files_give_the_same_results() {
+        let directory = scratch_directory("npy_bytes_and_files");
+        let good = npy_bytes(1, "{'descr': '<i8', 'fortran_order': False, 'shape': (3,), }", 24);
+        let huge = npy_bytes(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (1000000, 1000000), }", 64);
+        for (index, bytes) in [good.clone(), huge, good[..good.len() - 1].to_vec(), Vec::new()].iter().enumerate() {
+            let path = write_file(&directory, &format!("array{index}.npy"), bytes);
+            assert_eq!(probe_npy(&path), probe_npy_bytes(&path, bytes));
+            assert_eq!(load_npy(&path), load_npy_bytes(&path, bytes));
+        }
+        let error = load_npy_bytes(
+            Path::new("huge.npy"),
+            &npy_bytes(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (1000000, 1000000), }", 64),
+        )
+        .expect_err("10^12 elements do not fit in 64 bytes");
+        assert!(error.message.contains("1000000000000 elements"), "{error}");
+    }
 }
