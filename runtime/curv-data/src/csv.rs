@@ -139,7 +139,8 @@ fn read_csv_table(
     Ok(CsvTableSummary { row_count, feature_count })
 }
 
-/// Line numbers (from 1) of byte offsets that only move forward, counted incrementally.
+/// Line numbers (from 1) of byte offsets that only move forward, counted incrementally; lines end
+/// with `\n`, `\r\n` or a lone `\r`.
 #[derive(Default)]
 struct LineCounter {
     offset: usize,
@@ -151,7 +152,13 @@ impl LineCounter {
     fn line_at(&mut self, bytes: &[u8], offset: usize) -> u64 {
         let offset = offset.min(bytes.len());
         if offset > self.offset {
-            self.line += bytes[self.offset..offset].iter().filter(|&&byte| byte == b'\n').count() as u64;
+            // A line ends at `\n`, or at a `\r` that no `\n` follows, as the parser ends records.
+            let breaks = (self.offset..offset)
+                .filter(|&index| {
+                    bytes[index] == b'\n' || (bytes[index] == b'\r' && bytes.get(index + 1) != Some(&b'\n'))
+                })
+                .count();
+            self.line += breaks as u64;
             self.offset = offset;
         }
         self.line + 1
@@ -690,6 +697,10 @@ mod tests {
         assert!(error.message.contains("line 5 is blank"), "{error}");
         let error = probe_error("csv_leading_blank", "\na,b\n1,2\n", None);
         assert!(error.message.contains("line 1 is blank"), "{error}");
+        let error = probe_error("csv_carriage_returns", "a,b\r1,2\r\r3,x\r", None);
+        assert!(error.message.contains("line 3 is blank"), "{error}");
+        let error = probe_error("csv_carriage_returns_only", "a,b\r1,2\r3,x\r", None);
+        assert!(error.message.starts_with("line 3, column 'b'"), "{error}");
     }
 
     #[test]
