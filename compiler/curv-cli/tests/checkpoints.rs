@@ -217,7 +217,8 @@ fn runs_killed_at_random_moments_while_writing_checkpoints_resume_bit_for_bit() 
                     std::thread::sleep(Duration::from_millis(1));
                 }
             }
-            std::thread::sleep(Duration::from_micros(random.below(duration_ms * 1000)));
+            // Up to the length of a whole run (at most 300 ms, which spans many steps and writes).
+            std::thread::sleep(Duration::from_micros(random.below(duration_ms.min(300) * 1000)));
             child.kill().unwrap();
             let status = child.wait().unwrap();
             if status.success() {
