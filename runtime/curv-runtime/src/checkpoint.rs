@@ -204,7 +204,38 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError
     result.map_err(|error| {
         let _ = std::fs::remove_file(&temporary);
         CheckpointError::new(UNWRITABLE, path, format!("cannot write: {error}"))
-    })
+    })?;
+    remove_stale_temporaries(directory, &file_name);
+    Ok(())
+}
+
+/// Removes the temporary files of `file_name` that killed writers left behind: those named after a
+/// process that no longer runs (Linux, where `/proc` tells). Those of running processes stay.
+fn remove_stale_temporaries(directory: &Path, file_name: &str) {
+    #[cfg(target_os = "linux")]
+    {
+        if !Path::new("/proc/self").exists() {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(directory) else { return };
+        let prefix = format!(".{file_name}.");
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some((pid, count)) = name
+                .strip_prefix(&prefix)
+                .and_then(|rest| rest.strip_suffix(".tmp"))
+                .and_then(|rest| rest.split_once('.'))
+            else {
+                continue;
+            };
+            let (Ok(pid), Ok(_)) = (pid.parse::<u32>(), count.parse::<u64>()) else { continue };
+            if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (directory, file_name);
 }
 
 /// Syncs a directory, so that a rename in it is on disk. File systems that cannot sync a

@@ -263,3 +263,25 @@ fn a_file_that_cannot_be_written_or_read_is_an_error_with_its_code() {
     assert_eq!(Checkpoint::<f64>::load(missing, &expected()).unwrap_err().code, UNREADABLE);
     assert_eq!(read_file::<f64>(missing).unwrap_err().code, UNREADABLE);
 }
+
+/// A write removes the temporary files killed writers of the same file left behind (named after
+/// a process that no longer runs), and keeps those of running processes and other files.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_write_removes_the_temporary_files_of_killed_writers() {
+    let directory = std::env::temp_dir().join(format!("curv-checkpoint-stale-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&directory);
+    std::fs::create_dir_all(&directory).unwrap();
+    // Linux process ids are below 4194304 (2^22), so no process has 4194305.
+    let stale = directory.join(".checkpoint.safetensors.4194305.3.tmp");
+    let running = directory.join(format!(".checkpoint.safetensors.{}.999999.tmp", std::process::id()));
+    let other = directory.join(".final.safetensors.4194305.0.tmp");
+    for file in [&stale, &running, &other] {
+        std::fs::write(file, b"partial").unwrap();
+    }
+    write_atomically(&directory.join("checkpoint.safetensors"), b"whole").unwrap();
+    assert!(!stale.exists());
+    assert!(running.exists() && other.exists());
+    assert_eq!(std::fs::read(directory.join("checkpoint.safetensors")).unwrap(), b"whole");
+    std::fs::remove_dir_all(&directory).unwrap();
+}
