@@ -285,3 +285,13 @@ fn a_write_removes_the_temporary_files_of_killed_writers() {
     assert_eq!(std::fs::read(directory.join("checkpoint.safetensors")).unwrap(), b"whole");
     std::fs::remove_dir_all(&directory).unwrap();
 }
+
+/// Every checkpoint code has its row in docs/errors.md (section "Checkpoints").
+#[test]
+fn every_checkpoint_code_is_documented() {
+    let errors = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/errors.md")).unwrap();
+    let section = &errors[errors.find("## Checkpoints").expect("no Checkpoints section")..];
+    for (code, summary) in CODES {
+        assert!(section.contains(&format!("| {code} | **{summary}**")), "{code} ({summary}) is not documented");
+    }
+}
