@@ -119,7 +119,14 @@ fn tensor_checksum(name: &str, dtype: Dtype, shape: &[usize], data: &[u8]) -> u3
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(name.as_bytes());
     hasher.update(&[0]);
-    hasher.update(format!("{dtype:?}").as_bytes());
+    // The dtype as safetensors spells it in the header (written out for the two curv writes, so
+    // that checksums do not depend on the crate's `Debug` output).
+    let dtype = match dtype {
+        Dtype::F32 => "F32".to_string(),
+        Dtype::F64 => "F64".to_string(),
+        other => format!("{other:?}"),
+    };
+    hasher.update(dtype.as_bytes());
     hasher.update(&[0]);
     hasher.update(&(shape.len() as u64).to_le_bytes());
     for size in shape {
