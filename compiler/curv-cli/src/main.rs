@@ -980,6 +980,9 @@ struct curv_context *curv_context_new(const struct curv_config *config);
 void curv_context_free(struct curv_context *context);
 /* The last error's message, or NULL; valid until the next call on the context. */
 const char *curv_context_error(const struct curv_context *context);
+/* The stable code of the last error as a number (502 for E0502; docs/errors.md lists them), or 0
+ * when the last call succeeded or its error has no code. The message starts with it, as [E0502]. */
+int curv_context_error_code(const struct curv_context *context);
 
 int64_t curv_param_count(const struct curv_context *context);
 const char *curv_param_name(const struct curv_context *context, int64_t index);
@@ -1053,6 +1056,7 @@ const LIBRARY_EXPORTS: &[&str] = &[
     "curv_context_new",
     "curv_context_free",
     "curv_context_error",
+    "curv_context_error_code",
     "curv_param_count",
     "curv_param_name",
     "curv_param_shape",

@@ -1090,20 +1090,37 @@ fn update_factored<T: Real>(
     Ok(())
 }
 
-/// Every plan's problems that keep the optimizer from running, one line per parameter.
-pub fn check_executable(plan: &OptimizerPlan, param_names: &[String]) -> Result<(), String> {
-    let problems: Vec<String> = plan
+/// Every plan's problems that keep the optimizer from running, one line per parameter, as the
+/// runtime error E0500 (with the parameter and its structure when there is one such parameter).
+pub fn check_plans(plan: &OptimizerPlan, param_names: &[String]) -> Result<(), crate::Error> {
+    let problems: Vec<(&ParamPlan, String)> = plan
         .plans
         .iter()
-        .filter_map(|param_plan| {
-            unsupported(param_plan).map(|problem| format!("`{}`: {problem}", param_names[param_plan.param]))
-        })
+        .filter_map(|param_plan| unsupported(param_plan).map(|problem| (param_plan, problem)))
         .collect();
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(format!("optimizer `{}` cannot run on this backend yet:\n  {}", plan.name, problems.join("\n  ")))
+    let name = |param_plan: &ParamPlan| param_names.get(param_plan.param).map_or("?", String::as_str).to_string();
+    match problems.as_slice() {
+        [] => Ok(()),
+        [(param_plan, problem)] => Err(crate::Error::new(
+            crate::ErrorCode::PlanNotExecutable,
+            format!("optimizer `{}` cannot run on this backend yet: {problem}", plan.name),
+        )
+        .parameter(name(param_plan))
+        .structure(param_plan.structure.name())),
+        _ => {
+            let lines: Vec<String> =
+                problems.iter().map(|(param_plan, problem)| format!("`{}`: {problem}", name(param_plan))).collect();
+            Err(crate::Error::new(
+                crate::ErrorCode::PlanNotExecutable,
+                format!("optimizer `{}` cannot run on this backend yet:\n  {}", plan.name, lines.join("\n  ")),
+            ))
+        }
     }
+}
+
+/// [`check_plans`] with the error rendered (`[E0500] ...`), for callers that report messages.
+pub fn check_executable(plan: &OptimizerPlan, param_names: &[String]) -> Result<(), String> {
+    check_plans(plan, param_names).map_err(|error| error.to_string())
 }
 
 /// A plan of parameter 0 with `structure`, `options` and modifiers named `modifiers` (without
@@ -1136,6 +1153,35 @@ mod tests {
 
     fn matrix_plan(structure: StructureKind, options: &[(&str, OptionValue)]) -> ParamPlan {
         plan_for_tests(structure, options, &[])
+    }
+
+    #[test]
+    fn a_plan_that_does_not_execute_is_refused_with_its_code_parameter_and_structure() {
+        let mut dense =
+            plan_for_tests(StructureKind::Dense, &[("stats", OptionValue::Name("gradient_outer".into()))], &[]);
+        let diagonal = plan_for_tests(StructureKind::Diagonal, &[], &["clip"]);
+        let optimizer = OptimizerPlan {
+            name: "full".into(),
+            lr: 0.1,
+            schedule: None,
+            settings: Vec::new(),
+            plans: vec![dense.clone()],
+        };
+        let names = ["w1".to_string(), "w2".to_string()];
+        let error = check_plans(&optimizer, &names).unwrap_err();
+        assert_eq!(error.code, crate::ErrorCode::PlanNotExecutable);
+        assert_eq!((error.parameter.as_deref(), error.structure), (Some("w1"), Some("dense")));
+        assert_eq!(
+            error.to_string(),
+            "[E0500] parameter `w1` (dense): optimizer `full` cannot run on this backend yet: `dense` does not \
+             execute with `stats = gradient_outer` (E0309)"
+        );
+        dense.param = 1;
+        let both = OptimizerPlan { plans: vec![diagonal, dense], ..optimizer };
+        let message = check_executable(&both, &names).unwrap_err();
+        assert!(message
+            .starts_with("[E0500] optimizer `full` cannot run on this backend yet:\n  `w1`: the `clip` modifier"));
+        assert!(message.ends_with("`w2`: `dense` does not execute with `stats = gradient_outer` (E0309)"), "{message}");
     }
 
     #[test]

@@ -32,7 +32,7 @@
 
 use crate::kronecker::{frobenius, matrix_shape, number, product, tiles, transpose, KroneckerInputs, States, Tile};
 use crate::linalg::Matrix;
-use curv_ir::{option_name, ParamPlan};
+use curv_ir::ParamPlan;
 
 /// The reference's `create_linear_map(signed=True, total_bits=bits, power=2)`: `2^bits` points
 /// evenly spaced on `[-1, 1]`, the one just below zero replaced by zero, then squared with their

@@ -2,6 +2,7 @@
 
 use crate::backend::{keys, output as find_output, Backend, Interpreter};
 use crate::dataset::Dataset;
+use crate::error::{Error, ErrorCode};
 use crate::kronecker::Captures;
 use crate::optimizer::{statistics_needed, update_param, ParamState, UpdateInputs};
 use crate::random::{Random, Stream};
@@ -26,17 +27,56 @@ pub enum NonFinitePolicy {
 /// A failure during training.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TrainError {
+    /// A non-finite loss, gradient or update (E0501).
     NonFinite { step: u64, what: String },
-    Runtime(String),
+    /// Any other failure, with its code and, when known, the parameter, step and structure.
+    Runtime(Error),
+}
+
+impl TrainError {
+    /// The failure's stable code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            TrainError::NonFinite { .. } => ErrorCode::NonFinite,
+            TrainError::Runtime(error) => error.code,
+        }
+    }
+
+    /// A failure of a step's curvature statistics (E0503).
+    pub fn statistics(message: impl Into<String>) -> TrainError {
+        TrainError::Runtime(Error::new(ErrorCode::StatisticsFailed, message))
+    }
+
+    /// A failure of the backend (E0504).
+    pub fn backend(message: impl Into<String>) -> TrainError {
+        TrainError::Runtime(Error::new(ErrorCode::BackendFailed, message))
+    }
+
+    /// The same failure, at `step`.
+    pub fn at_step(self, step: u64) -> TrainError {
+        match self {
+            TrainError::Runtime(error) => TrainError::Runtime(error.step(step)),
+            other => other,
+        }
+    }
 }
 
 impl std::fmt::Display for TrainError {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            TrainError::NonFinite { step, what } => write!(formatter, "non-finite value at step {step}: {what}"),
-            TrainError::Runtime(message) => formatter.write_str(message),
+            TrainError::NonFinite { step, what } => {
+                write!(formatter, "[{}] non-finite value at step {step}: {what}", ErrorCode::NonFinite)
+            }
+            TrainError::Runtime(error) => error.fmt(formatter),
         }
     }
+}
+
+impl std::error::Error for TrainError {}
+
+/// The name of the structure that governs parameter `index` (`rule` for a rule).
+fn plan_structure(program: &TrainProgram, index: usize) -> &'static str {
+    program.optimizer.plans.iter().find(|plan| plan.param == index).map_or("rule", |plan| plan.structure.name())
 }
 
 /// Metrics of one evaluation (a training step's batch or the test split).
@@ -433,7 +473,7 @@ impl<T: Real> Trainer<T> {
         values: &[(String, Value<T>)],
         plans: &[&curv_ir::ParamPlan],
     ) -> Result<Vec<Tensor<T>>, TrainError> {
-        let failure = |message: String| TrainError::Runtime(format!("step {step}: EGN: {message}"));
+        let failure = |message: String| TrainError::statistics(format!("EGN: {message}")).at_step(step);
         if self.program.loss_kind != curv_ir::LossKind::CrossEntropy {
             return Err(failure("only a `cross_entropy(...)` loss is supported yet".to_string()));
         }
@@ -586,7 +626,7 @@ impl<T: Real> Trainer<T> {
         moved: &[Vec<f64>],
         stepsize: f64,
     ) -> Result<f64, TrainError> {
-        let failure = |message: String| TrainError::Runtime(format!("step {step}: EGN regularisation: {message}"));
+        let failure = |message: String| TrainError::statistics(format!("EGN regularisation: {message}")).at_step(step);
         let damping = self.egn_damping(plans);
         let (_, forward) = self.egn.as_ref().ok_or_else(|| failure("the model programs are missing".to_string()))?;
         let Some(Value::Real(logits)) = find_output(values, "logits") else {
@@ -674,7 +714,7 @@ impl<T: Real> Trainer<T> {
         moved: &[Vec<f64>],
         rate: f64,
     ) -> Result<f64, TrainError> {
-        let failure = |message: String| TrainError::Runtime(format!("step {step}: EGN line search: {message}"));
+        let failure = |message: String| TrainError::statistics(format!("EGN line search: {message}")).at_step(step);
         let slope: f64 = plans
             .iter()
             .zip(moved)
@@ -736,7 +776,7 @@ impl<T: Real> Trainer<T> {
         let function = self
             .hessian_vector
             .as_ref()
-            .ok_or_else(|| TrainError::Runtime("the Hessian-vector program is missing".to_string()))?;
+            .ok_or_else(|| TrainError::statistics("the Hessian-vector program is missing".to_string()))?;
         let index = plan.param;
         let name = format!("hvp.{}", self.param_name(index));
         let saved = std::mem::take(&mut inputs.inputs);
@@ -789,8 +829,11 @@ impl<T: Real> Trainer<T> {
             }
         };
         inputs.inputs = saved;
-        let values = result
-            .map_err(|message| TrainError::Runtime(format!("step {step}, `{}`: {message}", self.param_name(index))))?;
+        let values = result.map_err(|message| {
+            TrainError::Runtime(
+                Error::new(ErrorCode::StatisticsFailed, message).parameter(self.param_name(index)).step(step),
+            )
+        })?;
         let length = values.len();
         Ok(Tensor::new(vec![length], values.into_iter().map(T::from_f64).collect()))
     }
@@ -875,7 +918,7 @@ impl<T: Real> Trainer<T> {
         let mut values = self
             .backend
             .outputs(key, function, inputs)
-            .map_err(|error| TrainError::Runtime(format!("step {step}: {error}")))?;
+            .map_err(|error| TrainError::backend(error.to_string()).at_step(step))?;
         // The gradients are taken out of the outputs, not copied.
         let mut taken_gradients: Vec<Option<Tensor<T>>> = (0..self.program.params.len())
             .map(|index| {
@@ -894,7 +937,7 @@ impl<T: Real> Trainer<T> {
         for (index, taken) in taken_gradients.iter_mut().enumerate() {
             let gradient = taken
                 .take()
-                .ok_or_else(|| TrainError::Runtime(format!("no gradient for `{}`", self.param_name(index))))?;
+                .ok_or_else(|| TrainError::statistics(format!("no gradient for `{}`", self.param_name(index))))?;
             if problem.is_none() {
                 if let Some(position) = first_non_finite(&gradient.data) {
                     problem = Some(format!(
@@ -936,7 +979,7 @@ impl<T: Real> Trainer<T> {
                 let gradient = find_output(&sampled, &format!("grad.{}", self.param_name(index)))
                     .and_then(Value::as_real)
                     .cloned()
-                    .ok_or_else(|| TrainError::Runtime("missing sampled gradient".to_string()))?;
+                    .ok_or_else(|| TrainError::statistics("missing sampled gradient".to_string()))?;
                 statistic.insert("sampled_grad".to_string(), gradient);
             }
         }
@@ -948,7 +991,7 @@ impl<T: Real> Trainer<T> {
             let captures = match &self.captures {
                 Some(captures) => captures,
                 None => {
-                    return Err(TrainError::Runtime(
+                    return Err(TrainError::statistics(
                         capture_program(&self.program)
                             .err()
                             .unwrap_or_else(|| "K-FAC captures are missing".to_string()),
@@ -961,7 +1004,7 @@ impl<T: Real> Trainer<T> {
                 "empirical" => vec![(
                     self.backend
                         .outputs(keys::GRADIENTS_AND_CAPTURES, &captures.function, inputs)
-                        .map_err(|error| TrainError::Runtime(format!("step {step}: {error}")))?,
+                        .map_err(|error| TrainError::backend(error.to_string()).at_step(step))?,
                     None,
                 )],
                 "sampled" => vec![(
@@ -990,7 +1033,7 @@ impl<T: Real> Trainer<T> {
                     let tensor = |name: &str| {
                         find_output(outputs, name)
                             .and_then(Value::as_real)
-                            .ok_or_else(|| TrainError::Runtime(format!("the K-FAC capture `{name}` is missing")))
+                            .ok_or_else(|| TrainError::statistics(format!("the K-FAC capture `{name}` is missing")))
                     };
                     // The loss is a mean over the rows, so each row's cotangent carries a factor
                     // 1/N; multiplying it back by N gives the per-example cotangents.
@@ -1018,7 +1061,7 @@ impl<T: Real> Trainer<T> {
                                 Some((stride, padding)) => {
                                     let kernel = &self.program.params[*param].ty.known_shape().unwrap_or_default();
                                     convolution_patches(input, kernel, *stride, *padding)
-                                        .map_err(|message| TrainError::Runtime(format!("step {step}: {message}")))?
+                                        .map_err(|message| TrainError::statistics(message).at_step(step))?
                                 }
                                 None => rows_matrix(input, 1.0, folded),
                             };
@@ -1123,7 +1166,15 @@ impl<T: Real> Trainer<T> {
         let program_params = &self.program.params;
         let error = |index: usize| {
             let name = program_params[index].name.clone();
-            move |message: String| TrainError::Runtime(format!("step {step}, `{name}`: {message}"))
+            let structure = plan_structure(&self.program, index);
+            move |message: String| {
+                TrainError::Runtime(
+                    Error::new(ErrorCode::UpdateFailed, message)
+                        .parameter(name.clone())
+                        .step(step)
+                        .structure(structure),
+                )
+            }
         };
         macro_rules! update_inputs {
             ($index:expr, $gradient:expr) => {
@@ -1363,15 +1414,16 @@ impl<T: Real> Trainer<T> {
             LossKind::CrossEntropy => ("logits", "labels"),
             LossKind::MeanSquaredError => ("prediction", "target"),
             LossKind::Custom => {
-                return Err(TrainError::Runtime(
+                return Err(TrainError::statistics(
                     "sampled-label and exact Fisher statistics need a `cross_entropy` or `mse` loss".to_string(),
                 ))
             }
         };
-        let target_id =
-            loss_function.output(target).ok_or_else(|| TrainError::Runtime(format!("the loss has no `{target}`")))?;
+        let target_id = loss_function
+            .output(target)
+            .ok_or_else(|| TrainError::statistics(format!("the loss has no `{target}`")))?;
         let Op::Data { source, field } = &loss_function.inst(target_id).op else {
-            return Err(TrainError::Runtime("sampled labels need the target to be a data field".to_string()));
+            return Err(TrainError::statistics("sampled labels need the target to be a data field".to_string()));
         };
         Ok(((source.clone(), field.clone()), model_output))
     }
@@ -1391,7 +1443,7 @@ impl<T: Real> Trainer<T> {
         replaced.data.insert(field.clone(), target);
         self.backend
             .outputs(key, function, &replaced)
-            .map_err(|error| TrainError::Runtime(format!("step {step}: {error}")))
+            .map_err(|error| TrainError::backend(error.to_string()).at_step(step))
     }
 
     /// The outputs of `function` (a gradient program) with labels drawn from the model's
@@ -1408,7 +1460,7 @@ impl<T: Real> Trainer<T> {
         let (field, model_output) = self.target_field()?;
         let prediction = find_output(values, model_output)
             .and_then(Value::as_real)
-            .ok_or_else(|| TrainError::Runtime(format!("the loss has no float output `{model_output}`")))?;
+            .ok_or_else(|| TrainError::statistics(format!("the loss has no float output `{model_output}`")))?;
         let mut random = Random::new(self.seed, Stream::SampledLabels, step);
         let sampled = match self.program.loss_kind {
             LossKind::CrossEntropy => {
@@ -1448,7 +1500,7 @@ impl<T: Real> Trainer<T> {
         let (field, model_output) = self.target_field()?;
         let prediction = find_output(values, model_output)
             .and_then(Value::as_real)
-            .ok_or_else(|| TrainError::Runtime(format!("the loss has no float output `{model_output}`")))?;
+            .ok_or_else(|| TrainError::statistics(format!("the loss has no float output `{model_output}`")))?;
         let width = (*prediction.shape.last().unwrap_or(&1)).max(1);
         let key = keys::GRADIENTS_AND_CAPTURES;
         let mut passes = Vec::with_capacity(width);
@@ -1552,7 +1604,7 @@ impl<T: Real> Trainer<T> {
         let values = self
             .backend
             .outputs(keys::TEST_LOSS, function, &inputs)
-            .map_err(|error| TrainError::Runtime(format!("evaluation: {error}")))?;
+            .map_err(|error| TrainError::backend(format!("evaluation: {error}")))?;
         let output = |name: &str| find_output(&values, name).cloned();
         let loss =
             output("loss").and_then(|value| value.as_real().map(|tensor| tensor.data[0].to_f64())).unwrap_or(f64::NAN);
@@ -1571,7 +1623,7 @@ impl<T: Real> Trainer<T> {
         let values = self
             .backend
             .outputs(keys::LOSS, &self.program.loss, &inputs)
-            .map_err(|error| TrainError::Runtime(format!("prediction: {error}")))?;
+            .map_err(|error| TrainError::backend(format!("prediction: {error}")))?;
         Ok(find_output(&values, "prediction").and_then(Value::as_real).cloned())
     }
 }

@@ -824,7 +824,7 @@ fn step_resident(context: &mut Context, params: &[View], grads: &[View]) -> Resu
         let update = match update {
             Ok(update) => update,
             Err(message) => {
-                outcome = Err(failed(format!("step {step}, `{name}`: {message}")));
+                outcome = Err(failed(update_failed(message, name, step, plan.structure)));
                 break;
             }
         };
@@ -832,13 +832,12 @@ fn step_resident(context: &mut Context, params: &[View], grads: &[View]) -> Resu
             match curv_runtime::backend::first_non_finite_resident(backend.as_ref(), &[new]) {
                 Ok(None) => {}
                 Ok(Some((_, position))) => {
-                    outcome = Err(failed(format!(
-                        "step {step}, `{name}`: the update made element {position} non-finite; nothing was changed"
-                    )));
+                    outcome = Err(failed(non_finite_update(position, name, step, plan.structure)));
                     break;
                 }
                 Err(message) => {
-                    outcome = Err(failed(format!("step {step}, `{name}`: {message}")));
+                    let error = curv_runtime::Error::new(curv_runtime::ErrorCode::BackendFailed, message);
+                    outcome = Err(failed(error.parameter(name.as_str()).step(step).to_string()));
                     break;
                 }
             }
@@ -954,18 +953,14 @@ fn step_with<T: Element>(context: &mut Context, params: &[View], grads: &[View])
             Ok(None) => {}
             Err(message) => {
                 roll_back(states, undo);
-                return Err((CURV_RUNTIME_ERROR, format!("step {step}, `{}`: {message}", train.params[index].name)));
+                let name = &train.params[index].name;
+                return Err((CURV_RUNTIME_ERROR, update_failed(message, name, step, plan.structure)));
             }
         }
         if let Some(position) = curv_runtime::first_non_finite(&tensor.data) {
             roll_back(states, undo);
-            return Err((
-                CURV_RUNTIME_ERROR,
-                format!(
-                    "step {step}, `{}`: the update made element {position} non-finite; nothing was changed",
-                    train.params[index].name
-                ),
-            ));
+            let name = &train.params[index].name;
+            return Err((CURV_RUNTIME_ERROR, non_finite_update(position, name, step, plan.structure)));
         }
         new_params.push(tensor);
     }
@@ -985,6 +980,25 @@ fn step_with<T: Element>(context: &mut Context, params: &[View], grads: &[View])
     }
     context.step = step;
     Ok(())
+}
+
+/// A parameter's failed update as the runtime reports it (E0502, with the parameter, step and
+/// structure).
+fn update_failed(message: String, name: &str, step: u64, structure: StructureKind) -> String {
+    let error = curv_runtime::Error::new(curv_runtime::ErrorCode::UpdateFailed, message);
+    error.parameter(name).step(step).structure(structure.name()).to_string()
+}
+
+/// An update that made the parameter non-finite (E0501); the step is not taken.
+fn non_finite_update(position: usize, name: &str, step: u64, structure: StructureKind) -> String {
+    let message = format!("the update made element {position} non-finite; nothing was changed");
+    let error = curv_runtime::Error::new(curv_runtime::ErrorCode::NonFinite, message);
+    error.parameter(name).step(step).structure(structure.name()).to_string()
+}
+
+/// The number of the stable code a message starts with (`[E0502] ...` gives 502), or 0.
+fn error_code_number(message: &str) -> c_int {
+    curv_runtime::error::code_of_message(message).and_then(|code| code[1..].parse().ok()).unwrap_or(0)
 }
 
 fn guarded(context: *mut Context, body: impl FnOnce(&mut Context) -> Result<(), (c_int, String)>) -> c_int {
@@ -1109,6 +1123,23 @@ pub unsafe extern "C" fn curv_context_error(context: *const Context) -> *const c
     }
     let context = &*context;
     context.error.as_ref().map_or(std::ptr::null(), |message| message.as_ptr())
+}
+
+/// The stable code of the last failed call's error as a number (502 for `E0502`; docs/errors.md
+/// lists the codes: E05xx for the runtime, E06xx for checkpoints, E03xx for a program `curv check`
+/// refuses), or 0 when the last call succeeded or its error has no code. The message of
+/// [`curv_context_error`] starts with the same code, as `[E0502]`.
+///
+/// # Safety
+///
+/// `context` is null or a live context.
+#[no_mangle]
+pub unsafe extern "C" fn curv_context_error_code(context: *const Context) -> c_int {
+    if context.is_null() {
+        return 0;
+    }
+    let context = &*context;
+    context.error.as_ref().and_then(|message| message.to_str().ok()).map_or(0, error_code_number)
 }
 
 /// The number of parameters the optimizer takes (those of the file's first train block).
@@ -1539,7 +1570,8 @@ fn train_with<T: TrainElement>(
         Ok(report) => {
             if let Some(reason) = report.skipped {
                 trainer.params = previous;
-                return Err((CURV_RUNTIME_ERROR, format!("step {}: {reason}; nothing was changed", report.step)));
+                let error = curv_runtime::TrainError::NonFinite { step: report.step, what: reason };
+                return Err((CURV_RUNTIME_ERROR, format!("{error}; nothing was changed")));
             }
             for (view, tensor) in params.iter().zip(&trainer.params) {
                 unsafe { std::ptr::copy_nonoverlapping(tensor.data.as_ptr(), view.data as *mut T, view.count) };
@@ -1866,4 +1898,18 @@ pub unsafe extern "C" fn curv_model_backward(
             _ => evaluate_model::<f32>(context, true, &param_views, &input_views, Some(&cotangent), &destinations),
         }
     })
+}
+
+#[cfg(test)]
+mod error_code_tests {
+    use super::*;
+
+    #[test]
+    fn the_code_of_a_message_is_its_number() {
+        assert_eq!(error_code_number(&update_failed("no root".into(), "w1", 3, StructureKind::Kronecker)), 502);
+        assert_eq!(error_code_number(&non_finite_update(7, "w1", 3, StructureKind::Diagonal)), 501);
+        assert_eq!(error_code_number("[E0604] state.safetensors: written by train `a`, not `b`"), 604);
+        assert_eq!(error_code_number("the parameter or gradient list is a null pointer"), 0);
+        assert_eq!(unsafe { curv_context_error_code(std::ptr::null()) }, 0);
+    }
 }

@@ -24,6 +24,7 @@
 
 use super::{keys, learning_rate, StepReport, TrainError, Trainer};
 use crate::backend::Output;
+use crate::error::{Error, ErrorCode};
 use curv_interp::{Inputs, Real, Resident, Slot, Tensor, Value};
 use std::collections::HashMap;
 
@@ -224,7 +225,7 @@ impl<T: Real> Trainer<T> {
             return Ok(());
         };
         let download = |resident: &Resident<T>| {
-            resident.to_tensor().map_err(|error| TrainError::Runtime(format!("reading back: {error}")))
+            resident.to_tensor().map_err(|error| TrainError::backend(format!("reading back: {error}")))
         };
         let params = resident.params.iter().map(download).collect::<Result<Vec<_>, _>>()?;
         let states = crate::optimizer::map_states(&resident.states, download)?;
@@ -300,7 +301,7 @@ impl<T: Real> Trainer<T> {
             return Ok(());
         }
         let upload = |tensor: &Tensor<T>| {
-            self.backend.upload(tensor.clone()).map_err(|error| TrainError::Runtime(format!("uploading: {error}")))
+            self.backend.upload(tensor.clone()).map_err(|error| TrainError::backend(format!("uploading: {error}")))
         };
         let params = self.params.iter().map(upload).collect::<Result<Vec<_>, _>>()?;
         let states = crate::optimizer::map_states(&self.states, upload)?;
@@ -312,7 +313,7 @@ impl<T: Real> Trainer<T> {
     pub(super) fn resident_step(&mut self, step: u64, indices: Vec<usize>) -> Result<StepReport, TrainError> {
         self.make_resident()?;
         let Some(mut resident) = self.resident.take() else {
-            return Err(TrainError::Runtime("the resident values are missing".to_string()));
+            return Err(TrainError::backend("the resident values are missing"));
         };
         let result = self.resident_step_with(step, indices, &mut resident);
         self.resident = Some(resident);
@@ -325,7 +326,7 @@ impl<T: Real> Trainer<T> {
         indices: Vec<usize>,
         resident: &mut ResidentValues<T>,
     ) -> Result<StepReport, TrainError> {
-        let runtime = |error: String| TrainError::Runtime(format!("step {step}: {error}"));
+        let runtime = |error: String| TrainError::backend(error).at_step(step);
         // The batch: its floating-point fields resident (made again only for new examples), its
         // integer fields (labels) on the host.
         let data = self.dataset.gather_fields(&indices, |field| field.f32_values().is_none());
@@ -394,9 +395,9 @@ impl<T: Real> Trainer<T> {
         let mut gradients = Vec::with_capacity(self.program.params.len());
         for index in 0..self.program.params.len() {
             let name = format!("grad.{}", self.param_name(index));
-            let gradient = kept
-                .remove(&name)
-                .ok_or_else(|| TrainError::Runtime(format!("no gradient for `{}`", self.param_name(index))))?;
+            let gradient = kept.remove(&name).ok_or_else(|| {
+                TrainError::backend(format!("no gradient for `{}`", self.param_name(index))).at_step(step)
+            })?;
             gradients.push(gradient);
         }
         // The gradients and the new parameters are checked together, once every update has run
@@ -416,10 +417,15 @@ impl<T: Real> Trainer<T> {
                     .rules
                     .iter()
                     .find(|rule| rule.name == group.rule)
-                    .ok_or_else(|| TrainError::Runtime(format!("rule `{}` is missing", group.rule)))?;
+                    .ok_or_else(|| TrainError::backend(format!("rule `{}` is missing", group.rule)))?;
                 let failed = |message: String| {
                     let name = &self.program.params[members[0]].name;
-                    TrainError::Runtime(format!("step {step}, `{name}`: rule `{}`: {message}", rule.name))
+                    TrainError::Runtime(
+                        Error::new(ErrorCode::UpdateFailed, format!("rule `{}`: {message}", rule.name))
+                            .parameter(name.clone())
+                            .step(step)
+                            .structure("rule"),
+                    )
                 };
                 let base: Inputs<T> = crate::optimizer::rule_hyperparameters_at(
                     &plans[group.plans[0]],
@@ -521,11 +527,12 @@ impl<T: Real> Trainer<T> {
                         &mut self.structure_functions,
                     )
                     .map_err(|message| {
-                        TrainError::Runtime(format!(
-                            "step {step}, `{}`: {}: {message}",
-                            self.param_name(index),
-                            plan.rule_name
-                        ))
+                        TrainError::Runtime(
+                            Error::new(ErrorCode::UpdateFailed, format!("{}: {message}", plan.rule_name))
+                                .parameter(self.param_name(index))
+                                .step(step)
+                                .structure(plan.structure.name()),
+                        )
                     })?;
                     new_states[index] = update.update.states;
                     new_params[index] = update.update.param;
@@ -546,7 +553,12 @@ impl<T: Real> Trainer<T> {
                     &resident.states[index],
                 )
                 .map_err(|message| {
-                    TrainError::Runtime(format!("step {step}, `{}`: {message}", self.param_name(index)))
+                    TrainError::Runtime(
+                        Error::new(ErrorCode::UpdateFailed, message)
+                            .parameter(self.param_name(index))
+                            .step(step)
+                            .structure(plan.structure.name()),
+                    )
                 })?;
                 new_states[index] = update.states;
                 new_params[index] = update.param;
