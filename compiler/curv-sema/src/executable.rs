@@ -59,13 +59,15 @@ impl<'a> Checker<'a> {
     /// and on how a K-FAC parameter is used in it (E0313, at the parameter), each with a label at
     /// the rule line (in `optimizer_source`).
     pub(crate) fn check_program_executes(&mut self, program: &TrainProgram, optimizer_source: SourceId, loss: Span) {
-        let rules: Vec<&RuleProgram> = program
+        // Each rule once, however many parameters it governs.
+        let names: HashSet<&str> = program
             .optimizer
             .plans
             .iter()
             .filter(|plan| plan.structure == StructureKind::Rule)
-            .filter_map(|plan| self.rule_programs.get(&plan.rule_name))
+            .map(|plan| plan.rule_name.as_str())
             .collect();
+        let rules: Vec<&RuleProgram> = names.into_iter().filter_map(|name| self.rule_programs.get(name)).collect();
         let mut reported = HashSet::new();
         for (index, refusal) in program_refusals(program, &rules) {
             let plan = &program.optimizer.plans[index];
