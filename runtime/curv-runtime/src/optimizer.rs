@@ -185,7 +185,25 @@ fn placeholder<T: Real>() -> Value<T> {
 /// A `rule` computes the new parameter and states out of place: what it replaced is returned
 /// (so the caller can undo the step without having copied anything). The structures update in
 /// place and return `None`: a caller that may undo the step copies the parameter and state first.
+///
+/// An error is E0502 with the plan's structure; the caller adds the parameter and the step.
 pub fn update_param<T: Real>(
+    plan: &ParamPlan,
+    rules: &[RuleProgram],
+    param: &mut Tensor<T>,
+    state: &mut ParamState<T>,
+    inputs: &UpdateInputs<T>,
+) -> Result<Option<Displaced<T>>, crate::Error> {
+    update_param_or_message(plan, rules, param, state, inputs).map_err(|message| update_failed(plan, message))
+}
+
+/// A failed update of `plan`'s parameter (E0502), with its structure.
+fn update_failed(plan: &ParamPlan, message: String) -> crate::Error {
+    crate::Error::new(crate::ErrorCode::UpdateFailed, message).structure(plan.structure.name())
+}
+
+/// [`update_param`], its error a message.
+fn update_param_or_message<T: Real>(
     plan: &ParamPlan,
     rules: &[RuleProgram],
     param: &mut Tensor<T>,
@@ -351,7 +369,7 @@ fn update_matrix<T: Real>(
 ) -> Result<Displaced<T>, String> {
     let state_was_empty = state.is_empty();
     let mut previous = None;
-    let direction = matrix_direction(plan, &param.shape, state, inputs, &mut previous)?;
+    let direction = matrix_direction_or_message(plan, &param.shape, state, inputs, &mut previous)?;
     let original = direction.as_ref().map(|_| param.clone());
     if let Some(direction) = direction {
         finish_matrix_update(plan, param, state, direction, inputs.learning_rate);
@@ -361,7 +379,20 @@ fn update_matrix<T: Real>(
 
 /// The direction of a `kronecker` or `orthogonalize` update (the step is `-lr * direction`),
 /// updating the structure's state; `None` when this step leaves the parameter unchanged.
+///
+/// An error is E0502 with the plan's structure.
 pub fn matrix_direction<T: Real>(
+    plan: &ParamPlan,
+    shape: &[usize],
+    state: &mut ParamState<T>,
+    inputs: &UpdateInputs<T>,
+    previous: &mut Option<PreviousState<T>>,
+) -> Result<Option<Vec<f64>>, crate::Error> {
+    matrix_direction_or_message(plan, shape, state, inputs, previous).map_err(|message| update_failed(plan, message))
+}
+
+/// [`matrix_direction`], its error a message.
+fn matrix_direction_or_message<T: Real>(
     plan: &ParamPlan,
     shape: &[usize],
     state: &mut ParamState<T>,
@@ -562,7 +593,23 @@ pub fn rule_groups(plans: &[ParamPlan], rules: &[RuleProgram], excluded: &[usize
 /// One step of a [`RuleGroup`]: each block that runs at this step is one call of the replicated
 /// function on every member's parameter, gradient and states. Returns what each member's update
 /// replaced (as [`update_param`] does for one parameter), in the group's order.
+///
+/// An error is E0502 of the `rule` structure.
 pub fn update_rule_group<T: Real>(
+    group: &RuleGroup,
+    plans: &[ParamPlan],
+    rules: &[RuleProgram],
+    params: &mut [Tensor<T>],
+    states: &mut [ParamState<T>],
+    inputs: &[UpdateInputs<T>],
+) -> Result<Vec<Displaced<T>>, crate::Error> {
+    update_rule_group_or_message(group, plans, rules, params, states, inputs).map_err(|message| {
+        crate::Error::new(crate::ErrorCode::UpdateFailed, message).structure(StructureKind::Rule.name())
+    })
+}
+
+/// [`update_rule_group`], its error a message.
+fn update_rule_group_or_message<T: Real>(
     group: &RuleGroup,
     plans: &[ParamPlan],
     rules: &[RuleProgram],
@@ -718,8 +765,27 @@ pub struct ResidentUpdate<T> {
 /// parameter and gradient), then each block due at the step, reading the parameter, gradient and
 /// states where they are and keeping its outputs there. The tensors are read flat, as a rule's
 /// functions take them. The numbers are those of [`update_param`] for the plan.
+///
+/// An error is E0502 with the plan's structure and the step.
 #[allow(clippy::too_many_arguments)]
 pub fn update_rule_resident<T: Real>(
+    plan: &ParamPlan,
+    rules: &[RuleProgram],
+    backend: &dyn Backend<T>,
+    step: u64,
+    learning_rate: f64,
+    batch: usize,
+    param: &Resident<T>,
+    gradient: &Resident<T>,
+    state: &[(String, Resident<T>)],
+) -> Result<ResidentUpdate<T>, crate::Error> {
+    update_rule_resident_or_message(plan, rules, backend, step, learning_rate, batch, param, gradient, state)
+        .map_err(|message| update_failed(plan, message).step(step))
+}
+
+/// [`update_rule_resident`], its error a message.
+#[allow(clippy::too_many_arguments)]
+fn update_rule_resident_or_message<T: Real>(
     plan: &ParamPlan,
     rules: &[RuleProgram],
     backend: &dyn Backend<T>,

@@ -74,11 +74,6 @@ impl std::fmt::Display for TrainError {
 
 impl std::error::Error for TrainError {}
 
-/// The name of the structure that governs parameter `index` (`rule` for a rule).
-fn plan_structure(program: &TrainProgram, index: usize) -> &'static str {
-    program.optimizer.plans.iter().find(|plan| plan.param == index).map_or("rule", |plan| plan.structure.name())
-}
-
 /// Metrics of one evaluation (a training step's batch or the test split).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Metrics {
@@ -1164,17 +1159,10 @@ impl<T: Real> Trainer<T> {
         let folded_biases = self.captures.as_ref().map_or(&[][..], |captures| &captures.folded_biases[..]);
         let bias_of = |index: usize| folded_biases.iter().find(|(_, weight)| *weight == index).map(|(bias, _)| *bias);
         let program_params = &self.program.params;
+        // The updates' errors carry their code and structure; the parameter and step are added here.
         let error = |index: usize| {
             let name = program_params[index].name.clone();
-            let structure = plan_structure(&self.program, index);
-            move |message: String| {
-                TrainError::Runtime(
-                    Error::new(ErrorCode::UpdateFailed, message)
-                        .parameter(name.clone())
-                        .step(step)
-                        .structure(structure),
-                )
-            }
+            move |error: Error| TrainError::Runtime(error.parameter(name.clone()).step(step))
         };
         macro_rules! update_inputs {
             ($index:expr, $gradient:expr) => {

@@ -823,8 +823,8 @@ fn step_resident(context: &mut Context, params: &[View], grads: &[View]) -> Resu
         );
         let update = match update {
             Ok(update) => update,
-            Err(message) => {
-                outcome = Err(failed(update_failed(message, name, step, plan.structure)));
+            Err(error) => {
+                outcome = Err(failed(update_failed(error, name, step)));
                 break;
             }
         };
@@ -951,10 +951,10 @@ fn step_with<T: Element>(context: &mut Context, params: &[View], grads: &[View])
         match update_param(plan, &program.rules, &mut tensor, &mut states[index], &inputs) {
             Ok(Some(displaced)) => undo.push((index, Undo::Displaced(displaced))),
             Ok(None) => {}
-            Err(message) => {
+            Err(error) => {
                 roll_back(states, undo);
                 let name = &train.params[index].name;
-                return Err((CURV_RUNTIME_ERROR, update_failed(message, name, step, plan.structure)));
+                return Err((CURV_RUNTIME_ERROR, update_failed(error, name, step)));
             }
         }
         if let Some(position) = curv_runtime::first_non_finite(&tensor.data) {
@@ -982,11 +982,10 @@ fn step_with<T: Element>(context: &mut Context, params: &[View], grads: &[View])
     Ok(())
 }
 
-/// A parameter's failed update as the runtime reports it (E0502, with the parameter, step and
-/// structure).
-fn update_failed(message: String, name: &str, step: u64, structure: StructureKind) -> String {
-    let error = curv_runtime::Error::new(curv_runtime::ErrorCode::UpdateFailed, message);
-    error.parameter(name).step(step).structure(structure.name()).to_string()
+/// A parameter's failed update as the runtime reports it (its code and structure), with the
+/// parameter and the step.
+fn update_failed(error: curv_runtime::Error, name: &str, step: u64) -> String {
+    error.parameter(name).step(step).to_string()
 }
 
 /// An update that made the parameter non-finite (E0501); the step is not taken.
@@ -1906,7 +1905,14 @@ mod error_code_tests {
 
     #[test]
     fn the_code_of_a_message_is_its_number() {
-        assert_eq!(error_code_number(&update_failed("no root".into(), "w1", 3, StructureKind::Kronecker)), 502);
+        assert_eq!(
+            error_code_number(&update_failed(
+                curv_runtime::Error::new(curv_runtime::ErrorCode::UpdateFailed, "no root").structure("kronecker"),
+                "w1",
+                3
+            )),
+            502
+        );
         assert_eq!(error_code_number(&non_finite_update(7, "w1", 3, StructureKind::Diagonal)), 501);
         assert_eq!(error_code_number("[E0604] state.safetensors: written by train `a`, not `b`"), 604);
         assert_eq!(error_code_number("the parameter or gradient list is a null pointer"), 0);

@@ -552,14 +552,7 @@ impl<T: Real> Trainer<T> {
                     &gradients[index],
                     &resident.states[index],
                 )
-                .map_err(|message| {
-                    TrainError::Runtime(
-                        Error::new(ErrorCode::UpdateFailed, message)
-                            .parameter(self.param_name(index))
-                            .step(step)
-                            .structure(plan.structure.name()),
-                    )
-                })?;
+                .map_err(|error| TrainError::Runtime(error.parameter(self.param_name(index))))?;
                 new_states[index] = update.states;
                 new_params[index] = update.param;
             }
