@@ -198,7 +198,9 @@ pub struct CapturedLayer {
 
 /// The capture program of `program`, when any of its plans uses K-FAC statistics; an error names
 /// a K-FAC parameter that is not used as `x @ W`.
-pub fn capture_program(program: &TrainProgram) -> Result<Option<CaptureProgram>, String> {
+///
+/// The errors are E0500 with the parameter; `curv check` reports the same programs as E0313.
+pub fn capture_program(program: &TrainProgram) -> Result<Option<CaptureProgram>, Error> {
     let kfac_params: Vec<usize> = program
         .optimizer
         .plans
@@ -217,18 +219,23 @@ pub fn capture_program(program: &TrainProgram) -> Result<Option<CaptureProgram>,
     for &param in &kfac_params {
         let name = &program.params[param].name;
         let captures: Vec<_> = gradients.layer_captures.iter().filter(|capture| capture.param == param).collect();
+        let refused = |message: String| {
+            Error::new(ErrorCode::PlanNotExecutable, message).parameter(name.as_str()).structure("kronecker")
+        };
         if captures.is_empty() {
-            return Err(format!(
-                "K-FAC statistics need `{name}` to be used as `x @ {name}` or `conv2d(x, {name})` in the loss"
-            ));
+            return Err(refused(format!(
+                "K-FAC statistics need `{name}` to be used as `x @ {name}` or `conv2d(x, {name})` in the loss (E0313)"
+            )));
         }
         let convolutions = captures.iter().filter(|capture| capture.kind != curv_ad::LayerKind::Dense).count();
         if convolutions != 0 && convolutions != captures.len() {
-            return Err(format!(
-                "K-FAC statistics need every use of `{name}` to be of one kind (products or convolutions)"
-            ));
+            return Err(refused(format!(
+                "K-FAC statistics need every use of `{name}` to be of one kind (products or convolutions) (E0313)"
+            )));
         }
-        let plan = program.optimizer.plans.iter().find(|plan| plan.param == param).expect("a K-FAC plan");
+        let Some(plan) = program.optimizer.plans.iter().find(|plan| plan.param == param) else {
+            return Err(refused(format!("`{name}` has no optimizer plan")));
+        };
         let fold = plan.options.iter().all(|(key, value)| key != "bias" || *value == curv_ir::OptionValue::Bool(true));
         let biases: Vec<Option<usize>> =
             captures.iter().map(|capture| layer_bias(&program.loss, capture.layer)).collect();
@@ -986,11 +993,10 @@ impl<T: Real> Trainer<T> {
             let captures = match &self.captures {
                 Some(captures) => captures,
                 None => {
-                    return Err(TrainError::statistics(
-                        capture_program(&self.program)
-                            .err()
-                            .unwrap_or_else(|| "K-FAC captures are missing".to_string()),
-                    ))
+                    let error = capture_program(&self.program).err();
+                    return Err(
+                        error.map_or_else(|| TrainError::statistics("K-FAC captures are missing"), TrainError::Runtime)
+                    );
                 }
             };
             // Each pass: its outputs, and a weight per row for its cotangents (`None`: 1).
