@@ -105,7 +105,7 @@ mod tests {
     };
 
     #[test]
-    fn every_refusal_code_is_a_listed_diagnostic_code() {
+    fn every_refusal_code_is_a_listed_and_documented_diagnostic_code() {
         for code in [
             CODE_OPTIONS_CONFLICT,
             CODE_MODIFIER_UNSUPPORTED,
@@ -113,7 +113,10 @@ mod tests {
             CODE_LOSS_UNSUPPORTED,
             CODE_LAYER_UNSUPPORTED,
         ] {
-            assert!(crate::CODES.iter().any(|(listed, _)| *listed == code), "{code} is not in CODES");
+            let summary = crate::CODES.iter().find(|(listed, _)| *listed == code).map(|(_, summary)| *summary);
+            let summary = summary.unwrap_or_else(|| panic!("{code} is not in CODES"));
+            let heading = format!("## {code}: {summary}\n");
+            assert!(include_str!("../../../docs/errors.md").contains(&heading), "docs/errors.md has no `{heading}`");
         }
     }
 }

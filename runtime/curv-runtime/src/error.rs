@@ -130,6 +130,15 @@ mod tests {
     }
 
     #[test]
+    fn every_code_has_its_row_in_the_documentation() {
+        let documentation = include_str!("../../../docs/errors.md");
+        for (_, text, summary) in CODES {
+            let row = format!("| {text} | **{summary}**");
+            assert!(documentation.contains(&row), "docs/errors.md has no row `{row}`");
+        }
+    }
+
+    #[test]
     fn an_error_renders_its_code_parameter_structure_and_step() {
         let error = Error::new(ErrorCode::UpdateFailed, "the inverse root is not finite")
             .parameter("w1")
