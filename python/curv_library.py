@@ -31,6 +31,8 @@ _LIBRARY.curv_context_new.restype = ctypes.c_void_p
 _LIBRARY.curv_context_free.argtypes = [ctypes.c_void_p]
 _LIBRARY.curv_context_error.argtypes = [ctypes.c_void_p]
 _LIBRARY.curv_context_error.restype = ctypes.c_char_p
+_LIBRARY.curv_context_error_code.argtypes = [ctypes.c_void_p]
+_LIBRARY.curv_context_error_code.restype = ctypes.c_int
 _LIBRARY.curv_param_count.argtypes = [ctypes.c_void_p]
 _LIBRARY.curv_param_count.restype = ctypes.c_int64
 _LIBRARY.curv_param_name.argtypes = [ctypes.c_void_p, ctypes.c_int64]
@@ -90,11 +92,19 @@ def _pointers(capsules):
 
 
 class CurvError(RuntimeError):
-    """A call of the library failed; `code` is its error code."""
+    """A call of the library failed; `code` is its error code (CURV_*), `stable_code` the stable
+    code of docs/errors.md that the message starts with (such as "E0502"), or None."""
 
-    def __init__(self, code, message):
+    def __init__(self, code, message, stable_code=None):
         super().__init__(message)
         self.code = code
+        self.stable_code = stable_code
+
+
+def _stable_code(context):
+    """The stable code of the context's last error ("E0502"), or None."""
+    number = _LIBRARY.curv_context_error_code(context)
+    return f"E{number:04d}" if number > 0 else None
 
 
 class Context:
@@ -111,7 +121,7 @@ class Context:
         count = _LIBRARY.curv_param_count(self._context)
         message = _LIBRARY.curv_context_error(self._context)
         if message is not None:
-            raise CurvError(CONTEXT_ERROR, message.decode())
+            raise CurvError(CONTEXT_ERROR, message.decode(), _stable_code(self._context))
         self.names = [_LIBRARY.curv_param_name(self._context, index).decode() for index in range(count)]
         self.shapes = []
         for index in range(count):
@@ -142,7 +152,7 @@ class Context:
     def _check(self, code):
         if code != OK:
             message = _LIBRARY.curv_context_error(self._context)
-            raise CurvError(code, message.decode() if message else f"error code {code}")
+            raise CurvError(code, message.decode() if message else f"error code {code}", _stable_code(self._context))
 
     @property
     def steps(self):

@@ -266,6 +266,10 @@ def test_a_step_that_fails_changes_neither_parameters_nor_state(tmp_path, monkey
                 ours.step_dlpack(capsules(params), capsules(bad))
             assert error.value.code == library.RUNTIME_ERROR, str(error.value)
             assert "non-finite" in str(error.value), str(error.value)
+            # A non-finite update (E0501) or a structure that fails on the infinite entry (E0502),
+            # the stable code the message starts with.
+            assert error.value.stable_code in ("E0501", "E0502"), str(error.value)
+            assert str(error.value).startswith(f"[{error.value.stable_code}] parameter `"), str(error.value)
             assert all(torch.equal(param, old) for param, old in zip(params, before))
             assert ours.steps == 3
             assert ours.state_resident == (resident and example == "adam")
@@ -280,6 +284,7 @@ def test_null_lists_contexts_and_options_are_errors(adam):
     context = adam.Context()
     assert library.curv_optimizer_step(context._context, 4, None, None) == adam.INVALID_ARGUMENT
     assert b"null pointer" in library.curv_context_error(context._context)
+    assert library.curv_context_error_code(context._context) == 0
     assert library.curv_optimizer_step(None, 0, None, None) == adam.INVALID_ARGUMENT
     config = library.curv_config_new()
     assert library.curv_config_set(config, b"lr", -1.0) == adam.INVALID_ARGUMENT
