@@ -337,3 +337,88 @@ impl Expr {
         }
     }
 }
+
+// Trees of any depth are freed without recursion: a node hands its children to a work list
+// before it is dropped, so the compiler-generated drop of each node sees no children. The parser
+// builds trees as deep as the program nests (a long sum is a left-leaning chain), and may drop
+// them while recovering from an error, before `limit_nesting` has cut them.
+
+impl Drop for Expr {
+    fn drop(&mut self) {
+        let mut work = Vec::new();
+        self.take_children(&mut work);
+        while let Some(mut node) = work.pop() {
+            node.take_children(&mut work);
+        }
+    }
+}
+
+impl Expr {
+    fn is_leaf(&self) -> bool {
+        matches!(self, Expr::Int(..) | Expr::Float(..) | Expr::Str(..) | Expr::Name(_) | Expr::Error(_))
+    }
+
+    /// Moves the children that have children of their own onto `work`, leaving leaves behind.
+    fn take_children(&mut self, work: &mut Vec<Expr>) {
+        let mut take = |child: &mut Expr| {
+            if !child.is_leaf() {
+                work.push(std::mem::replace(child, Expr::Error(Span::default())));
+            }
+        };
+        match self {
+            Expr::Int(..) | Expr::Float(..) | Expr::Str(..) | Expr::Name(_) | Expr::Error(_) => {}
+            Expr::Field(base, _, _) | Expr::Neg(base, _) => take(base),
+            Expr::Binary(_, left, right, _) => {
+                take(left);
+                take(right);
+            }
+            Expr::Index(base, indices, _) => {
+                take(base);
+                for index in indices {
+                    match index {
+                        Index::At(expr) => take(expr),
+                        Index::Slice(start, end, _) => start.iter_mut().chain(end.iter_mut()).for_each(&mut take),
+                    }
+                }
+            }
+            Expr::List(items, _) => items.iter_mut().for_each(take),
+            Expr::Call(call) => {
+                for arg in &mut call.args {
+                    match arg {
+                        Arg::Positional(expr) | Arg::Named(_, expr) => take(expr),
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for DimExpr {
+    fn drop(&mut self) {
+        fn take_children(dim: &mut DimExpr, work: &mut Vec<DimExpr>) {
+            if let DimExpr::Mul(left, right, _) = dim {
+                for child in [left, right] {
+                    if matches!(**child, DimExpr::Mul(..)) {
+                        work.push(std::mem::replace(&mut **child, DimExpr::Error(Span::default())));
+                    }
+                }
+            }
+        }
+        let mut work = Vec::new();
+        take_children(self, &mut work);
+        while let Some(mut node) = work.pop() {
+            take_children(&mut node, &mut work);
+        }
+    }
+}
+
+impl Drop for EveryBlock {
+    fn drop(&mut self) {
+        let mut work = std::mem::take(&mut self.body);
+        while let Some(mut statement) = work.pop() {
+            if let RuleStmt::Every(block) = &mut statement {
+                work.append(&mut block.body);
+            }
+        }
+    }
+}

@@ -6,6 +6,7 @@
 //! crate does no I/O and depends on nothing else in curv.
 
 pub mod ast;
+pub mod nesting;
 pub mod parser;
 pub mod print;
 pub mod span;

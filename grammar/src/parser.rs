@@ -28,7 +28,7 @@ pub fn parse(source: &str) -> Parsed {
         tokens.iter().map(|spanned| Ok::<_, LexError>((spanned.span.start, spanned.token.clone(), spanned.span.end)));
     let result = crate::curv::FileParser::new().parse(&mut recovered, &mut number_errors, stream);
     let mut parser_errors = Vec::new();
-    let file = match result {
+    let mut file = match result {
         Ok(file) => file,
         Err(error) => {
             parser_errors.push(convert_error(error, source.len()));
@@ -52,6 +52,7 @@ pub fn parse(source: &str) -> Parsed {
     }
     errors.extend(parser_errors);
     errors.extend(number_errors);
+    errors.extend(crate::nesting::limit_nesting(&mut file));
     errors.sort_by_key(|error| (error.span.start, error.span.end));
     errors.dedup_by(|a, b| a.span == b.span && a.code == b.code);
     Parsed { file, tokens, errors }
@@ -67,8 +68,14 @@ pub fn parse_expression(source: &str) -> Result<crate::ast::Expr, Vec<SyntaxErro
     let result = crate::curv::ExprParser::new().parse(&mut recovered, &mut number_errors, stream);
     errors.extend(number_errors);
     match result {
-        Ok(expr) if errors.is_empty() => Ok(expr),
-        Ok(_) => Err(errors),
+        Ok(mut expr) => {
+            errors.extend(crate::nesting::limit_expression_nesting(&mut expr));
+            if errors.is_empty() {
+                Ok(expr)
+            } else {
+                Err(errors)
+            }
+        }
         Err(error) => {
             errors.push(convert_error(error, source.len()));
             Err(errors)

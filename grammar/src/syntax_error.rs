@@ -60,6 +60,24 @@ impl SyntaxError {
         }
     }
 
+    /// A part nested past [`crate::nesting::NESTING_LIMIT`]: `what` is "expression",
+    /// "dimension" or "`every` block".
+    pub fn too_deep(span: Span, what: &str) -> SyntaxError {
+        let help = if what == "`every` block" {
+            "merge the inner blocks: a block inside `every step` runs at every step already"
+        } else {
+            "give parts of it names with `let` (a long sum, for example, as partial sums)"
+        };
+        SyntaxError {
+            code: "E0006",
+            span: Span::new(span.start, span.start),
+            message: format!("nested more than {} levels deep", crate::nesting::NESTING_LIMIT),
+            label: format!("this {what} is nested {} levels deep", crate::nesting::NESTING_LIMIT + 1),
+            help: Some(help.to_string()),
+            secondary: None,
+        }
+    }
+
     pub fn invalid_number(span: Span, text: &str) -> SyntaxError {
         SyntaxError {
             code: "E0005",

@@ -851,6 +851,8 @@ impl<'a> Checker<'a> {
             }
         }
         // Parameters get their IR values up front, in declaration order.
+        let mut param_indices: HashMap<String, usize> =
+            params.iter().enumerate().map(|(index, param)| (param.name.clone(), index)).collect();
         for decl in scope.param_decls.clone() {
             let Some(ty) = self.resolve_type(&decl.ty, false) else {
                 continue;
@@ -865,7 +867,7 @@ impl<'a> Checker<'a> {
                 continue;
             }
             let init = self.resolve_init(decl, &ty);
-            let index = match params.iter().position(|param| param.name == decl.name.name) {
+            let index = match param_indices.get(&decl.name.name).copied() {
                 Some(index) if params[index].span != decl.span => {
                     // Two models of one train block declare the same name: their parameters would
                     // be silently shared, so this is an error at the second declaration.
@@ -890,6 +892,7 @@ impl<'a> Checker<'a> {
                         init: init.unwrap_or(Init::Zeros),
                         span: decl.span,
                     });
+                    param_indices.insert(decl.name.name.clone(), params.len() - 1);
                     params.len() - 1
                 }
             };
@@ -935,7 +938,7 @@ impl<'a> Checker<'a> {
             })
             .collect();
         for name in &let_names {
-            if !scope.let_values.contains_key(name) && !scope.in_progress.contains(name) {
+            if !scope.let_values.contains_key(name) && !scope.in_progress_names.contains(name) {
                 let ident = ast::Ident { name: name.clone(), span: Span::default() };
                 let _ = scope.resolve_let(self, &ident, function);
             }
@@ -1129,6 +1132,7 @@ struct BodyScope<'a> {
     lets: HashMap<String, &'a ast::LetDecl>,
     let_values: HashMap<String, Option<Val>>,
     in_progress: Vec<String>,
+    in_progress_names: HashSet<String>,
     used: HashSet<String>,
 }
 
@@ -1142,17 +1146,23 @@ impl<'a> BodyScope<'a> {
             lets: HashMap::new(),
             let_values: HashMap::new(),
             in_progress: Vec::new(),
+            in_progress_names: HashSet::new(),
             used: HashSet::new(),
         }
     }
 
     /// Lowers a let on first use; a let that (indirectly) uses itself is a cycle.
+    ///
+    /// Lets that use lets are lowered recursively up to [`RECURSIVE_LETS`] deep; past that, the
+    /// lets the next one needs are lowered first, iteratively in dependency order, so that a
+    /// chain of any length costs no stack (the order of the IR's ops is the only difference).
     fn resolve_let(&mut self, checker: &mut Checker, ident: &ast::Ident, function: &mut Function) -> Option<Lookup> {
         let decl = *self.lets.get(&ident.name)?;
         if let Some(value) = self.let_values.get(&ident.name) {
             return Some(value.map_or(Lookup::Failed, Lookup::Found));
         }
-        if let Some(position) = self.in_progress.iter().position(|name| *name == ident.name) {
+        if self.in_progress_names.contains(&ident.name) {
+            let position = self.in_progress.iter().position(|name| *name == ident.name).unwrap_or(0);
             let mut cycle: Vec<String> = self.in_progress[position..].to_vec();
             cycle.push(ident.name.clone());
             checker.emit(
@@ -1167,13 +1177,96 @@ impl<'a> BodyScope<'a> {
             );
             return Some(Lookup::Failed);
         }
-        self.in_progress.push(ident.name.clone());
+        self.start_let(decl);
+        if self.in_progress.len() > RECURSIVE_LETS {
+            self.resolve_dependencies(checker, decl, function);
+        }
         let value = checker.lower_expr(self, &decl.value, function);
-        self.in_progress.pop();
-        self.let_values.insert(ident.name.clone(), value);
+        self.finish_let(decl, value);
         Some(value.map_or(Lookup::Failed, Lookup::Found))
     }
+
+    fn start_let(&mut self, decl: &ast::LetDecl) {
+        self.in_progress.push(decl.name.name.clone());
+        self.in_progress_names.insert(decl.name.name.clone());
+    }
+
+    fn finish_let(&mut self, decl: &ast::LetDecl, value: Option<Val>) {
+        self.in_progress.pop();
+        self.in_progress_names.remove(&decl.name.name);
+        self.let_values.insert(decl.name.name.clone(), value);
+    }
+
+    /// Lowers every let that `decl` (in progress) needs and that is not lowered yet, deepest
+    /// first, with an explicit stack: each is lowered when all of its own are, while the lets
+    /// that lead to it are in progress, as recursive lowering would (so cycles read the same).
+    fn resolve_dependencies(&mut self, checker: &mut Checker, decl: &'a ast::LetDecl, function: &mut Function) {
+        let mut stack: Vec<(&'a ast::LetDecl, Vec<&'a str>, usize)> = vec![(decl, self.let_references(decl), 0)];
+        while let Some((current, references, next)) = stack.last_mut() {
+            if let Some(&name) = references.get(*next) {
+                *next += 1;
+                if self.let_values.contains_key(name) || self.in_progress_names.contains(name) {
+                    continue;
+                }
+                if let Some(&dependency) = self.lets.get(name) {
+                    self.start_let(dependency);
+                    stack.push((dependency, self.let_references(dependency), 0));
+                }
+                continue;
+            }
+            let current = *current;
+            stack.pop();
+            if stack.is_empty() {
+                // `decl` itself is lowered by the caller.
+                break;
+            }
+            let value = checker.lower_expr(self, &current.value, function);
+            self.finish_let(current, value);
+        }
+    }
+
+    /// The lets a let's expression names (inputs and parameters hide lets of the same name), in
+    /// the order they appear.
+    fn let_references(&self, decl: &'a ast::LetDecl) -> Vec<&'a str> {
+        let mut names = Vec::new();
+        let mut work: Vec<&'a Expr> = vec![&decl.value];
+        while let Some(expr) = work.pop() {
+            match expr {
+                Expr::Name(ident) => {
+                    let name = ident.name.as_str();
+                    let hidden = self.params.contains_key(name) || self.inputs.iter().any(|(input, _)| input == name);
+                    if !hidden && self.lets.contains_key(name) {
+                        names.push(name);
+                    }
+                }
+                Expr::Int(..) | Expr::Float(..) | Expr::Str(..) | Expr::Error(_) => {}
+                Expr::Field(base, _, _) | Expr::Neg(base, _) => work.push(base),
+                Expr::Binary(_, left, right, _) => {
+                    work.push(right);
+                    work.push(left);
+                }
+                Expr::Index(base, indices, _) => {
+                    for index in indices.iter().rev() {
+                        match index {
+                            ast::Index::At(expr) => work.push(expr),
+                            ast::Index::Slice(start, end, _) => work.extend(end.iter().chain(start.iter())),
+                        }
+                    }
+                    work.push(base);
+                }
+                Expr::List(items, _) => work.extend(items.iter().rev()),
+                Expr::Call(call) => work.extend(call.args.iter().rev().map(|arg| match arg {
+                    ast::Arg::Positional(expr) | ast::Arg::Named(_, expr) => expr,
+                })),
+            }
+        }
+        names
+    }
 }
+
+/// How many lets may be lowered inside one another before the rest of a chain is lowered
+/// iteratively (see `BodyScope::resolve_let`).
+const RECURSIVE_LETS: usize = 32;
 
 impl Scope for BodyScope<'_> {
     fn name(&mut self, checker: &mut Checker, ident: &ast::Ident, function: &mut Function) -> Option<Lookup> {

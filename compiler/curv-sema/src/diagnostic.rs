@@ -101,6 +101,7 @@ pub const CODES: &[(&str, &str)] = &[
     ("E0003", "invalid character"),
     ("E0004", "unterminated string"),
     ("E0005", "number out of range"),
+    ("E0006", "nested too deeply"),
     ("E0100", "undefined name"),
     ("E0101", "duplicate definition"),
     ("E0102", "unknown function"),
