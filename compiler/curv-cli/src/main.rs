@@ -709,9 +709,8 @@ enum CompiledStage {
 /// An MLIR location (`"file":line:column`) for a span of the user's file or, given its name, of a
 /// standard library module.
 fn source_locator(compilation: &Compilation) -> impl Fn(Option<&str>, curv_grammar::Span) -> String + '_ {
-    |module: Option<&str>, span: curv_grammar::Span| {
-        curv_driver::source_location(&compilation.source, module, span.start)
-    }
+    let locations = curv_driver::SourceLocations::new(&compilation.source);
+    move |module: Option<&str>, span: curv_grammar::Span| locations.location(&compilation.source, module, span.start)
 }
 
 fn emit_compiled(compilation: &Compilation, mode: CompiledStage) -> Result<String, String> {

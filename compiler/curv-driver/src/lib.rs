@@ -184,12 +184,10 @@ pub fn emit(compilation: &Compilation, stage: Stage) -> Option<String> {
                 return None;
             }
             let analysis = compilation.analysis.as_ref()?;
-            let text = &compilation.source.text;
-            let locate =
-                |module: Option<&str>, span: curv_grammar::Span| match module.and_then(curv_sema::std_lib::find) {
-                    Some(index) => line_column(curv_sema::std_lib::MODULES[index].1, span.start),
-                    None => line_column(text, span.start),
-                };
+            let locations = SourceLocations::new(&compilation.source);
+            let locate = |module: Option<&str>, span: curv_grammar::Span| {
+                locations.line_column(&compilation.source, module, span.start)
+            };
             Some(curv_ir::print_program(&analysis.program, &locate))
         }
         Stage::Grad => {
@@ -198,7 +196,8 @@ pub fn emit(compilation: &Compilation, stage: Stage) -> Option<String> {
             }
             let analysis = compilation.analysis.as_ref()?;
             let text = &compilation.source.text;
-            let locate = |span: curv_grammar::Span| line_column(text, span.start);
+            let lines = LineStarts::new(text);
+            let locate = |span: curv_grammar::Span| lines.line_column(text, span.start);
             let mut out = String::new();
             for train in &analysis.program.trains {
                 let gradients = curv_ad::products::gradient_program(&train.loss, &train.params);
@@ -239,13 +238,67 @@ pub fn source_location(source: &SourceFile, module: Option<&str>, offset: usize)
     }
 }
 
-/// `line:column` (both from 1, column in characters) of a byte offset.
+/// `line:column` (both from 1, column in characters) of a byte offset. For many offsets into one
+/// text, build a [`LineStarts`] once.
 pub fn line_column(text: &str, offset: usize) -> String {
-    let offset = offset.min(text.len());
-    let before = &text[..text.floor_char_boundary(offset)];
-    let line = before.matches('\n').count() + 1;
-    let column = before.rsplit('\n').next().map_or(0, |tail| tail.chars().count()) + 1;
-    format!("{line}:{column}")
+    LineStarts::new(text).line_column(text, offset)
+}
+
+/// Where each line of a text starts: turns byte offsets into `line:column` by binary search, so
+/// that locating every op of a long program costs linear time, not quadratic.
+pub struct LineStarts(Vec<usize>);
+
+impl LineStarts {
+    pub fn new(text: &str) -> LineStarts {
+        LineStarts(std::iter::once(0).chain(text.match_indices('\n').map(|(index, _)| index + 1)).collect())
+    }
+
+    /// `line:column` of `offset` in `text`, the text these starts were made from.
+    pub fn line_column(&self, text: &str, offset: usize) -> String {
+        let offset = text.floor_char_boundary(offset.min(text.len()));
+        let line = self.0.partition_point(|start| *start <= offset).max(1);
+        let start = self.0.get(line - 1).copied().unwrap_or(0).min(offset);
+        let column = text.get(start..offset).map_or(0, |tail| tail.chars().count()) + 1;
+        format!("{line}:{column}")
+    }
+}
+
+/// The line starts of the user's file and of every standard library module, for
+/// [`SourceLocations::location`].
+pub struct SourceLocations {
+    user: LineStarts,
+    modules: Vec<LineStarts>,
+}
+
+impl SourceLocations {
+    pub fn new(source: &SourceFile) -> SourceLocations {
+        SourceLocations {
+            user: LineStarts::new(&source.text),
+            modules: curv_sema::std_lib::MODULES.iter().map(|(_, text)| LineStarts::new(text)).collect(),
+        }
+    }
+
+    /// `line:column` of a byte offset in the user's file or, given its name, in a standard
+    /// library module.
+    pub fn line_column(&self, source: &SourceFile, module: Option<&str>, offset: usize) -> String {
+        match module.and_then(curv_sema::std_lib::find) {
+            Some(index) => match self.modules.get(index) {
+                Some(starts) => starts.line_column(curv_sema::std_lib::MODULES[index].1, offset),
+                None => line_column(curv_sema::std_lib::MODULES[index].1, offset),
+            },
+            None => self.user.line_column(&source.text, offset),
+        }
+    }
+
+    /// The MLIR location, as [`source_location`] gives it.
+    pub fn location(&self, source: &SourceFile, module: Option<&str>, offset: usize) -> String {
+        match module.and_then(curv_sema::std_lib::find) {
+            Some(index) => {
+                format!("{:?}:{}", curv_sema::std_lib::MODULES[index].0, self.line_column(source, module, offset))
+            }
+            None => format!("{:?}:{}", source.display_name, self.line_column(source, None, offset)),
+        }
+    }
 }
 
 /// The stable list of diagnostic codes.

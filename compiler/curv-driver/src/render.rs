@@ -11,10 +11,38 @@ fn source_name(compilation: &Compilation, source: SourceId) -> String {
     }
 }
 
-fn source_text(compilation: &Compilation, source: SourceId) -> String {
+fn source_text(compilation: &Compilation, source: SourceId) -> &str {
     match source {
-        SourceId::User => compilation.source.text.clone(),
-        SourceId::Std(index) => curv_sema::std_lib::MODULES[index].1.to_string(),
+        SourceId::User => &compilation.source.text,
+        SourceId::Std(index) => curv_sema::std_lib::MODULES[index].1,
+    }
+}
+
+/// The byte offset at which each line of a source starts, to find a label's line by binary
+/// search (a count of the newlines before it for every label made rendering quadratic).
+struct LineStarts(Vec<(SourceId, Vec<usize>)>);
+
+impl LineStarts {
+    fn new(compilation: &Compilation, sources: &[SourceId]) -> LineStarts {
+        LineStarts(
+            sources
+                .iter()
+                .map(|source| {
+                    let text = source_text(compilation, *source);
+                    let starts =
+                        std::iter::once(0).chain(text.match_indices('\n').map(|(index, _)| index + 1)).collect();
+                    (*source, starts)
+                })
+                .collect(),
+        )
+    }
+
+    /// The zero-based line of byte `offset`.
+    fn line(&self, source: SourceId, offset: usize) -> usize {
+        self.0
+            .iter()
+            .find(|(id, _)| *id == source)
+            .map_or(0, |(_, starts)| starts.partition_point(|start| *start <= offset).saturating_sub(1))
     }
 }
 
@@ -31,8 +59,11 @@ pub fn render_diagnostics(compilation: &Compilation, color: bool) -> String {
         }
     }
     let mut cache = ariadne::sources(
-        sources_used.iter().map(|source| (source_name(compilation, *source), source_text(compilation, *source))),
+        sources_used
+            .iter()
+            .map(|source| (source_name(compilation, *source), source_text(compilation, *source).to_string())),
     );
+    let line_starts = LineStarts::new(compilation, &sources_used);
     for diagnostic in &diagnostics {
         let kind = match diagnostic.severity {
             Severity::Error => ReportKind::Error,
@@ -51,9 +82,7 @@ pub fn render_diagnostics(compilation: &Compilation, color: bool) -> String {
             // ariadne starts a new snippet whenever a label's line comes before the previous
             // label's, so labels are ordered by source (the primary label's first), then by line,
             // then by their position in the list (primary first) within a line.
-            let line = source_text(compilation, label.source)
-                .get(..range.start)
-                .map_or(0, |before| before.matches('\n').count());
+            let line = line_starts.line(label.source, range.start);
             let source_rank = usize::from(label.source != primary_source);
             let order =
                 source_rank.saturating_mul(1 << 30).saturating_add(line.saturating_mul(64)).saturating_add(index);

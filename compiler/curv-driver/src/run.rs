@@ -186,12 +186,13 @@ pub fn run_program(
 fn source_locator(program: &Program, source: crate::SourceFile) -> curv_runtime::backend::SourceLocator {
     let modules: Vec<(String, Option<String>)> =
         program.rules.iter().map(|rule| (rule.name.clone(), rule.module.clone())).collect();
+    let locations = crate::SourceLocations::new(&source);
     Box::new(move |key: &str, offset: usize| {
         let rule = key.strip_prefix("rule ").and_then(|rest| rest.split(' ').next());
         let module = rule
             .and_then(|name| modules.iter().find(|(rule, _)| rule == name))
             .and_then(|(_, module)| module.as_deref());
-        crate::source_location(&source, module, offset)
+        locations.location(&source, module, offset)
     })
 }
 

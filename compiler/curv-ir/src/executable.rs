@@ -9,6 +9,7 @@
 
 use crate::{option_name, option_number, Function, LossKind, ModifierPlan, Op, Options, ParamPlan, RuleProgram};
 use crate::{StructureKind, TrainProgram, ValueId};
+use std::collections::HashSet;
 
 /// Options of a structure that do not go together.
 pub const CODE_OPTIONS_CONFLICT: &str = "E0309";
@@ -231,14 +232,26 @@ pub fn line_refusals(structure: StructureKind, options: &Options, modifiers: &[M
 /// Whether `plan` ever asks for statistics with labels drawn from the model (`sampled_grad`,
 /// K-FAC's `fisher = sampled` and `exact`), which need a `cross_entropy` or `mse` loss against a
 /// data field.
-pub fn draws_labels(plan: &ParamPlan, rules: &[&RuleProgram]) -> bool {
+///
+/// `label_rules` names the rules that draw labels ([`rules_drawing_labels`]), found once for all
+/// plans: scanning every rule program for every plan made checking quadratic in the parameters.
+pub fn draws_labels(plan: &ParamPlan, label_rules: &HashSet<&str>) -> bool {
     match plan.structure {
         StructureKind::Diagonal => matches!(option_name(&plan.options, "stats"), Some("gnb" | "sampled_fisher")),
         StructureKind::Kronecker => {
             option_name(&plan.options, "stats") == Some("kfac")
                 && matches!(option_name(&plan.options, "fisher"), Some("sampled" | "exact"))
         }
-        StructureKind::Rule => rules.iter().filter(|rule| rule.name == plan.rule_name).any(|rule| {
+        StructureKind::Rule => label_rules.contains(plan.rule_name.as_str()),
+        _ => false,
+    }
+}
+
+/// The names of the rules any of whose updates asks for `sampled_grad`.
+pub fn rules_drawing_labels<'a>(rules: &[&'a RuleProgram]) -> HashSet<&'a str> {
+    rules
+        .iter()
+        .filter(|rule| {
             rule.updates.iter().any(|update| {
                 update
                     .function
@@ -246,9 +259,9 @@ pub fn draws_labels(plan: &ParamPlan, rules: &[&RuleProgram]) -> bool {
                     .iter()
                     .any(|inst| matches!(&inst.op, Op::Statistic { kind } if kind == "sampled_grad"))
             })
-        }),
-        _ => false,
-    }
+        })
+        .map(|rule| rule.name.as_str())
+        .collect()
 }
 
 /// How a parameter is used as a layer's weight in the loss (`x @ W` or `conv2d(x, W)` on the way
@@ -302,6 +315,7 @@ fn is_data_field(function: &Function, name: &str) -> bool {
 pub fn program_refusals(program: &TrainProgram, rules: &[&RuleProgram]) -> Vec<(usize, Refusal)> {
     let mut refusals = Vec::new();
     let mut layers = None;
+    let label_rules = rules_drawing_labels(rules);
     for (index, plan) in program.optimizer.plans.iter().enumerate() {
         for refusal in line_refusals(plan.structure, &plan.options, &plan.modifiers) {
             refusals.push((index, refusal));
@@ -321,7 +335,7 @@ pub fn program_refusals(program: &TrainProgram, rules: &[&RuleProgram]) -> Vec<(
                 ),
             ));
         }
-        if draws_labels(plan, rules) {
+        if draws_labels(plan, &label_rules) {
             let (kind_fits, target) = match program.loss_kind {
                 LossKind::CrossEntropy => (true, "labels"),
                 LossKind::MeanSquaredError => (true, "target"),

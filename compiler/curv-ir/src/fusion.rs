@@ -112,16 +112,19 @@ pub fn inlined(function: &Function) -> Vec<bool> {
 
 /// The values an instruction reads once inlined constants and broadcasts are looked through.
 pub fn effective_operands(function: &Function, inlined: &[bool], id: ValueId) -> Vec<ValueId> {
+    // Depth first, left to right, with an explicit stack: chains of inlined instructions can be
+    // as long as the program (a chain of scalar lets), and each is expanded once however often
+    // it is shared.
     let mut out = Vec::new();
-    for arg in &function.inst(id).args {
+    let mut expanded = std::collections::HashSet::new();
+    let mut work: Vec<ValueId> = function.inst(id).args.iter().rev().copied().collect();
+    while let Some(arg) = work.pop() {
         if inlined[arg.0 as usize] {
-            for inner in effective_operands(function, inlined, *arg) {
-                if !out.contains(&inner) {
-                    out.push(inner);
-                }
+            if expanded.insert(arg) {
+                work.extend(function.inst(arg).args.iter().rev().copied());
             }
-        } else if !out.contains(arg) {
-            out.push(*arg);
+        } else if !out.contains(&arg) {
+            out.push(arg);
         }
     }
     out
@@ -184,10 +187,10 @@ pub fn matmul_epilogues(function: &Function, inlined: &[bool], prologues: &[Opti
         if inlined[index] {
             continue;
         }
+        // Effective operands are distinct, so `index` is pushed once per operand (a `contains`
+        // here made a value used by every instruction quadratic).
         for arg in effective_operands(function, inlined, ValueId(index as u32)) {
-            if !users[arg.0 as usize].contains(&index) {
-                users[arg.0 as usize].push(index);
-            }
+            users[arg.0 as usize].push(index);
         }
     }
     let mut is_output = vec![false; count];
@@ -232,11 +235,30 @@ pub fn plan_kernels(function: &Function) -> KernelPlan {
     let epilogues = matmul_epilogues(function, &inlined, &prologues);
     let mut kernel_of: Vec<Option<usize>> = vec![None; count];
     let mut kernels: Vec<Kernel> = Vec::new();
+    // Per kernel, the one result shape all of its instructions have (`None` when they differ),
+    // kept as instructions join: rescanning a kernel for every candidate made fusing a long
+    // chain quadratic.
+    let mut uniform_shapes: Vec<Option<&[Dim]>> = Vec::new();
+    fn push<'f>(
+        function: &'f Function,
+        kernels: &mut [Kernel],
+        uniform_shapes: &mut [Option<&'f [Dim]>],
+        kernel: usize,
+        id: ValueId,
+    ) {
+        let shape = function.ty(id).shape.as_slice();
+        if kernels[kernel].insts.is_empty() {
+            uniform_shapes[kernel] = Some(shape);
+        } else if uniform_shapes[kernel].is_some_and(|uniform| uniform != shape) {
+            uniform_shapes[kernel] = None;
+        }
+        kernels[kernel].insts.push(id);
+    }
     for (index, inst) in function.insts.iter().enumerate() {
         if let Some(product) = epilogues[index] {
             // An epilogue joins its product's kernel, in order.
             let kernel = kernel_of[product].expect("the product precedes its epilogue");
-            kernels[kernel].insts.push(ValueId(index as u32));
+            push(function, &mut kernels, &mut uniform_shapes, kernel, ValueId(index as u32));
             kernel_of[index] = Some(kernel);
             continue;
         }
@@ -258,7 +280,7 @@ pub fn plan_kernels(function: &Function) -> KernelPlan {
             let operand_kernels: Vec<usize> = operands.iter().filter_map(|arg| kernel_of[arg.0 as usize]).collect();
             let fits = |kernel: usize| {
                 kernels[kernel].kind == KernelKind::Elementwise
-                    && same_shape_kernel(&kernels[kernel], function, &inst.ty.shape)
+                    && uniform_shapes[kernel] == Some(inst.ty.shape.as_slice())
                     && operand_kernels.iter().all(|other| *other <= kernel)
             };
             // Vertical fusion: join the kernel of an operand. Otherwise horizontal fusion: join
@@ -273,27 +295,22 @@ pub fn plan_kernels(function: &Function) -> KernelPlan {
             Some(kernel) => kernel,
             None => {
                 kernels.push(Kernel { kind, insts: Vec::new() });
+                uniform_shapes.push(None);
                 kernels.len() - 1
             }
         };
         if kind == KernelKind::Reduction {
             for (member, reduction) in prologues.iter().enumerate().take(index) {
                 if *reduction == Some(index) {
-                    kernels[kernel].insts.push(ValueId(member as u32));
+                    push(function, &mut kernels, &mut uniform_shapes, kernel, ValueId(member as u32));
                     kernel_of[member] = Some(kernel);
                 }
             }
         }
-        kernels[kernel].insts.push(id);
+        push(function, &mut kernels, &mut uniform_shapes, kernel, id);
         kernel_of[index] = Some(kernel);
     }
     KernelPlan { kernels, kernel_of }
-}
-
-/// Whether every instruction of an elementwise kernel has the given result shape (constants and
-/// broadcasts that start a kernel may have it too).
-fn same_shape_kernel(kernel: &Kernel, function: &Function, shape: &[Dim]) -> bool {
-    kernel.insts.iter().all(|id| function.ty(*id).shape == shape)
 }
 
 impl KernelPlan {
