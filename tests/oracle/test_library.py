@@ -383,6 +383,7 @@ def test_k_fac_needs_the_train_step_and_trains_through_it(tmp_path):
     with pytest.raises(kfac.CurvError) as error:
         context.step_dlpack(capsules(params), capsules(params))
     assert error.value.code == kfac.CONTEXT_ERROR and "use the train step" in str(error.value)
+    assert error.value.stable_code == "E0500", str(error.value)
     step = kfac.TrainStep()
     generator = torch.Generator().manual_seed(4)
     params = [torch.randn(*shape, generator=generator, dtype=torch.float64) * 0.1 for shape in step.context.shapes]

@@ -295,10 +295,11 @@ fn needs_model(program: &Program) -> Option<String> {
             || curv_runtime::optimizer::kfac_statistic(plan).is_some()
             || curv_runtime::optimizer::uses_hutchinson(plan, &program.rules);
         needs.then(|| {
-            format!(
-                "the optimizer of `{}` needs curvature statistics of the model (Hessian-vector products, sampled labels or layer captures), which the optimizer step does not have: use the train step (curv_train_step)",
-                train.params[plan.param].name
-            )
+            let message = "its optimizer needs curvature statistics of the model (Hessian-vector products, sampled \
+                           labels or layer captures), which the optimizer step does not have: use the train step \
+                           (curv_train_step)";
+            let error = curv_runtime::Error::new(curv_runtime::ErrorCode::PlanNotExecutable, message);
+            error.parameter(train.params[plan.param].name.as_str()).structure(plan.structure.name()).to_string()
         })
     })
 }
