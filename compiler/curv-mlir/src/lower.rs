@@ -1202,6 +1202,71 @@ fn resolve_operand(
     names: &mut std::collections::HashMap<ValueId, String>,
     lines: &mut Vec<String>,
 ) -> Result<String, LowerError> {
+    resolve_at_depth(emitter, plan, inlined, kernel_index, shape, arg, inputs, names, lines, 0)
+}
+
+/// How many inlined instructions deep operands are resolved recursively; past that, the rest of
+/// the chain is resolved first, iteratively (a chain of scalar lets can be as long as the
+/// program). Shallower chains keep the recursive order of the body's lines and inputs.
+const RECURSIVE_INLINING: usize = 64;
+
+/// The inlined instructions `arg` reads, directly or through other inlined instructions, that
+/// this kernel has not computed yet: operands before their users, left to right.
+fn unresolved_inlined(
+    function: &Function,
+    plan: &curv_ir::fusion::KernelPlan,
+    inlined: &[bool],
+    kernel_index: usize,
+    arg: ValueId,
+    names: &std::collections::HashMap<ValueId, String>,
+) -> Vec<ValueId> {
+    let pending = |value: ValueId| {
+        inlined[value.0 as usize]
+            && plan.kernel_of[value.0 as usize] != Some(kernel_index)
+            && !names.contains_key(&value)
+    };
+    let mut order = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    // (value, whether its operands have been pushed)
+    let mut stack: Vec<(ValueId, bool)> =
+        function.inst(arg).args.iter().rev().filter(|value| pending(**value)).map(|value| (*value, false)).collect();
+    while let Some((value, expanded)) = stack.pop() {
+        if expanded {
+            order.push(value);
+            continue;
+        }
+        if !seen.insert(value) {
+            continue;
+        }
+        stack.push((value, true));
+        for operand in function.inst(value).args.iter().rev() {
+            if pending(*operand) && !seen.contains(operand) {
+                stack.push((*operand, false));
+            }
+        }
+    }
+    order
+}
+
+#[allow(clippy::too_many_arguments)]
+fn resolve_at_depth(
+    emitter: &Emitter,
+    plan: &curv_ir::fusion::KernelPlan,
+    inlined: &[bool],
+    kernel_index: usize,
+    shape: &[i64],
+    arg: ValueId,
+    inputs: &mut Vec<(ValueId, Vec<String>)>,
+    names: &mut std::collections::HashMap<ValueId, String>,
+    lines: &mut Vec<String>,
+    depth: usize,
+) -> Result<String, LowerError> {
+    if depth >= RECURSIVE_INLINING && inlined[arg.0 as usize] && !names.contains_key(&arg) {
+        for dependency in unresolved_inlined(emitter.function, plan, inlined, kernel_index, arg, names) {
+            // Its own inlined operands come before it in the list, so this is one level deep.
+            resolve_at_depth(emitter, plan, inlined, kernel_index, shape, dependency, inputs, names, lines, 0)?;
+        }
+    }
     let rank = shape.len();
     let identity: Vec<String> = (0..rank).map(|axis| format!("d{axis}")).collect();
     let input = |inputs: &mut Vec<(ValueId, Vec<String>)>, source: ValueId, results: Vec<String>| -> String {
@@ -1228,7 +1293,7 @@ fn resolve_operand(
         Op::Broadcast { dims } => {
             let source = arg_inst.args[0];
             if inlined[source.0 as usize] || plan.kernel_of[source.0 as usize] == Some(kernel_index) {
-                resolve_operand(emitter, plan, inlined, kernel_index, shape, source, inputs, names, lines)?
+                resolve_at_depth(emitter, plan, inlined, kernel_index, shape, source, inputs, names, lines, depth + 1)?
             } else {
                 let source_shape = emitter.shape(source).to_vec();
                 let target_shape = emitter.shape(arg).to_vec();
@@ -1249,7 +1314,7 @@ fn resolve_operand(
         _ => {
             let mut operands = Vec::new();
             for inner in &arg_inst.args {
-                operands.push(resolve_operand(
+                operands.push(resolve_at_depth(
                     emitter,
                     plan,
                     inlined,
@@ -1259,6 +1324,7 @@ fn resolve_operand(
                     inputs,
                     names,
                     lines,
+                    depth + 1,
                 )?);
             }
             let ty = element(arg_inst.ty.dtype).to_string();

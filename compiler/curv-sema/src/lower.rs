@@ -51,9 +51,17 @@ pub fn shape_text(shape: &[Dim]) -> String {
     format!("[{}]", dims.join(", "))
 }
 
+/// The stack lowering an expression keeps in reserve, and the size of each segment added when less
+/// is left (see `Checker::lower_expr`).
+const RED_ZONE: usize = 128 * 1024;
+const STACK_SEGMENT: usize = 4 * 1024 * 1024;
+
 impl Checker<'_> {
     pub fn lower_expr(&mut self, scope: &mut dyn Scope, expr: &Expr, function: &mut Function) -> Option<Val> {
-        let result = self.lower_expr_inner(scope, expr, function);
+        // Expressions nest up to `curv_grammar::nesting::NESTING_LIMIT` levels, and a level of
+        // a call costs several frames: with less than this left, the rest runs on a new stack
+        // segment, so checking never overflows whatever thread it runs on.
+        let result = stacker::maybe_grow(RED_ZONE, STACK_SEGMENT, || self.lower_expr_inner(scope, expr, function));
         if let Some(Val::Value(id)) = result {
             self.expression_values.insert(expr.span(), id);
         }
