@@ -161,14 +161,31 @@ struct RunArguments {
     stop_at_target: bool,
 }
 
+/// The stack of the thread that runs every command. curv's own stages need little (expressions
+/// nest at most 256 levels; longer chains are walked iteratively), but LLVM's optimisation passes
+/// recurse along chains of dependent instructions: a chain of 100,000 scalar lets overflowed the
+/// 8 MiB main thread in `ReassociatePass::getRank`. The address space is only reserved: a
+/// compilation uses the pages it touches.
+const STACK_SIZE: usize = 1 << 30;
+
 fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
         eprintln!("error: internal compiler error: {info}");
         eprintln!("note: this is a bug in curv; please report it with the input that caused it");
     }));
-    match std::panic::catch_unwind(run) {
-        Ok(code) => code,
-        Err(_) => ExitCode::from(2),
+    let worker = std::thread::Builder::new().name("curv".to_string()).stack_size(STACK_SIZE).spawn(|| {
+        match std::panic::catch_unwind(run) {
+            Ok(code) => code,
+            Err(_) => ExitCode::from(2),
+        }
+    });
+    match worker.map(std::thread::JoinHandle::join) {
+        Ok(Ok(code)) => code,
+        Ok(Err(_)) => ExitCode::from(2),
+        Err(error) => {
+            eprintln!("error: cannot start a thread with a {} MiB stack: {error}", STACK_SIZE >> 20);
+            ExitCode::from(2)
+        }
     }
 }
 

@@ -107,8 +107,29 @@ pub fn inlined(function: &Function) -> Vec<bool> {
             }
         }
     }
+    // A chain of inlined instructions is recomputed in the body of each kernel that reads it;
+    // past `MAX_INLINED_CHAIN` links one is materialised, so that no kernel body (and no basic
+    // block LLVM schedules, in time quadratic in its length) grows with the program.
+    let mut chain = vec![0usize; count];
+    for (index, inst) in function.insts.iter().enumerate() {
+        if !candidate[index] {
+            continue;
+        }
+        let longest = inst.args.iter().map(|arg| chain[arg.0 as usize]).max().unwrap_or(0);
+        if longest >= MAX_INLINED_CHAIN {
+            candidate[index] = false;
+        } else {
+            chain[index] = longest + 1;
+        }
+    }
     candidate
 }
+
+/// The longest chain of inlined instructions (see `inlined`).
+pub const MAX_INLINED_CHAIN: usize = 256;
+
+/// The most instructions an elementwise kernel takes in by fusion before a new kernel starts.
+pub const MAX_FUSED_INSTRUCTIONS: usize = 1024;
 
 /// The values an instruction reads once inlined constants and broadcasts are looked through.
 pub fn effective_operands(function: &Function, inlined: &[bool], id: ValueId) -> Vec<ValueId> {
@@ -239,6 +260,15 @@ pub fn plan_kernels(function: &Function) -> KernelPlan {
     // kept as instructions join: rescanning a kernel for every candidate made fusing a long
     // chain quadratic.
     let mut uniform_shapes: Vec<Option<&[Dim]>> = Vec::new();
+    // The elementwise kernels that begin with each shape, in order (for horizontal fusion).
+    let mut by_shape: std::collections::HashMap<&[Dim], Vec<usize>> = std::collections::HashMap::new();
+    // The instructions absorbed into each reduction, in order.
+    let mut prologue_members: Vec<Vec<usize>> = vec![Vec::new(); count];
+    for (member, reduction) in prologues.iter().enumerate() {
+        if let Some(reduction) = reduction {
+            prologue_members[*reduction].push(member);
+        }
+    }
     fn push<'f>(
         function: &'f Function,
         kernels: &mut [Kernel],
@@ -280,6 +310,7 @@ pub fn plan_kernels(function: &Function) -> KernelPlan {
             let operand_kernels: Vec<usize> = operands.iter().filter_map(|arg| kernel_of[arg.0 as usize]).collect();
             let fits = |kernel: usize| {
                 kernels[kernel].kind == KernelKind::Elementwise
+                    && kernels[kernel].insts.len() < MAX_FUSED_INSTRUCTIONS
                     && uniform_shapes[kernel] == Some(inst.ty.shape.as_slice())
                     && operand_kernels.iter().all(|other| *other <= kernel)
             };
@@ -288,7 +319,23 @@ pub fn plan_kernels(function: &Function) -> KernelPlan {
             // index space share one loop nest.
             joined = operands.iter().filter_map(|arg| kernel_of[arg.0 as usize]).find(|kernel| fits(*kernel));
             if joined.is_none() {
-                joined = (0..kernels.len()).rev().find(|kernel| fits(*kernel));
+                // The latest fitting kernel of this shape. A kernel that is full or no longer of
+                // one shape never fits again, so it leaves the list; one that fails only because
+                // an operand's kernel comes after it means no earlier one fits either. (Scanning
+                // every kernel made a function of many small kernels quadratic.)
+                let candidates = by_shape.entry(inst.ty.shape.as_slice()).or_default();
+                while let Some(&last) = candidates.last() {
+                    if fits(last) {
+                        joined = Some(last);
+                        break;
+                    }
+                    let stale = kernels[last].insts.len() >= MAX_FUSED_INSTRUCTIONS
+                        || uniform_shapes[last] != Some(inst.ty.shape.as_slice());
+                    if !stale {
+                        break;
+                    }
+                    candidates.pop();
+                }
             }
         }
         let kernel = match joined {
@@ -296,15 +343,16 @@ pub fn plan_kernels(function: &Function) -> KernelPlan {
             None => {
                 kernels.push(Kernel { kind, insts: Vec::new() });
                 uniform_shapes.push(None);
+                if kind == KernelKind::Elementwise {
+                    by_shape.entry(inst.ty.shape.as_slice()).or_default().push(kernels.len() - 1);
+                }
                 kernels.len() - 1
             }
         };
         if kind == KernelKind::Reduction {
-            for (member, reduction) in prologues.iter().enumerate().take(index) {
-                if *reduction == Some(index) {
-                    push(function, &mut kernels, &mut uniform_shapes, kernel, ValueId(member as u32));
-                    kernel_of[member] = Some(kernel);
-                }
+            for &member in &prologue_members[index] {
+                push(function, &mut kernels, &mut uniform_shapes, kernel, ValueId(member as u32));
+                kernel_of[member] = Some(kernel);
             }
         }
         push(function, &mut kernels, &mut uniform_shapes, kernel, id);
