@@ -56,6 +56,12 @@ pub struct Kernel {
 pub struct KernelPlan {
     pub kernels: Vec<Kernel>,
     pub kernel_of: Vec<Option<usize>>,
+    /// [`inlined`] of the function, found once for every kernel's inputs.
+    pub inlined: Vec<bool>,
+    /// Per instruction, whether a kernel other than its own reads it or it is a function output,
+    /// found once for every kernel's outputs (per kernel, the scan made lowering a function of
+    /// many kernels quadratic).
+    pub used_outside: Vec<bool>,
 }
 
 /// Whether an instruction is computed elementwise over its result's shape.
@@ -358,17 +364,30 @@ pub fn plan_kernels(function: &Function) -> KernelPlan {
         push(function, &mut kernels, &mut uniform_shapes, kernel, id);
         kernel_of[index] = Some(kernel);
     }
-    KernelPlan { kernels, kernel_of }
+    let mut used_outside = vec![false; count];
+    for index in 0..count {
+        if inlined[index] {
+            continue;
+        }
+        for arg in effective_operands(function, &inlined, ValueId(index as u32)) {
+            if kernel_of[index] != kernel_of[arg.0 as usize] {
+                used_outside[arg.0 as usize] = true;
+            }
+        }
+    }
+    for (_, value) in &function.outputs {
+        used_outside[value.0 as usize] = true;
+    }
+    KernelPlan { kernels, kernel_of, inlined, used_outside }
 }
 
 impl KernelPlan {
     /// The values a kernel reads that it does not compute (inlined constants and broadcasts
     /// looked through).
     pub fn inputs(&self, function: &Function, kernel: usize) -> Vec<ValueId> {
-        let inlined = inlined(function);
         let mut inputs = Vec::new();
         for id in &self.kernels[kernel].insts {
-            for arg in effective_operands(function, &inlined, *id) {
+            for arg in effective_operands(function, &self.inlined, *id) {
                 if self.kernel_of[arg.0 as usize] != Some(kernel) && !inputs.contains(&arg) {
                     inputs.push(arg);
                 }
@@ -378,22 +397,7 @@ impl KernelPlan {
     }
 
     /// The values a kernel computes that are read outside it (or are function outputs).
-    pub fn outputs(&self, function: &Function, kernel: usize) -> Vec<ValueId> {
-        let inlined = inlined(function);
-        let mut used_outside = vec![false; function.insts.len()];
-        for (index, _) in function.insts.iter().enumerate() {
-            if inlined[index] {
-                continue;
-            }
-            for arg in effective_operands(function, &inlined, ValueId(index as u32)) {
-                if self.kernel_of[index] != self.kernel_of[arg.0 as usize] {
-                    used_outside[arg.0 as usize] = true;
-                }
-            }
-        }
-        for (_, value) in &function.outputs {
-            used_outside[value.0 as usize] = true;
-        }
-        self.kernels[kernel].insts.iter().copied().filter(|id| used_outside[id.0 as usize]).collect()
+    pub fn outputs(&self, _function: &Function, kernel: usize) -> Vec<ValueId> {
+        self.kernels[kernel].insts.iter().copied().filter(|id| self.used_outside[id.0 as usize]).collect()
     }
 }
