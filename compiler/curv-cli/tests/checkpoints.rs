@@ -3,46 +3,11 @@
 //! it writes checkpoints always leaves a last checkpoint that loads and resumes bit for bit.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn repository_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
-}
-
-fn curv(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_curv"))
-        .args(args)
-        .current_dir(repository_root())
-        .env("CURV_CACHE_DIR", std::env::temp_dir().join("curv-test-kernel-cache"))
-        .output()
-        .unwrap()
-}
-
-/// A scratch directory for one test, removed when the test passes (kept after a failure, to look at).
-struct Scratch(PathBuf);
-
-impl std::ops::Deref for Scratch {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-fn scratch(name: &str) -> Scratch {
-    let directory = std::env::temp_dir().join(format!("curv-checkpoints-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&directory);
-    std::fs::create_dir_all(&directory).unwrap();
-    Scratch(directory)
-}
+mod common;
+use common::{curv, repository_root, scratch};
 
 /// A small digits MLP trained with Adam (so the checkpoint holds optimizer state) for `steps`
 /// steps, with a checkpoint every `every` steps (none when `None`).
@@ -74,7 +39,7 @@ fn data_range(bytes: &[u8], name: &str) -> std::ops::Range<usize> {
 
 #[test]
 fn resuming_or_initialising_from_a_damaged_file_fails_naming_the_file_and_the_tensor() {
-    let directory = scratch("damaged");
+    let directory = scratch("checkpoints", "damaged");
     let program = small_program(&directory, "program.curv", 6, Some(3));
     let out = directory.join("out");
     let interp = ["--backend", "interp", "--quiet"];
@@ -158,6 +123,9 @@ fn temporary_files(directory: &Path) -> Vec<String> {
 }
 
 /// splitmix64: the test's seeded random numbers.
+/// The seed of the kill test's random delays: fixed, so a failure can be replayed.
+const KILL_SEED: u64 = 19;
+
 struct Random(u64);
 
 impl Random {
@@ -187,9 +155,9 @@ const KILLS: usize = 50;
 fn runs_killed_at_random_moments_while_writing_checkpoints_resume_bit_for_bit() {
     use std::os::unix::process::ExitStatusExt;
     let started = Instant::now();
-    let seed = std::env::var("CURV_KILL_SEED").ok().and_then(|seed| seed.parse().ok()).unwrap_or(19);
+    let seed = KILL_SEED;
     let mut random = Random(seed);
-    let directory = scratch("kills");
+    let directory = scratch("checkpoints", "kills");
     let steps = 60;
     let program = small_program(&directory, "checkpointing.curv", steps, Some(1));
     // The same training without checkpoints: it resumes a checkpoint to the end quickly.

@@ -3,50 +3,10 @@
 //! and MLIR backends alike) with E0403, naming the file, the line or index, and the column, before
 //! anything trains.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
-fn repository_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
-}
-
-fn curv(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_curv"))
-        .args(args)
-        .current_dir(repository_root())
-        .env("CURV_CACHE_DIR", std::env::temp_dir().join("curv-test-kernel-cache"))
-        .output()
-        .unwrap()
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// A scratch directory for one test, removed when the test passes (kept after a failure).
-struct Scratch(PathBuf);
-
-impl std::ops::Deref for Scratch {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-fn scratch(name: &str) -> Scratch {
-    let directory = std::env::temp_dir().join(format!("curv-data-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&directory);
-    std::fs::create_dir_all(&directory).unwrap();
-    Scratch(directory)
-}
+mod common;
+use common::{curv, repository_root, scratch, text};
 
 fn write_npy(path: &Path, descr: &str, shape: &[usize], data: &[u8]) {
     let shape_text = match shape {
@@ -90,7 +50,7 @@ fn run_every_backend(program: &Path) -> Vec<String> {
 
 #[test]
 fn a_label_outside_the_classes_stops_every_backend_before_step_1_with_its_line_and_column() {
-    let directory = scratch("csv_label");
+    let directory = scratch("data", "csv_label");
     let digits = std::fs::read_to_string(repository_root().join("examples/data/digits.csv")).unwrap();
     let mut lines: Vec<String> = digits.lines().take(41).map(str::to_string).collect();
     // Line 19 of the file (the header is line 1) gets label 12; its cells are quoted, and the
@@ -113,7 +73,7 @@ fn a_label_outside_the_classes_stops_every_backend_before_step_1_with_its_line_a
 
 #[test]
 fn npy_and_idx_labels_outside_the_classes_name_their_index() {
-    let directory = scratch("npy_idx_label");
+    let directory = scratch("data", "npy_idx_label");
     let features: Vec<u8> = (0..32 * 4).flat_map(|index| (index as f32 / 64.0).to_le_bytes()).collect();
     let mut labels: Vec<i32> = (0..32).map(|index| index % 10).collect();
     labels[21] = -1;
@@ -152,7 +112,7 @@ fn npy_and_idx_labels_outside_the_classes_name_their_index() {
 
 #[test]
 fn an_embedding_id_outside_the_table_stops_every_backend_before_step_1() {
-    let directory = scratch("embedding_id");
+    let directory = scratch("data", "embedding_id");
     let targets: Vec<u8> = (0..24 * 4).flat_map(|index| ((index % 7) as f32 / 7.0).to_le_bytes()).collect();
     let mut ids: Vec<i32> = (0..24 * 3).map(|index| index % 5).collect();
     ids[3 * 9 + 2] = 5;

@@ -1,21 +1,8 @@
 //! Failures while training reach the command line with their stable runtime code and where they
 //! happened: the parameter, its structure and the step.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn repository_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
-}
-
-fn curv(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_curv"))
-        .args(args)
-        .current_dir(repository_root())
-        .env("CURV_CACHE_DIR", std::env::temp_dir().join("curv-test-kernel-cache"))
-        .output()
-        .unwrap()
-}
+mod common;
+use common::{curv, repository_root};
 
 /// M-FAC on the digits MLP with a gradient window of `window`, checkpointing every 2 steps.
 fn mfac_program(window: usize) -> String {
