@@ -736,8 +736,14 @@ fn emit_compiled(compilation: &Compilation, mode: CompiledStage) -> Result<Strin
     for train in &analysis.program.trains {
         let gradients = curv_ad::products::gradient_program(&train.loss, &train.params).function;
         let locate = source_locator(compilation);
-        let text = curv_mlir::lower::lower_train_program(train, &analysis.program.rules, &gradients, Some(&locate))
-            .map_err(|error| error.message)?;
+        // The GPU's functions take memref descriptors, the CPU's a table of them.
+        let abi = match mode {
+            CompiledStage::Ptx(_) => curv_mlir::lower::EntryAbi::Descriptors,
+            _ => curv_mlir::lower::EntryAbi::Table,
+        };
+        let text =
+            curv_mlir::lower::lower_train_program(train, &analysis.program.rules, &gradients, Some(&locate), abi)
+                .map_err(|error| error.message)?;
         match mode {
             CompiledStage::Mlir => out.push_str(&text),
             CompiledStage::Tiled | CompiledStage::Llvm | CompiledStage::Ptx(_) => {
@@ -1413,8 +1419,11 @@ fn compile_kernels(
         let name = format!("curv_kernel_{index}");
         let kernel_locate = |span: curv_grammar::Span| locate(module.as_deref(), span);
         let located = gpu.map(|_| &kernel_locate as &dyn Fn(curv_grammar::Span) -> String);
-        let Ok((text, signature)) = curv_mlir::lower::lower_function_with_locations(function, &name, bindings, located)
-        else {
+        let lowered = match gpu {
+            None => curv_mlir::lower::lower_function_with_locations(function, &name, bindings, located),
+            Some(_) => curv_mlir::lower::lower_function_for_gpu(function, &name, bindings, located),
+        };
+        let Ok((text, signature)) = lowered else {
             continue;
         };
         let object = work.join(format!("{name}.o"));
@@ -1423,8 +1432,9 @@ fn compile_kernels(
             None => {
                 curv_mlir::jit::compile_to_object(&text, &name, &object, 2)
                     .map_err(|error| (format!("compiling `{key}`: {error}"), 2))?;
-                declarations.push_str(&format!("extern void _mlir__mlir_ciface_{name}(void **);\n"));
-                entries.push(format!("  {{{key_text}, _mlir__mlir_ciface_{name}}}"));
+                // The C interface of a CPU kernel takes the table of its packed buffers.
+                declarations.push_str(&format!("extern void _mlir_ciface_{name}(void **);\n"));
+                entries.push(format!("  {{{key_text}, _mlir_ciface_{name}}}"));
             }
             Some(target) => {
                 curv_mlir::jit::compile_to_object_for_cuda(&text, &object, target)

@@ -3,7 +3,7 @@
 //! trainer's buffers.
 
 use crate::jit::{compile, compile_for_cuda, CompiledFunction};
-use crate::lower::lower_function_with_locations;
+use crate::lower::{lower_function_for_gpu, lower_function_with_locations};
 use curv_interp::{Inputs, Resident, Tensor, Value};
 use curv_ir::Function;
 use curv_runtime::backend::{host_outputs, keep_outputs, Output};
@@ -162,7 +162,12 @@ impl MlirBackend {
             |span: curv_grammar::Span| self.locate.as_ref().map_or(String::new(), |locate| locate(key, span.start));
         let located =
             (self.gpu.is_some() && self.locate.is_some()).then_some(&locate as &dyn Fn(curv_grammar::Span) -> String);
-        let entry = match lower_function_with_locations(function, &name, bindings, located) {
+        let lowered = if self.gpu.is_some() {
+            lower_function_for_gpu(function, &name, bindings, located)
+        } else {
+            lower_function_with_locations(function, &name, bindings, located)
+        };
+        let entry = match lowered {
             Ok((text, signature)) if self.gpu.is_some() => Entry::Compiled(
                 compile_for_cuda(
                     &text,

@@ -45,7 +45,8 @@ pub struct CachedKernel {
 }
 
 impl CachedKernel {
-    /// Calls the kernel with packed arguments (see `curv_runtime::compiled`).
+    /// Calls the kernel with packed arguments (see `curv_runtime::compiled`): the kernel's C
+    /// interface takes their table (`lower::EntryAbi::Table`).
     pub fn call_packed(&self, slots: &mut [*mut ()]) {
         unsafe { (self.entry)(slots.as_mut_ptr()) }
     }
@@ -139,7 +140,7 @@ fn load(path: &Path) -> Result<CachedKernel, MlirError> {
             **pointer = function.address as usize;
         }
         let entry: libloading::Symbol<unsafe extern "C" fn(*mut *mut ())> =
-            library.get(format!("_mlir__mlir_ciface_{KERNEL_NAME}\0").as_bytes()).map_err(failure)?;
+            library.get(format!("_mlir_ciface_{KERNEL_NAME}\0").as_bytes()).map_err(failure)?;
         let entry = *entry;
         Ok(CachedKernel { entry, _library: library })
     }

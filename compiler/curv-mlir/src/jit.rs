@@ -156,8 +156,8 @@ fn lower_to_llvm<'c>(context: &'c melior::Context, source: &str) -> Result<Modul
 }
 
 /// Lowers `source` and writes the machine code of function `name` as a relocatable object file,
-/// for `curv build`. The object defines `_mlir_NAME` (arguments packed as `void**`), the C
-/// interface `_mlir_ciface_NAME` and `NAME`; it calls `_mlir_ciface_curv_sgemm` when the
+/// for `curv build`. The object defines the C interface `_mlir_ciface_NAME(void **table)` (the
+/// packed buffers of `lower::EntryAbi::Table`) and `NAME`; it calls `_mlir_ciface_curv_sgemm` when the
 /// function has matrix products, which the program it is linked into must define.
 pub fn compile_to_object(
     source: &str,
@@ -165,6 +165,7 @@ pub fn compile_to_object(
     path: &std::path::Path,
     optimization_level: usize,
 ) -> Result<(), MlirError> {
+    check_table_entry(source, name)?;
     let context = new_context();
     let module = lower_to_llvm(&context, source)?;
     let engine = ExecutionEngine::new(&module, optimization_level, &[], true, true);
@@ -207,6 +208,7 @@ pub fn compile(
     signature: Signature,
     optimization_level: usize,
 ) -> Result<CompiledFunction, MlirError> {
+    check_table_entry(source, name)?;
     let context = new_context();
     let engine = {
         let module = lower_to_llvm(&context, source)?;
@@ -248,6 +250,20 @@ pub fn compile_for_cuda(
         engine
     };
     Ok(CompiledFunction { engine, _context: context, name: name.to_string(), signature, device: Device::Cuda })
+}
+
+/// Fails unless function `name` of `source` takes the table of its buffers (`EntryAbi::Table`),
+/// the one way the CPU calls it: a function taking descriptors would read the table as one.
+fn check_table_entry(source: &str, name: &str) -> Result<(), MlirError> {
+    if source.contains(&format!("func.func @{name}(%table: !llvm.ptr)")) {
+        Ok(())
+    } else {
+        Err(MlirError {
+            message: format!(
+                "`{name}` does not take a table of its buffers (lower it with `EntryAbi::Table` for the CPU)"
+            ),
+        })
+    }
 }
 
 /// Fails when the printed module still has operations of a dialect other than LLVM, except the
@@ -330,7 +346,15 @@ impl CompiledFunction {
         if self.device == Device::Cuda {
             return self.call_packed_on_gpu(slots, on_device);
         }
-        unsafe { self.engine.invoke_packed(&self.name, slots) }
+        self.call_table(slots)
+    }
+
+    /// Calls a CPU function, which takes one argument: the table of its buffers
+    /// (`lower::EntryAbi::Table`). `invoke_packed` takes a pointer to each argument.
+    fn call_table(&self, slots: &mut [*mut ()]) -> Result<(), MlirError> {
+        let mut table = slots.as_mut_ptr() as *mut ();
+        let mut arguments = [&mut table as *mut *mut () as *mut ()];
+        unsafe { self.engine.invoke_packed(&self.name, &mut arguments) }
             .map_err(|error| MlirError { message: format!("calling `{}`: {error}", self.name) })
     }
 
@@ -392,7 +416,6 @@ impl CompiledFunction {
         if self.device == Device::Cuda {
             return self.call_packed_on_gpu(&mut slots, &vec![false; buffers.len()]);
         }
-        unsafe { self.engine.invoke_packed(&self.name, &mut slots) }
-            .map_err(|error| MlirError { message: format!("calling `{}`: {error}", self.name) })
+        self.call_table(&mut slots)
     }
 }

@@ -435,8 +435,23 @@ fn is_external(op: &Op) -> bool {
     )
 }
 
-/// Lowers `function` to an MLIR module whose function `name` has the C interface. `bindings`
-/// gives the sizes of symbolic dimensions.
+/// How a lowered function takes its buffers (its arguments, then its outputs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryAbi {
+    /// One argument, `!llvm.ptr`: a table with one pointer per buffer, each to the pointer to
+    /// the buffer's memref descriptor (the packed form `curv_runtime::compiled` builds). The
+    /// CPU's: whatever the number of buffers, every call has one argument, where a call with a
+    /// few thousand made LLVM's code generator quadratic (`DAGCombiner` merging the stores of
+    /// the call's stack arguments; 1,000 parameters compiled for over ten minutes).
+    Table,
+    /// One memref argument per buffer: the host side of a GPU function, whose launches take
+    /// descriptors (`curv_cuda::call_staged`).
+    Descriptors,
+}
+
+/// Lowers `function` to an MLIR module whose function `name` has the C interface and takes its
+/// buffers through a table ([`EntryAbi::Table`], the CPU's). `bindings` gives the sizes of
+/// symbolic dimensions.
 pub fn lower_function(
     function: &Function,
     name: &str,
@@ -452,6 +467,68 @@ pub fn lower_function_with_locations(
     name: &str,
     bindings: &HashMap<String, i64>,
     locate: Option<&dyn Fn(curv_grammar::Span) -> String>,
+) -> Result<(String, Signature), LowerError> {
+    lower_function_for(function, name, bindings, locate, EntryAbi::Table)
+}
+
+/// [`lower_function_with_locations`] for a GPU: the function takes one memref per buffer
+/// ([`EntryAbi::Descriptors`]), as `gpu::lower_for_cuda` expects.
+pub fn lower_function_for_gpu(
+    function: &Function,
+    name: &str,
+    bindings: &HashMap<String, i64>,
+    locate: Option<&dyn Fn(curv_grammar::Span) -> String>,
+) -> Result<(String, Signature), LowerError> {
+    lower_function_for(function, name, bindings, locate, EntryAbi::Descriptors)
+}
+
+/// The LLVM type of the descriptor of a memref of `rank` dimensions.
+fn descriptor_type(rank: usize) -> String {
+    if rank == 0 {
+        "!llvm.struct<(ptr, ptr, i64)>".to_string()
+    } else {
+        format!("!llvm.struct<(ptr, ptr, i64, array<{rank} x i64>, array<{rank} x i64>)>")
+    }
+}
+
+/// The signature of function `name`, whose `buffers` are (SSA name such as `%arg0`, shape,
+/// element type), and, for [`EntryAbi::Table`], the prologue that reads each buffer's descriptor
+/// from the table into the memref the body uses under that name.
+pub fn entry(name: &str, buffers: &[(String, Vec<i64>, DType)], abi: EntryAbi) -> (String, String) {
+    match abi {
+        EntryAbi::Descriptors => {
+            let parameters: Vec<String> = buffers
+                .iter()
+                .map(|(argument, shape, dtype)| format!("{argument}: {}", memref_type(shape, *dtype)))
+                .collect();
+            (format!("func.func @{name}({})", parameters.join(", ")), String::new())
+        }
+        EntryAbi::Table => {
+            let mut prologue = String::new();
+            for (index, (argument, shape, dtype)) in buffers.iter().enumerate() {
+                let stem = &argument[1..];
+                let descriptor = descriptor_type(shape.len());
+                let _ = writeln!(
+                    prologue,
+                    "    %{stem}_slot = llvm.getelementptr %table[{index}] : (!llvm.ptr) -> !llvm.ptr, !llvm.ptr\n    \
+                     %{stem}_pointer = llvm.load %{stem}_slot : !llvm.ptr -> !llvm.ptr\n    \
+                     %{stem}_descriptor_pointer = llvm.load %{stem}_pointer : !llvm.ptr -> !llvm.ptr\n    \
+                     %{stem}_descriptor = llvm.load %{stem}_descriptor_pointer : !llvm.ptr -> {descriptor}\n    \
+                     {argument} = builtin.unrealized_conversion_cast %{stem}_descriptor : {descriptor} to {}",
+                    memref_type(shape, *dtype)
+                );
+            }
+            (format!("func.func @{name}(%table: !llvm.ptr)"), prologue)
+        }
+    }
+}
+
+fn lower_function_for(
+    function: &Function,
+    name: &str,
+    bindings: &HashMap<String, i64>,
+    locate: Option<&dyn Fn(curv_grammar::Span) -> String>,
+    abi: EntryAbi,
 ) -> Result<(String, Signature), LowerError> {
     let mut shapes = Vec::with_capacity(function.insts.len());
     for inst in &function.insts {
@@ -480,7 +557,7 @@ pub fn lower_function_with_locations(
         vector_tiles: Vec::new(),
     };
     let mut arguments = Vec::new();
-    let mut parameters = Vec::new();
+    let mut buffers = Vec::new();
     for (index, inst) in function.insts.iter().enumerate() {
         let id = ValueId(index as u32);
         if !is_external(&inst.op) {
@@ -489,7 +566,7 @@ pub fn lower_function_with_locations(
         let shape = emitter.shape(id).to_vec();
         let dtype = inst.ty.dtype;
         let argument_name = format!("%arg{}", arguments.len());
-        parameters.push(format!("{argument_name}: {}", memref_type(&shape, dtype)));
+        buffers.push((argument_name, shape.clone(), dtype));
         arguments.push(Argument { value: id, op: inst.op.clone(), shape, dtype });
     }
     // Arguments first, then the kernels of the fusion plan in order: a fused elementwise kernel
@@ -770,7 +847,7 @@ pub fn lower_function_with_locations(
         let shape = emitter.shape(*value).to_vec();
         let dtype = emitter.dtype(*value);
         let argument_name = format!("%out{index}");
-        parameters.push(format!("{argument_name}: {}", memref_type(&shape, dtype)));
+        buffers.push((argument_name.clone(), shape.clone(), dtype));
         let text = format!(
             "bufferization.materialize_in_destination {} in restrict writable {argument_name} : ({}, {}) -> ()",
             emitter.value(*value),
@@ -782,9 +859,9 @@ pub fn lower_function_with_locations(
     }
     emitter.line("return");
     let declarations = if emitter.uses_gemm { format!("  {GEMM_DECLARATION}\n") } else { String::new() };
+    let (signature, prologue) = entry(name, &buffers, abi);
     let text = format!(
-        "module attributes {{transform.with_named_sequence}} {{\n{declarations}  func.func @{name}({}) attributes {{ llvm.emit_c_interface }} {{\n{}  }}\n{}}}\n",
-        parameters.join(", "),
+        "module attributes {{transform.with_named_sequence}} {{\n{declarations}  {signature} attributes {{ llvm.emit_c_interface }} {{\n{prologue}{}  }}\n{}}}\n",
         emitter.body,
         schedule(&emitter.vector_tiles)
     );
@@ -1522,20 +1599,22 @@ pub type ModuleLocator<'a> = dyn Fn(Option<&str>, curv_grammar::Span) -> String 
 
 /// The MLIR of a train program as `curv emit --stage mlir` prints it: the loss-and-gradient
 /// function and, for every parameter governed by a `rule`, the rule's update functions
-/// specialised to that parameter's size.
+/// specialised to that parameter's size; each function takes its buffers as `abi` says.
 pub fn lower_train_program(
     train: &curv_ir::TrainProgram,
     rules: &[curv_ir::RuleProgram],
     gradients: &Function,
     locate: Option<&ModuleLocator<'_>>,
+    abi: EntryAbi,
 ) -> Result<String, LowerError> {
     let mut out = String::new();
     let user_locate = locate.map(|locate| move |span: curv_grammar::Span| locate(None, span));
-    let (text, _) = lower_function_with_locations(
+    let (text, _) = lower_function_for(
         gradients,
         "loss_and_gradients",
         &HashMap::new(),
         user_locate.as_ref().map(|locate| locate as &dyn Fn(curv_grammar::Span) -> String),
+        abi,
     )?;
     let _ = writeln!(out, "// train {}: loss and gradients", train.name);
     out.push_str(&text);
@@ -1561,11 +1640,12 @@ pub fn lower_train_program(
             let module = rule.module.clone();
             let rule_locate = locate.map(|locate| move |span: curv_grammar::Span| locate(module.as_deref(), span));
             let replicated = curv_ir::group::replicate(&update.function, members.len());
-            let (text, _) = lower_function_with_locations(
+            let (text, _) = lower_function_for(
                 &replicated,
                 &name,
                 &bindings,
                 rule_locate.as_ref().map(|locate| locate as &dyn Fn(curv_grammar::Span) -> String),
+                abi,
             )?;
             let described: Vec<String> = members.iter().map(|(name, size)| format!("{name} ({size})")).collect();
             let _ = writeln!(
@@ -1596,11 +1676,12 @@ pub fn lower_train_program(
             let name = format!("rule_{}_block{block}_p{size}", rule.name);
             let module = rule.module.clone();
             let rule_locate = locate.map(|locate| move |span: curv_grammar::Span| locate(module.as_deref(), span));
-            let (text, _) = lower_function_with_locations(
+            let (text, _) = lower_function_for(
                 &update.function,
                 &name,
                 &bindings,
                 rule_locate.as_ref().map(|locate| locate as &dyn Fn(curv_grammar::Span) -> String),
+                abi,
             )?;
             let _ = writeln!(
                 out,

@@ -49,9 +49,11 @@ fn a_gpu_call_agrees_with_the_cpu_or_reports_that_there_is_no_gpu() {
     let train = &program.trains[0];
     let gradients = curv_ad::products::gradient_program(&train.loss, &train.params).function;
     let (text, signature) =
-        curv_mlir::lower::lower_function(&gradients, "loss_and_gradients", &HashMap::new()).unwrap();
+        curv_mlir::lower::lower_function_for_gpu(&gradients, "loss_and_gradients", &HashMap::new(), None).unwrap();
     let gpu = compile_for_cuda(&text, "loss_and_gradients", signature.clone(), GpuTarget::Sm90, 2).unwrap();
-    let cpu = compile(&text, "loss_and_gradients", signature.clone(), 2).unwrap();
+    // The CPU's function takes its buffers through a table, the GPU's host side as descriptors.
+    let (cpu_text, _) = curv_mlir::lower::lower_function(&gradients, "loss_and_gradients", &HashMap::new()).unwrap();
+    let cpu = compile(&cpu_text, "loss_and_gradients", signature.clone(), 2).unwrap();
     // Deterministic inputs of the right shapes: features, parameters, integer labels.
     let mut arguments: Vec<curv_interp::Value<f32>> = signature
         .arguments
@@ -124,7 +126,7 @@ fn a_gpu_object_file_has_the_entry_point_the_embedded_ptx_and_an_initialiser() {
     let program = program("digits_mlp.curv");
     let train = &program.trains[0];
     let gradients = curv_ad::products::gradient_program(&train.loss, &train.params).function;
-    let (text, _) = curv_mlir::lower::lower_function(&gradients, "kernel_7", &HashMap::new()).unwrap();
+    let (text, _) = curv_mlir::lower::lower_function_for_gpu(&gradients, "kernel_7", &HashMap::new(), None).unwrap();
     let directory = std::env::temp_dir().join(format!("curv-gpu-object-{}", std::process::id()));
     std::fs::create_dir_all(&directory).unwrap();
     let path = directory.join("kernel_7.o");
@@ -190,7 +192,8 @@ fn no_kernel_is_launched_from_a_host_loop_nothing_is_copied_on_the_host_and_bloc
         let program = program(file);
         let train = &program.trains[0];
         let gradients = curv_ad::products::gradient_program(&train.loss, &train.params).function;
-        let (text, _) = curv_mlir::lower::lower_function(&gradients, "loss_and_gradients", &HashMap::new()).unwrap();
+        let (text, _) =
+            curv_mlir::lower::lower_function_for_gpu(&gradients, "loss_and_gradients", &HashMap::new(), None).unwrap();
         let outlined = curv_mlir::gpu::outline_kernels(&text).unwrap();
         let launches = launches(&outlined);
         assert!(!launches.is_empty(), "{file}: no launches");
@@ -220,7 +223,8 @@ fn no_kernel_is_launched_from_a_host_loop_nothing_is_copied_on_the_host_and_bloc
     let rule = program.rules.iter().find(|rule| rule.name == plan.rule_name).unwrap();
     let size = train.params[plan.param].ty.element_count().unwrap();
     let bindings = HashMap::from([("P".to_string(), size)]);
-    let (text, _) = curv_mlir::lower::lower_function(&rule.updates[0].function, "update", &bindings).unwrap();
+    let (text, _) =
+        curv_mlir::lower::lower_function_for_gpu(&rule.updates[0].function, "update", &bindings, None).unwrap();
     let launches = launches(&curv_mlir::gpu::outline_kernels(&text).unwrap());
     assert!(!launches.is_empty());
     for (launch, _) in &launches {
@@ -260,7 +264,7 @@ fn a_copy_of_a_constant_stays_on_the_host_where_the_constant_is() {
     let plan = &train.optimizer.plans[0];
     let rule = program.rules.iter().find(|rule| rule.name == plan.rule_name).unwrap();
     let bindings = HashMap::from([("P".to_string(), 4096)]);
-    let (text, _) = curv_mlir::lower::lower_function(&rule.init, "init", &bindings).unwrap();
+    let (text, _) = curv_mlir::lower::lower_function_for_gpu(&rule.init, "init", &bindings, None).unwrap();
     let outlined = curv_mlir::gpu::outline_kernels(&text).unwrap();
     let (constants, launched) = constants_and_launches_of_them(&outlined);
     assert!(constants.is_empty() && !launched, "{outlined}");

@@ -5,7 +5,7 @@
 use curv_ir::abi::Signature;
 use curv_ir::DType;
 use curv_mlir::jit::{compile, Buffer};
-use curv_mlir::lower::DECOMPOSITION_DECLARATIONS;
+use curv_mlir::lower::{entry, EntryAbi, DECOMPOSITION_DECLARATIONS};
 use curv_runtime::linalg::{cholesky, symmetric_eigen, thin_qr, Matrix};
 
 const DYNAMIC2: &str = "memref<?x?xf32, strided<[?, ?], offset: ?>>";
@@ -17,22 +17,23 @@ const DYNAMIC1: &str = "memref<?xf32, strided<[?], offset: ?>>";
 fn module(n: usize, m: usize, k: usize) -> String {
     let p = m.min(k);
     let arguments = [
-        ("a", format!("memref<{n}x{n}xf32>")),
-        ("b", format!("memref<{m}x{k}xf32>")),
-        ("values", format!("memref<{n}xf32>")),
-        ("vectors", format!("memref<{n}x{n}xf32>")),
-        ("lower", format!("memref<{n}x{n}xf32>")),
-        ("q", format!("memref<{m}x{p}xf32>")),
-        ("r", format!("memref<{p}x{k}xf32>")),
+        ("a", vec![n, n]),
+        ("b", vec![m, k]),
+        ("values", vec![n]),
+        ("vectors", vec![n, n]),
+        ("lower", vec![n, n]),
+        ("q", vec![m, p]),
+        ("r", vec![p, k]),
     ];
+    let arguments: Vec<(&str, Vec<i64>)> = arguments
+        .into_iter()
+        .map(|(name, shape)| (name, shape.into_iter().map(|size| size as i64).collect()))
+        .collect();
     let mut text = String::from("module {\n");
     text.push_str(DECOMPOSITION_DECLARATIONS);
-    let parameters: Vec<String> = arguments.iter().map(|(name, ty)| format!("%{name}: {ty}")).collect();
-    text.push_str(&format!(
-        "func.func @decompose({}) attributes {{ llvm.emit_c_interface }} {{\n",
-        parameters.join(", ")
-    ));
-    for (name, ty) in &arguments {
+    text.push_str(&header("decompose", &arguments));
+    for (name, shape) in &arguments {
+        let ty = format!("memref<{}xf32>", shape.iter().map(|size| size.to_string()).collect::<Vec<_>>().join("x"));
         let dynamic = if *name == "values" { DYNAMIC1 } else { DYNAMIC2 };
         text.push_str(&format!("  %{name}_d = memref.cast %{name} : {ty} to {dynamic}\n"));
     }
@@ -43,6 +44,15 @@ fn module(n: usize, m: usize, k: usize) -> String {
     text.push_str(&format!("  func.call @curv_sqr(%b_d, %q_d, %r_d) : ({DYNAMIC2}, {DYNAMIC2}, {DYNAMIC2}) -> ()\n"));
     text.push_str("  return\n}\n}\n");
     text
+}
+
+/// The first lines of CPU function `name` of `f32` buffers (name, shape): its signature, which
+/// takes the table of the buffers, and the prologue that reads them into `%NAME`.
+fn header(name: &str, buffers: &[(&str, Vec<i64>)]) -> String {
+    let buffers: Vec<(String, Vec<i64>, DType)> =
+        buffers.iter().map(|(name, shape)| (format!("%{name}"), shape.clone(), DType::F32)).collect();
+    let (signature, prologue) = entry(name, &buffers, EntryAbi::Table);
+    format!("{signature} attributes {{ llvm.emit_c_interface }} {{\n{prologue}")
 }
 
 /// A deterministic pseudo-random sequence in [-1, 1).
@@ -139,7 +149,8 @@ fn a_failed_decomposition_gives_nan_not_a_crash() {
     // checks report; the eigendecomposition still succeeds.
     let n = 2;
     let text = format!(
-        "module {{\n{DECOMPOSITION_DECLARATIONS}func.func @factor(%a: memref<2x2xf32>, %l: memref<2x2xf32>) attributes {{ llvm.emit_c_interface }} {{\n  %a_d = memref.cast %a : memref<2x2xf32> to {DYNAMIC2}\n  %l_d = memref.cast %l : memref<2x2xf32> to {DYNAMIC2}\n  func.call @curv_scholesky(%a_d, %l_d) : ({DYNAMIC2}, {DYNAMIC2}) -> ()\n  return\n}}\n}}\n"
+        "module {{\n{DECOMPOSITION_DECLARATIONS}{}  %a_d = memref.cast %a : memref<2x2xf32> to {DYNAMIC2}\n  %l_d = memref.cast %l : memref<2x2xf32> to {DYNAMIC2}\n  func.call @curv_scholesky(%a_d, %l_d) : ({DYNAMIC2}, {DYNAMIC2}) -> ()\n  return\n}}\n}}\n",
+        header("factor", &[("a", vec![2, 2]), ("l", vec![2, 2])])
     );
     let signature = Signature {
         arguments: Vec::new(),
@@ -175,7 +186,8 @@ fn kernels_loaded_from_the_cache_reach_the_decompositions() {
     let cache = curv_mlir::cache::KernelCache::in_directory(&directory);
     let name = curv_mlir::cache::KERNEL_NAME;
     let text = format!(
-        "module {{\n{DECOMPOSITION_DECLARATIONS}func.func @{name}(%a: memref<3x3xf32>, %values: memref<3xf32>, %vectors: memref<3x3xf32>) attributes {{ llvm.emit_c_interface }} {{\n  %a_d = memref.cast %a : memref<3x3xf32> to {DYNAMIC2}\n  %values_d = memref.cast %values : memref<3xf32> to {DYNAMIC1}\n  %vectors_d = memref.cast %vectors : memref<3x3xf32> to {DYNAMIC2}\n  func.call @curv_seigh(%a_d, %values_d, %vectors_d) : ({DYNAMIC2}, {DYNAMIC1}, {DYNAMIC2}) -> ()\n  return\n}}\n}}\n"
+        "module {{\n{DECOMPOSITION_DECLARATIONS}{}  %a_d = memref.cast %a : memref<3x3xf32> to {DYNAMIC2}\n  %values_d = memref.cast %values : memref<3xf32> to {DYNAMIC1}\n  %vectors_d = memref.cast %vectors : memref<3x3xf32> to {DYNAMIC2}\n  func.call @curv_seigh(%a_d, %values_d, %vectors_d) : ({DYNAMIC2}, {DYNAMIC1}, {DYNAMIC2}) -> ()\n  return\n}}\n}}\n",
+        header(name, &[("a", vec![3, 3]), ("values", vec![3]), ("vectors", vec![3, 3])])
     );
     for expected_hit in [false, true] {
         let (kernel, hit) = cache.load_or_build(&text, 2).expect("the kernel builds and loads");

@@ -28,7 +28,7 @@ fn the_grouped_adam_update_is_one_kernel_per_parameter_in_ptx_for_both_targets()
     let rule = program.rules.iter().find(|rule| rule.name == group.rule).unwrap();
     let replicated = curv_ir::group::replicate(&rule.updates[0].function, group.plans.len());
     let bindings = group_bindings(train, &group.plans);
-    let (text, _) = curv_mlir::lower::lower_function(&replicated, "adam_group", &bindings).unwrap();
+    let (text, _) = curv_mlir::lower::lower_function_for_gpu(&replicated, "adam_group", &bindings, None).unwrap();
     for target in [GpuTarget::Sm80, GpuTarget::Sm90] {
         let modules = lower_to_ptx(&text, target).unwrap_or_else(|error| panic!("{target:?}: {error}"));
         let ptx: String = modules.iter().map(|module| module.ptx.as_str()).collect();
@@ -79,7 +79,8 @@ fn the_ptx_of_every_example_needs_no_libdevice() {
         let program = program(&example);
         let train = &program.trains[0];
         let gradients = curv_ad::products::gradient_program(&train.loss, &train.params).function;
-        let (text, _) = curv_mlir::lower::lower_function(&gradients, "loss_and_gradients", &HashMap::new()).unwrap();
+        let (text, _) =
+            curv_mlir::lower::lower_function_for_gpu(&gradients, "loss_and_gradients", &HashMap::new(), None).unwrap();
         let modules = lower_to_ptx(&text, GpuTarget::Sm90).unwrap_or_else(|error| panic!("{example}: {error}"));
         let ptx: String = modules.iter().map(|module| module.ptx.as_str()).collect();
         assert!(
@@ -115,7 +116,8 @@ fn each_kernel_module_names_its_source_line_in_its_ptx() {
     let expected = common::launched_kernels(&gradients);
     assert!(located >= expected, "{located} kernels name their source, {expected} planned");
     // Without locations, no module claims one.
-    let (plain, _) = curv_mlir::lower::lower_function(&gradients, "loss_and_gradients", &HashMap::new()).unwrap();
+    let (plain, _) =
+        curv_mlir::lower::lower_function_for_gpu(&gradients, "loss_and_gradients", &HashMap::new(), None).unwrap();
     let modules = lower_to_ptx(&plain, GpuTarget::Sm90).unwrap();
     assert!(modules.iter().all(|module| !module.ptx.starts_with(curv_mlir::gpu::KERNEL_SOURCE_PREFIX)));
 }
@@ -131,7 +133,7 @@ fn the_finiteness_check_of_a_resident_step_runs_on_the_gpu_without_reading_on_th
     let shapes = curv_runtime::trainer::resident_check_shapes(train, &groups).unwrap();
     assert_eq!(shapes.len(), 12);
     let function = curv_runtime::backend::finiteness_function(&shapes);
-    let (text, _) = curv_mlir::lower::lower_function(&function, "finite", &HashMap::new()).unwrap();
+    let (text, _) = curv_mlir::lower::lower_function_for_gpu(&function, "finite", &HashMap::new(), None).unwrap();
     let outlined = curv_mlir::gpu::outline_kernels(&text).unwrap();
     let host = &outlined[..outlined.find("gpu.module").unwrap_or(outlined.len())];
     assert!(host.contains("gpu.launch_func"), "{host}");
@@ -145,7 +147,7 @@ fn the_finiteness_check_of_a_resident_step_runs_on_the_gpu_without_reading_on_th
 /// The first host-side memory access of `function`'s GPU module, if any (see
 /// `curv_mlir::gpu::host_memory_access`).
 fn host_access(function: &curv_ir::Function, bindings: &HashMap<String, i64>) -> Option<String> {
-    let (text, _) = curv_mlir::lower::lower_function(function, "f", bindings).unwrap();
+    let (text, _) = curv_mlir::lower::lower_function_for_gpu(function, "f", bindings, None).unwrap();
     let text = text.replace("@curv_sgemm(", "@curv_cuda_sgemm(");
     let outlined = curv_mlir::gpu::outline_kernels(&text).unwrap_or_else(|error| panic!("{error}"));
     let inputs = curv_mlir::gpu::input_arguments(&text);

@@ -131,7 +131,7 @@ fn the_structures_step_functions_lower_to_cublas_products_and_kernels_that_launc
     for (name, plan) in device_plans() {
         for part in plan.all_parts() {
             let function = plan.function(&part).unwrap();
-            let (text, _) = curv_mlir::lower::lower_function(&function, "f", &HashMap::new()).unwrap();
+            let (text, _) = curv_mlir::lower::lower_function_for_gpu(&function, "f", &HashMap::new(), None).unwrap();
             let products = function.insts.iter().filter(|inst| inst.op == Op::MatMul).count();
             // Each matrix product is a call of the GEMM (cuBLAS on the GPU).
             assert_eq!(text.matches("call @curv_sgemm(").count(), products, "{name} {}", plan.key(&part));

@@ -15,18 +15,19 @@ pub fn program(example: &str) -> curv_ir::Program {
 }
 
 /// The loss-and-gradient program of an example's first train block, and its kernel module text
-/// (function `loss_and_gradients`, without locations).
+/// for a GPU (function `loss_and_gradients`, without locations).
 pub fn gradients(example: &str) -> (curv_ir::Function, String) {
     let program = program(example);
     let train = &program.trains[0];
     let gradients = curv_ad::products::gradient_program(&train.loss, &train.params).function;
     let bindings = std::collections::HashMap::new();
-    let (text, _) = curv_mlir::lower::lower_function(&gradients, "loss_and_gradients", &bindings).unwrap();
+    let (text, _) =
+        curv_mlir::lower::lower_function_for_gpu(&gradients, "loss_and_gradients", &bindings, None).unwrap();
     (gradients, text)
 }
 
 /// The loss-and-gradient program of an example's first train block, and its kernel module text
-/// lowered with every operation located in the example (`"examples/NAME.curv":line:column`).
+/// for a GPU, with every operation located in the example (`"examples/NAME.curv":line:column`).
 pub fn located_gradients(example: &str) -> (curv_ir::Function, String) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples").join(example);
     let source = std::fs::read_to_string(&path).unwrap();
@@ -37,8 +38,7 @@ pub fn located_gradients(example: &str) -> (curv_ir::Function, String) {
         |span: curv_grammar::Span| format!("\"examples/{example}\":{}", curv_driver::line_column(&source, span.start));
     let bindings = std::collections::HashMap::new();
     let (text, _) =
-        curv_mlir::lower::lower_function_with_locations(&gradients, "loss_and_gradients", &bindings, Some(&locate))
-            .unwrap();
+        curv_mlir::lower::lower_function_for_gpu(&gradients, "loss_and_gradients", &bindings, Some(&locate)).unwrap();
     (gradients, text)
 }
 
