@@ -1,61 +1,14 @@
 //! The command-line contract: exit codes (0 ok, 1 user error, 2 internal failure, never 101),
 //! where output goes, and `emit -o` writing whole files.
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn repository_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
-}
+mod common;
 
-fn curv(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_curv"))
-        .args(args)
-        .current_dir(repository_root())
-        .env("CURV_CACHE_DIR", std::env::temp_dir().join("curv-test-kernel-cache"))
-        .output()
-        .unwrap()
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// A scratch directory for one test, removed when the test passes (kept after a failure, to look at).
-struct Scratch(PathBuf);
-
-impl std::ops::Deref for Scratch {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl AsRef<Path> for Scratch {
-    fn as_ref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl AsRef<std::ffi::OsStr> for Scratch {
-    fn as_ref(&self) -> &std::ffi::OsStr {
-        self.0.as_os_str()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
+use common::{curv, repository_root, text, Scratch};
 
 fn scratch_directory(name: &str) -> Scratch {
-    let directory = std::env::temp_dir().join(format!("curv-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&directory);
-    std::fs::create_dir_all(&directory).unwrap();
-    Scratch(directory)
+    common::scratch("cli", name)
 }
 
 #[test]

@@ -6,24 +6,7 @@
 use std::path::Path;
 
 mod common;
-use common::{curv, repository_root, scratch, text};
-
-fn write_npy(path: &Path, descr: &str, shape: &[usize], data: &[u8]) {
-    let shape_text = match shape {
-        [single] => format!("({single},)"),
-        _ => format!("({})", shape.iter().map(|dim| dim.to_string()).collect::<Vec<_>>().join(", ")),
-    };
-    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_text}, }}");
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    bytes.extend_from_slice(header.as_bytes());
-    bytes.extend_from_slice(data);
-    std::fs::write(path, bytes).unwrap();
-}
+use common::{curv, repository_root, scratch, text, write_npy};
 
 const MLP: &str = "use std.optimizers.adam\n\n{DATA}\n\n\
     model mlp(x: f32[B, D]) -> f32[B, 10] {\n    param w1: f32[D, 16] = glorot_uniform\n    \

@@ -5,54 +5,12 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-fn repository_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
-}
+mod common;
 
-fn curv(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_curv"))
-        .args(args)
-        .current_dir(repository_root())
-        .env("CURV_CACHE_DIR", std::env::temp_dir().join("curv-test-kernel-cache"))
-        .output()
-        .unwrap()
-}
-
-/// A scratch directory for one test, removed when the test passes (kept after a failure, to look at).
-struct Scratch(PathBuf);
-
-impl std::ops::Deref for Scratch {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl AsRef<Path> for Scratch {
-    fn as_ref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl AsRef<std::ffi::OsStr> for Scratch {
-    fn as_ref(&self) -> &std::ffi::OsStr {
-        self.0.as_os_str()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
+use common::{curv, repository_root, write_npy, Scratch};
 
 fn scratch(name: &str) -> Scratch {
-    let directory = std::env::temp_dir().join(format!("curv-train-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&directory);
-    std::fs::create_dir_all(&directory).unwrap();
-    Scratch(directory)
+    common::scratch("train", name)
 }
 
 /// Parses a metrics file: every line is a flat JSON object of numbers (and `"final": true`).
@@ -525,24 +483,6 @@ fn on_the_siren_kronecker_presets_reach_30_db_and_shampoo_and_kfac_in_fewer_step
     assert!(shampoo < adam, "shampoo {shampoo} steps, adam {adam}: {stdout}");
     assert!(kfac < adam, "kfac {kfac} steps, adam {adam}: {stdout}");
     assert!(soap <= 300);
-}
-
-/// Writes a little-endian `.npy` file (version 1.0).
-fn write_npy(path: &Path, descr: &str, shape: &[usize], data: &[u8]) {
-    let shape_text = match shape {
-        [single] => format!("({single},)"),
-        _ => format!("({})", shape.iter().map(|dim| dim.to_string()).collect::<Vec<_>>().join(", ")),
-    };
-    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_text}, }}");
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    bytes.extend_from_slice(header.as_bytes());
-    bytes.extend_from_slice(data);
-    std::fs::write(path, bytes).unwrap();
 }
 
 /// A linearly separable two-class problem: the class is the sign of the first feature.

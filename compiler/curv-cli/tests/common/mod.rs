@@ -1,5 +1,5 @@
 //! Helpers shared by the CLI test files that run the built `curv`: the repository, the binary,
-//! and scratch directories. Each test file uses part of them.
+//! scratch directories and an `.npy` writer. Each test file uses part of them.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -33,6 +33,18 @@ impl std::ops::Deref for Scratch {
     }
 }
 
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for Scratch {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
 impl Drop for Scratch {
     fn drop(&mut self) {
         if !std::thread::panicking() {
@@ -47,4 +59,22 @@ pub fn scratch(group: &str, name: &str) -> Scratch {
     let _ = std::fs::remove_dir_all(&directory);
     std::fs::create_dir_all(&directory).unwrap();
     Scratch(directory)
+}
+
+/// Writes a little-endian `.npy` file (version 1.0).
+pub fn write_npy(path: &Path, descr: &str, shape: &[usize], data: &[u8]) {
+    let shape_text = match shape {
+        [single] => format!("({single},)"),
+        _ => format!("({})", shape.iter().map(|dim| dim.to_string()).collect::<Vec<_>>().join(", ")),
+    };
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_text}, }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(data);
+    std::fs::write(path, bytes).unwrap();
 }

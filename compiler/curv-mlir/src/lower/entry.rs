@@ -1,0 +1,59 @@
+//! How a lowered function takes its buffers: the CPU's table of packed descriptors or the GPU's
+//! memref per buffer, and the prologue that turns the table into the memrefs the body uses.
+
+use super::*;
+
+/// How a lowered function takes its buffers (its arguments, then its outputs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryAbi {
+    /// One argument, `!llvm.ptr`: a table with one pointer per buffer, each to the pointer to
+    /// the buffer's memref descriptor (the packed form `curv_runtime::compiled` builds). The
+    /// CPU's: whatever the number of buffers, every call has one argument, where a call with a
+    /// few thousand made LLVM's code generator quadratic (`DAGCombiner` merging the stores of
+    /// the call's stack arguments; 1,000 parameters compiled for over ten minutes).
+    Table,
+    /// One memref argument per buffer: the host side of a GPU function, whose launches take
+    /// descriptors (`curv_cuda::call_staged`).
+    Descriptors,
+}
+
+/// The LLVM type of the descriptor of a memref of `rank` dimensions.
+pub(super) fn descriptor_type(rank: usize) -> String {
+    if rank == 0 {
+        "!llvm.struct<(ptr, ptr, i64)>".to_string()
+    } else {
+        format!("!llvm.struct<(ptr, ptr, i64, array<{rank} x i64>, array<{rank} x i64>)>")
+    }
+}
+
+/// The signature of function `name`, whose `buffers` are (SSA name such as `%arg0`, shape,
+/// element type), and, for [`EntryAbi::Table`], the prologue that reads each buffer's descriptor
+/// from the table into the memref the body uses under that name.
+pub fn entry(name: &str, buffers: &[(String, Vec<i64>, DType)], abi: EntryAbi) -> (String, String) {
+    match abi {
+        EntryAbi::Descriptors => {
+            let parameters: Vec<String> = buffers
+                .iter()
+                .map(|(argument, shape, dtype)| format!("{argument}: {}", memref_type(shape, *dtype)))
+                .collect();
+            (format!("func.func @{name}({})", parameters.join(", ")), String::new())
+        }
+        EntryAbi::Table => {
+            let mut prologue = String::new();
+            for (index, (argument, shape, dtype)) in buffers.iter().enumerate() {
+                let stem = &argument[1..];
+                let descriptor = descriptor_type(shape.len());
+                let _ = writeln!(
+                    prologue,
+                    "    %{stem}_slot = llvm.getelementptr %table[{index}] : (!llvm.ptr) -> !llvm.ptr, !llvm.ptr\n    \
+                     %{stem}_pointer = llvm.load %{stem}_slot : !llvm.ptr -> !llvm.ptr\n    \
+                     %{stem}_descriptor_pointer = llvm.load %{stem}_pointer : !llvm.ptr -> !llvm.ptr\n    \
+                     %{stem}_descriptor = llvm.load %{stem}_descriptor_pointer : !llvm.ptr -> {descriptor}\n    \
+                     {argument} = builtin.unrealized_conversion_cast %{stem}_descriptor : {descriptor} to {}",
+                    memref_type(shape, *dtype)
+                );
+            }
+            (format!("func.func @{name}(%table: !llvm.ptr)"), prologue)
+        }
+    }
+}
