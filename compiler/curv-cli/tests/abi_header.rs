@@ -1,5 +1,5 @@
 //! The C header `curv build --lib` writes and the symbols it exports list every entry point of
-//! the C ABI (`runtime/curv-standalone/src/abi.rs`), and nothing else.
+//! the C ABI (`runtime/curv-standalone/src/abi.rs` and its modules in `abi/`), and nothing else.
 
 use std::path::PathBuf;
 
@@ -20,9 +20,17 @@ fn entry_points(source: &str) -> Vec<String> {
 
 #[test]
 fn the_header_and_the_exports_list_every_entry_point_of_the_abi() {
-    let abi = entry_points(&read("runtime/curv-standalone/src/abi.rs"));
+    let mut abi_source = read("runtime/curv-standalone/src/abi.rs");
+    let modules = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../runtime/curv-standalone/src/abi");
+    let mut module_paths: Vec<PathBuf> =
+        std::fs::read_dir(modules).unwrap().map(|entry| entry.unwrap().path()).collect();
+    module_paths.sort();
+    for path in module_paths {
+        abi_source.push_str(&std::fs::read_to_string(path).unwrap());
+    }
+    let abi = entry_points(&abi_source);
     let xla = entry_points(&read("runtime/curv-standalone/src/xla.rs"));
-    let main = read("compiler/curv-cli/src/main.rs");
+    let main = read("compiler/curv-cli/src/build.rs");
     let header_start = main.find("const LIBRARY_HEADER").unwrap();
     let header_end = header_start + main[header_start..].find("\"#;").unwrap();
     let header = &main[header_start..header_end];
