@@ -108,25 +108,25 @@ typedef struct DLManagedTensor {
 } DLManagedTensor;
 #endif
 
-pub(super) struct curv_config;
-pub(super) struct curv_context;
+struct curv_config;
+struct curv_context;
 
-pub(super) struct curv_config *curv_config_new(void);
+struct curv_config *curv_config_new(void);
 void curv_config_free(struct curv_config *config);
 /* Options: "lr", the base learning rate (finite, positive). */
 int curv_config_set(struct curv_config *config, const char *name, double value);
 
 /* Never NULL; when the program cannot be used, entry points return CURV_CONTEXT_ERROR. */
-pub(super) struct curv_context *curv_context_new(const struct curv_config *config);
+struct curv_context *curv_context_new(const struct curv_config *config);
 void curv_context_free(struct curv_context *context);
 /* The last error's message, or NULL; valid until the next call on the context. */
-pub(super) const char *curv_context_error(const struct curv_context *context);
+const char *curv_context_error(const struct curv_context *context);
 /* The stable code of the last error as a number (502 for E0502; docs/errors.md lists them), or 0
  * when the last call succeeded or its error has no code. The message starts with it, as [E0502]. */
 int curv_context_error_code(const struct curv_context *context);
 
 int64_t curv_param_count(const struct curv_context *context);
-pub(super) const char *curv_param_name(const struct curv_context *context, int64_t index);
+const char *curv_param_name(const struct curv_context *context, int64_t index);
 /* Writes up to `capacity` dimensions of parameter `index`; returns its rank (-1: bad argument). */
 int64_t curv_param_shape(const struct curv_context *context, int64_t index, int64_t *dims, int64_t capacity);
 
@@ -148,7 +148,7 @@ int curv_state_resident(const struct curv_context *context);
 /* The train step: the data fields the loss reads (SOURCE.FIELD), their batch shapes, and whether
  * each is int32 (labels) rather than float. */
 int64_t curv_input_count(const struct curv_context *context);
-pub(super) const char *curv_input_name(const struct curv_context *context, int64_t index);
+const char *curv_input_name(const struct curv_context *context, int64_t index);
 int64_t curv_input_shape(const struct curv_context *context, int64_t index, int64_t *dims, int64_t capacity,
                          int *is_integer);
 /* One train step of the file's train block on the caller's batch: forward, backward, the
@@ -162,7 +162,7 @@ int curv_train_step(struct curv_context *context, int64_t param_count, DLManaged
  * has no prediction), the forward pass into `output`, and the vector-Jacobian product of a
  * cotangent into the parameters' and float inputs' gradients (NULL entries skipped). */
 int64_t curv_model_input_count(const struct curv_context *context);
-pub(super) const char *curv_model_input_name(const struct curv_context *context, int64_t index);
+const char *curv_model_input_name(const struct curv_context *context, int64_t index);
 int64_t curv_model_output_shape(const struct curv_context *context, int64_t *dims, int64_t capacity);
 int curv_model_forward(struct curv_context *context, int64_t param_count, DLManagedTensor *const *params,
                        int64_t input_count, DLManagedTensor *const *inputs, DLManagedTensor *output);
@@ -173,7 +173,7 @@ int curv_model_backward(struct curv_context *context, int64_t param_count, DLMan
 /* The same as XLA FFI handlers (xla/ffi/api/c_api.h, API 0.3), for jax.ffi: arguments the
  * parameters, the model's inputs (and, backward, the cotangent); results the output (backward:
  * the parameters' then the float inputs' gradients). */
-pub(super) struct XLA_FFI_CallFrame;
+struct XLA_FFI_CallFrame;
 void *curv_xla_model_forward(struct XLA_FFI_CallFrame *frame);
 void *curv_xla_model_backward(struct XLA_FFI_CallFrame *frame);
 /* The optimizer step and the train step as XLA FFI handlers, on the context named by the call's
