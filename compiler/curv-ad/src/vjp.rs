@@ -49,9 +49,15 @@ pub struct Vjp {
 /// Which values depend on any of `sources` through differentiable float operations.
 pub fn depends_on(function: &Function, sources: &[ValueId]) -> Vec<bool> {
     let mut active = vec![false; function.insts.len()];
+    // Marked first: a search of `sources` per instruction was quadratic in the parameters.
+    let mut source = vec![false; function.insts.len()];
+    for id in sources {
+        if let Some(mark) = source.get_mut(id.0 as usize) {
+            *mark = true;
+        }
+    }
     for (index, inst) in function.insts.iter().enumerate() {
-        let id = ValueId(index as u32);
-        if sources.contains(&id) {
+        if source[index] {
             active[index] = true;
             continue;
         }

@@ -134,8 +134,27 @@ pub fn inlined(function: &Function) -> Vec<bool> {
 /// The longest chain of inlined instructions (see `inlined`).
 pub const MAX_INLINED_CHAIN: usize = 256;
 
-/// The most instructions an elementwise kernel takes in by fusion before a new kernel starts.
+/// The most instructions a kernel takes in by fusion (an elementwise kernel, a reduction with
+/// its prologue, a product with its epilogue) before a new kernel starts: LLVM compiles one long
+/// loop body in time that grows faster than its length.
 pub const MAX_FUSED_INSTRUCTIONS: usize = 1024;
+
+/// Per instruction, how many instructions its kernel computes for it: itself and the inlined
+/// instructions it reads, recomputed in its kernel's body (counted as a tree, at most
+/// `MAX_FUSED_INSTRUCTIONS`). Fusion bounds a kernel by the sum of its members' weights.
+pub fn weights(function: &Function, inlined: &[bool]) -> Vec<usize> {
+    let mut weight = vec![1usize; function.insts.len()];
+    for (index, inst) in function.insts.iter().enumerate() {
+        let mut total = 1usize;
+        for arg in &inst.args {
+            if inlined[arg.0 as usize] {
+                total = total.saturating_add(weight[arg.0 as usize]);
+            }
+        }
+        weight[index] = total.min(MAX_FUSED_INSTRUCTIONS);
+    }
+    weight
+}
 
 /// The values an instruction reads once inlined constants and broadcasts are looked through.
 pub fn effective_operands(function: &Function, inlined: &[bool], id: ValueId) -> Vec<ValueId> {
@@ -162,6 +181,7 @@ pub fn effective_operands(function: &Function, inlined: &[bool], id: ValueId) ->
 /// whose every user is the reduction or another absorbed instruction of it.
 pub fn reduction_prologues(function: &Function, inlined: &[bool]) -> Vec<Option<usize>> {
     let count = function.insts.len();
+    let weight = weights(function, inlined);
     let mut users: Vec<Vec<usize>> = vec![Vec::new(); count];
     for (index, _) in function.insts.iter().enumerate() {
         if inlined[index] {
@@ -182,7 +202,12 @@ pub fn reduction_prologues(function: &Function, inlined: &[bool]) -> Vec<Option<
         }
         let operand_shape = &function.ty(inst.args[0]).shape;
         let mut pending: Vec<ValueId> = effective_operands(function, inlined, ValueId(index as u32));
+        // A kernel computes at most `MAX_FUSED_INSTRUCTIONS` (see `weights`).
+        let mut members = weight[index];
         while let Some(candidate) = pending.pop() {
+            if members + weight[candidate.0 as usize] > MAX_FUSED_INSTRUCTIONS {
+                continue;
+            }
             let position = candidate.0 as usize;
             let candidate_inst = function.inst(candidate);
             let joins = absorbed[position].is_none()
@@ -194,6 +219,7 @@ pub fn reduction_prologues(function: &Function, inlined: &[bool]) -> Vec<Option<
                 && users[position].iter().all(|user| *user == index || absorbed[*user] == Some(index));
             if joins {
                 absorbed[position] = Some(index);
+                members += weight[position];
                 pending.extend(effective_operands(function, inlined, candidate));
             }
         }
@@ -209,6 +235,7 @@ pub fn reduction_prologues(function: &Function, inlined: &[bool]) -> Vec<Option<
 /// the kernel still reads only kernels with a smaller index.
 pub fn matmul_epilogues(function: &Function, inlined: &[bool], prologues: &[Option<usize>]) -> Vec<Option<usize>> {
     let count = function.insts.len();
+    let weight = weights(function, inlined);
     let mut users: Vec<Vec<usize>> = vec![Vec::new(); count];
     for index in 0..count {
         if inlined[index] {
@@ -231,8 +258,13 @@ pub fn matmul_epilogues(function: &Function, inlined: &[bool], prologues: &[Opti
         }
         let shape = &inst.ty.shape;
         let mut last = index;
+        // A kernel computes at most `MAX_FUSED_INSTRUCTIONS` (see `weights`).
+        let mut members = weight[index];
         while !is_output[last] && users[last].len() == 1 {
             let next = users[last][0];
+            if members + weight[next] > MAX_FUSED_INSTRUCTIONS {
+                break;
+            }
             let next_inst = &function.insts[next];
             let joins = is_elementwise(&next_inst.op)
                 && !matches!(next_inst.op, Op::Constant { .. } | Op::Broadcast { .. })
@@ -247,6 +279,7 @@ pub fn matmul_epilogues(function: &Function, inlined: &[bool], prologues: &[Opti
                 break;
             }
             absorbed[next] = Some(index);
+            members += weight[next];
             last = next;
         }
     }
@@ -260,6 +293,9 @@ pub fn plan_kernels(function: &Function) -> KernelPlan {
     let inlined = inlined(function);
     let prologues = reduction_prologues(function, &inlined);
     let epilogues = matmul_epilogues(function, &inlined, &prologues);
+    let weight = weights(function, &inlined);
+    // Per kernel, the sum of its members' weights.
+    let mut kernel_weights: Vec<usize> = Vec::new();
     let mut kernel_of: Vec<Option<usize>> = vec![None; count];
     let mut kernels: Vec<Kernel> = Vec::new();
     // Per kernel, the one result shape all of its instructions have (`None` when they differ),
@@ -279,9 +315,11 @@ pub fn plan_kernels(function: &Function) -> KernelPlan {
         function: &'f Function,
         kernels: &mut [Kernel],
         uniform_shapes: &mut [Option<&'f [Dim]>],
+        (kernel_weights, weight): (&mut [usize], &[usize]),
         kernel: usize,
         id: ValueId,
     ) {
+        kernel_weights[kernel] += weight[id.0 as usize];
         let shape = function.ty(id).shape.as_slice();
         if kernels[kernel].insts.is_empty() {
             uniform_shapes[kernel] = Some(shape);
@@ -294,7 +332,14 @@ pub fn plan_kernels(function: &Function) -> KernelPlan {
         if let Some(product) = epilogues[index] {
             // An epilogue joins its product's kernel, in order.
             let kernel = kernel_of[product].expect("the product precedes its epilogue");
-            push(function, &mut kernels, &mut uniform_shapes, kernel, ValueId(index as u32));
+            push(
+                function,
+                &mut kernels,
+                &mut uniform_shapes,
+                (&mut kernel_weights, &weight),
+                kernel,
+                ValueId(index as u32),
+            );
             kernel_of[index] = Some(kernel);
             continue;
         }
@@ -316,7 +361,7 @@ pub fn plan_kernels(function: &Function) -> KernelPlan {
             let operand_kernels: Vec<usize> = operands.iter().filter_map(|arg| kernel_of[arg.0 as usize]).collect();
             let fits = |kernel: usize| {
                 kernels[kernel].kind == KernelKind::Elementwise
-                    && kernels[kernel].insts.len() < MAX_FUSED_INSTRUCTIONS
+                    && kernel_weights[kernel] + weight[index] <= MAX_FUSED_INSTRUCTIONS
                     && uniform_shapes[kernel] == Some(inst.ty.shape.as_slice())
                     && operand_kernels.iter().all(|other| *other <= kernel)
             };
@@ -335,7 +380,7 @@ pub fn plan_kernels(function: &Function) -> KernelPlan {
                         joined = Some(last);
                         break;
                     }
-                    let stale = kernels[last].insts.len() >= MAX_FUSED_INSTRUCTIONS
+                    let stale = kernel_weights[last] >= MAX_FUSED_INSTRUCTIONS
                         || uniform_shapes[last] != Some(inst.ty.shape.as_slice());
                     if !stale {
                         break;
@@ -349,6 +394,7 @@ pub fn plan_kernels(function: &Function) -> KernelPlan {
             None => {
                 kernels.push(Kernel { kind, insts: Vec::new() });
                 uniform_shapes.push(None);
+                kernel_weights.push(0);
                 if kind == KernelKind::Elementwise {
                     by_shape.entry(inst.ty.shape.as_slice()).or_default().push(kernels.len() - 1);
                 }
@@ -357,11 +403,18 @@ pub fn plan_kernels(function: &Function) -> KernelPlan {
         };
         if kind == KernelKind::Reduction {
             for &member in &prologue_members[index] {
-                push(function, &mut kernels, &mut uniform_shapes, kernel, ValueId(member as u32));
+                push(
+                    function,
+                    &mut kernels,
+                    &mut uniform_shapes,
+                    (&mut kernel_weights, &weight),
+                    kernel,
+                    ValueId(member as u32),
+                );
                 kernel_of[member] = Some(kernel);
             }
         }
-        push(function, &mut kernels, &mut uniform_shapes, kernel, id);
+        push(function, &mut kernels, &mut uniform_shapes, (&mut kernel_weights, &weight), kernel, id);
         kernel_of[index] = Some(kernel);
     }
     let mut used_outside = vec![false; count];
@@ -399,5 +452,81 @@ impl KernelPlan {
     /// The values a kernel computes that are read outside it (or are function outputs).
     pub fn outputs(&self, _function: &Function, kernel: usize) -> Vec<ValueId> {
         self.kernels[kernel].insts.iter().copied().filter(|id| self.used_outside[id.0 as usize]).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{BinaryOp, DType, ReduceOp, TensorType};
+
+    /// `x`, then `length` links `a = a * 0.5 + x` over `shape`, the last one the output.
+    fn chain(shape: &[i64], length: usize, first: Op) -> Function {
+        let mut function = Function::new("f");
+        let ty = TensorType::known(DType::F32, shape);
+        let x = function.push(Op::Input { index: 0, name: "x".into() }, vec![], ty.clone(), Default::default());
+        let half = function.push(Op::Constant { value: 0.5 }, vec![], ty.clone(), Default::default());
+        let mut value = match first {
+            Op::MatMul => {
+                let square = TensorType::known(DType::F32, &[shape[1], shape[1]]);
+                let w = function.push(Op::Input { index: 1, name: "w".into() }, vec![], square, Default::default());
+                function.push(Op::MatMul, vec![x, w], ty.clone(), Default::default())
+            }
+            op => function.push(op, vec![x, x], ty.clone(), Default::default()),
+        };
+        for _ in 0..length {
+            let scaled = function.push(Op::Binary(BinaryOp::Mul), vec![value, half], ty.clone(), Default::default());
+            value = function.push(Op::Binary(BinaryOp::Add), vec![scaled, x], ty.clone(), Default::default());
+        }
+        function.outputs.push(("y".into(), value));
+        function
+    }
+
+    /// The computed instructions of each kernel, inlined ones counted (see `weights`).
+    fn kernel_weights(function: &Function) -> Vec<usize> {
+        let plan = plan_kernels(function);
+        let weight = weights(function, &plan.inlined);
+        plan.kernels.iter().map(|kernel| kernel.insts.iter().map(|id| weight[id.0 as usize]).sum()).collect()
+    }
+
+    #[test]
+    fn a_product_takes_in_a_bounded_epilogue() {
+        let function = chain(&[4, 2], 3_000, Op::MatMul);
+        let plan = plan_kernels(&function);
+        let first = &plan.kernels[0];
+        assert_eq!(first.kind, KernelKind::MatMul);
+        let weights = kernel_weights(&function);
+        assert!(weights.iter().all(|&weight| weight <= MAX_FUSED_INSTRUCTIONS), "{weights:?}");
+        // The chain goes on in elementwise kernels; every link is in some kernel.
+        let members: usize = plan.kernels.iter().map(|kernel| kernel.insts.len()).sum();
+        assert_eq!(members, plan.kernel_of.iter().filter(|kernel| kernel.is_some()).count());
+        assert!(plan.kernels.len() >= 6, "{} kernels", plan.kernels.len());
+    }
+
+    #[test]
+    fn a_chain_of_scalars_makes_kernels_of_bounded_weight() {
+        // Scalars are inlined into the kernels that read them, up to `MAX_INLINED_CHAIN` links;
+        // counting instructions only, one kernel took in 1,024 materialised links of 256 inlined
+        // ones each.
+        let function = chain(&[], 100_000, Op::Binary(BinaryOp::Add));
+        let weights = kernel_weights(&function);
+        assert!(weights.iter().all(|&weight| weight <= MAX_FUSED_INSTRUCTIONS), "{:?}", weights.iter().max());
+        let computed: usize = weights.iter().sum();
+        assert!(computed >= 200_001, "every instruction is computed once at least: {computed}");
+    }
+
+    #[test]
+    fn a_reduction_takes_in_a_bounded_prologue() {
+        let mut function = chain(&[64], 3_000, Op::Binary(BinaryOp::Add));
+        let last = function.outputs.pop().expect("the chain's output").1;
+        let total = TensorType::known(DType::F32, &[]);
+        let sum = function.push(Op::Reduce { op: ReduceOp::Sum, axes: vec![0] }, vec![last], total, Default::default());
+        function.outputs.push(("total".into(), sum));
+        let plan = plan_kernels(&function);
+        let reduction = plan.kernel_of[sum.0 as usize].expect("the sum has a kernel");
+        assert_eq!(plan.kernels[reduction].kind, KernelKind::Reduction);
+        assert!(plan.kernels[reduction].insts.len() > 1, "the reduction takes in part of the chain");
+        let weights = kernel_weights(&function);
+        assert!(weights.iter().all(|&weight| weight <= MAX_FUSED_INSTRUCTIONS), "{weights:?}");
     }
 }

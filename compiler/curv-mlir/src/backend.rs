@@ -11,10 +11,14 @@ use curv_runtime::compiled::{bindings_from_inputs, call_compiled_keeping, Device
 use curv_runtime::Backend;
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 
 /// A compiled function, or the reason it runs on the interpreter instead.
 enum Entry {
-    Compiled(CompiledFunction),
+    /// A compiled function, shared by every key whose lowered module is the same text (the
+    /// update groups of one rule over parameters of the same sizes), and the key's signature,
+    /// which says which of the key's inputs go in which slot.
+    Compiled(Rc<CompiledFunction>, curv_ir::abi::Signature),
     Cached(crate::cache::CachedKernel, curv_ir::abi::Signature),
     Interpreted,
 }
@@ -24,6 +28,9 @@ enum Entry {
 pub struct MlirBackend {
     optimization_level: usize,
     compiled: RefCell<HashMap<String, Entry>>,
+    /// The CPU functions compiled so far, by the text of their module: 10^5 parameters made
+    /// 782 update groups of 128 with one text, each compiled on its own.
+    by_text: RefCell<HashMap<String, Rc<CompiledFunction>>>,
     compile_seconds: std::cell::Cell<f64>,
     /// The artifact cache, when the environment allows one (see `crate::cache`).
     cache: Option<crate::cache::KernelCache>,
@@ -39,6 +46,7 @@ impl MlirBackend {
         MlirBackend {
             optimization_level,
             compiled: RefCell::new(HashMap::new()),
+            by_text: RefCell::new(HashMap::new()),
             compile_seconds: std::cell::Cell::new(0.0),
             cache: crate::cache::KernelCache::from_environment(),
             gpu: None,
@@ -114,8 +122,8 @@ impl Backend<f32> for MlirBackend {
         }
         let device: DeviceAllocator = self.gpu.is_some().then_some(&curv_cuda::allocate_resident as _);
         match &compiled[&cache_key] {
-            Entry::Compiled(function) => {
-                call_compiled_keeping(&function.signature, inputs, keep, device, &mut |slots, on_device| {
+            Entry::Compiled(function, signature) => {
+                call_compiled_keeping(signature, inputs, keep, device, &mut |slots, on_device| {
                     function.call_packed_resident(slots, on_device).map_err(|error| error.message)
                 })
             }
@@ -155,8 +163,9 @@ impl MlirBackend {
         count: usize,
     ) -> Result<Entry, String> {
         let started = std::time::Instant::now();
-        // Cached kernels live in their own shared objects and share one name.
-        let name = if self.cache.is_some() { crate::cache::KERNEL_NAME.to_string() } else { format!("kernel_{count}") };
+        // CPU functions live in their own engines or shared objects and share one name, so that
+        // functions that differ only by key have the same text.
+        let name = if self.gpu.is_none() { crate::cache::KERNEL_NAME.to_string() } else { format!("kernel_{count}") };
         // On the GPU the kernels carry their source locations, which their PTX keeps.
         let locate =
             |span: curv_grammar::Span| self.locate.as_ref().map_or(String::new(), |locate| locate(key, span.start));
@@ -169,23 +178,37 @@ impl MlirBackend {
         };
         let entry = match lowered {
             Ok((text, signature)) if self.gpu.is_some() => Entry::Compiled(
-                compile_for_cuda(
-                    &text,
-                    &name,
-                    signature,
-                    self.gpu.unwrap_or(crate::gpu::GpuTarget::Sm90),
-                    self.optimization_level,
-                )
-                .map_err(|error| error.message)?,
+                Rc::new(
+                    compile_for_cuda(
+                        &text,
+                        &name,
+                        signature.clone(),
+                        self.gpu.unwrap_or(crate::gpu::GpuTarget::Sm90),
+                        self.optimization_level,
+                    )
+                    .map_err(|error| error.message)?,
+                ),
+                signature,
             ),
             Ok((text, signature)) => {
-                let cached =
-                    self.cache.as_ref().and_then(|cache| cache.load_or_build(&text, self.optimization_level).ok());
-                match cached {
-                    Some((kernel, _)) => Entry::Cached(kernel, signature),
-                    None => Entry::Compiled(
-                        compile(&text, &name, signature, self.optimization_level).map_err(|error| error.message)?,
-                    ),
+                let shared = self.by_text.borrow().get(&text).cloned();
+                let cached = match shared {
+                    Some(_) => None,
+                    None => {
+                        self.cache.as_ref().and_then(|cache| cache.load_or_build(&text, self.optimization_level).ok())
+                    }
+                };
+                match (shared, cached) {
+                    (Some(function), _) => Entry::Compiled(function, signature),
+                    (None, Some((kernel, _))) => Entry::Cached(kernel, signature),
+                    (None, None) => {
+                        let function = Rc::new(
+                            compile(&text, &name, signature.clone(), self.optimization_level)
+                                .map_err(|error| error.message)?,
+                        );
+                        self.by_text.borrow_mut().insert(text, function.clone());
+                        Entry::Compiled(function, signature)
+                    }
                 }
             }
             Err(error) => {

@@ -13,6 +13,7 @@ mod fused;
 mod matmul;
 mod scalar;
 mod schedule;
+mod segment;
 mod structured;
 mod train;
 
@@ -21,6 +22,7 @@ use fused::*;
 use matmul::*;
 use scalar::*;
 use schedule::*;
+pub use segment::{PartLimits, MAX_PART_LINES, SPLIT_LINES};
 pub use train::{lower_train_program, ModuleLocator};
 
 /// The strided 2-D memref type the runtime's GEMM takes.
@@ -253,7 +255,18 @@ pub fn lower_function_with_locations(
     bindings: &HashMap<String, i64>,
     locate: Option<&dyn Fn(curv_grammar::Span) -> String>,
 ) -> Result<(String, Signature), LowerError> {
-    lower_function_for(function, name, bindings, locate, EntryAbi::Table)
+    lower_function_for(function, name, bindings, locate, EntryAbi::Table, PartLimits::default())
+}
+
+/// [`lower_function`] with a long function cut into parts where `limits` say (see
+/// [`PartLimits`]; tests cut short functions to check that the parts compute what the whole does).
+pub fn lower_function_in_parts(
+    function: &Function,
+    name: &str,
+    bindings: &HashMap<String, i64>,
+    limits: PartLimits,
+) -> Result<(String, Signature), LowerError> {
+    lower_function_for(function, name, bindings, None, EntryAbi::Table, limits)
 }
 
 /// [`lower_function_with_locations`] for a GPU: the function takes one memref per buffer
@@ -264,7 +277,7 @@ pub fn lower_function_for_gpu(
     bindings: &HashMap<String, i64>,
     locate: Option<&dyn Fn(curv_grammar::Span) -> String>,
 ) -> Result<(String, Signature), LowerError> {
-    lower_function_for(function, name, bindings, locate, EntryAbi::Descriptors)
+    lower_function_for(function, name, bindings, locate, EntryAbi::Descriptors, PartLimits::default())
 }
 
 fn lower_function_for(
@@ -273,6 +286,7 @@ fn lower_function_for(
     bindings: &HashMap<String, i64>,
     locate: Option<&dyn Fn(curv_grammar::Span) -> String>,
     abi: EntryAbi,
+    limits: PartLimits,
 ) -> Result<(String, Signature), LowerError> {
     let mut shapes = Vec::with_capacity(function.insts.len());
     for inst in &function.insts {
@@ -338,7 +352,10 @@ fn lower_function_for(
         }
     }
     let mut argument_index = 0;
+    // Where each step's text starts in the body, for cutting a long function into parts.
+    let mut boundaries = Vec::with_capacity(steps.len() + 1);
     for step in steps {
+        boundaries.push(emitter.body.len());
         let index = match step {
             Step::Fused(kernel_index) => {
                 if let Some(last) = plan.kernels[kernel_index].insts.last() {
@@ -585,9 +602,12 @@ fn lower_function_for(
             },
         }
     }
+    boundaries.push(emitter.body.len());
     emitter.location = None;
     let mut outputs = Vec::new();
+    let mut output_lines = Vec::new();
     for (index, (output_name, value)) in function.outputs.iter().enumerate() {
+        let start = emitter.body.len();
         let shape = emitter.shape(*value).to_vec();
         let dtype = emitter.dtype(*value);
         let argument_name = format!("%out{index}");
@@ -599,10 +619,25 @@ fn lower_function_for(
             memref_type(&shape, dtype)
         );
         emitter.line(&text);
+        output_lines.push((*value, emitter.body[start..].to_string()));
         outputs.push((output_name.clone(), shape, dtype));
     }
-    emitter.line("return");
     let declarations = if emitter.uses_gemm { format!("  {GEMM_DECLARATION}\n") } else { String::new() };
+    if abi == EntryAbi::Table {
+        let step_texts: Vec<segment::StepText> = boundaries
+            .windows(2)
+            .map(|range| segment::StepText { text: emitter.body[range[0]..range[1]].to_string() })
+            .collect();
+        let value_type = |value: u32| (emitter.shapes[value as usize].clone(), function.insts[value as usize].ty.dtype);
+        if let Some(functions) = segment::split(limits, name, &step_texts, &output_lines, &buffers, &value_type) {
+            let text = format!(
+                "module attributes {{transform.with_named_sequence}} {{\n{declarations}{functions}{}}}\n",
+                schedule(&emitter.vector_tiles)
+            );
+            return Ok((text, Signature { arguments, outputs }));
+        }
+    }
+    emitter.line("return");
     let (signature, prologue) = entry(name, &buffers, abi);
     let text = format!(
         "module attributes {{transform.with_named_sequence}} {{\n{declarations}  {signature} attributes {{ llvm.emit_c_interface }} {{\n{prologue}{}  }}\n{}}}\n",

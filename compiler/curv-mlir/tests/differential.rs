@@ -39,10 +39,21 @@ fn check_gradients_agree(example: &str, tolerance: f32) {
 /// As [`check_gradients_agree`], with `transform` applied to the lowered module before it is
 /// compiled (a rewrite of the GPU path, checked for meaning on the CPU).
 fn check_transformed_gradients_agree(example: &str, tolerance: f32, transform: &dyn Fn(&str) -> String) {
+    check_lowered_gradients_agree(example, tolerance, curv_mlir::lower::PartLimits::default(), transform);
+}
+
+/// As [`check_transformed_gradients_agree`], the function lowered with a long function cut into
+/// parts where `limits` say.
+fn check_lowered_gradients_agree(
+    example: &str,
+    tolerance: f32,
+    limits: curv_mlir::lower::PartLimits,
+    transform: &dyn Fn(&str) -> String,
+) {
     let train = program(example);
     let gradients = curv_ad::products::gradient_program(&train.loss, &train.params).function;
     let (text, signature) =
-        curv_mlir::lower::lower_function(&gradients, "loss_and_gradients", &HashMap::new()).unwrap();
+        curv_mlir::lower::lower_function_in_parts(&gradients, "loss_and_gradients", &HashMap::new(), limits).unwrap();
     let text = transform(&text);
     let compiled =
         compile(&text, "loss_and_gradients", signature.clone(), 2).unwrap_or_else(|error| panic!("{error}\n{text}"));
@@ -134,6 +145,26 @@ fn the_siren_gradient_program_with_its_long_reductions_split_agrees_with_the_int
         split
     };
     check_transformed_gradients_agree("siren.curv", 5e-3, &split);
+}
+
+#[test]
+fn the_gradient_programs_cut_into_parts_agree_with_the_interpreter() {
+    // A function longer than `SPLIT_LINES` is cut, between kernels, into functions that pass
+    // values through a workspace, repeat buffer reads and constants, and write each output where
+    // its value is computed. Cut into parts of at most 40 lines, the examples' gradient programs
+    // must compute what they compute whole.
+    let limits = curv_mlir::lower::PartLimits { split_above: 0, part_lines: 40 };
+    for (example, tolerance, least) in
+        [("digits_mlp.curv", 2e-4, 5), ("siren.curv", 5e-3, 8), ("digits_cnn.curv", 2e-4, 8)]
+    {
+        let parts = |text: &str| {
+            let count = text.matches("func.func private @loss_and_gradients__part").count();
+            assert!(count >= least, "{example}: {count} parts\n{text}");
+            assert!(text.contains("memref.view %workspace"), "{example}: no value crosses parts\n{text}");
+            text.to_string()
+        };
+        check_lowered_gradients_agree(example, tolerance, limits, &parts);
+    }
 }
 
 #[test]

@@ -329,10 +329,18 @@ impl<T: Real> Trainer<T> {
             .outputs(key, function, inputs)
             .map_err(|error| TrainError::backend(error.to_string()).at_step(step))?;
         // The gradients are taken out of the outputs, not copied.
-        let mut taken_gradients: Vec<Option<Tensor<T>>> = (0..self.program.params.len())
-            .map(|index| {
-                let name = format!("grad.{}", self.param_name(index));
-                values.iter_mut().find(|(key, _)| *key == name).and_then(|(_, value)| match value {
+        // Found through a map: a search per parameter was quadratic in their number.
+        let positions: Vec<Option<usize>> = {
+            let by_name: std::collections::HashMap<&str, usize> =
+                values.iter().enumerate().map(|(position, (key, _))| (key.as_str(), position)).collect();
+            (0..self.program.params.len())
+                .map(|index| by_name.get(format!("grad.{}", self.param_name(index)).as_str()).copied())
+                .collect()
+        };
+        let mut taken_gradients: Vec<Option<Tensor<T>>> = positions
+            .into_iter()
+            .map(|position| {
+                position.and_then(|position| match &mut values[position].1 {
                     Value::Real(tensor) => Some(std::mem::replace(tensor, Tensor::new(vec![0], Vec::new()))),
                     _ => None,
                 })

@@ -17,6 +17,9 @@ pub enum EntryAbi {
     Descriptors,
 }
 
+/// A buffer of a lowered function: its SSA name (`%arg0`, `%out1`), shape and element type.
+pub type Buffer = (String, Vec<i64>, DType);
+
 /// The LLVM type of the descriptor of a memref of `rank` dimensions.
 pub(super) fn descriptor_type(rank: usize) -> String {
     if rank == 0 {
@@ -29,7 +32,7 @@ pub(super) fn descriptor_type(rank: usize) -> String {
 /// The signature of function `name`, whose `buffers` are (SSA name such as `%arg0`, shape,
 /// element type), and, for [`EntryAbi::Table`], the prologue that reads each buffer's descriptor
 /// from the table into the memref the body uses under that name.
-pub fn entry(name: &str, buffers: &[(String, Vec<i64>, DType)], abi: EntryAbi) -> (String, String) {
+pub fn entry(name: &str, buffers: &[Buffer], abi: EntryAbi) -> (String, String) {
     match abi {
         EntryAbi::Descriptors => {
             let parameters: Vec<String> = buffers
@@ -39,21 +42,28 @@ pub fn entry(name: &str, buffers: &[(String, Vec<i64>, DType)], abi: EntryAbi) -
             (format!("func.func @{name}({})", parameters.join(", ")), String::new())
         }
         EntryAbi::Table => {
-            let mut prologue = String::new();
-            for (index, (argument, shape, dtype)) in buffers.iter().enumerate() {
-                let stem = &argument[1..];
-                let descriptor = descriptor_type(shape.len());
-                let _ = writeln!(
-                    prologue,
-                    "    %{stem}_slot = llvm.getelementptr %table[{index}] : (!llvm.ptr) -> !llvm.ptr, !llvm.ptr\n    \
-                     %{stem}_pointer = llvm.load %{stem}_slot : !llvm.ptr -> !llvm.ptr\n    \
-                     %{stem}_descriptor_pointer = llvm.load %{stem}_pointer : !llvm.ptr -> !llvm.ptr\n    \
-                     %{stem}_descriptor = llvm.load %{stem}_descriptor_pointer : !llvm.ptr -> {descriptor}\n    \
-                     {argument} = builtin.unrealized_conversion_cast %{stem}_descriptor : {descriptor} to {}",
-                    memref_type(shape, *dtype)
-                );
-            }
-            (format!("func.func @{name}(%table: !llvm.ptr)"), prologue)
+            let all: Vec<(usize, &Buffer)> = buffers.iter().enumerate().collect();
+            (format!("func.func @{name}(%table: !llvm.ptr)"), table_prologue(&all))
         }
     }
+}
+
+/// The lines that read buffers `(table index, (SSA name, shape, element type))` from `%table`
+/// into the memrefs a body uses under those names.
+pub(super) fn table_prologue(buffers: &[(usize, &Buffer)]) -> String {
+    let mut prologue = String::new();
+    for (index, (argument, shape, dtype)) in buffers {
+        let stem = &argument[1..];
+        let descriptor = descriptor_type(shape.len());
+        let _ = writeln!(
+            prologue,
+            "    %{stem}_slot = llvm.getelementptr %table[{index}] : (!llvm.ptr) -> !llvm.ptr, !llvm.ptr\n    \
+             %{stem}_pointer = llvm.load %{stem}_slot : !llvm.ptr -> !llvm.ptr\n    \
+             %{stem}_descriptor_pointer = llvm.load %{stem}_pointer : !llvm.ptr -> !llvm.ptr\n    \
+             %{stem}_descriptor = llvm.load %{stem}_descriptor_pointer : !llvm.ptr -> {descriptor}\n    \
+             {argument} = builtin.unrealized_conversion_cast %{stem}_descriptor : {descriptor} to {}",
+            memref_type(shape, *dtype)
+        );
+    }
+    prologue
 }

@@ -24,6 +24,7 @@ pub fn lower_train_program(
         &HashMap::new(),
         user_locate.as_ref().map(|locate| locate as &dyn Fn(curv_grammar::Span) -> String),
         abi,
+        PartLimits::default(),
     )?;
     let _ = writeln!(out, "// train {}: loss and gradients", train.name);
     out.push_str(&text);
@@ -55,6 +56,7 @@ pub fn lower_train_program(
                 &bindings,
                 rule_locate.as_ref().map(|locate| locate as &dyn Fn(curv_grammar::Span) -> String),
                 abi,
+                PartLimits::default(),
             )?;
             let described: Vec<String> = members.iter().map(|(name, size)| format!("{name} ({size})")).collect();
             let _ = writeln!(
@@ -68,18 +70,18 @@ pub fn lower_train_program(
             out.push_str(&text);
         }
     }
-    let grouped: Vec<usize> = groups.iter().flat_map(|group| group.plans.iter().copied()).collect();
-    let mut done: Vec<(String, i64)> = Vec::new();
+    let grouped: std::collections::HashSet<usize> =
+        groups.iter().flat_map(|group| group.plans.iter().copied()).collect();
+    let mut done: std::collections::HashSet<(String, i64)> = std::collections::HashSet::new();
     for (plan_index, plan) in train.optimizer.plans.iter().enumerate() {
         if plan.structure != curv_ir::StructureKind::Rule || grouped.contains(&plan_index) {
             continue;
         }
         let Some(rule) = rules.iter().find(|rule| rule.name == plan.rule_name) else { continue };
         let size = train.params[plan.param].ty.element_count().unwrap_or(0);
-        if done.contains(&(rule.name.clone(), size)) {
+        if !done.insert((rule.name.clone(), size)) {
             continue;
         }
-        done.push((rule.name.clone(), size));
         let bindings = HashMap::from([("P".to_string(), size)]);
         for (block, update) in rule.updates.iter().enumerate() {
             let name = format!("rule_{}_block{block}_p{size}", rule.name);
@@ -91,6 +93,7 @@ pub fn lower_train_program(
                 &bindings,
                 rule_locate.as_ref().map(|locate| locate as &dyn Fn(curv_grammar::Span) -> String),
                 abi,
+                PartLimits::default(),
             )?;
             let _ = writeln!(
                 out,
