@@ -28,9 +28,9 @@ enum Entry {
 pub struct MlirBackend {
     optimization_level: usize,
     compiled: RefCell<HashMap<String, Entry>>,
-    /// The CPU functions compiled so far, by the text of their module: 10^5 parameters made
-    /// 782 update groups of 128 with one text, each compiled on its own.
-    by_text: RefCell<HashMap<String, Rc<CompiledFunction>>>,
+    /// The CPU functions compiled so far, by the SHA-256 of their module's text: 10^5
+    /// parameters made 782 update groups of 128 with one text, each compiled on its own.
+    by_text: RefCell<HashMap<[u8; 32], Rc<CompiledFunction>>>,
     compile_seconds: std::cell::Cell<f64>,
     /// The artifact cache, when the environment allows one (see `crate::cache`).
     cache: Option<crate::cache::KernelCache>,
@@ -191,7 +191,11 @@ impl MlirBackend {
                 signature,
             ),
             Ok((text, signature)) => {
-                let shared = self.by_text.borrow().get(&text).cloned();
+                let digest: [u8; 32] = {
+                    use sha2::Digest;
+                    sha2::Sha256::digest(text.as_bytes()).into()
+                };
+                let shared = self.by_text.borrow().get(&digest).cloned();
                 let cached = match shared {
                     Some(_) => None,
                     None => {
@@ -206,7 +210,7 @@ impl MlirBackend {
                             compile(&text, &name, signature.clone(), self.optimization_level)
                                 .map_err(|error| error.message)?,
                         );
-                        self.by_text.borrow_mut().insert(text, function.clone());
+                        self.by_text.borrow_mut().insert(digest, function.clone());
                         Entry::Compiled(function, signature)
                     }
                 }
@@ -218,5 +222,42 @@ impl MlirBackend {
         };
         self.compile_seconds.set(self.compile_seconds.get() + started.elapsed().as_secs_f64());
         Ok(entry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use curv_ir::{BinaryOp, DType, Op, TensorType};
+
+    /// `y = x * x` over the parameter `index`, `f32[4]`.
+    fn square(index: usize) -> Function {
+        let mut function = Function::new("f");
+        let ty = TensorType::known(DType::F32, &[4]);
+        let x = function.push(Op::Param { index }, vec![], ty.clone(), Default::default());
+        let y = function.push(Op::Binary(BinaryOp::Mul), vec![x, x], ty, Default::default());
+        function.outputs.push(("y".into(), y));
+        function
+    }
+
+    #[test]
+    fn keys_whose_functions_have_one_text_share_one_compiled_function_and_keep_their_inputs() {
+        let mut backend = MlirBackend::new(2);
+        backend.cache = None;
+        let inputs = Inputs::<f32> {
+            params: vec![Tensor::new(vec![4], vec![1.0, 2.0, 3.0, 4.0]), Tensor::new(vec![4], vec![5.0; 4])],
+            ..Default::default()
+        };
+        // The functions read different parameters (their signatures differ), with one text.
+        let first = backend.outputs("group0", &square(0), &inputs).unwrap();
+        let second = backend.outputs("group1", &square(1), &inputs).unwrap();
+        assert_eq!(backend.by_text.borrow().len(), 1, "one function compiled for both keys");
+        assert_eq!(backend.compiled.borrow().len(), 2);
+        let values = |outputs: &[(String, Value<f32>)]| match &outputs[0].1 {
+            Value::Real(tensor) => tensor.data.clone(),
+            Value::Int(_) => panic!("an integer output"),
+        };
+        assert_eq!(values(&first), [1.0, 4.0, 9.0, 16.0]);
+        assert_eq!(values(&second), [25.0; 4]);
     }
 }

@@ -3,8 +3,8 @@
 //! elementwise kernels took minutes), so a CPU function whose body passes [`SPLIT_LINES`] is
 //! cut, between kernels, into parts of about [`MAX_PART_LINES`]. Each part is a private function that
 //! LLVM must not inline; it takes the table of buffers and a workspace, and the entry function
-//! allocates the workspace and calls the parts in order. Parts have internal linkage: the
-//! objects of `curv build` and the kernel cache define no symbol but the entry's.
+//! allocates the workspace and calls the parts in order. Parts have internal linkage, so the
+//! objects of `curv build` and of the kernel cache export only the entry's symbols.
 //!
 //! - A part reads from the table only the buffers it uses.
 //! - A value one part defines and a later part uses goes through the workspace, at an offset
@@ -12,7 +12,9 @@
 //!   `bufferization.to_tensor` of a `memref.view`).
 //! - A definition with no value operands (a buffer read, a constant) is repeated in each part
 //!   that uses it instead.
-//! - An output is written by the part that defines its value.
+//! - An output is written by the part that defines its value. Output buffers are the
+//!   function's own (the runtime never passes an input's buffer as an output), so an output
+//!   written early does not change what a later part reads.
 //!
 //! The cut is a decision that `curv emit --stage mlir` prints: parts are named `NAME__partK`.
 
