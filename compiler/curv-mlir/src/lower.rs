@@ -229,6 +229,41 @@ impl Emitter<'_> {
     }
 }
 
+/// The fewest consecutive outputs of one constant that are written by a loop.
+const MIN_FILL_RUN: usize = 8;
+
+/// The runs of at least [`MIN_FILL_RUN`] consecutive outputs whose values are one float
+/// constant over one shape: `(first output, end, constant)`.
+fn constant_output_runs(emitter: &Emitter) -> Vec<(usize, usize, f64)> {
+    let function = emitter.function;
+    let key = |index: usize| {
+        let value = function.outputs[index].1;
+        match function.inst(value).op {
+            Op::Constant { value: constant } if emitter.dtype(value) != DType::I32 => {
+                Some((constant.to_bits(), emitter.shape(value).to_vec(), emitter.dtype(value)))
+            }
+            _ => None,
+        }
+    };
+    let mut runs = Vec::new();
+    let mut first = 0;
+    while first < function.outputs.len() {
+        let Some(run_key) = key(first) else {
+            first += 1;
+            continue;
+        };
+        let mut end = first + 1;
+        while end < function.outputs.len() && key(end).as_ref() == Some(&run_key) {
+            end += 1;
+        }
+        if end - first >= MIN_FILL_RUN {
+            runs.push((first, end, f64::from_bits(run_key.0)));
+        }
+        first = end;
+    }
+    runs
+}
+
 fn is_external(op: &Op) -> bool {
     matches!(
         op,
@@ -606,12 +641,25 @@ fn lower_function_for(
     emitter.location = None;
     let mut outputs = Vec::new();
     let mut output_lines = Vec::new();
+    // Runs of outputs that are one constant (the zero gradients of unused parameters), each
+    // written by one loop over its table slots on the CPU: (first output, end, constant).
+    let runs = if abi == EntryAbi::Table { constant_output_runs(&emitter) } else { Vec::new() };
+    let first_output_slot = buffers.len();
     for (index, (output_name, value)) in function.outputs.iter().enumerate() {
         let start = emitter.body.len();
         let shape = emitter.shape(*value).to_vec();
         let dtype = emitter.dtype(*value);
         let argument_name = format!("%out{index}");
         buffers.push((argument_name.clone(), shape.clone(), dtype));
+        outputs.push((output_name.clone(), shape.clone(), dtype));
+        if let Some(&(first, end, constant)) = runs.iter().find(|(first, end, _)| (*first..*end).contains(&index)) {
+            if index == first {
+                let slots = first_output_slot + first..first_output_slot + end;
+                emitter.body.push_str(&entry::fill_from_table(slots, &shape, dtype, constant));
+                output_lines.push((*value, emitter.body[start..].to_string()));
+            }
+            continue;
+        }
         let text = format!(
             "bufferization.materialize_in_destination {} in restrict writable {argument_name} : ({}, {}) -> ()",
             emitter.value(*value),
@@ -620,7 +668,6 @@ fn lower_function_for(
         );
         emitter.line(&text);
         output_lines.push((*value, emitter.body[start..].to_string()));
-        outputs.push((output_name.clone(), shape, dtype));
     }
     let declarations = if emitter.uses_gemm { format!("  {GEMM_DECLARATION}\n") } else { String::new() };
     if abi == EntryAbi::Table {

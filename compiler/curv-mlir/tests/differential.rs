@@ -242,3 +242,38 @@ fn the_vectorisable_sine_and_cosine_are_accurate() {
         assert!(worst < 1e-6, "{op:?}: worst absolute error {worst:e}");
     }
 }
+
+#[test]
+fn runs_of_constant_outputs_are_filled_by_one_loop_over_the_table() {
+    use curv_ir::{DType, Function, TensorType};
+    // An input, then 3 outputs of 2.5, 12 of 0.5 (a loop), the input doubled, 9 of 2.5 (a loop).
+    let mut function = Function::new("f");
+    let ty = TensorType::known(DType::F32, &[3]);
+    let x = function.push(Op::Input { index: 0, name: "x".into() }, vec![], ty.clone(), Default::default());
+    let mut expected: Vec<Vec<f32>> = Vec::new();
+    let constant = |function: &mut Function, value: f64, count: usize, expected: &mut Vec<Vec<f32>>| {
+        for _ in 0..count {
+            let id = function.push(Op::Constant { value }, vec![], ty.clone(), Default::default());
+            let name = format!("c{}", function.outputs.len());
+            function.outputs.push((name, id));
+            expected.push(vec![value as f32; 3]);
+        }
+    };
+    constant(&mut function, 2.5, 3, &mut expected);
+    constant(&mut function, 0.5, 12, &mut expected);
+    let doubled = function.push(Op::Binary(curv_ir::BinaryOp::Add), vec![x, x], ty.clone(), Default::default());
+    function.outputs.push(("doubled".into(), doubled));
+    expected.push(vec![2.0, 4.0, 6.0]);
+    constant(&mut function, 2.5, 9, &mut expected);
+    let (text, signature) = curv_mlir::lower::lower_function(&function, "f", &HashMap::new()).unwrap();
+    assert_eq!(text.matches("scf.for %fill").count(), 2, "{text}");
+    assert_eq!(text.matches("materialize_in_destination").count(), 4, "{text}");
+    let compiled = compile(&text, "f", signature, 2).unwrap();
+    let mut input = vec![1.0f32, 2.0, 3.0];
+    // Output buffers start as NaN: every element must be written.
+    let mut outputs: Vec<Vec<f32>> = vec![vec![f32::NAN; 3]; expected.len()];
+    let mut buffers = vec![Buffer::F32(&mut input)];
+    buffers.extend(outputs.iter_mut().map(|output| Buffer::F32(output)));
+    compiled.call(&mut buffers).unwrap();
+    assert_eq!(outputs, expected);
+}

@@ -67,3 +67,34 @@ pub(super) fn table_prologue(buffers: &[(usize, &Buffer)]) -> String {
     }
     prologue
 }
+
+/// One loop that fills the buffers in table `slots` (all of `shape` and `dtype`) with
+/// `constant`: each iteration reads a descriptor from `%table`, as the prologue does. Ten
+/// thousand unused parameters made ten thousand writes of a zero gradient, each its own code.
+pub(super) fn fill_from_table(slots: std::ops::Range<usize>, shape: &[i64], dtype: DType, constant: f64) -> String {
+    let descriptor = descriptor_type(shape.len());
+    let memref = memref_type(shape, dtype);
+    let element = element(dtype);
+    let stem = format!("fill{}", slots.start);
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
+        "    %{stem}_first = arith.constant {} : index\n    \
+         %{stem}_end = arith.constant {} : index\n    \
+         %{stem}_step = arith.constant 1 : index\n    \
+         %{stem}_value = arith.constant {} : {element}\n    \
+         scf.for %{stem}_index = %{stem}_first to %{stem}_end step %{stem}_step {{\n      \
+         %{stem}_slot_index = arith.index_cast %{stem}_index : index to i64\n      \
+         %{stem}_slot = llvm.getelementptr %table[%{stem}_slot_index] : (!llvm.ptr, i64) -> !llvm.ptr, !llvm.ptr\n      \
+         %{stem}_pointer = llvm.load %{stem}_slot : !llvm.ptr -> !llvm.ptr\n      \
+         %{stem}_descriptor_pointer = llvm.load %{stem}_pointer : !llvm.ptr -> !llvm.ptr\n      \
+         %{stem}_descriptor = llvm.load %{stem}_descriptor_pointer : !llvm.ptr -> {descriptor}\n      \
+         %{stem}_buffer = builtin.unrealized_conversion_cast %{stem}_descriptor : {descriptor} to {memref}\n      \
+         linalg.fill ins(%{stem}_value : {element}) outs(%{stem}_buffer : {memref})\n    \
+         }}",
+        slots.start,
+        slots.end,
+        float_literal(constant)
+    );
+    text
+}
