@@ -66,11 +66,14 @@ struct Shown {
 }
 
 impl Shown {
-    fn new(text: &str, mut labels: Vec<(usize, usize)>) -> Shown {
+    fn new(text: &str, labels: Vec<(usize, usize)>) -> Shown {
         if text.len() <= LONG_LINE || !text.split('\n').any(|line| line.len() > LONG_LINE) {
             return Shown { text: text.to_string(), segments: vec![(0, text.len(), 0)], cut: false };
         }
-        labels.sort_unstable();
+        // The labels' starts and ends, each sorted, so a line finds the points in it by binary
+        // search (a label that spans many lines is not scanned again by each).
+        let mut points: Vec<usize> = labels.iter().flat_map(|&(start, end)| [start, end]).collect();
+        points.sort_unstable();
         let mut shown = String::with_capacity(text.len().min(1 << 20));
         let mut segments = Vec::new();
         let mut keep = |start: usize, end: usize, shown: &mut String| {
@@ -78,7 +81,6 @@ impl Shown {
             shown.push_str(&text[start..end]);
         };
         let mut line_start = 0;
-        let mut first_label = 0;
         while line_start <= text.len() {
             let line_end = text[line_start..].find('\n').map_or(text.len(), |index| line_start + index);
             let next = line_end + 1;
@@ -89,17 +91,13 @@ impl Shown {
                 continue;
             }
             // Windows around each label's start and end that fall in this line, merged.
-            while first_label < labels.len() && labels[first_label].1 < line_start {
-                first_label += 1;
-            }
-            let mut windows: Vec<(usize, usize)> = Vec::new();
-            for &(start, end) in labels[first_label..].iter().take_while(|(start, _)| *start <= line_end) {
-                for point in [start, end] {
-                    if line.contains(&point) || point == line_end {
-                        windows.push((point.saturating_sub(CONTEXT).max(line_start), (point + CONTEXT).min(line_end)));
-                    }
-                }
-            }
+            let first = points.partition_point(|point| *point < line_start);
+            let end = points.partition_point(|point| *point <= line_end);
+            let mut windows: Vec<(usize, usize)> = points[first..end]
+                .iter()
+                .map(|&point| (point.saturating_sub(CONTEXT).max(line_start), (point + CONTEXT).min(line_end)))
+                .collect();
+            windows.dedup();
             if windows.is_empty() {
                 windows.push((line_start, (line_start + CONTEXT).min(line_end)));
             }
