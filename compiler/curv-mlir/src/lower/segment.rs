@@ -1,10 +1,10 @@
 //! A long function as several bounded ones. LLVM compiles one long function, or one long
-//! basic block, in time that grows faster than its length (its machine scheduler on 10^5
-//! elementwise kernels took minutes), so a CPU function whose body passes [`SPLIT_LINES`] is
-//! cut, between kernels, into parts of about [`MAX_PART_LINES`]. Each part is a private function that
-//! LLVM must not inline; it takes the table of buffers and a workspace, and the entry function
-//! allocates the workspace and calls the parts in order. Parts have internal linkage, so the
-//! objects of `curv build` and of the kernel cache export only the entry's symbols.
+//! basic block, in time that grows faster than its length, so a CPU function whose body passes
+//! [`SPLIT_LINES`] is cut, between kernels, into parts of about [`MAX_PART_LINES`]. Each part is
+//! a private function that LLVM must not inline; it takes the table of buffers and a workspace,
+//! and the entry function allocates the workspace and calls the parts in order. Parts have
+//! internal linkage, so the objects of `curv build` and of the kernel cache export only the
+//! entry's symbols.
 //!
 //! - A part reads from the table only the buffers it uses.
 //! - A value one part defines and a later part uses goes through the workspace, at an offset
@@ -22,15 +22,14 @@ use super::*;
 use std::collections::{HashMap as Map, HashSet};
 
 /// A function of more lines of MLIR (roughly, operations) than this is cut into parts. The
-/// examples' functions have at most about 600 lines and are not cut; 1,000 unused parameters (a
-/// function of about 3,000 lines) compiled and trained in 3.9 s whole and 2.2 s in parts.
+/// examples' functions have at most about 600 lines and are not cut.
 pub const SPLIT_LINES: usize = 1_000;
 
 /// The most lines in one part of a function that is cut, where its kernels allow a cut (a single
 /// kernel longer than this is one part; fusion bounds a kernel, see
-/// `curv_ir::fusion::MAX_FUSED_INSTRUCTIONS`). LLVM's machine scheduler is quadratic in the memory
-/// operations of a block: 10^4 parameters compiled in 11.8 s with parts of 1,000 lines, 8.6 s
-/// with 500 and 8.3 s with 250.
+/// `curv_ir::fusion::MAX_FUSED_INSTRUCTIONS`). LLVM's machine scheduler is quadratic in the
+/// memory operations of a block: with 10^4 parameters, parts of 1,000 lines compiled in 1.4
+/// times the time of parts of 500, and parts of 250 gained little more.
 pub const MAX_PART_LINES: usize = 500;
 
 /// When a function is cut and how long its parts are: [`SPLIT_LINES`] and [`MAX_PART_LINES`]
@@ -144,9 +143,10 @@ fn view(value: u32, offset: u64, memref: &str, workspace: &str) -> String {
 
 /// Cuts the body of function `name` into parts, or `None` when it is short enough or no cut is
 /// possible. A step that is one definition with no value operands (a buffer read or a constant)
-/// belongs to no part: each part that uses it repeats it. `steps` are the body in order, `outputs` the output writes (the value each writes
-/// and its line), `buffers` the function's buffers (table order), `value_type` a value's shape
-/// and element type. Returns the text of the parts and of the entry function.
+/// belongs to no part: each part that uses it repeats it. `steps` are the body in order,
+/// `outputs` the output writes (the value each writes and its line), `buffers` the function's
+/// buffers (table order), `value_type` a value's shape and element type. Returns the text of the
+/// parts and of the entry function.
 pub(super) fn split(
     limits: PartLimits,
     name: &str,
