@@ -451,7 +451,7 @@ pub(super) fn build_kernels(
         // Where every parameter has a rule (in a group or its own) or a structure with step
         // functions, steps can be resident (on a GPU by default): the structures' functions,
         // then the check of all the gradients and new parameters where they are, in one call
-        // (with the groups, and without them for `CURV_GROUPED_UPDATES=off`).
+        // (with the groups, and without them for `--grouped-updates off`).
         if let Some(shapes) = curv_runtime::trainer::resident_check_shapes(train, &groups) {
             let folded = |param: usize| {
                 captures.as_ref().is_some_and(|captures| captures.folded_biases.iter().any(|(bias, _)| *bias == param))

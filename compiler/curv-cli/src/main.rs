@@ -167,6 +167,10 @@ struct RunArguments {
     /// Stop training once `--target` is reached.
     #[arg(long)]
     stop_at_target: bool,
+    /// Update the parameters that share an elementwise rule with one kernel per block (`on`), or
+    /// each with its own kernel (`off`: the same numbers, for comparisons).
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = ["on", "off"])]
+    grouped_updates: String,
 }
 
 /// The stack of the thread that runs every command. curv's own stages need little (expressions
@@ -421,6 +425,7 @@ fn run_options(arguments: &RunArguments, metrics: Option<PathBuf>) -> Result<cur
         out: arguments.out.clone(),
         backend,
         source: None,
+        grouped_updates: arguments.grouped_updates == "on",
     })
 }
 

@@ -866,7 +866,7 @@ fn grad_clip_limits_the_global_norm_of_the_gradients() {
 #[test]
 fn grouped_rule_updates_give_the_per_parameter_results_bit_for_bit() {
     // The digits MLP's six Adam parameters are updated by one multi-parameter kernel per step;
-    // `CURV_GROUPED_UPDATES=off` updates each with its own kernel. Elementwise work on the same
+    // `--grouped-updates off` updates each with its own kernel. Elementwise work on the same
     // values in the same order: the final parameters must be identical, on both backends.
     for backend in ["mlir", "interp"] {
         let mut finals = Vec::new();
@@ -874,8 +874,8 @@ fn grouped_rule_updates_give_the_per_parameter_results_bit_for_bit() {
             let directory = scratch(&format!("grouped-{backend}-{grouped}"));
             let output = Command::new(env!("CARGO_BIN_EXE_curv"))
                 .current_dir(repository_root())
-                .env("CURV_GROUPED_UPDATES", grouped)
-                .args(["run", "examples/digits_mlp.curv", "--backend", backend, "--steps", "25", "--quiet", "--out"])
+                .args(["run", "examples/digits_mlp.curv", "--backend", backend, "--steps", "25", "--quiet"])
+                .args(["--grouped-updates", grouped, "--out"])
                 .arg(directory.to_str().unwrap())
                 .output()
                 .unwrap();
@@ -896,7 +896,7 @@ fn resident_steps_give_the_host_steps_results_bit_for_bit_on_the_compiled_backen
     // the non-finite checks as a compiled kernel; `off` runs every step on the host. The same
     // kernels on the same values: the final parameters, the checkpoint and the metrics must be
     // identical. The SIREN is a full-batch run, whose data is uploaded once.
-    // With `CURV_GROUPED_UPDATES=off` every parameter is updated by its own rule's kernels.
+    // With `--grouped-updates off` every parameter is updated by its own rule's kernels.
     for (example, steps, grouped) in [
         ("examples/digits_mlp.curv", "30", "on"),
         ("examples/optimizers/adan.curv", "12", "on"),
@@ -911,9 +911,8 @@ fn resident_steps_give_the_host_steps_results_bit_for_bit_on_the_compiled_backen
             let output = Command::new(env!("CARGO_BIN_EXE_curv"))
                 .current_dir(repository_root())
                 .env("CURV_RESIDENT", resident)
-                .env("CURV_GROUPED_UPDATES", grouped)
                 .env("CURV_CACHE_DIR", std::env::temp_dir().join("curv-test-kernel-cache"))
-                .args(["run", example, "--steps", steps, "--quiet", "--out"])
+                .args(["run", example, "--steps", steps, "--quiet", "--grouped-updates", grouped, "--out"])
                 .arg(directory.to_str().unwrap())
                 .arg("--metrics")
                 .arg(&metrics_path)

@@ -39,6 +39,10 @@ pub struct RunOptions {
     /// The program's source file: a compiled backend names the source line of a failing GPU
     /// kernel with it.
     pub source: Option<crate::SourceFile>,
+    /// Whether parameters that share an elementwise rule are updated by one kernel per block
+    /// (`--grouped-updates on`, the default); `off` updates each with its own kernel, with the
+    /// same numbers (for comparisons).
+    pub grouped_updates: bool,
 }
 
 /// A value of a training-batch metric (`loss`, `accuracy` or `psnr`) to reach: `loss` is reached
@@ -237,9 +241,7 @@ fn run_train<T: Real>(
     curv_runtime::data_check::check_dataset(train, &dataset, directory).map_err(RunError::user)?;
     let mut trainer: Trainer<T> = Trainer::new(train.clone(), program.rules.clone(), dataset, seed, total_steps);
     trainer.policy = if train.skip_nonfinite { NonFinitePolicy::Skip } else { NonFinitePolicy::Stop };
-    // `CURV_GROUPED_UPDATES=off` updates every parameter with its own kernel (for comparisons;
-    // the numbers are the same).
-    if std::env::var("CURV_GROUPED_UPDATES").is_ok_and(|value| value == "off") {
+    if !options.grouped_updates {
         trainer.set_grouped_updates(false);
     }
     if let Some(backend) = backend {

@@ -219,6 +219,10 @@ struct Arguments {
     /// Run on the interpreter instead of the compiled kernels.
     #[arg(long)]
     interpret: bool,
+    /// Update the parameters that share an elementwise rule with one kernel per block (`on`), or
+    /// each with its own kernel (`off`), as `curv run --grouped-updates`.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = ["on", "off"])]
+    grouped_updates: String,
     /// Time the compiled update of the largest rule-governed parameter (this many calls, on
     /// buffers allocated once: on the GPU for a `--device cuda` trainer) against a memory copy
     /// moving as many bytes, print both rates as JSON and exit (scripts/gpu-check.sh).
@@ -320,6 +324,7 @@ fn run(arguments: Vec<String>) -> c_int {
         stop_at_target: false,
         // The kernels were compiled with their locations (a GPU kernel's PTX names its source).
         source: None,
+        grouped_updates: arguments.grouped_updates == "on",
     };
     let mut printer = Printer { quiet: arguments.quiet };
     match curv_driver::run::run_program(&analysis.program, &directory, &options, &mut printer) {

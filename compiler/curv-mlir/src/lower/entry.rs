@@ -48,53 +48,53 @@ pub fn entry(name: &str, buffers: &[Buffer], abi: EntryAbi) -> (String, String) 
     }
 }
 
+/// The lines that read the descriptor in slot `slot` of `%table` (a constant, `3`, or an `i64`
+/// value, `%i`) and cast it to `memref` under the name `target` (`%arg0`), each line after
+/// `indent`; `stem` names the intermediate values.
+fn read_slot(stem: &str, slot: &str, target: &str, shape: &[i64], dtype: DType, indent: &str) -> String {
+    let descriptor = descriptor_type(shape.len());
+    let memref = memref_type(shape, dtype);
+    let slot_types = if slot.starts_with('%') { "(!llvm.ptr, i64)" } else { "(!llvm.ptr)" };
+    format!(
+        "{indent}%{stem}_slot = llvm.getelementptr %table[{slot}] : {slot_types} -> !llvm.ptr, !llvm.ptr\n\
+         {indent}%{stem}_pointer = llvm.load %{stem}_slot : !llvm.ptr -> !llvm.ptr\n\
+         {indent}%{stem}_descriptor_pointer = llvm.load %{stem}_pointer : !llvm.ptr -> !llvm.ptr\n\
+         {indent}%{stem}_descriptor = llvm.load %{stem}_descriptor_pointer : !llvm.ptr -> {descriptor}\n\
+         {indent}{target} = builtin.unrealized_conversion_cast %{stem}_descriptor : {descriptor} to {memref}\n"
+    )
+}
+
 /// The lines that read buffers `(table index, (SSA name, shape, element type))` from `%table`
 /// into the memrefs a body uses under those names.
 pub(super) fn table_prologue(buffers: &[(usize, &Buffer)]) -> String {
-    let mut prologue = String::new();
-    for (index, (argument, shape, dtype)) in buffers {
-        let stem = &argument[1..];
-        let descriptor = descriptor_type(shape.len());
-        let _ = writeln!(
-            prologue,
-            "    %{stem}_slot = llvm.getelementptr %table[{index}] : (!llvm.ptr) -> !llvm.ptr, !llvm.ptr\n    \
-             %{stem}_pointer = llvm.load %{stem}_slot : !llvm.ptr -> !llvm.ptr\n    \
-             %{stem}_descriptor_pointer = llvm.load %{stem}_pointer : !llvm.ptr -> !llvm.ptr\n    \
-             %{stem}_descriptor = llvm.load %{stem}_descriptor_pointer : !llvm.ptr -> {descriptor}\n    \
-             {argument} = builtin.unrealized_conversion_cast %{stem}_descriptor : {descriptor} to {}",
-            memref_type(shape, *dtype)
-        );
-    }
-    prologue
+    buffers
+        .iter()
+        .map(|(index, (argument, shape, dtype))| {
+            read_slot(&argument[1..], &index.to_string(), argument, shape, *dtype, "    ")
+        })
+        .collect()
 }
 
 /// One loop that fills the buffers in table `slots` (all of `shape` and `dtype`) with
-/// `constant`: each iteration reads a descriptor from `%table`, as the prologue does. Ten
-/// thousand unused parameters made ten thousand writes of a zero gradient, each its own code.
+/// `constant`, each iteration reading a descriptor as the prologue does. Ten thousand unused
+/// parameters made ten thousand writes of a zero gradient, each its own code.
 pub(super) fn fill_from_table(slots: std::ops::Range<usize>, shape: &[i64], dtype: DType, constant: f64) -> String {
-    let descriptor = descriptor_type(shape.len());
     let memref = memref_type(shape, dtype);
     let element = element(dtype);
     let stem = format!("fill{}", slots.start);
-    let mut text = String::new();
-    let _ = writeln!(
-        text,
+    let read = read_slot(&stem, &format!("%{stem}_slot_index"), &format!("%{stem}_buffer"), shape, dtype, "      ");
+    format!(
         "    %{stem}_first = arith.constant {} : index\n    \
          %{stem}_end = arith.constant {} : index\n    \
          %{stem}_step = arith.constant 1 : index\n    \
          %{stem}_value = arith.constant {} : {element}\n    \
          scf.for %{stem}_index = %{stem}_first to %{stem}_end step %{stem}_step {{\n      \
-         %{stem}_slot_index = arith.index_cast %{stem}_index : index to i64\n      \
-         %{stem}_slot = llvm.getelementptr %table[%{stem}_slot_index] : (!llvm.ptr, i64) -> !llvm.ptr, !llvm.ptr\n      \
-         %{stem}_pointer = llvm.load %{stem}_slot : !llvm.ptr -> !llvm.ptr\n      \
-         %{stem}_descriptor_pointer = llvm.load %{stem}_pointer : !llvm.ptr -> !llvm.ptr\n      \
-         %{stem}_descriptor = llvm.load %{stem}_descriptor_pointer : !llvm.ptr -> {descriptor}\n      \
-         %{stem}_buffer = builtin.unrealized_conversion_cast %{stem}_descriptor : {descriptor} to {memref}\n      \
+         %{stem}_slot_index = arith.index_cast %{stem}_index : index to i64\n\
+         {read}      \
          linalg.fill ins(%{stem}_value : {element}) outs(%{stem}_buffer : {memref})\n    \
-         }}",
+         }}\n",
         slots.start,
         slots.end,
         float_literal(constant)
-    );
-    text
+    )
 }
